@@ -1,0 +1,283 @@
+"""Configuration: TOML in, validated models out, once, at load.
+
+Past this module nobody sees a raw dict. Every problem is reported as
+`file: key: reason`, all of them at once, so a technician can fix a station's
+configuration in one pass. Nothing here opens a device or imports a hardware
+library: `madoguchi check-config` runs on any host.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from agent.errors import ConfigError
+
+NAME_PATTERN = r"^[a-z0-9_-]+$"
+DEVICE_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+SYSTEM_PROFILE_DIR = Path("/etc/madoguchi/device_profiles")
+BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentSection(Strict):
+    site: str = Field(pattern=NAME_PATTERN, description="Site id; a topic level.")
+    name: str = Field(pattern=NAME_PATTERN, description="Agent id, unique within the site.")
+    data_dir: Path = Field(
+        default=Path("/var/lib/madoguchi"), description="Where the outbox database lives."
+    )
+    telemetry_interval_s: float = Field(
+        default=30.0, gt=0, description="Seconds between telemetry messages."
+    )
+    profile_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Extra directories searched first for device profiles.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level on stderr. Personal data is never logged."
+    )
+
+
+class MqttSection(Strict):
+    host: str = Field(description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
+    topic_prefix: str = Field(default="madoguchi/v1", description="First topic levels.")
+    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT version.")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
+    tls_ca: Path | None = Field(default=None, description="CA bundle; enables TLS.")
+    tls_cert: Path | None = Field(default=None, description="Client certificate (PEM).")
+    tls_key: Path | None = Field(default=None, description="Client private key (PEM).")
+    username: str | None = Field(default=None, description="MQTT user name.")
+    password_file: Path | None = Field(
+        default=None, description="File holding the MQTT password (first line)."
+    )
+    batch_max_records: int = Field(
+        default=500, ge=1, le=10_000, description="Most records in one records message."
+    )
+    batch_max_bytes: int = Field(
+        default=200_000,
+        ge=1_000,
+        le=256_000,
+        description="Most bytes of one records message (brokers often cap packets at 256 KB).",
+    )
+    publish_timeout_s: float = Field(
+        default=10.0, gt=0, description="Wait this long for a PUBACK before reconnecting."
+    )
+    backoff_max_s: float = Field(
+        default=30.0, gt=0, description="Longest wait between reconnect attempts."
+    )
+
+
+class OutboxSection(Strict):
+    max_bytes: int = Field(
+        default=2_000_000_000,
+        ge=100_000,
+        description="When the database reaches this size new records are refused (NAK).",
+    )
+    resend_after_s: float = Field(
+        default=30.0, gt=0, description="Re-publish records the registry has not confirmed."
+    )
+    retention_days: float = Field(
+        default=7.0, ge=0, description="Keep confirmed records this long, then purge them."
+    )
+
+
+class DeviceBase(Strict):
+    name: str = Field(pattern=DEVICE_NAME_PATTERN, description="Unique; in every record.")
+    profile: str = Field(description="device_profiles/<profile>.toml this device is built on.")
+    description: str = Field(default="", description="Human description of the model.")
+    expect: list[str] = Field(
+        default_factory=list,
+        description="Interpretation types this station expects; others are flagged.",
+    )
+    nak_invalid: bool = Field(
+        default=False, description="Answer invalid or unexpected reads with a NAK."
+    )
+    repeat_window_s: float = Field(
+        default=2.0, ge=0, description="The same text again within this window is stored once."
+    )
+    gs_substitute: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1,
+        description="Character the scanner sends in place of the GS1 separator (0x1D).",
+    )
+
+
+class SerialDevice(DeviceBase):
+    driver: Literal["serial"] = Field(description="Serial scanner (USB-COM, RS-232).")
+    port: str = Field(description="Serial device path, e.g. /dev/serial/by-id/...")
+    baudrate: int = Field(default=9600, gt=0, description="Line speed.")
+    bytesize: Literal[7, 8] = Field(default=8, description="Data bits.")
+    parity: Literal["N", "E", "O"] = Field(default="N", description="Parity.")
+    stopbits: Literal[1, 2] = Field(default=1, description="Stop bits.")
+    terminator: str = Field(default="\r", min_length=1, description="Ends every scan.")
+    encoding: str = Field(default="utf-8", description="Text encoding the scanner sends.")
+    max_line_bytes: int = Field(
+        default=4096, ge=16, description="A longer line is an error event, then resync."
+    )
+    host_ack: str = Field(default="", description="Written back once the record is durable.")
+    host_nak: str = Field(default="", description="Written back when it could not be stored.")
+
+
+DeviceConfig = Annotated[SerialDevice, Field(discriminator="driver")]
+_DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
+
+
+class Config(Strict):
+    agent: AgentSection = Field(description="Who this station is.")
+    mqtt: MqttSection = Field(description="The broker.")
+    outbox: OutboxSection = Field(default_factory=OutboxSection, description="Local durable store.")
+    devices: list[DeviceConfig] = Field(default_factory=list, description="Devices to drive.")
+    source: Path | None = Field(default=None, description="File this was loaded from.")
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.agent.site}/{self.agent.name}"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.agent.data_dir / "outbox.db"
+
+    def device(self, name: str) -> DeviceConfig:
+        for dev in self.devices:
+            if dev.name == name:
+                return dev
+        raise KeyError(name)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top)"
+
+
+def _reason(e: Any) -> str:
+    if e["type"] == "extra_forbidden":
+        return "unknown key"
+    if e["type"] == "missing":
+        return "missing (required)"
+    return str(e["msg"])
+
+
+def _problems(err: ValidationError, file: str) -> list[str]:
+    return [f"{file}: {_loc(tuple(e['loc']))}: {_reason(e)}" for e in err.errors()]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: (file): not found"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: (file): not readable (permission denied)"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: (syntax): {e}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: (file): {e.strerror}"]) from None
+
+
+def profile_dirs(config_path: Path, extra: list[Path]) -> list[Path]:
+    """Where profiles are looked up, first match wins."""
+    return [*extra, config_path.parent / "device_profiles", SYSTEM_PROFILE_DIR, BUNDLED_PROFILE_DIR]
+
+
+def find_profile(name: str, dirs: list[Path]) -> Path | None:
+    if "/" in name or name.startswith("."):
+        return None
+    for d in dirs:
+        p = d / f"{name}.toml"
+        if p.is_file():
+            return p
+    return None
+
+
+def _resolve_device(
+    index: int, entry: Any, file: str, dirs: list[Path]
+) -> tuple[DeviceConfig | None, list[str]]:
+    where = f"devices[{index}]"
+    if not isinstance(entry, dict):
+        return None, [f"{file}: {where}: must be a table"]
+    profile_name = entry.get("profile")
+    if not isinstance(profile_name, str):
+        return None, [f"{file}: {where}.profile: missing (name of a device profile)"]
+    profile_path = find_profile(profile_name, dirs)
+    if profile_path is None:
+        looked = ", ".join(str(d) for d in dirs)
+        return None, [f"{file}: {where}.profile: no profile '{profile_name}' in {looked}"]
+    try:
+        profile = _read_toml(profile_path)
+    except ConfigError as bad:
+        return None, bad.problems
+    merged = {**profile, **entry}
+    if "driver" not in merged:
+        return None, [f"{profile_path}: driver: missing (which driver runs this model)"]
+    try:
+        return _DEVICE_ADAPTER.validate_python(merged), []
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            if loc and loc[0] == merged["driver"]:
+                loc = loc[1:]  # the discriminated union's tag level
+            if not loc:
+                loc = ("driver",)  # an unknown driver value
+            if loc and loc[0] not in entry:
+                problems.append(f"{profile_path}: {_loc(loc)}: {_reason(e)}")
+            else:
+                problems.append(f"{file}: {where}.{_loc(loc)}: {_reason(e)}")
+        return None, problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, resolve profiles and validate. Raises `ConfigError` listing every problem."""
+    path = Path(path)
+    raw = _read_toml(path)
+    file = str(path)
+    problems: list[str] = []
+    devices_raw = raw.pop("devices", [])
+    if not isinstance(devices_raw, list):
+        problems.append(f"{file}: devices: must be an array of tables ([[devices]])")
+        devices_raw = []
+    extra_dirs = (
+        raw.get("agent", {}).get("profile_dirs", []) if isinstance(raw.get("agent"), dict) else []
+    )
+    dirs = profile_dirs(path, [path.parent / Path(d) for d in extra_dirs if isinstance(d, str)])
+    devices: list[DeviceConfig] = []
+    for i, entry in enumerate(devices_raw):
+        dev, errs = _resolve_device(i, entry, file, dirs)
+        problems += errs
+        if dev is not None:
+            devices.append(dev)
+    seen: set[str] = set()
+    for i, dev in enumerate(devices):
+        if dev.name in seen:
+            problems.append(f"{file}: devices[{i}].name: '{dev.name}' is used twice")
+        seen.add(dev.name)
+    try:
+        config = Config.model_validate({**raw, "devices": [], "source": path})
+    except ValidationError as e:
+        problems = _problems(e, file) + problems
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    data_dir = config.agent.data_dir
+    if not data_dir.is_absolute():
+        data_dir = (path.parent / data_dir).resolve()
+    return config.model_copy(
+        update={
+            "devices": devices,
+            "agent": config.agent.model_copy(update={"data_dir": data_dir}),
+        }
+    )

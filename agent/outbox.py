@@ -1,0 +1,545 @@
+"""The outbox: the only owner of SQLite and the only truth about delivery.
+
+Every read becomes a row here before the operator hears an ACK. Rows move
+pending -> sent (the broker's PUBACK) -> confirmed (the registry's ack), and
+are purged `retention_days` after confirmation. WAL with synchronous=FULL: a
+commit that returned survives kill -9 and power loss.
+
+All SQLite work runs in one dedicated thread. Concurrent `append()` calls
+that arrive while a commit is in progress are committed together in the next
+transaction (group commit): one fsync for many records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from agent.errors import OutboxError, OutboxFull
+from agent.records import Read, Record, iso_ms, uuid7
+from agent.sealing import Sealer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PENDING, SENT, CONFIRMED = 0, 1, 2
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT NOT NULL UNIQUE,
+    captured_at  TEXT NOT NULL,
+    device       TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    operator     TEXT,
+    data         TEXT NOT NULL,
+    sealed       BLOB,
+    bytes        INTEGER NOT NULL,
+    state        INTEGER NOT NULL DEFAULT 0,
+    created_at   REAL NOT NULL,
+    sent_at      REAL,
+    confirmed_at REAL
+);
+CREATE INDEX IF NOT EXISTS records_unconfirmed ON records(seq) WHERE state < 2;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """What telemetry, status and `madoguchi outbox stats` show."""
+
+    pending: int
+    sent: int
+    unconfirmed: int
+    confirmed: int
+    oldest_unconfirmed_age_s: float | None
+    db_bytes: int
+    max_bytes: int
+    last_seq: int
+    session: int
+    recovered_from: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _Pending:
+    read: Read
+    operator: str | None
+    future: asyncio.Future[Record]
+
+
+class Outbox:
+    """Durable, ordered store of records. Open with `async with Outbox(...)`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int = 2_000_000_000,
+        sealer: Sealer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.recovered_from: Path | None = None
+        self._sealer = sealer
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_seq = 0
+        self._page_size = 4096
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        try:
+            await self._run(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+        self._committer = asyncio.create_task(self._commit_loop(), name="outbox-committer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
+        await self._run(self._close)
+        assert self._executor is not None
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise OutboxError(f"{self.path}: outbox is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutboxError(f"{self.path.parent}: cannot create data directory: {e}") from e
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as e:
+            self._move_aside(str(e))
+            self._db = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        try:
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")
+            db.executescript(_SCHEMA)
+            self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            row = db.execute(
+                "SELECT max(coalesce((SELECT value FROM meta WHERE key='last_seq'), 0),"
+                " coalesce((SELECT max(seq) FROM records), 0))"
+            ).fetchone()
+            self._last_seq = max(self._last_seq, int(row[0]))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, reason: str) -> None:
+        """Keep a broken database for forensics, carry its counters over, start fresh."""
+        self._last_seq, session = _salvage_counters(self.path)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        self.recovered_from = target
+        log.error(
+            "outbox %s could not be used (%s): moved aside to %s; continuing in a fresh "
+            "database from seq %d",
+            self.path,
+            reason,
+            target,
+            self._last_seq + 1,
+        )
+        if self._last_seq or session:
+            db = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                db.executescript(_SCHEMA)
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    [("last_seq", self._last_seq), ("session", session)],
+                )
+            finally:
+                db.close()
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise OutboxError(f"{self.path}: outbox is not open")
+        return self._db
+
+    # -- appending (group commit) ---------------------------------------------
+
+    async def append(self, read: Read, *, operator: str | None = None) -> Record:
+        """Store a read durably; return its record once the commit is on disk.
+
+        Raises `OutboxFull` when `max_bytes` is reached, `OutboxError` when the
+        commit failed. Either way the read was not stored: the operator gets a NAK.
+        """
+        if self._closing:
+            raise OutboxError(f"{self.path}: outbox is closing")
+        fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(read, operator, fut))
+        self._wake.set()
+        return await asyncio.shield(fut)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    results = await self._run(self._commit, batch)
+                except Exception as e:  # the whole transaction failed
+                    err = e if isinstance(e, OutboxError) else OutboxError(f"{self.path}: {e}")
+                    results = [err] * len(batch)
+                for item, result in zip(batch, results, strict=True):
+                    if item.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        item.future.set_exception(result)
+                    else:
+                        item.future.set_result(result)
+            if self._closing and not self._queue:
+                return
+
+    def _commit(self, batch: list[_Pending]) -> list[Record | Exception]:
+        db = self.db
+        now = self._clock()
+        used = self._used_bytes()
+        results: list[Record | Exception] = []
+        rows = []
+        seq = self._last_seq
+        for item in batch:
+            read = item.read
+            data = json.dumps(read.data, ensure_ascii=False, separators=(",", ":"))
+            sealed: bytes | None = None
+            if read.personal is not None and self._sealer is None:
+                results.append(
+                    OutboxError(
+                        f"{read.device}: read carries personal data but no "
+                        "outbox.key_file is configured to encrypt it"
+                    )
+                )
+                continue
+            size = len(data) + 200 + (0 if read.personal is None else 1024)
+            if used + size > self.max_bytes:
+                results.append(
+                    OutboxFull(f"{self.path}: outbox full ({used} of {self.max_bytes} bytes)")
+                )
+                continue
+            used += size
+            seq += 1
+            rid = str(uuid7(int(now * 1000)))
+            if read.personal is not None and self._sealer is not None:
+                plain = json.dumps(read.personal, ensure_ascii=False).encode()
+                sealed = self._sealer.seal(plain, aad=rid.encode())
+            captured = iso_ms(read.captured_at)
+            rows.append(
+                (
+                    seq,
+                    rid,
+                    captured,
+                    read.device,
+                    read.kind,
+                    read.source,
+                    item.operator,
+                    data,
+                    sealed,
+                    size,
+                    now,
+                )
+            )
+            results.append(
+                Record(
+                    rid,
+                    seq,
+                    captured,
+                    read.device,
+                    read.kind,
+                    read.source,
+                    read.data,
+                    read.personal,
+                    item.operator,
+                )
+            )
+        if not rows:
+            return results
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO records (seq, id, captured_at, device, kind, source, operator,"
+                " data, sealed, bytes, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (seq,))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise OutboxError(f"{self.path}: commit failed: {e}") from e
+        self._last_seq = seq
+        return results
+
+    def _used_bytes(self) -> int:
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * self._page_size)
+
+    # -- delivery state ---------------------------------------------------------
+
+    async def next_batch(self, max_records: int, resend_after_s: float) -> list[Record]:
+        """Unconfirmed records due for (re)sending, in seq order."""
+        return await self._run(self._next_batch, max_records, resend_after_s)
+
+    def _next_batch(self, max_records: int, resend_after_s: float) -> list[Record]:
+        due = self._clock() - resend_after_s
+        rows = self.db.execute(
+            "SELECT id, seq, captured_at, device, kind, source, data, sealed, operator"
+            " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?)"
+            " ORDER BY seq LIMIT ?",
+            (due, max_records),
+        ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: tuple[Any, ...]) -> Record:
+        rid, seq, captured, device, kind, source, data, sealed, operator = row
+        personal = None
+        if sealed is not None:
+            if self._sealer is None:
+                raise OutboxError(
+                    f"{self.path}: record {seq} holds encrypted personal data but no "
+                    "outbox.key_file is configured"
+                )
+            personal = json.loads(self._sealer.open(sealed, aad=rid.encode()))
+        return Record(
+            rid, seq, captured, device, kind, source, json.loads(data), personal, operator
+        )
+
+    async def mark_sent(self, seqs: Iterable[int]) -> None:
+        await self._run(self._mark_sent, list(seqs))
+
+    def _mark_sent(self, seqs: list[int]) -> None:
+        now = self._clock()
+        with _transaction(self.db):
+            self.db.executemany(
+                "UPDATE records SET state = 1, sent_at = ? WHERE seq = ? AND state < 2",
+                [(now, s) for s in seqs],
+            )
+
+    async def confirm(self, ids: Iterable[str]) -> int:
+        """Mark records confirmed by the registry; drop their personal data now."""
+        return await self._run(self._confirm, list(ids))
+
+    def _confirm(self, ids: list[str]) -> int:
+        now = self._clock()
+        with _transaction(self.db):
+            cur = self.db.executemany(
+                "UPDATE records SET state = 2, confirmed_at = ?, sealed = NULL"
+                " WHERE id = ? AND state < 2",
+                [(now, i) for i in ids],
+            )
+        return cur.rowcount
+
+    async def reset_sent(self) -> int:
+        """After a reconnect every unconfirmed record is sent again."""
+        return await self._run(self._reset_sent)
+
+    def _reset_sent(self) -> int:
+        with _transaction(self.db):
+            return self.db.execute("UPDATE records SET state = 0 WHERE state = 1").rowcount
+
+    async def next_resend_at(self, resend_after_s: float) -> float | None:
+        """Wall-clock time when the oldest sent-but-unconfirmed record is due again."""
+        return await self._run(self._next_resend_at, resend_after_s)
+
+    def _next_resend_at(self, resend_after_s: float) -> float | None:
+        row = self.db.execute("SELECT min(sent_at) FROM records WHERE state = 1").fetchone()
+        return None if row[0] is None else float(row[0]) + resend_after_s
+
+    async def purge(self, retention_days: float) -> int:
+        """Delete confirmed records older than the retention, in slices."""
+        total = 0
+        while True:
+            n = await self._run(self._purge_slice, retention_days)
+            total += n
+            if n < 2000:
+                return total
+
+    def _purge_slice(self, retention_days: float) -> int:
+        cutoff = self._clock() - retention_days * 86400
+        with _transaction(self.db):
+            return self.db.execute(
+                "DELETE FROM records WHERE seq IN (SELECT seq FROM records"
+                " WHERE state = 2 AND confirmed_at <= ? ORDER BY seq LIMIT 2000)",
+                (cutoff,),
+            ).rowcount
+
+    async def bump_session(self) -> int:
+        """The status session counter, incremented and persisted before every connect."""
+        return await self._run(self._bump_session)
+
+    def _bump_session(self) -> int:
+        with _transaction(self.db):
+            self.db.execute(
+                "INSERT INTO meta VALUES ('session', 1)"
+                " ON CONFLICT(key) DO UPDATE SET value = value + 1"
+            )
+            return int(
+                self.db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0]
+            )
+
+    async def stats(self) -> OutboxStats:
+        return await self._run(self._stats)
+
+    def _stats(self) -> OutboxStats:
+        q = _query_stats(self.db, self._clock())
+        return OutboxStats(
+            **q,
+            db_bytes=_file_bytes(self.path),
+            max_bytes=self.max_bytes,
+            last_seq=self._last_seq,
+            recovered_from=None if self.recovered_from is None else str(self.recovered_from),
+        )
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK and an `OutboxError`."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.db.execute("COMMIT")
+            return
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise OutboxError(f"outbox: {exc}") from exc
+
+
+def _file_bytes(path: Path) -> int:
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(FileNotFoundError):
+            total += os.stat(str(path) + suffix).st_size
+    return total
+
+
+def _salvage_counters(path: Path) -> tuple[int, int]:
+    """Best effort: read last_seq and session from a broken database, so seq is not reused."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return 0, 0
+    last_seq = session = 0
+    try:
+        for key in ("last_seq", "session"):
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error:
+                continue
+            if row is not None:
+                if key == "last_seq":
+                    last_seq = int(row[0])
+                else:
+                    session = int(row[0])
+        try:
+            row = db.execute("SELECT max(seq) FROM records").fetchone()
+            last_seq = max(last_seq, int(row[0] or 0))
+        except sqlite3.Error:
+            pass
+    finally:
+        db.close()
+    return last_seq, session
+
+
+def _query_stats(db: sqlite3.Connection, now: float) -> dict[str, Any]:
+    counts = dict(db.execute("SELECT state, count(*) FROM records GROUP BY state"))
+    oldest = db.execute("SELECT min(created_at) FROM records WHERE state < 2").fetchone()[0]
+    session = db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
+    return {
+        "pending": counts.get(PENDING, 0),
+        "sent": counts.get(SENT, 0),
+        "unconfirmed": counts.get(PENDING, 0) + counts.get(SENT, 0),
+        "confirmed": counts.get(CONFIRMED, 0),
+        "oldest_unconfirmed_age_s": None if oldest is None else round(now - oldest, 3),
+        "session": 0 if session is None else int(session[0]),
+    }
+
+
+def read_stats(path: Path) -> dict[str, Any]:
+    """`madoguchi outbox stats`: read-only, safe while the agent runs (WAL readers)."""
+    if not path.exists():
+        raise OutboxError(f"{path}: no outbox database here (has the agent run yet?)")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            stats = _query_stats(db, time.time())
+            row = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise OutboxError(f"{path}: cannot read the outbox: {e}") from e
+    return {
+        "path": str(path),
+        **stats,
+        "db_bytes": _file_bytes(path),
+        "last_seq": 0 if row is None else int(row[0]),
+    }
