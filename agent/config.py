@@ -86,6 +86,11 @@ class OutboxSection(Strict):
     retention_days: float = Field(
         default=7.0, ge=0, description="Keep confirmed records this long, then purge them."
     )
+    key_file: Path | None = Field(
+        default=None,
+        description="32-byte AES key (mode 0600) that encrypts personal data at rest; "
+        "required when a device stores personal data.",
+    )
 
 
 class DeviceBase(Strict):

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS records (
     kind         TEXT NOT NULL,
     source       TEXT NOT NULL,
     operator     TEXT,
+    clock_synced INTEGER,
     data         TEXT NOT NULL,
     sealed       BLOB,
     bytes        INTEGER NOT NULL,
@@ -316,7 +317,8 @@ class Outbox:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT INTO records (seq, id, captured_at, device, kind, source, operator,"
-                " data, sealed, bytes, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " clock_synced, data, sealed, bytes, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (seq,))
@@ -342,7 +344,8 @@ class Outbox:
     def _next_batch(self, max_records: int, resend_after_s: float) -> list[Record]:
         due = self._clock() - resend_after_s
         rows = self.db.execute(
-            "SELECT id, seq, captured_at, device, kind, source, data, sealed, operator"
+            "SELECT id, seq, captured_at, device, kind, source, data, sealed, operator,"
+            " clock_synced"
             " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?)"
             " ORDER BY seq LIMIT ?",
             (due, max_records),
@@ -350,7 +353,7 @@ class Outbox:
         return [self._record(row) for row in rows]
 
     def _record(self, row: tuple[Any, ...]) -> Record:
-        rid, seq, captured, device, kind, source, data, sealed, operator = row
+        rid, seq, captured, device, kind, source, data, sealed, operator, synced = row
         personal = None
         if sealed is not None:
             if self._sealer is None:

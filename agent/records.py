@@ -57,6 +57,7 @@ class Read:
     source: str = "device"
     personal: dict[str, Any] | None = None
     token: Any = None
+    clock_synced: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,7 @@ class Record:
     data: dict[str, Any]
     personal: dict[str, Any] | None = None
     operator: str | None = None
+    clock_synced: bool | None = None
 
     def wire(self) -> dict[str, Any]:
         data = self.data if self.personal is None else {**self.data, "personal": self.personal}
@@ -95,6 +97,8 @@ class Record:
         }
         if self.operator is not None:
             out["operator"] = self.operator
+        if self.clock_synced is not None:
+            out["clock_synced"] = self.clock_synced
         return out
 
 
