@@ -363,7 +363,16 @@ class Outbox:
                 )
             personal = json.loads(self._sealer.open(sealed, aad=rid.encode()))
         return Record(
-            rid, seq, captured, device, kind, source, json.loads(data), personal, operator
+            rid,
+            seq,
+            captured,
+            device,
+            kind,
+            source,
+            json.loads(data),
+            personal,
+            operator,
+            None if synced is None else bool(synced),
         )
 
     async def mark_sent(self, seqs: Iterable[int]) -> None:
