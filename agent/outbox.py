@@ -292,6 +292,7 @@ class Outbox:
                     read.kind,
                     read.source,
                     item.operator,
+                    read.clock_synced,
                     data,
                     sealed,
                     size,
@@ -309,6 +310,7 @@ class Outbox:
                     read.data,
                     read.personal,
                     item.operator,
+                    read.clock_synced,
                 )
             )
         if not rows:
