@@ -1,0 +1,53 @@
+# madoguchi: `make demo` and `make test` do all set-up on a fresh Debian 12 /
+# Raspberry Pi OS machine. System packages are installed with apt when run as
+# root (otherwise they are listed for you), then a .venv with an editable install.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Everything the agent, the demo and the tests need from Debian.
+APT_PACKAGES := mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig \
+                python3-venv python3-dev gcc
+EXTRAS := dev
+
+.PHONY: setup system-packages venv demo test lint typecheck bench clean
+
+setup: system-packages venv
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing system packages: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else \
+	  echo "missing system packages (install as root: apt-get install $$missing)"; \
+	  command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || exit 1; \
+	fi
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: setup
+	$(BIN)/madoguchi demo
+
+lint: venv
+	$(BIN)/ruff check agent tests bench
+	$(BIN)/ruff format --check agent tests bench
+
+typecheck: venv
+	$(BIN)/mypy agent
+
+test: setup lint typecheck
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,171 @@
+"""The outbox: durable, ordered, gap-free, bounded, self-healing, sealed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent.errors import OutboxError, OutboxFull
+from agent.outbox import Outbox, read_stats
+from agent.records import Read
+from agent.sealing import Sealer
+
+
+def scan(text: str, device: str = "ticket-scanner") -> Read:
+    return Read(device=device, kind="barcode", data={"text": text})
+
+
+async def test_seq_is_gap_free_and_survives_restart(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    async with Outbox(db) as ob:
+        recs = [await ob.append(scan(f"A{i}")) for i in range(5)]
+    assert [r.seq for r in recs] == [1, 2, 3, 4, 5]
+    ids = {r.id for r in recs}
+    assert len(ids) == 5
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    async with Outbox(db) as ob:
+        more = [await ob.append(scan(f"B{i}")) for i in range(3)]
+        assert [r.seq for r in more] == [6, 7, 8]
+        # confirmed and purged records never give their seq back
+        await ob.confirm([r.id for r in recs + more])
+        assert await ob.purge(retention_days=0) == 8
+    async with Outbox(db) as ob:
+        assert (await ob.append(scan("C"))).seq == 9
+
+
+async def test_concurrent_appends_share_a_commit(tmp_path: Path) -> None:
+    commits: list[int] = []
+
+    class Counting(Outbox):
+        def _commit(self, batch):  # type: ignore[no-untyped-def]
+            commits.append(len(batch))
+            return super()._commit(batch)
+
+    async with Counting(tmp_path / "o.db") as ob:
+        recs = await asyncio.gather(*(ob.append(scan(f"X{i}", f"dev{i % 8}")) for i in range(200)))
+    assert sorted(r.seq for r in recs) == list(range(1, 201))
+    assert sum(commits) == 200
+    assert len(commits) < 200 / 4, commits  # many records per fsync
+
+
+async def test_states_batches_and_resend(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with Outbox(tmp_path / "o.db", clock=lambda: now[0]) as ob:
+        recs = [await ob.append(scan(str(i))) for i in range(10)]
+        batch = await ob.next_batch(4, resend_after_s=30)
+        assert [r.seq for r in batch] == [1, 2, 3, 4]
+        await ob.mark_sent(r.seq for r in batch)
+        assert [r.seq for r in await ob.next_batch(100, 30)] == [5, 6, 7, 8, 9, 10]
+        await ob.mark_sent(range(5, 11))
+        assert await ob.next_batch(100, 30) == []
+        assert await ob.next_resend_at(30) == 1030.0
+        assert await ob.confirm([recs[0].id, recs[1].id, "not-an-id"]) == 2
+        assert await ob.confirm([recs[0].id]) == 0  # a second ack changes nothing
+        now[0] = 1031.0
+        again = await ob.next_batch(100, 30)
+        assert [r.seq for r in again] == [3, 4, 5, 6, 7, 8, 9, 10]
+        assert again[0].id == recs[2].id  # a re-send carries the same id
+        assert await ob.reset_sent() == 8
+        stats = await ob.stats()
+        assert (stats.pending, stats.sent, stats.unconfirmed, stats.confirmed) == (8, 0, 8, 2)
+        assert stats.last_seq == 10
+
+
+async def test_full_outbox_refuses_new_and_keeps_old(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    async with Outbox(db, max_bytes=200_000) as ob:
+        stored = 0
+        with pytest.raises(OutboxFull):
+            for i in range(100_000):
+                await ob.append(scan(f"{i:0>500}"))
+                stored += 1
+        assert stored > 50
+        with pytest.raises(OutboxFull):
+            await ob.append(scan("one more"))
+        assert (await ob.stats()).unconfirmed == stored
+        batch = await ob.next_batch(100_000, 30)
+        assert [r.seq for r in batch] == list(range(1, stored + 1))
+        # once the registry confirms and retention passes, there is room again
+        await ob.confirm([r.id for r in batch])
+        await ob.purge(retention_days=0)
+        assert (await ob.append(scan("after purge"))).seq == stored + 1
+
+
+async def test_corrupt_database_is_moved_aside_and_seq_continues(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    async with Outbox(db) as ob:
+        for i in range(3):
+            await ob.append(scan(str(i)))
+    # damage a page in the middle of the records table, keep the header readable
+    raw = bytearray(db.read_bytes())
+    for off in range(4096 * 2, min(len(raw), 4096 * 3)):
+        raw[off] = 0xA5
+    db.write_bytes(bytes(raw))
+    async with Outbox(db) as ob:
+        assert ob.recovered_from is not None
+        assert ob.recovered_from.exists()
+        assert ob.recovered_from.name.startswith("outbox.db.corrupt-")
+        rec = await ob.append(scan("after"))
+        assert rec.seq >= 4  # not reused, when the counter could be salvaged
+        assert (await ob.stats()).recovered_from == str(ob.recovered_from)
+
+
+async def test_garbage_file_is_moved_aside(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    db.write_bytes(b"this is not a database" * 500)
+    async with Outbox(db) as ob:
+        assert ob.recovered_from is not None
+        assert ob.recovered_from.read_bytes().startswith(b"this is not a database")
+        assert (await ob.append(scan("x"))).seq == 1
+
+
+async def test_personal_data_sealed_and_purged_on_confirm(tmp_path: Path) -> None:
+    key = tmp_path / "data.key"
+    Sealer.create_key_file(key)
+    db = tmp_path / "o.db"
+    secret = {"name": "試験 太郎", "my_number": "123456789018"}
+    async with Outbox(db, sealer=Sealer.from_file(key)) as ob:
+        rec = await ob.append(
+            Read(device="card", kind="card", data={"card_type": "mynumber"}, personal=secret)
+        )
+        assert rec.wire()["data"]["personal"] == secret
+        [again] = await ob.next_batch(10, 30)
+        assert again.personal == secret
+    blob = b"".join(p.read_bytes() for p in tmp_path.glob("o.db*"))
+    assert "試験 太郎".encode() not in blob
+    assert b"123456789018" not in blob
+    async with Outbox(db, sealer=Sealer.from_file(key)) as ob:
+        await ob.confirm([rec.id])
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT sealed FROM records").fetchone() == (None,)
+    conn.close()
+
+
+async def test_personal_data_without_a_key_is_refused(tmp_path: Path) -> None:
+    async with Outbox(tmp_path / "o.db") as ob:
+        with pytest.raises(OutboxError, match="key_file"):
+            await ob.append(Read(device="card", kind="card", data={}, personal={"n": "x"}))
+        assert (await ob.stats()).unconfirmed == 0
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    Sealer.create_key_file(key)
+    key.chmod(0o644)
+    with pytest.raises(Exception, match="readable by others"):
+        Sealer.from_file(key)
+
+
+async def test_read_stats_while_open(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    async with Outbox(db) as ob:
+        await ob.append(scan("1"))
+        await ob.bump_session()
+        s = read_stats(db)
+        assert (s["unconfirmed"], s["last_seq"], s["session"]) == (1, 1, 1)
+    with pytest.raises(OutboxError, match="no outbox database"):
+        read_stats(tmp_path / "missing.db")
