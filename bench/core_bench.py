@@ -1,0 +1,334 @@
+"""Core benchmarks (issue: outbox, uplink, serial driver), all on loopback, one run.
+
+- scan -> host ACK and scan -> registry latency through a pty, p50/p99/p99.9
+- backlog drain: a pre-filled outbox to the reference registry (acks included),
+  against raw paho publishing the same records one per QoS 1 message
+- idle RSS and CPU of the agent process
+
+Prints a JSON document (and a Markdown table with --markdown).
+Usage: python bench/core_bench.py [--scans 300] [--backlog 20000] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.demo import free_port, start_mosquitto  # noqa: E402
+from agent.outbox import Outbox, read_stats  # noqa: E402
+from agent.records import Read, envelope  # noqa: E402
+from agent.registry import Registry, Stored  # noqa: E402
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def agent_config(workdir: Path, port: int, scanner: Path | None, name: str) -> Path:
+    devices = "" if scanner is None else f"""
+[[devices]]
+name = "ticket-scanner"
+profile = "generic-serial-scanner"
+port = "{scanner}"
+host_ack = "\\u0006"
+"""
+    path = workdir / f"{name}.toml"
+    path.write_text(f"""
+[agent]
+site = "bench-site"
+name = "{name}"
+data_dir = "{workdir / name}"
+log_level = "WARNING"
+
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+
+[outbox]
+resend_after_s = 60
+{devices}
+""")
+    return path
+
+
+def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def proc_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str, Any]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    link = workdir / "ttyBench"
+    link.symlink_to(os.ttyname(slave))
+    stored_at: dict[str, float] = {}
+    got = asyncio.Event()
+
+    def on_stored(s: Stored) -> None:
+        if s.new:
+            stored_at[s.record["data"]["text"]] = time.perf_counter()
+            if len(stored_at) >= scans:
+                got.set()
+
+    cfg = agent_config(workdir, port, link, "latency")
+    proc = start_agent(cfg, workdir / "latency.log")
+    ack_lat: list[float] = []
+    sent_at: dict[str, float] = {}
+    async with Registry("127.0.0.1", port, workdir / "reg-latency.db",
+                        on_stored=on_stored) as reg:
+        task = asyncio.create_task(reg.run())
+        await reg.connected.wait()
+        await asyncio.sleep(2.0)  # the agent connects and opens the port
+        os.set_blocking(master, True)
+        loop = asyncio.get_running_loop()
+        for i in range(scans):
+            text = f"1111224100{i:08d}"
+            t0 = time.perf_counter()
+            sent_at[text] = t0
+            os.write(master, text.encode() + b"\r")
+            await loop.run_in_executor(None, os.read, master, 1)
+            ack_lat.append(time.perf_counter() - t0)
+            await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - t0)))
+        await asyncio.wait_for(got.wait(), 60)
+        task.cancel()
+    rss = proc_rss(proc.pid)
+    proc.terminate()
+    proc.wait()
+    os.close(master)
+    os.close(slave)
+    reg_lat = [stored_at[t] - sent_at[t] for t in sent_at]
+    ms = 1000.0
+    return {
+        "scans": scans, "rate_per_s": rate,
+        "ack_ms": {"p50": pct(ack_lat, 50) * ms, "p99": pct(ack_lat, 99) * ms,
+                   "p99.9": pct(ack_lat, 99.9) * ms},
+        "registry_ms": {"p50": pct(reg_lat, 50) * ms, "p99": pct(reg_lat, 99) * ms,
+                        "p99.9": pct(reg_lat, 99.9) * ms},
+        "rss_after_bytes": rss,
+    }
+
+
+async def fill_outbox(db: Path, n: int) -> list[Any]:
+    async with Outbox(db) as ob:
+        recs = await asyncio.gather(*(ob.append(Read(
+            device="ticket-scanner", kind="barcode",
+            data={"text": f"1111224100{i:08d}", "symbology": None,
+                  "interpretation": {"type": "vaccination_ticket", "valid": True,
+                                     "fields": {}, "problems": []}}))
+            for i in range(n)))
+    return list(recs)
+
+
+async def drain(port: int, workdir: Path, backlog: int) -> dict[str, Any]:
+    name = "drain"
+    cfg = agent_config(workdir, port, None, name)
+    db = workdir / name / "outbox.db"
+    await fill_outbox(db, backlog)
+    done = asyncio.Event()
+    count = 0
+
+    def on_stored(s: Stored) -> None:
+        nonlocal count
+        count += s.new
+        if count >= backlog:
+            done.set()
+
+    async with Registry("127.0.0.1", port, workdir / "reg-drain.db", on_stored=on_stored,
+                        client_id="bench-registry-drain") as reg:
+        task = asyncio.create_task(reg.run())
+        await reg.connected.wait()
+        t0 = time.perf_counter()
+        proc = start_agent(cfg, workdir / "drain.log")
+        await asyncio.wait_for(done.wait(), 600)
+        stored_s = time.perf_counter() - t0
+        while read_stats(db)["unconfirmed"]:
+            await asyncio.sleep(0.01)
+        confirmed_s = time.perf_counter() - t0
+        rss = proc_rss(proc.pid)
+        task.cancel()
+    proc.terminate()
+    proc.wait()
+    return {"records": backlog, "stored_s": stored_s, "confirmed_s": confirmed_s,
+            "rate_stored": backlog / stored_s, "rate_confirmed": backlog / confirmed_s,
+            "agent_rss_after_drain_bytes": rss}
+
+
+def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
+    """What a user would write: one QoS 1 message per record, paho's own loop."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-raw")
+    acked = 0
+    all_acked = threading.Event()
+    connected = threading.Event()
+
+    def on_publish(c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+        nonlocal acked
+        acked += 1
+        if acked >= len(records):
+            all_acked.set()
+
+    client.on_publish = on_publish
+    client.on_connect = lambda *a: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    connected.wait(10)
+    payloads = [envelope("bench-site", "raw", [r]) for r in records]
+    t0 = time.perf_counter()
+    for p in payloads:
+        client.publish("madoguchi/v1/bench-site/raw/records", p, qos=1)
+    all_acked.wait(600)
+    dt = time.perf_counter() - t0
+    client.loop_stop()
+    client.disconnect()
+    return {"records": len(records), "puback_s": dt, "rate_puback": len(records) / dt}
+
+
+async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
+                                    ) -> dict[str, Any]:
+    done = asyncio.Event()
+    count = 0
+
+    def on_stored(s: Stored) -> None:
+        nonlocal count
+        count += s.new
+        if count >= len(records):
+            done.set()
+
+    async with Registry("127.0.0.1", port, workdir / "reg-raw.db", on_stored=on_stored,
+                        client_id="bench-registry-raw") as reg:
+        task = asyncio.create_task(reg.run())
+        await reg.connected.wait()
+        t0 = time.perf_counter()
+        pub = await asyncio.to_thread(raw_paho, port, records)
+        await asyncio.wait_for(done.wait(), 900)
+        dt = time.perf_counter() - t0
+        task.cancel()
+    return {**pub, "stored_s": dt, "rate_stored": len(records) / dt}
+
+
+async def idle(port: int, workdir: Path, seconds: float) -> dict[str, Any]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    link = workdir / "ttyIdle"
+    link.symlink_to(os.ttyname(slave))
+    proc = start_agent(agent_config(workdir, port, link, "idle"), workdir / "idle.log")
+    await asyncio.sleep(3)
+    c0 = proc_cpu_s(proc.pid)
+    await asyncio.sleep(seconds)
+    cpu = (proc_cpu_s(proc.pid) - c0) / seconds
+    rss = proc_rss(proc.pid)
+    proc.terminate()
+    proc.wait()
+    os.close(master)
+    os.close(slave)
+    return {"rss_bytes": rss, "cpu_share": cpu, "seconds": seconds}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="madoguchi-bench-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        broker = await start_mosquitto(workdir, port)
+        try:
+            out: dict[str, Any] = {"machine": machine()}
+            out["idle"] = await idle(port, workdir, args.idle_s)
+            out["latency"] = await latency(port, workdir, args.scans, args.rate)
+            out["drain"] = await drain(port, workdir, args.backlog)
+            recs = await fill_outbox(workdir / "raw-source.db", args.backlog)
+            out["raw_paho"] = await raw_paho_through_registry(port, workdir, recs)
+            out["ratios"] = {
+                "drain_vs_raw_puback": out["drain"]["rate_confirmed"]
+                / out["raw_paho"]["rate_puback"],
+                "drain_vs_raw_through_registry": out["drain"]["rate_confirmed"]
+                / out["raw_paho"]["rate_stored"],
+            }
+        finally:
+            broker.terminate()
+            await broker.wait()
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m, lat, d, raw, idle_ = r["machine"], r["latency"], r["drain"], r["raw_paho"], r["idle"]
+    return "\n".join([
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| scan -> host ACK p50 / p99 / p99.9 ({lat['scans']} scans at {lat['rate_per_s']}/s) "
+        f"| {lat['ack_ms']['p50']:.2f} / {lat['ack_ms']['p99']:.2f} / "
+        f"{lat['ack_ms']['p99.9']:.2f} ms | |",
+        f"| scan -> registry commit p50 / p99 / p99.9 | {lat['registry_ms']['p50']:.2f} / "
+        f"{lat['registry_ms']['p99']:.2f} / {lat['registry_ms']['p99.9']:.2f} ms | p99 <= 20 ms |",
+        f"| backlog drain, {d['records']} records, stored by registry | "
+        f"{d['rate_stored']:.0f} records/s | |",
+        f"| backlog drain incl. acks back in the outbox | {d['rate_confirmed']:.0f} records/s | |",
+        f"| raw paho, one QoS 1 message per record, until all PUBACKs | "
+        f"{raw['rate_puback']:.0f} records/s | |",
+        f"| raw paho, same, until stored by the registry | {raw['rate_stored']:.0f} records/s | |",
+        f"| **ratio drain / raw paho PUBACK rate** | "
+        f"**{r['ratios']['drain_vs_raw_puback']:.1f}x** | >= 3x |",
+        f"| ratio drain / raw paho through the registry | "
+        f"{r['ratios']['drain_vs_raw_through_registry']:.1f}x | |",
+        f"| idle RSS of the agent (1 serial device) | {idle_['rss_bytes'] / 1e6:.1f} MB "
+        f"| <= 40 MB |",
+        f"| idle CPU of the agent | {idle_['cpu_share'] * 100:.2f} % of one core | |",
+        f"| agent RSS after draining {d['records']} records | "
+        f"{d['agent_rss_after_drain_bytes'] / 1e6:.1f} MB | |",
+    ])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scans", type=int, default=300)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--backlog", type=int, default=20000)
+    ap.add_argument("--idle-s", type=float, default=10.0)
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    result = asyncio.run(main(a))
+    print(json.dumps(result, indent=2))
+    if a.markdown:
+        print(markdown(result))
