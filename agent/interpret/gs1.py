@@ -34,7 +34,9 @@ _NAMED = {"01": "gtin", "17": "expiry", "10": "lot", "21": "serial"}
 _DATE_AIS = frozenset({"11", "12", "13", "15", "16", "17"})
 # Fixed-length AIs a variable-length field can swallow when its GS is missing, and
 # their data length: the FORMATS.md case is a lot eating (17) `10ABC12317261231`.
-_SWALLOWABLE = {"01": 14, "02": 14, "11": 6, "13": 6, "15": 6, "16": 6, "17": 6}
+# Only the two that matter at a station, so that a lot which merely ends in digits
+# (`A11250101`) is not flagged: flagged only if the message lacks that AI elsewhere.
+_SWALLOWABLE = {"01": 14, "17": 6}
 _MIN_SWALLOW = 1 + 2 + 6
 
 
