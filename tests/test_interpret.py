@@ -9,10 +9,11 @@ import subprocess
 import sys
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from biip.checksums import gs1_standard_check_digit
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import agent.interpret as interp_pkg
@@ -21,6 +22,7 @@ from agent.interpret import interpret, split_aim
 from agent.interpret.cli import unescape, visible
 from agent.interpret.gtin import gtin_check_digit, is_valid_gtin
 from agent.interpret.municipality import is_valid_municipality_code, municipality_check_digit
+from agent.interpret.text import url_host
 
 TODAY = date(2026, 11, 22)
 GS = "\x1d"
@@ -507,7 +509,7 @@ def test_gs1_single_digit_change_in_the_gtin_is_caught(
             {"scheme": "https", "host": "www.city.toda.saitama.jp"},
         ),
         ("HTTP://EXAMPLE.JP", "url", {"scheme": "http", "host": "example.jp"}),
-        ("http://[::1", "url", {"scheme": "http", "host": ""}),
+        ("http://[::1", "url", {"scheme": "http", "host": "::1"}),  # urlsplit would raise
         ("戸田市役所", "text", {}),
         ("hello world", "text", {}),
         ("", "text", {}),
@@ -516,6 +518,21 @@ def test_gs1_single_digit_change_in_the_gtin_is_caught(
 )
 def test_text_and_url(text: str, kind: str, fields: dict[str, str]) -> None:
     assert ask(text) == {"type": kind, "valid": True, "fields": fields, "problems": []}
+
+
+@given(
+    st.sampled_from(["http", "https", "HTTPS"]),
+    st.text(st.sampled_from("aZ0.-_~%!$&'()*+,;=:@[]/?#"), max_size=40),
+)
+def test_url_host_agrees_with_urlsplit(scheme: str, rest: str) -> None:
+    """The hand-rolled host extraction (hot path) matches the standard library."""
+    url = f"{scheme}://{rest}"
+    try:
+        expected = urlsplit(url).hostname or ""
+    except ValueError:  # urlsplit rejects broken IPv6 literals; we still give a result
+        assume(False)
+    assert url_host(rest) == expected
+    assert ask(url)["fields"] == {"scheme": scheme.lower(), "host": expected}
 
 
 @pytest.mark.parametrize(

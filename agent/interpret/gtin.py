@@ -17,11 +17,12 @@ def gtin_check_digit(payload: str) -> int:
     """The GS1 mod-10 check digit for `payload` (the GTIN without its last digit)."""
     if not payload or not is_digits(payload):
         raise ValueError("a GTIN payload is ASCII digits")
-    total = 0
-    weight = 3
-    for c in reversed(payload):
-        total += weight * (ord(c) - 48)
-        weight = 4 - weight
+    return _check(payload)
+
+
+def _check(payload: str) -> int:
+    # Weight 3 on the rightmost payload digit, then 1, 3, 1 ... leftwards.
+    total = 3 * sum(map(int, payload[::-2])) + sum(map(int, payload[-2::-2]))
     return (10 - total % 10) % 10
 
 
@@ -29,7 +30,7 @@ def is_valid_gtin(code: str) -> bool:
     """Whether `code` is an 8/12/13/14-digit GTIN with a correct check digit."""
     if len(code) not in FORMATS or not is_digits(code):
         return False
-    return gtin_check_digit(code[:-1]) == ord(code[-1]) - 48
+    return _check(code[:-1]) == ord(code[-1]) - 48
 
 
 def parse_gtin(code: str) -> Interpretation:
@@ -39,5 +40,5 @@ def parse_gtin(code: str) -> Interpretation:
     if len(code) not in FORMATS:
         return result(GTIN, {"gtin": code}, ["wrong_length"])
     fields = {"gtin": code, "gtin14": code.rjust(14, "0"), "format": FORMATS[len(code)]}
-    ok = gtin_check_digit(code[:-1]) == ord(code[-1]) - 48
+    ok = _check(code[:-1]) == ord(code[-1]) - 48
     return result(GTIN, fields, [] if ok else ["bad_check_digit"])
