@@ -107,6 +107,11 @@ def add_decode_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         type=_char,
         help="character the scanner sends in place of GS (as gs_substitute in the profile)",
     )
-    p.add_argument("--today", type=_date, help="judge expiry against this date (YYYY-MM-DD)")
+    p.add_argument(
+        "--today",
+        metavar="YYYY-MM-DD",
+        type=_date,
+        help="judge expiry against this date (YYYY-MM-DD)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=run_decode)
