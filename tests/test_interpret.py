@@ -433,6 +433,9 @@ def test_gs1_printed_form_hri() -> None:
     assert r["fields"]["lot"] == "12AB34"
     assert ask("(01)14987123456785")["problems"] == ["bad_check_digit"]
     assert ask("(99")["type"] == "text"
+    assert ask("(03) 1234-5678")["type"] == "text"  # a phone number, not a broken GS1
+    # under a GS1 symbology the content is element strings, never the printed form
+    assert ask("(01)14987123456781", symbology="]C1")["problems"] == ["malformed"]
 
 
 def test_gs1_sscc_check_digit() -> None:

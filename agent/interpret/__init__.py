@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 from datetime import date
 
-from agent.interpret import gs1, gtin, mynumber_form, text, vaccination
+from agent.interpret import gs1, gtin, mynumber_form, vaccination
 from agent.interpret._common import Interpretation, is_digits, result
+from agent.interpret.text import parse_text
 
 __all__ = ["Interpretation", "interpret", "split_aim"]
 
@@ -72,8 +73,13 @@ def _dispatch(
         if n == mynumber_form.LENGTH:
             return _application_id_or_gs1(body, gs_substitute, today)
     if gs1.looks_like(body, gs_substitute):
+        if c0 == "(":  # the printed form; "(03) 1234-5678" is a phone number, not GS1
+            hri = gs1.parse_hri(body)
+            if hri.error is not None:
+                return parse_text(body)
+            return gs1.to_result(hri, today or date.today())
         return gs1.parse(body, gs_substitute, today or date.today())
-    return text.parse_text(body)
+    return parse_text(body)
 
 
 def _application_id_or_gs1(

@@ -196,9 +196,7 @@ def to_result(parsed: _Parsed, today: date) -> Interpretation:
 
 
 def parse(body: str, gs_substitute: str | None, today: date) -> Interpretation:
-    """Interpret `body` (AIM identifier already stripped) as a GS1 message."""
-    if body.startswith("("):
-        return to_result(parse_hri(body), today)
+    """Interpret `body` (AIM identifier already stripped) as GS1 element strings."""
     return to_result(parse_elements(body, separators(gs_substitute)), today)
 
 
