@@ -491,15 +491,16 @@ class Decoder:
         """The idle timeout passed: an unfinished scan is a fault, not a record."""
         if not self.pending:
             return None
-        first, last, n = self._first, self._last, len(self._chars)
-        empty = n == 0 and self._spoiled is None and not self._alt_digits
+        first, last, n, spoiled = self._first, self._last, len(self._chars), self._spoiled
+        empty = n == 0 and spoiled is None and not self._alt_digits
         self._reset_scan()
         self._alt_digits = ""
         if empty:
             return None  # a lone lock or modifier key, nothing was typed
+        also = f" (and {spoiled})" if spoiled else ""
         return Fault(
             f"no terminator within idle_timeout_ms={self._idle_s * 1000:g} "
-            f"after {n} char(s): scan cut off",
+            f"after {n} char(s): scan cut off{also}",
             first,
             last,
         )
