@@ -176,6 +176,7 @@ class HidDriver(Driver):
         self._hotplug = hotplug
         self._device: InputDeviceLike | None = None
         self._events: AsyncIterator[Any] | None = None
+        self._next: asyncio.Future[Any] | None = None
         self.decoder: Decoder | None = None
 
     # -- opening ---------------------------------------------------------------------
@@ -303,6 +304,9 @@ class HidDriver(Driver):
 
     async def close(self) -> None:
         dev, self._device, self._events = self._device, None, None
+        if self._next is not None:
+            self._next.cancel()  # a reader that was left without being closed
+            self._next = None
         if dev is not None:
             _quietly(dev.ungrab)  # gone already after an unplug
             _quietly(dev.close)
@@ -320,7 +324,7 @@ class HidDriver(Driver):
         try:
             while True:
                 if nxt is None:
-                    nxt = asyncio.ensure_future(anext(events))
+                    nxt = self._next = asyncio.ensure_future(anext(events))
                 timeout = max(0.0, last_key + idle - loop.time()) if decoder.pending else None
                 done, _ = await asyncio.wait({nxt}, timeout=timeout)
                 if not done:  # the scanner stopped mid-scan: keep `nxt`, it holds our place
@@ -328,7 +332,7 @@ class HidDriver(Driver):
                     if fault is not None:
                         yield self._event(fault)
                     continue
-                fut, nxt = nxt, None
+                fut, nxt, self._next = nxt, None, None
                 try:
                     ev = fut.result()
                 except StopAsyncIteration:
