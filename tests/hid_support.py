@@ -112,6 +112,7 @@ class FakeInputDevice:
     async def _loop(self) -> AsyncIterator[FakeEvent]:
         while True:
             item = await self.queue.get()
+            self.queue.task_done()
             if item is UNPLUG:
                 raise OSError(errno.ENODEV, "No such device")
             yield item

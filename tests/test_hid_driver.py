@@ -316,3 +316,23 @@ repeat_window_s = 0
     rows = [r[0] for r in db.execute("SELECT data FROM records ORDER BY seq")]
     assert '"111122410000012345"' in rows[0]
     assert "10AB@1\\u001d21X" in rows[1] or "10AB@1\x1d21X" in rows[1]
+
+
+async def test_real_evdev_and_udev_on_a_host_without_the_scanner() -> None:
+    """python-evdev and pyudev themselves: nothing matches here, so it is 'missing'."""
+    pytest.importorskip("evdev")
+    drv = HidDriver(hid_config(serial="not-on-this-host", hotplug_wait_s=0.05))
+    with pytest.raises(DeviceUnavailable, match="usb 05e0:1200"):
+        await drv.open()
+    await drv.close()
+
+
+async def test_udev_watch_starts_waits_and_closes() -> None:
+    pytest.importorskip("pyudev")
+    from agent.drivers.hid import UdevWatch
+
+    watch = UdevWatch.start()
+    if watch is None:
+        pytest.skip("no udev netlink socket on this host")
+    assert await watch.wait(0.05) is False  # nobody plugged anything in
+    watch.close()

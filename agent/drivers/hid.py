@@ -325,9 +325,10 @@ class HidDriver(Driver):
             while True:
                 if nxt is None:
                     nxt = self._next = asyncio.ensure_future(anext(events))
-                timeout = max(0.0, last_key + idle - loop.time()) if decoder.pending else None
-                done, _ = await asyncio.wait({nxt}, timeout=timeout)
-                if not done:  # the scanner stopped mid-scan: keep `nxt`, it holds our place
+                if not nxt.done():  # evdev hands out a read batch's events already done
+                    timeout = max(0.0, last_key + idle - loop.time()) if decoder.pending else None
+                    await asyncio.wait({nxt}, timeout=timeout)
+                if not nxt.done():  # the scanner stopped mid-scan: keep `nxt`, it holds our place
                     fault = decoder.expire()
                     if fault is not None:
                         yield self._event(fault)
