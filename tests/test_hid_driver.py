@@ -336,3 +336,66 @@ async def test_udev_watch_starts_waits_and_closes() -> None:
         pytest.skip("no udev netlink socket on this host")
     assert await watch.wait(0.05) is False  # nobody plugged anything in
     watch.close()
+
+
+def test_hid_config_errors_name_the_entry(tmp_path: Path) -> None:
+    from agent.errors import ConfigError
+
+    p = tmp_path / "agent.toml"
+    p.write_text(
+        """
+[agent]
+site = "s"
+name = "a"
+[mqtt]
+host = "127.0.0.1"
+[[devices]]
+name = "nowhere"
+profile = "generic-hid-scanner-us"
+[[devices]]
+name = "bad-keys"
+profile = "generic-hid-scanner-jp106"
+path = "/dev/input/event3"
+terminators = ["KEY_RETURN"]
+gs_keys = ["ctrl+¥"]
+layout = "dvorak"
+[[devices]]
+name = "half-ids"
+profile = "generic-hid-scanner-us"
+product_id = 0x1200
+""",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    problems = e.value.problems
+    assert any(
+        x.startswith(f"{p}: devices[0].name_pattern: ") and "no way to find the scanner" in x
+        for x in problems
+    )
+    terminators = f"{p}: devices[1].terminators: "
+    assert any(x.startswith(terminators) and "KEY_RETURN" in x for x in problems)
+    assert any(x.startswith(f"{p}: devices[1].layout: ") for x in problems)
+    assert any(x.startswith(f"{p}: devices[2].product_id: ") and "vendor_id" in x for x in problems)
+
+
+async def test_cancelling_the_task_stops_reading_and_releases_the_grab() -> None:
+    dev = FakeInputDevice("/dev/input/event40")
+    drv = driver(FakeBackend(dev))
+    started = asyncio.Event()
+
+    async def device_task() -> None:
+        async with drv:
+            started.set()
+            async for _ in drv.reads():
+                pass
+
+    task = asyncio.create_task(device_task())
+    await started.wait()
+    dev.push(type_text("123", "us", terminator=None))  # stopped mid-scan, as on shutdown
+    await dev.queue.join()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not dev.grabbed and dev.closed
+    assert drv._next is None or drv._next.cancelled()
