@@ -214,6 +214,13 @@ def test_ctrl_bracket_follows_the_scanner_layout() -> None:
     assert [r.text for r in run(jp.events, "jp106") if isinstance(r, Scan)] == ["1\x1d2"]
 
 
+def test_ctrl_shift_bracket_is_still_gs() -> None:
+    # shift still held from "A" when Ctrl+] comes: Ctrl+} is the same key, GS
+    k = Keys().down("KEY_LEFTSHIFT").tap("KEY_A").down("KEY_LEFTCTRL").tap("KEY_RIGHTBRACE")
+    k.up("KEY_LEFTCTRL").tap("KEY_B").up("KEY_LEFTSHIFT").tap("KEY_ENTER")
+    assert [r.text for r in run(k.events, "us") if isinstance(r, Scan)] == ["A\x1dB"]
+
+
 def test_configured_gs_keys_and_alt_codes() -> None:
     k = Keys().tap("KEY_1", "KEY_F8", "KEY_2")
     k.down("KEY_LEFTALT").tap("KEY_KP0", "KEY_KP0", "KEY_KP2", "KEY_KP9").up("KEY_LEFTALT")
@@ -340,7 +347,9 @@ def test_parse_evtest_reads_msc_hex_syn_and_rejects_garbage() -> None:
     ]
     assert evs[0].time == pytest.approx(1700000000.123456)
     with pytest.raises(CaptureError, match="line 3"):
-        list(parse_evtest([*lines[:2], "Event: time 1.0, something else"]))
+        list(parse_evtest([*lines[:2], "Event: time 1.0, something else", lines[2]]))
+    # a capture stopped with Ctrl-C may end in half a line: that line is dropped
+    assert len(list(parse_evtest([*lines, "Event: time 1700000000.2, type 1 (EV_K"]))) == 4
 
 
 def out_lines(out: str) -> list[str]:

@@ -430,11 +430,13 @@ class Decoder:
         if self.caps_lock and lower is not None and lower.isalpha():
             shifted = not shifted
         char = level[1] if shifted else level[0]
-        if char is None or not self._ctrl():
+        if not self._ctrl():
             return char
-        up = char.upper()
-        if "@" <= up <= "_":  # Ctrl+@ .. Ctrl+_ are NUL .. US; Ctrl+] is GS
-            return chr(ord(up) - 0x40)
+        # Ctrl+@ .. Ctrl+_ are NUL .. US (Ctrl+] is GS, Ctrl+^ is RS); a shift still
+        # held from the previous character does not change which key it is
+        for c in (char, level[0], level[1]):
+            if c is not None and "@" <= c.upper() <= "_":
+                return chr(ord(c.upper()) - 0x40)
         return None
 
     def _add(self, char: str, t: float) -> None:
@@ -563,27 +565,39 @@ def parse_evtest(lines: Iterable[str]) -> Iterator[KeyEvent]:
     """Events from `evtest` output; the header (device info, supported events) is skipped.
 
     evtest prints MSC_SCAN / MSC_RAW values in hex and every other value in decimal.
+    A malformed line is a `CaptureError`, except a last line cut short (Ctrl-C).
     """
     started = False
+    bad: int | None = None
     for n, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if bad is not None:
+            raise CaptureError(f"line {bad}: not an evtest event line")
         if not line.startswith("Event: time "):
-            if started and line.strip() and not line.startswith("Testing"):
-                raise CaptureError(f"line {n}: not an evtest event line")
+            if started and not line.startswith("Testing"):
+                bad = n
             continue
         started = True
-        m = _EVENT.match(line)
-        if m is not None:
-            etype, code = int(m["type"]), int(m["code"])
-            hexa = etype == EV_MSC and code in (3, 4)  # MSC_RAW, MSC_SCAN
-            value = int(m["value"], 16 if hexa else 10)
-            yield KeyEvent(_time(m["sec"], m["usec"]), etype, code, value)
-            continue
-        s = _SYN.match(line)
-        if s is not None and s["what"].strip() in _SYN_CODES:
-            yield KeyEvent(_time(s["sec"], s["usec"]), EV_SYN, _SYN_CODES[s["what"].strip()], 0)
-            continue
-        raise CaptureError(f"line {n}: not an evtest event line")
+        event = _event_line(line)
+        if event is None:
+            bad = n
+        else:
+            yield event
+
+
+def _event_line(line: str) -> KeyEvent | None:
+    m = _EVENT.match(line)
+    if m is not None:
+        etype, code = int(m["type"]), int(m["code"])
+        hexa = etype == EV_MSC and code in (3, 4)  # MSC_RAW, MSC_SCAN
+        value = int(m["value"], 16 if hexa else 10)
+        return KeyEvent(_time(m["sec"], m["usec"]), etype, code, value)
+    s = _SYN.match(line)
+    if s is not None and s["what"].strip() in _SYN_CODES:
+        return KeyEvent(_time(s["sec"], s["usec"]), EV_SYN, _SYN_CODES[s["what"].strip()], 0)
+    return None
 
 
 def _time(sec: str, usec: str) -> float:
