@@ -399,3 +399,13 @@ async def test_cancelling_the_task_stops_reading_and_releases_the_grab() -> None
         await task
     assert not dev.grabbed and dev.closed
     assert drv._next is None or drv._next.cancelled()
+
+
+async def test_without_python_evdev_the_driver_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from agent.errors import DriverMissing
+
+    monkeypatch.setitem(sys.modules, "evdev", None)  # import evdev -> ImportError
+    with pytest.raises(DriverMissing, match=r"madoguchi\[hid\]"):
+        await HidDriver(hid_config(), hotplug=None).open()
