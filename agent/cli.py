@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.interpret.cli import add_decode_parser
 
     add_decode_parser(sub)
+    from agent.drivers.hid import add_hid_replay_parser
+
+    add_hid_replay_parser(sub)
     return parser
 
 

@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from agent.errors import ConfigError
 
@@ -131,7 +139,106 @@ class SerialDevice(DeviceBase):
     host_nak: str = Field(default="", description="Written back when it could not be stored.")
 
 
-DeviceConfig = Annotated[SerialDevice, Field(discriminator="driver")]
+class HidDevice(DeviceBase):
+    """A scanner in USB keyboard (HID) mode, read through evdev and grabbed exclusively."""
+
+    driver: Literal["hid"] = Field(description="Keyboard-wedge scanner read through evdev.")
+    path: str | None = Field(
+        default=None,
+        description="Input device path, best a stable /dev/input/by-id/...-event-kbd link.",
+    )
+    vendor_id: int | None = Field(
+        default=None, ge=0, le=0xFFFF, description="USB vendor id (write it as 0x05e0)."
+    )
+    product_id: int | None = Field(
+        default=None, ge=0, le=0xFFFF, description="USB product id; needs vendor_id."
+    )
+    serial: str | None = Field(
+        default=None,
+        min_length=1,
+        description="USB serial number (evdev `uniq`): tells two scanners of one model apart.",
+    )
+    name_pattern: str | None = Field(
+        default=None,
+        min_length=1,
+        validate_default=True,
+        description="Shell-style pattern on the input device name, e.g. '*Bar Code Scanner*'.",
+    )
+    layout: Literal["us", "jp106"] = Field(
+        default="us",
+        description="Keyboard layout the SCANNER is set to (its own setting, not the host's).",
+    )
+    terminators: list[str] = Field(
+        default_factory=lambda: ["KEY_ENTER", "KEY_KPENTER"],
+        min_length=1,
+        description="Keys that end a scan (add KEY_TAB for scanners set to a Tab suffix).",
+    )
+    gs_keys: list[str] = Field(
+        default_factory=lambda: ["ctrl+]"],
+        description="Key combinations that mean GS (0x1D), e.g. 'ctrl+]', 'ctrl+KEY_5', 'KEY_F8'.",
+    )
+    alt_codes: bool = Field(
+        default=True, description="Decode Alt+numpad codes (Alt+0029 = GS) as characters."
+    )
+    idle_timeout_ms: int = Field(
+        default=500,
+        ge=20,
+        le=60_000,
+        description="A scan that stops this long without a terminator is an error, not a record.",
+    )
+    min_key_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Keys per second below which a scan is taken for human typing and rejected.",
+    )
+    max_length: int = Field(
+        default=4096, ge=16, description="A longer scan is an error event, dropped whole."
+    )
+    hotplug_wait_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="With pyudev installed, wait this long for the scanner to be plugged in "
+        "before reporting it missing (replug is then picked up at once).",
+    )
+
+    @field_validator("product_id")
+    @classmethod
+    def _product_needs_vendor(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("vendor_id") is None:
+            raise ValueError("product_id needs vendor_id")
+        return v
+
+    @field_validator("terminators")
+    @classmethod
+    def _known_keys(cls, v: list[str]) -> list[str]:
+        from agent.drivers.hid_keymap import key_code
+
+        for name in v:
+            key_code(name)
+        return [name.upper() for name in v]
+
+    @field_validator("gs_keys")
+    @classmethod
+    def _combos(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        from agent.drivers.hid_keymap import parse_combo
+
+        for spec in v:
+            parse_combo(spec, info.data.get("layout", "us"))
+        return v
+
+    @field_validator("name_pattern")
+    @classmethod
+    def _some_way_to_find_it(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and not any(info.data.get(k) for k in ("path", "vendor_id", "serial")):
+            raise ValueError(
+                "no way to find the scanner: set path, vendor_id (+ product_id, serial) "
+                "or name_pattern"
+            )
+        return v
+
+
+DeviceConfig = Annotated[SerialDevice | HidDevice, Field(discriminator="driver")]
 _DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
 
 
@@ -238,7 +345,7 @@ def _resolve_device(
                 loc = loc[1:]  # the discriminated union's tag level
             if not loc:
                 loc = ("driver",)  # an unknown driver value
-            if loc and loc[0] not in entry:
+            if loc and loc[0] not in entry and loc[0] in profile:
                 problems.append(f"{profile_path}: {_loc(loc)}: {_reason(e)}")
             else:
                 problems.append(f"{file}: {where}.{_loc(loc)}: {_reason(e)}")
