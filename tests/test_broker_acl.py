@@ -23,10 +23,11 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from conftest import free_port, mosquitto_binary
+from conftest import Pty, RegistryProbe, free_port, mosquitto_binary, running_station
 from pki_support import TestCA
 
 from agent.cli import main as cli
+from agent.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_DIR = ROOT / "provisioning" / "broker"
@@ -233,6 +234,8 @@ async def test_station_cannot_publish_acks(fleet: Fleet) -> None:
         seen_by_b = await collect_until(b, b"real")
     assert seen_by_a == [(f"{P}/site1/a/ack", b"real")]
     assert seen_by_b == [(f"{P}/site1/b/ack", b"real")]
+    # The broker says so in its log (what the end-to-end test checks is absent).
+    assert "Denied PUBLISH from station-a" in fleet.broker.log.read_text()
 
 
 async def test_commands_only_from_the_dashboard(fleet: Fleet) -> None:
@@ -299,3 +302,66 @@ def test_no_client_certificate_is_refused(fleet: Fleet) -> None:
     alert = refused(ctx, fleet.broker)
     assert "HANDSHAKE_FAILURE" in alert or "CERTIFICATE_REQUIRED" in alert
     assert "peer did not return a certificate" in fleet.broker.log.read_text()
+
+
+async def test_agent_and_registry_end_to_end_under_the_acl(fleet: Fleet, tmp_path: Path) -> None:
+    """The real agent (enrolled identity) and the reference registry (its role) on the
+    fleet broker: records are stored and acked, and the broker denied nothing."""
+    cert, key = fleet.enroll_station("toda-city-hall-1f", "station-03")
+    scanner = Pty(tmp_path / "ttyScanner")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"""
+[agent]
+site = "toda-city-hall-1f"
+name = "station-03"
+data_dir = "{tmp_path / "data"}"
+telemetry_interval_s = 0.2
+
+[mqtt]
+host = "localhost"
+port = {fleet.broker.port}
+tls_ca = "{fleet.ca_file}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+backoff_max_s = 1
+
+[[devices]]
+name = "ticket-scanner"
+profile = "generic-serial-scanner"
+port = "{scanner.link}"
+host_ack = "\\u0006"
+""")
+    probe: RegistryProbe
+    reg = Registry(
+        "localhost",
+        fleet.broker.port,
+        tmp_path / "registry.db",
+        on_stored=lambda s: probe.on_stored(s),
+        tls_context=fleet.tls(*fleet.role("registry")),
+    )
+    probe = RegistryProbe(reg)
+    texts = ["111122410000012345", "111122410000012346"]
+    try:
+        async with reg, running_station(cfg) as run:
+            task = asyncio.create_task(reg.run())
+            await asyncio.wait_for(reg.connected.wait(), 10)
+            for t in texts:
+                scanner.scan(t)
+                assert await scanner.aread(1) == b"\x06"
+            got = await probe.wait_for(len(texts))
+            assert [r["data"]["text"] for r in got] == texts
+            outbox = run.station.outbox
+            assert outbox is not None
+            for _ in range(200):  # the acks come back through the ACL
+                if (await outbox.stats()).confirmed == len(texts):
+                    break
+                await asyncio.sleep(0.05)
+            assert (await outbox.stats()).confirmed == len(texts)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        scanner.close()
+    log = fleet.broker.log.read_text()
+    assert "toda-city-hall-1f/station-03" in log  # the CN became the user name
+    assert "Denied" not in log, [line for line in log.splitlines() if "Denied" in line]
