@@ -80,6 +80,13 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 def make_key_and_csr(site: str, name: str, out: Path) -> tuple[Path, Path, bool]:
     """Key (kept if already there) and a fresh CSR. Returns (key, csr, key_was_new)."""
     cn = station_cn(site, name)
+    try:
+        return _make_key_and_csr(cn, out)
+    except OSError as e:
+        raise EnrollError(f"{e.filename or out}: {e.strerror}") from None
+
+
+def _make_key_and_csr(cn: str, out: Path) -> tuple[Path, Path, bool]:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path = out / KEY_FILE
     new = not key_path.exists()
@@ -127,7 +134,10 @@ def install_cert(cert_file: Path, out: Path, now: datetime | None = None) -> tup
     if cert.not_valid_after_utc <= now:
         raise EnrollError(f"{cert_file}: expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     dest = out / CERT_FILE
-    _write_atomic(dest, data, 0o644)
+    try:
+        _write_atomic(dest, data, 0o644)
+    except OSError as e:
+        raise EnrollError(f"{e.filename or dest}: {e.strerror}") from None
     return dest, cn
 
 

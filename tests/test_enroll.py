@@ -102,3 +102,14 @@ def test_install_without_a_key_says_so(tmp_path: Path, capsys: pytest.CaptureFix
     cert, _ = ca.identity("x/y", tmp_path / "elsewhere")
     assert cli(["enroll", "--install", str(cert), "--out", str(tmp_path / "empty")]) == 1
     assert "no private key" in capsys.readouterr().err
+
+
+def test_unwritable_directory_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    assert enroll(blocker / "creds") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("madoguchi enroll: ")
+    assert "not-a-dir" in err
