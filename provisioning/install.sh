@@ -124,7 +124,10 @@ program() {
         "$ROOT/opt/madoguchi/src/provisioning/udev_rules.py"
     # --system-site-packages: picamera2 and libcamera come from apt, not PyPI.
     host python3 -m venv --system-site-packages /opt/madoguchi/venv
-    host /opt/madoguchi/venv/bin/pip install --quiet --upgrade "/opt/madoguchi/src[$EXTRAS]"
+    # Editable, so that the bundled device_profiles/ next to agent/ are found;
+    # byte-compiled now because the service sees /opt read-only.
+    host /opt/madoguchi/venv/bin/pip install --quiet --upgrade -e "/opt/madoguchi/src[$EXTRAS]"
+    host /opt/madoguchi/venv/bin/python -m compileall -q /opt/madoguchi/src/agent
 }
 
 # --- configuration and credentials ---------------------------------------------------
