@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.drivers.hid import add_hid_replay_parser
 
     add_hid_replay_parser(sub)
+    from agent.enroll import add_enroll_parser
+
+    add_enroll_parser(sub)
     return parser
 
 

@@ -121,6 +121,12 @@ class DeviceBase(Strict):
         max_length=1,
         description="Character the scanner sends in place of the GS1 separator (0x1D).",
     )
+    usb_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$",
+        description="USB vendor:product (lower-case hex, as lsusb shows it). provisioning/"
+        "install.sh gives the agent's group this device only, linked as /dev/madoguchi/<name>.",
+    )
 
 
 class SerialDevice(DeviceBase):

@@ -62,3 +62,7 @@ class PinRefused(CardError):
     def __init__(self, device: str, reason: str, tries_left: int | None) -> None:
         super().__init__(device, reason)
         self.tries_left = tries_left
+
+
+class EnrollError(MadoguchiError):
+    """Enrolment failed: bad site/name, unreadable key, certificate not matching the key."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+from agent.clock import clock_synced
 from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
 from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError
@@ -25,6 +27,7 @@ from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
 from agent.records import Read, ReadFault, Record
 from agent.sealing import Sealer
+from agent.systemd import Notifier
 from agent.uplink import Backoff, Uplink
 
 log = logging.getLogger(__name__)
@@ -70,12 +73,15 @@ Listener = Callable[[str, dict[str, Any]], None]
 class Station:
     """Runs every configured device and the uplink until `stop` is set."""
 
+    status_interval_s = 5.0  # STATUS= to systemd this often
+
     def __init__(
         self,
         config: Config,
         *,
         driver_factory: Callable[[DeviceConfig], Driver] = create_driver,
         today: Callable[[], date] = date.today,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.devices = {d.name: DeviceState() for d in config.devices}
@@ -88,6 +94,7 @@ class Station:
         self._last_text: dict[str, tuple[str, float]] = {}
         self._listeners: list[Listener] = []
         self._started = time.time()
+        self.notifier = notifier if notifier is not None else Notifier()
 
     # -- what the uplink, local API and CLI see ----------------------------------
 
@@ -134,7 +141,11 @@ class Station:
                 ]
                 uplink_task = tg.create_task(uplink.run(stop), name="uplink")
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
+                watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+                tg.create_task(self._status_loop(stop), name="sd-status")
                 self.ready.set()
+                # systemd: outbox open, devices started (plugged in or not).
+                self.notifier.ready(await self._status_line())
                 log.info(
                     "station %s/%s running with %d device(s)",
                     cfg.agent.site,
@@ -143,11 +154,37 @@ class Station:
                 )
                 await stop.wait()
                 log.info("stopping: devices first, then the uplink says offline")
+                self.notifier.stopping()
                 for t in device_tasks:
                     t.cancel()
                 await asyncio.gather(*device_tasks, return_exceptions=True)
                 await uplink_task
+                watchdog.cancel()
         self.outbox = None
+        self.notifier.close()
+
+    async def _status_line(self) -> str:
+        """One line for `systemctl status`: outbox depth, uplink, devices."""
+        assert self.outbox is not None
+        st = await self.outbox.stats()
+        connected = sum(1 for d in self.devices.values() if d.state == "connected")
+        oldest = st.oldest_unconfirmed_age_s
+        age = f", oldest {oldest:.0f}s" if oldest is not None else ""
+        link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
+        return (
+            f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
+            f"uplink {link}; devices {connected}/{len(self.devices)} connected"
+        )
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        """STATUS= every few seconds while systemd listens."""
+        if not self.notifier.enabled:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.status_interval_s)
+            if not stop.is_set():
+                self.notifier.status(await self._status_line())
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         """Purge confirmed records past retention: at start, then hourly."""
@@ -235,6 +272,8 @@ class Station:
                     accepted=True, duplicate=True, interpretation=read.data["interpretation"]
                 )
         interpretation = read.data.get("interpretation")
+        if read.clock_synced is None:  # lets the registry tell a 1970 timestamp from a real one
+            read = dataclasses.replace(read, clock_synced=clock_synced())
         try:
             record = await self.outbox.append(read)
         except OutboxError as e:
