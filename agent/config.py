@@ -131,7 +131,34 @@ class SerialDevice(DeviceBase):
     host_nak: str = Field(default="", description="Written back when it could not be stored.")
 
 
-DeviceConfig = Annotated[SerialDevice, Field(discriminator="driver")]
+class PcscDevice(DeviceBase):
+    driver: Literal["pcsc"] = Field(description="IC card reader through pcscd (PC/SC).")
+    reader: str = Field(
+        default="*",
+        min_length=1,
+        description="Glob matched against PC/SC reader names; the first match (sorted) is used.",
+    )
+    read_my_number: bool = Field(
+        default=False,
+        description="With the PIN, also read the My Number (EF 0001). Off unless the "
+        "counter's procedure needs it.",
+    )
+    store_card_info: bool = Field(
+        default=False,
+        description="Store the PIN-read card info (name, address, birth date, sex) as an "
+        "encrypted record; needs outbox.key_file.",
+    )
+    operators: dict[str, str] = Field(
+        default_factory=dict,
+        description="Staff badge UID (lowercase hex) -> operator id; a tap starts or ends "
+        "an operator session.",
+    )
+    operator_timeout_s: float = Field(
+        default=1800.0, gt=0, description="An operator session ends after this idle time."
+    )
+
+
+DeviceConfig = Annotated[SerialDevice | PcscDevice, Field(discriminator="driver")]
 _DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
 
 
