@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from pcsc_support import (
     pcsc_stack,
 )
 
-from agent.config import PcscDevice, load_config
+from agent.config import DeviceConfig, PcscDevice, load_config
+from agent.drivers import Driver, create_driver
 from agent.drivers.pcsc import (
     OperatorSessions,
     PcscDriver,
@@ -47,7 +49,9 @@ from agent.drivers.pcsc import (
     storage_card_type,
 )
 from agent.errors import CardError, DeviceUnavailable, PinRefused
+from agent.outbox import Outbox
 from agent.records import Read, ReadFault
+from agent.sealing import Sealer
 from agent.supervisor import Station
 
 # -- pure parts ------------------------------------------------------------------------
@@ -356,20 +360,20 @@ class Events:
         self.queue: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
         station.subscribe(lambda kind, body: self.queue.put_nowait((kind, body)))
 
-    async def wait(self, kind: str, **match: object) -> dict[str, object]:
+    async def wait(self, event: str, **match: object) -> dict[str, object]:
         seen: list[tuple[str, dict[str, object]]] = []
 
         async def until() -> dict[str, object]:
             while True:
                 k, body = await self.queue.get()
                 seen.append((k, body))
-                if k == kind and all(body.get(key) == v for key, v in match.items()):
+                if k == event and all(body.get(key) == v for key, v in match.items()):
                     return body
 
         try:
             return await asyncio.wait_for(until(), 20)
         except TimeoutError:
-            pytest.fail(f"no {kind} {match}; saw {seen}")
+            pytest.fail(f"no {event} {match}; saw {seen}")
 
 
 def pcsc_config(tmp_path: Path, port: int, reader: str, extra: str = "") -> Path:
@@ -453,3 +457,79 @@ async def test_jpki_select_is_what_identifies_the_card(
     stack.slot.insert(card)
     await next_read(driver)
     assert card.seen[1] == bytes.fromhex("00A4040C0A") + JPKI_AID
+
+
+@pcscd
+@pytest.mark.broker
+async def test_no_personal_data_in_logs_or_in_the_outbox_file(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = tmp_path / "outbox.key"
+    Sealer.create_key_file(key)
+    with pcsc_stack(tmp_path / "pcsc") as st:
+        cfg_path = write_config(
+            tmp_path,
+            broker.port,
+            outbox=f'key_file = "{key}"',
+            devices=f"""
+[[devices]]
+name = "card-reader"
+profile = "generic-pcsc-reader"
+reader = "{st.reader}"
+read_my_number = true
+store_card_info = true
+""",
+        )
+        config = load_config(cfg_path)
+        drivers: list[PcscDriver] = []
+
+        def factory(dev: DeviceConfig) -> Driver:
+            d = create_driver(dev)
+            assert isinstance(d, PcscDriver)
+            drivers.append(d)
+            return d
+
+        station = Station(config, driver_factory=factory)
+        events = Events(station)
+        stop = asyncio.Event()
+        task = asyncio.create_task(station.run(stop))
+        try:
+            await events.wait("device_state", state="connected")
+            card = MyNumberCard()
+            st.slot.insert(card)
+            await events.wait("read_accepted", kind="card")
+            info = await drivers[-1].read_card_info(TEST_PIN)
+            assert info.name == TEST_NAME
+            await events.wait("read_accepted", kind="card_info")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+
+    # the personal data is there, sealed: the outbox gives it back with the key
+    async with Outbox(config.outbox_path, sealer=Sealer.from_file(key)) as outbox:
+        records = await outbox.next_batch(10, 0)
+    info_records = [r for r in records if r.kind == "card_info"]
+    assert len(info_records) == 1
+    assert info_records[0].personal == {
+        "name": TEST_NAME,
+        "address": TEST_ADDRESS,
+        "birth_date": "1985-04-12",
+        "sex": "female",
+        "my_number": TEST_MY_NUMBER,
+    }
+    assert info_records[0].data["auth_cert"]["serial"] == "1a2b3c4d5e"
+
+    secrets = [TEST_NAME, TEST_ADDRESS, TEST_MY_NUMBER, "窓口"]
+    messages = "\n".join(f"{r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records)
+    assert "card-reader" in messages  # the capture did see the driver's logging
+    for s in [*secrets, TEST_PIN]:
+        assert s not in messages
+        assert s not in caplog.text
+    files = list(config.outbox_path.parent.glob("outbox.db*"))
+    assert config.outbox_path in files
+    for f in files:
+        raw = f.read_bytes()
+        for s in secrets:
+            assert s.encode() not in raw, f"{s!r} in plain text in {f.name}"
+            assert s.encode("utf-16-le") not in raw
