@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -533,3 +536,59 @@ store_card_info = true
         for s in secrets:
             assert s.encode() not in raw, f"{s!r} in plain text in {f.name}"
             assert s.encode("utf-16-le") not in raw
+
+
+def card_info_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`madoguchi card-info` as a real process (stdin is a pipe, so the PIN is read from it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "card-info", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+        check=False,
+    )
+
+
+@pcscd
+def test_cli_card_info_shows_the_card(stack: PcscStack) -> None:
+    stack.slot.insert(MyNumberCard(serial=0xABCDEF), wait=True)
+    done = card_info_cli("--reader", "Virtual PCD 00 00", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["card"]["card_type"] == "mynumber"
+    assert out["card"]["auth_cert"]["serial"] == "abcdef"
+    assert "card_info" not in out
+    human = card_info_cli("--reader", "Virtual PCD 00 00")
+    assert "auth cert serial: abcdef" in human.stdout
+
+
+@pcscd
+def test_cli_card_info_with_pin(stack: PcscStack) -> None:
+    card = MyNumberCard()
+    stack.slot.insert(card, wait=True)
+    done = card_info_cli("--reader", "Virtual*", "--json", "--with-pin", stdin=TEST_PIN + "\n")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)["card_info"]
+    assert info["name"] == TEST_NAME
+    assert info["birth_date"] == "1985-04-12"
+    assert "my_number" not in info
+    assert TEST_PIN not in done.stdout + done.stderr
+
+
+@pcscd
+def test_cli_wrong_pin_is_refused_once(stack: PcscStack) -> None:
+    card = MyNumberCard()
+    stack.slot.insert(card, wait=True)
+    done = card_info_cli("--with-pin", stdin="9876\n")
+    assert done.returncode == 3
+    assert "wrong PIN" in done.stderr and "tries left: 2" in done.stderr
+    assert (card.verify_count, card.support_tries) == (1, 2)
+
+
+@pcscd
+def test_cli_without_a_card(stack: PcscStack) -> None:
+    done = card_info_cli("--reader", "Virtual PCD 00 01")
+    assert done.returncode == 2
+    assert "card" in done.stderr.lower()
