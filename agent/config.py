@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from agent.errors import ConfigError
 
@@ -156,6 +156,19 @@ class PcscDevice(DeviceBase):
     operator_timeout_s: float = Field(
         default=1800.0, gt=0, description="An operator session ends after this idle time."
     )
+
+    @field_validator("operators")
+    @classmethod
+    def _uids_are_hex(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for uid, op in value.items():
+            norm = uid.strip().lower().replace(" ", "").replace(":", "")
+            if not norm or len(norm) % 2 or any(c not in "0123456789abcdef" for c in norm):
+                raise ValueError(f"badge UID {uid!r} is not hex bytes (e.g. 01010601cb095703)")
+            if not op:
+                raise ValueError(f"badge UID {uid!r} maps to an empty operator id")
+            out[norm] = op
+        return out
 
 
 DeviceConfig = Annotated[SerialDevice | PcscDevice, Field(discriminator="driver")]
@@ -302,6 +315,13 @@ def load_config(path: str | Path) -> Config:
     except ValidationError as e:
         problems = _problems(e, file) + problems
         raise ConfigError(problems) from None
+    if config.outbox.key_file is None:
+        for i, dev in enumerate(devices):
+            if isinstance(dev, PcscDevice) and dev.store_card_info:
+                problems.append(
+                    f"{file}: devices[{i}].store_card_info: personal data needs "
+                    "outbox.key_file to encrypt it"
+                )
     if problems:
         raise ConfigError(problems)
     data_dir = config.agent.data_dir

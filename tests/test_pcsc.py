@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fnmatch
 import json
 import logging
 import subprocess
@@ -51,7 +52,7 @@ from agent.drivers.pcsc import (
     read_card_now,
     storage_card_type,
 )
-from agent.errors import CardError, DeviceUnavailable, PinRefused
+from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
 from agent.outbox import Outbox
 from agent.records import Read, ReadFault
 from agent.sealing import Sealer
@@ -592,3 +593,73 @@ def test_cli_without_a_card(stack: PcscStack) -> None:
     done = card_info_cli("--reader", "Virtual PCD 00 01")
     assert done.returncode == 2
     assert "card" in done.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("profile", "pcscd_name"),
+    [
+        ("acs-acr1252u", "ACS ACR1252 Dual Reader [ACR1252 Dual Reader PICC] 00 00"),
+        ("sony-rc-s300-s", "SONY FeliCa RC-S300/S [RC-S300/S] 00 00"),
+        ("sony-rc-s300-p", "SONY FeliCa RC-S300/P [RC-S300/P] 00 00"),
+        ("generic-pcsc-reader", "Virtual PCD 00 00"),
+    ],
+)
+def test_reader_profiles_load_and_match_their_reader(
+    tmp_path: Path, profile: str, pcscd_name: str
+) -> None:
+    path = write_config(
+        tmp_path,
+        1883,
+        devices=f"""
+[[devices]]
+name = "card-reader"
+profile = "{profile}"
+operators = {{ "01:01:06:01:CB:09:57:03" = "staff-014" }}
+""",
+    )
+    dev = load_config(path).devices[0]
+    assert isinstance(dev, PcscDevice)
+    assert fnmatch.fnmatchcase(pcscd_name, dev.reader)
+    assert (
+        not fnmatch.fnmatchcase(
+            "ACS ACR1252 Dual Reader [ACR1252 Dual Reader SAM] 00 01", dev.reader
+        )
+        or profile == "generic-pcsc-reader"
+    )
+    assert dev.operators == {"01010601cb095703": "staff-014"}
+    assert not dev.read_my_number
+
+
+def test_badge_uids_must_be_hex(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        1883,
+        devices="""
+[[devices]]
+name = "card-reader"
+profile = "generic-pcsc-reader"
+operators = { "staff badge" = "staff-014" }
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "devices[0].operators" in err.value.problems[0]
+    assert "not hex" in err.value.problems[0]
+
+
+def test_storing_card_info_needs_a_key_file(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        1883,
+        devices="""
+[[devices]]
+name = "card-reader"
+profile = "generic-pcsc-reader"
+store_card_info = true
+""",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [
+        f"{path}: devices[0].store_card_info: personal data needs outbox.key_file to encrypt it"
+    ]
