@@ -14,12 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
-from agent.config import Config, DeviceConfig
+from agent.config import Config, DeviceConfig, PcscDevice
 from agent.drivers import Driver, create_driver
+from agent.drivers.pcsc import OperatorSessions
 from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
@@ -88,6 +89,7 @@ class Station:
         self._last_text: dict[str, tuple[str, float]] = {}
         self._listeners: list[Listener] = []
         self._started = time.time()
+        self._operators = _operator_sessions(config)
 
     # -- what the uplink, local API and CLI see ----------------------------------
 
@@ -97,7 +99,15 @@ class Station:
             "agent": self.config.agent.name,
             "started_at": self._started,
             "devices": {name: st.as_dict() for name, st in self.devices.items()},
+            "operator": self.operator,
         }
+
+    @property
+    def operator(self) -> str | None:
+        """Who is on duty (staff badge session), if anyone."""
+        if self._operators is None:
+            return None
+        return self._operators.current(time.monotonic())
 
     def take_alerts(self) -> list[dict[str, Any]]:
         alerts, self._alerts = self._alerts, []
@@ -235,8 +245,9 @@ class Station:
                     accepted=True, duplicate=True, interpretation=read.data["interpretation"]
                 )
         interpretation = read.data.get("interpretation")
+        read, operator = self._with_operator(read)
         try:
-            record = await self.outbox.append(read)
+            record = await self.outbox.append(read, operator=operator)
         except OutboxError as e:
             st.naks += 1
             st.last_error = str(e)
@@ -268,6 +279,23 @@ class Station:
         )
         return Outcome(accepted=ok, record=record, interpretation=interpretation)
 
+    def _with_operator(self, read: Read) -> tuple[Read, str | None]:
+        """A staff badge tap starts or ends the operator session; every record carries
+        the operator on duty."""
+        sessions = self._operators
+        if sessions is None:
+            return read, None
+        now = time.monotonic()
+        uid = read.data.get("uid") if read.kind == "card" else None
+        change = sessions.tap(uid, now) if isinstance(uid, str) else None
+        if change is None:
+            return read, sessions.touch(now)
+        event, operator = change
+        log.info("%s: operator session %s (%s)", read.device, event, operator)
+        self._emit("operator", {"device": read.device, "event": event, "operator": operator})
+        data = {**read.data, "operator_session": {"event": event, "operator": operator}}
+        return replace(read, data=data), operator
+
     def _interpreted(self, dev: DeviceConfig, read: Read) -> Read:
         text: str = read.data["text"]
         symbology = read.data.get("symbology")
@@ -295,3 +323,14 @@ class Station:
             token=read.token,
             clock_synced=read.clock_synced,
         )
+
+
+def _operator_sessions(config: Config) -> OperatorSessions | None:
+    """One station-wide session book from every card reader's badge mapping."""
+    readers = [d for d in config.devices if isinstance(d, PcscDevice) and d.operators]
+    if not readers:
+        return None
+    operators: dict[str, str] = {}
+    for dev in readers:
+        operators.update(dev.operators)
+    return OperatorSessions(operators, min(d.operator_timeout_s for d in readers))

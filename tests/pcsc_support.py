@@ -620,6 +620,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
         if not chunk:
             return None
         buf += chunk
+        # vpcd writes the length and the payload separately without TCP_NODELAY: ACK at
+        # once (Linux re-arms delayed ACKs, so after every read) or each APDU waits ~40 ms
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
     return buf
 
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, running_station, write_config
+from conftest import Broker, Pty, running_station, write_config
 from cryptography import x509
 from pcsc_support import (
     JPKI_AID,
@@ -663,3 +663,64 @@ store_card_info = true
     assert err.value.problems == [
         f"{path}: devices[0].store_card_info: personal data needs outbox.key_file to encrypt it"
     ]
+
+
+@pcscd
+@pytest.mark.broker
+async def test_staff_badge_tap_puts_the_operator_on_every_record(
+    broker: Broker, tmp_path: Path, pty_port: Pty
+) -> None:
+    badge = bytes.fromhex("01010601cb095703")
+    with pcsc_stack(tmp_path / "pcsc") as st:
+        path = write_config(
+            tmp_path,
+            broker.port,
+            devices=f"""
+[[devices]]
+name = "ticket-scanner"
+profile = "generic-serial-scanner"
+port = "{pty_port.link}"
+
+[[devices]]
+name = "card-reader"
+profile = "generic-pcsc-reader"
+reader = "{st.reader}"
+operators = {{ "01010601CB095703" = "staff-014" }}
+""",
+        )
+        config = load_config(path)
+        async with running_station(config) as rs:
+            events = Events(rs.station)
+            while rs.station.devices["card-reader"].state != "connected":
+                await events.wait("device_state", device="card-reader")
+            pty_port.scan("111122410000012345")  # before anyone badged in
+            await events.wait("read_accepted", device="ticket-scanner")
+            st.slot.insert(FelicaBadge(badge))
+            started = await events.wait("operator")
+            assert started == {"device": "card-reader", "event": "start", "operator": "staff-014"}
+            assert rs.station.describe()["operator"] == "staff-014"
+            pty_port.scan("111122410000012346")
+            await events.wait("read_accepted", device="ticket-scanner")
+            st.slot.insert(MyNumberCard())
+            await events.wait("read_accepted", device="card-reader", kind="card")
+            st.slot.insert(FelicaBadge(badge))  # the same badge again: session ends
+            ended = await events.wait("operator")
+            assert ended["event"] == "end"
+            pty_port.scan("111122410000012347")
+            await events.wait("read_accepted", device="ticket-scanner")
+            assert rs.station.operator is None
+
+    async with Outbox(config.outbox_path) as outbox:
+        records = await outbox.next_batch(20, 0)
+    got = [(r.device, r.data.get("card_type"), r.operator) for r in records]
+    assert got == [
+        ("ticket-scanner", None, None),
+        ("card-reader", "felica", "staff-014"),
+        ("ticket-scanner", None, "staff-014"),
+        ("card-reader", "mynumber", "staff-014"),
+        ("card-reader", "felica", "staff-014"),
+        ("ticket-scanner", None, None),
+    ]
+    assert records[1].data["operator_session"] == {"event": "start", "operator": "staff-014"}
+    assert records[4].data["operator_session"] == {"event": "end", "operator": "staff-014"}
+    assert records[1].wire()["operator"] == "staff-014"

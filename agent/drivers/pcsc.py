@@ -30,7 +30,6 @@ import fnmatch
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -188,6 +187,9 @@ def parse_my_number(ef: bytes) -> str:
 
 class OperatorSessions:
     """Staff badge taps -> the operator every record carries. Pure: the clock is passed in.
+
+    The station keeps one (agent/supervisor.py), fed by the card reads of every
+    reader, so a session survives a driver restart and covers every device.
 
     A mapped badge starts a session; the same badge again ends it; another
     mapped badge takes over. A session ends by itself after `timeout_s`
@@ -593,7 +595,6 @@ class PcscDriver(Driver):
     def __init__(self, config: PcscDevice) -> None:
         super().__init__(config)
         self.reader: str | None = None
-        self.sessions = OperatorSessions(config.operators, config.operator_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -786,11 +787,6 @@ class PcscDriver(Driver):
                 log.warning("%s: the card's user-auth certificate has EXPIRED", self.name)
         self._last_card = data
         log.debug("%s: %s card read", self.name, data["card_type"])
-        uid = data.get("uid")
-        if uid and data["card_type"] in ("felica", "mifare"):
-            change = self.sessions.tap(uid, time.monotonic())
-            if change is not None:
-                data["operator_session"] = {"event": change[0], "operator": change[1]}
         return Read(device=self.name, kind="card", data=data, captured_at=captured)
 
     def _run_jobs(self, session: PcscSession, reader: str) -> None:
