@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, Pty, running_station, write_config
+from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
 from cryptography import x509
 from pcsc_support import (
     JPKI_AID,
@@ -724,3 +724,30 @@ operators = {{ "01010601CB095703" = "staff-014" }}
     assert records[1].data["operator_session"] == {"event": "start", "operator": "staff-014"}
     assert records[4].data["operator_session"] == {"event": "end", "operator": "staff-014"}
     assert records[1].wire()["operator"] == "staff-014"
+
+
+@pcscd
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_madoguchi_run_forwards_card_records_through_a_pcscd_restart(
+    broker: Broker, registry: RegistryProbe, tmp_path: Path
+) -> None:
+    with pcsc_stack(tmp_path / "pcsc") as st:
+        agent = AgentProcess(pcsc_config(tmp_path, broker.port, st.reader), tmp_path / "agent.log")
+        agent.start()
+        try:
+            agent.wait_log(f"reader {st.reader}")
+            st.slot.insert(MyNumberCard(serial=0x51))
+            first = await registry.wait_for(1)
+            st.pcscd.kill()
+            agent.wait_log("pcscd went away")
+            st.pcscd.start()
+            st.slot.insert(FelicaBadge(bytes.fromhex("0123456789abcdef")))
+            got = await registry.wait_for(2)
+        finally:
+            agent.close()
+    assert first[0]["kind"] == "card"
+    assert first[0]["data"]["auth_cert"]["serial"] == "51"
+    assert [r["data"]["card_type"] for r in got] == ["mynumber", "felica"]
+    assert got[1]["data"]["uid"] == "0123456789abcdef"
+    assert [r["seq"] for r in got] == [1, 2]
