@@ -20,8 +20,8 @@ from typing import Any
 
 from agent.config import Config, DeviceConfig, PcscDevice
 from agent.drivers import Driver, create_driver
-from agent.drivers.pcsc import OperatorSessions
-from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError
+from agent.drivers.pcsc import CardInfo, OperatorSessions, PcscDriver
+from agent.errors import CardError, DeviceError, DeviceUnavailable, DriverMissing, OutboxError
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
 from agent.records import Read, ReadFault, Record
@@ -90,6 +90,7 @@ class Station:
         self._listeners: list[Listener] = []
         self._started = time.time()
         self._operators = _operator_sessions(config)
+        self._drivers: dict[str, Driver] = {}
 
     # -- what the uplink, local API and CLI see ----------------------------------
 
@@ -101,6 +102,16 @@ class Station:
             "devices": {name: st.as_dict() for name, st in self.devices.items()},
             "operator": self.operator,
         }
+
+    async def read_card_info(self, device: str, pin: str) -> CardInfo:
+        """The PIN flow on the card in a running card reader (kiosk local API, tests).
+
+        Raises PinRefused / CardError; the PIN goes no further than the card.
+        """
+        driver = self._drivers.get(device)
+        if not isinstance(driver, PcscDriver) or self.devices[device].state != "connected":
+            raise CardError(device, "no connected card reader by that name")
+        return await driver.read_card_info(pin)
 
     @property
     def operator(self) -> str | None:
@@ -174,6 +185,7 @@ class Station:
         backoff = Backoff(first=0.2, cap=5.0)
         while not stop.is_set():
             driver = self._driver_factory(dev)
+            self._drivers[dev.name] = driver
             try:
                 async with driver:
                     self._set_state(dev.name, "connected", None)

@@ -277,7 +277,7 @@ class Ef:
 class IsoCard(VirtualCard):
     """An ISO 7816-4 card with applications (by AID) holding elementary files."""
 
-    def __init__(self, atr: bytes, uid: bytes, apps: dict[bytes, dict[int, Ef]]) -> None:
+    def __init__(self, atr: bytes, uid: bytes | None, apps: dict[bytes, dict[int, Ef]]) -> None:
         super().__init__(atr=atr, uid=uid)
         self.apps = apps
         self.app: bytes | None = None

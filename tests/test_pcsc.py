@@ -29,6 +29,7 @@ from pcsc_support import (
     TEST_PIN,
     CardSlot,
     FelicaBadge,
+    IsoCard,
     JukiCard,
     MifareBadge,
     MyNumberCard,
@@ -39,8 +40,7 @@ from pcsc_support import (
     pcsc_stack,
 )
 
-from agent.config import DeviceConfig, PcscDevice, load_config
-from agent.drivers import Driver, create_driver
+from agent.config import PcscDevice, load_config
 from agent.drivers.pcsc import (
     OperatorSessions,
     PcscDriver,
@@ -486,15 +486,7 @@ store_card_info = true
 """,
         )
         config = load_config(cfg_path)
-        drivers: list[PcscDriver] = []
-
-        def factory(dev: DeviceConfig) -> Driver:
-            d = create_driver(dev)
-            assert isinstance(d, PcscDriver)
-            drivers.append(d)
-            return d
-
-        station = Station(config, driver_factory=factory)
+        station = Station(config)
         events = Events(station)
         stop = asyncio.Event()
         task = asyncio.create_task(station.run(stop))
@@ -503,7 +495,9 @@ store_card_info = true
             card = MyNumberCard()
             st.slot.insert(card)
             await events.wait("read_accepted", kind="card")
-            info = await drivers[-1].read_card_info(TEST_PIN)
+            with pytest.raises(CardError):
+                await station.read_card_info("no-such-reader", TEST_PIN)
+            info = await station.read_card_info("card-reader", TEST_PIN)
             assert info.name == TEST_NAME
             await events.wait("read_accepted", kind="card_info")
         finally:
@@ -751,3 +745,20 @@ async def test_madoguchi_run_forwards_card_records_through_a_pcscd_restart(
     assert [r["data"]["card_type"] for r in got] == ["mynumber", "felica"]
     assert got[1]["data"]["uid"] == "0123456789abcdef"
     assert [r["seq"] for r in got] == [1, 2]
+
+
+@pcscd
+async def test_a_card_without_jpki_is_unknown_and_a_missing_uid_is_null(
+    stack: PcscStack, driver: PcscDriver
+) -> None:
+    other = IsoCard(
+        atr=iso14443b_atr(bytes.fromhex("1122334455667788")),
+        uid=None,
+        apps={bytes.fromhex("A0000000031010"): {}},  # a payment card's AP, say
+    )
+    stack.slot.insert(other)
+    read = await next_read(driver)
+    assert isinstance(read, Read)
+    assert read.data["card_type"] == "unknown"
+    assert read.data["uid"] is None
+    assert "auth_cert" not in read.data
