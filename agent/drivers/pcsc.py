@@ -757,11 +757,14 @@ class PcscDriver(Driver):
             if ev & (sc.SCARD_STATE_UNKNOWN | sc.SCARD_STATE_IGNORE):
                 self._post(DeviceUnavailable(self.name, f"reader {reader} was unplugged"))
                 return
-            if ev & sc.SCARD_STATE_PRESENT and not ev & sc.SCARD_STATE_MUTE:
-                counter = ev >> 16
+            if ev & sc.SCARD_STATE_PRESENT:
+                counter = ev >> 16  # pcsc-lite: card event counter in the high word
                 if present_key != counter:
                     present_key = counter
-                    self._post(self._on_insert(session, reader, atr))
+                    if ev & sc.SCARD_STATE_MUTE:
+                        self._post(ReadFault(self.name, "the card does not answer (mute)"))
+                    else:
+                        self._post(self._on_insert(session, reader, atr))
             elif ev & sc.SCARD_STATE_EMPTY:
                 if present_key is not None:
                     log.debug("%s: card removed", self.name)
