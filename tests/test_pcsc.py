@@ -8,12 +8,17 @@ an old 住基カード, FeliCa and MIFARE badges.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import fnmatch
 import json
 import logging
+import os
+import select
 import subprocess
 import sys
+import termios
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -762,3 +767,47 @@ async def test_a_card_without_jpki_is_unknown_and_a_missing_uid_is_null(
     assert read.data["card_type"] == "unknown"
     assert read.data["uid"] is None
     assert "auth_cert" not in read.data
+
+
+@pcscd
+def test_cli_asks_for_the_pin_on_the_terminal_without_echo(stack: PcscStack) -> None:
+    card = MyNumberCard()
+    stack.slot.insert(card, wait=True)
+    master, slave = os.openpty()
+
+    def controlling_tty() -> None:  # runs in the child after setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "card-info", "--json", "--with-pin"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+        start_new_session=True,
+        preexec_fn=controlling_tty,  # noqa: PLW1509
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        while b"PIN" not in seen:
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, f"no PIN prompt on the terminal; it showed {seen!r}"
+            chunk = os.read(master, 1024)
+            assert chunk, "the terminal closed before the prompt"
+            seen += chunk
+        os.write(master, TEST_PIN.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+        with contextlib.suppress(OSError):  # what the terminal showed after the prompt
+            os.set_blocking(master, False)
+            seen += os.read(master, 4096)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["card_info"]["name"] == TEST_NAME
+    assert b"not shown" in seen
+    assert TEST_PIN.encode() not in seen  # no echo
+    assert card.verify_count == 1
