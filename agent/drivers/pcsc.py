@@ -722,6 +722,8 @@ class PcscDriver(Driver):
             self._session = None
             self._fail_jobs(DeviceUnavailable(self.name, "reader closed"))
             session.release()
+            if not self._stop.is_set():
+                self._post(_GONE)  # reads() must never wait on a thread that is gone
 
     def _wait_for_reader(self, session: PcscSession) -> str | None:
         """The reader, as soon as it is plugged in: waits on the PnP pseudo-reader."""
