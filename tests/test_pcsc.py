@@ -811,3 +811,21 @@ def test_cli_asks_for_the_pin_on_the_terminal_without_echo(stack: PcscStack) -> 
     assert b"not shown" in seen
     assert TEST_PIN.encode() not in seen  # no echo
     assert card.verify_count == 1
+
+
+@pcscd
+def test_cli_takes_the_reader_and_my_number_setting_from_a_configured_device(
+    stack: PcscStack, tmp_path: Path
+) -> None:
+    stack.slot.insert(MyNumberCard(), wait=True)
+    path = pcsc_config(tmp_path, 1883, stack.reader, extra="read_my_number = true")
+    done = card_info_cli(
+        "--config", str(path), "--device", "card-reader", "--json", "--with-pin", stdin=TEST_PIN
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["card"]["reader"] == stack.reader
+    assert out["card_info"]["my_number"] == TEST_MY_NUMBER
+    missing = card_info_cli("--config", str(path), "--device", "nope")
+    assert missing.returncode == 1
+    assert "no pcsc device nope" in missing.stderr
