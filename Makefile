@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Everything the agent, the demo and the tests need from Debian.
-APT_PACKAGES := mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig \
+APT_PACKAGES := mosquitto mosquitto-clients pcscd libccid vsmartcard-vpcd libpcsclite-dev swig \
                 python3-venv python3-dev gcc linux-libc-dev systemd shellcheck
 EXTRAS := dev
 

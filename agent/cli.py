@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.enroll import add_enroll_parser
 
     add_enroll_parser(sub)
+    from agent.cardinfo import add_card_info_parser
+
+    add_card_info_parser(sub)
     return parser
 
 

@@ -244,7 +244,50 @@ class HidDevice(DeviceBase):
         return v
 
 
-DeviceConfig = Annotated[SerialDevice | HidDevice, Field(discriminator="driver")]
+class PcscDevice(DeviceBase):
+    driver: Literal["pcsc"] = Field(description="IC card reader through pcscd (PC/SC).")
+    reader: str = Field(
+        default="*",
+        min_length=1,
+        description="Glob matched against PC/SC reader names; the first match (sorted) is used.",
+    )
+    read_my_number: bool = Field(
+        default=False,
+        description="With the PIN, also read the My Number (EF 0001). Off unless the "
+        "counter's procedure needs it.",
+    )
+    store_card_info: bool = Field(
+        default=False,
+        description="Store the PIN-read card info (name, address, birth date, sex) as an "
+        "encrypted record; needs outbox.key_file.",
+    )
+    operators: dict[str, str] = Field(
+        default_factory=dict,
+        description="Staff badge UID (lowercase hex) -> operator id; a tap starts or ends "
+        "an operator session.",
+    )
+    operator_timeout_s: float = Field(
+        default=1800.0, gt=0, description="An operator session ends after this idle time."
+    )
+
+    @field_validator("operators")
+    @classmethod
+    def _uids_are_hex(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for uid, op in value.items():
+            norm = uid.strip().lower().replace(" ", "").replace(":", "")
+            if not norm or len(norm) % 2 or any(c not in "0123456789abcdef" for c in norm):
+                raise ValueError(f"badge UID {uid!r} is not hex bytes (e.g. 01010601cb095703)")
+            if not op:
+                raise ValueError(f"badge UID {uid!r} maps to an empty operator id")
+            out[norm] = op
+        return out
+
+
+
+DeviceConfig = Annotated[
+    SerialDevice | HidDevice | PcscDevice, Field(discriminator="driver")
+]
 _DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
 
 
@@ -388,6 +431,13 @@ def load_config(path: str | Path) -> Config:
     except ValidationError as e:
         problems = _problems(e, file) + problems
         raise ConfigError(problems) from None
+    if config.outbox.key_file is None:
+        for i, dev in enumerate(devices):
+            if isinstance(dev, PcscDevice) and dev.store_card_info:
+                problems.append(
+                    f"{file}: devices[{i}].store_card_info: personal data needs "
+                    "outbox.key_file to encrypt it"
+                )
     if problems:
         raise ConfigError(problems)
     data_dir = config.agent.data_dir

@@ -15,14 +15,15 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
 from agent.clock import clock_synced
-from agent.config import Config, DeviceConfig
+from agent.config import Config, DeviceConfig, PcscDevice
 from agent.drivers import Driver, create_driver
-from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError
+from agent.drivers.pcsc import CardInfo, OperatorSessions, PcscDriver
+from agent.errors import CardError, DeviceError, DeviceUnavailable, DriverMissing, OutboxError
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
 from agent.records import Read, ReadFault, Record
@@ -95,6 +96,8 @@ class Station:
         self._listeners: list[Listener] = []
         self._started = time.time()
         self.notifier = notifier if notifier is not None else Notifier()
+        self._operators = _operator_sessions(config)
+        self._drivers: dict[str, Driver] = {}
 
     # -- what the uplink, local API and CLI see ----------------------------------
 
@@ -104,7 +107,25 @@ class Station:
             "agent": self.config.agent.name,
             "started_at": self._started,
             "devices": {name: st.as_dict() for name, st in self.devices.items()},
+            "operator": self.operator,
         }
+
+    async def read_card_info(self, device: str, pin: str) -> CardInfo:
+        """The PIN flow on the card in a running card reader (kiosk local API, tests).
+
+        Raises PinRefused / CardError; the PIN goes no further than the card.
+        """
+        driver = self._drivers.get(device)
+        if not isinstance(driver, PcscDriver) or self.devices[device].state != "connected":
+            raise CardError(device, "no connected card reader by that name")
+        return await driver.read_card_info(pin)
+
+    @property
+    def operator(self) -> str | None:
+        """Who is on duty (staff badge session), if anyone."""
+        if self._operators is None:
+            return None
+        return self._operators.current(time.monotonic())
 
     def take_alerts(self) -> list[dict[str, Any]]:
         alerts, self._alerts = self._alerts, []
@@ -201,6 +222,7 @@ class Station:
         backoff = Backoff(first=0.2, cap=5.0)
         while not stop.is_set():
             driver = self._driver_factory(dev)
+            self._drivers[dev.name] = driver
             try:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
@@ -274,8 +296,9 @@ class Station:
         interpretation = read.data.get("interpretation")
         if read.clock_synced is None:  # lets the registry tell a 1970 timestamp from a real one
             read = dataclasses.replace(read, clock_synced=clock_synced())
+        read, operator = self._with_operator(read)
         try:
-            record = await self.outbox.append(read)
+            record = await self.outbox.append(read, operator=operator)
         except OutboxError as e:
             st.naks += 1
             st.last_error = str(e)
@@ -307,6 +330,23 @@ class Station:
         )
         return Outcome(accepted=ok, record=record, interpretation=interpretation)
 
+    def _with_operator(self, read: Read) -> tuple[Read, str | None]:
+        """A staff badge tap starts or ends the operator session; every record carries
+        the operator on duty."""
+        sessions = self._operators
+        if sessions is None:
+            return read, None
+        now = time.monotonic()
+        uid = read.data.get("uid") if read.kind == "card" else None
+        change = sessions.tap(uid, now) if isinstance(uid, str) else None
+        if change is None:
+            return read, sessions.touch(now)
+        event, operator = change
+        log.info("%s: operator session %s (%s)", read.device, event, operator)
+        self._emit("operator", {"device": read.device, "event": event, "operator": operator})
+        data = {**read.data, "operator_session": {"event": event, "operator": operator}}
+        return replace(read, data=data), operator
+
     def _interpreted(self, dev: DeviceConfig, read: Read) -> Read:
         text: str = read.data["text"]
         symbology = read.data.get("symbology")
@@ -334,3 +374,14 @@ class Station:
             token=read.token,
             clock_synced=read.clock_synced,
         )
+
+
+def _operator_sessions(config: Config) -> OperatorSessions | None:
+    """One station-wide session book from every card reader's badge mapping."""
+    readers = [d for d in config.devices if isinstance(d, PcscDevice) and d.operators]
+    if not readers:
+        return None
+    operators: dict[str, str] = {}
+    for dev in readers:
+        operators.update(dev.operators)
+    return OperatorSessions(operators, min(d.operator_timeout_s for d in readers))

@@ -20,6 +20,7 @@ __all__ = ["DRIVERS", "Driver", "create_driver"]
 DRIVERS: dict[str, str] = {
     "serial": "agent.drivers.serial:SerialDriver",
     "hid": "agent.drivers.hid:HidDriver",
+    "pcsc": "agent.drivers.pcsc:PcscDriver",
 }
 
 
