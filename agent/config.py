@@ -284,10 +284,7 @@ class PcscDevice(DeviceBase):
         return out
 
 
-
-DeviceConfig = Annotated[
-    SerialDevice | HidDevice | PcscDevice, Field(discriminator="driver")
-]
+DeviceConfig = Annotated[SerialDevice | HidDevice | PcscDevice, Field(discriminator="driver")]
 _DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
 
 

@@ -44,8 +44,13 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "machine": platform.machine()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
 
 
 def pct(values: list[float], p: float) -> float:
@@ -55,13 +60,17 @@ def pct(values: list[float], p: float) -> float:
 
 
 def agent_config(workdir: Path, port: int, scanner: Path | None, name: str) -> Path:
-    devices = "" if scanner is None else f"""
+    devices = (
+        ""
+        if scanner is None
+        else f"""
 [[devices]]
 name = "ticket-scanner"
 profile = "generic-serial-scanner"
 port = "{scanner}"
 host_ack = "\\u0006"
 """
+    )
     path = workdir / f"{name}.toml"
     path.write_text(f"""
 [agent]
@@ -82,8 +91,12 @@ resend_after_s = 60
 
 
 def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
 
 
 def proc_rss(pid: int) -> int:
@@ -116,8 +129,7 @@ async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str
     proc = start_agent(cfg, workdir / "latency.log")
     ack_lat: list[float] = []
     sent_at: dict[str, float] = {}
-    async with Registry("127.0.0.1", port, workdir / "reg-latency.db",
-                        on_stored=on_stored) as reg:
+    async with Registry("127.0.0.1", port, workdir / "reg-latency.db", on_stored=on_stored) as reg:
         task = asyncio.create_task(reg.run())
         await reg.connected.wait()
         await asyncio.sleep(2.0)  # the agent connects and opens the port
@@ -141,23 +153,45 @@ async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str
     reg_lat = [stored_at[t] - sent_at[t] for t in sent_at]
     ms = 1000.0
     return {
-        "scans": scans, "rate_per_s": rate,
-        "ack_ms": {"p50": pct(ack_lat, 50) * ms, "p99": pct(ack_lat, 99) * ms,
-                   "p99.9": pct(ack_lat, 99.9) * ms},
-        "registry_ms": {"p50": pct(reg_lat, 50) * ms, "p99": pct(reg_lat, 99) * ms,
-                        "p99.9": pct(reg_lat, 99.9) * ms},
+        "scans": scans,
+        "rate_per_s": rate,
+        "ack_ms": {
+            "p50": pct(ack_lat, 50) * ms,
+            "p99": pct(ack_lat, 99) * ms,
+            "p99.9": pct(ack_lat, 99.9) * ms,
+        },
+        "registry_ms": {
+            "p50": pct(reg_lat, 50) * ms,
+            "p99": pct(reg_lat, 99) * ms,
+            "p99.9": pct(reg_lat, 99.9) * ms,
+        },
         "rss_after_bytes": rss,
     }
 
 
 async def fill_outbox(db: Path, n: int) -> list[Any]:
     async with Outbox(db) as ob:
-        recs = await asyncio.gather(*(ob.append(Read(
-            device="ticket-scanner", kind="barcode",
-            data={"text": f"1111224100{i:08d}", "symbology": None,
-                  "interpretation": {"type": "vaccination_ticket", "valid": True,
-                                     "fields": {}, "problems": []}}))
-            for i in range(n)))
+        recs = await asyncio.gather(
+            *(
+                ob.append(
+                    Read(
+                        device="ticket-scanner",
+                        kind="barcode",
+                        data={
+                            "text": f"1111224100{i:08d}",
+                            "symbology": None,
+                            "interpretation": {
+                                "type": "vaccination_ticket",
+                                "valid": True,
+                                "fields": {},
+                                "problems": [],
+                            },
+                        },
+                    )
+                )
+                for i in range(n)
+            )
+        )
     return list(recs)
 
 
@@ -175,8 +209,13 @@ async def drain(port: int, workdir: Path, backlog: int) -> dict[str, Any]:
         if count >= backlog:
             done.set()
 
-    async with Registry("127.0.0.1", port, workdir / "reg-drain.db", on_stored=on_stored,
-                        client_id="bench-registry-drain") as reg:
+    async with Registry(
+        "127.0.0.1",
+        port,
+        workdir / "reg-drain.db",
+        on_stored=on_stored,
+        client_id="bench-registry-drain",
+    ) as reg:
         task = asyncio.create_task(reg.run())
         await reg.connected.wait()
         t0 = time.perf_counter()
@@ -190,9 +229,14 @@ async def drain(port: int, workdir: Path, backlog: int) -> dict[str, Any]:
         task.cancel()
     proc.terminate()
     proc.wait()
-    return {"records": backlog, "stored_s": stored_s, "confirmed_s": confirmed_s,
-            "rate_stored": backlog / stored_s, "rate_confirmed": backlog / confirmed_s,
-            "agent_rss_after_drain_bytes": rss}
+    return {
+        "records": backlog,
+        "stored_s": stored_s,
+        "confirmed_s": confirmed_s,
+        "rate_stored": backlog / stored_s,
+        "rate_confirmed": backlog / confirmed_s,
+        "agent_rss_after_drain_bytes": rss,
+    }
 
 
 def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
@@ -224,8 +268,7 @@ def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
     return {"records": len(records), "puback_s": dt, "rate_puback": len(records) / dt}
 
 
-async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
-                                    ) -> dict[str, Any]:
+async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]) -> dict[str, Any]:
     done = asyncio.Event()
     count = 0
 
@@ -235,8 +278,13 @@ async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
         if count >= len(records):
             done.set()
 
-    async with Registry("127.0.0.1", port, workdir / "reg-raw.db", on_stored=on_stored,
-                        client_id="bench-registry-raw") as reg:
+    async with Registry(
+        "127.0.0.1",
+        port,
+        workdir / "reg-raw.db",
+        on_stored=on_stored,
+        client_id="bench-registry-raw",
+    ) as reg:
         task = asyncio.create_task(reg.run())
         await reg.connected.wait()
         t0 = time.perf_counter()
@@ -291,32 +339,34 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     m, lat, d, raw, idle_ = r["machine"], r["latency"], r["drain"], r["raw_paho"], r["idle"]
-    return "\n".join([
-        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}",
-        "",
-        "| figure | value | target |",
-        "|---|---|---|",
-        f"| scan -> host ACK p50 / p99 / p99.9 ({lat['scans']} scans at {lat['rate_per_s']}/s) "
-        f"| {lat['ack_ms']['p50']:.2f} / {lat['ack_ms']['p99']:.2f} / "
-        f"{lat['ack_ms']['p99.9']:.2f} ms | |",
-        f"| scan -> registry commit p50 / p99 / p99.9 | {lat['registry_ms']['p50']:.2f} / "
-        f"{lat['registry_ms']['p99']:.2f} / {lat['registry_ms']['p99.9']:.2f} ms | p99 <= 20 ms |",
-        f"| backlog drain, {d['records']} records, stored by registry | "
-        f"{d['rate_stored']:.0f} records/s | |",
-        f"| backlog drain incl. acks back in the outbox | {d['rate_confirmed']:.0f} records/s | |",
-        f"| raw paho, one QoS 1 message per record, until all PUBACKs | "
-        f"{raw['rate_puback']:.0f} records/s | |",
-        f"| raw paho, same, until stored by the registry | {raw['rate_stored']:.0f} records/s | |",
-        f"| **ratio drain / raw paho PUBACK rate** | "
-        f"**{r['ratios']['drain_vs_raw_puback']:.1f}x** | >= 3x |",
-        f"| ratio drain / raw paho through the registry | "
-        f"{r['ratios']['drain_vs_raw_through_registry']:.1f}x | |",
-        f"| idle RSS of the agent (1 serial device) | {idle_['rss_bytes'] / 1e6:.1f} MB "
-        f"| <= 40 MB |",
-        f"| idle CPU of the agent | {idle_['cpu_share'] * 100:.2f} % of one core | |",
-        f"| agent RSS after draining {d['records']} records | "
-        f"{d['agent_rss_after_drain_bytes'] / 1e6:.1f} MB | |",
-    ])
+    return "\n".join(
+        [
+            f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}",
+            "",
+            "| figure | value | target |",
+            "|---|---|---|",
+            f"| scan -> host ACK p50 / p99 / p99.9 ({lat['scans']} scans at {lat['rate_per_s']}/s) "
+            f"| {lat['ack_ms']['p50']:.2f} / {lat['ack_ms']['p99']:.2f} / "
+            f"{lat['ack_ms']['p99.9']:.2f} ms | |",
+            f"| scan -> registry commit p50 / p99 / p99.9 | {lat['registry_ms']['p50']:.2f} / "
+            f"{lat['registry_ms']['p99']:.2f} / {lat['registry_ms']['p99.9']:.2f} ms | p99 <= 20 ms |",
+            f"| backlog drain, {d['records']} records, stored by registry | "
+            f"{d['rate_stored']:.0f} records/s | |",
+            f"| backlog drain incl. acks back in the outbox | {d['rate_confirmed']:.0f} records/s | |",
+            f"| raw paho, one QoS 1 message per record, until all PUBACKs | "
+            f"{raw['rate_puback']:.0f} records/s | |",
+            f"| raw paho, same, until stored by the registry | {raw['rate_stored']:.0f} records/s | |",
+            f"| **ratio drain / raw paho PUBACK rate** | "
+            f"**{r['ratios']['drain_vs_raw_puback']:.1f}x** | >= 3x |",
+            f"| ratio drain / raw paho through the registry | "
+            f"{r['ratios']['drain_vs_raw_through_registry']:.1f}x | |",
+            f"| idle RSS of the agent (1 serial device) | {idle_['rss_bytes'] / 1e6:.1f} MB "
+            f"| <= 40 MB |",
+            f"| idle CPU of the agent | {idle_['cpu_share'] * 100:.2f} % of one core | |",
+            f"| agent RSS after draining {d['records']} records | "
+            f"{d['agent_rss_after_drain_bytes'] / 1e6:.1f} MB | |",
+        ]
+    )
 
 
 if __name__ == "__main__":
