@@ -16,16 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
-from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError
+from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError, OutboxFull
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
 from agent.records import Read, ReadFault, Record
 from agent.sealing import Sealer
 from agent.uplink import Backoff, Uplink
+
+if TYPE_CHECKING:
+    from agent.api import LocalApi
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class Station:
         self._last_text: dict[str, tuple[str, float]] = {}
         self._listeners: list[Listener] = []
         self._started = time.time()
+        self.drivers: dict[str, Driver] = {}  # open drivers, for the local API's hooks
+        self.api: LocalApi | None = None  # set by the API when it starts
 
     # -- what the uplink, local API and CLI see ----------------------------------
 
@@ -127,6 +132,9 @@ class Station:
                 )
             uplink = Uplink(cfg, outbox, self)
             self.uplink = uplink
+            uplink.on_connection = lambda up: self._emit(
+                "uplink", {"connected": up, "error": uplink.last_error}
+            )
             async with asyncio.TaskGroup() as tg:
                 device_tasks = [
                     tg.create_task(self._device_loop(dev, stop), name=f"device:{dev.name}")
@@ -134,6 +142,8 @@ class Station:
                 ]
                 uplink_task = tg.create_task(uplink.run(stop), name="uplink")
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
+                if cfg.api is not None and cfg.api.enabled:
+                    tg.create_task(self._api(stop), name="api")
                 self.ready.set()
                 log.info(
                     "station %s/%s running with %d device(s)",
@@ -159,6 +169,15 @@ class Station:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=3600)
 
+    async def _api(self, stop: asyncio.Event) -> None:
+        """The kiosk's local API; its failures are logged, never stop the devices."""
+        try:
+            from agent.api import LocalApi
+        except ImportError as e:
+            log.error("api: %s (install madoguchi[kiosk])", e)
+            return
+        await LocalApi(self).run(stop)
+
     async def _device_loop(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
         state = self.devices[dev.name]
         backoff = Backoff(first=0.2, cap=5.0)
@@ -168,8 +187,12 @@ class Station:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
                     backoff.reset()
-                    async for event in driver.reads():
-                        await self._finish(self._handle(driver, event))
+                    self.drivers[dev.name] = driver
+                    try:
+                        async for event in driver.reads():
+                            await self._finish(self._handle(driver, event))
+                    finally:
+                        self.drivers.pop(dev.name, None)
                 raise DeviceUnavailable(dev.name, "stopped yielding reads")
             except DriverMissing as e:
                 self._set_state(dev.name, "error", str(e))
@@ -241,6 +264,8 @@ class Station:
             st.naks += 1
             st.last_error = str(e)
             log.error("%s: read NOT stored, operator gets a NAK: %s", read.device, e)
+            if isinstance(e, OutboxFull):
+                self._emit("outbox_full", {"device": read.device})
             self._emit("read_rejected", {"device": read.device, "reason": "not_stored"})
             return Outcome(accepted=False, error=str(e), interpretation=interpretation)
         if read.kind == "barcode" and "text" in read.data:
@@ -263,6 +288,7 @@ class Station:
                 "seq": record.seq,
                 "id": record.id,
                 "kind": record.kind,
+                "source": record.source,
                 "interpretation": interpretation,
             },
         )

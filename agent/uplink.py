@@ -105,6 +105,13 @@ class Uplink:
         }
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
+        self.on_connection: Callable[[bool], None] | None = None  # the station's events
+
+    def _set_connected(self, connected: bool) -> None:
+        changed = connected != self.connected
+        self.connected = connected
+        if changed and self.on_connection is not None:
+            self.on_connection(connected)
 
     # -- for the station ---------------------------------------------------------
 
@@ -141,7 +148,7 @@ class Uplink:
             try:
                 async with client:
                     self._client = client
-                    self.connected = True
+                    self._set_connected(True)
                     self.last_error = None
                     backoff.reset()
                     log.info(
@@ -168,7 +175,7 @@ class Uplink:
                     self.last_error,
                 )
             finally:
-                self.connected = False
+                self._set_connected(False)
                 self._client = None
             delay = backoff.next()
             log.info("reconnecting in %.1f s", delay)
