@@ -80,6 +80,7 @@ def kiosk_config(
     api: str = "",
     card_reader: bool = True,
     scanner_extra: str = "",
+    extra_devices: str = "",
 ) -> tuple[Path, int]:
     """A station with a pty scanner, optionally a card reader, and an [api] section."""
     port = free_port()
@@ -99,6 +100,7 @@ name = "card-reader"
 profile = "generic-serial-scanner"
 port = "/nonexistent/fake-card-reader"
 """
+    devices += extra_devices
     devices += f"""
 [api]
 port = {port}

@@ -41,8 +41,6 @@ const TYPE_LABELS = {
   gs1: "ワクチン（GS1）",
   gtin: "商品コード",
   mynumber_application_id: "交付申請書",
-  text: "文字列",
-  url: "URL",
 };
 
 const IDLE = {
