@@ -239,6 +239,11 @@ def _frame(kind: str, data: str, event_id: str | None = None) -> bytes:
 # -- the guard: host, origin, token, headers ---------------------------------------
 
 
+def _public(path: str) -> bool:
+    """The page and its files; everything else needs the token (deny by default)."""
+    return path == "/" or (path.startswith("/kiosk/") and ".." not in path)
+
+
 class _Guard:
     """Pure ASGI middleware: every request passes here before any route."""
 
@@ -268,7 +273,7 @@ class _Guard:
                 "Authorization, Content-Type, Last-Event-ID"
             )
             answer.headers["Access-Control-Max-Age"] = "600"
-        elif scope["path"].startswith("/v1/") and not api.authorized(headers.get("authorization")):
+        elif not _public(scope["path"]) and not api.authorized(headers.get("authorization")):
             answer = ApiError(401, "unauthorized", "a valid bearer token is required").response()
             answer.headers["WWW-Authenticate"] = 'Bearer realm="madoguchi"'
 

@@ -115,6 +115,8 @@ class Kiosk:
     port: int
     token: str
     readers: dict[str, FakeCardReader]
+    stop: asyncio.Event
+    task: asyncio.Task[None]
 
     @property
     def base(self) -> str:
@@ -168,7 +170,7 @@ async def running_kiosk(config: Config | Path) -> AsyncIterator[Kiosk]:
         assert station.api is not None, "the API task did not start"
         await asyncio.wait_for(station.api.ready.wait(), 10)
         assert cfg.api is not None
-        yield Kiosk(station, cfg.api.port, station.api.token, readers)
+        yield Kiosk(station, cfg.api.port, station.api.token, readers, stop, task)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

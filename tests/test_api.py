@@ -54,6 +54,9 @@ async def test_every_v1_call_needs_the_token_the_page_does_not(
                 assert r.status_code == 401, (method, path, headers)
                 assert r.json()["error"] == "unauthorized"
                 assert r.headers["www-authenticate"].startswith("Bearer")
+        for path in ("/nope", "/v1", "/kiosk/../v1/status", "/openapi.json"):
+            r = await c.get(path)
+            assert r.status_code == 401, path  # deny by default
         page = await c.get("/")
         assert page.status_code == 200
         assert "text/html" in page.headers["content-type"]
@@ -318,6 +321,33 @@ async def test_events_carry_verdicts_for_wrong_and_unreadable_scans(
         pty_port.scan("9" * 60)  # longer than max_line_bytes: dropped, an error event
         ev = await events.until(lambda e: e["event"].startswith("read_"))
         assert ev["event"] == "read_rejected" and ev["data"]["verdict"] == "read_error"
+
+
+async def test_an_open_event_stream_does_not_hold_up_shutdown(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k, k.client() as c, sse(c, k.auth()) as events:
+        await events.next()
+        k.stop.set()
+        with pytest.raises((EOFError, httpx.RemoteProtocolError)):
+            await events.until(lambda e: False, timeout=15)
+        await asyncio.wait_for(k.task, 15)  # a hang guard, not a timing
+        assert k.task.exception() is None
+
+
+async def test_api_disabled_listens_nowhere(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
+    from conftest import running_station
+
+    cfg, port = kiosk_config(
+        tmp_path, broker.port, pty_port.link, card_reader=False, api="enabled = false"
+    )
+    async with running_station(cfg) as run:
+        pty_port.scan("stored-anyway")
+        assert await pty_port.aread(1) == ACK
+        assert run.station.api is None
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
 
 
 async def test_uplink_state_is_an_event(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
