@@ -198,3 +198,22 @@ async def test_page_without_token_says_unpaired(
         page2 = await browser.new_page(viewport={"width": 800, "height": 480})
         await page2.goto(f"{k.base}/#token=not-the-token-not-the-token-not-the")
         await expect(page2.locator("#unpaired")).to_be_visible()
+
+
+async def test_launcher_redirect_file_pairs_the_page(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    # the launcher of docs/kiosk.md: a private file:// page that redirects with the token
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        redirect = tmp_path / "madoguchi-kiosk.html"
+        redirect.write_text(
+            f'<meta http-equiv="refresh" content="0; url={k.base}/#token={k.token}">'
+        )
+        page = await browser.new_page(viewport={"width": 800, "height": 480})
+        await page.goto(redirect.as_uri())
+        await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
+        assert page.url == f"{k.base}/"
+        pty_port.scan("111122410000012345")
+        assert await pty_port.aread(1) == ACK
+        await expect(page.locator("#verdict-title")).to_have_text("受付完了")
