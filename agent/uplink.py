@@ -44,6 +44,18 @@ class _Stop(Exception):
     """Raised inside the connection's task group to end it for shutdown."""
 
 
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    On Python 3.11 `asyncio.wait_for` (inside aiomqtt's publish/subscribe) returns
+    normally when the broker's answer lands together with our cancellation; a
+    `while True` loop would then go on waiting and shutdown would hang.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Exponential backoff with full jitter, reset after a good connection."""
 
@@ -255,6 +267,7 @@ class Uplink:
         resend_after = self.config.outbox.resend_after_s
         topic = self.topic("records")
         while True:
+            _raise_if_cancelling()
             self._wake.clear()
             batch = await self.outbox.next_batch(m.batch_max_records, resend_after)
             if batch:
@@ -265,8 +278,11 @@ class Uplink:
                 continue
             due = await self.outbox.next_resend_at(resend_after)
             timeout = None if due is None else max(0.0, due - time.time()) + 0.01
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # coincides with its timeout, and this loop would then never end (shutdown hang)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _split(self, batch: list[Record]) -> list[tuple[list[Record], bytes]]:
         """Cut a batch into messages of at most `batch_max_bytes` (one record at the least)."""
@@ -297,6 +313,7 @@ class Uplink:
                 await self._apply_ack(message.payload)
             elif topic.startswith(cmd_prefix) and not topic.endswith("/result"):
                 await self._command(client, topic[len(cmd_prefix) :], message.payload)
+            _raise_if_cancelling()
 
     async def _apply_ack(self, payload: Any) -> None:
         try:
