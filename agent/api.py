@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.config import DEVICE_NAME_PATTERN, ApiSection
+from agent.drivers import DRIVERS
 from agent.drivers.capabilities import CardInfoProvider, PhotoProvider
 from agent.errors import CardError, DeviceUnavailable, MadoguchiError, PinRefused
 from agent.records import Read, iso_ms, utc_now
@@ -339,7 +341,8 @@ class LocalApi:
             except MadoguchiError as e:
                 log.error("api: %s; retrying", e)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff.next())
+                    async with asyncio.timeout(backoff.next()):
+                        await stop.wait()
                 continue
             await self._serve(sockets, stop)
             return
@@ -534,7 +537,8 @@ class LocalApi:
                         return  # a lagging page reconnects with Last-Event-ID
                     client.wake.clear()
                     try:
-                        await asyncio.wait_for(client.wake.wait(), KEEPALIVE_S)
+                        async with asyncio.timeout(KEEPALIVE_S):  # not wait_for: see uplink
+                            await client.wake.wait()
                     except TimeoutError:
                         yield b": keepalive\n\n"
             finally:
@@ -570,7 +574,7 @@ class LocalApi:
             raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
         driver = self.station.drivers.get(reader)
         if not isinstance(driver, CardInfoProvider):
-            if reader in self.station.devices and driver is None:
+            if driver is None and _driver_can(self.station, reader, "read_card_info"):
                 raise ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
             raise ApiError(404, "no_card_reader", f"no card reader named {reader}")
         lock = self._card_locks.setdefault(reader, asyncio.Lock())
@@ -598,10 +602,15 @@ class LocalApi:
     async def photos(self, request: Request) -> Response:
         body = _parse(PhotoRequest, await self._json(request))
         cameras = {n: d for n, d in self.station.drivers.items() if isinstance(d, PhotoProvider)}
-        if not cameras:
+        devices = self.station.config.devices
+        if not cameras and not any(
+            _driver_can(self.station, d.name, "capture_photo") for d in devices
+        ):
             raise ApiError(501, "no_camera", "this station has no camera")
         camera = cameras.get(body.camera)
         if camera is None:
+            if _driver_can(self.station, body.camera, "capture_photo"):
+                raise ApiError(503, "camera_unavailable", f"camera {body.camera} is not connected")
             raise ApiError(404, "no_camera", f"no camera named {body.camera}")
         try:
             read = await camera.capture_photo()
@@ -631,6 +640,20 @@ class LocalApi:
             return json.loads(raw)
         except (ValueError, RecursionError):
             raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+
+
+def _driver_can(station: Station, device: str, method: str) -> bool:
+    """Whether the configured driver of `device` has `method`, even while it is unplugged."""
+    try:
+        target = DRIVERS[station.config.device(device).driver]
+    except KeyError:
+        return False
+    module, _, name = target.partition(":")
+    try:  # driver modules import their hardware library lazily: this is cheap and safe
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return callable(getattr(cls, method, None))
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,6 +73,44 @@ class FakeCardReader(Driver):
         return dict(CARD_INFO)
 
 
+class FakeCamera(Driver):
+    """A camera that takes a still on demand (picamera2 cannot exist here).
+
+    Returns the read the camera driver would: the photo's metadata; storing the
+    JPEG itself beside the outbox is the camera driver's business."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        super().__init__(config)
+        self.captures = 0
+        self._gone = asyncio.Event()
+
+    async def open(self) -> None:
+        self._gone.clear()
+
+    async def close(self) -> None:
+        self._gone.set()
+
+    async def reads(self) -> AsyncIterator[Read | ReadFault]:
+        await self._gone.wait()
+        return
+        yield
+
+    async def capture_photo(self) -> Read:
+        self.captures += 1
+        jpeg = b"\xff\xd8\xff\xe0" + bytes(self.captures) + b"\xff\xd9"
+        return Read(
+            device=self.name,
+            kind="photo",
+            data={
+                "sha256": hashlib.sha256(jpeg).hexdigest(),
+                "bytes": len(jpeg),
+                "width": 1280,
+                "height": 960,
+                "content_type": "image/jpeg",
+            },
+        )
+
+
 def kiosk_config(
     tmp_path: Path,
     broker_port: int,
@@ -79,6 +118,7 @@ def kiosk_config(
     *,
     api: str = "",
     card_reader: bool = True,
+    camera: bool = False,
     scanner_extra: str = "",
     extra_devices: str = "",
 ) -> tuple[Path, int]:
@@ -99,6 +139,13 @@ host_nak = "\\u0015"
 name = "card-reader"
 profile = "generic-serial-scanner"
 port = "/nonexistent/fake-card-reader"
+"""
+    if camera:
+        devices += """
+[[devices]]
+name = "camera"
+profile = "generic-serial-scanner"
+port = "/nonexistent/fake-camera"
 """
     devices += extra_devices
     devices += f"""
@@ -140,6 +187,8 @@ async def running_kiosk(config: Config | Path) -> AsyncIterator[Kiosk]:
     readers: dict[str, FakeCardReader] = {}
 
     def factory(dev: DeviceConfig) -> Driver:
+        if dev.name == "camera":
+            return FakeCamera(dev)
         if dev.name == "card-reader":
             reader = readers.get(dev.name) or FakeCardReader(dev)
             readers[dev.name] = reader

@@ -446,6 +446,23 @@ async def test_photos_without_a_camera(broker: Broker, pty_port: Pty, tmp_path: 
         assert r.status_code == 501 and r.json()["error"] == "no_camera"
 
 
+async def test_photo_is_stored_as_a_record(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False, camera=True)
+    db = load_config(cfg).outbox_path
+    async with running_kiosk(cfg) as k, k.client() as c:
+        status = (await c.get("/v1/status", headers=k.auth())).json()
+        assert status["cameras"] == ["camera"] and status["card_readers"] == []
+        r = await c.post("/v1/photos", headers=k.auth(), json={"camera": "camera"})
+        assert r.status_code == 201, r.text
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            kind, data = conn.execute(
+                "SELECT kind, data FROM records WHERE id = ?", (r.json()["id"],)
+            ).fetchone()
+        assert kind == "photo" and json.loads(data)["content_type"] == "image/jpeg"
+        r = await c.post("/v1/photos", headers=k.auth(), json={"camera": "ticket-scanner"})
+        assert r.status_code == 404 and r.json()["detail"] == "no camera named ticket-scanner"
+
+
 async def test_status_reports_devices_outbox_and_uplink(
     broker: Broker, pty_port: Pty, tmp_path: Path
 ) -> None:
