@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 import socket
 import sqlite3
@@ -593,3 +594,80 @@ async def test_openapi_is_served_and_matches_docs(
             for route in k.station.api.app.routes  # type: ignore[union-attr]
         }
     assert {p for p in routes if p.startswith("/v1/")} == set(doc["paths"])
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> object:
+    kinds = ["str", "int", "float", "bool", "null"] + (["list", "dict"] if depth < 4 else [])
+    kind = rng.choice(kinds)
+    if kind == "str":
+        alphabet = "0123456789abc\x1d\x00\n\"'\\<>&é受付🙂"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+    if kind == "int":
+        return rng.choice([0, -1, 4821, 2**63, -(2**70), rng.randint(-1000, 1000)])
+    if kind == "float":
+        return rng.choice([0.5, -1e308, 1e-300, rng.random()])
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    keys = ["device", "text", "pin", "camera", "x", ""]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+async def test_random_bodies_never_get_a_5xx(
+    broker: Broker, pty_port: Pty, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reproducible fuzz: random JSON and random bytes at every POST endpoint."""
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link)
+    rng = random.Random(20261122)
+    async with running_kiosk(cfg) as k, k.client() as c:
+        statuses: set[int] = set()
+        for i in range(300):
+            path = rng.choice(["/v1/manual", "/v1/cards/card-reader/info", "/v1/photos"])
+            if i % 5 == 0:
+                content = bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
+            else:
+                body = _random_json(rng)
+                if i % 2 and isinstance(body, dict):
+                    body["device"] = rng.choice(["ticket-scanner", "card-reader"])
+                content = json.dumps(body).encode()
+            r = await c.post(
+                path, content=content, headers=k.auth(**{"Content-Type": "application/json"})
+            )
+            statuses.add(r.status_code)
+            assert r.status_code < 500, (path, content, r.text)
+            assert "error" in r.json() or r.status_code in (200, 201)
+        assert {400, 422} <= statuses
+        pty_port.scan("after-the-fuzz")
+        assert await pty_port.aread(1) == ACK
+    assert "internal_error" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_outbox_full_is_an_event_and_a_503(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    cfg.write_text(cfg.read_text().replace("resend_after_s = 30", "max_bytes = 100_000"))
+    async with running_kiosk(cfg) as k, k.client() as c, sse(c, k.auth()) as events:
+        await events.next()
+        stored = 0
+        for i in range(500):
+            r = await c.post(
+                "/v1/manual",
+                headers=k.auth(),
+                json={"device": "ticket-scanner", "text": f"{i:04d}" + "7" * 4000},
+            )
+            if r.status_code != 201:
+                break
+            stored += 1
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "not_stored" and r.json()["verdict"] == "not_stored"
+        assert stored > 0
+        ev = await events.until(lambda e: e["event"] in ("outbox_full", "read_rejected"))
+        assert ev["event"] == "outbox_full"
+        ev = await events.until(lambda e: e["event"] == "read_rejected")
+        assert ev["data"]["verdict"] == "not_stored"
+        # nothing old was dropped to make room
+        assert (await k.station.outbox.stats()).last_seq == stored  # type: ignore[union-attr]
