@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Broker, Pty, RegistryProbe
 from kiosk_support import CARD_INFO, CARD_PIN, Kiosk, kiosk_config, running_kiosk
+from playwright.async_api import Browser, Page, async_playwright, expect  # the dev extra
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker]
 
@@ -27,11 +28,6 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-try:
-    from playwright.async_api import Browser, Page, async_playwright, expect
-except ImportError:  # pragma: no cover - `make setup` installs it with the dev extra
-    pytest.fail("playwright is not installed: run `make setup`", allow_module_level=True)
 
 
 @pytest.fixture
