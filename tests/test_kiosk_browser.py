@@ -213,3 +213,58 @@ async def test_launcher_redirect_file_pairs_the_page(
         pty_port.scan("111122410000012345")
         assert await pty_port.aread(1) == ACK
         await expect(page.locator("#verdict-title")).to_have_text("受付完了")
+
+
+VERDICT_CASES = [
+    ({"type": "vaccination_ticket", "valid": True, "problems": []}, "受付完了", "verdict-ok"),
+    (
+        {"type": "vaccination_ticket", "valid": False, "problems": ["bad_check_digit"]},
+        "接種券の番号が正しくありません",
+        "verdict-error",
+    ),
+    (
+        {"type": "gs1", "valid": False, "problems": ["expired"]},
+        "有効期限切れのワクチンです",
+        "verdict-danger",
+    ),
+    (
+        {"type": "gtin", "valid": False, "problems": ["bad_check_digit"]},
+        "バーコードが正しくありません",
+        "verdict-error",
+    ),
+    (
+        {"type": "gtin", "valid": True, "problems": ["unexpected_type"]},
+        "この窓口では受け付けできない書類です",
+        "verdict-warn",
+    ),
+]
+
+
+async def test_every_interpretation_verdict_renders(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    # the interpretations of the barcode issue's result shape, fed in where the station
+    # emits its events: the hub, the event stream and the page are all real
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        for seq, (interp, title, tone) in enumerate(VERDICT_CASES, start=1):
+            k.station._emit(
+                "read_accepted",
+                {
+                    "device": "ticket-scanner",
+                    "seq": seq,
+                    "id": f"id-{seq}",
+                    "kind": "barcode",
+                    "source": "device",
+                    "interpretation": {"fields": {}, **interp},
+                },
+            )
+            await expect(page.locator("#verdict-title")).to_have_text(title)
+            await expect(page.locator("#verdict")).to_have_class(tone)
+            if interp["problems"] == ["expired"]:
+                await page.screenshot(path=shot("kiosk-expired-800x480.png"))
+        k.station._emit("read_rejected", {"device": "ticket-scanner", "reason": "not_stored"})
+        await expect(page.locator("#verdict-title")).to_have_text("記録できませんでした")
+        k.station._emit("outbox_full", {"device": "ticket-scanner"})
+        await expect(page.locator("#banner")).to_contain_text("保存領域がいっぱい")

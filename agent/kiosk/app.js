@@ -5,10 +5,11 @@
 "use strict";
 
 // Verdict codes come from the agent (agent/api.py VERDICTS); tests check this table.
+// "|" marks where a long title may break into its second line on the 800x480 screen.
 const VERDICTS = {
   ok: { title: "受付完了", detail: "ありがとうございました", tone: "ok" },
   invalid_ticket: {
-    title: "接種券の番号が正しくありません",
+    title: "接種券の番号が|正しくありません",
     detail: "職員にお声がけください",
     tone: "error",
   },
@@ -18,12 +19,12 @@ const VERDICTS = {
     tone: "error",
   },
   expired: {
-    title: "有効期限切れのワクチンです",
+    title: "有効期限切れの|ワクチンです",
     detail: "使用しないでください。すぐに職員へ連絡してください",
     tone: "danger",
   },
   unexpected: {
-    title: "この窓口では受け付けできない書類です",
+    title: "この窓口では|受け付けできない書類です",
     detail: "書類をお確かめください",
     tone: "warn",
   },
@@ -99,7 +100,15 @@ function unpaired() {
 function show(tone, title, detail) {
   const v = $("verdict");
   v.className = `verdict-${tone}`;
-  $("verdict-title").textContent = title;
+  const t = $("verdict-title");
+  t.replaceChildren(
+    ...title.split("|").map((line) => {
+      const span = document.createElement("span");
+      span.textContent = line;
+      return span;
+    }),
+  );
+  t.classList.toggle("short", title.length <= 6);
   $("verdict-detail").textContent = detail;
   clearTimeout(state.idleTimer);
   if (tone !== "idle") state.idleTimer = setTimeout(idle, VERDICT_HOLD_MS);
