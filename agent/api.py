@@ -523,7 +523,7 @@ class LocalApi:
 
         async def stream() -> AsyncIterator[bytes]:
             try:
-                hello = {"run": hub.run, "resumed": reset is None and bool(backlog), "reset": reset}
+                hello = {"run": hub.run, "missed": len(backlog), "reset": reset}
                 resumed_from = request.headers.get("last-event-id")
                 first_id = None if (resumed_from and reset is None) else hub.event_id(hub.last)
                 yield b"retry: 2000\n" + _frame("hello", json.dumps(hello), first_id)

@@ -274,6 +274,7 @@ async def test_events_resume_with_last_event_id(
             hello = await events.next()
             assert hello["event"] == "hello" and hello["data"]["reset"] is None
             assert hello["id"] is None  # keeps the page's own last id
+            assert hello["data"]["missed"] == 2
             missed = [await events.next(), await events.next()]
             assert [e["event"] for e in missed] == ["read_accepted", "read_accepted"]
             assert [e["data"]["seq"] for e in missed] == [4, 5]
