@@ -3,7 +3,8 @@
 The touchscreen page on the same Pi talks to the station through it: live
 events (Server-Sent Events, resumable by `Last-Event-ID`), manual entry
 (answered only after the record is durable), PIN card reads and photos
-(through driver capabilities, agent/drivers/capabilities.py), and status.
+(through a driver capability, agent/drivers/capabilities.py, and the station's
+`capture_photo`), and status.
 
 Starlette + uvicorn (h11, pure Python): about half the memory and disk of
 aiohttp and no compiled wheels to find for an armv7 Pi (docs/kiosk.md).
@@ -33,7 +34,7 @@ import secrets
 import socket
 import stat
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,8 +54,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.config import DEVICE_NAME_PATTERN, ApiSection
 from agent.drivers import DRIVERS
-from agent.drivers.capabilities import CardInfoProvider, PhotoProvider
-from agent.errors import CardError, DeviceUnavailable, MadoguchiError, PinRefused
+from agent.drivers.capabilities import CardInfoProvider
+from agent.errors import CardError, DeviceUnavailable, MadoguchiError, OutboxError, PinRefused
 from agent.records import Read, iso_ms, utc_now
 from agent.uplink import Backoff
 
@@ -501,9 +502,9 @@ class LocalApi:
             "outbox": outbox,
             "manual_device": self.manual_device,
             "card_readers": sorted(
-                n for n, d in st.drivers.items() if isinstance(d, CardInfoProvider)
+                n for n, d in st.running_drivers().items() if isinstance(d, CardInfoProvider)
             ),
-            "cameras": sorted(n for n, d in st.drivers.items() if isinstance(d, PhotoProvider)),
+            "cameras": self._cameras(),
             "events": {"run": self.hub.run, "last_id": self.hub.event_id(self.hub.last)},
         }
 
@@ -572,7 +573,7 @@ class LocalApi:
         body = _parse(CardInfoRequest, await self._json(request))
         if len(body.pin) != 4 or not all("0" <= c <= "9" for c in body.pin):
             raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
-        driver = self.station.drivers.get(reader)
+        driver = self.station.running_drivers().get(reader)
         if not isinstance(driver, CardInfoProvider):
             if driver is None and _driver_can(self.station, reader, "read_card_info"):
                 raise ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
@@ -600,25 +601,36 @@ class LocalApi:
     # -- photos ------------------------------------------------------------------------
 
     async def photos(self, request: Request) -> Response:
+        """An ID photo through `Station.capture_photo` (sealed blob + record, camera branch)."""
         body = _parse(PhotoRequest, await self._json(request))
-        cameras = {n: d for n, d in self.station.drivers.items() if isinstance(d, PhotoProvider)}
-        devices = self.station.config.devices
-        if not cameras and not any(
-            _driver_can(self.station, d.name, "capture_photo") for d in devices
-        ):
+        take: Callable[[str], Awaitable[dict[str, Any]]] | None = getattr(
+            self.station, "capture_photo", None
+        )
+        cameras = self._cameras()
+        configured = any(
+            _driver_can(self.station, d.name, "capture_photo") for d in self.station.config.devices
+        )
+        if take is None or not (cameras or configured):
             raise ApiError(501, "no_camera", "this station has no camera")
-        camera = cameras.get(body.camera)
-        if camera is None:
+        if body.camera not in cameras:
             if _driver_can(self.station, body.camera, "capture_photo"):
                 raise ApiError(503, "camera_unavailable", f"camera {body.camera} is not connected")
             raise ApiError(404, "no_camera", f"no camera named {body.camera}")
         try:
-            read = await camera.capture_photo()
+            result = await take(body.camera)
         except DeviceUnavailable as e:
             raise ApiError(503, "camera_unavailable", e.reason) from None
+        except OutboxError:
+            raise ApiError(
+                503, "not_stored", "the photo could not be stored; nothing was kept"
+            ) from None
         except MadoguchiError as e:
             raise ApiError(409, "capture_failed", str(e)) from None
-        return _outcome_response(body.camera, await self.station.accept(read))
+        return JSONResponse(result, status_code=201)
+
+    def _cameras(self) -> list[str]:
+        drivers = self.station.running_drivers()
+        return sorted(n for n, d in drivers.items() if callable(getattr(d, "capture_photo", None)))
 
     # -- bodies ------------------------------------------------------------------------
 
@@ -778,6 +790,21 @@ def openapi_document() -> dict[str, Any]:
             "verdict": {"type": "string", "enum": list(VERDICTS)},
         },
     }
+    schemas["Photo"] = {
+        "type": "object",
+        "description": "The stored photo's record (no pixels): the JPEG is a sealed blob "
+        "beside the outbox, sent to the registry in chunks (docs/CONTRACT.md).",
+        "properties": {
+            "device": {"type": "string"},
+            "record_id": {"type": "string"},
+            "seq": {"type": "integer"},
+            "sha256": {"type": "string"},
+            "bytes": {"type": "integer"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "content_type": {"type": "string"},
+        },
+    }
     common = {
         "401": _err("No or wrong bearer token."),
         "403": _err("Origin header other than the kiosk's origin."),
@@ -851,7 +878,13 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Take an ID photo with a camera, stored as a record",
                 "requestBody": _json_body("PhotoRequest"),
                 "responses": {
-                    "201": stored,
+                    "201": {
+                        "description": "Durable: blob sealed and record committed.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Photo"}}
+                        },
+                    },
+                    "409": _err("capture_failed: the camera could not take it."),
                     "404": _err("No camera of that name."),
                     "501": _err("This station has no camera."),
                     "503": _err("Camera not connected, or the record was not stored."),

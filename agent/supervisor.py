@@ -85,13 +85,13 @@ class Station:
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
         self.ready = asyncio.Event()
+        self._drivers: dict[str, Driver] = {}
         self._driver_factory = driver_factory
         self._today = today
         self._alerts: list[dict[str, Any]] = []
         self._last_text: dict[str, tuple[str, float]] = {}
         self._listeners: list[Listener] = []
         self._started = time.time()
-        self.drivers: dict[str, Driver] = {}  # open drivers, for the local API's hooks
         self.api: LocalApi | None = None  # set by the API when it starts
 
     # -- what the uplink, local API and CLI see ----------------------------------
@@ -111,6 +111,10 @@ class Station:
     def subscribe(self, listener: Listener) -> None:
         """Get every station event (kiosk feedback, tests): listener(kind, body)."""
         self._listeners.append(listener)
+
+    def running_drivers(self) -> dict[str, Driver]:
+        """Open drivers by device name: the local API finds capabilities on them."""
+        return dict(self._drivers)
 
     def _emit(self, kind: str, body: dict[str, Any]) -> None:
         for listener in self._listeners:
@@ -187,12 +191,12 @@ class Station:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
                     backoff.reset()
-                    self.drivers[dev.name] = driver
+                    self._drivers[dev.name] = driver
                     try:
                         async for event in driver.reads():
                             await self._finish(self._handle(driver, event))
                     finally:
-                        self.drivers.pop(dev.name, None)
+                        self._drivers.pop(dev.name, None)
                 raise DeviceUnavailable(dev.name, "stopped yielding reads")
             except DriverMissing as e:
                 self._set_state(dev.name, "error", str(e))

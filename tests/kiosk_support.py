@@ -19,7 +19,7 @@ from conftest import free_port, write_config
 
 from agent.config import Config, DeviceConfig, load_config
 from agent.drivers import Driver, create_driver
-from agent.errors import CardError, PinRefused
+from agent.errors import CardError, OutboxError, PinRefused
 from agent.records import Read, ReadFault
 from agent.supervisor import Station
 
@@ -73,11 +73,18 @@ class FakeCardReader(Driver):
         return dict(CARD_INFO)
 
 
-class FakeCamera(Driver):
-    """A camera that takes a still on demand (picamera2 cannot exist here).
+@dataclass(frozen=True)
+class Still:
+    """What the camera driver's `capture_photo` returns (agent/drivers/camera.py)."""
 
-    Returns the read the camera driver would: the photo's metadata; storing the
-    JPEG itself beside the outbox is the camera driver's business."""
+    data: bytes
+    width: int
+    height: int
+    content_type: str = "image/jpeg"
+
+
+class FakeCamera(Driver):
+    """A camera that takes a still on demand (picamera2 cannot exist here)."""
 
     def __init__(self, config: DeviceConfig) -> None:
         super().__init__(config)
@@ -95,20 +102,37 @@ class FakeCamera(Driver):
         return
         yield
 
-    async def capture_photo(self) -> Read:
+    async def capture_photo(self) -> Still:
         self.captures += 1
-        jpeg = b"\xff\xd8\xff\xe0" + bytes(self.captures) + b"\xff\xd9"
-        return Read(
-            device=self.name,
-            kind="photo",
-            data={
-                "sha256": hashlib.sha256(jpeg).hexdigest(),
-                "bytes": len(jpeg),
-                "width": 1280,
-                "height": 960,
-                "content_type": "image/jpeg",
-            },
-        )
+        return Still(b"\xff\xd8\xff\xe0" + bytes(self.captures) + b"\xff\xd9", 1280, 960)
+
+
+class PhotoStation(Station):
+    """The station with the camera branch's `capture_photo(device)` contract, reduced to
+    what the API relies on: find the running camera, store a `photo` record, answer
+    after the commit. (The real one also seals the JPEG as a blob: agent/photos.py.)"""
+
+    async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
+        camera = self.running_drivers()[device or "camera"]
+        assert isinstance(camera, FakeCamera)
+        still = await camera.capture_photo()
+        sha = hashlib.sha256(still.data).hexdigest()
+        meta = {
+            "sha256": sha,
+            "bytes": len(still.data),
+            "width": still.width,
+            "height": still.height,
+            "content_type": still.content_type,
+        }
+        outcome = await self.accept(Read(device=camera.name, kind="photo", data=meta))
+        if outcome.record is None:
+            raise OutboxError(f"{camera.name}: photo not stored")
+        return {
+            "device": camera.name,
+            "record_id": outcome.record.id,
+            "seq": outcome.record.seq,
+            **meta,
+        }
 
 
 def kiosk_config(
@@ -181,7 +205,9 @@ class Kiosk:
 
 
 @contextlib.asynccontextmanager
-async def running_kiosk(config: Config | Path) -> AsyncIterator[Kiosk]:
+async def running_kiosk(
+    config: Config | Path, station_cls: type[Station] = Station
+) -> AsyncIterator[Kiosk]:
     """A station (devices, uplink, API) in this loop; waits until the API listens."""
     cfg = load_config(config) if isinstance(config, Path) else config
     readers: dict[str, FakeCardReader] = {}
@@ -195,7 +221,7 @@ async def running_kiosk(config: Config | Path) -> AsyncIterator[Kiosk]:
             return reader
         return create_driver(dev)
 
-    station = Station(cfg, driver_factory=factory)
+    station = station_cls(cfg, driver_factory=factory)
     connected: set[str] = set()
     all_up = asyncio.Event()
 

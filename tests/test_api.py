@@ -19,7 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Broker, Pty, RegistryProbe, free_port, write_config
-from kiosk_support import CARD_INFO, CARD_PIN, kiosk_config, running_kiosk, sse
+from kiosk_support import (
+    CARD_INFO,
+    CARD_PIN,
+    PhotoStation,
+    kiosk_config,
+    running_kiosk,
+    sse,
+)
 
 from agent.api import VERDICTS, openapi_document, verdict
 from agent.config import load_config
@@ -451,16 +458,20 @@ async def test_photos_without_a_camera(broker: Broker, pty_port: Pty, tmp_path: 
 async def test_photo_is_stored_as_a_record(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
     cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False, camera=True)
     db = load_config(cfg).outbox_path
-    async with running_kiosk(cfg) as k, k.client() as c:
+    async with running_kiosk(cfg, PhotoStation) as k, k.client() as c:
         status = (await c.get("/v1/status", headers=k.auth())).json()
         assert status["cameras"] == ["camera"] and status["card_readers"] == []
         r = await c.post("/v1/photos", headers=k.auth(), json={"camera": "camera"})
         assert r.status_code == 201, r.text
+        photo = r.json()
+        assert photo["device"] == "camera" and photo["content_type"] == "image/jpeg"
+        # the answer came after the commit: the record is on disk
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            kind, data = conn.execute(
-                "SELECT kind, data FROM records WHERE id = ?", (r.json()["id"],)
+            kind, seq, data = conn.execute(
+                "SELECT kind, seq, data FROM records WHERE id = ?", (photo["record_id"],)
             ).fetchone()
-        assert kind == "photo" and json.loads(data)["content_type"] == "image/jpeg"
+        assert kind == "photo" and seq == photo["seq"]
+        assert json.loads(data)["sha256"] == photo["sha256"]
         r = await c.post("/v1/photos", headers=k.auth(), json={"camera": "ticket-scanner"})
         assert r.status_code == 404 and r.json()["detail"] == "no camera named ticket-scanner"
 

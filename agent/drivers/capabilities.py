@@ -2,14 +2,13 @@
 
 The local API (agent/api.py) looks up the running driver of a device and uses
 it when it has one of these capabilities; a driver gains one by defining the
-method, without importing this module.
+method, without importing this module. (Photos go through the station instead,
+`Station.capture_photo(device)`, because a photo is a sealed blob plus a record.)
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
-
-from agent.records import Read
 
 
 @runtime_checkable
@@ -24,10 +23,3 @@ class CardInfoProvider(Protocol):
     """
 
     async def read_card_info(self, reader: str, pin: str) -> dict[str, Any]: ...
-
-
-@runtime_checkable
-class PhotoProvider(Protocol):
-    """A camera that takes a still on demand and returns it as a read to be stored."""
-
-    async def capture_photo(self) -> Read: ...
