@@ -104,6 +104,7 @@ class Uplink:
         self.outbox = outbox
         self.station = station
         self.connected = False
+        self.on_connection: Callable[[bool], None] | None = None  # the station's events
         self.session = 0
         self.published_records = 0
         self.connect_failures = 0
@@ -117,13 +118,6 @@ class Uplink:
         }
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
-        self.on_connection: Callable[[bool], None] | None = None  # the station's events
-
-    def _set_connected(self, connected: bool) -> None:
-        changed = connected != self.connected
-        self.connected = connected
-        if changed and self.on_connection is not None:
-            self.on_connection(connected)
 
     # -- for the station ---------------------------------------------------------
 
@@ -134,6 +128,12 @@ class Uplink:
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
+
+    def _set_connected(self, connected: bool) -> None:
+        changed = connected != self.connected
+        self.connected = connected
+        if changed and self.on_connection is not None:
+            self.on_connection(connected)
 
     def topic(self, suffix: str) -> str:
         return f"{self.config.topic_base}/{suffix}"
@@ -313,7 +313,6 @@ class Uplink:
                 await self._apply_ack(message.payload)
             elif topic.startswith(cmd_prefix) and not topic.endswith("/result"):
                 await self._command(client, topic[len(cmd_prefix) :], message.payload)
-            _raise_if_cancelling()
 
     async def _apply_ack(self, payload: Any) -> None:
         try:
@@ -352,6 +351,7 @@ class Uplink:
             json.dumps({"request_id": request_id, **result}, default=str),
             qos=1,
         )
+        _raise_if_cancelling()  # the receive loop would otherwise wait for the next message
 
     async def _cmd_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "ts": iso_ms(utc_now()), "session": self.session}
