@@ -724,9 +724,10 @@ def load_token(path: Path) -> str:
         log.info("api: created a new token in %s", path)
     try:
         mode = path.stat().st_mode
-        token = path.read_text().strip().splitlines()[0].strip() if path.read_text() else ""
+        lines = path.read_text().strip().splitlines()
     except OSError as e:
         raise MadoguchiError(f"{path}: api.token_file: {e.strerror}") from e
+    token = lines[0].strip() if lines else ""
     if len(token) < MIN_TOKEN_CHARS:
         raise MadoguchiError(f"{path}: api.token_file: token shorter than {MIN_TOKEN_CHARS}")
     if mode & stat.S_IROTH:

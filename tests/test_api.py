@@ -683,3 +683,22 @@ async def test_outbox_full_is_an_event_and_a_503(
         assert ev["data"]["verdict"] == "not_stored"
         # nothing old was dropped to make room
         assert (await k.station.outbox.stats()).last_seq == stored  # type: ignore[union-attr]
+
+
+async def test_a_weak_token_file_is_refused_and_the_station_records_on(
+    broker: Broker, pty_port: Pty, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import running_station
+
+    token = tmp_path / "weak-token"
+    token.write_text("1234\n")
+    cfg, port = kiosk_config(
+        tmp_path, broker.port, pty_port.link, card_reader=False, api=f'token_file = "{token}"'
+    )
+    async with running_station(cfg) as run:
+        pty_port.scan("stored-anyway")
+        assert await pty_port.aread(1) == ACK
+        assert run.station.api is not None and not run.station.api.ready.is_set()
+        assert f"{token}: api.token_file: token shorter than 32" in caplog.text
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
