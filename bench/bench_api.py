@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import httpx  # noqa: E402
 from conftest import Broker, Pty  # noqa: E402
 from kiosk_support import kiosk_config, running_kiosk, sse  # noqa: E402
 
@@ -183,7 +182,6 @@ def main() -> None:
     print(f"{'process RSS before the station':<44} {rss_kb() / 1024:.1f} MB")
     asyncio.run(bench(args.n))
     print(f"{'process RSS after (bench client included)':<44} {rss_kb() / 1024:.1f} MB")
-    _ = httpx  # the client used above
 
 
 if __name__ == "__main__":

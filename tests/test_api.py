@@ -702,3 +702,26 @@ async def test_a_weak_token_file_is_refused_and_the_station_records_on(
         assert f"{token}: api.token_file: token shorter than 32" in caplog.text
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
+
+
+def test_event_hub_resume_boundaries_and_slow_followers() -> None:
+    from agent.api import CLIENT_QUEUE, EventHub
+
+    hub = EventHub(size=5)
+    for i in range(8):
+        hub.publish("read_accepted", {"seq": i + 1, "personal": {"name": "x"}})
+    # the buffer holds events 4..8; resuming from 3 loses nothing, from 2 it would
+    _, backlog, reset = hub.attach(hub.event_id(3))
+    assert reset is None and [e.n for e in backlog] == [4, 5, 6, 7, 8]
+    assert all('"personal"' not in e.data for e in backlog)  # never on the stream
+    assert hub.attach(hub.event_id(2))[2] == "gap"
+    assert hub.attach(hub.event_id(8))[1:] == ([], None)
+    for bad in (hub.event_id(9), "other-3", "garbage", f"{hub.run}-x", ""):
+        assert hub.attach(bad)[2] == "restarted", bad
+    client, _, _ = hub.attach(None)
+    for _ in range(CLIENT_QUEUE + 1):
+        hub.publish("device_state", {"device": "d", "state": "connected"})
+    assert client.overflowed and len(client.queue) == CLIENT_QUEUE
+    hub.close()
+    assert client.closed
+    hub.publish("read_accepted", {})  # after close: ignored, nothing raised
