@@ -8,6 +8,7 @@ library: `madoguchi check-config` runs on any host.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from agent.errors import ConfigError
@@ -99,6 +101,70 @@ class OutboxSection(Strict):
         description="32-byte AES key (mode 0600) that encrypts personal data at rest; "
         "required when a device stores personal data.",
     )
+
+
+class ApiSection(Strict):
+    """The kiosk's local HTTP API (agent/api.py). Loopback only unless told otherwise."""
+
+    enabled: bool = Field(default=True, description="Serve the local API and the kiosk page.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on; must be a loopback address unless allow_remote.",
+    )
+    allow_remote: bool = Field(
+        default=False,
+        description="Allow a non-loopback host. The API then answers the network: only "
+        "behind a firewall that admits the kiosk alone.",
+    )
+    port: int = Field(default=8765, ge=1, le=65535, description="TCP port on host.")
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer token (first line, >= 32 characters). Default "
+        "<data_dir>/api-token, created with a random token (mode 0600) if missing.",
+    )
+    allowed_origin: str | None = Field(
+        default=None,
+        pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+$",
+        description="The one Origin browsers may call from (scheme://host[:port], no path). "
+        "Default: the agent's own page, http://<host>:<port>.",
+    )
+    unix_socket: Path | None = Field(
+        default=None,
+        description="Also listen on this unix socket (mode 0660), for local tools.",
+    )
+    manual_device: str | None = Field(
+        default=None,
+        description="Device that manual entries from the kiosk page are stored under. "
+        "Default: the first device.",
+    )
+    max_body_bytes: int = Field(
+        default=16_384, ge=256, le=1_048_576, description="Larger request bodies get 413."
+    )
+    event_buffer: int = Field(
+        default=1000,
+        ge=10,
+        le=100_000,
+        description="Events kept for clients resuming with Last-Event-ID.",
+    )
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> ApiSection:
+        if not self.allow_remote and not is_loopback(self.host):
+            raise ValueError(
+                f"host '{self.host}' is not a loopback address; set allow_remote = true "
+                "to serve other hosts on purpose"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`: what other hosts cannot reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class DeviceBase(Strict):
@@ -293,6 +359,9 @@ class Config(Strict):
     mqtt: MqttSection = Field(description="The broker.")
     outbox: OutboxSection = Field(default_factory=OutboxSection, description="Local durable store.")
     devices: list[DeviceConfig] = Field(default_factory=list, description="Devices to drive.")
+    api: ApiSection | None = Field(
+        default=None, description="The kiosk's local HTTP API; off when the section is absent."
+    )
     source: Path | None = Field(default=None, description="File this was loaded from.")
 
     @property
@@ -423,6 +492,10 @@ def load_config(path: str | Path) -> Config:
         if dev.name in seen:
             problems.append(f"{file}: devices[{i}].name: '{dev.name}' is used twice")
         seen.add(dev.name)
+    api_raw = raw.get("api")
+    manual = api_raw.get("manual_device") if isinstance(api_raw, dict) else None
+    if manual is not None and manual not in seen:
+        problems.append(f"{file}: api.manual_device: no device named '{manual}'")
     try:
         config = Config.model_validate({**raw, "devices": [], "source": path})
     except ValidationError as e:

@@ -17,19 +17,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.clock import clock_synced
 from agent.config import Config, DeviceConfig, PcscDevice
 from agent.drivers import Driver, create_driver
 from agent.drivers.pcsc import CardInfo, OperatorSessions, PcscDriver
-from agent.errors import CardError, DeviceError, DeviceUnavailable, DriverMissing, OutboxError
+from agent.errors import (
+    CardError,
+    DeviceError,
+    DeviceUnavailable,
+    DriverMissing,
+    OutboxError,
+    OutboxFull,
+)
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
 from agent.records import Read, ReadFault, Record
 from agent.sealing import Sealer
 from agent.systemd import Notifier
 from agent.uplink import Backoff, Uplink
+
+if TYPE_CHECKING:
+    from agent.api import LocalApi
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +99,7 @@ class Station:
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
         self.ready = asyncio.Event()
+        self._drivers: dict[str, Driver] = {}
         self._driver_factory = driver_factory
         self._today = today
         self._alerts: list[dict[str, Any]] = []
@@ -97,7 +108,7 @@ class Station:
         self._started = time.time()
         self.notifier = notifier if notifier is not None else Notifier()
         self._operators = _operator_sessions(config)
-        self._drivers: dict[str, Driver] = {}
+        self.api: LocalApi | None = None  # set by the API when it starts
 
     # -- what the uplink, local API and CLI see ----------------------------------
 
@@ -135,6 +146,10 @@ class Station:
         """Get every station event (kiosk feedback, tests): listener(kind, body)."""
         self._listeners.append(listener)
 
+    def running_drivers(self) -> dict[str, Driver]:
+        """Open drivers by device name: the local API finds capabilities on them."""
+        return dict(self._drivers)
+
     def _emit(self, kind: str, body: dict[str, Any]) -> None:
         for listener in self._listeners:
             try:
@@ -155,6 +170,9 @@ class Station:
                 )
             uplink = Uplink(cfg, outbox, self)
             self.uplink = uplink
+            uplink.on_connection = lambda up: self._emit(
+                "uplink", {"connected": up, "error": uplink.last_error}
+            )
             async with asyncio.TaskGroup() as tg:
                 device_tasks = [
                     tg.create_task(self._device_loop(dev, stop), name=f"device:{dev.name}")
@@ -164,6 +182,8 @@ class Station:
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
                 watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
                 tg.create_task(self._status_loop(stop), name="sd-status")
+                if cfg.api is not None and cfg.api.enabled:
+                    tg.create_task(self._api(stop), name="api")
                 self.ready.set()
                 # systemd: outbox open, devices started (plugged in or not).
                 self.notifier.ready(await self._status_line())
@@ -217,18 +237,30 @@ class Station:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=3600)
 
+    async def _api(self, stop: asyncio.Event) -> None:
+        """The kiosk's local API; its failures are logged, never stop the devices."""
+        try:
+            from agent.api import LocalApi
+        except ImportError as e:
+            log.error("api: %s (install madoguchi[kiosk])", e)
+            return
+        await LocalApi(self).run(stop)
+
     async def _device_loop(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
         state = self.devices[dev.name]
         backoff = Backoff(first=0.2, cap=5.0)
         while not stop.is_set():
             driver = self._driver_factory(dev)
-            self._drivers[dev.name] = driver
             try:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
                     backoff.reset()
-                    async for event in driver.reads():
-                        await self._finish(self._handle(driver, event))
+                    self._drivers[dev.name] = driver
+                    try:
+                        async for event in driver.reads():
+                            await self._finish(self._handle(driver, event))
+                    finally:
+                        self._drivers.pop(dev.name, None)
                 raise DeviceUnavailable(dev.name, "stopped yielding reads")
             except DriverMissing as e:
                 self._set_state(dev.name, "error", str(e))
@@ -303,6 +335,8 @@ class Station:
             st.naks += 1
             st.last_error = str(e)
             log.error("%s: read NOT stored, operator gets a NAK: %s", read.device, e)
+            if isinstance(e, OutboxFull):
+                self._emit("outbox_full", {"device": read.device})
             self._emit("read_rejected", {"device": read.device, "reason": "not_stored"})
             return Outcome(accepted=False, error=str(e), interpretation=interpretation)
         if read.kind == "barcode" and "text" in read.data:
@@ -325,6 +359,7 @@ class Station:
                 "seq": record.seq,
                 "id": record.id,
                 "kind": record.kind,
+                "source": record.source,
                 "interpretation": interpretation,
             },
         )

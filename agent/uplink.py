@@ -44,6 +44,18 @@ class _Stop(Exception):
     """Raised inside the connection's task group to end it for shutdown."""
 
 
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    On Python 3.11 `asyncio.wait_for` (inside aiomqtt's publish/subscribe) returns
+    normally when the broker's answer lands together with our cancellation; a
+    `while True` loop would then go on waiting and shutdown would hang.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Exponential backoff with full jitter, reset after a good connection."""
 
@@ -92,6 +104,7 @@ class Uplink:
         self.outbox = outbox
         self.station = station
         self.connected = False
+        self.on_connection: Callable[[bool], None] | None = None  # the station's events
         self.session = 0
         self.published_records = 0
         self.connect_failures = 0
@@ -115,6 +128,12 @@ class Uplink:
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
+
+    def _set_connected(self, connected: bool) -> None:
+        changed = connected != self.connected
+        self.connected = connected
+        if changed and self.on_connection is not None:
+            self.on_connection(connected)
 
     def topic(self, suffix: str) -> str:
         return f"{self.config.topic_base}/{suffix}"
@@ -141,7 +160,7 @@ class Uplink:
             try:
                 async with client:
                     self._client = client
-                    self.connected = True
+                    self._set_connected(True)
                     self.last_error = None
                     backoff.reset()
                     log.info(
@@ -168,7 +187,7 @@ class Uplink:
                     self.last_error,
                 )
             finally:
-                self.connected = False
+                self._set_connected(False)
                 self._client = None
             delay = backoff.next()
             log.info("reconnecting in %.1f s", delay)
@@ -248,6 +267,7 @@ class Uplink:
         resend_after = self.config.outbox.resend_after_s
         topic = self.topic("records")
         while True:
+            _raise_if_cancelling()
             self._wake.clear()
             batch = await self.outbox.next_batch(m.batch_max_records, resend_after)
             if batch:
@@ -258,8 +278,11 @@ class Uplink:
                 continue
             due = await self.outbox.next_resend_at(resend_after)
             timeout = None if due is None else max(0.0, due - time.time()) + 0.01
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # coincides with its timeout, and this loop would then never end (shutdown hang)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _split(self, batch: list[Record]) -> list[tuple[list[Record], bytes]]:
         """Cut a batch into messages of at most `batch_max_bytes` (one record at the least)."""
@@ -328,6 +351,7 @@ class Uplink:
             json.dumps({"request_id": request_id, **result}, default=str),
             qos=1,
         )
+        _raise_if_cancelling()  # the receive loop would otherwise wait for the next message
 
     async def _cmd_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "ts": iso_ms(utc_now()), "session": self.session}

@@ -349,13 +349,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {lat['ack_ms']['p50']:.2f} / {lat['ack_ms']['p99']:.2f} / "
             f"{lat['ack_ms']['p99.9']:.2f} ms | |",
             f"| scan -> registry commit p50 / p99 / p99.9 | {lat['registry_ms']['p50']:.2f} / "
-            f"{lat['registry_ms']['p99']:.2f} / {lat['registry_ms']['p99.9']:.2f} ms | p99 <= 20 ms |",
+            f"{lat['registry_ms']['p99']:.2f} / {lat['registry_ms']['p99.9']:.2f} ms "
+            "| p99 <= 20 ms |",
             f"| backlog drain, {d['records']} records, stored by registry | "
             f"{d['rate_stored']:.0f} records/s | |",
-            f"| backlog drain incl. acks back in the outbox | {d['rate_confirmed']:.0f} records/s | |",
+            f"| backlog drain incl. acks back in the outbox | "
+            f"{d['rate_confirmed']:.0f} records/s | |",
             f"| raw paho, one QoS 1 message per record, until all PUBACKs | "
             f"{raw['rate_puback']:.0f} records/s | |",
-            f"| raw paho, same, until stored by the registry | {raw['rate_stored']:.0f} records/s | |",
+            f"| raw paho, same, until stored by the registry | "
+            f"{raw['rate_stored']:.0f} records/s | |",
             f"| **ratio drain / raw paho PUBACK rate** | "
             f"**{r['ratios']['drain_vs_raw_puback']:.1f}x** | >= 3x |",
             f"| ratio drain / raw paho through the registry | "

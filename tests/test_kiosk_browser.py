@@ -1,0 +1,270 @@
+"""The reference kiosk page in a real headless Chromium (Debian's), against a
+running station: scans on the pty appear with the right message, the on-screen
+number pad reaches the registry, the PIN dialog, the offline indicator.
+Screenshots at 800x480 go to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import Broker, Pty, RegistryProbe
+from kiosk_support import CARD_INFO, CARD_PIN, Kiosk, kiosk_config, running_kiosk
+from playwright.async_api import Browser, Page, async_playwright, expect  # the dev extra
+
+pytestmark = [pytest.mark.browser, pytest.mark.broker]
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ACK, NAK = b"\x06", b"\x15"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (Debian package chromium)")
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        await b.close()
+
+
+async def open_kiosk(browser: Browser, k: Kiosk) -> Page:
+    page = await browser.new_page(viewport={"width": 800, "height": 480})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    # script errors; HTTP answers such as a refused PIN (403) are the page's business
+    page.on(
+        "console",
+        lambda m: (
+            errors.append(m.text)
+            if m.type == "error" and not m.text.startswith("Failed to load resource")
+            else None
+        ),
+    )
+    await page.goto(f"{k.base}/#token={k.token}")
+    await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
+    assert k.token not in page.url  # taken out of the address bar at once
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+def shot(name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS / name
+
+
+async def test_scans_appear_with_the_right_message(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    second = Pty(tmp_path / "ttyDesk2")  # a scanner at a desk that takes tickets only
+    cfg, _ = kiosk_config(
+        tmp_path,
+        broker.port,
+        pty_port.link,
+        card_reader=False,
+        scanner_extra="max_line_bytes = 32",
+        extra_devices=f"""
+[[devices]]
+name = "desk-2"
+profile = "generic-serial-scanner"
+port = "{second.link}"
+host_ack = "\\u0006"
+expect = ["vaccination_ticket"]
+""",
+    )
+    try:
+        async with running_kiosk(cfg) as k:
+            page = await open_kiosk(browser, k)
+            title = page.locator("#verdict-title")
+            verdict = page.locator("#verdict")
+            await expect(title).to_have_text("読み取ってください")
+
+            second.scan("4901234567894")  # a JAN code where only tickets are taken
+            assert await second.aread(1) == ACK
+            await expect(title).to_have_text("この窓口では受け付けできない書類です")
+            await expect(verdict).to_have_class("verdict-warn")
+
+            pty_port.scan("9" * 60)  # garbage: longer than the scanner's max line
+            assert await pty_port.aread(1) == NAK
+            await expect(title).to_have_text("読み取りエラー")
+            await expect(verdict).to_have_class("verdict-error")
+
+            pty_port.scan("111122410000012345")
+            assert await pty_port.aread(1) == ACK
+            await expect(title).to_have_text("受付完了")
+            await expect(verdict).to_have_class("verdict-ok")
+            await page.screenshot(path=shot("kiosk-accepted-800x480.png"))
+            assert page.errors == []  # type: ignore[attr-defined]
+    finally:
+        second.close()
+
+
+async def test_number_pad_entry_reaches_the_registry(
+    browser: Browser, broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    text = "111122410000012345"
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        for key in "999":
+            await page.click(f'#pad [data-key="{key}"]')
+        await page.click('#pad [data-key="back"]')
+        await page.click('#pad [data-key="clear"]')
+        for key in text:
+            await page.click(f'#pad [data-key="{key}"]')
+        await expect(page.locator("#pad-display")).to_have_text(text)
+        await page.screenshot(path=shot("kiosk-number-pad-800x480.png"))
+        await page.click("#pad-send")
+        await expect(page.locator("#verdict-title")).to_have_text("受付完了")
+        await expect(page.locator("#verdict-detail")).to_contain_text("手入力")
+        await expect(page.locator("#pad-display")).to_have_text("")
+        got = await registry.wait_for(1)
+        assert got[0]["data"]["text"] == text
+        assert got[0]["source"] == "manual" and got[0]["device"] == "ticket-scanner"
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_pin_dialog_masks_and_reads_the_card(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link)
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        await page.click("#card-button")
+        dialog = page.locator("#pin-dialog")
+        await expect(dialog).to_be_visible()
+        for d in "7390":
+            await page.click(f'#pin-dialog [data-pin="{d}"]')
+        await expect(page.locator("#pin-display")).to_have_text("●●●●")
+        await page.screenshot(path=shot("kiosk-pin-800x480.png"))
+        assert "7390" not in await page.content()  # masked: the digits are nowhere in the DOM
+        await page.click("#pin-ok")
+        await expect(page.locator("#pin-message")).to_have_text("暗証番号が違います（残り2回）")
+        assert k.readers["card-reader"].tries_left == 2
+        for d in CARD_PIN:
+            await page.click(f'#pin-dialog [data-pin="{d}"]')
+        await page.click("#pin-ok")
+        await expect(page.locator("#card-result")).to_be_visible()
+        await expect(page.locator("#card-name")).to_have_text(CARD_INFO["name"])
+        await expect(page.locator("#card-sex")).to_have_text("女性")
+        await expect(dialog).to_be_hidden()
+        await page.click("#card-close")
+        await expect(page.locator("#card-name")).to_have_text("")  # not left on screen
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_offline_indicator_while_records_stay_local(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        broker.stop()
+        online = page.locator("#online")
+        await expect(online).to_have_class("state-offline", timeout=20_000)
+        await expect(online).to_contain_text("記録は端末内に安全に保存されています")
+        pty_port.scan("111122410000012345")
+        assert await pty_port.aread(1) == ACK  # still stored, still acknowledged
+        await expect(page.locator("#verdict-title")).to_have_text("受付完了")
+        await page.screenshot(path=shot("kiosk-offline-800x480.png"))
+        broker.start()
+        await expect(online).to_have_class("state-online", timeout=30_000)
+
+
+async def test_page_without_token_says_unpaired(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        page = await browser.new_page(viewport={"width": 800, "height": 480})
+        await page.goto(f"{k.base}/")
+        await expect(page.locator("#unpaired")).to_be_visible()
+        page2 = await browser.new_page(viewport={"width": 800, "height": 480})
+        await page2.goto(f"{k.base}/#token=not-the-token-not-the-token-not-the")
+        await expect(page2.locator("#unpaired")).to_be_visible()
+
+
+async def test_launcher_redirect_file_pairs_the_page(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    # the launcher of docs/kiosk.md: a private file:// page that redirects with the token
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        redirect = tmp_path / "madoguchi-kiosk.html"
+        redirect.write_text(
+            f'<meta http-equiv="refresh" content="0; url={k.base}/#token={k.token}">'
+        )
+        page = await browser.new_page(viewport={"width": 800, "height": 480})
+        await page.goto(redirect.as_uri())
+        await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
+        assert page.url == f"{k.base}/"
+        pty_port.scan("111122410000012345")
+        assert await pty_port.aread(1) == ACK
+        await expect(page.locator("#verdict-title")).to_have_text("受付完了")
+
+
+VERDICT_CASES = [
+    ({"type": "vaccination_ticket", "valid": True, "problems": []}, "受付完了", "verdict-ok"),
+    (
+        {"type": "vaccination_ticket", "valid": False, "problems": ["bad_check_digit"]},
+        "接種券の番号が正しくありません",
+        "verdict-error",
+    ),
+    (
+        {"type": "gs1", "valid": False, "problems": ["expired"]},
+        "有効期限切れのワクチンです",
+        "verdict-danger",
+    ),
+    (
+        {"type": "gtin", "valid": False, "problems": ["bad_check_digit"]},
+        "バーコードが正しくありません",
+        "verdict-error",
+    ),
+    (
+        {"type": "gtin", "valid": True, "problems": ["unexpected_type"]},
+        "この窓口では受け付けできない書類です",
+        "verdict-warn",
+    ),
+]
+
+
+async def test_every_interpretation_verdict_renders(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    # the interpretations of the barcode issue's result shape, fed in where the station
+    # emits its events: the hub, the event stream and the page are all real
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        for seq, (interp, title, tone) in enumerate(VERDICT_CASES, start=1):
+            k.station._emit(
+                "read_accepted",
+                {
+                    "device": "ticket-scanner",
+                    "seq": seq,
+                    "id": f"id-{seq}",
+                    "kind": "barcode",
+                    "source": "device",
+                    "interpretation": {"fields": {}, **interp},
+                },
+            )
+            await expect(page.locator("#verdict-title")).to_have_text(title)
+            await expect(page.locator("#verdict")).to_have_class(tone)
+            if interp["problems"] == ["expired"]:
+                await page.screenshot(path=shot("kiosk-expired-800x480.png"))
+        k.station._emit("read_rejected", {"device": "ticket-scanner", "reason": "not_stored"})
+        await expect(page.locator("#verdict-title")).to_have_text("記録できませんでした")
+        k.station._emit("outbox_full", {"device": "ticket-scanner"})
+        await expect(page.locator("#banner")).to_contain_text("保存領域がいっぱい")
