@@ -19,6 +19,7 @@ __all__ = ["DRIVERS", "Driver", "create_driver"]
 #: driver key -> "module:Class"
 DRIVERS: dict[str, str] = {
     "serial": "agent.drivers.serial:SerialDriver",
+    "camera": "agent.drivers.camera:CameraDriver",
 }
 
 
