@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scans", type=int, default=0, help="how many scans (default: one set)")
     p.set_defaults(func=cmd_demo)
 
+    from agent.scan_image import add_scan_image_parser
+
+    add_scan_image_parser(sub)
     return parser
 
 
