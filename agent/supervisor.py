@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+from agent.blobs import BlobStore
 from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
 from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, OutboxError
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
+from agent.photos import PhotoCamera, find_camera, take_photo
 from agent.records import Read, ReadFault, Record
 from agent.sealing import Sealer
 from agent.uplink import Backoff, Uplink
@@ -81,7 +83,9 @@ class Station:
         self.devices = {d.name: DeviceState() for d in config.devices}
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
+        self.blobs: BlobStore | None = None
         self.ready = asyncio.Event()
+        self._drivers: dict[str, Driver] = {}
         self._driver_factory = driver_factory
         self._today = today
         self._alerts: list[dict[str, Any]] = []
@@ -125,7 +129,9 @@ class Station:
                 self._alerts.append(
                     {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
                 )
-            uplink = Uplink(cfg, outbox, self)
+            self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
+            uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
+            uplink.add_command("capture_photo", self._cmd_capture_photo)
             self.uplink = uplink
             async with asyncio.TaskGroup() as tg:
                 device_tasks = [
@@ -168,8 +174,12 @@ class Station:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
                     backoff.reset()
-                    async for event in driver.reads():
-                        await self._finish(self._handle(driver, event))
+                    self._drivers[dev.name] = driver
+                    try:
+                        async for event in driver.reads():
+                            await self._finish(self._handle(driver, event))
+                    finally:
+                        self._drivers.pop(dev.name, None)
                 raise DeviceUnavailable(dev.name, "stopped yielding reads")
             except DriverMissing as e:
                 self._set_state(dev.name, "error", str(e))
@@ -185,6 +195,21 @@ class Station:
                 log.error("%s", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff.next())
+
+    # -- ID photos (agent/photos.py) -------------------------------------------------
+
+    def photo_camera(self, device: str | None) -> PhotoCamera:
+        return find_camera(self._drivers, device)
+
+    async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
+        """Take an ID photo: sealed blob, then a `photo` record (for the kiosk and MQTT)."""
+        return await take_photo(self, device)
+
+    async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        device = body.get("device")
+        if device is not None and not isinstance(device, str):
+            raise ValueError("device must be a string")
+        return await self.capture_photo(device)
 
     @staticmethod
     async def _finish(coro: Any) -> None:
