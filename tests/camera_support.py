@@ -9,19 +9,27 @@ to the real capture thread, decoder and driver.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import numpy as np
 import zxingcpp
 from PIL import Image, ImageFilter
 
-from agent.drivers.camera import Frame, Still, encode_jpeg
+from agent.config import CameraDevice, load_config
+from agent.drivers.camera import CameraDriver, Frame, Still, encode_jpeg
 from agent.errors import DeviceUnavailable
+from agent.supervisor import Station
 
 W, H = 640, 480
+BASE = "madoguchi/v1/toda-city-hall-1f/station-03"
 
 TICKET = "111122410000012345"  # 券種 1, 回数 1, 戸田市 112241, 券番号 0000012345
 FORM_ID = "12345678901234567890123"  # 23-digit application form id
@@ -199,3 +207,64 @@ class FakeCamera:
             raise DeviceUnavailable("fake-camera", "this fake camera has no still")
         self.stills_taken += 1
         return encode_jpeg(self.still, self.jpeg_quality)
+
+
+# -- a station whose cameras are FakeCameras (everything else real) ------------------
+
+
+@contextlib.asynccontextmanager
+async def camera_station(config_path: Path, camera: FakeCamera) -> AsyncIterator[Station]:
+    cfg = load_config(config_path)
+
+    def factory(dev: Any) -> CameraDriver:
+        assert isinstance(dev, CameraDevice)
+        return CameraDriver(dev, source=camera)
+
+    station = Station(cfg, driver_factory=factory)
+    connected = asyncio.Event()
+    station.subscribe(
+        lambda kind, body: (
+            connected.set() if kind == "device_state" and body["state"] == "connected" else None
+        )
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(station.run(stop), name="camera-station")
+    await asyncio.wait_for(station.ready.wait(), 10)
+    await asyncio.wait_for(connected.wait(), 10)
+    await online(cfg.mqtt.port)
+    try:
+        yield station
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def online(port: int, timeout: float = 20) -> None:
+    """The agent's retained birth: published once it has subscribed to its commands."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(f"{BASE}/status", qos=1)
+
+        async def birth() -> None:
+            async for m in client.messages:
+                if json.loads(m.payload).get("state") == "online":  # type: ignore[arg-type]
+                    return
+
+        await asyncio.wait_for(birth(), timeout)
+
+
+async def command(
+    port: int, name: str, body: dict[str, Any], timeout: float = 30
+) -> dict[str, Any]:
+    """Publish `cmd/{name}` as the dashboard does and wait for its result."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(f"{BASE}/cmd/{name}/result", qos=1)
+        await client.publish(f"{BASE}/cmd/{name}", json.dumps(body), qos=1)
+
+        async def first() -> dict[str, Any]:
+            async for m in client.messages:
+                result: dict[str, Any] = json.loads(m.payload)  # type: ignore[arg-type]
+                if result.get("request_id") == body.get("request_id"):
+                    return result
+            raise AssertionError("no result")
+
+        return await asyncio.wait_for(first(), timeout)

@@ -18,6 +18,7 @@ from camera_support import (
     VIAL_RAW,
     FakeCamera,
     blur,
+    camera_station,
     centered,
     ean13,
     low_contrast,
@@ -30,6 +31,7 @@ from camera_support import (
     scene,
     vial,
 )
+from conftest import Broker, RegistryProbe, write_config
 from PIL import Image
 
 from agent.config import BarcodeFormatName, CameraDevice, load_config
@@ -309,3 +311,34 @@ async def test_picamera2_missing_is_a_clear_driver_error() -> None:
     with pytest.raises(DriverMissing, match="apt install python3-picamera2"):
         async with driver:
             pass
+
+
+@pytest.mark.broker
+async def test_codes_held_to_the_camera_reach_the_registry_once(
+    broker: Broker, registry: RegistryProbe, tmp_path: Path
+) -> None:
+    """Through the station: interpretation, outbox, uplink, mosquitto, reference registry."""
+    ticket = noise(rotate(centered(qr(TICKET)), 20), 8)
+    jan = blur(centered(ean13()), 0.8)
+    empty = scene(11)
+    script = [empty] * 4 + [ticket] * 30 + [empty] * 4 + [jan] * 20 + [empty] * 4
+    camera = FakeCamera(script, frame_dt=0.05)
+    devices = '\n[[devices]]\nname = "id-camera"\nprofile = "generic-uvc-webcam"\nfps = 20\n'
+    config = write_config(tmp_path, broker.port, devices=devices)
+    async with camera_station(config, camera) as station:
+        records = await registry.wait_for(2, timeout=30)
+        await asyncio.to_thread(camera.script_done.wait, 30)
+        served = camera.served
+        while camera.served < served + 10:  # the decoder is past every scripted frame
+            await asyncio.sleep(0.05)
+        assert station.devices["id-camera"].reads == 2
+        assert station.outbox is not None and (await station.outbox.stats()).last_seq == 2
+    assert [(r["seq"], r["kind"], r["device"]) for r in records] == [
+        (1, "barcode", "id-camera"),
+        (2, "barcode", "id-camera"),
+    ]
+    assert [(r["data"]["text"], r["data"]["symbology"]) for r in records] == [
+        (TICKET, "]Q1"),
+        (EAN, "]E0"),
+    ]
+    assert all("interpretation" in r["data"] for r in records)

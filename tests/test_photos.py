@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -16,18 +15,15 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from camera_support import FakeCamera, photo_scene
+from camera_support import FakeCamera, camera_station, command, photo_scene
 from conftest import Broker, RegistryProbe, write_config
 
 from agent.blobs import CHUNK_BYTES, SCHEMA, BlobStore, chunk_count
-from agent.config import CameraDevice, load_config
-from agent.drivers.camera import CameraDriver
 from agent.errors import OutboxError
 from agent.outbox import read_stats
 from agent.registry import Registry
 from agent.registry_blobs import BlobAssembler, BlobError
 from agent.sealing import Sealer
-from agent.supervisor import Station
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
 BASE = f"madoguchi/v1/{SITE}/{AGENT}"
@@ -180,64 +176,6 @@ profile = "generic-uvc-webcam"
 device = "/dev/null-camera"
 """
     return write_config(tmp_path, port, devices=devices, outbox=outbox)
-
-
-@contextlib.asynccontextmanager
-async def camera_station(config_path: Path, camera: FakeCamera) -> AsyncIterator[Station]:
-    cfg = load_config(config_path)
-
-    def factory(dev: Any) -> CameraDriver:
-        assert isinstance(dev, CameraDevice)
-        return CameraDriver(dev, source=camera)
-
-    station = Station(cfg, driver_factory=factory)
-    connected = asyncio.Event()
-    station.subscribe(
-        lambda kind, body: (
-            connected.set() if kind == "device_state" and body["state"] == "connected" else None
-        )
-    )
-    stop = asyncio.Event()
-    task = asyncio.create_task(station.run(stop), name="camera-station")
-    await asyncio.wait_for(station.ready.wait(), 10)
-    await asyncio.wait_for(connected.wait(), 10)
-    await online(cfg.mqtt.port)
-    try:
-        yield station
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
-
-
-async def online(port: int, timeout: float = 20) -> None:
-    """The agent's retained birth: published once it has subscribed to its commands."""
-    async with aiomqtt.Client("127.0.0.1", port) as client:
-        await client.subscribe(f"{BASE}/status", qos=1)
-
-        async def birth() -> None:
-            async for m in client.messages:
-                if json.loads(m.payload).get("state") == "online":  # type: ignore[arg-type]
-                    return
-
-        await asyncio.wait_for(birth(), timeout)
-
-
-async def command(
-    port: int, name: str, body: dict[str, Any], timeout: float = 30
-) -> dict[str, Any]:
-    """Publish `cmd/{name}` as the dashboard does and wait for its result."""
-    async with aiomqtt.Client("127.0.0.1", port) as client:
-        await client.subscribe(f"{BASE}/cmd/{name}/result", qos=1)
-        await client.publish(f"{BASE}/cmd/{name}", json.dumps(body), qos=1)
-
-        async def first() -> dict[str, Any]:
-            async for m in client.messages:
-                result: dict[str, Any] = json.loads(m.payload)  # type: ignore[arg-type]
-                if result.get("request_id") == body.get("request_id"):
-                    return result
-            raise AssertionError("no result")
-
-        return await asyncio.wait_for(first(), timeout)
 
 
 async def until(predicate: Any, timeout: float = 30) -> None:
