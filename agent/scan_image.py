@@ -67,7 +67,7 @@ def run_scan_image(args: argparse.Namespace) -> int:
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
-        decoder = Decoder(formats, try_invert=True, device="scan-image")
+        decoder = Decoder(formats, try_rotate=True, try_invert=True, device="scan-image")
     except DriverMissing as e:
         print(e, file=sys.stderr)
         return 2

@@ -342,3 +342,11 @@ async def test_codes_held_to_the_camera_reach_the_registry_once(
         (EAN, "]E0"),
     ]
     assert all("interpretation" in r["data"] for r in records)
+
+
+def test_try_rotate_is_only_needed_for_vertical_linear_codes() -> None:
+    upright = rotate(centered(ean13()), 90)
+    assert Decoder(["EAN13"]).decode(upright) == []
+    assert [c.text for c in Decoder(["EAN13"], try_rotate=True).decode(upright)] == [EAN]
+    turned_qr = rotate(centered(qr(TICKET)), 90)
+    assert [c.text for c in Decoder(["QRCode"]).decode(turned_qr)] == [TICKET]

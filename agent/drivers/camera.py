@@ -383,7 +383,7 @@ class Decoder:
         self,
         formats: Sequence[str],
         *,
-        try_rotate: bool = True,
+        try_rotate: bool = False,
         try_invert: bool = False,
         try_downscale: bool = True,
         device: str = "camera",
