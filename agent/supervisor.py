@@ -100,8 +100,16 @@ class Station:
             "site": self.config.agent.site,
             "agent": self.config.agent.name,
             "started_at": self._started,
-            "devices": {name: st.as_dict() for name, st in self.devices.items()},
+            "devices": {
+                name: {**st.as_dict(), **self._driver_stats(name)}
+                for name, st in self.devices.items()
+            },
         }
+
+    def _driver_stats(self, name: str) -> dict[str, Any]:
+        """Counters a running driver offers (e.g. the camera's decoded / dropped frames)."""
+        stats = getattr(self._drivers.get(name), "stats", None)
+        return stats() if callable(stats) else {}
 
     def take_alerts(self) -> list[dict[str, Any]]:
         alerts, self._alerts = self._alerts, []

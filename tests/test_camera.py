@@ -332,6 +332,8 @@ async def test_codes_held_to_the_camera_reach_the_registry_once(
         while camera.served < served + 10:  # the decoder is past every scripted frame
             await asyncio.sleep(0.05)
         assert station.devices["id-camera"].reads == 2
+        described = station.describe()["devices"]["id-camera"]
+        assert described["codes_seen"] == 2 and described["frames_decoded"] > 0
         assert station.outbox is not None and (await station.outbox.stats()).last_seq == 2
     assert [(r["seq"], r["kind"], r["device"]) for r in records] == [
         (1, "barcode", "id-camera"),

@@ -606,6 +606,14 @@ class CameraDriver(Driver):
     def frames_dropped(self) -> int:
         return 0 if self._slot is None else self._slot.dropped
 
+    def stats(self) -> dict[str, int]:
+        """For telemetry: how many frames were decoded, and dropped because decoding lagged."""
+        return {
+            "frames_decoded": self.frames_decoded,
+            "frames_dropped": self.frames_dropped,
+            "codes_seen": self.codes_seen,
+        }
+
     async def open(self) -> None:
         cfg = self.config
         self._decoder = Decoder.for_device(cfg)
@@ -647,7 +655,10 @@ class CameraDriver(Driver):
         in_view = InView(self.config.gone_after_ms / 1000)
         while True:
             frame = await slot.get()
-            codes = await loop.run_in_executor(pool, decoder.decode, frame.image)
+            try:
+                codes = await loop.run_in_executor(pool, decoder.decode, frame.image)
+            except Exception as e:  # zxing-cpp refusing a frame: a driver fault, not a crash
+                raise DeviceError(self.name, f"decoder failed: {type(e).__name__}: {e}") from e
             self.frames_decoded += 1
             for code in in_view.arrivals(codes, frame.timestamp):
                 self.codes_seen += 1
