@@ -83,6 +83,19 @@ def manifest(
     }
 
 
+def _cancel_point() -> None:
+    """Re-raise a cancellation that was swallowed on the way.
+
+    On Python 3.11, `asyncio.wait_for` (inside aiomqtt's `publish`) returns the
+    result instead of raising when the PUBACK and the cancellation arrive together;
+    the task is then "cancelling" but carries on, and a loop like ours would wait
+    forever on its next job instead of ending with the connection.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -296,6 +309,7 @@ class BlobSender:
         body = manifest(job.record_id, job.data, self.chunk_bytes)
         topic = f"{self.base}/blobs/{job.record_id}/manifest"
         await client.publish(topic, json.dumps(body), qos=1)
+        _cancel_point()
         self.manifests_sent += 1
 
     async def _send_chunks(self, client: aiomqtt.Client, job: _Job) -> None:
@@ -309,5 +323,6 @@ class BlobSender:
                 return  # confirmed meanwhile
             piece = data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
             await client.publish(f"{self.base}/blobs/{job.record_id}/{i}", piece, qos=1)
+            _cancel_point()
             self.chunks_sent += 1
             self.bytes_sent += len(piece)
