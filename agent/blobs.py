@@ -230,10 +230,12 @@ class BlobSender:
         self.deleted = 0
 
     def describe(self) -> dict[str, Any]:
+        """Counters for the uplink's telemetry (no file system access)."""
         return {
-            "blobs_pending": len(self.store.names()),
+            "blob_manifests_sent": self.manifests_sent,
             "blob_chunks_sent": self.chunks_sent,
             "blob_bytes_sent": self.bytes_sent,
+            "blobs_deleted": self.deleted,
         }
 
     # -- hooks the uplink calls ---------------------------------------------------------

@@ -136,6 +136,7 @@ class Uplink:
             "published_records": self.published_records,
             "connect_failures": self.connect_failures,
             "last_error": self.last_error,
+            **({} if self.blobs is None else self.blobs.describe()),
         }
 
     # -- the connection loop ---------------------------------------------------------

@@ -194,7 +194,7 @@ async def test_photo_travels_in_chunks_and_its_blob_goes_once_confirmed(
     camera = FakeCamera([], frame_dt=0.05, still=still, jpeg_quality=92)
     config = camera_station_config(tmp_path, broker256.port)
     blob_dir = tmp_path / "data-station-03" / "blobs"
-    async with registry_on(broker256, tmp_path) as probe, camera_station(config, camera):
+    async with registry_on(broker256, tmp_path) as probe, camera_station(config, camera) as st:
         result = await command(broker256.port, "capture_photo", {"request_id": "photo-1"})
         assert result["ok"], result
         assert (result["device"], result["width"], result["height"]) == ("id-camera", 1600, 1200)
@@ -223,6 +223,9 @@ async def test_photo_travels_in_chunks_and_its_blob_goes_once_confirmed(
         # asked for everything once; a re-sent manifest (resend_after_s) may ask again
         asks = probe.registry.blob_requests
         assert asks[0] == (result["record_id"], list(range(chunk_count(size))))
+        assert st.uplink is not None
+        uplink = st.uplink.describe()
+        assert uplink["blob_bytes_sent"] >= size and uplink["blobs_deleted"] == 1
     assert camera.stills_taken == 1
 
 
