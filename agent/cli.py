@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.cardinfo import add_card_info_parser
 
     add_card_info_parser(sub)
+    from agent.scan_image import add_scan_image_parser
+
+    add_scan_image_parser(sub)
     return parser
 
 

@@ -350,7 +350,106 @@ class PcscDevice(DeviceBase):
         return out
 
 
-DeviceConfig = Annotated[SerialDevice | HidDevice | PcscDevice, Field(discriminator="driver")]
+#: zxing-cpp format names a camera profile may list (checked without importing zxing-cpp).
+BarcodeFormatName = Literal[
+    "QRCode",
+    "MicroQRCode",
+    "DataMatrix",
+    "EAN13",
+    "EAN8",
+    "UPCA",
+    "UPCE",
+    "Code128",
+    "Code39",
+    "Code93",
+    "Codabar",
+    "ITF",
+    "DataBar",
+    "DataBarLtd",
+    "DataBarExp",
+    "PDF417",
+    "Aztec",
+]
+
+DEFAULT_CAMERA_FORMATS: tuple[BarcodeFormatName, ...] = ("QRCode", "DataMatrix", "EAN13")
+
+
+class CameraDevice(DeviceBase):
+    driver: Literal["camera"] = Field(
+        description="Camera: barcodes and QR codes from video, and ID photos."
+    )
+    source: Literal["picamera2", "v4l2"] = Field(
+        description="Frame source: picamera2 (Raspberry Pi camera, libcamera) or v4l2 (USB/UVC)."
+    )
+    device: str = Field(
+        default="/dev/video0",
+        description="V4L2 device path for source v4l2, e.g. /dev/v4l/by-id/usb-...-video-index0.",
+    )
+    camera_index: int = Field(
+        default=0, ge=0, description="Which libcamera camera for source picamera2 (0 = first)."
+    )
+    width: int = Field(
+        default=640, ge=64, le=4096, description="Width of the low-resolution decoding stream."
+    )
+    height: int = Field(
+        default=480, ge=64, le=4096, description="Height of the low-resolution decoding stream."
+    )
+    pixel_format: Literal["YUYV", "MJPG"] = Field(
+        default="YUYV",
+        description="V4L2 pixel format of the decoding stream (YUYV needs no JPEG decode).",
+    )
+    fps: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Frames decoded per second; when decoding falls behind, frames are dropped.",
+    )
+    formats: list[BarcodeFormatName] = Field(
+        default_factory=lambda: list(DEFAULT_CAMERA_FORMATS),
+        min_length=1,
+        description="zxing-cpp barcode formats to look for; fewer formats cost less CPU.",
+    )
+    try_rotate: bool = Field(
+        default=False,
+        description="Also look for linear codes (EAN, Code 128) turned by 90/270 degrees; "
+        "QR and DataMatrix read at any angle without it. Triples the decode time of noisy "
+        "frames (bench/bench_camera.py).",
+    )
+    try_invert: bool = Field(
+        default=False, description="Also look for light-on-dark codes (costs CPU; zxing-cpp)."
+    )
+    try_downscale: bool = Field(
+        default=True, description="Also scan downscaled images, for codes close to the lens."
+    )
+    gone_after_ms: int = Field(
+        default=1000,
+        ge=0,
+        description="A code in view counts once; it counts again only after it was out of "
+        "view this long.",
+    )
+    still_width: int = Field(
+        default=2304, ge=64, le=9152, description="Width of ID photos (still captures)."
+    )
+    still_height: int = Field(
+        default=1296, ge=64, le=6944, description="Height of ID photos (still captures)."
+    )
+    still_pixel_format: Literal["YUYV", "MJPG"] = Field(
+        default="MJPG",
+        description="V4L2 pixel format for stills (webcams give high resolutions as MJPG only).",
+    )
+    jpeg_quality: int = Field(
+        default=90, ge=1, le=95, description="JPEG quality of ID photos (Pillow scale, 1-95)."
+    )
+    frame_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="No frame for this long means the camera is gone (device unavailable).",
+    )
+
+
+DeviceConfig = Annotated[
+    SerialDevice | HidDevice | PcscDevice | CameraDevice, Field(discriminator="driver")
+]
 _DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
 
 

@@ -402,6 +402,17 @@ class Outbox:
             )
         return cur.rowcount
 
+    async def unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """(id, data) of the records of `kind` not yet confirmed: e.g. the photos whose
+        blobs must be kept (agent/blobs.py). `data` only, never the sealed personal part."""
+        return await self._run(self._unconfirmed_data, kind)
+
+    def _unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        rows = self.db.execute(
+            "SELECT id, data FROM records WHERE state < 2 AND kind = ? ORDER BY seq", (kind,)
+        ).fetchall()
+        return [(rid, json.loads(data)) for rid, data in rows]
+
     async def reset_sent(self) -> int:
         """After a reconnect every unconfirmed record is sent again."""
         return await self._run(self._reset_sent)

@@ -24,6 +24,7 @@ from typing import Any, Self
 import aiomqtt
 
 from agent.records import SCHEMA
+from agent.registry_blobs import BlobAssembler, BlobError, BlobState
 from agent.uplink import Backoff
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,10 @@ class Registry:
         self.stored_new = 0
         self.duplicates = 0
         self._executor: ThreadPoolExecutor | None = None
+        # photos: blobs beside the database; a photo record is acked once its blob is in
+        self.blobs = BlobAssembler(db_path.with_name(db_path.stem + "-blobs"))
+        self.blob_requests: list[tuple[str, list[int]]] = []
+        self._photos_waiting: dict[str, tuple[str, str]] = {}  # record id -> (site, agent)
 
     async def __aenter__(self) -> Self:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
@@ -230,6 +235,7 @@ class Registry:
                     keepalive=30,
                 ) as client:
                     await client.subscribe(f"{self.prefix}/+/+/records", qos=1)
+                    await client.subscribe(f"{self.prefix}/+/+/blobs/+/+", qos=1)
                     backoff.reset()
                     self.connected.set()
                     log.info(
@@ -239,7 +245,10 @@ class Registry:
                         self.port,
                     )
                     async for message in client.messages:
-                        await self._handle(client, message)
+                        if message.topic.value.endswith("/records"):
+                            await self._handle(client, message)
+                        else:
+                            await self._handle_blob(client, message)
             except aiomqtt.MqttError as e:
                 self.connected.clear()
                 delay = backoff.next()
@@ -278,8 +287,56 @@ class Registry:
                 self.duplicates += 1
             if self.on_stored is not None:
                 self.on_stored(s)
-        ack = json.dumps({"ids": [s.record["id"] for s in stored]})
-        await client.publish(f"{self.prefix}/{site}/{agent}/ack", ack, qos=1)
+        ids = [s.record["id"] for s in stored if await self._blob_ready(site, agent, s.record)]
+        if ids:
+            ack = json.dumps({"ids": ids})
+            await client.publish(f"{self.prefix}/{site}/{agent}/ack", ack, qos=1)
+
+    # -- blobs (photos): docs/CONTRACT.md "Blobs", agent/registry_blobs.py -------------
+
+    async def _blob_ready(self, site: str, agent: str, record: dict[str, Any]) -> bool:
+        """A photo record is acked only when its blob is complete and verified."""
+        if record.get("kind") != "photo":
+            return True
+        sha = record.get("data", {}).get("sha256")
+        assert self._executor is not None
+        done = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.blobs.is_complete, site, agent, record["id"], str(sha)
+        )
+        if not done:
+            self._photos_waiting[record["id"]] = (site, agent)
+        return bool(done)
+
+    async def _handle_blob(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        levels = message.topic.value.split("/")
+        if len(levels) < 5 or levels[-3] != "blobs" or levels[-1] == "missing":
+            return  # our own requests come back on the wildcard subscription
+        site, agent, rid, leaf = levels[-5], levels[-4], levels[-2], levels[-1]
+        loop = asyncio.get_running_loop()
+        assert self._executor is not None
+        try:
+            if leaf == "manifest":
+                body = json.loads(message.payload)
+                state: BlobState = await loop.run_in_executor(
+                    self._executor, self.blobs.manifest, site, agent, rid, body
+                )
+            else:
+                payload = message.payload
+                if not isinstance(payload, bytes | bytearray) or not leaf.isdigit():
+                    raise BlobError(f"not a chunk: {leaf[:20]!r}")
+                state = await loop.run_in_executor(
+                    self._executor, self.blobs.chunk, site, agent, rid, int(leaf), bytes(payload)
+                )
+        except (BlobError, ValueError, OSError) as e:
+            log.warning("registry: dropped a blob message on %s: %s", message.topic.value, e)
+            return
+        base = f"{self.prefix}/{site}/{agent}"
+        if state.missing:
+            self.blob_requests.append((rid, state.missing))
+            body = json.dumps({"sha256": state.sha256, "missing": state.missing})
+            await client.publish(f"{base}/blobs/{rid}/missing", body, qos=1)
+        if state.complete and self._photos_waiting.pop(rid, None) is not None:
+            await client.publish(f"{base}/ack", json.dumps({"ids": [rid]}), qos=1)
 
 
 def describe_record(record: dict[str, Any]) -> str:

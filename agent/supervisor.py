@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from agent.blobs import BlobStore
 from agent.clock import clock_synced
 from agent.config import Config, DeviceConfig, PcscDevice
 from agent.drivers import Driver, create_driver
@@ -33,6 +34,7 @@ from agent.errors import (
 )
 from agent.interpret import interpret, split_aim
 from agent.outbox import Outbox
+from agent.photos import PhotoCamera, find_camera, take_photo
 from agent.records import Read, ReadFault, Record
 from agent.sealing import Sealer
 from agent.systemd import Notifier
@@ -98,6 +100,7 @@ class Station:
         self.devices = {d.name: DeviceState() for d in config.devices}
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
+        self.blobs: BlobStore | None = None
         self.ready = asyncio.Event()
         self._drivers: dict[str, Driver] = {}
         self._driver_factory = driver_factory
@@ -117,7 +120,10 @@ class Station:
             "site": self.config.agent.site,
             "agent": self.config.agent.name,
             "started_at": self._started,
-            "devices": {name: st.as_dict() for name, st in self.devices.items()},
+            "devices": {
+                name: {**st.as_dict(), **self._driver_stats(name)}
+                for name, st in self.devices.items()
+            },
             "operator": self.operator,
         }
 
@@ -137,6 +143,11 @@ class Station:
         if self._operators is None:
             return None
         return self._operators.current(time.monotonic())
+
+    def _driver_stats(self, name: str) -> dict[str, Any]:
+        """Counters a running driver offers (e.g. the camera's decoded / dropped frames)."""
+        stats = getattr(self._drivers.get(name), "stats", None)
+        return stats() if callable(stats) else {}
 
     def take_alerts(self) -> list[dict[str, Any]]:
         alerts, self._alerts = self._alerts, []
@@ -168,7 +179,9 @@ class Station:
                 self._alerts.append(
                     {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
                 )
-            uplink = Uplink(cfg, outbox, self)
+            self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
+            uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
+            uplink.add_command("capture_photo", self._cmd_capture_photo)
             self.uplink = uplink
             uplink.on_connection = lambda up: self._emit(
                 "uplink", {"connected": up, "error": uplink.last_error}
@@ -276,6 +289,21 @@ class Station:
                 log.error("%s", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff.next())
+
+    # -- ID photos (agent/photos.py) -------------------------------------------------
+
+    def photo_camera(self, device: str | None) -> PhotoCamera:
+        return find_camera(self._drivers, device)
+
+    async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
+        """Take an ID photo: sealed blob, then a `photo` record (for the kiosk and MQTT)."""
+        return await take_photo(self, device)
+
+    async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        device = body.get("device")
+        if device is not None and not isinstance(device, str):
+            raise ValueError("device must be a string")
+        return await self.capture_photo(device)
 
     @staticmethod
     async def _finish(coro: Any) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import aiomqtt
 
+from agent.blobs import BlobSender, BlobStore
 from agent.config import Config
 from agent.errors import UplinkError
 from agent.outbox import Outbox
@@ -99,7 +100,14 @@ def read_password(config: Config) -> str | None:
 class Uplink:
     """Connects, publishes batches in seq order, applies acks, answers commands."""
 
-    def __init__(self, config: Config, outbox: Outbox, station: StationView) -> None:
+    def __init__(
+        self,
+        config: Config,
+        outbox: Outbox,
+        station: StationView,
+        *,
+        blobs: BlobStore | None = None,
+    ) -> None:
         self.config = config
         self.outbox = outbox
         self.station = station
@@ -118,6 +126,8 @@ class Uplink:
         }
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
+        # photos: chunked blob transfer beside the records (agent/blobs.py)
+        self.blobs = None if blobs is None else BlobSender(blobs, config.topic_base)
 
     # -- for the station ---------------------------------------------------------
 
@@ -145,6 +155,7 @@ class Uplink:
             "published_records": self.published_records,
             "connect_failures": self.connect_failures,
             "last_error": self.last_error,
+            **({} if self.blobs is None else self.blobs.describe()),
         }
 
     # -- the connection loop ---------------------------------------------------------
@@ -223,6 +234,8 @@ class Uplink:
     async def _connected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         await client.subscribe(self.topic("ack"), qos=1)
         await client.subscribe(self.topic("cmd/#"), qos=1)
+        if self.blobs is not None:
+            await client.subscribe(self.topic("blobs/+/missing"), qos=1)
         await self._birth(client)
         await self.outbox.reset_sent()
         self._wake.set()
@@ -236,6 +249,8 @@ class Uplink:
             tg.create_task(self._send(client), name="uplink-send")
             tg.create_task(self._telemetry(client), name="uplink-telemetry")
             tg.create_task(until_stop(), name="uplink-stop")
+            if self.blobs is not None:
+                tg.create_task(self.blobs.run(client, self.outbox), name="uplink-blobs")
 
     async def _birth(self, client: aiomqtt.Client) -> None:
         stats = await self.outbox.stats()
@@ -275,6 +290,8 @@ class Uplink:
                     await client.publish(topic, payload, qos=1, timeout=m.publish_timeout_s)
                     await self.outbox.mark_sent(r.seq for r in chunk)
                     self.published_records += len(chunk)
+                    if self.blobs is not None:
+                        self.blobs.records_sent(chunk)
                 continue
             due = await self.outbox.next_resend_at(resend_after)
             timeout = None if due is None else max(0.0, due - time.time()) + 0.01
@@ -313,6 +330,8 @@ class Uplink:
                 await self._apply_ack(message.payload)
             elif topic.startswith(cmd_prefix) and not topic.endswith("/result"):
                 await self._command(client, topic[len(cmd_prefix) :], message.payload)
+            elif self.blobs is not None and topic.startswith(self.topic("blobs/")):
+                self.blobs.handle(topic, message.payload)
 
     async def _apply_ack(self, payload: Any) -> None:
         try:
@@ -325,6 +344,8 @@ class Uplink:
             return
         n = await self.outbox.confirm(ids)
         log.debug("registry confirmed %d of %d ids", n, len(ids))
+        if self.blobs is not None:
+            await self.blobs.confirmed(ids)
 
     async def _command(self, client: aiomqtt.Client, name: str, payload: Any) -> None:
         request_id = None

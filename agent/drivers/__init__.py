@@ -21,6 +21,7 @@ DRIVERS: dict[str, str] = {
     "serial": "agent.drivers.serial:SerialDriver",
     "hid": "agent.drivers.hid:HidDriver",
     "pcsc": "agent.drivers.pcsc:PcscDriver",
+    "camera": "agent.drivers.camera:CameraDriver",
 }
 
 
