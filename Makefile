@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Everything the agent, the demo and the tests need from Debian.
 APT_PACKAGES := mosquitto mosquitto-clients pcscd vsmartcard-vpcd libpcsclite-dev swig \
-                python3-venv python3-dev gcc
+                python3-venv python3-dev gcc postgresql chromium
 EXTRAS := dev
 
 .PHONY: setup system-packages venv demo test lint typecheck bench clean
