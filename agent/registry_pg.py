@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -113,7 +114,9 @@ class PostgresStore:
             await self._conn.close()
             self._conn = None
         try:
-            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"madoguchi-registry-{os.getpid()}"
+            )
         except psycopg.Error as e:
             raise RegistryStoreError(f"PostgreSQL {_dsn_for_log(self.dsn)}: {e}") from e
         return self._conn

@@ -350,3 +350,57 @@ def test_open_store_picks_the_backend_by_dsn(tmp_path: Path) -> None:
     assert isinstance(open_store(str(tmp_path / "r.db")), SqliteStore)
     assert isinstance(open_store("postgresql://u@/db?host=/tmp"), PostgresStore)
     assert isinstance(open_store("postgres://u@h/db"), PostgresStore)
+
+
+@pytest.mark.broker
+async def test_shared_consumer_killed_inside_its_transaction_record_resent_and_stored_once(
+    broker: Broker, pg_dsn: str, pg_cluster: PgCluster, pty_port: Pty, tmp_path: Path
+) -> None:
+    import psycopg
+
+    consumers = [
+        RegistryProcess(broker.port, pg_dsn, tmp_path / f"registry-{i}.log", "--shared", "g")
+        for i in range(3)
+    ]
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link, outbox="resend_after_s = 1")
+    try:
+        for c in consumers:
+            c.start()
+        for c in consumers:
+            await asyncio.to_thread(c.wait_log, "registry consuming")
+        # hold the agent's row: whichever consumer gets the record blocks in its transaction
+        holder = await psycopg.AsyncConnection.connect(pg_dsn)
+        await holder.execute("INSERT INTO agents (site, agent) VALUES (%s, %s)", (SITE, AGENT))
+        await holder.commit()
+        await holder.execute(
+            "SELECT 1 FROM agents WHERE site = %s AND agent = %s FOR UPDATE", (SITE, AGENT)
+        )
+        async with running_station(cfg) as run:
+            pty_port.scan("111122410000012345")
+            assert await pty_port.aread(1) == ACK
+            victim_pid = None
+            # pg_stat_activity is a snapshot per transaction: look from outside the holder's
+            async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as look:
+                while victim_pid is None:
+                    cur = await look.execute(
+                        "SELECT application_name FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND application_name LIKE 'madoguchi-%'"
+                    )
+                    row = await cur.fetchone()
+                    victim_pid = None if row is None else int(row[0].rsplit("-", 1)[1])
+                    await asyncio.sleep(0.05)
+            [victim] = [c for c in consumers if c.proc is not None and c.proc.pid == victim_pid]
+            victim.kill9()  # received, inside its transaction, not committed, not acked
+            await holder.rollback()
+            await holder.close()
+            outbox = run.station.outbox
+            assert outbox is not None
+            while (await outbox.stats()).unconfirmed:
+                await asyncio.sleep(0.05)
+    finally:
+        for c in consumers:
+            c.stop()
+    assert "stored " not in victim.text()
+    assert sum(c.text().count("stored ") for c in consumers) == 1
+    rows = pg_cluster.query(pg_dsn, "SELECT seq, body->'data'->>'text' FROM records")
+    assert rows == [(1, "111122410000012345")]
