@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     p.set_defaults(func=cmd_registry)
 
+    from agent.dashboard import add_dashboard_parser
+
+    add_dashboard_parser(sub)
+
     p = sub.add_parser("demo", help="broker + registry + agent + simulated scanner, end to end")
     p.add_argument("--loop", action="store_true", help="keep scanning until Ctrl-C")
     p.add_argument("--scans", type=int, default=0, help="how many scans (default: one set)")
