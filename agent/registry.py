@@ -541,12 +541,12 @@ def _log_gap_changes(
     for a, b, _ in new:
         if (a, b) not in before and not any(oa <= a and b <= ob for oa, ob in before):
             # normal for a moment with shared consumers; the overdue check alerts
-            log.info("seq gap opened: %s/%s missing %d..%d", site, agent, a, b)
+            log.debug("seq gap opened: %s/%s missing %d..%d", site, agent, a, b)
     filled = sum(b - a + 1 for a, b, _ in old) - sum(
         b - a + 1 for a, b, _ in new if any(oa <= a and b <= ob for oa, ob, _ in old)
     )
     if filled > 0:
-        log.info("seq gap filled: %s/%s %d seq(s), %d gap(s) open", site, agent, filled, len(new))
+        log.debug("seq gap filled: %s/%s %d seq(s), %d gap(s) open", site, agent, filled, len(new))
 
 
 def carry_alerted(
