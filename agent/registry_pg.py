@@ -1,11 +1,13 @@
 """The registry's PostgreSQL backend (psycopg 3, async): the `RecordStore` for a city.
 
-Each `store()` is one transaction: per agent (in sorted order, so that
-consumers sharing the load never deadlock) it locks the agent's row, inserts
-the records with `INSERT ... ON CONFLICT (id) DO NOTHING RETURNING id` (the
-ids returned are the new ones), and rewrites the agent's open gaps. Another
-consumer storing the same agent waits on that row lock; another storing the
-same record id waits on the primary key and then finds it there.
+Each `store()` is one transaction of a fixed number of set-based statements
+(arrays through `unnest`), however many messages and agents it covers: it
+locks the agents' rows in (site, agent) order, so that consumers sharing the
+load never deadlock; inserts the records with `INSERT ... ON CONFLICT (id) DO
+NOTHING RETURNING id` (the ids returned are the new ones); and rewrites the
+open gaps of the agents that changed. Another consumer storing the same agent
+waits on that row lock; another storing the same record id waits on the
+primary key and then finds it there.
 
 Times are Unix seconds (double precision), as in the SQLite backend, so both
 share `plan_gaps` and the dashboard's arithmetic. Bodies are `json` (kept as
@@ -76,11 +78,12 @@ _SCHEMA = [
 
 _INSERT = """
 INSERT INTO records (id, site, agent, seq, captured_at, device, kind, source, body, stored_at)
-SELECT u.id, %(site)s, %(agent)s, u.seq, u.captured_at, u.device, u.kind, u.source,
+SELECT u.id, u.site, u.agent, u.seq, u.captured_at, u.device, u.kind, u.source,
        u.body::json, %(now)s
-FROM unnest(%(ids)s::text[], %(seqs)s::bigint[], %(captured)s::text[], %(devices)s::text[],
-            %(kinds)s::text[], %(sources)s::text[], %(bodies)s::text[])
-     AS u(id, seq, captured_at, device, kind, source, body)
+FROM unnest(%(ids)s::text[], %(sites)s::text[], %(agents)s::text[], %(seqs)s::bigint[],
+            %(captured)s::text[], %(devices)s::text[], %(kinds)s::text[], %(sources)s::text[],
+            %(bodies)s::text[])
+     AS u(id, site, agent, seq, captured_at, device, kind, source, body)
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
@@ -138,44 +141,51 @@ class PostgresStore:
 
     async def store(self, batches: Sequence[Batch]) -> list[Stored]:
         now = time.time()
-        out: list[Stored] = []
         conn = await self._connection()
         try:
             async with conn.transaction():
-                for (site, agent), records in group_batches(batches):
-                    out.extend(await self._store_agent(conn, site, agent, records, now))
+                out = await self._store_all(conn, group_batches(batches), now)
         except psycopg.Error as e:
             raise RegistryStoreError(f"PostgreSQL: {type(e).__name__}: {e}") from e
         return out  # committed: the caller may ack all of it
 
-    async def _store_agent(
+    async def _store_all(
         self,
         conn: psycopg.AsyncConnection[Any],
-        site: str,
-        agent: str,
-        records: list[dict[str, Any]],
+        groups: list[tuple[tuple[str, str], list[dict[str, Any]]]],
         now: float,
     ) -> list[Stored]:
+        """Set-based: the same seven statements whether the commit holds 1 agent or 500."""
+        sites = [site for (site, _), _ in groups]
+        agents = [agent for (_, agent), _ in groups]
         await conn.execute(
-            "INSERT INTO agents (site, agent) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            (site, agent),
+            "INSERT INTO agents (site, agent) SELECT * FROM unnest(%s::text[], %s::text[])"
+            " ON CONFLICT DO NOTHING",
+            (sites, agents),
         )
+        # lock every agent row of the commit, in (site, agent) order: no deadlocks
         cur = await conn.execute(
-            "SELECT max_seq FROM agents WHERE site = %s AND agent = %s FOR UPDATE", (site, agent)
+            "SELECT a.site, a.agent, a.max_seq FROM agents a"
+            " JOIN unnest(%s::text[], %s::text[]) AS k(site, agent)"
+            " ON a.site = k.site AND a.agent = k.agent"
+            " ORDER BY a.site, a.agent FOR UPDATE OF a",
+            (sites, agents),
         )
-        row = await cur.fetchone()
-        assert row is not None
-        max_seq = int(row[0])
+        max_seqs = {(str(r[0]), str(r[1])): int(r[2]) for r in await cur.fetchall()}
         first: dict[str, dict[str, Any]] = {}
-        for r in records:  # a re-send inside one commit is a duplicate, not a second row
-            first.setdefault(r["id"], r)
+        owner: dict[str, tuple[str, str]] = {}
+        for key, records in groups:
+            for r in records:  # a re-send inside one commit is a duplicate, not a second row
+                if r["id"] not in first:
+                    first[r["id"]] = r
+                    owner[r["id"]] = key
         unique = list(first.values())
         cur = await conn.execute(
             _INSERT,
             {
-                "site": site,
-                "agent": agent,
                 "now": now,
+                "sites": [owner[r["id"]][0] for r in unique],
+                "agents": [owner[r["id"]][1] for r in unique],
                 "ids": [r["id"] for r in unique],
                 "seqs": [int(r["seq"]) for r in unique],
                 "captured": [r["captured_at"] for r in unique],
@@ -186,39 +196,63 @@ class PostgresStore:
             },
         )
         inserted = {str(row[0]) for row in await cur.fetchall()}
-        out = []
-        new_seqs = []
-        clock: bool | None = None
-        for r in records:
-            new = r["id"] in inserted and first.get(r["id"]) is r
-            out.append(Stored(site, agent, r, new))
-            if new:
-                new_seqs.append(int(r["seq"]))
-                if isinstance(r.get("clock_synced"), bool):
-                    clock = r["clock_synced"]
+        out: list[Stored] = []
+        new_seqs: dict[tuple[str, str], list[int]] = {}
+        clocks: dict[tuple[str, str], bool] = {}
+        for key, records in groups:
+            for r in records:
+                new = r["id"] in inserted and first.get(r["id"]) is r and owner[r["id"]] == key
+                out.append(Stored(key[0], key[1], r, new))
+                if new:
+                    new_seqs.setdefault(key, []).append(int(r["seq"]))
+                    if isinstance(r.get("clock_synced"), bool):
+                        clocks[key] = r["clock_synced"]
         if not new_seqs:
             return out
+        touched = sorted(new_seqs)
         cur = await conn.execute(
-            "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = %s AND agent = %s",
-            (site, agent),
+            "SELECT g.site, g.agent, g.first, g.last, g.opened_at, g.alerted_at FROM gaps g"
+            " JOIN unnest(%s::text[], %s::text[]) AS k(site, agent)"
+            " ON g.site = k.site AND g.agent = k.agent",
+            ([k[0] for k in touched], [k[1] for k in touched]),
         )
-        rows = await cur.fetchall()
-        old = sorted((int(a), int(b), float(t)) for a, b, t, _ in rows)
-        gaps, max_seq = plan_gaps(old, max_seq, new_seqs, now)
-        if gaps != old:
-            _log_gap_changes(site, agent, old, gaps)
-            alerted = {(int(a), int(b)): al for a, b, _, al in rows}
-            await conn.execute("DELETE FROM gaps WHERE site = %s AND agent = %s", (site, agent))
-            if gaps:
-                async with conn.cursor() as c:
-                    await c.executemany(
-                        "INSERT INTO gaps VALUES (%s, %s, %s, %s, %s, %s)",
-                        [(site, agent, *g) for g in carry_alerted(alerted, gaps)],
-                    )
+        old_gaps: dict[tuple[str, str], list[tuple[int, int, float, float | None]]] = {}
+        for site, agent, a, b, opened, alerted in await cur.fetchall():
+            old_gaps.setdefault((site, agent), []).append((int(a), int(b), float(opened), alerted))
+        rewrite: list[tuple[str, str]] = []
+        new_rows: list[tuple[Any, ...]] = []
+        updates: list[tuple[str, str, int, int, bool | None]] = []
+        for key in touched:
+            rows = old_gaps.get(key, [])
+            old = sorted((a, b, t) for a, b, t, _ in rows)
+            gaps, top = plan_gaps(old, max_seqs.get(key, 0), new_seqs[key], now)
+            if gaps != old:
+                _log_gap_changes(key[0], key[1], old, gaps)
+                rewrite.append(key)
+                alerted = {(a, b): al for a, b, _, al in rows}
+                new_rows.extend((*key, *g) for g in carry_alerted(alerted, gaps))
+            updates.append((*key, top, len(new_seqs[key]), clocks.get(key)))
+        if rewrite:
+            await conn.execute(
+                "DELETE FROM gaps g USING unnest(%s::text[], %s::text[]) AS k(site, agent)"
+                " WHERE g.site = k.site AND g.agent = k.agent",
+                ([k[0] for k in rewrite], [k[1] for k in rewrite]),
+            )
+        if new_rows:
+            cols = list(zip(*new_rows, strict=True))
+            await conn.execute(
+                "INSERT INTO gaps SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
+                " %s::bigint[], %s::float8[], %s::float8[])",
+                tuple(list(c) for c in cols),
+            )
+        cols = list(zip(*updates, strict=True))
         await conn.execute(
-            "UPDATE agents SET max_seq = %s, records = records + %s, last_stored_at = %s,"
-            " clock_synced = coalesce(%s, clock_synced) WHERE site = %s AND agent = %s",
-            (max_seq, len(new_seqs), now, clock, site, agent),
+            "UPDATE agents a SET max_seq = u.max_seq, records = a.records + u.n,"
+            " last_stored_at = %s, clock_synced = coalesce(u.clock, a.clock_synced)"
+            " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bool[])"
+            " AS u(site, agent, max_seq, n, clock)"
+            " WHERE a.site = u.site AND a.agent = u.agent",
+            (now, *(list(c) for c in cols)),
         )
         return out
 
