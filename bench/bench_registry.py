@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -237,6 +238,27 @@ def wait_connected(run: Path, n: int, procs: list[subprocess.Popen[bytes]]) -> N
     sys.exit("consumers did not connect")
 
 
+def one_run(
+    run: Path, pg: Postgres | None, n: int, records: int, agents: int, batch: int
+) -> tuple[float, int]:
+    """One measurement on a fresh broker and a fresh database: (records/s, missing)."""
+    run.mkdir()
+    db = pg.new_dsn() if pg is not None else str(run / "registry.db")
+    broker = Mosquitto(run)
+    procs = consumers(broker.port, db, n, run)
+    try:
+        wait_connected(run, n, procs)
+        elapsed, missing = asyncio.run(load(broker.port, records, agents, batch))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        broker.stop()
+    return (records - missing) / elapsed, missing
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=6000)
@@ -244,13 +266,17 @@ def main() -> int:
     ap.add_argument("--batch", default="1,10")
     ap.add_argument("--consumers", default="1,2,4")
     ap.add_argument("--backends", default="sqlite,postgresql")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row: median (min-max)")
     args = ap.parse_args()
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cpu(s), {platform.platform()}, "
         f"Python {platform.python_version()}"
     )
     print(f"{args.records} records from {args.agents} simulated agents per run\n")
-    print(f"{'backend':<11} {'consumers':>9} {'rec/msg':>7} {'records/s':>10} {'missing':>8}")
+    print(
+        f"{'backend':<11} {'consumers':>9} {'rec/msg':>7} {'records/s':>10} "
+        f"{'(min-max)':>13} {'missing':>8}"
+    )
     work = Path(tempfile.mkdtemp(prefix="madoguchi-bench-"))
     pg: Postgres | None = None
     try:
@@ -259,25 +285,28 @@ def main() -> int:
                 pg = Postgres()
             for n in (int(x) for x in args.consumers.split(",")):
                 for batch in (int(x) for x in args.batch.split(",")):
-                    run = work / f"{backend}-{n}-{batch}"
-                    run.mkdir()
-                    db = pg.new_dsn() if pg is not None else str(run / "registry.db")
-                    broker = Mosquitto(run)
-                    procs = consumers(broker.port, db, n, run)
-                    try:
-                        wait_connected(run, n, procs)
-                        elapsed, missing = asyncio.run(
-                            load(broker.port, args.records, args.agents, batch)
+                    rates, lost = [], 0
+                    for k in range(args.repeat):
+                        rate, missing = one_run(
+                            work / f"{backend}-{n}-{batch}-{k}",
+                            pg,
+                            n,
+                            args.records,
+                            args.agents,
+                            batch,
                         )
-                    finally:
-                        for p in procs:
-                            p.terminate()
-                        for p in procs:
-                            with contextlib.suppress(subprocess.TimeoutExpired):
-                                p.wait(10)
-                        broker.stop()
-                    rate = (args.records - missing) / elapsed
-                    print(f"{backend:<11} {n:>9} {batch:>7} {rate:>10.0f} {missing:>8}", flush=True)
+                        rates.append(rate)
+                        lost += missing
+                    rates.sort()
+                    spread = f"({rates[0]:.0f}-{rates[-1]:.0f})"
+                    print(
+                        f"{backend:<11} {n:>9} {batch:>7} {statistics.median(rates):>10.0f} "
+                        f"{spread:>13} {lost:>8}",
+                        flush=True,
+                    )
+            if pg is not None:
+                pg.stop()
+                pg = None
     finally:
         if pg is not None:
             pg.stop()

@@ -404,3 +404,35 @@ async def test_shared_consumer_killed_inside_its_transaction_record_resent_and_s
     assert sum(c.text().count("stored ") for c in consumers) == 1
     rows = pg_cluster.query(pg_dsn, "SELECT seq, body->'data'->>'text' FROM records")
     assert rows == [(1, "111122410000012345")]
+
+
+@pytest.mark.broker
+async def test_a_gap_left_open_past_the_timeout_raises_one_alert(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alerts: asyncio.Queue[Any] = asyncio.Queue()
+    topic = f"madoguchi/v1/{SITE}/{AGENT}/records"
+    async with (
+        Registry(
+            "127.0.0.1",
+            broker.port,
+            tmp_path / "r.db",
+            gap_timeout_s=0.5,
+            on_alert=alerts.put_nowait,
+        ) as reg,
+        aiomqtt.Client("127.0.0.1", broker.port) as agent,
+    ):
+        task = asyncio.create_task(reg.run())
+        await asyncio.wait_for(reg.connected.wait(), 10)
+        await agent.publish(topic, envelope(SITE, AGENT, [record(1), record(3)]), qos=1)
+        gap = await asyncio.wait_for(alerts.get(), 20)
+        assert (gap.site, gap.agent, gap.first, gap.last) == (SITE, AGENT, 2, 2)
+        # the record comes after all: the gap closes, and no second alert was raised
+        await agent.publish(topic, envelope(SITE, AGENT, [record(2)]), qos=1)
+        while await reg.store.open_gaps():
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert alerts.empty() and len(reg.alerts) == 1
+    assert "ALERT seq gap open" in caplog.text
