@@ -32,6 +32,7 @@ from typing import Any
 
 import aiomqtt
 
+from agent.errors import MadoguchiError
 from agent.registry import AgentSummary, Gap, RecordStore, RegistryStoreError, is_dsn, open_store
 from agent.uplink import Backoff
 
@@ -423,19 +424,26 @@ class Dashboard:
         config.load()
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
-        # the process owns signals: start and stop the server ourselves, not serve()
-        await server.startup()
-        if server.should_exit:
-            raise OSError(f"dashboard: cannot listen on {self.http_host}:{self.http_port}")
-        for s in getattr(server, "servers", []):
-            for sock in s.sockets:
-                self.http_port = int(sock.getsockname()[1])
+        # the process owns signals and the socket: not serve(), and no sys.exit on a bind error
+        family = socket.AF_INET6 if ":" in self.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.http_host, self.http_port))
+        except OSError as e:
+            sock.close()
+            raise MadoguchiError(
+                f"dashboard: cannot listen on {self.http_host}:{self.http_port}: {e.strerror}"
+            ) from e
+        self.http_port = int(sock.getsockname()[1])
+        await server.startup(sockets=[sock])
         log.info("dashboard on http://%s:%d/", self.http_host, self.http_port)
         self.serving.set()
         try:
             await stop.wait()
         finally:
-            await server.shutdown()
+            await server.shutdown(sockets=[sock])
+            sock.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
@@ -480,4 +488,11 @@ def run_dashboard(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         thresholds=Thresholds(stuck_after_s=args.stuck_after, gap_timeout_s=args.gap_timeout),
     )
-    return run_until_signal(dashboard.run)
+    failed = False
+    try:
+        run_until_signal(dashboard.run)
+    except* MadoguchiError as group:
+        failed = True
+        for e in group.exceptions:
+            log.error("%s", e)
+    return 1 if failed else 0

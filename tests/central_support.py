@@ -3,6 +3,7 @@ consumers as real processes, and envelopes in the contract's format."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,11 +14,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agent.dashboard import Dashboard
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14, 13)]
@@ -213,3 +216,16 @@ class RegistryProcess:
                 self.proc.wait()
         with contextlib.suppress(AttributeError):
             self._logf.close()
+
+
+@contextlib.asynccontextmanager
+async def running_dashboard(dashboard: Dashboard) -> AsyncIterator[Dashboard]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(dashboard.run(stop), name="test-dashboard")
+    await asyncio.wait_for(dashboard.serving.wait(), 15)
+    await asyncio.wait_for(dashboard.connected.wait(), 15)
+    try:
+        yield dashboard
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import json
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from central_support import running_dashboard
 from conftest import Broker, Pty, free_port, running_station, write_config
 
 from agent.dashboard import Dashboard, Fleet, Thresholds
@@ -87,19 +88,6 @@ def test_stations_are_grouped_by_site() -> None:
     ]
 
 
-@contextlib.asynccontextmanager
-async def running_dashboard(dashboard: Dashboard) -> AsyncIterator[Dashboard]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(dashboard.run(stop), name="test-dashboard")
-    await asyncio.wait_for(dashboard.serving.wait(), 15)
-    await asyncio.wait_for(dashboard.connected.wait(), 15)
-    try:
-        yield dashboard
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
 def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
@@ -135,3 +123,79 @@ async def test_api_shows_a_live_station_and_runs_a_command(
         assert e.value.code == 404
         page = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/").read().decode())
         assert "窓口フリート" in page and "madoguchi fleet" in page
+
+
+@pytest.mark.broker
+def test_dashboard_command_serves_and_stops_on_sigterm(broker: Broker, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    http_port = free_port()
+    log = tmp_path / "dashboard.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "dashboard",
+                "--port",
+                str(broker.port),
+                "--db",
+                str(tmp_path / "registry.db"),
+                "--http-port",
+                str(http_port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            fleet = None
+            while fleet is None and time.monotonic() < deadline:
+                try:
+                    fleet = http_json(f"http://127.0.0.1:{http_port}/api/fleet")
+                except OSError:
+                    assert proc.poll() is None, log.read_text()
+                    time.sleep(0.1)
+            assert fleet is not None and fleet["sites"] == []
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # a second dashboard on a port already taken says so and exits 1
+    with socket_bound() as taken:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "dashboard",
+                "--port",
+                str(broker.port),
+                "--http-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=Path(__file__).resolve().parent.parent,
+            check=False,
+        )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{taken}" in r.stderr
+
+
+@contextlib.contextmanager
+def socket_bound() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])

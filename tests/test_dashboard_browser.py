@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from central_support import running_dashboard
 from conftest import (
     AgentProcess,
     Broker,
@@ -22,7 +23,6 @@ from conftest import (
     running_station,
     write_config,
 )
-from test_dashboard import running_dashboard
 
 from agent.dashboard import Dashboard, Thresholds
 
