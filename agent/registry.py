@@ -605,6 +605,7 @@ class Registry:
         self.stored_new = 0
         self.duplicates = 0
         self.commits = 0
+        self.store_failures = 0
         self.alerts: list[Gap] = []
 
     @property
@@ -690,6 +691,7 @@ class Registry:
                 stored = await self.store.store(batches)
             except RegistryStoreError as e:
                 # nothing committed, nothing acked: the agents send it again
+                self.store_failures += 1
                 log.error("registry: store failed, %d message(s) not acked: %s", len(batches), e)
                 continue
             self.commits += 1

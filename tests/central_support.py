@@ -81,6 +81,9 @@ class PgCluster:
             "--locale=C",
             "--no-instructions",
         )
+        self.start_server()
+
+    def start_server(self) -> None:
         opts = f"-k {self.dir} -p {self.port} -c listen_addresses='' -c max_connections=100"
         self._run(
             pg_bin("pg_ctl"),
@@ -95,6 +98,10 @@ class PgCluster:
             "60",
             "start",
         )
+
+    def stop_server(self) -> None:
+        """The database goes away under the consumers (its files stay)."""
+        self._run(pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def stop(self) -> None:
         subprocess.run(

@@ -436,3 +436,50 @@ async def test_a_gap_left_open_past_the_timeout_raises_one_alert(
             await task
     assert alerts.empty() and len(reg.alerts) == 1
     assert "ALERT seq gap open" in caplog.text
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_database_down_nothing_acked_then_everything_stored_once(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cluster = PgCluster()  # its own: this test stops the server
+    cluster.start()
+    try:
+        dsn = cluster.new_database()
+        cfg = write_config(
+            tmp_path, broker.port, scanner=pty_port.link, outbox="resend_after_s = 1"
+        )
+        stored: list[Stored] = []
+        async with (
+            Registry("127.0.0.1", broker.port, dsn, on_stored=stored.append) as reg,
+            running_station(cfg) as run,
+        ):
+            task = asyncio.create_task(reg.run())
+            await asyncio.wait_for(reg.connected.wait(), 10)
+            outbox = run.station.outbox
+            assert outbox is not None
+            pty_port.scan("before")
+            assert await pty_port.aread(1) == ACK
+            while (await outbox.stats()).unconfirmed:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(cluster.stop_server)
+            for text in ("during-1", "during-2"):
+                pty_port.scan(text)  # the station still takes scans: its outbox is local
+                assert await pty_port.aread(1) == ACK
+            commits = reg.commits
+            while reg.store_failures < 2:  # both reached the registry; its store failed
+                await asyncio.sleep(0.05)
+            assert reg.commits == commits and reg.stored_new == 1
+            assert (await outbox.stats()).unconfirmed == 2  # and nothing was acked
+            await asyncio.to_thread(cluster.start_server)
+            while (await outbox.stats()).unconfirmed:  # re-sent, stored, acked
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        rows = cluster.query(dsn, "SELECT seq, body->'data'->>'text' FROM records ORDER BY seq")
+        assert rows == [(1, "before"), (2, "during-1"), (3, "during-2")]
+        assert [s.record["data"]["text"] for s in stored if s.new] == [t for _, t in rows]
+    finally:
+        cluster.stop()
