@@ -7,20 +7,24 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+import jsonschema
 import pytest
+import yaml
 
 from agent.dashboard import Dashboard
+from agent.records import uuid7
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14, 13)]
@@ -147,7 +151,7 @@ def pg_dsn(pg_cluster: PgCluster) -> str:
 def record(seq: int, *, rid: str | None = None, text: str | None = None) -> dict[str, Any]:
     """A record in the contract's wire form (as agent.records.Record.wire() makes it)."""
     return {
-        "id": rid or str(uuid.uuid4()),
+        "id": rid or str(uuid7()),
         "seq": seq,
         "captured_at": "2026-11-22T06:34:50.123Z",
         "device": "ticket-scanner",
@@ -236,3 +240,95 @@ async def running_dashboard(dashboard: Dashboard) -> AsyncIterator[Dashboard]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+# -- the AsyncAPI document as a checker ---------------------------------------------------
+
+DOC = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
+
+
+def resolve(ref: str) -> Any:
+    node: Any = DOC
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+class Contract:
+    """Channel address templates as regexes, each with the validators of its messages."""
+
+    def __init__(self) -> None:
+        assert DOC["asyncapi"].startswith("3.")
+        self.channels: list[tuple[str, re.Pattern[str], list[tuple[str, Any]]]] = []
+        for name, channel in DOC["channels"].items():
+            pattern = re.escape(channel["address"])
+            pattern = re.sub(r"\\\{[a-z]+\\\}", "[^/]+", pattern)
+            validators = []
+            for msg_name, msg in channel["messages"].items():
+                payload = resolve(msg["$ref"])["payload"]
+                # the document is the root, so its #/components/... refs resolve
+                schema = {**DOC, "$ref": payload["$ref"]}
+                jsonschema.Draft7Validator.check_schema(resolve(payload["$ref"]))
+                validators.append((msg_name, jsonschema.Draft7Validator(schema)))
+            self.channels.append((name, re.compile(f"^{pattern}$"), validators))
+
+    def check(self, topic: str, body: Any) -> str:
+        """The channel's name; AssertionError if no channel or no message fits."""
+        for name, pattern, validators in self.channels:
+            if pattern.match(topic):
+                errors = []
+                for msg_name, v in validators:
+                    found = sorted(v.iter_errors(body), key=str)
+                    if not found:
+                        return f"{name}/{msg_name}"
+                    errors.append(f"{msg_name}: {found[0].message}")
+                raise AssertionError(f"{topic}: fits no message of {name}: {errors}")
+        raise AssertionError(f"{topic}: no channel in docs/asyncapi.yaml")
+
+
+class ContractSpy:
+    """Subscribes to everything under the prefix and checks what agents and registries send.
+
+    `cmd/{name}` itself is left out: tests send malformed commands on purpose.
+    Reconnects when a test restarts the broker.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.contract = Contract()
+        self.seen: list[str] = []
+        self.problems: list[str] = []
+        self.subscribed = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client("127.0.0.1", self.port) as client:
+                    await client.subscribe("madoguchi/#", qos=1)
+                    self.subscribed.set()
+                    async for m in client.messages:
+                        self.check(m.topic.value, m.payload)
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.1)
+
+    def check(self, topic: str, payload: Any) -> None:
+        levels = topic.split("/")
+        if len(levels) == 6 and levels[4] == "cmd":
+            return
+        try:
+            self.seen.append(self.contract.check(topic, json.loads(payload)))
+        except (AssertionError, ValueError) as e:
+            self.problems.append(f"{topic}: {e}")
+
+
+@pytest.fixture
+async def contract_spy(broker: Any) -> AsyncIterator[ContractSpy]:
+    """Use in any broker test: every message an agent or registry sends must fit the contract."""
+    spy = ContractSpy(broker.port)
+    task = asyncio.create_task(spy.run(), name="contract-spy")
+    await asyncio.wait_for(spy.subscribed.wait(), 10)
+    yield spy
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert spy.problems == [], "messages outside docs/asyncapi.yaml:\n" + "\n".join(spy.problems)

@@ -9,60 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import jsonschema
 import pytest
-import yaml
+from central_support import DOC, Contract, resolve
 from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
-DOC = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
 BASE = "madoguchi/v1/toda-city-hall-1f/station-03"
 ACK = b"\x06"
-
-
-def resolve(ref: str) -> Any:
-    node: Any = DOC
-    for part in ref.removeprefix("#/").split("/"):
-        node = node[part]
-    return node
-
-
-class Contract:
-    """Channel address templates as regexes, each with the validators of its messages."""
-
-    def __init__(self) -> None:
-        assert DOC["asyncapi"].startswith("3.")
-        self.channels: list[tuple[str, re.Pattern[str], list[tuple[str, Any]]]] = []
-        for name, channel in DOC["channels"].items():
-            pattern = re.escape(channel["address"])
-            pattern = re.sub(r"\\\{[a-z]+\\\}", "[^/]+", pattern)
-            validators = []
-            for msg_name, msg in channel["messages"].items():
-                payload = resolve(msg["$ref"])["payload"]
-                # the document is the root, so its #/components/... refs resolve
-                schema = {**DOC, "$ref": payload["$ref"]}
-                jsonschema.Draft7Validator.check_schema(resolve(payload["$ref"]))
-                validators.append((msg_name, jsonschema.Draft7Validator(schema)))
-            self.channels.append((name, re.compile(f"^{pattern}$"), validators))
-
-    def check(self, topic: str, body: Any) -> str:
-        """The channel's name; AssertionError if no channel or no message fits."""
-        for name, pattern, validators in self.channels:
-            if pattern.match(topic):
-                errors = []
-                for msg_name, v in validators:
-                    found = sorted(v.iter_errors(body), key=str)
-                    if not found:
-                        return f"{name}/{msg_name}"
-                    errors.append(f"{msg_name}: {found[0].message}")
-                raise AssertionError(f"{topic}: fits no message of {name}: {errors}")
-        raise AssertionError(f"{topic}: no channel in docs/asyncapi.yaml")
 
 
 def test_document_is_consistent() -> None:

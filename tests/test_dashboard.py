@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import central_support
 import pytest
 from central_support import running_dashboard
 from conftest import Broker, Pty, free_port, running_station, write_config
@@ -17,6 +18,7 @@ from conftest import Broker, Pty, free_port, running_station, write_config
 from agent.dashboard import Dashboard, Fleet, Thresholds
 from agent.registry import AgentSummary, Gap
 
+contract_spy = central_support.contract_spy
 S, A = "toda-city-hall-1f", "station-03"
 
 
@@ -96,6 +98,7 @@ def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
 
 
 @pytest.mark.broker
+@pytest.mark.usefixtures("contract_spy")
 async def test_api_shows_a_live_station_and_runs_a_command(
     broker: Broker, pty_port: Pty, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import central_support
 import pytest
 from central_support import running_dashboard
 from conftest import (
@@ -26,7 +27,8 @@ from conftest import (
 
 from agent.dashboard import Dashboard, Thresholds
 
-pytestmark = [pytest.mark.browser, pytest.mark.broker]
+contract_spy = central_support.contract_spy
+pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
