@@ -646,6 +646,7 @@ class Registry:
             tls_context=self.tls_context,
             keepalive=30,
             max_queued_incoming_messages=10_000,
+            max_inflight_messages=100,
         )
 
     async def run(self) -> None:
@@ -707,9 +708,18 @@ class Registry:
             if self.on_stored is not None:
                 self.on_stored(s)
             ids.setdefault((s.site, s.agent), []).append(s.record["id"])
-        for (site, agent), agent_ids in ids.items():
-            ack = json.dumps({"ids": list(dict.fromkeys(agent_ids))})
-            await client.publish(f"{self.prefix}/{site}/{agent}/ack", ack, qos=1)
+        # one ack per agent, all in flight together: a broker far away costs one
+        # round trip per commit, not one per agent
+        await asyncio.gather(
+            *(
+                client.publish(
+                    f"{self.prefix}/{site}/{agent}/ack",
+                    json.dumps({"ids": list(dict.fromkeys(agent_ids))}),
+                    qos=1,
+                )
+                for (site, agent), agent_ids in ids.items()
+            )
+        )
 
     def _parse(self, message: aiomqtt.Message) -> Batch | None:
         topic = message.topic.value
