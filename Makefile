@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Everything the agent, the demo and the tests need from Debian.
 APT_PACKAGES := mosquitto mosquitto-clients pcscd libccid vsmartcard-vpcd libpcsclite-dev swig \
-                python3-venv python3-dev gcc linux-libc-dev systemd shellcheck chromium fonts-ipafont-gothic
+                python3-venv python3-dev gcc linux-libc-dev systemd shellcheck chromium \
+                fonts-ipafont-gothic postgresql
 EXTRAS := dev
 
 .PHONY: setup system-packages venv demo test lint typecheck bench clean

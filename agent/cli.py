@@ -104,11 +104,21 @@ def cmd_outbox_stats(args: argparse.Namespace) -> int:
 
 def cmd_registry(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    from agent.registry import run_registry
+    from agent.registry import is_dsn, run_registry
 
+    db: str | Path = args.db if is_dsn(args.db) else Path(args.db)
     return run_until_signal(
         lambda stop: run_registry(
-            args.host, args.port, Path(args.db), args.topic_prefix, args.client_id, stop
+            args.host,
+            args.port,
+            db,
+            args.topic_prefix,
+            args.client_id,
+            stop,
+            shared=args.shared,
+            gap_timeout_s=args.gap_timeout,
+            batch_max_messages=args.batch_max,
+            quiet=args.quiet,
         )
     )
 
@@ -145,11 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="reference registry consumer (stores, then acks)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--db", required=True, help="SQLite file of the registry")
+    p.add_argument(
+        "--db",
+        required=True,
+        help="SQLite file of the registry, or a PostgreSQL DSN (postgresql://...)",
+    )
     p.add_argument("--topic-prefix", default="madoguchi/v1")
-    p.add_argument("--client-id", default="madoguchi-registry")
+    p.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id (default madoguchi-registry; with --shared, one per process)",
+    )
+    p.add_argument(
+        "--shared",
+        metavar="GROUP",
+        default=None,
+        help="consume through the MQTT 5 shared subscription $share/GROUP/... "
+        "(run several consumers with the same GROUP)",
+    )
+    p.add_argument(
+        "--gap-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a seq gap may stay open before it is an alert",
+    )
+    p.add_argument("--batch-max", type=int, default=64, help="messages committed together at most")
+    p.add_argument("--quiet", action="store_true", help="do not print each record")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
     p.set_defaults(func=cmd_registry)
+
+    from agent.dashboard import add_dashboard_parser
+
+    add_dashboard_parser(sub)
 
     p = sub.add_parser("demo", help="broker + registry + agent + simulated scanner, end to end")
     p.add_argument("--loop", action="store_true", help="keep scanning until Ctrl-C")

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import aiomqtt
+import central_support
 import pytest
 from conftest import (
     AgentProcess,
@@ -23,7 +24,9 @@ from conftest import (
 
 from agent.config import load_config
 
-pytestmark = pytest.mark.broker
+# every message the agent and the registry send in these runs must fit docs/asyncapi.yaml
+contract_spy = central_support.contract_spy
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
 ACK, NAK = b"\x06", b"\x15"
 
