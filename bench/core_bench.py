@@ -99,6 +99,13 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def alive(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Stop the benchmark with the agent's own words if it died."""
+    if proc.poll() is not None:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"agent exited with {proc.returncode}; end of {log}:\n{tail}")
+
+
 def proc_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -109,6 +116,17 @@ def proc_rss(pid: int) -> int:
 def proc_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def read_byte(loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
+    """One byte from a non-blocking fd, woken by the event loop (no reader thread)."""
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, 1)
 
 
 async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str, Any]:
@@ -133,14 +151,19 @@ async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str
         task = asyncio.create_task(reg.run())
         await reg.connected.wait()
         await asyncio.sleep(2.0)  # the agent connects and opens the port
-        os.set_blocking(master, True)
+        alive(proc, workdir / "latency.log")
+        os.set_blocking(master, False)
         loop = asyncio.get_running_loop()
         for i in range(scans):
             text = f"1111224100{i:08d}"
             t0 = time.perf_counter()
             sent_at[text] = t0
             os.write(master, text.encode() + b"\r")
-            await loop.run_in_executor(None, os.read, master, 1)
+            try:
+                await asyncio.wait_for(read_byte(loop, master), 10)
+            except TimeoutError:
+                alive(proc, workdir / "latency.log")
+                raise SystemExit("no host ACK within 10 s") from None
             ack_lat.append(time.perf_counter() - t0)
             await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - t0)))
         await asyncio.wait_for(got.wait(), 60)
@@ -302,6 +325,7 @@ async def idle(port: int, workdir: Path, seconds: float) -> dict[str, Any]:
     link.symlink_to(os.ttyname(slave))
     proc = start_agent(agent_config(workdir, port, link, "idle"), workdir / "idle.log")
     await asyncio.sleep(3)
+    alive(proc, workdir / "idle.log")
     c0 = proc_cpu_s(proc.pid)
     await asyncio.sleep(seconds)
     cpu = (proc_cpu_s(proc.pid) - c0) / seconds
