@@ -138,3 +138,14 @@ def test_check_config_opens_no_device(tmp_path: Path) -> None:
     p.write_text(GOOD)
     assert check(p).returncode == 0
     assert not (tmp_path / "data").exists()
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the models: a new key must show up there."""
+    from agent.config import reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), (
+        "regenerate: python -c 'import agent.config as c; print(c.reference_markdown(), end=\"\")'"
+        " > docs/configuration.md"
+    )
