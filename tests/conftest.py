@@ -41,6 +41,27 @@ def mosquitto_binary() -> str:
     pytest.fail("mosquitto is not installed: run `make setup`")
 
 
+def start_mosquitto(conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """mosquitto -c conf, returned once it listens on the loopback port; else the test fails
+    with what mosquitto said."""
+    proc = subprocess.Popen(
+        [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                text = log.read_text() if log.exists() else ""
+                pytest.fail(f"mosquitto exited {proc.returncode}: {err}{text}")
+            time.sleep(0.02)
+    proc.kill()
+    pytest.fail("mosquitto did not listen")
+
+
 class Broker:
     """A real mosquitto. `stop()`/`kill()` and `start()` again on the same port."""
 
@@ -56,21 +77,7 @@ class Broker:
         )
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    pytest.fail(f"mosquitto exited: {self.proc.returncode}")
-                time.sleep(0.02)
-        pytest.fail("mosquitto did not listen")
+        self.proc = start_mosquitto(self.conf, self.port, self.workdir / "mosquitto.log")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -316,3 +323,34 @@ async def mqtt_collect(port: int, topic: str, seconds: float) -> list[aiomqtt.Me
 
 def payload(m: aiomqtt.Message) -> Any:
     return json.loads(m.payload)  # type: ignore[arg-type]
+
+
+# -- headless Chromium (Debian's package, driven by Playwright) ----------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # screenshots
+# Without the background-networking flags Chromium keeps dialling Google's hosts,
+# which this machine's closed network refuses.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """A real headless Chromium; missing is a failure (make setup installs it), not a skip."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (Debian package chromium)")
+    from playwright.async_api import async_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()

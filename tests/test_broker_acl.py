@@ -17,13 +17,12 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
-from conftest import Pty, RegistryProbe, free_port, mosquitto_binary, running_station
+from conftest import Pty, RegistryProbe, free_port, running_station, start_mosquitto
 from pki_support import TestCA
 
 from agent.cli import main as cli
@@ -68,23 +67,7 @@ class TlsBroker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                    log = self.log.read_text() if self.log.exists() else ""
-                    pytest.fail(f"mosquitto exited {self.proc.returncode}: {err}{log}")
-                time.sleep(0.02)
-        pytest.fail("mosquitto did not listen")
+        self.proc = start_mosquitto(self.conf, self.port, self.log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

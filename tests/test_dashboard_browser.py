@@ -7,7 +7,6 @@ downloads one. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import central_support
 import pytest
 from central_support import running_dashboard
 from conftest import (
+    ARTIFACTS,
     AgentProcess,
     Broker,
     Pty,
@@ -30,38 +30,19 @@ from agent.dashboard import Dashboard, Thresholds
 contract_spy = central_support.contract_spy
 pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 KEY = "toda-city-hall-1f/station-03"
 ACK = b"\x06"
 KEEPALIVE_S = 30  # the agent's mqtt.keepalive_s default: the broker's will comes within 1.5x
 
 
 @pytest.fixture
-async def page() -> AsyncIterator[Any]:
-    if not shutil.which(CHROMIUM):
-        pytest.fail("chromium is not installed: run `make setup` (apt package chromium)")
-    from playwright.async_api import async_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        context = await browser.new_context(viewport={"width": 1400, "height": 800})
-        pg = await context.new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        yield pg
-        await browser.close()
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(viewport={"width": 1400, "height": 800})
+    pg = await context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    await context.close()
     assert errors == []  # the page's script never threw
 
 

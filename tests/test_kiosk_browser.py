@@ -5,39 +5,16 @@ Screenshots at 800x480 go to test-artifacts/."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, Pty, RegistryProbe
+from conftest import ARTIFACTS, Broker, Pty, RegistryProbe
 from kiosk_support import CARD_INFO, CARD_PIN, Kiosk, kiosk_config, running_kiosk
-from playwright.async_api import Browser, Page, async_playwright, expect  # the dev extra
+from playwright.async_api import Browser, Page, expect  # the dev extra
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker]
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 ACK, NAK = b"\x06", b"\x15"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `make setup` (Debian package chromium)")
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        await b.close()
 
 
 async def open_kiosk(browser: Browser, k: Kiosk) -> Page:
