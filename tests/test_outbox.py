@@ -169,3 +169,24 @@ async def test_read_stats_while_open(tmp_path: Path) -> None:
         assert (s["unconfirmed"], s["last_seq"], s["session"]) == (1, 1, 1)
     with pytest.raises(OutboxError, match="no outbox database"):
         read_stats(tmp_path / "missing.db")
+
+
+async def test_retention_purges_only_confirmed_records_past_the_window(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    day = 86400.0
+    async with Outbox(tmp_path / "o.db", clock=lambda: now[0]) as ob:
+        old = [await ob.append(scan(f"old{i}")) for i in range(3)]
+        kept = await ob.append(scan("never confirmed"))
+        await ob.confirm([r.id for r in old[:2]])  # confirmed on day 0
+        now[0] += 3 * day
+        recent = await ob.append(scan("recent"))
+        await ob.confirm([recent.id])  # confirmed on day 3
+        assert await ob.purge(retention_days=7) == 0  # nothing is 7 days old yet
+        now[0] += 4.5 * day
+        assert await ob.purge(retention_days=7) == 2  # the two confirmed on day 0
+        stats = await ob.stats()
+        assert stats.confirmed == 1 and stats.unconfirmed == 2  # recent; old[2] and kept
+        now[0] += 365 * day
+        assert await ob.purge(retention_days=7) == 1  # recent, at last
+        batch = await ob.next_batch(10, resend_after_s=0)
+        assert {r.id for r in batch} == {old[2].id, kept.id}  # unconfirmed: never purged
