@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -220,6 +221,13 @@ async def test_photo_travels_in_chunks_and_its_blob_goes_once_confirmed(
         await until(
             lambda: read_stats(tmp_path / "data-station-03" / "outbox.db")["confirmed"] == 1
         )
+        # acked only after the registry's own database holds the photo
+        with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
+            row = db.execute(
+                "SELECT site, agent, content_type, sha256, data FROM blobs WHERE record_id = ?",
+                (result["record_id"],),
+            ).fetchone()
+        assert row == (SITE, AGENT, "image/jpeg", sha, blob)
         # asked for everything once; a re-sent manifest (resend_after_s) may ask again
         asks = probe.registry.blob_requests
         assert asks[0] == (result["record_id"], list(range(chunk_count(size))))
