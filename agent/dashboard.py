@@ -34,7 +34,7 @@ import aiomqtt
 
 from agent.errors import MadoguchiError
 from agent.registry import AgentSummary, Gap, RecordStore, RegistryStoreError, is_dsn, open_store
-from agent.uplink import Backoff
+from agent.uplink import NO_DELAY, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ class Dashboard:
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=self.tls_context,
                     keepalive=30,
+                    socket_options=NO_DELAY,
                 ) as client:
                     for suffix in ("status", "telemetry", "cmd/+/result"):
                         await client.subscribe(f"{self.prefix}/+/+/{suffix}", qos=1)

@@ -57,6 +57,7 @@ async def start_mosquitto(workdir: Path, port: int) -> asyncio.subprocess.Proces
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
+        "set_tcp_nodelay true\n"
     )
     proc = await asyncio.create_subprocess_exec(
         find_mosquitto(),

@@ -41,7 +41,7 @@ from paho.mqtt.properties import Properties
 from agent.errors import MadoguchiError
 from agent.records import SCHEMA
 from agent.registry_blobs import BlobAssembler, BlobError, BlobState
-from agent.uplink import Backoff
+from agent.uplink import NO_DELAY, Backoff
 
 log = logging.getLogger(__name__)
 
@@ -673,6 +673,7 @@ class Registry:
             keepalive=30,
             max_queued_incoming_messages=10_000,
             max_inflight_messages=100,
+            socket_options=NO_DELAY,
         )
 
     async def run(self) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,11 @@ from agent.outbox import Outbox
 from agent.records import Record, envelope, iso_ms, utc_now
 
 log = logging.getLogger(__name__)
+
+#: Every MQTT client socket of ours. MQTT is request/answer in small packets: with
+#: Nagle on, a PUBLISH written while our last PUBACK is unacknowledged waits for the
+#: peer's delayed ACK (40 ms on Linux). Measured: registry p50 4 ms -> 31 ms at 100 scans/s.
+NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -229,6 +235,7 @@ class Uplink:
             password=password,
             timeout=m.publish_timeout_s,
             max_queued_outgoing_messages=64,
+            socket_options=NO_DELAY,
         )
 
     async def _connected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:

@@ -73,7 +73,7 @@ class Broker:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {workdir}/\n"
-            f"log_dest file {workdir / 'mosquitto.log'}\nlog_type all\n"
+            f"log_dest file {workdir / 'mosquitto.log'}\nlog_type all\nset_tcp_nodelay true\n"
         )
 
     def start(self) -> None:
