@@ -48,6 +48,7 @@ test: setup lint typecheck
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS),bench]'
 	$(BIN)/python bench/run.py
 
 clean:

@@ -1,0 +1,275 @@
+"""docs/PERFORMANCE.md and its plots from one run of bench/run.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def _s(d: dict[str, float], fmt: str = "{:.0f}", scale: float = 1.0) -> str:
+    """min / median / max, median in bold."""
+    lo, med, hi = (fmt.format(d[k] * scale) for k in ("min", "median", "max"))
+    return f"**{med}** ({lo} - {hi})"
+
+
+def _verdict(ok: bool, gap: str = "") -> str:
+    return "met" if ok else f"**not met** {gap}".rstrip()
+
+
+def tinydb_projection(r: dict[str, Any], target_n: int) -> dict[str, Any]:
+    """Total time grows faster than n (TinyDB rewrites its whole store per insert):
+    fit T = c * n^k through the two measured sizes and project it to `target_n`."""
+    out: dict[str, Any] = {}
+    for backend in ("json", "sqlite"):
+        sizes = sorted(int(k.split("_")[1]) for k in r["tinydb"] if k.startswith(backend))
+        n1, n2 = sizes[0], sizes[-1]
+        t1, t2 = n1 / r["tinydb"][f"{backend}_{n1}"], n2 / r["tinydb"][f"{backend}_{n2}"]
+        k = math.log(t2 / t1) / math.log(n2 / n1)
+        t = t2 * (target_n / n2) ** k
+        out[backend] = {"exponent": k, "seconds": t, "records_per_s": target_n / t}
+    return out
+
+
+def plots(r: dict[str, Any], perf: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    perf.mkdir(parents=True, exist_ok=True)
+    names = []
+    rates = sorted(r["latency"], key=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for what, style in (("ack", "--"), ("registry", "-")):
+        for p, marker in (("p50", "o"), ("p99", "s"), ("p99.9", "^")):
+            ax.plot(
+                [float(x) for x in rates],
+                [r["latency"][x][f"{what}_{p}"]["median"] for x in rates],
+                style,
+                marker=marker,
+                label=f"scan -> {'host ACK' if what == 'ack' else 'registry'} {p}",
+            )
+    ax.axhline(20, color="grey", linewidth=0.8)
+    ax.text(1, 21, "target: registry p99 <= 20 ms at 100/s", fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("scans per second")
+    ax.set_ylabel("ms (median of runs)")
+    ax.set_title("Latency percentiles against scan rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(perf / "latency.png", dpi=110)
+    plt.close(fig)
+    names.append("latency.png")
+
+    tl = r["drain"]["timeline"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [t for t, _ in tl[1:]]
+    ys = [(c1 - c0) / (t1 - t0) for (t0, c0), (t1, c1) in zip(tl, tl[1:], strict=False)]
+    ax.plot(xs, ys, label="agent drain (records stored per s)")
+    raw = r["raw_paho"]["stored_per_s"]["median"]
+    ax.axhline(raw, color="red", linestyle="--", label="raw paho, one record per message")
+    ax.set_xlabel("seconds since agent start")
+    ax.set_ylabel("records/s")
+    ax.set_title(f"Draining {r['drain']['records']:,} queued records to the registry")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(perf / "drain.png", dpi=110)
+    plt.close(fig)
+    names.append("drain.png")
+    return names
+
+
+def write(r: dict[str, Any], doc: Path, perf: Path) -> None:
+    perf.mkdir(parents=True, exist_ok=True)
+    (perf / "results.json").write_text(json.dumps(r, indent=1))
+    plots(r, perf)
+    m = r["machine"]
+    mb = 1e6
+    lat100 = r["latency"]["100"]
+    ready_1m = r["ready"][max(r["ready"], key=int)]
+    ready_0 = r["ready"]["0"]
+    big = max(r["ready"], key=int)
+    tiny = tinydb_projection(r, r["outbox_appends"]["records"])
+    outbox_rate = r["outbox_appends"]["records_per_s"]["median"]
+    rss_growth = ready_1m["rss_max_bytes"]["median"] - ready_0["rss_max_bytes"]["median"]
+    lines = [
+        "# Performance",
+        "",
+        "Written by `make bench` (`bench/run.py`, `bench/report.py`); do not edit by hand",
+        "except the per-subsystem section, which is kept in `bench/subsystems.md`.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['machine']}), Linux {m['kernel']}, "
+        f"Python {m['python']}; databases on {m['disk']}. "
+        f"{r['runs']} run(s) per figure: **median** (min - max). "
+        f"Whole suite: {r['suite_s'] / 60:.1f} min."
+        + (" QUICK RUN: small sizes, not the figures of record." if r["quick"] else ""),
+        "",
+        "All traffic on loopback: a real mosquitto, real `python -m agent run` processes "
+        "with pty scanners, the reference registry (SQLite) in the benchmark process.",
+        "This is a shared 2-vCPU virtual machine: the spread between runs is mostly its noise.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| backlog drain >= 3x raw single-message paho | "
+        f"{r['drain_ratio']['vs_puback']:.1f}x (PUBACK rate), "
+        f"{r['drain_ratio']['vs_stored']:.1f}x (through the registry) | "
+        f"{_verdict(r['drain_ratio']['vs_puback'] >= 3)} |",
+        f"| scan -> registry p99 <= 20 ms at 100 scans/s | "
+        f"{lat100['registry_p99']['median']:.1f} ms | "
+        f"{_verdict(lat100['registry_p99']['median'] <= 20)} |",
+        f"| start -> READY <= 1 s with {int(big):,} queued | "
+        f"{ready_1m['ready_s']['median']:.2f} s | "
+        f"{_verdict(ready_1m['ready_s']['median'] <= 1.0)} |",
+        f"| idle RSS <= 40 MB (every driver family configured) | "
+        f"{r['footprint']['rss_bytes']['median'] / mb:.1f} MB | "
+        f"{_verdict(r['footprint']['rss_bytes']['median'] <= 40e6)} |",
+        f"| RSS flat under a {int(big):,}-record backlog | "
+        f"{rss_growth / mb:+.1f} MB against an empty outbox | "
+        f"{_verdict(rss_growth <= 5e6)} |",
+        f"| TinyDB comparison shows the ratio | outbox "
+        f"{outbox_rate / tiny['json']['records_per_s']:.0f}x TinyDB JSON, "
+        f"{outbox_rate / tiny['sqlite']['records_per_s']:.0f}x tinydb-sqlite "
+        f"({r['outbox_appends']['records']:,} durable appends) | shown |",
+        "",
+        "## Durable ingest (scan -> durable commit, `synchronous=FULL`)",
+        "",
+        "Each device awaits its own commit before its next read, as the station does. "
+        "Concurrent devices share a commit (group commit): records per commit is records "
+        "per fsync.",
+        "",
+        "| devices | records | records/s | records per commit (fsync) |",
+        "|---|---|---|---|",
+    ]
+    for d in (1, 8):
+        x = r[f"ingest_{d}"]
+        lines.append(
+            f"| {d} | {r['sizes']['ingest']:,} | {_s(x['records_per_s'])} | "
+            f"{_s(x['records_per_commit'], '{:.1f}')} |"
+        )
+    d, raw = r["drain"], r["raw_paho"]
+    lines += [
+        "",
+        f"## Backlog drain ({d['records']:,} queued records -> reference registry)",
+        "",
+        "| | records/s |",
+        "|---|---|",
+        f"| agent: stored by the registry | {_s(d['stored_per_s'])} |",
+        f"| agent: acks back, outbox all confirmed | {_s(d['confirmed_per_s'])} |",
+        f"| raw paho, one QoS 1 message per record: all PUBACKs | {_s(raw['puback_per_s'])} |",
+        f"| raw paho, same records: stored by the registry | {_s(raw['stored_per_s'])} |",
+        f"| **ratio agent (confirmed) / raw paho PUBACK** | "
+        f"**{r['drain_ratio']['vs_puback']:.1f}x** |",
+        f"| ratio agent (confirmed) / raw paho stored | {r['drain_ratio']['vs_stored']:.1f}x |",
+        "",
+        "The agent batches up to 500 records (200 kB) per message in `seq` order; raw paho "
+        "is what a user would write first: one QoS 1 publish per record, paho's own loop.",
+        "",
+        "![drain throughput over time](perf/drain.png)",
+        "",
+        "## Latency (pty write -> host ACK byte; pty write -> registry commit)",
+        "",
+        "| scans/s | scans | ACK p50 | ACK p99 | ACK p99.9 | registry p50 | registry p99 "
+        "| registry p99.9 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rate in sorted(r["latency"], key=float):
+        x = r["latency"][rate]
+        cells = " | ".join(
+            _s(x[f"{w}_{p}"], "{:.2f}")
+            for w in ("ack", "registry")
+            for p in ("p50", "p99", "p99.9")
+        )
+        lines.append(f"| {rate} | {x['scans']:,} | {cells} |")
+    lines += [
+        "",
+        "Milliseconds. The ACK is written only after the record's commit (fsync) in the outbox.",
+        "",
+        "![latency percentiles against rate](perf/latency.png)",
+        "",
+        "## Recovery",
+        "",
+        "| | seconds | agent RSS while sending the backlog |",
+        "|---|---|---|",
+    ]
+    for n in sorted(r["ready"], key=int):
+        x = r["ready"][n]
+        lines.append(
+            f"| start -> READY=1 with {int(n):,} records queued | {_s(x['ready_s'], '{:.2f}')} "
+            f"| {_s(x['rss_max_bytes'], '{:.1f}', 1 / mb)} MB |"
+        )
+    lines += [
+        f"| broker back -> first record confirmed (broker down 3 s, 5 scans meanwhile) | "
+        f"{_s(r['broker_return_s'], '{:.2f}')} | |",
+        "",
+        "READY is the `READY=1` datagram on a `NOTIFY_SOCKET` the benchmark owns, timed "
+        "from process start (interpreter start and imports included). The RSS column is "
+        "the largest of the samples taken every 0.25 s for 6 s after READY, while the "
+        "agent publishes its backlog to a broker with no registry (nothing is confirmed, "
+        "so the backlog stays).",
+        "",
+        "## Footprint",
+        "",
+        f"Idle agent with a serial scanner (pty), a keyboard-mode scanner, a PC/SC reader "
+        f"and a camera configured (the last three absent, as at a station before they are "
+        f"plugged in): RSS {_s(r['footprint']['rss_bytes'], '{:.1f}', 1 / mb)} MB, CPU "
+        f"{_s(r['footprint']['cpu_share'], '{:.2f}', 100)} % of one core.",
+        "",
+        "## The buffer the design card suggested: TinyDB",
+        "",
+        "The same durable appends (fsync after each insert for TinyDB's JSON storage; "
+        "WAL, `synchronous=FULL` and a commit per insert for tinydb-sqlite, which never "
+        "commits by itself) against the outbox.",
+        "",
+        "| store | records | records/s |",
+        "|---|---|---|",
+        f"| madoguchi outbox (SQLite WAL, synchronous=FULL) | "
+        f"{r['outbox_appends']['records']:,} | {_s(r['outbox_appends']['records_per_s'])} |",
+    ]
+    for key in sorted(r["tinydb"], key=lambda k: (k.split("_")[0], int(k.split("_")[1]))):
+        backend, n = key.split("_")
+        name = "TinyDB, JSONStorage + fsync" if backend == "json" else "TinyDB on tinydb-sqlite"
+        lines.append(f"| {name} | {int(n):,} | {r['tinydb'][key]:.0f} |")
+    target = r["outbox_appends"]["records"]
+    for backend, name in (("json", "TinyDB JSON"), ("sqlite", "tinydb-sqlite")):
+        t = tiny[backend]
+        lines.append(
+            f"| {name}, **projected** to {target:,} | {target:,} | "
+            f"{t['records_per_s']:.1f} (total {t['seconds'] / 60:.0f} min; "
+            f"time grows as n^{t['exponent']:.2f}) |"
+        )
+    lines += [
+        "",
+        f"TinyDB rewrites its whole store on every insert, so its cost per record grows "
+        f"with the store: {target:,} TinyDB inserts would take longer than the whole "
+        f"suite may (15 minutes), so they are measured at two smaller sizes and projected "
+        f"with the growth exponent the two sizes show. At {target:,} records the outbox "
+        f"is {outbox_rate / tiny['json']['records_per_s']:.0f}x faster than TinyDB JSON "
+        f"and {outbox_rate / tiny['sqlite']['records_per_s']:.0f}x faster than "
+        f"tinydb-sqlite — and the gap widens with every record.",
+        "",
+        "## Outbox growth and purge",
+        "",
+    ]
+    g = r["growth"]
+    lines += [
+        f"- {g['records']:,} records of a ticket scan with its interpretation: "
+        f"{g['bytes_per_record']:.0f} bytes per record on disk (database + WAL).",
+        f"- All confirmed, then purged (`retention_days` reached): {g['purged']:,} deleted; "
+        f"the files stay at {g['bytes_after_purge'] / mb:.1f} MB (SQLite keeps freed pages; "
+        f"`secure_delete` overwrites them).",
+        f"- The next {g['records']:,} records reuse the freed pages: "
+        f"{g['bytes_after_fill'] / mb:.1f} MB after the first fill, "
+        f"{g['bytes_after_refill'] / mb:.1f} MB after the second. A station's outbox "
+        f"settles at about retention x daily volume x bytes per record.",
+        "",
+    ]
+    sub = HERE / "subsystems.md"
+    if sub.exists():
+        lines.append(sub.read_text().rstrip() + "\n")
+    doc.write_text("\n".join(lines))
