@@ -161,6 +161,33 @@ async def test_station_records_reach_the_registry(fleet: Fleet) -> None:
     assert got == [(f"{P}/site1/a/records", b"batch-from-a")]
 
 
+async def test_photo_blobs_flow_between_a_station_and_the_registry_only(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    rid = "0190c8e4-0000-7000-8000-000000000001"
+    async with connected(a, b, registry):
+        await registry.subscribe(f"{P}/+/+/blobs/+/+", qos=1)
+        await a.subscribe(f"{P}/site1/a/blobs/+/missing", qos=1)
+        await b.subscribe(f"{P}/site1/a/blobs/#", qos=1)  # another station: refused
+        await b.publish(f"{P}/site1/a/blobs/{rid}/0", b"forged chunk", qos=1)
+        await a.publish(f"{P}/site1/a/blobs/{rid}/manifest", b"manifest", qos=1)
+        await a.publish(f"{P}/site1/a/blobs/{rid}/0", b"chunk-0", qos=1)
+        seen_by_registry = await collect_until(registry, b"chunk-0")
+        await registry.publish(f"{P}/site1/a/blobs/{rid}/missing", b"missing-1", qos=1)
+        seen_by_a = await collect_until(a, b"missing-1")
+        await registry.publish(f"{P}/site1/b/blobs/{rid}/missing", b"for-b", qos=1)
+        await b.subscribe(f"{P}/site1/b/blobs/+/missing", qos=1)
+        await registry.publish(f"{P}/site1/b/blobs/{rid}/missing", b"for-b-2", qos=1)
+        seen_by_b = await collect_until(b, b"for-b-2")
+    assert seen_by_registry == [
+        (f"{P}/site1/a/blobs/{rid}/manifest", b"manifest"),
+        (f"{P}/site1/a/blobs/{rid}/0", b"chunk-0"),
+    ]
+    assert seen_by_a == [(f"{P}/site1/a/blobs/{rid}/missing", b"missing-1")]
+    assert seen_by_b == [(f"{P}/site1/b/blobs/{rid}/missing", b"for-b-2")]  # none of A's
+
+
 async def test_station_cannot_publish_as_another_station(fleet: Fleet) -> None:
     a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
     fleet.enroll_station("site1", "b")
