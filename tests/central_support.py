@@ -260,17 +260,30 @@ class Contract:
     def __init__(self) -> None:
         assert DOC["asyncapi"].startswith("3.")
         self.channels: list[tuple[str, re.Pattern[str], list[tuple[str, Any]]]] = []
+        self.binary: set[str] = set()  # channels whose payload is raw bytes, not JSON
         for name, channel in DOC["channels"].items():
             pattern = re.escape(channel["address"])
-            pattern = re.sub(r"\\\{[a-z]+\\\}", "[^/]+", pattern)
+            pattern = re.sub(r"\\\{[A-Za-z_]+\\\}", "[^/]+", pattern)
             validators = []
             for msg_name, msg in channel["messages"].items():
+                if resolve(msg["$ref"]).get("contentType") == "application/octet-stream":
+                    self.binary.add(name)
                 payload = resolve(msg["$ref"])["payload"]
                 # the document is the root, so its #/components/... refs resolve
                 schema = {**DOC, "$ref": payload["$ref"]}
                 jsonschema.Draft7Validator.check_schema(resolve(payload["$ref"]))
                 validators.append((msg_name, jsonschema.Draft7Validator(schema)))
             self.channels.append((name, re.compile(f"^{pattern}$"), validators))
+
+    def check_raw(self, topic: str, payload: bytes) -> str:
+        """As `check`, for a payload as it came off the wire."""
+        for name, pattern, validators in self.channels:
+            if pattern.match(topic) and name in self.binary:
+                assert payload, f"{topic}: empty {name}"
+                return f"{name}/{validators[0][0]}"
+            if pattern.match(topic):
+                break
+        return self.check(topic, json.loads(payload))
 
     def check(self, topic: str, body: Any) -> str:
         """The channel's name; AssertionError if no channel or no message fits."""
@@ -316,7 +329,7 @@ class ContractSpy:
         if len(levels) == 6 and levels[4] == "cmd":
             return
         try:
-            self.seen.append(self.contract.check(topic, json.loads(payload)))
+            self.seen.append(self.contract.check_raw(topic, bytes(payload)))
         except (AssertionError, ValueError) as e:
             self.problems.append(f"{topic}: {e}")
 

@@ -31,6 +31,9 @@ def test_document_is_consistent() -> None:
         "telemetry",
         "command",
         "commandResult",
+        "blobManifest",
+        "blobMissing",
+        "blobChunk",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])

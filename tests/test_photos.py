@@ -17,6 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from camera_support import FakeCamera, camera_station, command, photo_scene
+from central_support import ContractSpy
 from conftest import Broker, RegistryProbe, write_config
 
 from agent.blobs import CHUNK_BYTES, SCHEMA, BlobStore, chunk_count
@@ -195,6 +196,9 @@ async def test_photo_travels_in_chunks_and_its_blob_goes_once_confirmed(
     camera = FakeCamera([], frame_dt=0.05, still=still, jpeg_quality=92)
     config = camera_station_config(tmp_path, broker256.port)
     blob_dir = tmp_path / "data-station-03" / "blobs"
+    spy = ContractSpy(broker256.port)  # every message must fit docs/asyncapi.yaml
+    spy_task = asyncio.create_task(spy.run(), name="contract-spy")
+    await asyncio.wait_for(spy.subscribed.wait(), 10)
     async with registry_on(broker256, tmp_path) as probe, camera_station(config, camera) as st:
         result = await command(broker256.port, "capture_photo", {"request_id": "photo-1"})
         assert result["ok"], result
@@ -234,7 +238,12 @@ async def test_photo_travels_in_chunks_and_its_blob_goes_once_confirmed(
         assert st.uplink is not None
         uplink = st.uplink.describe()
         assert uplink["blob_bytes_sent"] >= size and uplink["blobs_deleted"] == 1
+    spy_task.cancel()
     assert camera.stills_taken == 1
+    assert spy.problems == []
+    assert {"blobManifest/blobManifest", "blobChunk/blobChunk", "blobMissing/blobMissing"} <= set(
+        spy.seen
+    )
 
 
 @pytest.mark.broker
@@ -345,7 +354,7 @@ async def test_agent_restart_mid_transfer_keeps_the_blob_and_finishes(
         assembler.chunk = lossy  # type: ignore[method-assign]
         camera = FakeCamera([], frame_dt=0.05, still=photo_scene(2000, 1500), jpeg_quality=92)
         async with camera_station(config, camera) as station:
-            assert not orphan.exists()  # swept at connect
+            await until(lambda: not orphan.exists())  # swept when the uplink connects
             result = await station.capture_photo()
             assert await asyncio.to_thread(three.wait, 30)
         rid, sha = result["record_id"], result["sha256"]
