@@ -671,7 +671,9 @@ class Registry:
             properties=props,
             tls_context=self.tls_context,
             keepalive=30,
-            max_queued_incoming_messages=10_000,
+            # unbounded: paho has already PUBACKed what is queued here, so a bounded
+            # queue would drop records the broker counts as delivered (agents re-send
+            # them only after resend_after_s; other publishers never)
             max_inflight_messages=100,
             socket_options=NO_DELAY,
         )

@@ -74,6 +74,7 @@ class Broker:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {workdir}/\n"
             f"log_dest file {workdir / 'mosquitto.log'}\nlog_type all\nset_tcp_nodelay true\n"
+            "max_queued_messages 1000000\n"  # as provisioning/broker/madoguchi.conf
         )
 
     def start(self) -> None:

@@ -483,3 +483,51 @@ async def test_database_down_nothing_acked_then_everything_stored_once(
         assert [s.record["data"]["text"] for s in stored if s.new] == [t for _, t in rows]
     finally:
         cluster.stop()
+
+
+class HeldStore(SqliteStore):
+    """A database that stalls (a long checkpoint, a slow disk) until released."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = asyncio.Event()
+
+    async def store(self, batches: Sequence[Batch]) -> list[Stored]:
+        await self.release.wait()
+        return await super().store(batches)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_a_burst_while_the_database_stalls_is_queued_not_dropped(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Paho has PUBACKed every message the registry holds: dropping one loses it for good
+    from a publisher that does not re-send (and delays an agent by resend_after_s)."""
+    n = 12_000  # more than the 10,000-message queue the registry once had
+    store = HeldStore(tmp_path / "registry.db")
+    new: list[Stored] = []
+    async with (
+        Registry("127.0.0.1", broker.port, store, on_stored=new.append) as reg,
+        aiomqtt.Client("127.0.0.1", broker.port, max_inflight_messages=500) as agent,
+    ):
+        task = asyncio.create_task(reg.run())
+        await asyncio.wait_for(reg.connected.wait(), 10)
+        topic = f"madoguchi/v1/{SITE}/{AGENT}/records"
+        for start in range(1, n + 1, 500):
+            await asyncio.gather(
+                *(
+                    agent.publish(topic, envelope(SITE, AGENT, [record(seq)]), qos=1)
+                    for seq in range(start, min(n + 1, start + 500))
+                )
+            )
+        store.release.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(60):
+                while len(new) < n:
+                    await asyncio.sleep(0.1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert sorted(s.record["seq"] for s in new) == list(range(1, n + 1))
+    assert all(s.new for s in new)
