@@ -264,6 +264,26 @@ async def drain(port: int, workdir: Path, backlog: int) -> dict[str, Any]:
 
 def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
     """What a user would write: one QoS 1 message per record, paho's own loop."""
+    return raw_paho_payloads(port, [envelope("bench-site", "raw", [r]) for r in records])
+
+
+def raw_paho_process(port: int, records: list[Any], workdir: Path) -> dict[str, Any]:
+    """`raw_paho` in a process of its own, as the agent is: no GIL shared with the registry."""
+    file = workdir / "raw-payloads.jsonl"
+    with file.open("wb") as f:
+        for r in records:
+            f.write(envelope("bench-site", "raw", [r]) + b"\n")
+    out = subprocess.run(
+        [sys.executable, __file__, "--raw-publish", str(port), str(file)],
+        capture_output=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def raw_paho_payloads(port: int, payloads: list[bytes]) -> dict[str, Any]:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-raw")
     acked = 0
     all_acked = threading.Event()
@@ -272,7 +292,7 @@ def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
     def on_publish(c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
         nonlocal acked
         acked += 1
-        if acked >= len(records):
+        if acked >= len(payloads):
             all_acked.set()
 
     client.on_publish = on_publish
@@ -280,7 +300,6 @@ def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
     client.connect("127.0.0.1", port)
     client.loop_start()
     connected.wait(10)
-    payloads = [envelope("bench-site", "raw", [r]) for r in records]
     t0 = time.perf_counter()
     for p in payloads:
         client.publish("madoguchi/v1/bench-site/raw/records", p, qos=1)
@@ -288,7 +307,7 @@ def raw_paho(port: int, records: list[Any]) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     client.loop_stop()
     client.disconnect()
-    return {"records": len(records), "puback_s": dt, "rate_puback": len(records) / dt}
+    return {"records": len(payloads), "puback_s": dt, "rate_puback": len(payloads) / dt}
 
 
 async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]) -> dict[str, Any]:
@@ -311,7 +330,7 @@ async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
         task = asyncio.create_task(reg.run())
         await reg.connected.wait()
         t0 = time.perf_counter()
-        pub = await asyncio.to_thread(raw_paho, port, records)
+        pub = await asyncio.to_thread(raw_paho_process, port, records, workdir)
         await asyncio.wait_for(done.wait(), 900)
         dt = time.perf_counter() - t0
         task.cancel()
@@ -397,6 +416,10 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--raw-publish"]:  # the raw paho publisher's own process
+        lines = Path(sys.argv[3]).read_bytes().splitlines()
+        print(json.dumps(raw_paho_payloads(int(sys.argv[2]), lines)))
+        raise SystemExit(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--scans", type=int, default=300)
     ap.add_argument("--rate", type=float, default=50.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -68,7 +69,7 @@ def plots(r: dict[str, Any], perf: Path) -> list[str]:
     tl = r["drain"]["timeline"]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [t for t, _ in tl[1:]]
-    ys = [(c1 - c0) / (t1 - t0) for (t0, c0), (t1, c1) in zip(tl, tl[1:], strict=False)]
+    ys = [(c1 - c0) / (t1 - t0) for (t0, c0), (t1, c1) in itertools.pairwise(tl)]
     ax.plot(xs, ys, label="agent drain (records stored per s)")
     raw = r["raw_paho"]["stored_per_s"]["median"]
     ax.axhline(raw, color="red", linestyle="--", label="raw paho, one record per message")

@@ -77,7 +77,10 @@ def spread(values: list[float]) -> dict[str, float]:
 def machine(workdir: Path) -> dict[str, Any]:
     info = core.machine()
     df = subprocess.run(
-        ["df", "-T", "--output=source,fstype", str(workdir)], capture_output=True, text=True
+        ["df", "-T", "--output=source,fstype", str(workdir)],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.splitlines()
     info["disk"] = " ".join(df[-1].split()) if len(df) > 1 else "unknown"
     return info
@@ -109,8 +112,9 @@ class Mosquitto:
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.01)
@@ -252,7 +256,10 @@ async def drain(broker: Mosquitto, workdir: Path, backlog: int, seed: Path) -> d
 
     timeline: list[tuple[float, int]] = []
     async with Registry(
-        "127.0.0.1", broker.port, workdir / f"{name}-registry.db", on_stored=on_stored,
+        "127.0.0.1",
+        broker.port,
+        workdir / f"{name}-registry.db",
+        on_stored=on_stored,
         client_id=f"bench-{name}",
     ) as reg:
         task = asyncio.create_task(reg.run())
@@ -316,7 +323,10 @@ async def ready(
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
     )
     try:
         while True:
@@ -425,9 +435,7 @@ async def growth(workdir: Path, n: int) -> dict[str, float]:
     db = workdir / "growth.db"
 
     def size() -> int:
-        return sum(
-            p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()
-        )
+        return sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
 
     await fill(db, n)
     async with Outbox(db) as ob:
@@ -491,8 +499,11 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
         try:
             print("durable ingest", file=sys.stderr)
             for devices in (1, 8):
-                res = await repeat(runs, lambda d=devices: ingest(workdir, sizes["ingest"], d),
-                                   f"{devices} device(s)")
+                res = await repeat(
+                    runs,
+                    lambda d=devices: ingest(workdir, sizes["ingest"], d),
+                    f"{devices} device(s)",
+                )
                 out[f"ingest_{devices}"] = {
                     "records_per_s": spread([r["records_per_s"] for r in res]),
                     "records_per_commit": spread([r["records_per_commit"] for r in res]),
@@ -502,7 +513,8 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             n_cmp = sizes["outbox_vs_tinydb"]
             res = await repeat(runs, lambda: ingest(workdir, n_cmp, 1), f"outbox {n_cmp}")
             out["outbox_appends"] = {
-                "records": n_cmp, "records_per_s": spread([r["records_per_s"] for r in res])
+                "records": n_cmp,
+                "records_per_s": spread([r["records_per_s"] for r in res]),
             }
             tiny: dict[str, Any] = {}
             for backend in ("json", "sqlite"):
@@ -515,8 +527,11 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             broker = fresh_broker()
             seed = workdir / "backlog-seed.db"
             await fill(seed, sizes["backlog"])
-            res = await repeat(runs, lambda: drain(broker, workdir, sizes["backlog"], seed),
-                               f"drain {sizes['backlog']}")
+            res = await repeat(
+                runs,
+                lambda: drain(broker, workdir, sizes["backlog"], seed),
+                f"drain {sizes['backlog']}",
+            )
             recs = await core.fill_outbox(workdir / "raw-seed.db", sizes["backlog"])
             raw = await repeat(
                 runs,
@@ -544,8 +559,9 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             broker = fresh_broker()
             lat: dict[str, Any] = {}
             for rate, scans in sizes["scans"].items():
-                res = await repeat(runs, lambda r=rate, s=scans: latency(broker, workdir, r, s),
-                                   f"{rate:g}/s")
+                res = await repeat(
+                    runs, lambda r=rate, s=scans: latency(broker, workdir, r, s), f"{rate:g}/s"
+                )
                 lat[f"{rate:g}"] = {
                     "scans": scans,
                     **{
@@ -565,8 +581,9 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                     seed_n = workdir / f"ready-seed-{n}.db"
                     print(f"  filling {n} records", file=sys.stderr, flush=True)
                     await fill(seed_n, n)
-                res = await repeat(runs, lambda s=seed_n: ready(broker, workdir, s, 6.0),
-                                   f"READY with {n}")
+                res = await repeat(
+                    runs, lambda s=seed_n: ready(broker, workdir, s, 6.0), f"READY with {n}"
+                )
                 ready_out[str(n)] = {
                     "ready_s": spread([r["ready_s"] for r in res]),
                     "rss_max_bytes": spread([r["rss_max_bytes"] for r in res]),
@@ -581,8 +598,9 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             out["broker_return_s"] = spread(res)
 
             print("footprint", file=sys.stderr)
-            res = await repeat(runs, lambda: footprint(broker, workdir, 5.0 if q else 10.0),
-                               "all driver families")
+            res = await repeat(
+                runs, lambda: footprint(broker, workdir, 5.0 if q else 10.0), "all driver families"
+            )
             out["footprint"] = {
                 "rss_bytes": spread([r["rss_bytes"] for r in res]),
                 "cpu_share": spread([r["cpu_share"] for r in res]),
