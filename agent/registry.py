@@ -19,10 +19,12 @@ That is why the ack must never go out before the commit.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -165,7 +167,9 @@ def plan_gaps(
 
     A seq above the highest seen opens a gap below it; a seq inside a gap
     closes that seq (splitting the gap, keeping its `opened_at`). Pure, so both
-    backends keep the same bookkeeping.
+    backends keep the same bookkeeping. Gaps are disjoint and kept sorted, so a
+    seq finds its gap by bisection: thousands of open gaps (records arriving far
+    out of order) stay cheap.
     """
     out = sorted(gaps)
     for seq in sorted(set(new_seqs)):
@@ -174,12 +178,21 @@ def plan_gaps(
                 out.append((max_seq + 1, seq - 1, now))
             max_seq = seq
             continue
-        for i, (first, last, opened) in enumerate(out):
+        i = bisect.bisect_right(out, (seq, math.inf, math.inf)) - 1
+        if i >= 0:
+            first, last, opened = out[i]
             if first <= seq <= last:
                 parts = [(a, b, opened) for a, b in ((first, seq - 1), (seq + 1, last)) if a <= b]
                 out[i : i + 1] = parts
-                break
-    return sorted(out), max_seq
+    return out, max_seq
+
+
+def _containing(spans: list[tuple[int, int]], a: int, b: int) -> int | None:
+    """Index of the span of sorted, disjoint `spans` that holds [a, b], if one does."""
+    i = bisect.bisect_right(spans, (a, math.inf)) - 1
+    if i >= 0 and spans[i][0] <= a and b <= spans[i][1]:
+        return i
+    return None
 
 
 def check_record(r: Any) -> dict[str, Any]:
@@ -328,27 +341,28 @@ class RegistryStore:
                     clock = int(r["clock_synced"])
         if not new_seqs:
             return out
-        old = [
-            (int(a), int(b), float(t))
-            for a, b, t in db.execute(
-                "SELECT first, last, opened_at FROM gaps WHERE site = ? AND agent = ?",
-                (site, agent),
-            )
-        ]
+        # only the gaps these seqs can fall in (gaps are disjoint): two index ranges
+        # on the primary key, so a commit costs what it touches, however many are open
+        lo, hi = min(new_seqs), max(new_seqs)
+        rows = db.execute(
+            "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = ? AND agent = ?"
+            " AND first BETWEEN coalesce((SELECT max(first) FROM gaps WHERE site = ?"
+            " AND agent = ? AND first <= ?), ?) AND ? ORDER BY first",
+            (site, agent, site, agent, lo, lo, hi),
+        ).fetchall()
+        old = [(int(a), int(b), float(t)) for a, b, t, _ in rows]
         gaps, max_seq = plan_gaps(old, max_seq, new_seqs, now)
         if gaps != old:
             _log_gap_changes(site, agent, old, gaps)
-            alerted = {
-                (int(a), int(b)): t
-                for a, b, t in db.execute(
-                    "SELECT first, last, alerted_at FROM gaps WHERE site = ? AND agent = ?",
-                    (site, agent),
-                )
-            }
-            db.execute("DELETE FROM gaps WHERE site = ? AND agent = ?", (site, agent))
+            alerted = {(int(a), int(b)): al for a, b, _, al in rows}
+            kept = {(a, b) for a, b, _ in gaps}
+            db.executemany(
+                "DELETE FROM gaps WHERE site = ? AND agent = ? AND first = ? AND last = ?",
+                [(site, agent, a, b) for a, b in alerted if (a, b) not in kept],
+            )
             db.executemany(
                 "INSERT INTO gaps VALUES (?,?,?,?,?,?)",
-                [(site, agent, *g) for g in carry_alerted(alerted, gaps)],
+                [(site, agent, *g) for g in carry_alerted(alerted, gaps) if g[:2] not in alerted],
             )
         db.execute(
             "INSERT INTO agents (site, agent, max_seq, records, last_stored_at, clock_synced)"
@@ -538,14 +552,16 @@ def _log_gap_changes(
     site: str, agent: str, old: list[tuple[int, int, float]], new: list[tuple[int, int, float]]
 ) -> None:
     """Log seq ranges only (never record contents)."""
-    before = {(a, b) for a, b, _ in old}
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    before = sorted((a, b) for a, b, _ in old)
+    filled = sum(b - a + 1 for a, b in before)
     for a, b, _ in new:
-        if (a, b) not in before and not any(oa <= a and b <= ob for oa, ob in before):
+        if _containing(before, a, b) is None:
             # normal for a moment with shared consumers; the overdue check alerts
             log.debug("seq gap opened: %s/%s missing %d..%d", site, agent, a, b)
-    filled = sum(b - a + 1 for a, b, _ in old) - sum(
-        b - a + 1 for a, b, _ in new if any(oa <= a and b <= ob for oa, ob, _ in old)
-    )
+        else:
+            filled -= b - a + 1
     if filled > 0:
         log.debug("seq gap filled: %s/%s %d seq(s), %d gap(s) open", site, agent, filled, len(new))
 
@@ -554,10 +570,11 @@ def carry_alerted(
     old: dict[tuple[int, int], float | None], gaps: list[tuple[int, int, float]]
 ) -> list[tuple[int, int, float, float | None]]:
     """Fragments of an alerted gap stay alerted (one alert per gap, not per split)."""
+    spans = sorted(old)
     out = []
     for a, b, t in gaps:
-        alerted = next((v for (oa, ob), v in old.items() if oa <= a and b <= ob), None)
-        out.append((a, b, t, alerted))
+        i = _containing(spans, a, b)
+        out.append((a, b, t, None if i is None else old[spans[i]]))
     return out
 
 

@@ -118,9 +118,11 @@ def write(r: dict[str, Any], doc: Path, perf: Path) -> None:
         "| target | measured | |",
         "|---|---|---|",
         f"| backlog drain >= 3x raw single-message paho | "
-        f"{r['drain_ratio']['vs_puback']:.1f}x (PUBACK rate), "
-        f"{r['drain_ratio']['vs_stored']:.1f}x (through the registry) | "
-        f"{_verdict(r['drain_ratio']['vs_puback'] >= 3)} |",
+        f"{r['drain_ratio']['vs_stored']:.1f}x end to end (both stored by the registry; "
+        f"the agent's acks included); {r['drain_ratio']['vs_puback']:.1f}x against paho's "
+        f"PUBACK rate alone (broker receipt, nothing stored yet) | "
+        f"{_verdict(r['drain_ratio']['vs_stored'] >= 3)} end to end; "
+        f"{_verdict(r['drain_ratio']['vs_puback'] >= 3)} against PUBACKs |",
         f"| scan -> registry p99 <= 20 ms at 100 scans/s | "
         f"{lat100['registry_p99']['median']:.1f} ms | "
         f"{_verdict(lat100['registry_p99']['median'] <= 20)} |",

@@ -14,12 +14,15 @@ import central_support
 import pytest
 from central_support import PgCluster, RegistryProcess, envelope, record
 from conftest import Broker, Pty, payload, running_station, write_config
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.registry import (
     Batch,
     BlobMismatch,
     RecordStore,
     Registry,
+    RegistryStore,
     SqliteStore,
     Stored,
     open_store,
@@ -531,3 +534,33 @@ async def test_a_burst_while_the_database_stalls_is_queued_not_dropped(
             await task
     assert sorted(s.record["seq"] for s in new) == list(range(1, n + 1))
     assert all(s.new for s in new)
+
+
+@given(st.permutations(list(range(1, 120))), st.integers(min_value=1, max_value=17))
+def test_gaps_are_exactly_the_missing_seqs_whatever_the_order(order: list[int], chunk: int) -> None:
+    gaps: list[tuple[int, int, float]] = []
+    top = 0
+    seen: set[int] = set()
+    for i in range(0, len(order), chunk):
+        part = order[i : i + chunk]
+        gaps, top = plan_gaps(gaps, top, part, now=float(i))
+        seen.update(part)
+        missing = {s for a, b, _ in gaps for s in range(a, b + 1)}
+        assert missing == set(range(1, top + 1)) - seen
+        assert gaps == sorted(gaps)
+    assert gaps == [] and top == 119
+
+
+def test_thousands_of_open_gaps_stay_cheap(tmp_path: Path) -> None:
+    """Every other seq first (10,000 gaps), then the rest, one commit each: linear work."""
+    store = RegistryStore(tmp_path / "registry.db")
+    store.open()
+    evens = [record(s) for s in range(2, 20_001, 2)]
+    odds = [record(s) for s in range(1, 20_001, 2)]
+    for i in range(0, len(evens), 50):
+        store.store(SITE, AGENT, evens[i : i + 50])
+    assert len(store.gaps()) == 10_000
+    for r in odds:
+        store.store(SITE, AGENT, [r])
+    assert store.gaps() == []
+    store.close()
