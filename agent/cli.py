@@ -49,6 +49,19 @@ def run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
+def run_service(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """`run_until_signal`, with the project's errors logged (they name file, key or
+    device) and exit status 1 instead of a traceback."""
+    failed = False
+    try:
+        run_until_signal(body)
+    except* MadoguchiError as group:  # (no `return` is allowed inside except*)
+        failed = True
+        for e in group.exceptions:
+            log.error("%s", e)
+    return 1 if failed else 0
+
+
 # -- run ---------------------------------------------------------------------------
 
 
@@ -59,15 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.agent.log_level)
     from agent.supervisor import Station
 
-    station = Station(config)
-    failed = False
-    try:
-        run_until_signal(station.run)
-    except* MadoguchiError as group:
-        failed = True
-        for e in group.exceptions:
-            log.error("%s", e)
-    return 1 if failed else 0
+    return run_service(Station(config).run)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -474,7 +474,7 @@ def add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    from agent.cli import run_until_signal, setup_logging
+    from agent.cli import run_service, setup_logging
 
     setup_logging(args.log_level)
     db: str | Path | None = None
@@ -489,11 +489,4 @@ def run_dashboard(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         thresholds=Thresholds(stuck_after_s=args.stuck_after, gap_timeout_s=args.gap_timeout),
     )
-    failed = False
-    try:
-        run_until_signal(dashboard.run)
-    except* MadoguchiError as group:
-        failed = True
-        for e in group.exceptions:
-            log.error("%s", e)
-    return 1 if failed else 0
+    return run_service(dashboard.run)
