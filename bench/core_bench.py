@@ -331,7 +331,7 @@ async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
     async with Registry(
         "127.0.0.1",
         port,
-        workdir / "reg-raw.db",
+        workdir / f"reg-raw-{time.monotonic_ns()}.db",  # a fresh registry every run
         on_stored=on_stored,
         client_id="bench-registry-raw",
     ) as reg:
