@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS records (
     confirmed_at REAL
 );
 CREATE INDEX IF NOT EXISTS records_unconfirmed ON records(seq) WHERE state < 2;
+CREATE INDEX IF NOT EXISTS records_sent ON records(sent_at) WHERE state = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -536,15 +537,23 @@ def _salvage_counters(path: Path) -> tuple[int, int]:
 
 
 def _query_stats(db: sqlite3.Connection, now: float) -> dict[str, Any]:
-    counts = dict(db.execute("SELECT state, count(*) FROM records GROUP BY state"))
-    oldest = db.execute("SELECT min(created_at) FROM records WHERE state < 2").fetchone()[0]
+    """Counts from the partial indexes, never a scan of every row: stats are taken before
+    READY, at every birth and every few seconds on the thread that commits the scans, and
+    the table holds up to `retention_days` of confirmed history (docs/PERFORMANCE.md)."""
+    total = db.execute("SELECT count(*) FROM records").fetchone()[0]
+    unconfirmed = db.execute("SELECT count(*) FROM records WHERE state < 2").fetchone()[0]
+    sent = db.execute("SELECT count(*) FROM records WHERE state = 1").fetchone()[0]
+    # the lowest unconfirmed seq is the oldest record (commit order)
+    oldest = db.execute(
+        "SELECT created_at FROM records WHERE state < 2 ORDER BY seq LIMIT 1"
+    ).fetchone()
     session = db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
     return {
-        "pending": counts.get(PENDING, 0),
-        "sent": counts.get(SENT, 0),
-        "unconfirmed": counts.get(PENDING, 0) + counts.get(SENT, 0),
-        "confirmed": counts.get(CONFIRMED, 0),
-        "oldest_unconfirmed_age_s": None if oldest is None else round(now - oldest, 3),
+        "pending": unconfirmed - sent,
+        "sent": sent,
+        "unconfirmed": unconfirmed,
+        "confirmed": total - unconfirmed,
+        "oldest_unconfirmed_age_s": None if oldest is None else round(now - oldest[0], 3),
         "session": 0 if session is None else int(session[0]),
     }
 

@@ -190,3 +190,31 @@ async def test_retention_purges_only_confirmed_records_past_the_window(tmp_path:
         assert await ob.purge(retention_days=7) == 1  # recent, at last
         batch = await ob.next_batch(10, resend_after_s=0)
         assert {r.id for r in batch} == {old[2].id, kept.id}  # unconfirmed: never purged
+
+
+async def test_stats_and_resend_time_never_scan_the_confirmed_history(tmp_path: Path) -> None:
+    """Stats run before READY and every few seconds on the commit thread; with a week of
+    confirmed records (or a million queued) a full-table scan there delays every ACK."""
+    now = [1000.0]
+    db = tmp_path / "o.db"
+    async with Outbox(db, clock=lambda: now[0]) as ob:
+        recs = [await ob.append(scan(str(i))) for i in range(6)]
+        await ob.confirm([recs[0].id, recs[1].id])
+        now[0] = 1010.0
+        await ob.mark_sent([3])
+        st = await ob.stats()
+        assert (st.pending, st.sent, st.unconfirmed, st.confirmed) == (3, 1, 4, 2)
+        assert st.oldest_unconfirmed_age_s == 10.0
+        assert await ob.next_resend_at(30) == 1040.0
+    plain = sqlite3.connect(db)
+    try:
+        for query in (
+            "SELECT count(*) FROM records WHERE state < 2",
+            "SELECT count(*) FROM records WHERE state = 1",
+            "SELECT min(sent_at) FROM records WHERE state = 1",
+            "SELECT created_at FROM records WHERE state < 2 ORDER BY seq LIMIT 1",
+        ):
+            plan = " ".join(str(row[3]) for row in plain.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert "INDEX" in plan, (query, plan)
+    finally:
+        plain.close()
