@@ -307,7 +307,9 @@ async def latency(broker: Mosquitto, workdir: Path, rate: float, scans: int) -> 
 async def ready(
     broker: Mosquitto, workdir: Path, seed: Path | None, watch_s: float
 ) -> dict[str, float]:
-    """Start to READY=1 on a NOTIFY_SOCKET we own, then RSS while the backlog is sent."""
+    """Start to READY=1 on a NOTIFY_SOCKET we own, twice: first with no clean-close mark
+    (as after a crash or power cut: full quick_check), then restarted after a clean stop
+    (the mark lets it skip the check). RSS while the backlog is sent, after the second."""
     name = f"ready{time.monotonic_ns()}"
     pty = Pty(workdir, f"tty-{name}")
     cfg = config(workdir, broker.port, name, serial_device(pty.link))
@@ -320,36 +322,55 @@ async def ready(
     sock.settimeout(120)
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
     log = workdir / f"{name}.log"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env=env,
-    )
-    try:
+
+    async def start() -> tuple[subprocess.Popen[bytes], float]:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
         while True:
             try:
                 msg = await asyncio.to_thread(sock.recv, 4096)
             except TimeoutError:
                 core.alive(proc, log)
+                proc.kill()
                 raise SystemExit("no READY=1 within 120 s") from None
             if b"READY=1" in msg.split(b"\n"):
-                break
-        ready_s = time.perf_counter() - t0
-        rss: list[int] = []
-        end = time.monotonic() + watch_s
-        while time.monotonic() < end:
-            rss.append(core.proc_rss(proc.pid))
-            await asyncio.sleep(0.25)
-        core.alive(proc, log)
-    finally:
+                return proc, time.perf_counter() - t0
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.terminate()
-        proc.wait()
+        if proc.wait() != 0:
+            raise SystemExit(f"agent exited {proc.returncode} on SIGTERM: see {log}")
+
+    try:
+        proc, unclean_s = await start()
+        stop(proc)
+        if not (workdir / name / "outbox.db.clean").exists():
+            raise SystemExit(f"no clean-close mark after SIGTERM: see {log}")
+        proc, ready_s = await start()
+        try:
+            rss: list[int] = []
+            end = time.monotonic() + watch_s
+            while time.monotonic() < end:
+                rss.append(core.proc_rss(proc.pid))
+                await asyncio.sleep(0.25)
+            core.alive(proc, log)
+        finally:
+            stop(proc)
+    finally:
         sock.close()
         pty.close()
-    return {"ready_s": ready_s, "rss_max_bytes": max(rss), "rss_last_bytes": rss[-1]}
+    return {
+        "ready_s": ready_s,
+        "ready_unclean_s": unclean_s,
+        "rss_max_bytes": max(rss),
+        "rss_last_bytes": rss[-1],
+    }
 
 
 async def broker_return(workdir: Path, down_s: float) -> float:
@@ -586,6 +607,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 ready_out[str(n)] = {
                     "ready_s": spread([r["ready_s"] for r in res]),
+                    "ready_unclean_s": spread([r["ready_unclean_s"] for r in res]),
                     "rss_max_bytes": spread([r["rss_max_bytes"] for r in res]),
                 }
                 if seed_n is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -112,6 +113,77 @@ async def test_corrupt_database_is_moved_aside_and_seq_continues(tmp_path: Path)
         rec = await ob.append(scan("after"))
         assert rec.seq >= 4  # not reused, when the counter could be salvaged
         assert (await ob.stats()).recovered_from == str(ob.recovered_from)
+
+
+def quick_check_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "agent.outbox" and "quick_check" in r.getMessage()
+    ]
+
+
+async def test_clean_close_lets_the_next_start_skip_quick_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="agent.outbox")
+    db = tmp_path / "outbox.db"
+    mark = tmp_path / "outbox.db.clean"
+    async with Outbox(db) as ob:
+        await ob.append(scan("1"))
+        assert not mark.exists()  # a crash from here on leaves no mark
+    assert mark.exists()
+    assert "quick_check ok" in quick_check_logs(caplog)[-1]
+    async with Outbox(db) as ob:
+        assert not mark.exists()
+        assert "quick_check skipped" in quick_check_logs(caplog)[-1]
+        assert (await ob.append(scan("2"))).seq == 2
+    # a start that never closed (killed, power cut) leaves no mark: checked in full
+    mark.unlink()
+    async with Outbox(db) as ob:
+        assert "quick_check ok" in quick_check_logs(caplog)[-1]
+
+
+async def test_a_file_changed_after_a_clean_close_is_checked_even_with_its_times_restored(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "outbox.db"
+    async with Outbox(db) as ob:
+        for i in range(3):
+            await ob.append(scan(str(i)))
+    before = db.stat()
+    raw = bytearray(db.read_bytes())
+    raw[4096 * 2 : 4096 * 3] = b"\xa5" * 4096
+    db.write_bytes(bytes(raw))
+    os.utime(db, ns=(before.st_atime_ns, before.st_mtime_ns))  # ctime still moves
+    async with Outbox(db) as ob:
+        assert ob.recovered_from is not None
+        assert (await ob.append(scan("after"))).seq == 4
+
+
+async def test_corruption_found_while_running_moves_aside_and_keeps_taking_scans(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "outbox.db"
+    async with Outbox(db) as ob:
+        first = [await ob.append(scan(f"A{i}")) for i in range(200)]
+        # the storage goes bad under the running agent: every page after the schema
+        await ob._run(lambda: ob.db.execute("PRAGMA cache_size=1"))
+        await ob._run(lambda: ob.db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        raw = bytearray(db.read_bytes())
+        raw[4096:] = b"\xa5" * (len(raw) - 4096)
+        db.write_bytes(bytes(raw))
+        rec = await ob.append(scan("after"))
+        assert rec.seq == first[-1].seq + 1  # never reused
+        assert ob.recovered_from is not None
+        assert ob.recovered_from.name.startswith("outbox.db.corrupt-")
+        stats = await ob.stats()
+        assert stats.recovered_from == str(ob.recovered_from)
+        assert stats.unconfirmed == 1
+        [again] = await ob.next_batch(10, 30)
+        assert again.id == rec.id
+    async with Outbox(db) as ob:
+        assert (await ob.append(scan("next start"))).seq == rec.seq + 1
 
 
 async def test_garbage_file_is_moved_aside(tmp_path: Path) -> None:
