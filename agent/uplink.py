@@ -27,7 +27,7 @@ from agent.blobs import BlobSender, BlobStore
 from agent.config import Config
 from agent.errors import UplinkError
 from agent.outbox import Outbox
-from agent.records import Record, envelope, iso_ms, utc_now
+from agent.records import Record, envelope_of, iso_ms, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -314,16 +314,19 @@ class Uplink:
         limit = self.config.mqtt.batch_max_bytes
         out: list[tuple[list[Record], bytes]] = []
         chunk: list[Record] = []
+        parts: list[str] = []
         size = 120
         for record in batch:
-            rsize = len(json.dumps(record.wire(), ensure_ascii=False).encode()) + 1
+            part = record.wire_json()
+            rsize = len(part.encode()) + 1
             if chunk and size + rsize > limit:
-                out.append((chunk, envelope(site, name, chunk)))
-                chunk, size = [], 120
+                out.append((chunk, envelope_of(site, name, parts)))
+                chunk, parts, size = [], [], 120
             chunk.append(record)
+            parts.append(part)
             size += rsize
         if chunk:
-            out.append((chunk, envelope(site, name, chunk)))
+            out.append((chunk, envelope_of(site, name, parts)))
         return out
 
     # -- acks and commands in ------------------------------------------------------------

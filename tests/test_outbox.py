@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import uuid
@@ -12,7 +13,7 @@ import pytest
 
 from agent.errors import OutboxError, OutboxFull
 from agent.outbox import Outbox, read_stats
-from agent.records import Read
+from agent.records import Read, envelope
 from agent.sealing import Sealer
 
 
@@ -290,3 +291,33 @@ async def test_stats_and_resend_time_never_scan_the_confirmed_history(tmp_path: 
             assert "INDEX" in plan, (query, plan)
     finally:
         plain.close()
+
+
+async def test_wire_json_reuses_the_stored_text_and_says_what_wire_says(tmp_path: Path) -> None:
+    read = Read(
+        device="ticket-scanner",
+        kind="barcode",
+        data={"text": "接種券 12345", "interpretation": {"type": "text", "valid": True}},
+        clock_synced=True,
+    )
+    async with Outbox(tmp_path / "o.db") as ob:
+        live = await ob.append(read, operator="counter-3")
+        [stored] = await ob.next_batch(10, 30)
+        for rec in (live, stored):
+            assert rec.data_json is not None
+            assert json.loads(rec.wire_json()) == rec.wire()
+        body = json.loads(envelope("site-a", "agent-1", [live, stored]))
+        assert body["records"] == [live.wire(), stored.wire()]
+        assert (body["site"], body["agent"]) == ("site-a", "agent-1")
+
+
+async def test_delivery_bookkeeping_leaves_scans_fully_synchronous(tmp_path: Path) -> None:
+    """sent/confirmed commit without an fsync; the next scan's commit must fsync again."""
+    async with Outbox(tmp_path / "o.db") as ob:
+        rec = await ob.append(scan("1"))
+        await ob.mark_sent([rec.seq])
+        await ob.confirm([rec.id])
+        await ob.reset_sent()
+        sync = await ob._run(lambda: ob.db.execute("PRAGMA synchronous").fetchone()[0])
+        assert sync == 2  # FULL
+        assert (await ob.stats()).confirmed == 1
