@@ -449,6 +449,40 @@ async def footprint(broker: Mosquitto, workdir: Path, seconds: float) -> dict[st
     return {"rss_bytes": rss, "cpu_share": cpu, "native_libs_mapped": len(loaded)}
 
 
+_IMPORT_STEPS = """
+import json, sys
+def rss():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+steps = [("Python interpreter", rss())]
+import asyncio, ssl, socket, subprocess
+steps.append(("asyncio, ssl, sockets, subprocess", rss()))
+import sqlite3
+steps.append(("sqlite3", rss()))
+from pydantic import BaseModel, ConfigDict, Field
+class _First(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    a: int = Field(1, description="x")
+steps.append(("pydantic, up to its first model", rss()))
+import agent.config
+steps.append(("madoguchi's config models, records, errors", rss()))
+import aiomqtt
+steps.append(("aiomqtt, paho-mqtt", rss()))
+import agent.supervisor, agent.cli
+agent.cli.build_parser()
+steps.append(("the rest of madoguchi (supervisor, uplink, outbox, drivers, CLI)", rss()))
+print(json.dumps(steps))
+"""
+
+
+def import_breakdown() -> list[tuple[str, int]]:
+    """RSS after each layer of imports, in the order the agent loads them."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_STEPS], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    return [(name, int(b)) for name, b in json.loads(out)]
+
+
 # -- outbox growth --------------------------------------------------------------------------
 
 
@@ -626,6 +660,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
             out["footprint"] = {
                 "rss_bytes": spread([r["rss_bytes"] for r in res]),
                 "cpu_share": spread([r["cpu_share"] for r in res]),
+                "imports": import_breakdown(),
             }
 
             print("outbox growth", file=sys.stderr)

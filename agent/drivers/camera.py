@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import importlib.util
 import io
 import logging
 import queue
@@ -616,7 +617,13 @@ class CameraDriver(Driver):
 
     async def open(self) -> None:
         cfg = self.config
-        self._decoder = Decoder.for_device(cfg)
+        # zxing-cpp (and the C++ runtime it maps) loads once a camera is there: a station
+        # waiting for its camera to be plugged in should not pay for it; a missing
+        # library is still reported at once, before any camera appears
+        if importlib.util.find_spec("zxingcpp") is None:
+            raise DriverMissing(
+                cfg.name, "zxing-cpp is not installed (pip install 'madoguchi[camera]')"
+            )
         source = self._source if self._source is not None else open_source(cfg)
         loop = asyncio.get_running_loop()
         self._slot = LatestFrame()
@@ -624,6 +631,7 @@ class CameraDriver(Driver):
         capture.start()
         try:
             await asyncio.wrap_future(capture.opened)
+            self._decoder = Decoder.for_device(cfg)
         except BaseException:
             await asyncio.to_thread(capture.join)
             raise
