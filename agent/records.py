@@ -119,10 +119,10 @@ def _compact(obj: Any) -> str:
 
 def envelope(site: str, agent: str, records: list[Record]) -> bytes:
     """The `records` message of the contract, compact JSON in seq order."""
-    return envelope_of(site, agent, [r.wire_json() for r in records])
+    return envelope_of(site, agent, [r.wire_json().encode() for r in records])
 
 
-def envelope_of(site: str, agent: str, records_json: list[str]) -> bytes:
-    """The `records` message from records already encoded by `Record.wire_json()`."""
-    head = _compact({"schema": SCHEMA, "site": site, "agent": agent})
-    return f'{head[:-1]},"records":[{",".join(records_json)}]}}'.encode()
+def envelope_of(site: str, agent: str, records_json: list[bytes]) -> bytes:
+    """The `records` message from records already encoded (`Record.wire_json()`, UTF-8)."""
+    head = _compact({"schema": SCHEMA, "site": site, "agent": agent}).encode()
+    return b"".join((head[:-1], b',"records":[', b",".join(records_json), b"]}"))

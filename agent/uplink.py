@@ -314,11 +314,11 @@ class Uplink:
         limit = self.config.mqtt.batch_max_bytes
         out: list[tuple[list[Record], bytes]] = []
         chunk: list[Record] = []
-        parts: list[str] = []
+        parts: list[bytes] = []
         size = 120
         for record in batch:
-            part = record.wire_json()
-            rsize = len(part.encode()) + 1
+            part = record.wire_json().encode()
+            rsize = len(part) + 1
             if chunk and size + rsize > limit:
                 out.append((chunk, envelope_of(site, name, parts)))
                 chunk, parts, size = [], [], 120
