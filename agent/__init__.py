@@ -4,6 +4,7 @@ The public surface is small on purpose; everything else is private to its module
 """
 
 from agent.config import Config, load_config
+from agent.contract.records import Read, ReadFault, Record
 from agent.errors import (
     ConfigError,
     DeviceError,
@@ -13,7 +14,6 @@ from agent.errors import (
     OutboxFull,
     UplinkError,
 )
-from agent.records import Read, ReadFault, Record
 
 __version__ = "0.1.0"
 

@@ -284,7 +284,7 @@ class HidDevice(DeviceBase):
     @field_validator("terminators")
     @classmethod
     def _known_keys(cls, v: list[str]) -> list[str]:
-        from agent.drivers.hid_keymap import key_code
+        from agent.keymap import key_code
 
         for name in v:
             key_code(name)
@@ -293,7 +293,7 @@ class HidDevice(DeviceBase):
     @field_validator("gs_keys")
     @classmethod
     def _combos(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        from agent.drivers.hid_keymap import parse_combo
+        from agent.keymap import parse_combo
 
         for spec in v:
             parse_combo(spec, info.data.get("layout", "us"))

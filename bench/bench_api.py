@@ -52,9 +52,9 @@ def import_cost() -> str:
         "def rss():\n"
         "  return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
         "b=rss();t=time.perf_counter()\n"
-        "import agent.supervisor, agent.uplink, agent.outbox\n"
+        "import agent.station.station, agent.station.uplink, agent.station.outbox\n"
         "b=rss();t=time.perf_counter()\n"
-        "import agent.api\n"
+        "import agent.station.kiosk.api\n"
         "print(rss()-b, round((time.perf_counter()-t)*1000))\n"
     )
     out = subprocess.run(
@@ -64,7 +64,8 @@ def import_cost() -> str:
         check=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout.split()
-    return f"+{int(out[0]) / 1024:.1f} MB RSS, {out[1]} ms to import agent.api (starlette+uvicorn)"
+    mb = int(out[0]) / 1024
+    return f"+{mb:.1f} MB RSS, {out[1]} ms to import agent.station.kiosk.api (starlette+uvicorn)"
 
 
 async def bench(n: int) -> None:

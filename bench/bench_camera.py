@@ -46,6 +46,7 @@ from camera_support import (  # noqa: E402
     vial,
 )
 
+from agent.central.registry import Registry  # noqa: E402
 from agent.config import CameraDevice, load_config  # noqa: E402
 from agent.drivers.camera import (  # noqa: E402
     CameraDriver,
@@ -53,9 +54,8 @@ from agent.drivers.camera import (  # noqa: E402
     gray_from_jpeg,
     gray_from_yuyv,
 )
-from agent.registry import Registry  # noqa: E402
-from agent.sealing import Sealer  # noqa: E402
-from agent.supervisor import Station  # noqa: E402
+from agent.station.sealing import Sealer  # noqa: E402
+from agent.station.station import Station  # noqa: E402
 
 FORMATS = ["QRCode", "DataMatrix", "EAN13"]
 #: single-core speed of a Raspberry Pi 4 (Cortex-A72, 1.5 GHz) relative to one core of

@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from hid_support import FakeBackend, FakeInputDevice, hid_config  # noqa: E402
 
 from agent.drivers.hid import HidDriver  # noqa: E402
-from agent.drivers.hid_keymap import (  # noqa: E402
+from agent.keymap import (  # noqa: E402
     Decoder,
     Scan,
     decode,

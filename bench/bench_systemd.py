@@ -17,8 +17,8 @@ import subprocess
 import tempfile
 import time
 
-from agent.clock import clock_synced
-from agent.systemd import Notifier
+from agent.station.clock import clock_synced
+from agent.station.systemd import Notifier
 
 
 def per_call(fn: object, n: int) -> float:

@@ -31,10 +31,10 @@ import paho.mqtt.client as paho
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.demo import free_port, start_mosquitto  # noqa: E402
-from agent.outbox import Outbox, read_stats  # noqa: E402
-from agent.records import Read, envelope  # noqa: E402
-from agent.registry import Registry, Stored  # noqa: E402
+from agent.central.registry import Registry, Stored  # noqa: E402
+from agent.cli.demo import free_port, start_mosquitto  # noqa: E402
+from agent.contract.records import Read, envelope  # noqa: E402
+from agent.station.outbox import Outbox, read_stats  # noqa: E402
 
 
 def machine() -> dict[str, Any]:

@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import core_bench as core  # noqa: E402
 
-from agent.demo import find_mosquitto, free_port  # noqa: E402
-from agent.outbox import Outbox, read_stats  # noqa: E402
-from agent.records import Read  # noqa: E402
-from agent.registry import Registry, Stored  # noqa: E402
+from agent.central.registry import Registry, Stored  # noqa: E402
+from agent.cli.demo import find_mosquitto, free_port  # noqa: E402
+from agent.contract.records import Read  # noqa: E402
+from agent.station.outbox import Outbox, read_stats  # noqa: E402
 
 DOCS = ROOT / "docs"
 PERF = DOCS / "perf"
@@ -468,8 +468,8 @@ import agent.config
 steps.append(("madoguchi's config models, records, errors", rss()))
 import aiomqtt
 steps.append(("aiomqtt, paho-mqtt", rss()))
-import agent.supervisor, agent.cli
-agent.cli.build_parser()
+import agent.station.station, agent.cli.main
+agent.cli.main.build_parser()
 steps.append(("the rest of madoguchi (supervisor, uplink, outbox, drivers, CLI)", rss()))
 print(json.dumps(steps))
 """

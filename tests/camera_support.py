@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 from agent.config import CameraDevice, load_config
 from agent.drivers.camera import CameraDriver, Frame, Still, encode_jpeg
 from agent.errors import DeviceUnavailable
-from agent.supervisor import Station
+from agent.station.station import Station
 
 W, H = 640, 480
 BASE = "madoguchi/v1/toda-city-hall-1f/station-03"

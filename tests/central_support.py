@@ -23,8 +23,8 @@ import jsonschema
 import pytest
 import yaml
 
-from agent.dashboard import Dashboard
-from agent.records import uuid7
+from agent.central.dashboard import Dashboard
+from agent.contract.records import uuid7
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14, 13)]
@@ -149,7 +149,7 @@ def pg_dsn(pg_cluster: PgCluster) -> str:
 
 
 def record(seq: int, *, rid: str | None = None, text: str | None = None) -> dict[str, Any]:
-    """A record in the contract's wire form (as agent.records.Record.wire() makes it)."""
+    """A record in the contract's wire form (as agent.contract.records.Record.wire() makes it)."""
     return {
         "id": rid or str(uuid7()),
         "seq": seq,

@@ -21,9 +21,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from agent.central.registry import Registry, Stored
 from agent.config import Config, load_config
-from agent.registry import Registry, Stored
-from agent.supervisor import Station
+from agent.station.station import Station
 
 ROOT = Path(__file__).resolve().parent.parent
 

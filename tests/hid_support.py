@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import HidDevice
-from agent.drivers.hid_keymap import KEYS, KeyEvent
+from agent.keymap import KEYS, KeyEvent
 
 DATA = Path(__file__).parent / "data" / "hid"
 

@@ -18,10 +18,10 @@ import httpx
 from conftest import free_port, write_config
 
 from agent.config import Config, DeviceConfig, load_config
+from agent.contract.records import Read, ReadFault
 from agent.drivers import Driver, create_driver
 from agent.errors import CardError, OutboxError, PinRefused
-from agent.records import Read, ReadFault
-from agent.supervisor import Station
+from agent.station.station import Station
 
 CARD_PIN = "4821"
 CARD_INFO = {

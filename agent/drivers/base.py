@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from agent.records import Read, ReadFault
+from agent.contract.records import Read, ReadFault
 
 if TYPE_CHECKING:
     from agent.config import DeviceConfig

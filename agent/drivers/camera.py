@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.contract.records import Read, ReadFault, utc_now
 from agent.drivers.base import Driver
 from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, MadoguchiError
-from agent.records import Read, ReadFault, utc_now
 
 if TYPE_CHECKING:
     import numpy as np

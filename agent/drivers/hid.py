@@ -20,33 +20,27 @@ is the kiosk event the supervisor emits after the commit.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
 import fnmatch
 import logging
-import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.contract.records import Read, ReadFault
 from agent.drivers.base import Driver
-from agent.drivers.hid_keymap import (
+from agent.errors import DeviceError, DeviceUnavailable, DriverMissing
+from agent.keymap import (
     KEYS,
     LED_CAPSL,
     SYN_DROPPED,
-    CaptureError,
     Decoder,
     Fault,
     KeyEvent,
     Scan,
-    decode,
-    parse_evtest,
 )
-from agent.errors import DeviceError, DeviceUnavailable, DriverMissing
-from agent.records import Read, ReadFault
 
 if TYPE_CHECKING:
     from agent.config import HidDevice
@@ -386,84 +380,3 @@ def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno is not None:
         return f"{errno.errorcode.get(e.errno, e.errno)} {e.strerror or ''}".strip()
     return str(e) or type(e).__name__
-
-
-# -- madoguchi hid-replay --------------------------------------------------------------
-
-
-def add_hid_replay_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "hid-replay",
-        help="decode an evtest capture of a keyboard-mode scanner, one scan per line",
-        description="Reads the text `evtest` prints (header, Event: lines, SYN lines) and "
-        "writes each decoded scan on its own line; faults go to stderr. Exit 0 when every "
-        "scan decoded, 1 when any faulted, 2 when the file is unreadable.",
-    )
-    p.add_argument("file", metavar="FILE", help="evtest output ('-' for stdin)")
-    p.add_argument(
-        "--layout", required=True, choices=["us", "jp106"], help="the layout the scanner is set to"
-    )
-    p.add_argument(
-        "--terminator",
-        action="append",
-        metavar="KEY",
-        help="key that ends a scan; repeat for more (default: KEY_ENTER and KEY_KPENTER)",
-    )
-    p.add_argument(
-        "--gs-key",
-        action="append",
-        metavar="COMBO",
-        help="combination meaning GS, e.g. 'ctrl+]' (default), 'KEY_F8'; repeatable",
-    )
-    p.add_argument("--idle-timeout-ms", type=int, default=500, help="default 500")
-    p.add_argument("--min-key-rate", type=float, default=None, help="keys/s; off by default")
-    p.add_argument(
-        "--show-control",
-        action="store_true",
-        help="print control characters visibly (<GS>, <RS>, <EOT>, <TAB>)",
-    )
-    p.set_defaults(func=run_hid_replay)
-
-
-_VISIBLE = {"\x1d": "<GS>", "\x1e": "<RS>", "\x04": "<EOT>", "\t": "<TAB>"}
-
-
-def run_hid_replay(args: argparse.Namespace) -> int:
-    try:
-        decoder = Decoder(
-            args.layout,
-            terminators=args.terminator or ("KEY_ENTER", "KEY_KPENTER"),
-            gs_keys=args.gs_key or ("ctrl+]",),
-            idle_timeout_ms=args.idle_timeout_ms,
-            min_key_rate=args.min_key_rate,
-        )
-    except ValueError as e:
-        print(f"hid-replay: {e}", file=sys.stderr)
-        return 2
-    try:
-        if args.file == "-":
-            lines: Iterable[str] = sys.stdin.read().splitlines()
-        else:
-            lines = Path(args.file).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        print(f"hid-replay: {args.file}: {_why(e)}", file=sys.stderr)
-        return 2
-    faults = 0
-    try:
-        for result in decode(parse_evtest(lines), decoder):
-            if isinstance(result, Scan):
-                text = result.text
-                if args.show_control:
-                    text = "".join(_VISIBLE.get(c, c) for c in text)
-                print(text, flush=True)
-            else:
-                faults += 1
-                print(f"hid-replay: {args.file}: {_when(result)}{result.reason}", file=sys.stderr)
-    except CaptureError as e:
-        print(f"hid-replay: {args.file}: {e}", file=sys.stderr)
-        return 2
-    return 1 if faults else 0
-
-
-def _when(f: Fault) -> str:
-    return f"at {f.started:.6f}: " if f.started is not None else ""

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from agent.contract.records import Read, ReadFault
 from agent.drivers.base import Driver
 from agent.errors import CardError, DeviceUnavailable, DriverMissing, PinRefused
-from agent.records import Read, ReadFault
 
 if TYPE_CHECKING:
     from agent.config import PcscDevice

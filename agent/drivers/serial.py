@@ -14,9 +14,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from agent.contract.records import Read, ReadFault
 from agent.drivers.base import Driver
 from agent.errors import DeviceUnavailable, DriverMissing
-from agent.records import Read, ReadFault
 
 if TYPE_CHECKING:
     from agent.config import SerialDevice

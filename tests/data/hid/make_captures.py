@@ -15,7 +15,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).res
 
 from hid_support import evtest_header  # noqa: E402
 
-from agent.drivers.hid_keymap import (  # noqa: E402
+from agent.keymap import (  # noqa: E402
     EV_KEY,
     EV_MSC,
     EV_SYN,

@@ -1,0 +1,4 @@
+"""The registry side: store, MQTT loop, registry blobs, dashboard.
+
+Imports contract, never station.
+"""

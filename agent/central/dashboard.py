@@ -1,0 +1,447 @@
+"""`madoguchi dashboard`: the fleet at a glance for the people at the central desk.
+
+One process: an MQTT client fed by every station's retained `status` and its
+`telemetry`, an optional read of the registry database (records per minute,
+open seq gaps, clock state), and a small web page served by Starlette +
+uvicorn (the kiosk's choice too) with no build step. The page polls
+`/api/fleet` every second; command buttons go through `/api/command`, which
+publishes `cmd/{name}` and waits for its `cmd/{name}/result`.
+
+Online or offline comes from `status` and its `session`: an offline message
+whose session is lower than the last online one is a stale will from an old
+connection, and must not flip a live station red.
+
+The page and the API carry no personal data (the agent never puts any in
+status or telemetry); the dashboard binds to loopback by default: put it
+behind the city's authenticating proxy to share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from agent._aio import NO_DELAY, Backoff, asgi_server
+from agent.central.registry import (
+    AgentSummary,
+    Gap,
+    RecordStore,
+    RegistryStoreError,
+    open_store,
+)
+from agent.errors import MadoguchiError
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "dashboard_static"
+COMMANDS = ("rebirth", "resend", "diagnostics", "ping")
+
+
+@dataclass(slots=True)
+class StationView:
+    """What the dashboard knows of one station, from MQTT and the registry."""
+
+    site: str
+    agent: str
+    state: str = "unknown"  # online | offline | unknown
+    session: int = 0
+    last_seen: float | None = None
+    offline_reason: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)  # alerts the agent raised
+    registry: AgentSummary | None = None
+    gaps: list[Gap] = field(default_factory=list)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # last result per command
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """When a number on the page becomes an alert."""
+
+    stuck_after_s: float = 120.0  # oldest unconfirmed record older than this
+    nearly_full_ratio: float = 0.8  # outbox bytes over max_bytes
+    gap_timeout_s: float = 300.0  # a seq gap open longer than this
+    keep_events_s: float = 3600.0  # agent-raised alerts (expired lot ...) stay this long
+
+
+class Fleet:
+    """The state machine of the page: pure, fed messages, asked for rows."""
+
+    def __init__(self, thresholds: Thresholds | None = None) -> None:
+        self.t = thresholds or Thresholds()
+        self.stations: dict[tuple[str, str], StationView] = {}
+        self.per_minute: list[int] = []
+
+    def _station(self, site: str, agent: str) -> StationView:
+        key = (site, agent)
+        if key not in self.stations:
+            self.stations[key] = StationView(site, agent)
+        return self.stations[key]
+
+    def on_status(self, site: str, agent: str, body: dict[str, Any], now: float) -> None:
+        st = self._station(site, agent)
+        session = body.get("session")
+        if not isinstance(session, int):
+            return
+        if body.get("state") == "online":
+            if session >= st.session:
+                st.state, st.session, st.offline_reason = "online", session, None
+                st.status = body
+                st.last_seen = now
+        elif body.get("state") == "offline":
+            if session < st.session:
+                log.debug("stale will of %s/%s session %d ignored", site, agent, session)
+                return
+            st.state, st.session = "offline", session
+            st.offline_reason = str(body.get("reason", "connection lost"))
+            st.last_seen = st.last_seen or now
+
+    def on_telemetry(self, site: str, agent: str, body: dict[str, Any], now: float) -> None:
+        st = self._station(site, agent)
+        session = body.get("session")
+        if not isinstance(session, int) or session < st.session:
+            return  # a late message from an older connection
+        if session > st.session or st.state != "online":
+            st.state, st.session, st.offline_reason = "online", session, None
+        st.telemetry = body
+        st.last_seen = now
+        for alert in body.get("alerts") or []:
+            if isinstance(alert, dict):
+                st.events.append({**alert, "at": now})
+        st.events = [e for e in st.events if now - e["at"] <= self.t.keep_events_s][-20:]
+
+    def on_result(self, site: str, agent: str, name: str, body: dict[str, Any]) -> None:
+        self._station(site, agent).results[name] = body
+
+    def on_registry(self, agents: list[AgentSummary], gaps: list[Gap]) -> None:
+        minutes = max((len(a.per_minute) for a in agents), default=0)
+        self.per_minute = [sum(a.per_minute[i] for a in agents) for i in range(minutes)]
+        for st in self.stations.values():
+            st.registry, st.gaps = None, []
+        for a in agents:
+            self._station(a.site, a.agent).registry = a
+        for g in gaps:
+            self._station(g.site, g.agent).gaps.append(g)
+
+    def alerts(self, st: StationView, now: float) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if st.state == "offline":
+            out.append({"type": "offline", "level": "error", "detail": st.offline_reason})
+        outbox = (st.telemetry or st.status).get("outbox") or {}
+        age = outbox.get("oldest_unconfirmed_age_s")
+        if isinstance(age, (int, float)) and age >= self.t.stuck_after_s:
+            out.append({"type": "outbox_stuck", "level": "warn", "detail": f"{age:.0f} s"})
+        used, cap = outbox.get("db_bytes"), outbox.get("max_bytes")
+        full = isinstance(used, int) and isinstance(cap, int) and cap > 0 and used / cap
+        if full and full >= self.t.nearly_full_ratio:
+            out.append({"type": "outbox_nearly_full", "level": "error", "detail": f"{full:.0%}"})
+        for g in st.gaps:
+            if now - g.opened_at >= self.t.gap_timeout_s:
+                out.append(
+                    {
+                        "type": "seq_gap",
+                        "level": "error",
+                        "detail": f"{g.first}..{g.last} ({now - g.opened_at:.0f} s)",
+                    }
+                )
+        if st.registry is not None and st.registry.clock_synced is False:
+            out.append({"type": "clock_unsynced", "level": "warn", "detail": None})
+        devices = (st.telemetry or st.status).get("devices") or {}
+        for name, dev in sorted(devices.items()):
+            if st.state == "online" and dev.get("state") in ("error", "disconnected"):
+                out.append({"type": "device", "level": "warn", "detail": f"{name}: {dev['state']}"})
+        for e in st.events:
+            if now - e["at"] > self.t.keep_events_s:
+                continue
+            kind = str(e.get("type", "alert"))
+            detail = e.get("device")
+            if kind == "expired_lot":
+                lot = (e.get("fields") or {}).get("10")
+                detail = " ".join(str(p) for p in (e.get("device"), lot and f"lot {lot}") if p)
+            out.append(
+                {
+                    "type": kind,
+                    "level": "error" if kind == "expired_lot" else "warn",
+                    "detail": detail,
+                    "age_s": round(now - e["at"]),
+                }
+            )
+        return out
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        sites: dict[str, list[dict[str, Any]]] = {}
+        for (site, agent), st in sorted(self.stations.items()):
+            src = st.telemetry or st.status
+            outbox = src.get("outbox") or {}
+            reg = st.registry
+            sites.setdefault(site, []).append(
+                {
+                    "site": site,
+                    "agent": agent,
+                    "state": st.state,
+                    "session": st.session,
+                    "last_seen_age_s": None if st.last_seen is None else now - st.last_seen,
+                    "outbox": {
+                        k: outbox.get(k)
+                        for k in (
+                            "pending",
+                            "unconfirmed",
+                            "oldest_unconfirmed_age_s",
+                            "db_bytes",
+                            "max_bytes",
+                        )
+                    },
+                    "devices": {
+                        name: {k: dev.get(k) for k in ("state", "reads", "errors")}
+                        for name, dev in sorted((src.get("devices") or {}).items())
+                    },
+                    "registry": None
+                    if reg is None
+                    else {
+                        "records": reg.records,
+                        "max_seq": reg.max_seq,
+                        "last_stored_age_s": None
+                        if reg.last_stored_at is None
+                        else now - reg.last_stored_at,
+                        "per_minute": reg.per_minute,
+                        "open_gaps": len(st.gaps),
+                    },
+                    "alerts": self.alerts(st, now),
+                    "results": st.results,
+                }
+            )
+        return {
+            "now": now,
+            "sites": [{"site": s, "stations": rows} for s, rows in sorted(sites.items())],
+            "per_minute": self.per_minute,
+        }
+
+
+class Dashboard:
+    """The MQTT side, the registry poll and the web server, in one event loop."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: RecordStore | Path | str | None = None,
+        topic_prefix: str = "madoguchi/v1",
+        http_host: str = "127.0.0.1",
+        http_port: int = 8780,
+        thresholds: Thresholds | None = None,
+        db_poll_s: float = 2.0,
+        chart_minutes: int = 30,
+        command_timeout_s: float = 10.0,
+        tls_context: Any = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.prefix = topic_prefix
+        self.http_host = http_host
+        self.http_port = http_port
+        self.fleet = Fleet(thresholds)
+        self.store: RecordStore | None = (
+            None if db is None else db if not isinstance(db, (str, Path)) else open_store(db)
+        )
+        self.db_poll_s = db_poll_s
+        self.chart_minutes = chart_minutes
+        self.command_timeout_s = command_timeout_s
+        self.tls_context = tls_context
+        self.connected = asyncio.Event()
+        self.serving = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    # -- MQTT ----------------------------------------------------------------------
+
+    async def _mqtt(self) -> None:
+        backoff = Backoff(cap=10.0)
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host,
+                    self.port,
+                    identifier=f"madoguchi-dashboard-{socket.gethostname()}-{os.getpid()}",
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    tls_context=self.tls_context,
+                    keepalive=30,
+                    socket_options=NO_DELAY,
+                ) as client:
+                    for suffix in ("status", "telemetry", "cmd/+/result"):
+                        await client.subscribe(f"{self.prefix}/+/+/{suffix}", qos=1)
+                    self._client = client
+                    self.connected.set()
+                    backoff.reset()
+                    log.info("dashboard listening on %s:%d", self.host, self.port)
+                    async for m in client.messages:
+                        self.on_message(m.topic.value, m.payload, time.time())
+            except aiomqtt.MqttError as e:
+                self._client = None
+                self.connected.clear()
+                delay = backoff.next()
+                log.warning("dashboard: broker %s:%d: %s", self.host, self.port, e)
+                await asyncio.sleep(delay)
+
+    def on_message(self, topic: str, payload: Any, now: float) -> None:
+        rest = topic.removeprefix(self.prefix + "/").split("/")
+        if len(rest) < 3:
+            return
+        site, agent, kind = rest[0], rest[1], rest[2:]
+        try:
+            body = json.loads(payload)
+        except (ValueError, TypeError):
+            log.warning("dashboard: not JSON on %s", topic)
+            return
+        if not isinstance(body, dict):
+            return
+        if kind == ["status"]:
+            self.fleet.on_status(site, agent, body, now)
+        elif kind == ["telemetry"]:
+            self.fleet.on_telemetry(site, agent, body, now)
+        elif len(kind) == 3 and kind[0] == "cmd" and kind[2] == "result":
+            self.fleet.on_result(site, agent, kind[1], {**body, "at": now})
+            fut = self._pending.pop(str(body.get("request_id")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+
+    async def command(self, site: str, agent: str, name: str) -> dict[str, Any]:
+        """Publish `cmd/{name}` and wait for its result (or say it timed out)."""
+        client = self._client
+        if client is None:
+            return {"ok": False, "error": "dashboard not connected to the broker"}
+        request_id = str(uuid.uuid4())
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = fut
+        try:
+            await client.publish(
+                f"{self.prefix}/{site}/{agent}/cmd/{name}",
+                json.dumps({"request_id": request_id}),
+                qos=1,
+            )
+            return await asyncio.wait_for(fut, self.command_timeout_s)
+        except TimeoutError:
+            return {"ok": False, "error": f"no answer in {self.command_timeout_s:.0f} s"}
+        except aiomqtt.MqttError as e:
+            return {"ok": False, "error": f"broker: {e}"}
+        finally:
+            self._pending.pop(request_id, None)
+
+    # -- registry ------------------------------------------------------------------
+
+    async def _poll_registry(self) -> None:
+        store = self.store
+        if store is None:
+            return
+        opened = False
+        try:
+            while True:
+                try:
+                    if not opened:
+                        await store.open()
+                        opened = True
+                    agents = await store.agents(self.chart_minutes)
+                    gaps = await store.open_gaps()
+                    self.fleet.on_registry(agents, gaps)
+                except RegistryStoreError as e:
+                    log.warning("dashboard: registry database: %s", e)
+                await asyncio.sleep(self.db_poll_s)
+        finally:
+            if opened:
+                await store.close()
+
+    # -- HTTP ----------------------------------------------------------------------
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import FileResponse, JSONResponse
+        from starlette.routing import Route
+
+        headers = {
+            "cache-control": "no-store",
+            "x-content-type-options": "nosniff",
+            "x-frame-options": "DENY",
+            "referrer-policy": "no-referrer",
+        }
+
+        async def index(request: Request) -> FileResponse:
+            return FileResponse(
+                STATIC / "index.html",
+                headers={
+                    **headers,
+                    "content-security-policy": "default-src 'self'; style-src 'self' "
+                    "'unsafe-inline'; script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+                },
+            )
+
+        async def fleet(request: Request) -> JSONResponse:
+            return JSONResponse(
+                {"broker": self.connected.is_set(), **self.fleet.snapshot(time.time())},
+                headers=headers,
+            )
+
+        async def command(request: Request) -> JSONResponse:
+            # JSON only: a cross-site form cannot send it without a preflight we never allow
+            if request.headers.get("content-type", "").split(";")[0] != "application/json":
+                return JSONResponse({"ok": False, "error": "JSON only"}, 415, headers=headers)
+            try:
+                body = await request.json()
+                site, agent, name = str(body["site"]), str(body["agent"]), str(body["name"])
+            except (ValueError, KeyError, TypeError):
+                return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
+            if name not in COMMANDS or (site, agent) not in self.fleet.stations:
+                return JSONResponse({"ok": False, "error": "unknown"}, 404, headers=headers)
+            return JSONResponse(await self.command(site, agent, name), headers=headers)
+
+        return Starlette(
+            routes=[
+                Route("/", index),
+                Route("/api/fleet", fleet),
+                Route("/api/command", command, methods=["POST"]),
+            ]
+        )
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        # the process owns signals and the socket: not serve(), and no sys.exit on a bind error
+        family = socket.AF_INET6 if ":" in self.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.http_host, self.http_port))
+        except OSError as e:
+            sock.close()
+            raise MadoguchiError(
+                f"dashboard: cannot listen on {self.http_host}:{self.http_port}: {e.strerror}"
+            ) from e
+        self.http_port = int(sock.getsockname()[1])
+        try:
+            async with asgi_server(self.app(), [sock], timeout_graceful_shutdown=2):
+                log.info("dashboard on http://%s:%d/", self.http_host, self.http_port)
+                self.serving.set()
+                await stop.wait()
+        finally:
+            sock.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set."""
+        async with asyncio.TaskGroup() as tg:
+            background = [
+                tg.create_task(self._mqtt(), name="dashboard-mqtt"),
+                tg.create_task(self._poll_registry(), name="dashboard-registry"),
+            ]
+            tg.create_task(self._serve(stop), name="dashboard-http")
+            await stop.wait()
+            for task in background:
+                task.cancel()

@@ -1,0 +1,357 @@
+"""The registry's PostgreSQL backend (psycopg 3, async): the `RecordStore` for a city.
+
+Each `store()` is one transaction of a fixed number of set-based statements
+(arrays through `unnest`), however many messages and agents it covers: it
+locks the agents' rows in (site, agent) order, so that consumers sharing the
+load never deadlock; inserts the records with `INSERT ... ON CONFLICT (id) DO
+NOTHING RETURNING id` (the ids returned are the new ones); and rewrites the
+open gaps of the agents that changed. Another consumer storing the same agent
+waits on that row lock; another storing the same record id waits on the
+primary key and then finds it there.
+
+Times are Unix seconds (double precision), as in the SQLite backend, so both
+share `plan_gaps` and the dashboard's arithmetic. Bodies are `json` (kept as
+sent; `jsonb` refuses `\\u0000`, and a record must never be refused for that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from agent.central.registry import (
+    AgentSummary,
+    Batch,
+    BlobMismatch,
+    Gap,
+    RegistryStoreError,
+    Stored,
+    _log_gap_changes,
+    carry_alerted,
+    group_batches,
+    plan_gaps,
+    verify_blob,
+)
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_LOCK = 0x6D61646F  # "mado": one consumer creates the schema at a time
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS records (
+        id          text PRIMARY KEY,
+        site        text NOT NULL,
+        agent       text NOT NULL,
+        seq         bigint NOT NULL,
+        captured_at text NOT NULL,
+        device      text NOT NULL,
+        kind        text NOT NULL,
+        source      text NOT NULL,
+        body        json NOT NULL,
+        stored_at   double precision NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS records_agent_seq ON records (site, agent, seq)",
+    "CREATE INDEX IF NOT EXISTS records_stored_at ON records (stored_at)",
+    """CREATE TABLE IF NOT EXISTS agents (
+        site text NOT NULL, agent text NOT NULL, max_seq bigint NOT NULL DEFAULT 0,
+        records bigint NOT NULL DEFAULT 0, last_stored_at double precision,
+        clock_synced boolean, PRIMARY KEY (site, agent)
+    )""",
+    """CREATE TABLE IF NOT EXISTS gaps (
+        site text NOT NULL, agent text NOT NULL, first bigint NOT NULL, last bigint NOT NULL,
+        opened_at double precision NOT NULL, alerted_at double precision,
+        PRIMARY KEY (site, agent, first)
+    )""",
+    """CREATE TABLE IF NOT EXISTS blobs (
+        record_id text NOT NULL, name text NOT NULL, site text NOT NULL, agent text NOT NULL,
+        content_type text NOT NULL, sha256 text NOT NULL, size bigint NOT NULL,
+        data bytea NOT NULL, stored_at double precision NOT NULL,
+        PRIMARY KEY (record_id, name)
+    )""",
+]
+
+_INSERT = """
+INSERT INTO records (id, site, agent, seq, captured_at, device, kind, source, body, stored_at)
+SELECT u.id, u.site, u.agent, u.seq, u.captured_at, u.device, u.kind, u.source,
+       u.body::json, %(now)s
+FROM unnest(%(ids)s::text[], %(sites)s::text[], %(agents)s::text[], %(seqs)s::bigint[],
+            %(captured)s::text[], %(devices)s::text[], %(kinds)s::text[], %(sources)s::text[],
+            %(bodies)s::text[])
+     AS u(id, site, agent, seq, captured_at, device, kind, source, body)
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+
+
+def _dsn_for_log(dsn: str) -> str:
+    """The DSN without its password."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(dsn)
+        if "password" in params:
+            params["password"] = "***"
+        return make_conninfo(**params)  # type: ignore[arg-type]
+    except psycopg.Error:
+        return "<dsn>"
+
+
+class PostgresStore:
+    """`RecordStore` on PostgreSQL; one connection, used by one task at a time."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """The open connection, reconnecting after a broken one."""
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"madoguchi-registry-{os.getpid()}"
+            )
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL {_dsn_for_log(self.dsn)}: {e}") from e
+        return self._conn
+
+    async def open(self) -> None:
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                for statement in _SCHEMA:
+                    await conn.execute(statement)
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL schema: {e}") from e
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def store(self, batches: Sequence[Batch]) -> list[Stored]:
+        now = time.time()
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                out = await self._store_all(conn, group_batches(batches), now)
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {type(e).__name__}: {e}") from e
+        return out  # committed: the caller may ack all of it
+
+    async def _store_all(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        groups: list[tuple[tuple[str, str], list[dict[str, Any]]]],
+        now: float,
+    ) -> list[Stored]:
+        """Set-based: the same seven statements whether the commit holds 1 agent or 500."""
+        sites = [site for (site, _), _ in groups]
+        agents = [agent for (_, agent), _ in groups]
+        await conn.execute(
+            "INSERT INTO agents (site, agent) SELECT * FROM unnest(%s::text[], %s::text[])"
+            " ON CONFLICT DO NOTHING",
+            (sites, agents),
+        )
+        # lock every agent row of the commit, in (site, agent) order: no deadlocks
+        cur = await conn.execute(
+            "SELECT a.site, a.agent, a.max_seq FROM agents a"
+            " JOIN unnest(%s::text[], %s::text[]) AS k(site, agent)"
+            " ON a.site = k.site AND a.agent = k.agent"
+            " ORDER BY a.site, a.agent FOR UPDATE OF a",
+            (sites, agents),
+        )
+        max_seqs = {(str(r[0]), str(r[1])): int(r[2]) for r in await cur.fetchall()}
+        first: dict[str, dict[str, Any]] = {}
+        owner: dict[str, tuple[str, str]] = {}
+        for key, records in groups:
+            for r in records:  # a re-send inside one commit is a duplicate, not a second row
+                if r["id"] not in first:
+                    first[r["id"]] = r
+                    owner[r["id"]] = key
+        unique = list(first.values())
+        cur = await conn.execute(
+            _INSERT,
+            {
+                "now": now,
+                "sites": [owner[r["id"]][0] for r in unique],
+                "agents": [owner[r["id"]][1] for r in unique],
+                "ids": [r["id"] for r in unique],
+                "seqs": [int(r["seq"]) for r in unique],
+                "captured": [r["captured_at"] for r in unique],
+                "devices": [r["device"] for r in unique],
+                "kinds": [r["kind"] for r in unique],
+                "sources": [str(r.get("source", "device")) for r in unique],
+                "bodies": [json.dumps(r, ensure_ascii=False) for r in unique],
+            },
+        )
+        inserted = {str(row[0]) for row in await cur.fetchall()}
+        out: list[Stored] = []
+        new_seqs: dict[tuple[str, str], list[int]] = {}
+        clocks: dict[tuple[str, str], bool] = {}
+        for key, records in groups:
+            for r in records:
+                new = r["id"] in inserted and first.get(r["id"]) is r and owner[r["id"]] == key
+                out.append(Stored(key[0], key[1], r, new))
+                if new:
+                    new_seqs.setdefault(key, []).append(int(r["seq"]))
+                    if isinstance(r.get("clock_synced"), bool):
+                        clocks[key] = r["clock_synced"]
+        if not new_seqs:
+            return out
+        touched = sorted(new_seqs)
+        cur = await conn.execute(
+            "SELECT g.site, g.agent, g.first, g.last, g.opened_at, g.alerted_at FROM gaps g"
+            " JOIN unnest(%s::text[], %s::text[]) AS k(site, agent)"
+            " ON g.site = k.site AND g.agent = k.agent",
+            ([k[0] for k in touched], [k[1] for k in touched]),
+        )
+        old_gaps: dict[tuple[str, str], list[tuple[int, int, float, float | None]]] = {}
+        for site, agent, a, b, opened, alerted in await cur.fetchall():
+            old_gaps.setdefault((site, agent), []).append((int(a), int(b), float(opened), alerted))
+        rewrite: list[tuple[str, str]] = []
+        new_rows: list[tuple[Any, ...]] = []
+        updates: list[tuple[str, str, int, int, bool | None]] = []
+        for key in touched:
+            rows = old_gaps.get(key, [])
+            old = sorted((a, b, t) for a, b, t, _ in rows)
+            gaps, top = plan_gaps(old, max_seqs.get(key, 0), new_seqs[key], now)
+            if gaps != old:
+                _log_gap_changes(key[0], key[1], old, gaps)
+                rewrite.append(key)
+                alerted = {(a, b): al for a, b, _, al in rows}
+                new_rows.extend((*key, *g) for g in carry_alerted(alerted, gaps))
+            updates.append((*key, top, len(new_seqs[key]), clocks.get(key)))
+        if rewrite:
+            await conn.execute(
+                "DELETE FROM gaps g USING unnest(%s::text[], %s::text[]) AS k(site, agent)"
+                " WHERE g.site = k.site AND g.agent = k.agent",
+                ([k[0] for k in rewrite], [k[1] for k in rewrite]),
+            )
+        if new_rows:
+            cols = list(zip(*new_rows, strict=True))
+            await conn.execute(
+                "INSERT INTO gaps SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
+                " %s::bigint[], %s::float8[], %s::float8[])",
+                tuple(list(c) for c in cols),
+            )
+        cols = list(zip(*updates, strict=True))
+        await conn.execute(
+            "UPDATE agents a SET max_seq = u.max_seq, records = a.records + u.n,"
+            " last_stored_at = %s, clock_synced = coalesce(u.clock, a.clock_synced)"
+            " FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bool[])"
+            " AS u(site, agent, max_seq, n, clock)"
+            " WHERE a.site = u.site AND a.agent = u.agent",
+            (now, *(list(c) for c in cols)),
+        )
+        return out
+
+    async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        conn = await self._connection()
+        try:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {e}") from e
+
+    async def open_gaps(self) -> list[Gap]:
+        rows = await self._query(
+            "SELECT site, agent, first, last, opened_at FROM gaps ORDER BY site, agent, first"
+        )
+        return [Gap(s, a, int(f), int(la), float(t)) for s, a, f, la, t in rows]
+
+    async def overdue_gaps(self, older_than_s: float) -> list[Gap]:
+        now = time.time()
+        rows = await self._query(
+            "UPDATE gaps SET alerted_at = %s WHERE alerted_at IS NULL AND opened_at <= %s"
+            " RETURNING site, agent, first, last, opened_at",
+            (now, now - older_than_s),
+        )
+        return sorted(Gap(s, a, int(f), int(la), float(t)) for s, a, f, la, t in rows)
+
+    async def count(self) -> int:
+        [(n,)] = await self._query("SELECT count(*) FROM records")
+        return int(n)
+
+    async def agents(self, minutes: int = 30) -> list[AgentSummary]:
+        now = time.time()
+        start_minute = int(now // 60) - minutes + 1
+        buckets: dict[tuple[str, str], list[int]] = {}
+        for s, a, minute, n in await self._query(
+            "SELECT site, agent, floor(stored_at / 60)::bigint, count(*) FROM records"
+            " WHERE stored_at >= %s GROUP BY 1, 2, 3",
+            (start_minute * 60,),
+        ):
+            b = buckets.setdefault((s, a), [0] * minutes)
+            idx = int(minute) - start_minute
+            if 0 <= idx < minutes:
+                b[idx] = int(n)
+        rows = await self._query(
+            "SELECT site, agent, max_seq, records, last_stored_at, clock_synced FROM agents"
+            " ORDER BY site, agent"
+        )
+        return [
+            AgentSummary(
+                s,
+                a,
+                int(m),
+                int(n),
+                None if t is None else float(t),
+                c,
+                buckets.get((s, a), [0] * minutes),
+            )
+            for s, a, m, n, t, c in rows
+        ]
+
+    async def store_blob(
+        self,
+        *,
+        record_id: str,
+        site: str,
+        agent: str,
+        name: str,
+        content_type: str,
+        sha256: str,
+        data: bytes,
+    ) -> bool:
+        digest = verify_blob(sha256, data)
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "INSERT INTO blobs VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (record_id, name) DO NOTHING RETURNING sha256",
+                    (
+                        record_id,
+                        name,
+                        site,
+                        agent,
+                        content_type,
+                        digest,
+                        len(data),
+                        data,
+                        time.time(),
+                    ),
+                )
+                if await cur.fetchone() is not None:
+                    return True
+                cur = await conn.execute(
+                    "SELECT sha256 FROM blobs WHERE record_id = %s AND name = %s",
+                    (record_id, name),
+                )
+                row = await cur.fetchone()
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {e}") from e
+        if row is None or row[0] != digest:
+            raise BlobMismatch(f"blob {record_id}/{name} already stored with another hash")
+        return False

@@ -1,0 +1,1 @@
+"""The face: argument parsing and one module per side. Nothing imports it."""

@@ -1,0 +1,99 @@
+"""The central side's commands: registry, dashboard."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from agent.cli.service import run_service, run_until_signal, setup_logging
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    from agent.central.registry import is_dsn, run_registry
+
+    db: str | Path = args.db if is_dsn(args.db) else Path(args.db)
+    return run_until_signal(
+        lambda stop: run_registry(
+            args.host,
+            args.port,
+            db,
+            args.topic_prefix,
+            args.client_id,
+            stop,
+            shared=args.shared,
+            gap_timeout_s=args.gap_timeout,
+            batch_max_messages=args.batch_max,
+            quiet=args.quiet,
+        )
+    )
+
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("dashboard", help="fleet dashboard: stations, outboxes, alerts, commands")
+    p.add_argument("--host", default="127.0.0.1", help="MQTT broker")
+    p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    p.add_argument("--db", default=None, help="registry database: SQLite file or postgresql:// DSN")
+    p.add_argument("--topic-prefix", default="madoguchi/v1")
+    p.add_argument("--http-host", default="127.0.0.1", help="address of the web page")
+    p.add_argument("--http-port", type=int, default=8780, help="port of the web page")
+    p.add_argument("--stuck-after", type=float, default=120.0, help="seconds: outbox stuck")
+    p.add_argument("--gap-timeout", type=float, default=300.0, help="seconds: seq gap alert")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    p.set_defaults(func=run_dashboard)
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from agent.central.dashboard import Dashboard, Thresholds
+    from agent.central.registry import is_dsn
+
+    setup_logging(args.log_level)
+    db: str | Path | None = None
+    if args.db is not None:
+        db = args.db if is_dsn(args.db) else Path(args.db)
+    dashboard = Dashboard(
+        args.host,
+        args.port,
+        db=db,
+        topic_prefix=args.topic_prefix,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        thresholds=Thresholds(stuck_after_s=args.stuck_after, gap_timeout_s=args.gap_timeout),
+    )
+    return run_service(dashboard.run)
+
+
+def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("registry", help="reference registry consumer (stores, then acks)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument(
+        "--db",
+        required=True,
+        help="SQLite file of the registry, or a PostgreSQL DSN (postgresql://...)",
+    )
+    p.add_argument("--topic-prefix", default="madoguchi/v1")
+    p.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id (default madoguchi-registry; with --shared, one per process)",
+    )
+    p.add_argument(
+        "--shared",
+        metavar="GROUP",
+        default=None,
+        help="consume through the MQTT 5 shared subscription $share/GROUP/... "
+        "(run several consumers with the same GROUP)",
+    )
+    p.add_argument(
+        "--gap-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a seq gap may stay open before it is an alert",
+    )
+    p.add_argument("--batch-max", type=int, default=64, help="messages committed together at most")
+    p.add_argument("--quiet", action="store_true", help="do not print each record")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    p.set_defaults(func=cmd_registry)
+
+    _add_dashboard_parser(sub)

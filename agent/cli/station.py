@@ -1,0 +1,117 @@
+"""The station's commands: run, check-config, outbox stats, enroll."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent.cli.service import run_service, setup_logging
+from agent.config import Config, load_config
+from agent.errors import ConfigError, EnrollError, MadoguchiError
+from agent.station.enroll import DEFAULT_DIR, install_cert, make_key_and_csr
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    setup_logging(config.agent.log_level)
+    from agent.station.station import Station
+
+    return run_service(Station(config).run)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.path)
+    if config is None:
+        return 1
+    print(
+        f"{args.path}: ok: site {config.agent.site}, agent {config.agent.name}, "
+        f"{len(config.devices)} device(s)"
+    )
+    for dev in config.devices:
+        print(f"  {dev.name}: driver {dev.driver}, profile {dev.profile}")
+    return 0
+
+
+def cmd_outbox_stats(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from agent.station.outbox import read_stats
+
+    try:
+        stats = read_stats(config.outbox_path)
+    except MadoguchiError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key:26} {value}")
+    return 0
+
+
+def run_enroll(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        if args.install is not None:
+            dest, cn = install_cert(Path(args.install), out)
+            print(f"installed {dest} for {cn}")
+            return 0
+        if not args.site or not args.name:
+            print("madoguchi enroll: --site and --name are required (or --install CERT)")
+            return 2
+        key_path, csr_path, new = make_key_and_csr(args.site, args.name, out)
+    except EnrollError as e:
+        print(f"madoguchi enroll: {e}", file=sys.stderr)
+        return 1
+    print(f"{'created' if new else 'kept existing'} private key {key_path} (never copy it off)")
+    print(f"certificate request {csr_path} for CN {args.site}/{args.name}:")
+    print(f"  send it to the fleet CA, then: madoguchi enroll --install <certificate> --out {out}")
+    return 0
+
+
+def _add_enroll_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "enroll",
+        help="make this station's TLS key and CSR (CN site/name), or install its certificate",
+    )
+    p.add_argument("--site", help="site id, e.g. toda-city-hall-1f")
+    p.add_argument("--name", help="station name within the site, e.g. station-03")
+    p.add_argument("--install", metavar="CERT", help="install the CA-signed certificate")
+    p.add_argument(
+        "--out", default=str(DEFAULT_DIR), help=f"credentials directory (default {DEFAULT_DIR})"
+    )
+    p.set_defaults(func=run_enroll)
+
+
+def add_station_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run the agent in the foreground (logs to stderr)")
+    p.add_argument("--config", required=True, help="agent.toml")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a configuration without opening devices")
+    p.add_argument("path", help="agent.toml")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("outbox", help="inspect the local outbox")
+    osub = p.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    s = osub.add_parser("stats", help="counts, oldest unconfirmed record, size")
+    s.add_argument("--config", required=True, help="agent.toml")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=cmd_outbox_stats)
+
+    _add_enroll_parser(sub)

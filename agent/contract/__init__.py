@@ -1,0 +1,1 @@
+"""What station and central agree on: the wire contract. Standard library only."""

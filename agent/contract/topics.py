@@ -1,0 +1,168 @@
+"""The topic grammar of the contract: the one place a topic is spelled or parsed.
+
+    {prefix}/{site}/{agent}/records | ack | status | telemetry
+    {prefix}/{site}/{agent}/cmd/{name} | cmd/{name}/result
+    {prefix}/{site}/{agent}/blobs/{record_id}/manifest | {index} | missing
+
+`prefix` is `madoguchi/v1` unless a deployment chose another. A station builds
+its own topics from `StationTopics`; the central side subscribes with the
+wildcards of `Topics` (optionally as an MQTT 5 shared subscription) and turns
+what arrives back into a `Topic` with `Topics.parse`, which never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_PREFIX = "madoguchi/v1"
+
+#: a site or agent name: one topic level, no wildcards (as config and enrolment check)
+NAME = re.compile(r"^[a-z0-9_-]+$")
+#: a command name: one topic level
+COMMAND = re.compile(r"^[a-z0-9_]{1,64}$")
+
+Kind = Literal[
+    "records",
+    "ack",
+    "status",
+    "telemetry",
+    "cmd",
+    "cmd_result",
+    "blob_manifest",
+    "blob_chunk",
+    "blob_missing",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A parsed topic: who it is about and what it carries."""
+
+    site: str
+    agent: str
+    kind: Kind
+    command: str | None = None  # cmd, cmd_result
+    record_id: str | None = None  # blob_*
+    chunk: int | None = None  # blob_chunk
+
+
+@dataclass(frozen=True, slots=True)
+class StationTopics:
+    """Every topic of one station."""
+
+    prefix: str
+    site: str
+    agent: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}/{self.site}/{self.agent}"
+
+    @property
+    def records(self) -> str:
+        return f"{self.base}/records"
+
+    @property
+    def ack(self) -> str:
+        return f"{self.base}/ack"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def commands(self) -> str:
+        """The station's subscription for every command."""
+        return f"{self.base}/cmd/#"
+
+    def command(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}"
+
+    def command_result(self, name: str) -> str:
+        return f"{self.base}/cmd/{name}/result"
+
+    @property
+    def blobs_missing(self) -> str:
+        """The station's subscription for the registry's missing-chunk requests."""
+        return f"{self.base}/blobs/+/missing"
+
+    def blob_manifest(self, record_id: str) -> str:
+        return f"{self.base}/blobs/{record_id}/manifest"
+
+    def blob_chunk(self, record_id: str, index: int) -> str:
+        return f"{self.base}/blobs/{record_id}/{index}"
+
+    def blob_missing(self, record_id: str) -> str:
+        return f"{self.base}/blobs/{record_id}/missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The fleet's topics under one prefix: per-station topics, wildcards, parsing."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def station(self, site: str, agent: str) -> StationTopics:
+        return StationTopics(self.prefix, site, agent)
+
+    # -- wildcards the central side subscribes to ------------------------------------
+
+    @property
+    def all_records(self) -> str:
+        return f"{self.prefix}/+/+/records"
+
+    @property
+    def all_blobs(self) -> str:
+        return f"{self.prefix}/+/+/blobs/+/+"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.prefix}/+/+/status"
+
+    @property
+    def all_telemetry(self) -> str:
+        return f"{self.prefix}/+/+/telemetry"
+
+    @property
+    def all_command_results(self) -> str:
+        return f"{self.prefix}/+/+/cmd/+/result"
+
+    @staticmethod
+    def shared(group: str | None, topic: str) -> str:
+        """`$share/{group}/{topic}` (MQTT 5 shared subscription), or the topic itself."""
+        return topic if group is None else f"$share/{group}/{topic}"
+
+    # -- parsing ----------------------------------------------------------------------
+
+    def parse(self, topic: str) -> Topic | None:
+        """What a topic under this prefix is, or None for anything else (never raises)."""
+        if not isinstance(topic, str) or not topic.startswith(self.prefix + "/"):
+            return None
+        levels = topic[len(self.prefix) + 1 :].split("/")
+        if len(levels) < 3:
+            return None
+        site, agent, rest = levels[0], levels[1], levels[2:]
+        if not NAME.match(site) or not NAME.match(agent):
+            return None
+        match rest:
+            case ["records" | "ack" | "status" | "telemetry" as leaf]:
+                return Topic(site, agent, leaf)
+            case ["cmd", name] if COMMAND.match(name):
+                return Topic(site, agent, "cmd", command=name)
+            case ["cmd", name, "result"] if COMMAND.match(name):
+                return Topic(site, agent, "cmd_result", command=name)
+            case ["blobs", rid, "manifest"] if rid:
+                return Topic(site, agent, "blob_manifest", record_id=rid)
+            case ["blobs", rid, "missing"] if rid:
+                return Topic(site, agent, "blob_missing", record_id=rid)
+            case ["blobs", rid, index] if rid and index.isascii() and index.isdigit():
+                if len(index) > 9:
+                    return None
+                return Topic(site, agent, "blob_chunk", record_id=rid, chunk=int(index))
+        return None

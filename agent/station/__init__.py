@@ -1,0 +1,1 @@
+"""Everything that runs on the Pi at the counter."""

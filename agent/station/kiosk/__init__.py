@@ -1,0 +1,1 @@
+"""The kiosk's local API and its page."""

@@ -1,0 +1,451 @@
+"""The station: devices -> interpretation -> outbox -> operator feedback -> uplink.
+
+One task per device, restarted with backoff when the device fails or goes
+away. A read is acknowledged to the operator only after `Outbox.append`
+returned, i.e. after the commit is on disk; when it could not be stored the
+operator gets a NAK and rescans. Nothing between the driver and the outbox
+can lose a read that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from agent._aio import Backoff
+from agent.config import Config, DeviceConfig, PcscDevice
+from agent.contract.records import Read, ReadFault, Record
+from agent.drivers import Driver, create_driver
+from agent.drivers.pcsc import CardInfo, OperatorSessions, PcscDriver
+from agent.errors import (
+    CardError,
+    DeviceError,
+    DeviceUnavailable,
+    DriverMissing,
+    OutboxError,
+    OutboxFull,
+)
+from agent.interpret import interpret, split_aim
+from agent.station.blobs import BlobStore
+from agent.station.clock import clock_synced
+from agent.station.outbox import Outbox
+from agent.station.photos import PhotoCamera, find_camera, take_photo
+from agent.station.sealing import Sealer
+from agent.station.systemd import Notifier
+from agent.station.uplink import Uplink
+
+if TYPE_CHECKING:
+    from agent.station.kiosk.api import LocalApi
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DeviceState:
+    """What telemetry and status say of one device."""
+
+    state: str = "starting"  # connected | disconnected | error | starting
+    reads: int = 0
+    errors: int = 0
+    naks: int = 0
+    duplicates_suppressed: int = 0
+    last_error: str | None = None
+    last_read_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "reads": self.reads,
+            "errors": self.errors,
+            "naks": self.naks,
+            "duplicates_suppressed": self.duplicates_suppressed,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one read: stored (record), suppressed as a repeat, or refused."""
+
+    accepted: bool
+    record: Record | None = None
+    duplicate: bool = False
+    error: str | None = None
+    interpretation: dict[str, Any] | None = None
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class Station:
+    """Runs every configured device and the uplink until `stop` is set."""
+
+    status_interval_s = 5.0  # STATUS= to systemd this often
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        driver_factory: Callable[[DeviceConfig], Driver] = create_driver,
+        today: Callable[[], date] = date.today,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.devices = {d.name: DeviceState() for d in config.devices}
+        self.outbox: Outbox | None = None
+        self.uplink: Uplink | None = None
+        self.blobs: BlobStore | None = None
+        self.ready = asyncio.Event()
+        self._drivers: dict[str, Driver] = {}
+        self._driver_factory = driver_factory
+        self._today = today
+        self._alerts: list[dict[str, Any]] = []
+        self._last_text: dict[str, tuple[str, float]] = {}
+        self._listeners: list[Listener] = []
+        self._started = time.time()
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._operators = _operator_sessions(config)
+        self.api: LocalApi | None = None  # set by the API when it starts
+
+    # -- what the uplink, local API and CLI see ----------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "site": self.config.agent.site,
+            "agent": self.config.agent.name,
+            "started_at": self._started,
+            "devices": {
+                name: {**st.as_dict(), **self._driver_stats(name)}
+                for name, st in self.devices.items()
+            },
+            "operator": self.operator,
+        }
+
+    async def read_card_info(self, device: str, pin: str) -> CardInfo:
+        """The PIN flow on the card in a running card reader (kiosk local API, tests).
+
+        Raises PinRefused / CardError; the PIN goes no further than the card.
+        """
+        driver = self._drivers.get(device)
+        if not isinstance(driver, PcscDriver) or self.devices[device].state != "connected":
+            raise CardError(device, "no connected card reader by that name")
+        return await driver.read_card_info(pin)
+
+    @property
+    def operator(self) -> str | None:
+        """Who is on duty (staff badge session), if anyone."""
+        if self._operators is None:
+            return None
+        return self._operators.current(time.monotonic())
+
+    def _driver_stats(self, name: str) -> dict[str, Any]:
+        """Counters a running driver offers (e.g. the camera's decoded / dropped frames)."""
+        stats = getattr(self._drivers.get(name), "stats", None)
+        return stats() if callable(stats) else {}
+
+    def take_alerts(self) -> list[dict[str, Any]]:
+        alerts, self._alerts = self._alerts, []
+        return alerts
+
+    def subscribe(self, listener: Listener) -> None:
+        """Get every station event (kiosk feedback, tests): listener(kind, body)."""
+        self._listeners.append(listener)
+
+    def running_drivers(self) -> dict[str, Driver]:
+        """Open drivers by device name: the local API finds capabilities on them."""
+        return dict(self._drivers)
+
+    def _emit(self, kind: str, body: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(kind, body)
+            except Exception:
+                log.exception("event listener failed on %s", kind)
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
+        async with Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, sealer=sealer) as outbox:
+            self.outbox = outbox
+            if outbox.recovered_from is not None:
+                self._alerts.append(
+                    {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
+                )
+            self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
+            uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
+            uplink.add_command("capture_photo", self._cmd_capture_photo)
+            self.uplink = uplink
+            uplink.on_connection = lambda up: self._emit(
+                "uplink", {"connected": up, "error": uplink.last_error}
+            )
+            async with asyncio.TaskGroup() as tg:
+                device_tasks = [
+                    tg.create_task(self._device_loop(dev, stop), name=f"device:{dev.name}")
+                    for dev in cfg.devices
+                ]
+                uplink_task = tg.create_task(uplink.run(stop), name="uplink")
+                tg.create_task(self._housekeeping(stop), name="housekeeping")
+                watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+                tg.create_task(self._status_loop(stop), name="sd-status")
+                if cfg.api is not None and cfg.api.enabled:
+                    tg.create_task(self._api(stop), name="api")
+                self.ready.set()
+                # systemd: outbox open, devices started (plugged in or not).
+                self.notifier.ready(await self._status_line())
+                log.info(
+                    "station %s/%s running with %d device(s)",
+                    cfg.agent.site,
+                    cfg.agent.name,
+                    len(cfg.devices),
+                )
+                await stop.wait()
+                log.info("stopping: devices first, then the uplink says offline")
+                self.notifier.stopping()
+                for t in device_tasks:
+                    t.cancel()
+                await asyncio.gather(*device_tasks, return_exceptions=True)
+                await uplink_task
+                watchdog.cancel()
+        self.outbox = None
+        self.notifier.close()
+
+    async def _status_line(self) -> str:
+        """One line for `systemctl status`: outbox depth, uplink, devices."""
+        assert self.outbox is not None
+        st = await self.outbox.stats()
+        connected = sum(1 for d in self.devices.values() if d.state == "connected")
+        oldest = st.oldest_unconfirmed_age_s
+        age = f", oldest {oldest:.0f}s" if oldest is not None else ""
+        link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
+        return (
+            f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
+            f"uplink {link}; devices {connected}/{len(self.devices)} connected"
+        )
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        """STATUS= every few seconds while systemd listens."""
+        if not self.notifier.enabled:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.status_interval_s)
+            if not stop.is_set():
+                self.notifier.status(await self._status_line())
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Purge confirmed records past retention: at start, then hourly."""
+        assert self.outbox is not None
+        while not stop.is_set():
+            n = await self.outbox.purge(self.config.outbox.retention_days)
+            if n:
+                log.info("purged %d confirmed record(s) past retention", n)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=3600)
+
+    async def _api(self, stop: asyncio.Event) -> None:
+        """The kiosk's local API; its failures are logged, never stop the devices."""
+        try:
+            from agent.station.kiosk.api import LocalApi
+        except ImportError as e:
+            log.error("api: %s (install madoguchi[kiosk])", e)
+            return
+        await LocalApi(self).run(stop)
+
+    async def _device_loop(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
+        state = self.devices[dev.name]
+        backoff = Backoff(first=0.2, cap=5.0)
+        while not stop.is_set():
+            driver = self._driver_factory(dev)
+            try:
+                async with driver:
+                    self._set_state(dev.name, "connected", None)
+                    backoff.reset()
+                    self._drivers[dev.name] = driver
+                    try:
+                        async for event in driver.reads():
+                            await self._finish(self._handle(driver, event))
+                    finally:
+                        self._drivers.pop(dev.name, None)
+                raise DeviceUnavailable(dev.name, "stopped yielding reads")
+            except DriverMissing as e:
+                self._set_state(dev.name, "error", str(e))
+                log.error("%s", e)
+                return  # installing a library needs a person, not a retry
+            except DeviceUnavailable as e:
+                if state.state != "disconnected":
+                    log.warning("%s", e)
+                self._set_state(dev.name, "disconnected", e.reason)
+            except DeviceError as e:
+                state.errors += 1
+                self._set_state(dev.name, "error", e.reason)
+                log.error("%s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff.next())
+
+    # -- ID photos (agent/photos.py) -------------------------------------------------
+
+    def photo_camera(self, device: str | None) -> PhotoCamera:
+        return find_camera(self._drivers, device)
+
+    async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
+        """Take an ID photo: sealed blob, then a `photo` record (for the kiosk and MQTT)."""
+        return await take_photo(self, device)
+
+    async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        device = body.get("device")
+        if device is not None and not isinstance(device, str):
+            raise ValueError("device must be a string")
+        return await self.capture_photo(device)
+
+    @staticmethod
+    async def _finish(coro: Any) -> None:
+        """Let a read in progress finish its commit and feedback even on shutdown."""
+        task = asyncio.ensure_future(coro)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+
+    def _set_state(self, name: str, state: str, error: str | None) -> None:
+        st = self.devices[name]
+        if st.state != state:
+            self._emit("device_state", {"device": name, "state": state, "error": error})
+        st.state = state
+        if error is not None:
+            st.last_error = error
+
+    async def _handle(self, driver: Driver, event: Read | ReadFault) -> Outcome:
+        if isinstance(event, ReadFault):
+            st = self.devices[event.device]
+            st.errors += 1
+            st.last_error = event.reason
+            log.warning("%s: read rejected: %s", event.device, event.reason)
+            self._emit("read_rejected", {"device": event.device, "reason": event.reason})
+            await driver.feedback(event, accepted=False)
+            return Outcome(accepted=False, error=event.reason)
+        outcome = await self.accept(event)
+        await driver.feedback(event, accepted=outcome.accepted)
+        return outcome
+
+    async def accept(self, read: Read) -> Outcome:
+        """Interpret, apply the station rules, store. Used by drivers and manual entry."""
+        assert self.outbox is not None and self.uplink is not None
+        dev = self.config.device(read.device)
+        st = self.devices[read.device]
+        st.reads += 1
+        st.last_read_at = time.time()
+        if read.kind == "barcode" and "text" in read.data:
+            read = self._interpreted(dev, read)
+            text = read.data["text"]
+            last = self._last_text.get(read.device)
+            now = time.monotonic()
+            if last is not None and last[0] == text and now - last[1] < dev.repeat_window_s:
+                st.duplicates_suppressed += 1
+                return Outcome(
+                    accepted=True, duplicate=True, interpretation=read.data["interpretation"]
+                )
+        interpretation = read.data.get("interpretation")
+        if read.clock_synced is None:  # lets the registry tell a 1970 timestamp from a real one
+            read = dataclasses.replace(read, clock_synced=clock_synced())
+        read, operator = self._with_operator(read)
+        try:
+            record = await self.outbox.append(read, operator=operator)
+        except OutboxError as e:
+            st.naks += 1
+            st.last_error = str(e)
+            log.error("%s: read NOT stored, operator gets a NAK: %s", read.device, e)
+            if isinstance(e, OutboxFull):
+                self._emit("outbox_full", {"device": read.device})
+            self._emit("read_rejected", {"device": read.device, "reason": "not_stored"})
+            return Outcome(accepted=False, error=str(e), interpretation=interpretation)
+        if read.kind == "barcode" and "text" in read.data:
+            self._last_text[read.device] = (read.data["text"], time.monotonic())
+        self.uplink.wake()
+        ok = (
+            interpretation is None
+            or not dev.nak_invalid
+            or (
+                interpretation.get("valid", True)
+                and "unexpected_type" not in interpretation.get("problems", [])
+            )
+        )
+        if not ok:
+            st.naks += 1
+        self._emit(
+            "read_accepted",
+            {
+                "device": read.device,
+                "seq": record.seq,
+                "id": record.id,
+                "kind": record.kind,
+                "source": record.source,
+                "interpretation": interpretation,
+            },
+        )
+        return Outcome(accepted=ok, record=record, interpretation=interpretation)
+
+    def _with_operator(self, read: Read) -> tuple[Read, str | None]:
+        """A staff badge tap starts or ends the operator session; every record carries
+        the operator on duty."""
+        sessions = self._operators
+        if sessions is None:
+            return read, None
+        now = time.monotonic()
+        uid = read.data.get("uid") if read.kind == "card" else None
+        change = sessions.tap(uid, now) if isinstance(uid, str) else None
+        if change is None:
+            return read, sessions.touch(now)
+        event, operator = change
+        log.info("%s: operator session %s (%s)", read.device, event, operator)
+        self._emit("operator", {"device": read.device, "event": event, "operator": operator})
+        data = {**read.data, "operator_session": {"event": event, "operator": operator}}
+        return replace(read, data=data), operator
+
+    def _interpreted(self, dev: DeviceConfig, read: Read) -> Read:
+        text: str = read.data["text"]
+        symbology = read.data.get("symbology")
+        body = text
+        if symbology is None:
+            symbology, body = split_aim(text)
+        result = interpret(
+            body, symbology=symbology, gs_substitute=dev.gs_substitute, today=self._today()
+        )
+        if dev.expect and result.get("type") not in dev.expect:
+            result = {**result, "problems": [*result.get("problems", []), "unexpected_type"]}
+        if "expired" in result.get("problems", []):
+            log.warning("%s: EXPIRED lot scanned (%s)", read.device, result.get("type"))
+            self._alerts.append(
+                {"type": "expired_lot", "device": read.device, "fields": result.get("fields", {})}
+            )
+        data = {**read.data, "symbology": symbology, "interpretation": result}
+        return Read(
+            device=read.device,
+            kind=read.kind,
+            data=data,
+            captured_at=read.captured_at,
+            source=read.source,
+            personal=read.personal,
+            token=read.token,
+            clock_synced=read.clock_synced,
+        )
+
+
+def _operator_sessions(config: Config) -> OperatorSessions | None:
+    """One station-wide session book from every card reader's badge mapping."""
+    readers = [d for d in config.devices if isinstance(d, PcscDevice) and d.operators]
+    if not readers:
+        return None
+    operators: dict[str, str] = {}
+    for dev in readers:
+        operators.update(dev.operators)
+    return OperatorSessions(operators, min(d.operator_timeout_s for d in readers))

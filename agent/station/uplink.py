@@ -1,0 +1,420 @@
+"""The uplink: the outbox's records to the broker, the registry's acks back.
+
+It keeps no queue of its own: every batch is read from the outbox, and a
+record only stops being sent when the registry's ack marks it confirmed.
+`publish()` returning (the broker's PUBACK) marks a batch `sent`; a timeout
+or a lost connection simply leaves it to be sent again, with the same ids.
+
+Topics and payloads are the MQTT contract v1 (docs/CONTRACT.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import aiomqtt
+
+from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
+from agent.config import Config
+from agent.contract.records import Record, envelope_of, iso_ms, utc_now
+from agent.errors import UplinkError
+from agent.station.blobs import BlobSender, BlobStore
+from agent.station.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class StationView(Protocol):
+    """What the uplink needs to know of the station for status and telemetry."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def take_alerts(self) -> list[dict[str, Any]]: ...
+
+
+class _Stop(Exception):
+    """Raised inside the connection's task group to end it for shutdown."""
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    m = config.mqtt
+    if m.tls_ca is None and m.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(m.tls_ca) if m.tls_ca else None)
+    if m.tls_cert is not None:
+        try:
+            ctx.load_cert_chain(str(m.tls_cert), str(m.tls_key) if m.tls_key else None)
+        except (OSError, ssl.SSLError) as e:
+            raise UplinkError(f"mqtt.tls_cert / mqtt.tls_key: cannot load: {e}") from e
+    return ctx
+
+
+def read_password(config: Config) -> str | None:
+    pf = config.mqtt.password_file
+    if pf is None:
+        return None
+    try:
+        return pf.read_text().splitlines()[0] if pf.read_text() else ""
+    except OSError as e:
+        raise UplinkError(f"{pf}: mqtt.password_file: {e.strerror}") from e
+
+
+class Uplink:
+    """Connects, publishes batches in seq order, applies acks, answers commands."""
+
+    def __init__(
+        self,
+        config: Config,
+        outbox: Outbox,
+        station: StationView,
+        *,
+        blobs: BlobStore | None = None,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.station = station
+        self.connected = False
+        self.on_connection: Callable[[bool], None] | None = None  # the station's events
+        self.session = 0
+        self.published_records = 0
+        self.connect_failures = 0
+        self.last_error: str | None = None
+        self._wake = asyncio.Event()
+        self._commands: dict[str, CommandHandler] = {
+            "ping": self._cmd_ping,
+            "rebirth": self._cmd_rebirth,
+            "resend": self._cmd_resend,
+            "diagnostics": self._cmd_diagnostics,
+        }
+        self._client: aiomqtt.Client | None = None
+        self._started = time.monotonic()
+        # photos: chunked blob transfer beside the records (agent/blobs.py)
+        self.blobs = None if blobs is None else BlobSender(blobs, config.topic_base)
+
+    # -- for the station ---------------------------------------------------------
+
+    def wake(self) -> None:
+        """New records are in the outbox."""
+        self._wake.set()
+
+    def add_command(self, name: str, handler: CommandHandler) -> None:
+        """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
+        self._commands[name] = handler
+
+    def _set_connected(self, connected: bool) -> None:
+        changed = connected != self.connected
+        self.connected = connected
+        if changed and self.on_connection is not None:
+            self.on_connection(connected)
+
+    def topic(self, suffix: str) -> str:
+        return f"{self.config.topic_base}/{suffix}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "session": self.session,
+            "published_records": self.published_records,
+            "connect_failures": self.connect_failures,
+            "last_error": self.last_error,
+            **({} if self.blobs is None else self.blobs.describe()),
+        }
+
+    # -- the connection loop ---------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected until `stop` is set; then say offline and disconnect."""
+        backoff = Backoff(cap=self.config.mqtt.backoff_max_s)
+        tls = tls_context(self.config)
+        password = read_password(self.config)
+        while not stop.is_set():
+            self.session = await self.outbox.bump_session()
+            client = self._client_for(self.session, tls, password)
+            try:
+                async with client:
+                    self._client = client
+                    self._set_connected(True)
+                    self.last_error = None
+                    backoff.reset()
+                    log.info(
+                        "connected to %s:%d (session %d)",
+                        self.config.mqtt.host,
+                        self.config.mqtt.port,
+                        self.session,
+                    )
+                    stopping = False
+                    try:
+                        await self._connected(client, stop)
+                    except* _Stop:
+                        stopping = True
+                    if stopping:
+                        await self._say_offline(client)
+                        return
+            except* aiomqtt.MqttError as group:
+                self.last_error = str(group.exceptions[0])
+                self.connect_failures += 1
+                log.warning(
+                    "broker %s:%d: %s",
+                    self.config.mqtt.host,
+                    self.config.mqtt.port,
+                    self.last_error,
+                )
+            finally:
+                self._set_connected(False)
+                self._client = None
+            delay = backoff.next()
+            log.info("reconnecting in %.1f s", delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _client_for(
+        self, session: int, tls: ssl.SSLContext | None, password: str | None
+    ) -> aiomqtt.Client:
+        m = self.config.mqtt
+        will = aiomqtt.Will(
+            self.topic("status"),
+            json.dumps({"state": "offline", "session": session}),
+            qos=1,
+            retain=True,
+        )
+        protocol = aiomqtt.ProtocolVersion.V5 if m.protocol == "5" else aiomqtt.ProtocolVersion.V311
+        return aiomqtt.Client(
+            m.host,
+            m.port,
+            identifier=f"madoguchi-{self.config.agent.site}-{self.config.agent.name}",
+            protocol=protocol,
+            clean_session=True if m.protocol != "5" else None,
+            will=will,
+            keepalive=m.keepalive_s,
+            tls_context=tls,
+            username=m.username,
+            password=password,
+            timeout=m.publish_timeout_s,
+            max_queued_outgoing_messages=64,
+            socket_options=NO_DELAY,
+        )
+
+    async def _connected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        await client.subscribe(self.topic("ack"), qos=1)
+        await client.subscribe(self.topic("cmd/#"), qos=1)
+        if self.blobs is not None:
+            await client.subscribe(self.topic("blobs/+/missing"), qos=1)
+        await self._birth(client)
+        await self.outbox.reset_sent()
+        self._wake.set()
+
+        async def until_stop() -> None:
+            await stop.wait()
+            raise _Stop
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._receive(client), name="uplink-receive")
+            tg.create_task(self._send(client), name="uplink-send")
+            tg.create_task(self._telemetry(client), name="uplink-telemetry")
+            tg.create_task(until_stop(), name="uplink-stop")
+            if self.blobs is not None:
+                tg.create_task(self.blobs.run(client, self.outbox), name="uplink-blobs")
+
+    async def _birth(self, client: aiomqtt.Client) -> None:
+        stats = await self.outbox.stats()
+        body = {
+            "state": "online",
+            "session": self.session,
+            "ts": iso_ms(utc_now()),
+            **self.station.describe(),
+            "outbox": stats.as_dict(),
+        }
+        await client.publish(self.topic("status"), json.dumps(body), qos=1, retain=True)
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        body = {
+            "state": "offline",
+            "session": self.session,
+            "ts": iso_ms(utc_now()),
+            "reason": "shutdown",
+        }
+        try:
+            await client.publish(self.topic("status"), json.dumps(body), qos=1, retain=True)
+        except aiomqtt.MqttError as e:
+            log.warning("could not publish offline status: %s", e)
+
+    # -- records out -------------------------------------------------------------------
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        m = self.config.mqtt
+        resend_after = self.config.outbox.resend_after_s
+        topic = self.topic("records")
+        while True:
+            raise_if_cancelling()
+            self._wake.clear()
+            batch = await self.outbox.next_batch(m.batch_max_records, resend_after)
+            if batch:
+                for chunk, payload in self._split(batch):
+                    await client.publish(topic, payload, qos=1, timeout=m.publish_timeout_s)
+                    await self.outbox.mark_sent(r.seq for r in chunk)
+                    self.published_records += len(chunk)
+                    if self.blobs is not None:
+                        self.blobs.records_sent(chunk)
+                continue
+            due = await self.outbox.next_resend_at(resend_after)
+            timeout = None if due is None else max(0.0, due - time.time()) + 0.01
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+            # coincides with its timeout, and this loop would then never end (shutdown hang)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    def _split(self, batch: list[Record]) -> list[tuple[list[Record], bytes]]:
+        """Cut a batch into messages of at most `batch_max_bytes` (one record at the least)."""
+        site, name = self.config.agent.site, self.config.agent.name
+        limit = self.config.mqtt.batch_max_bytes
+        out: list[tuple[list[Record], bytes]] = []
+        chunk: list[Record] = []
+        parts: list[bytes] = []
+        size = 120
+        for record in batch:
+            part = record.wire_json().encode()
+            rsize = len(part) + 1
+            if chunk and size + rsize > limit:
+                out.append((chunk, envelope_of(site, name, parts)))
+                chunk, parts, size = [], [], 120
+            chunk.append(record)
+            parts.append(part)
+            size += rsize
+        if chunk:
+            out.append((chunk, envelope_of(site, name, parts)))
+        return out
+
+    # -- acks and commands in ------------------------------------------------------------
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        ack_topic = self.topic("ack")
+        cmd_prefix = self.topic("cmd/")
+        async for message in client.messages:
+            topic = message.topic.value
+            if topic == ack_topic:
+                await self._apply_ack(message.payload)
+            elif topic.startswith(cmd_prefix) and not topic.endswith("/result"):
+                await self._command(client, topic[len(cmd_prefix) :], message.payload)
+            elif self.blobs is not None and topic.startswith(self.topic("blobs/")):
+                self.blobs.handle(topic, message.payload)
+
+    async def _apply_ack(self, payload: Any) -> None:
+        try:
+            body = json.loads(payload)
+            ids = body["ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError("ids must be a list of strings")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignored a malformed ack: %s", e)
+            return
+        n = await self.outbox.confirm(ids)
+        log.debug("registry confirmed %d of %d ids", n, len(ids))
+        if self.blobs is not None:
+            await self.blobs.confirmed(ids)
+
+    async def _command(self, client: aiomqtt.Client, name: str, payload: Any) -> None:
+        request_id = None
+        try:
+            body = json.loads(payload) if payload else {}
+            if not isinstance(body, dict):
+                raise ValueError("payload must be a JSON object")
+            request_id = body.get("request_id")
+            handler = self._commands.get(name)
+            if handler is None:
+                result: dict[str, Any] = {
+                    "ok": False,
+                    "error": f"unknown command '{name}'; known: {sorted(self._commands)}",
+                }
+            else:
+                result = {"ok": True, **await handler(body)}
+        except ValueError as e:
+            result = {"ok": False, "error": f"bad command payload: {e}"}
+        except Exception as e:
+            log.exception("command %s failed", name)
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        await client.publish(
+            self.topic(f"cmd/{name}/result"),
+            json.dumps({"request_id": request_id, **result}, default=str),
+            qos=1,
+        )
+        raise_if_cancelling()  # the receive loop would otherwise wait for the next message
+
+    async def _cmd_ping(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "ts": iso_ms(utc_now()), "session": self.session}
+
+    async def _cmd_rebirth(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._client is None:
+            raise UplinkError("not connected")
+        await self._birth(self._client)
+        return {"session": self.session}
+
+    async def _cmd_resend(self, body: dict[str, Any]) -> dict[str, Any]:
+        n = await self.outbox.reset_sent()
+        self._wake.set()
+        return {"requeued": n}
+
+    async def _cmd_diagnostics(self, body: dict[str, Any]) -> dict[str, Any]:
+        import platform
+        import sys
+
+        stats = await self.outbox.stats()
+        return {
+            "outbox": stats.as_dict(),
+            **self.station.describe(),
+            "uplink": self.describe(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "aiomqtt": _version("aiomqtt"),
+            "paho-mqtt": _version("paho-mqtt"),
+        }
+
+    # -- telemetry -----------------------------------------------------------------
+
+    async def _telemetry(self, client: aiomqtt.Client) -> None:
+        interval = self.config.agent.telemetry_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            await client.publish(self.topic("telemetry"), json.dumps(await self.telemetry()), qos=0)
+
+    async def telemetry(self) -> dict[str, Any]:
+        stats = await self.outbox.stats()
+        return {
+            "ts": iso_ms(utc_now()),
+            "session": self.session,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "rss_bytes": rss_bytes(),
+            "outbox": stats.as_dict(),
+            "uplink": self.describe(),
+            **self.station.describe(),
+            "alerts": self.station.take_alerts(),
+        }
+
+
+def rss_bytes() -> int:
+    """Resident set size from /proc (Linux); 0 elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,204 @@
+"""The dashboard's state machine (status sessions, alerts) and its HTTP API on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import central_support
+import pytest
+from central_support import running_dashboard
+from conftest import Broker, Pty, free_port, running_station, write_config
+
+from agent.central.dashboard import Dashboard, Fleet, Thresholds
+from agent.central.registry import AgentSummary, Gap
+
+contract_spy = central_support.contract_spy
+S, A = "toda-city-hall-1f", "station-03"
+
+
+def rows(fleet: Fleet, now: float) -> dict[str, dict[str, Any]]:
+    snap = fleet.snapshot(now)
+    return {f"{r['site']}/{r['agent']}": r for site in snap["sites"] for r in site["stations"]}
+
+
+def alert_types(fleet: Fleet, now: float, key: str = f"{S}/{A}") -> list[str]:
+    return [a["type"] for a in rows(fleet, now)[key]["alerts"]]
+
+
+def test_a_stale_will_does_not_flip_a_live_station() -> None:
+    f = Fleet()
+    f.on_status(S, A, {"state": "online", "session": 7}, now=100.0)
+    # the will of session 6 arrives late (the broker noticed the old connection only now)
+    f.on_status(S, A, {"state": "offline", "session": 6}, now=101.0)
+    assert rows(f, 102.0)[f"{S}/{A}"]["state"] == "online"
+    f.on_telemetry(S, A, {"session": 6, "outbox": {}}, now=103.0)  # late, old connection
+    assert f.stations[(S, A)].telemetry == {}
+    f.on_status(S, A, {"state": "offline", "session": 7}, now=104.0)  # the current one dies
+    row = rows(f, 105.0)[f"{S}/{A}"]
+    assert row["state"] == "offline"
+    assert alert_types(f, 105.0) == ["offline"]
+    f.on_telemetry(S, A, {"session": 8, "outbox": {}}, now=106.0)  # back, birth missed
+    assert rows(f, 106.0)[f"{S}/{A}"]["state"] == "online"
+
+
+def test_alerts_from_telemetry_and_registry() -> None:
+    f = Fleet(Thresholds(stuck_after_s=60, nearly_full_ratio=0.8, gap_timeout_s=300))
+    outbox = {"oldest_unconfirmed_age_s": 30.0, "db_bytes": 100, "max_bytes": 1000}
+    f.on_status(S, A, {"state": "online", "session": 1, "outbox": outbox}, now=0.0)
+    assert alert_types(f, 1.0) == []
+    f.on_telemetry(
+        S,
+        A,
+        {
+            "session": 1,
+            "outbox": {"oldest_unconfirmed_age_s": 61.0, "db_bytes": 850, "max_bytes": 1000},
+            "devices": {"ticket-scanner": {"state": "disconnected", "reads": 3, "errors": 1}},
+            "alerts": [{"type": "expired_lot", "device": "vial", "fields": {"10": "AB12"}}],
+        },
+        now=10.0,
+    )
+    summary = AgentSummary(S, A, 12, 10, 9.0, False, [0, 4, 6])
+    f.on_registry([summary], [Gap(S, A, 5, 6, 5.0)])
+    assert alert_types(f, 20.0) == [
+        "outbox_stuck",
+        "outbox_nearly_full",
+        "clock_unsynced",
+        "device",
+        "expired_lot",
+    ]
+    expired = next(a for a in rows(f, 20.0)[f"{S}/{A}"]["alerts"] if a["type"] == "expired_lot")
+    assert expired["detail"] == "vial lot AB12"
+    assert "seq_gap" in alert_types(f, 305.0)  # the gap is overdue after gap_timeout_s
+    assert "expired_lot" not in alert_types(f, 10.0 + 3601)  # agent alerts age out
+    assert f.per_minute == [0, 4, 6]
+
+
+def test_stations_are_grouped_by_site() -> None:
+    f = Fleet()
+    for site, agent in [("b-site", "s1"), ("a-site", "s2"), ("a-site", "s1")]:
+        f.on_status(site, agent, {"state": "online", "session": 1}, now=0.0)
+    snap = f.snapshot(1.0)
+    assert [(s["site"], [r["agent"] for r in s["stations"]]) for s in snap["sites"]] == [
+        ("a-site", ["s1", "s2"]),
+        ("b-site", ["s1"]),
+    ]
+
+
+def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as res:
+        return json.loads(res.read())
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("contract_spy")
+async def test_api_shows_a_live_station_and_runs_a_command(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
+    dash = Dashboard("127.0.0.1", broker.port, http_port=free_port())
+    async with running_dashboard(dash), running_station(cfg):
+        base = f"http://127.0.0.1:{dash.http_port}"
+        while True:
+            fleet = await asyncio.to_thread(http_json, f"{base}/api/fleet")
+            if fleet["sites"] and fleet["sites"][0]["stations"][0]["devices"]:
+                break
+            await asyncio.sleep(0.1)
+        [site] = fleet["sites"]
+        [row] = site["stations"]
+        assert (site["site"], row["agent"], row["state"]) == (S, A, "online")
+        assert row["devices"]["ticket-scanner"]["state"] == "connected"
+        result = await asyncio.to_thread(
+            http_json, f"{base}/api/command", {"site": S, "agent": A, "name": "diagnostics"}
+        )
+        assert result["ok"] is True and "python" in result
+        with pytest.raises(urllib.error.HTTPError) as e:
+            await asyncio.to_thread(
+                http_json, f"{base}/api/command", {"site": S, "agent": A, "name": "shutdown"}
+            )
+        assert e.value.code == 404
+        page = await asyncio.to_thread(lambda: urllib.request.urlopen(base + "/").read().decode())
+        assert "窓口フリート" in page and "madoguchi fleet" in page
+
+
+@pytest.mark.broker
+def test_dashboard_command_serves_and_stops_on_sigterm(broker: Broker, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    http_port = free_port()
+    log = tmp_path / "dashboard.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "dashboard",
+                "--port",
+                str(broker.port),
+                "--db",
+                str(tmp_path / "registry.db"),
+                "--http-port",
+                str(http_port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        try:
+            deadline = time.monotonic() + 20
+            fleet = None
+            while fleet is None and time.monotonic() < deadline:
+                try:
+                    fleet = http_json(f"http://127.0.0.1:{http_port}/api/fleet")
+                except OSError:
+                    assert proc.poll() is None, log.read_text()
+                    time.sleep(0.1)
+            assert fleet is not None and fleet["sites"] == []
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # a second dashboard on a port already taken says so and exits 1
+    with socket_bound() as taken:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "dashboard",
+                "--port",
+                str(broker.port),
+                "--http-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=Path(__file__).resolve().parents[2],
+            check=False,
+        )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{taken}" in r.stderr
+
+
+@contextlib.contextmanager
+def socket_bound() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])

@@ -1,0 +1,123 @@
+"""The fleet dashboard in a real headless Chromium (Debian's), fed by real agents.
+
+Playwright drives the browser Debian installed (`executable_path`); it never
+downloads one. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import central_support
+import pytest
+from central_support import running_dashboard
+from conftest import (
+    ARTIFACTS,
+    AgentProcess,
+    Broker,
+    Pty,
+    RegistryProbe,
+    free_port,
+    running_station,
+    write_config,
+)
+
+from agent.central.dashboard import Dashboard, Thresholds
+
+contract_spy = central_support.contract_spy
+pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
+
+KEY = "toda-city-hall-1f/station-03"
+ACK = b"\x06"
+KEEPALIVE_S = 30  # the agent's mqtt.keepalive_s default: the broker's will comes within 1.5x
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(viewport={"width": 1400, "height": 800})
+    pg = await context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    await context.close()
+    assert errors == []  # the page's script never threw
+
+
+async def test_station_killed_turns_red_and_comes_back(
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path, page: Any
+) -> None:
+    from playwright.async_api import expect
+
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
+    dash = Dashboard(
+        "127.0.0.1", broker.port, db=tmp_path / "registry.db", http_port=free_port(), db_poll_s=0.5
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    async with running_dashboard(dash):
+        try:
+            agent.start()
+            await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+            row = page.locator(f'tr[data-station="{KEY}"]')
+            await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
+            await expect(row.locator("td.state")).to_have_text("オンライン / Online")
+            for i in range(3):
+                pty_port.scan(f"11112241000001234{i}")
+                assert await pty_port.aread(1) == ACK
+            await expect(row.locator("td.registry")).to_contain_text("3 件 records", timeout=20_000)
+            await expect(row.locator("td.devices")).to_contain_text("ticket-scanner: connected")
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-online.png"), full_page=True)
+
+            agent.kill9()  # no goodbye: the broker publishes the station's will
+            await expect(row).to_have_class(
+                re.compile(r"\boffline\b"), timeout=int(KEEPALIVE_S * 1.5 * 1000)
+            )
+            await expect(row.locator('[data-alert="offline"]')).to_be_visible()
+            color = await row.locator("td.state").evaluate("e => getComputedStyle(e).color")
+            assert color == "rgb(198, 40, 40)"  # red
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-offline.png"), full_page=True)
+
+            agent.start()  # a new session: online again, the old will stays behind
+            await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
+        finally:
+            agent.close()
+
+
+async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
+    broker: Broker, pty_port: Pty, tmp_path: Path, page: Any
+) -> None:
+    from playwright.async_api import expect
+
+    # no registry at all: what the station stores stays unconfirmed in its outbox
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
+    dash = Dashboard(
+        "127.0.0.1",
+        broker.port,
+        http_port=free_port(),
+        thresholds=Thresholds(stuck_after_s=3.0),
+    )
+    async with running_dashboard(dash), running_station(cfg):
+        await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+        row = page.locator(f'tr[data-station="{KEY}"]')
+        await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
+        pty_port.scan("111122410000012345")
+        assert await pty_port.aread(1) == ACK
+        oldest = row.locator("td.oldest")
+        await expect(oldest).to_have_class(re.compile(r"\bstuck\b"), timeout=20_000)
+        await expect(oldest).to_have_text(re.compile(r"^\d+ s$"))
+        await expect(row.locator('[data-alert="outbox_stuck"]')).to_contain_text(
+            "未確認レコード滞留 / Records stuck"
+        )
+        await expect(row.locator("td.outbox")).to_contain_text(re.compile(r"^1 \("))
+
+        await row.locator('button[data-command="diagnostics"]').click()
+        result = row.locator(f'[data-result="{KEY}"]')
+        await expect(result).to_contain_text("diagnostics: 成功 OK", timeout=20_000)
+        await expect(result).to_contain_text('"python"')
+        await expect(result).to_have_class(re.compile(r"\bok\b"))
+
+        await row.locator('button[data-command="resend"]').click()
+        await expect(result).to_contain_text(re.compile(r'resend: 成功 OK .*"requeued": ?1'))
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-stuck-command.png"), full_page=True)

@@ -1,0 +1,377 @@
+"""The fleet broker configuration (provisioning/broker/) on a real mosquitto with TLS.
+
+Stations get their identity from `madoguchi enroll`, signed by a test CA; the
+registry and dashboard roles get theirs from the same CA. Every refusal is
+checked against a marker sent after it on the same path, so "not delivered"
+is a fact observed in order, not a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from conftest import Pty, RegistryProbe, free_port, running_station, start_mosquitto
+from pki_support import TestCA
+
+from agent.central.registry import Registry
+from agent.cli.main import main as cli
+
+ROOT = Path(__file__).resolve().parents[2]
+BROKER_DIR = ROOT / "provisioning" / "broker"
+P = "madoguchi/v1"
+
+pytestmark = pytest.mark.broker
+
+
+class TlsBroker:
+    """mosquitto with the shipped madoguchi.conf and acl, paths moved into a temp dir."""
+
+    def __init__(self, workdir: Path, ca: TestCA) -> None:
+        # Started as root, mosquitto drops to its own user, which cannot enter
+        # pytest's 0700 temp root: give it a directory of its own, as in /etc.
+        self.owner = _mosquitto_user() if os.geteuid() == 0 else None
+        if self.owner is not None:
+            self.dir = Path(tempfile.mkdtemp(prefix="madoguchi-broker-"))
+        else:
+            self.dir = workdir / "mosquitto"
+            self.dir.mkdir()
+        self.port = free_port()
+        ca.write(self.dir / "ca.crt")
+        cert, key = ca.identity("localhost", self.dir, server=True)
+        cert.rename(self.dir / "broker.crt")
+        key.rename(self.dir / "broker.key")
+        (self.dir / "acl").write_text((BROKER_DIR / "acl").read_text())
+        conf = (BROKER_DIR / "madoguchi.conf").read_text()
+        assert "listener 8883\n" in conf
+        conf = conf.replace("/etc/mosquitto/madoguchi/", f"{self.dir}/")
+        conf = conf.replace("listener 8883\n", f"listener {self.port} 127.0.0.1\n")
+        self.log = self.dir / "mosquitto.log"
+        conf += f"log_dest file {self.log}\nlog_type all\n"
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(conf)
+        if self.owner is not None:
+            for p in [self.dir, *self.dir.iterdir()]:
+                os.chown(p, *self.owner)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = start_mosquitto(self.conf, self.port, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        if self.owner is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _mosquitto_user() -> tuple[int, int] | None:
+    try:
+        pw = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+    return pw.pw_uid, pw.pw_gid
+
+
+class Fleet:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ca = TestCA()
+        self.ca_file = self.ca.write(tmp / "fleet-ca.crt")
+        self.broker = TlsBroker(tmp, self.ca)
+
+    def enroll_station(self, site: str, name: str) -> tuple[Path, Path]:
+        """As on a Pi: enroll makes key + CSR, the CA signs, enroll installs the cert."""
+        out = self.tmp / "stations" / f"{site}_{name}"
+        assert cli(["enroll", "--site", site, "--name", name, "--out", str(out)]) == 0
+        signed = self.ca.sign_csr(out / "tls.csr", self.tmp / f"{site}_{name}-signed.crt")
+        assert cli(["enroll", "--install", str(signed), "--out", str(out)]) == 0
+        return out / "tls.crt", out / "tls.key"
+
+    def role(self, cn: str) -> tuple[Path, Path]:
+        return self.ca.identity(cn, self.tmp / "roles")
+
+    def tls(self, cert: Path, key: Path) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+    def client(self, ident: tuple[Path, Path], client_id: str) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.broker.port,
+            identifier=client_id,
+            tls_context=self.tls(*ident),
+            timeout=10,
+        )
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    f = Fleet(tmp_path)
+    f.broker.start()
+    yield f
+    f.broker.stop()
+
+
+async def collect_until(
+    client: aiomqtt.Client, marker: bytes, timeout: float = 15.0
+) -> list[tuple[str, bytes]]:
+    """Every message this client gets, up to and including the one whose payload is marker."""
+    got: list[tuple[str, bytes]] = []
+
+    async def run() -> None:
+        async for m in client.messages:
+            assert isinstance(m.payload, bytes)
+            got.append((str(m.topic), m.payload))
+            if m.payload == marker:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return got
+
+
+@contextlib.asynccontextmanager
+async def connected(*clients: aiomqtt.Client) -> AsyncIterator[None]:
+    async with contextlib.AsyncExitStack() as stack:
+        for c in clients:
+            await stack.enter_async_context(c)
+        yield
+
+
+async def test_station_records_reach_the_registry(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    async with connected(a, registry):
+        await registry.subscribe(f"{P}/+/+/records", qos=1)
+        await a.publish(f"{P}/site1/a/records", b"batch-from-a", qos=1)
+        got = await collect_until(registry, b"batch-from-a")
+    assert got == [(f"{P}/site1/a/records", b"batch-from-a")]
+
+
+async def test_photo_blobs_flow_between_a_station_and_the_registry_only(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    rid = "0190c8e4-0000-7000-8000-000000000001"
+    async with connected(a, b, registry):
+        await registry.subscribe(f"{P}/+/+/blobs/+/+", qos=1)
+        await a.subscribe(f"{P}/site1/a/blobs/+/missing", qos=1)
+        await b.subscribe(f"{P}/site1/a/blobs/#", qos=1)  # another station: refused
+        await b.publish(f"{P}/site1/a/blobs/{rid}/0", b"forged chunk", qos=1)
+        await a.publish(f"{P}/site1/a/blobs/{rid}/manifest", b"manifest", qos=1)
+        await a.publish(f"{P}/site1/a/blobs/{rid}/0", b"chunk-0", qos=1)
+        seen_by_registry = await collect_until(registry, b"chunk-0")
+        await registry.publish(f"{P}/site1/a/blobs/{rid}/missing", b"missing-1", qos=1)
+        seen_by_a = await collect_until(a, b"missing-1")
+        await registry.publish(f"{P}/site1/b/blobs/{rid}/missing", b"for-b", qos=1)
+        await b.subscribe(f"{P}/site1/b/blobs/+/missing", qos=1)
+        await registry.publish(f"{P}/site1/b/blobs/{rid}/missing", b"for-b-2", qos=1)
+        seen_by_b = await collect_until(b, b"for-b-2")
+    assert seen_by_registry == [
+        (f"{P}/site1/a/blobs/{rid}/manifest", b"manifest"),
+        (f"{P}/site1/a/blobs/{rid}/0", b"chunk-0"),
+    ]
+    assert seen_by_a == [(f"{P}/site1/a/blobs/{rid}/missing", b"missing-1")]
+    assert seen_by_b == [(f"{P}/site1/b/blobs/{rid}/missing", b"for-b-2")]  # none of A's
+
+
+async def test_station_cannot_publish_as_another_station(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    fleet.enroll_station("site1", "b")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
+    async with connected(a, registry, dashboard):
+        await registry.subscribe(f"{P}/#", qos=1)
+        await dashboard.subscribe(f"{P}/#", qos=1)
+        for suffix in ("records", "status", "telemetry", "cmd/ping/result"):
+            await a.publish(f"{P}/site1/b/{suffix}", b"forged", qos=1)
+            await a.publish(f"{P}/site2/a/{suffix}", b"forged", qos=1)
+        await a.publish(f"{P}/site1/a/records", b"marker", qos=1)
+        await a.publish(f"{P}/site1/a/status", b"marker-status", qos=1)
+        seen_by_registry = await collect_until(registry, b"marker-status")
+        seen_by_dashboard = await collect_until(dashboard, b"marker-status")
+    assert seen_by_registry == [
+        (f"{P}/site1/a/records", b"marker"),
+        (f"{P}/site1/a/status", b"marker-status"),
+    ]
+    assert seen_by_dashboard == [(f"{P}/site1/a/status", b"marker-status")]
+
+
+async def test_station_cannot_read_another_stations_acks(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    async with connected(a, b, registry):
+        await b.subscribe(f"{P}/site1/b/ack", qos=1)
+        for topic in (f"{P}/site1/b/ack", f"{P}/site1/+/ack", f"{P}/#", "#"):
+            await a.subscribe(topic, qos=1)
+        await a.subscribe(f"{P}/site1/a/ack", qos=1)
+        await registry.publish(f"{P}/site1/b/ack", b'{"ids": ["for-b"]}', qos=1)
+        await registry.publish(f"{P}/site1/a/ack", b"for-a", qos=1)
+        seen_by_a = await collect_until(a, b"for-a")
+        seen_by_b = await collect_until(b, b'{"ids": ["for-b"]}')
+    assert seen_by_b == [(f"{P}/site1/b/ack", b'{"ids": ["for-b"]}')]  # it was delivered ...
+    assert all(payload == b"for-a" for _, payload in seen_by_a)  # ... but not to A
+    assert (f"{P}/site1/a/ack", b"for-a") in seen_by_a
+
+
+async def test_station_cannot_publish_acks(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    async with connected(a, b, registry):
+        await a.subscribe(f"{P}/site1/a/ack", qos=1)
+        await b.subscribe(f"{P}/site1/b/ack", qos=1)
+        # A forged ack would make a station purge records the registry never stored.
+        await a.publish(f"{P}/site1/a/ack", b"forged", qos=1)
+        await a.publish(f"{P}/site1/b/ack", b"forged", qos=1)
+        await registry.publish(f"{P}/site1/a/ack", b"real", qos=1)
+        await registry.publish(f"{P}/site1/b/ack", b"real", qos=1)
+        seen_by_a = await collect_until(a, b"real")
+        seen_by_b = await collect_until(b, b"real")
+    assert seen_by_a == [(f"{P}/site1/a/ack", b"real")]
+    assert seen_by_b == [(f"{P}/site1/b/ack", b"real")]
+    # The broker says so in its log (what the end-to-end test checks is absent).
+    assert "Denied PUBLISH from station-a" in fleet.broker.log.read_text()
+
+
+async def test_commands_only_from_the_dashboard(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
+    async with connected(a, b, dashboard):
+        await b.subscribe(f"{P}/site1/b/cmd/#", qos=1)
+        await dashboard.subscribe(f"{P}/+/+/cmd/+/result", qos=1)
+        await a.publish(f"{P}/site1/b/cmd/resend", b"forged", qos=1)
+        await dashboard.publish(f"{P}/site1/b/cmd/ping", b"ping-1", qos=1)
+        seen_by_b = await collect_until(b, b"ping-1")
+        await b.publish(f"{P}/site1/b/cmd/ping/result", b"pong-1", qos=1)
+        seen_by_dashboard = await collect_until(dashboard, b"pong-1")
+    assert seen_by_b == [(f"{P}/site1/b/cmd/ping", b"ping-1")]
+    assert seen_by_dashboard == [(f"{P}/site1/b/cmd/ping/result", b"pong-1")]
+
+
+def mqtt_connect_over_tls(ctx: ssl.SSLContext, port: int) -> bytes:
+    """TLS handshake, MQTT 3.1.1 CONNECT, and the first bytes back (a CONNACK if let in).
+
+    Done on a plain socket because the TLS 1.3 alert that refuses a client
+    certificate arrives after the handshake, and aiomqtt only reports a timeout.
+    """
+    client_id = b"probe"
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    packet = bytes([0x10, len(body)]) + body
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(packet)
+        return tls.recv(4)
+
+
+def test_fleet_certificate_gets_a_connack(fleet: Fleet) -> None:
+    """The control for the two refusals below: same probe, a good certificate."""
+    ctx = fleet.tls(*fleet.enroll_station("site1", "a"))
+    assert mqtt_connect_over_tls(ctx, fleet.broker.port) == b"\x20\x02\x00\x00"
+
+
+def refused(ctx: ssl.SSLContext, broker: TlsBroker) -> str:
+    """Probe with TLS 1.3 (the alert may race the close) and TLS 1.2 (the exact alert)."""
+    try:
+        answer = mqtt_connect_over_tls(ctx, broker.port)
+    except OSError:  # ssl.SSLError included
+        answer = b""
+    assert answer == b"", "got an answer instead of being disconnected"
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises(ssl.SSLError) as err:
+        mqtt_connect_over_tls(ctx, broker.port)
+    return str(err.value)
+
+
+def test_certificate_of_another_ca_is_refused(fleet: Fleet, tmp_path: Path) -> None:
+    stranger = TestCA("some other CA")
+    cert, key = stranger.identity("site1/a", tmp_path / "stranger")
+    assert "UNKNOWN_CA" in refused(fleet.tls(cert, key), fleet.broker)
+    assert "certificate verify failed" in fleet.broker.log.read_text()
+
+
+def test_no_client_certificate_is_refused(fleet: Fleet) -> None:
+    ctx = ssl.create_default_context(cafile=str(fleet.ca_file))
+    alert = refused(ctx, fleet.broker)
+    assert "HANDSHAKE_FAILURE" in alert or "CERTIFICATE_REQUIRED" in alert
+    assert "peer did not return a certificate" in fleet.broker.log.read_text()
+
+
+async def test_agent_and_registry_end_to_end_under_the_acl(fleet: Fleet, tmp_path: Path) -> None:
+    """The real agent (enrolled identity) and the reference registry (its role) on the
+    fleet broker: records are stored and acked, and the broker denied nothing."""
+    cert, key = fleet.enroll_station("toda-city-hall-1f", "station-03")
+    scanner = Pty(tmp_path / "ttyScanner")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f"""
+[agent]
+site = "toda-city-hall-1f"
+name = "station-03"
+data_dir = "{tmp_path / "data"}"
+telemetry_interval_s = 0.2
+
+[mqtt]
+host = "localhost"
+port = {fleet.broker.port}
+tls_ca = "{fleet.ca_file}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+backoff_max_s = 1
+
+[[devices]]
+name = "ticket-scanner"
+profile = "generic-serial-scanner"
+port = "{scanner.link}"
+host_ack = "\\u0006"
+""")
+    probe: RegistryProbe
+    reg = Registry(
+        "localhost",
+        fleet.broker.port,
+        tmp_path / "registry.db",
+        on_stored=lambda s: probe.on_stored(s),
+        tls_context=fleet.tls(*fleet.role("registry")),
+    )
+    probe = RegistryProbe(reg)
+    texts = ["111122410000012345", "111122410000012346"]
+    try:
+        async with reg, running_station(cfg) as run:
+            task = asyncio.create_task(reg.run())
+            await asyncio.wait_for(reg.connected.wait(), 10)
+            for t in texts:
+                scanner.scan(t)
+                assert await scanner.aread(1) == b"\x06"
+            got = await probe.wait_for(len(texts))
+            assert [r["data"]["text"] for r in got] == texts
+            outbox = run.station.outbox
+            assert outbox is not None
+            for _ in range(200):  # the acks come back through the ACL
+                if (await outbox.stats()).confirmed == len(texts):
+                    break
+                await asyncio.sleep(0.05)
+            assert (await outbox.stats()).confirmed == len(texts)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        scanner.close()
+    log = fleet.broker.log.read_text()
+    assert "toda-city-hall-1f/station-03" in log  # the CN became the user name
+    assert "Denied" not in log, [line for line in log.splitlines() if "Denied" in line]

@@ -1,0 +1,102 @@
+"""The CLI commands as a technician runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from conftest import ROOT, Broker, write_config
+
+from agent.contract.records import Read, envelope
+from agent.station.outbox import Outbox
+
+
+def madoguchi(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+async def test_outbox_stats(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, 1883, devices="")
+    r = madoguchi("outbox", "stats", "--config", str(cfg))
+    assert r.returncode == 1 and "no outbox database" in r.stderr
+    db = tmp_path / "data-station-03" / "outbox.db"
+    async with Outbox(db) as ob:
+        for i in range(3):
+            await ob.append(Read(device="d", kind="barcode", data={"text": str(i)}))
+    r = madoguchi("outbox", "stats", "--config", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert (stats["pending"], stats["unconfirmed"], stats["last_seq"]) == (3, 3, 3)
+    r = madoguchi("outbox", "stats", "--config", str(cfg))
+    assert "unconfirmed" in r.stdout and "3" in r.stdout
+
+
+@pytest.mark.broker
+async def test_registry_command_stores_then_acks(broker: Broker, tmp_path: Path) -> None:
+    db = tmp_path / "reg.db"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "registry",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(broker.port),
+            "--db",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        async with Outbox(tmp_path / "o.db") as ob:
+            recs = [
+                await ob.append(Read(device="scanner", kind="barcode", data={"text": f"T{i}"}))
+                for i in range(3)
+            ]
+        base = "madoguchi/v1/site-a/agent-1"
+        async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+            await c.subscribe(f"{base}/ack", qos=1)
+            body = envelope("site-a", "agent-1", recs)
+            acks: list[str] = []
+
+            async def publish_until_acked() -> None:
+                while len(acks) < 6:
+                    await c.publish(f"{base}/records", body, qos=1)
+                    try:
+                        async with asyncio.timeout(1):
+                            async for m in c.messages:
+                                acks.extend(json.loads(m.payload)["ids"])  # type: ignore[arg-type]
+                                break
+                    except TimeoutError:
+                        pass  # the registry was still connecting: send again
+
+            await asyncio.wait_for(publish_until_acked(), 20)
+        assert set(acks) == {r.id for r in recs}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert out.count("stored    site-a/agent-1") == 3
+    assert "duplicate site-a/agent-1" in out
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM records").fetchone() == (3,)
+    conn.close()

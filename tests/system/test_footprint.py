@@ -1,0 +1,73 @@
+"""What a station process carries: no library it does not use, no Nagle on its MQTT sockets.
+
+RSS is measured in bench/run.py, not here; these tests pin the causes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Broker, Pty, RegistryProbe, running_station, write_config
+
+from agent._aio import NO_DELAY
+
+HEAVY = ["cryptography", "biip", "numpy", "PIL", "zxingcpp", "starlette", "uvicorn", "psycopg"]
+
+
+def modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    return {m.split(".")[0] for m in out.split()}
+
+
+def test_agent_run_imports_no_library_it_does_not_use() -> None:
+    loaded = modules_after(
+        "import agent.cli.main, agent.station.station, agent.station.uplink\n"
+        "agent.cli.main.build_parser()"
+    )
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_biip_is_loaded_by_the_first_gs1_string_only() -> None:
+    code = "from agent.interpret import interpret\n"
+    code += "for t in ('111122410000012345', '4901234567894', 'https://x.jp', 'hello'):\n"
+    code += "    interpret(t)\n"
+    assert "biip" not in modules_after(code)
+    gs1 = (
+        code
+        + "assert interpret('01049123451234591725123110ABC', symbology=']d2')['type'] == 'gs1'\n"
+    )
+    assert "biip" in modules_after(gs1)
+
+
+def nodelay(sock: socket.socket | None) -> int:
+    assert sock is not None
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+@pytest.mark.broker
+async def test_mqtt_sockets_of_agent_and_registry_send_without_nagle(
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
+    async with running_station(cfg) as running:
+        uplink = running.station.uplink
+        assert uplink is not None
+        for _ in range(500):  # the uplink connects on its own schedule after the devices
+            if uplink._client is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert uplink._client is not None
+        assert nodelay(uplink._client._client.socket()) == 1  # type: ignore[arg-type]
+    # the registry's client is made per connection: its options are what it connects with
+    assert NO_DELAY[0] in registry.registry._client()._socket_options
