@@ -40,6 +40,7 @@ demo: setup
 lint: venv
 	$(BIN)/ruff check agent tests bench
 	$(BIN)/ruff format --check agent tests bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: venv
 	$(BIN)/mypy agent
