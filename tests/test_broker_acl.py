@@ -542,3 +542,84 @@ async def test_station_cannot_read_other_stations_records(fleet: Fleet) -> None:
     ]
     # ... and A, subscribed every way it could, got only its own ack
     assert {payload for _, payload in seen_by_a} == {b"sentinel-for-a"}
+
+
+def acl_with_more_consumers(*cns: str) -> str:
+    """The shipped acl with the `user registry` stanza copied for each of cns, as the
+    acl's comment tells the operator to do for `madoguchi registry --shared`."""
+    text = (BROKER_DIR / "acl").read_text()
+    stanza = text.split("\nuser registry\n", 1)[1].split("\n\n", 1)[0]
+    assert stanza.startswith("topic read ") and "user" not in stanza
+    return text + "".join(f"\nuser {cn}\n{stanza}\n" for cn in cns)
+
+
+def shared_consumer(fleet: Fleet, ident: tuple[Path, Path], client_id: str) -> aiomqtt.Client:
+    """As `Registry(shared=...)` connects: MQTT 5, clean start, no session kept."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    return aiomqtt.Client(
+        "127.0.0.1",
+        fleet.broker.port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=True,
+        properties=props,
+        tls_context=fleet.tls(*ident),
+        timeout=10,
+    )
+
+
+async def test_shared_consumers_with_one_certificate_each_share_the_records(
+    tmp_path: Path,
+) -> None:
+    fleet = Fleet(tmp_path, acl_with_more_consumers("registry-2"))
+    fleet.broker.start()
+    try:
+        station = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+        one = shared_consumer(fleet, fleet.role("registry"), "madoguchi-registry-g-host-1")
+        two = shared_consumer(fleet, fleet.role("registry-2"), "madoguchi-registry-g-host-2")
+        sent = [f"record-{n}".encode() for n in range(10)]
+        got: dict[str, list[bytes]] = {"registry": [], "registry-2": []}
+        all_in = asyncio.Event()
+
+        async def consume(name: str, client: aiomqtt.Client) -> None:
+            async for m in client.messages:
+                assert isinstance(m.payload, bytes)
+                got[name].append(m.payload)
+                if sum(map(len, got.values())) == len(sent):
+                    all_in.set()
+
+        async with connected(station, one, two):
+            for c in (one, two):
+                await c.subscribe(f"$share/registry/{P}/+/+/records", qos=1)
+            tasks = [
+                asyncio.create_task(consume(n, c))
+                for n, c in (("registry", one), ("registry-2", two))
+            ]
+            for payload in sent:
+                await station.publish(f"{P}/site1/a/records", payload, qos=1)
+            await asyncio.wait_for(all_in.wait(), 15)
+            for t in tasks:
+                assert not t.done()  # neither consumer was disconnected
+                t.cancel()
+        assert sorted(got["registry"] + got["registry-2"]) == sorted(sent)  # each once
+        assert got["registry"] and got["registry-2"]  # both took a share
+        assert fleet.connected_as() == ["site1/a", "registry", "registry-2"]
+        assert "Denied" not in fleet.broker.log.read_text()
+    finally:
+        fleet.broker.stop()
+
+
+async def test_two_consumers_on_one_certificate_take_the_session_from_each_other(
+    fleet: Fleet,
+) -> None:
+    """Why each consumer needs its own certificate: the client id is the CN."""
+    ident = fleet.role("registry")
+    first = shared_consumer(fleet, ident, "madoguchi-registry-g-host-1")
+    second = shared_consumer(fleet, ident, "madoguchi-registry-g-host-2")
+    async with first:
+        await first.subscribe(f"$share/registry/{P}/+/+/records", qos=1)
+        async with second:
+            with pytest.raises(aiomqtt.MqttError):
+                await collect_until(first, b"never sent")  # ends: first was disconnected
+    assert fleet.connected_as() == ["registry", "registry"]
