@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -623,3 +624,57 @@ async def test_two_consumers_on_one_certificate_take_the_session_from_each_other
             with pytest.raises(aiomqtt.MqttError):
                 await collect_until(first, b"never sent")  # ends: first was disconnected
     assert fleet.connected_as() == ["registry", "registry"]
+
+
+async def test_sighup_reloads_the_brokers_certificate_and_the_acl(fleet: Fleet) -> None:
+    """What docs/central.md tells the operator: renew broker.crt/.key or edit the acl,
+    then `kill -HUP`; connected clients stay, new handshakes get the new certificate,
+    and the new acl applies to every client, connected ones included."""
+    station = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    second = fleet.client(fleet.role("registry-2"), "registry-2")  # not in the acl yet
+    old_cert = (fleet.broker.dir / "broker.crt").read_bytes()
+    async with connected(station, registry, second):
+        await second.subscribe(f"{P}/+/+/records", qos=1)
+        # renew the broker's certificate (new key too) and add registry-2's stanza
+        new_cert, new_key = fleet.ca.identity("localhost", fleet.tmp / "renewed", server=True)
+        (fleet.broker.dir / "broker.crt").write_bytes(new_cert.read_bytes())
+        (fleet.broker.dir / "broker.key").write_bytes(new_key.read_bytes())
+        (fleet.broker.dir / "acl").write_text(acl_with_more_consumers("registry-2"))
+        assert fleet.broker.proc is not None
+        fleet.broker.proc.send_signal(signal.SIGHUP)
+        await wait_for_log(fleet.broker.log, "Reloading config")
+        # the connections made before the reload still work, both ways
+        await registry.subscribe(f"{P}/site1/a/records", qos=1)
+        await station.subscribe(f"{P}/site1/a/ack", qos=1)
+        await station.publish(f"{P}/site1/a/records", b"after-reload", qos=1)
+        assert await collect_until(registry, b"after-reload") == [
+            (f"{P}/site1/a/records", b"after-reload")
+        ]
+        assert await collect_until(second, b"after-reload") == [
+            (f"{P}/site1/a/records", b"after-reload")
+        ]
+        await registry.publish(f"{P}/site1/a/ack", b"ack-after-reload", qos=1)
+        await collect_until(station, b"ack-after-reload")
+    served = served_certificate(fleet, fleet.enroll_station("site1", "b"))
+    assert served == ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+    assert served != ssl.PEM_cert_to_DER_cert(old_cert.decode())
+
+
+async def wait_for_log(log: Path, text: str, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while text not in log.read_text():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def served_certificate(fleet: Fleet, ident: tuple[Path, Path]) -> bytes:
+    ctx = fleet.tls(*ident)
+    with (
+        socket.create_connection(("127.0.0.1", fleet.broker.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
