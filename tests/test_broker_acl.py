@@ -20,11 +20,14 @@ import ssl
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from conftest import Pty, RegistryProbe, free_port, running_station, start_mosquitto
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pki_support import TestCA
@@ -678,3 +681,54 @@ def served_certificate(fleet: Fleet, ident: tuple[Path, Path]) -> bytes:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
+
+
+def write_crl(
+    ca: TestCA, path: Path, revoked: list[x509.Certificate], owner: tuple[int, int] | None
+) -> None:
+    now = datetime.now(UTC)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - timedelta(minutes=1))
+        .next_update(now + timedelta(days=1))
+    )
+    for cert in revoked:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now - timedelta(minutes=1))
+            .build()
+        )
+    path.write_bytes(b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+async def test_revoked_station_cannot_connect_after_sighup(tmp_path: Path) -> None:
+    """A stolen Pi: its certificate in the CRL, `kill -HUP`, and it is refused."""
+    fleet = Fleet(tmp_path)
+    crl = fleet.broker.dir / "crl.pem"
+    write_crl(fleet.ca, crl, [], fleet.broker.owner)
+    conf = fleet.broker.conf.read_text()
+    fleet.broker.conf.write_text(
+        conf.replace("require_certificate true\n", f"require_certificate true\ncrlfile {crl}\n")
+    )
+    fleet.broker.start()
+    try:
+        stolen = fleet.enroll_station("site1", "stolen")
+        assert mqtt_connect_over_tls(fleet.tls(*stolen), fleet.broker.port) == b"\x20\x02\x00\x00"
+        write_crl(
+            fleet.ca,
+            crl,
+            [x509.load_pem_x509_certificate(stolen[0].read_bytes())],
+            fleet.broker.owner,
+        )
+        assert fleet.broker.proc is not None
+        fleet.broker.proc.send_signal(signal.SIGHUP)
+        await wait_for_log(fleet.broker.log, "Reloading config")
+        other = fleet.enroll_station("site1", "other")
+        assert mqtt_connect_over_tls(fleet.tls(*other), fleet.broker.port) == b"\x20\x02\x00\x00"
+        assert "REVOKED" in refused(fleet.tls(*stolen), fleet.broker)
+    finally:
+        fleet.broker.stop()
