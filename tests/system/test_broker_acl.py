@@ -12,17 +12,24 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiomqtt
 import pytest
 from conftest import Pty, RegistryProbe, free_port, running_station, start_mosquitto
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pki_support import TestCA
 
 from agent.central.registry import Registry
@@ -38,7 +45,7 @@ pytestmark = pytest.mark.broker
 class TlsBroker:
     """mosquitto with the shipped madoguchi.conf and acl, paths moved into a temp dir."""
 
-    def __init__(self, workdir: Path, ca: TestCA) -> None:
+    def __init__(self, workdir: Path, ca: TestCA, acl: str | None = None) -> None:
         # Started as root, mosquitto drops to its own user, which cannot enter
         # pytest's 0700 temp root: give it a directory of its own, as in /etc.
         self.owner = _mosquitto_user() if os.geteuid() == 0 else None
@@ -52,7 +59,7 @@ class TlsBroker:
         cert, key = ca.identity("localhost", self.dir, server=True)
         cert.rename(self.dir / "broker.crt")
         key.rename(self.dir / "broker.key")
-        (self.dir / "acl").write_text((BROKER_DIR / "acl").read_text())
+        (self.dir / "acl").write_text((BROKER_DIR / "acl").read_text() if acl is None else acl)
         conf = (BROKER_DIR / "madoguchi.conf").read_text()
         assert "listener 8883\n" in conf
         conf = conf.replace("/etc/mosquitto/madoguchi/", f"{self.dir}/")
@@ -86,11 +93,11 @@ def _mosquitto_user() -> tuple[int, int] | None:
 
 
 class Fleet:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, acl: str | None = None) -> None:
         self.tmp = tmp
         self.ca = TestCA()
         self.ca_file = self.ca.write(tmp / "fleet-ca.crt")
-        self.broker = TlsBroker(tmp, self.ca)
+        self.broker = TlsBroker(tmp, self.ca, acl)
 
     def enroll_station(self, site: str, name: str) -> tuple[Path, Path]:
         """As on a Pi: enroll makes key + CSR, the CA signs, enroll installs the cert."""
@@ -108,14 +115,37 @@ class Fleet:
         ctx.load_cert_chain(str(cert), str(key))
         return ctx
 
-    def client(self, ident: tuple[Path, Path], client_id: str) -> aiomqtt.Client:
+    def client(
+        self, ident: tuple[Path, Path], client_id: str, will: aiomqtt.Will | None = None
+    ) -> aiomqtt.Client:
         return aiomqtt.Client(
             "127.0.0.1",
             self.broker.port,
             identifier=client_id,
             tls_context=self.tls(*ident),
+            will=will,
             timeout=10,
         )
+
+    def persistent(self, ident: tuple[Path, Path], client_id: str) -> aiomqtt.Client:
+        """MQTT 5, clean_start false, a session that outlives the connection (as the
+        registry's single consumer connects)."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        return aiomqtt.Client(
+            "127.0.0.1",
+            self.broker.port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            tls_context=self.tls(*ident),
+            timeout=10,
+        )
+
+    def connected_as(self) -> list[str]:
+        """The client ids the broker logged connections under, in order."""
+        return re.findall(r"New client connected from \S+ as (\S+) ", self.broker.log.read_text())
 
 
 @pytest.fixture
@@ -245,7 +275,7 @@ async def test_station_cannot_publish_acks(fleet: Fleet) -> None:
     assert seen_by_a == [(f"{P}/site1/a/ack", b"real")]
     assert seen_by_b == [(f"{P}/site1/b/ack", b"real")]
     # The broker says so in its log (what the end-to-end test checks is absent).
-    assert "Denied PUBLISH from station-a" in fleet.broker.log.read_text()
+    assert "Denied PUBLISH from site1/a" in fleet.broker.log.read_text()  # the CN is the id
 
 
 async def test_commands_only_from_the_dashboard(fleet: Fleet) -> None:
@@ -375,3 +405,330 @@ host_ack = "\\u0006"
     log = fleet.broker.log.read_text()
     assert "toda-city-hall-1f/station-03" in log  # the CN became the user name
     assert "Denied" not in log, [line for line in log.splitlines() if "Denied" in line]
+
+
+# -- identity is the certificate: the client id is the CN (use_username_as_clientid) ------
+
+
+def test_shipped_config_forces_the_client_id_to_the_certificate_cn() -> None:
+    conf = (BROKER_DIR / "madoguchi.conf").read_text().split("listener 8883\n", 1)[1]
+    settings = {
+        line.split()[0]: line.split()[1:] for line in conf.splitlines() if line[:1].isalpha()
+    }
+    assert settings["use_identity_as_username"] == ["true"]
+    assert settings["use_username_as_clientid"] == ["true"]
+    assert settings["require_certificate"] == ["true"]
+
+
+async def test_client_ids_become_the_certificate_cn(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "whatever-a-asks-for")
+    registry = fleet.client(fleet.role("registry"), "madoguchi-registry")
+    async with connected(a, registry):
+        await registry.subscribe(f"{P}/+/+/records", qos=1)
+        await a.publish(f"{P}/site1/a/records", b"from-a", qos=1)
+        await collect_until(registry, b"from-a")
+    assert fleet.connected_as() == ["site1/a", "registry"]
+
+
+async def test_station_cannot_take_the_registrys_persistent_session(fleet: Fleet) -> None:
+    """A station connecting with the registry's client id (clean_start false, as the
+    registry does) gets a session of its own: the 3 records queued for the registry
+    while it was away still reach it."""
+    registry_id = fleet.role("registry")
+    station = fleet.client(fleet.enroll_station("site1", "a"), "madoguchi-site1-a")
+    evil = fleet.persistent(fleet.enroll_station("site1", "evil"), "madoguchi-registry")
+    dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
+
+    async with fleet.persistent(registry_id, "madoguchi-registry") as registry:
+        await registry.subscribe(f"{P}/+/+/records", qos=1)
+    # the registry is away; its session queues what the station sends
+    async with station:
+        for n in (1, 2, 3):
+            await station.publish(f"{P}/site1/a/records", f"record-{n}".encode(), qos=1)
+    async with connected(evil, dashboard):
+        # the attacker is in (a command for it proves the path), and got nothing else
+        await evil.subscribe(f"{P}/site1/evil/cmd/#", qos=1)
+        await dashboard.publish(f"{P}/site1/evil/cmd/ping", b"evil-is-connected", qos=1)
+        seen_by_evil = await collect_until(evil, b"evil-is-connected")
+    assert seen_by_evil == [(f"{P}/site1/evil/cmd/ping", b"evil-is-connected")]
+
+    async with fleet.persistent(registry_id, "madoguchi-registry") as registry, station:
+        await station.publish(f"{P}/site1/a/records", b"live-after-reconnect", qos=1)
+        seen_by_registry = await collect_until(registry, b"live-after-reconnect")
+    assert [payload for _, payload in seen_by_registry] == [
+        b"record-1",
+        b"record-2",
+        b"record-3",
+        b"live-after-reconnect",
+    ]
+    assert fleet.connected_as().count("site1/evil") == 1
+    assert "madoguchi-registry" not in fleet.connected_as()
+
+
+async def test_station_cannot_kick_another_station_off(fleet: Fleet) -> None:
+    """A station using another station's client id neither disconnects it nor makes the
+    broker publish its will."""
+    victim_status = f"{P}/site1/b/status"
+    victim = fleet.client(
+        fleet.enroll_station("site1", "b"),
+        "madoguchi-site1-b",
+        will=aiomqtt.Will(victim_status, b'{"state": "offline"}', qos=1, retain=True),
+    )
+    attacker = fleet.client(fleet.enroll_station("site1", "a"), "madoguchi-site1-b")
+    dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
+    async with connected(victim, dashboard):
+        await dashboard.subscribe(f"{P}/+/+/status", qos=1)
+        await victim.subscribe(f"{P}/site1/b/cmd/#", qos=1)
+        await victim.publish(victim_status, b"online-before", qos=1)
+        assert await collect_until(dashboard, b"online-before") == [
+            (victim_status, b"online-before")
+        ]
+        async with attacker:
+            # the attacker is connected (CONNACK); the victim still is, both ways
+            await victim.publish(victim_status, b"still-online", qos=1)
+            seen_by_dashboard = await collect_until(dashboard, b"still-online")
+            await dashboard.publish(f"{P}/site1/b/cmd/ping", b"ping-victim", qos=1)
+            seen_by_victim = await collect_until(victim, b"ping-victim")
+        await victim.publish(victim_status, b"after-attacker-left", qos=1)
+        seen_after = await collect_until(dashboard, b"after-attacker-left")
+    assert seen_by_dashboard == [(victim_status, b"still-online")]  # no offline will
+    assert seen_by_victim == [(f"{P}/site1/b/cmd/ping", b"ping-victim")]
+    assert seen_after == [(victim_status, b"after-attacker-left")]
+    assert fleet.connected_as() == ["site1/b", "dashboard", "site1/a"]
+
+
+async def test_station_cannot_command_any_station_itself_included(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
+    async with connected(a, b, dashboard):
+        await a.subscribe(f"{P}/site1/a/cmd/#", qos=1)
+        await b.subscribe(f"{P}/site1/b/cmd/#", qos=1)
+        for cmd in ("resend", "rebirth", "diagnostics", "capture_photo"):
+            await a.publish(f"{P}/site1/a/cmd/{cmd}", b"forged", qos=1)
+            await a.publish(f"{P}/site1/b/cmd/{cmd}", b"forged", qos=1)
+            await a.publish(f"{P}/site2/c/cmd/{cmd}", b"forged", qos=1)
+        await dashboard.publish(f"{P}/site1/a/cmd/ping", b"real-a", qos=1)
+        await dashboard.publish(f"{P}/site1/b/cmd/ping", b"real-b", qos=1)
+        seen_by_a = await collect_until(a, b"real-a")
+        seen_by_b = await collect_until(b, b"real-b")
+    assert seen_by_a == [(f"{P}/site1/a/cmd/ping", b"real-a")]
+    assert seen_by_b == [(f"{P}/site1/b/cmd/ping", b"real-b")]
+    assert "Denied PUBLISH from site1/a" in fleet.broker.log.read_text()
+
+
+async def test_station_cannot_read_other_stations_records(fleet: Fleet) -> None:
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    c = fleet.client(fleet.enroll_station("site2", "c"), "station-c")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    async with connected(a, b, c, registry):
+        await registry.subscribe(f"{P}/+/+/records", qos=1)
+        for topic in (
+            f"{P}/site1/b/records",
+            f"{P}/site1/+/records",
+            f"{P}/+/+/records",
+            f"$share/steal/{P}/+/+/records",
+            f"{P}/#",
+            "#",
+        ):
+            await a.subscribe(topic, qos=1)
+        await a.subscribe(f"{P}/site1/a/ack", qos=1)
+        await b.publish(f"{P}/site1/b/records", b"records-of-b", qos=1)
+        await c.publish(f"{P}/site2/c/records", b"records-of-c", qos=1)
+        seen_by_registry = await collect_until(registry, b"records-of-c")
+        await registry.publish(f"{P}/site1/a/ack", b"sentinel-for-a", qos=1)
+        seen_by_a = await collect_until(a, b"sentinel-for-a")
+    # the records were there to be read (the registry got them) ...
+    assert seen_by_registry == [
+        (f"{P}/site1/b/records", b"records-of-b"),
+        (f"{P}/site2/c/records", b"records-of-c"),
+    ]
+    # ... and A, subscribed every way it could, got only its own ack
+    assert {payload for _, payload in seen_by_a} == {b"sentinel-for-a"}
+
+
+def acl_with_more_consumers(*cns: str) -> str:
+    """The shipped acl with the `user registry` stanza copied for each of cns, as the
+    acl's comment tells the operator to do for `madoguchi registry --shared`."""
+    text = (BROKER_DIR / "acl").read_text()
+    stanza = text.split("\nuser registry\n", 1)[1].split("\n\n", 1)[0]
+    assert stanza.startswith("topic read ") and "user" not in stanza
+    return text + "".join(f"\nuser {cn}\n{stanza}\n" for cn in cns)
+
+
+def shared_consumer(fleet: Fleet, ident: tuple[Path, Path], client_id: str) -> aiomqtt.Client:
+    """As `Registry(shared=...)` connects: MQTT 5, clean start, no session kept."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    return aiomqtt.Client(
+        "127.0.0.1",
+        fleet.broker.port,
+        identifier=client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=True,
+        properties=props,
+        tls_context=fleet.tls(*ident),
+        timeout=10,
+    )
+
+
+async def test_shared_consumers_with_one_certificate_each_share_the_records(
+    tmp_path: Path,
+) -> None:
+    fleet = Fleet(tmp_path, acl_with_more_consumers("registry-2"))
+    fleet.broker.start()
+    try:
+        station = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+        one = shared_consumer(fleet, fleet.role("registry"), "madoguchi-registry-g-host-1")
+        two = shared_consumer(fleet, fleet.role("registry-2"), "madoguchi-registry-g-host-2")
+        sent = [f"record-{n}".encode() for n in range(10)]
+        got: dict[str, list[bytes]] = {"registry": [], "registry-2": []}
+        all_in = asyncio.Event()
+
+        async def consume(name: str, client: aiomqtt.Client) -> None:
+            async for m in client.messages:
+                assert isinstance(m.payload, bytes)
+                got[name].append(m.payload)
+                if sum(map(len, got.values())) == len(sent):
+                    all_in.set()
+
+        async with connected(station, one, two):
+            for c in (one, two):
+                await c.subscribe(f"$share/registry/{P}/+/+/records", qos=1)
+            tasks = [
+                asyncio.create_task(consume(n, c))
+                for n, c in (("registry", one), ("registry-2", two))
+            ]
+            for payload in sent:
+                await station.publish(f"{P}/site1/a/records", payload, qos=1)
+            await asyncio.wait_for(all_in.wait(), 15)
+            for t in tasks:
+                assert not t.done()  # neither consumer was disconnected
+                t.cancel()
+        assert sorted(got["registry"] + got["registry-2"]) == sorted(sent)  # each once
+        assert got["registry"] and got["registry-2"]  # both took a share
+        assert fleet.connected_as() == ["site1/a", "registry", "registry-2"]
+        assert "Denied" not in fleet.broker.log.read_text()
+    finally:
+        fleet.broker.stop()
+
+
+async def test_two_consumers_on_one_certificate_take_the_session_from_each_other(
+    fleet: Fleet,
+) -> None:
+    """Why each consumer needs its own certificate: the client id is the CN."""
+    ident = fleet.role("registry")
+    first = shared_consumer(fleet, ident, "madoguchi-registry-g-host-1")
+    second = shared_consumer(fleet, ident, "madoguchi-registry-g-host-2")
+    async with first:
+        await first.subscribe(f"$share/registry/{P}/+/+/records", qos=1)
+        async with second:
+            with pytest.raises(aiomqtt.MqttError):
+                await collect_until(first, b"never sent")  # ends: first was disconnected
+    assert fleet.connected_as() == ["registry", "registry"]
+
+
+async def test_sighup_reloads_the_brokers_certificate_and_the_acl(fleet: Fleet) -> None:
+    """What docs/central.md tells the operator: renew broker.crt/.key or edit the acl,
+    then `kill -HUP`; connected clients stay, new handshakes get the new certificate,
+    and the new acl applies to every client, connected ones included."""
+    station = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    second = fleet.client(fleet.role("registry-2"), "registry-2")  # not in the acl yet
+    old_cert = (fleet.broker.dir / "broker.crt").read_bytes()
+    async with connected(station, registry, second):
+        await second.subscribe(f"{P}/+/+/records", qos=1)
+        # renew the broker's certificate (new key too) and add registry-2's stanza
+        new_cert, new_key = fleet.ca.identity("localhost", fleet.tmp / "renewed", server=True)
+        (fleet.broker.dir / "broker.crt").write_bytes(new_cert.read_bytes())
+        (fleet.broker.dir / "broker.key").write_bytes(new_key.read_bytes())
+        (fleet.broker.dir / "acl").write_text(acl_with_more_consumers("registry-2"))
+        assert fleet.broker.proc is not None
+        fleet.broker.proc.send_signal(signal.SIGHUP)
+        await wait_for_log(fleet.broker.log, "Reloading config")
+        # the connections made before the reload still work, both ways
+        await registry.subscribe(f"{P}/site1/a/records", qos=1)
+        await station.subscribe(f"{P}/site1/a/ack", qos=1)
+        await station.publish(f"{P}/site1/a/records", b"after-reload", qos=1)
+        assert await collect_until(registry, b"after-reload") == [
+            (f"{P}/site1/a/records", b"after-reload")
+        ]
+        assert await collect_until(second, b"after-reload") == [
+            (f"{P}/site1/a/records", b"after-reload")
+        ]
+        await registry.publish(f"{P}/site1/a/ack", b"ack-after-reload", qos=1)
+        await collect_until(station, b"ack-after-reload")
+    served = served_certificate(fleet, fleet.enroll_station("site1", "b"))
+    assert served == ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+    assert served != ssl.PEM_cert_to_DER_cert(old_cert.decode())
+
+
+async def wait_for_log(log: Path, text: str, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while text not in log.read_text():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def served_certificate(fleet: Fleet, ident: tuple[Path, Path]) -> bytes:
+    ctx = fleet.tls(*ident)
+    with (
+        socket.create_connection(("127.0.0.1", fleet.broker.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def write_crl(
+    ca: TestCA, path: Path, revoked: list[x509.Certificate], owner: tuple[int, int] | None
+) -> None:
+    now = datetime.now(UTC)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - timedelta(minutes=1))
+        .next_update(now + timedelta(days=1))
+    )
+    for cert in revoked:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now - timedelta(minutes=1))
+            .build()
+        )
+    path.write_bytes(b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+async def test_revoked_station_cannot_connect_after_sighup(tmp_path: Path) -> None:
+    """A stolen Pi: its certificate in the CRL, `kill -HUP`, and it is refused."""
+    fleet = Fleet(tmp_path)
+    crl = fleet.broker.dir / "crl.pem"
+    write_crl(fleet.ca, crl, [], fleet.broker.owner)
+    conf = fleet.broker.conf.read_text()
+    fleet.broker.conf.write_text(
+        conf.replace("require_certificate true\n", f"require_certificate true\ncrlfile {crl}\n")
+    )
+    fleet.broker.start()
+    try:
+        stolen = fleet.enroll_station("site1", "stolen")
+        assert mqtt_connect_over_tls(fleet.tls(*stolen), fleet.broker.port) == b"\x20\x02\x00\x00"
+        write_crl(
+            fleet.ca,
+            crl,
+            [x509.load_pem_x509_certificate(stolen[0].read_bytes())],
+            fleet.broker.owner,
+        )
+        assert fleet.broker.proc is not None
+        fleet.broker.proc.send_signal(signal.SIGHUP)
+        await wait_for_log(fleet.broker.log, "Reloading config")
+        other = fleet.enroll_station("site1", "other")
+        assert mqtt_connect_over_tls(fleet.tls(*other), fleet.broker.port) == b"\x20\x02\x00\x00"
+        assert "REVOKED" in refused(fleet.tls(*stolen), fleet.broker)
+    finally:
+        fleet.broker.stop()

@@ -1,4 +1,8 @@
-"""The systemd unit: valid for systemd, hardened to an exposure of at most 2.0."""
+"""The systemd units: valid for systemd, hardened to an exposure of at most 2.0.
+
+The station's agent (madoguchi.service) and the central side's registry and
+dashboard (madoguchi-registry.service, madoguchi-dashboard.service).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "madoguchi.service"
+REGISTRY_UNIT = ROOT / "systemd" / "madoguchi-registry.service"
+DASHBOARD_UNIT = ROOT / "systemd" / "madoguchi-dashboard.service"
+UNITS = [UNIT, REGISTRY_UNIT, DASHBOARD_UNIT]
+CENTRAL_UNITS = [REGISTRY_UNIT, DASHBOARD_UNIT]
 EXEC = "/opt/madoguchi/venv/bin/madoguchi"
 
 
@@ -21,9 +29,9 @@ def analyze() -> str:
     return tool
 
 
-def settings() -> dict[str, list[str]]:
+def settings(unit: Path = UNIT) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
@@ -31,13 +39,14 @@ def settings() -> dict[str, list[str]]:
     return out
 
 
-def test_unit_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_unit_verifies(tmp_path: Path, unit: Path) -> None:
     # verify also checks that ExecStart exists; point it at a real stand-in.
     stub = tmp_path / "madoguchi"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
-    copy = tmp_path / "madoguchi.service"
-    copy.write_text(UNIT.read_text().replace(EXEC, str(stub)))
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(EXEC, str(stub)))
     r = subprocess.run(
         [analyze(), "verify", str(copy)], check=False, capture_output=True, text=True
     )
@@ -45,14 +54,15 @@ def test_unit_verifies(tmp_path: Path) -> None:
     assert r.stderr == "", r.stderr  # unknown keys and bad values are only warnings
 
 
-def test_security_exposure_at_most_2() -> None:
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_security_exposure_at_most_2(unit: Path) -> None:
     r = subprocess.run(
-        [analyze(), "security", "--offline=true", "--threshold=20", str(UNIT)],
+        [analyze(), "security", "--offline=true", "--threshold=20", str(unit)],
         check=False,
         capture_output=True,
         text=True,
     )
-    m = re.search(r"Overall exposure level for madoguchi.service: (\d+\.\d)", r.stdout)
+    m = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d)", r.stdout)
     assert m is not None, r.stdout + r.stderr
     assert float(m.group(1)) <= 2.0, r.stdout
     assert r.returncode == 0, r.stdout
@@ -83,3 +93,28 @@ def test_notify_watchdog_and_device_access_as_designed() -> None:
     # adjtimex (clock_synced) must survive the syscall filter.
     assert any("adjtimex" in v for v in s["SystemCallFilter"])
     assert s.get("ProtectClock", ["no"]) == ["no"]
+
+
+@pytest.mark.parametrize(
+    ("unit", "command"), [(REGISTRY_UNIT, "registry"), (DASHBOARD_UNIT, "dashboard")]
+)
+def test_central_units_run_their_command_from_central_toml(unit: Path, command: str) -> None:
+    s = settings(unit)
+    assert s["ExecStart"] == [f"{EXEC} {command} --config /etc/madoguchi/central.toml"]
+    assert s["Restart"] == ["always"]
+    # one user per service: a dashboard (HTTP-facing) cannot read the registry's key
+    assert s["User"] == [f"madoguchi-{command}"]
+    assert s["StateDirectory"] == [f"madoguchi-{command}"]
+    assert s["StateDirectoryMode"] == ["0700"] and s["UMask"] == ["0077"]
+    # the identity the broker sees (CN -> user name -> client id) comes in as credentials
+    creds = dict(v.split(":", 1) for v in s["LoadCredential"])
+    assert creds == {
+        "tls.crt": f"/etc/madoguchi/credentials/{command}.crt",
+        "tls.key": f"/etc/madoguchi/credentials/{command}.key",
+    }
+    # network and the PostgreSQL unix socket: nothing more; no devices at all
+    assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    assert s["PrivateDevices"] == ["yes"]
+    assert s["ProtectSystem"] == ["strict"]
+    assert not any(k in s for k in ("InaccessiblePaths", "TemporaryFileSystem", "PrivateNetwork"))
+    assert s["CapabilityBoundingSet"] == [""]  # the dashboard's port is not privileged
