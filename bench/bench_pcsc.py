@@ -28,12 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from pcsc_support import TEST_PIN, MyNumberCard, pcsc_stack
 
 from agent.config import PcscDevice
-from agent.drivers.pcsc import (
-    PcscDriver,
-    PcscSession,
-    card_info,
-    identify_card,
-)
+from agent.drivers.card import card_info, identify_card
+from agent.drivers.pcsc import PcscDriver
+from agent.drivers.scard import PcscSession
 
 
 def figures(name: str, samples: list[float]) -> None:

@@ -281,7 +281,7 @@ def _read_pin() -> str:
 
 
 def run_card_info(args: argparse.Namespace) -> int:
-    from agent.drivers.pcsc import read_card_info, read_card_now
+    from agent.drivers.scard import read_card_info, read_card_now
 
     try:
         reader, read_my_number = _settings(args)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.contract.records import Read, ReadFault, utc_now
 from agent.drivers.base import Driver
+from agent.drivers.capabilities import DriverStats, PhotoCamera
 from agent.errors import DeviceError, DeviceUnavailable, DriverMissing, MadoguchiError
 
 if TYPE_CHECKING:
@@ -683,3 +684,8 @@ class CameraDriver(Driver):
         if capture is None:
             raise DeviceUnavailable(self.name, "camera is not streaming")
         return await asyncio.wrap_future(capture.submit_still())
+
+
+#: mypy --strict fails here when the driver and the capabilities it offers drift apart
+_offers_photos: type[PhotoCamera] = CameraDriver
+_offers_stats: type[DriverStats] = CameraDriver

@@ -1,25 +1,52 @@
-"""What a driver can do besides yielding reads, found at run time with isinstance.
+"""What a driver can do besides yielding reads: one Protocol per capability.
 
-The local API (agent/api.py) looks up the running driver of a device and uses
-it when it has one of these capabilities; a driver gains one by defining the
-method, without importing this module. (Photos go through the station instead,
-`Station.capture_photo(device)`, because a photo is a sealed blob plus a record.)
+The local API and the station find a capability on a running driver with
+`isinstance` (the Protocols are runtime-checkable) and call it through the
+Protocol, so mypy checks the call site against the declaration. Each driver
+module that offers one says so with an assignment such as
+`_offers_card_info: type[CardInfoProvider] = PcscDriver`, and agent/testing.py
+does the same for its fakes: when the real driver, the fake or the declaration
+drift apart, `mypy --strict` fails (the kiosk's PIN read once failed on every
+real reader while the suite stayed green, because the fake followed a
+declaration the driver did not). tests/drivers/test_capabilities.py checks the
+same by signature at run time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the driver modules import this one to declare what they offer
+    from agent.drivers.camera import Still
+    from agent.drivers.card import CardInfo
 
 
 @runtime_checkable
 class CardInfoProvider(Protocol):
-    """A card reader that can read the card's 4 attributes with the resident's PIN.
+    """A card reader that reads the card's 4 attributes with the resident's PIN.
 
-    `read_card_info` follows the PIN rules of FORMATS.md: read the retry counter
-    without spending a try, refuse when fewer than 2 tries are left, VERIFY once,
-    never retry. It raises `PinRefused(device, reason, tries_left)` when the PIN
-    was wrong or not tried, `CardError` when there is no card or it failed, and
-    returns `{"name", "address", "birth_date", "sex"}`. The PIN is never logged.
+    `read_card_info` follows the PIN rules of FORMATS.md on the card in this
+    reader: read the retry counter without spending a try, refuse when fewer
+    than 2 tries are left, VERIFY once, never retry. It raises
+    `PinRefused(device, reason, tries_left)` when the PIN was wrong or not
+    tried, `CardError` when there is no card or it failed, `DeviceUnavailable`
+    when pcscd went away. The PIN is never logged.
     """
 
-    async def read_card_info(self, reader: str, pin: str) -> dict[str, Any]: ...
+    async def read_card_info(self, pin: str) -> CardInfo: ...
+
+
+@runtime_checkable
+class PhotoCamera(Protocol):
+    """A camera that takes an ID photo on demand (agent/station/photos.py seals and stores it)."""
+
+    name: str
+
+    async def capture_photo(self) -> Still: ...
+
+
+@runtime_checkable
+class DriverStats(Protocol):
+    """A driver with counters for telemetry (`Station.describe()` merges them per device)."""
+
+    def stats(self) -> dict[str, int]: ...

@@ -14,20 +14,14 @@ import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.contract.records import Read, utc_now
+from agent.drivers.capabilities import PhotoCamera
 from agent.errors import DeviceError, DeviceUnavailable, OutboxError
 from agent.station.blobs import PHOTO_KIND, BlobStore
 
 if TYPE_CHECKING:
-    from agent.drivers.camera import Still
     from agent.station.station import Outcome
 
 log = logging.getLogger(__name__)
-
-
-class PhotoCamera(Protocol):
-    name: str
-
-    async def capture_photo(self) -> Still: ...
 
 
 class PhotoStation(Protocol):

@@ -20,10 +20,11 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from agent._aio import Backoff
-from agent.config import Config, DeviceConfig, PcscDevice
+from agent.config import Config, DeviceConfig
 from agent.contract.records import Read, ReadFault, Record
 from agent.drivers import Driver, create_driver
-from agent.drivers.pcsc import CardInfo, OperatorSessions, PcscDriver
+from agent.drivers.capabilities import CardInfoProvider, PhotoCamera
+from agent.drivers.card import CardInfo
 from agent.errors import (
     CardError,
     DeviceError,
@@ -35,8 +36,9 @@ from agent.errors import (
 from agent.interpret import interpret, split_aim
 from agent.station.blobs import BlobStore
 from agent.station.clock import clock_synced
+from agent.station.operators import operator_sessions
 from agent.station.outbox import Outbox
-from agent.station.photos import PhotoCamera, find_camera, take_photo
+from agent.station.photos import find_camera, take_photo
 from agent.station.sealing import Sealer
 from agent.station.systemd import Notifier
 from agent.station.uplink import Uplink
@@ -111,7 +113,7 @@ class Station:
         self._listeners: list[Listener] = []
         self._started = time.time()
         self.notifier = notifier if notifier is not None else Notifier()
-        self._operators = _operator_sessions(config)
+        self._operators = operator_sessions(config)
         self.api: LocalApi | None = None  # set by the API when it starts
 
     # -- what the uplink, local API and CLI see ----------------------------------
@@ -134,7 +136,12 @@ class Station:
         Raises PinRefused / CardError; the PIN goes no further than the card.
         """
         driver = self._drivers.get(device)
-        if not isinstance(driver, PcscDriver) or self.devices[device].state != "connected":
+        # `None or`: mypy takes isinstance on `Driver | None` for unreachable (and so unchecked)
+        if (
+            driver is None
+            or not isinstance(driver, CardInfoProvider)
+            or self.devices[device].state != "connected"
+        ):
             raise CardError(device, "no connected card reader by that name")
         return await driver.read_card_info(pin)
 
@@ -438,14 +445,3 @@ class Station:
             token=read.token,
             clock_synced=read.clock_synced,
         )
-
-
-def _operator_sessions(config: Config) -> OperatorSessions | None:
-    """One station-wide session book from every card reader's badge mapping."""
-    readers = [d for d in config.devices if isinstance(d, PcscDevice) and d.operators]
-    if not readers:
-        return None
-    operators: dict[str, str] = {}
-    for dev in readers:
-        operators.update(dev.operators)
-    return OperatorSessions(operators, min(d.operator_timeout_s for d in readers))

@@ -47,17 +47,15 @@ from pcsc_support import (
 
 from agent.config import PcscDevice, load_config
 from agent.contract.records import Read, ReadFault
-from agent.drivers.pcsc import (
-    OperatorSessions,
-    PcscDriver,
+from agent.drivers.card import (
     ber_tlvs,
     der_total_length,
     parse_four_attributes,
     parse_my_number,
-    read_card_info,
-    read_card_now,
     storage_card_type,
 )
+from agent.drivers.pcsc import PcscDriver
+from agent.drivers.scard import read_card_info, read_card_now
 from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
 from agent.station.outbox import Outbox
 from agent.station.sealing import Sealer
@@ -110,20 +108,6 @@ def test_storage_card_atrs() -> None:
     assert storage_card_type(FelicaBadge(b"\x01" * 8).atr) == "felica"
     assert storage_card_type(MifareBadge(b"\x01" * 4).atr) == "mifare"
     assert storage_card_type(iso14443b_atr(bytes(8))) is None
-
-
-def test_operator_sessions_start_end_takeover_and_time_out() -> None:
-    s = OperatorSessions({"01010601CB095703": "staff-014", "aa": "staff-002"}, timeout_s=60)
-    assert s.tap("ffff", 0) is None
-    assert s.current(0) is None
-    assert s.tap("01010601cb095703", 0) == ("start", "staff-014")
-    assert s.touch(50) == "staff-014"
-    assert s.touch(100) == "staff-014"  # 50 s idle: still on duty
-    assert s.tap("aa", 101) == ("start", "staff-002")
-    assert s.tap("aa", 102) == ("end", "staff-002")
-    assert s.current(102) is None
-    assert s.tap("aa", 200) == ("start", "staff-002")
-    assert s.current(261) is None  # idle past the timeout
 
 
 # -- against pcscd ---------------------------------------------------------------------

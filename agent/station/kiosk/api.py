@@ -555,7 +555,7 @@ class LocalApi:
         if len(body.pin) != 4 or not all("0" <= c <= "9" for c in body.pin):
             raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
         driver = self.station.running_drivers().get(reader)
-        if not isinstance(driver, CardInfoProvider):
+        if driver is None or not isinstance(driver, CardInfoProvider):
             if driver is None and _driver_can(self.station, reader, "read_card_info"):
                 raise ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
             raise ApiError(404, "no_card_reader", f"no card reader named {reader}")
@@ -564,7 +564,7 @@ class LocalApi:
             raise ApiError(409, "busy", f"{reader} is already reading a card")
         async with lock:
             try:
-                info = await driver.read_card_info(reader, body.pin)
+                info = await driver.read_card_info(body.pin)
             except PinRefused as e:
                 raise ApiError(
                     403,
@@ -577,7 +577,7 @@ class LocalApi:
                 raise ApiError(503, "reader_unavailable", e.reason) from None
             except CardError as e:
                 raise ApiError(409, "card_error", e.reason) from None
-        return JSONResponse({"reader": reader, "info": info})
+        return JSONResponse({"reader": reader, "info": info.attributes()})
 
     # -- photos ------------------------------------------------------------------------
 

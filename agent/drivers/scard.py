@@ -1,0 +1,190 @@
+"""The pyscard boundary: one PC/SC context, a card link, and the blocking reads the CLI uses.
+
+`smartcard` is imported lazily (`require_pyscard`), so a station without card
+readers never loads it, and a missing pyscard is `DriverMissing` at `open()`.
+A PC/SC context belongs to one thread: the driver (agent/drivers/pcsc.py)
+makes one `PcscSession` per reader thread. `CardLink.transmit` is the
+`Transmit` seam of the card protocol (agent/drivers/card.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.drivers.card import CardInfo, card_info, identify_card
+from agent.errors import CardError, DeviceUnavailable, DriverMissing
+
+
+def require_pyscard(device: str) -> Any:
+    """pyscard's `scard` module, or `DriverMissing` where it is not installed."""
+    try:
+        from smartcard import scard
+    except ImportError:
+        raise DriverMissing(
+            device, "pyscard is not installed (pip install 'madoguchi[card]')"
+        ) from None
+    return scard
+
+
+class NoService(Exception):
+    """pcscd went away (stopped, restarted)."""
+
+
+class PcscSession:
+    """One PC/SC context (one thread) and the card operations on one reader."""
+
+    NO_SERVICE = (0x8010001D, 0x8010001E, 0x80100003)  # no service, stopped, bad handle
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.sc = require_pyscard(device)
+        hr, ctx = self.sc.SCardEstablishContext(self.sc.SCARD_SCOPE_USER)
+        if hr != 0:
+            raise DeviceUnavailable(device, f"pcscd not reachable: {self._msg(hr)}")
+        self.ctx = ctx
+
+    def _msg(self, hr: int) -> str:
+        return f"{self.sc.SCardGetErrorMessage(hr).strip()} (0x{hr & 0xFFFFFFFF:08X})"
+
+    def release(self) -> None:
+        self.sc.SCardReleaseContext(self.ctx)
+
+    def cancel(self) -> None:
+        """Wake a status-change wait (thread safe, the one call PC/SC allows across threads)."""
+        self.sc.SCardCancel(self.ctx)
+
+    def _daemon_gone(self) -> bool:
+        """After an odd error: is it pcscd that went? (libpcsclite reports a daemon
+        that died mid-call with varying codes; 0x8010006A was seen on 1.9.9)."""
+        hr, _ = self.sc.SCardListReaders(self.ctx, [])
+        return hr in self.NO_SERVICE or hr == 0x80100003  # invalid handle
+
+    def readers(self) -> list[str]:
+        hr, names = self.sc.SCardListReaders(self.ctx, [])
+        if hr == 0x8010002E:  # no readers available
+            return []
+        if hr in self.NO_SERVICE:
+            raise NoService(self._msg(hr))
+        if hr != 0:
+            raise DeviceUnavailable(self.device, f"listing readers: {self._msg(hr)}")
+        return list(names)
+
+    def find(self, pattern: str) -> str | None:
+        for name in sorted(self.readers()):
+            if fnmatch.fnmatchcase(name, pattern):
+                return name
+        return None
+
+    def wait(
+        self, states: list[tuple[str, int]], timeout_ms: int
+    ) -> list[tuple[str, int, bytes]] | None:
+        """SCardGetStatusChange; None on timeout or cancel."""
+        hr, new = self.sc.SCardGetStatusChange(self.ctx, timeout_ms, states)
+        if hr in (0x8010000A, 0x80100002):  # timeout, cancelled
+            return None
+        if hr in self.NO_SERVICE or self._daemon_gone():
+            raise NoService(self._msg(hr))
+        if hr != 0:
+            raise DeviceUnavailable(self.device, f"status change: {self._msg(hr)}")
+        return [(n, int(s), bytes(a)) for n, s, a in new]
+
+    def connect(self, reader: str) -> CardLink:
+        sc = self.sc
+        hr, card, proto = sc.SCardConnect(
+            self.ctx, reader, sc.SCARD_SHARE_SHARED, sc.SCARD_PROTOCOL_T0 | sc.SCARD_PROTOCOL_T1
+        )
+        if hr in self.NO_SERVICE:
+            raise NoService(self._msg(hr))
+        if hr != 0:
+            raise CardError(self.device, f"cannot connect to the card: {self._msg(hr)}")
+        return CardLink(self, card, proto)
+
+
+class CardLink:
+    """A connected card inside one transaction; `transmit` is the `Transmit` seam."""
+
+    def __init__(self, session: PcscSession, card: Any, proto: int) -> None:
+        self.session = session
+        self.card = card
+        sc = session.sc
+        self.pci = sc.SCARD_PCI_T0 if proto == sc.SCARD_PROTOCOL_T0 else sc.SCARD_PCI_T1
+        self.atr = b""
+        hr = sc.SCardBeginTransaction(card)
+        if hr != 0:
+            self.close(reset=False)
+            raise CardError(session.device, f"begin transaction: {session._msg(hr)}")
+        hr, _name, _state, _proto, atr = sc.SCardStatus(card)
+        if hr == 0:
+            self.atr = bytes(atr)
+
+    def transmit(self, apdu: bytes) -> tuple[bytes, int]:
+        sc = self.session.sc
+        hr, resp = sc.SCardTransmit(self.card, self.pci, list(apdu))
+        if hr != 0:
+            if hr in (0x80100069, 0x8010000C, 0x80100068, 0x8010002F, 0x80100066, 0x80100067):
+                # removed, no card, reset, comm error, unresponsive, unpowered
+                raise CardError(self.session.device, "card removed during the read")
+            if hr in PcscSession.NO_SERVICE:
+                raise NoService(self.session._msg(hr))
+            raise CardError(self.session.device, f"transmit: {self.session._msg(hr)}")
+        resp = bytes(resp)
+        if len(resp) < 2:
+            # every card answer ends in a status word: nothing at all means the card went
+            # (vpcd says so this way; CCID readers with SCARD_W_REMOVED_CARD above)
+            raise CardError(self.session.device, "card removed during the read (no answer)")
+        return resp[:-2], int.from_bytes(resp[-2:], "big")
+
+    def close(self, *, reset: bool) -> None:
+        """End the transaction; `reset` drops a verified PIN state on the card."""
+        sc = self.session.sc
+        how = sc.SCARD_RESET_CARD if reset else sc.SCARD_LEAVE_CARD
+        sc.SCardEndTransaction(self.card, how)
+        sc.SCardDisconnect(self.card, how)
+
+
+def read_card_now(reader_pattern: str, *, device: str = "card-info") -> dict[str, Any]:
+    """Blocking, for the CLI: what card is in the reader now (no PIN)."""
+    session = PcscSession(device)
+    try:
+        reader = _require_reader(session, reader_pattern, device)
+        link = session.connect(reader)
+        try:
+            data, problems = identify_card(link.transmit, link.atr, device, datetime.now(UTC))
+        finally:
+            link.close(reset=False)
+        data["reader"] = reader
+        if problems:
+            data["problems"] = problems
+        return data
+    except NoService as e:
+        raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
+    finally:
+        session.release()
+
+
+def read_card_info(
+    reader: str, pin: str, *, read_my_number: bool = False, device: str = "card-info"
+) -> CardInfo:
+    """Blocking: the PIN flow on the card in `reader` (a name or glob). Raises PinRefused."""
+    session = PcscSession(device)
+    try:
+        name = _require_reader(session, reader, device)
+        link = session.connect(name)
+        try:
+            return card_info(link.transmit, pin, read_my_number=read_my_number, device=device)
+        finally:
+            link.close(reset=True)
+    except NoService as e:
+        raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
+    finally:
+        session.release()
+
+
+def _require_reader(session: PcscSession, pattern: str, device: str) -> str:
+    name = session.find(pattern)
+    if name is None:
+        have = ", ".join(session.readers()) or "none"
+        raise DeviceUnavailable(device, f"no reader matches {pattern!r} (readers: {have})")
+    return name
