@@ -33,7 +33,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from camera_support import (  # noqa: E402
     TICKET,
-    FakeCamera,
     blur,
     centered,
     ean13,
@@ -56,6 +55,7 @@ from agent.drivers.camera import (  # noqa: E402
 )
 from agent.station.sealing import Sealer  # noqa: E402
 from agent.station.station import Station  # noqa: E402
+from agent.testing import FakeCamera  # noqa: E402
 
 FORMATS = ["QRCode", "DataMatrix", "EAN13"]
 #: single-core speed of a Raspberry Pi 4 (Cortex-A72, 1.5 GHz) relative to one core of

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from hid_support import FakeBackend, FakeInputDevice, hid_config  # noqa: E402
+from hid_support import hid_config  # noqa: E402
 
 from agent.drivers.hid import HidDriver  # noqa: E402
 from agent.keymap import (  # noqa: E402
@@ -28,6 +28,7 @@ from agent.keymap import (  # noqa: E402
     parse_evtest,
     type_text,
 )
+from agent.testing import FakeBackend, FakeInputDevice  # noqa: E402
 
 GS1 = "]C101049123456789041726123110LOT-A1\x1d21SN42"  # 42 chars, shift and GS
 

@@ -1,10 +1,10 @@
-"""Real barcode images for the camera tests, and a small honest fake camera.
+"""Real barcode images for the camera tests, and a station whose camera is a fake.
 
 Codes are made by zxing-cpp's encoder (not drawn by hand), placed on a
 640x480 grey scene and then made hard the way a counter camera makes them
 hard: turned, seen at an angle, out of focus, noisy, in poor light. The fake
-camera only stands in for the hardware: it hands those frames, one by one,
-to the real capture thread, decoder and driver.
+camera (agent.testing.FakeCamera) only stands in for the hardware: it hands
+those frames, one by one, to the real capture thread, decoder and driver.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,9 @@ import zxingcpp
 from PIL import Image, ImageFilter
 
 from agent.config import CameraDevice, load_config
-from agent.drivers.camera import CameraDriver, Frame, Still, encode_jpeg
-from agent.errors import DeviceUnavailable
+from agent.drivers.camera import CameraDriver
 from agent.station.station import Station
+from agent.testing import FakeCamera, counter_top
 
 W, H = 640, 480
 BASE = "madoguchi/v1/toda-city-hall-1f/station-03"
@@ -69,10 +67,7 @@ def ean13(text: str = EAN, scale: int = 3) -> np.ndarray:
 
 def scene(seed: int = 0) -> np.ndarray:
     """A 640x480 counter top: mid grey with soft shading and a little texture."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:H, 0:W]
-    shade = 150 + 30 * np.sin(xx / 90.0) * np.cos(yy / 120.0)
-    return np.clip(shade + rng.normal(0, 3, (H, W)), 0, 255).astype(np.uint8)
+    return counter_top(seed, W, H)
 
 
 def place(background: np.ndarray, symbol: np.ndarray, x: int, y: int) -> np.ndarray:
@@ -136,77 +131,6 @@ def photo_scene(width: int = 1600, height: int = 1200, seed: int = 7) -> np.ndar
     """An RGB still that does not compress well (noise), so a JPEG of it is megabytes."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-class FakeCamera:
-    """A camera that plays a list of frames: the only fake in the camera tests.
-
-    Frames are handed out at `frame_dt` seconds apart in camera time (the
-    timestamps the driver sees) and paced at the same rate in real time, so the
-    capture thread, the one-frame slot and the decoder run as with a camera.
-    After the script it keeps showing `idle` (an empty scene) until closed, or
-    with `end_with_unplug` reports the camera gone.
-    """
-
-    def __init__(
-        self,
-        frames: Sequence[np.ndarray] = (),
-        *,
-        frame_dt: float = 0.05,
-        still: np.ndarray | None = None,
-        jpeg_quality: int = 90,
-        end_with_unplug: bool = False,
-    ) -> None:
-        self.frames = list(frames)
-        self.frame_dt = frame_dt
-        self.still = still
-        self.jpeg_quality = jpeg_quality
-        self.end_with_unplug = end_with_unplug
-        self.idle = scene(99)
-        self.served = 0
-        self.stills_taken = 0
-        self.opened = threading.Event()
-        self.script_done = threading.Event()
-        self.closed = threading.Event()
-        self.thread_names: set[str] = set()
-        self._t0 = 0.0
-        self._next_real = 0.0
-
-    def open(self) -> None:
-        self.thread_names.add(threading.current_thread().name)
-        self.closed.clear()
-        self._t0 = time.monotonic()
-        self._next_real = time.monotonic()
-        self.opened.set()
-
-    def close(self) -> None:
-        self.thread_names.add(threading.current_thread().name)
-        self.closed.set()
-
-    def next_frame(self, timeout: float) -> Frame | None:
-        self.thread_names.add(threading.current_thread().name)
-        # pacing like a sensor's frame clock; returns early when closed
-        wait = self._next_real - time.monotonic()
-        if wait > 0 and self.closed.wait(wait):
-            return None
-        self._next_real = max(self._next_real + self.frame_dt, time.monotonic() - self.frame_dt)
-        i = self.served
-        if i >= len(self.frames):
-            self.script_done.set()
-            if self.end_with_unplug:
-                raise DeviceUnavailable("fake-camera", "unplugged")
-            image = self.idle
-        else:
-            image = self.frames[i]
-        self.served += 1
-        return Frame(image, self._t0 + i * self.frame_dt)
-
-    def capture_still(self) -> Still:
-        self.thread_names.add(threading.current_thread().name)
-        if self.still is None:
-            raise DeviceUnavailable("fake-camera", "this fake camera has no still")
-        self.stills_taken += 1
-        return encode_jpeg(self.still, self.jpeg_quality)
 
 
 # -- a station whose cameras are FakeCameras (everything else real) ------------------

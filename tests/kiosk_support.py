@@ -1,7 +1,7 @@
 """Fixtures for the kiosk API and page: a station with its local API on a free
-loopback port, an SSE reader over real HTTP, and a fake card reader that keeps
-the PIN rules of FORMATS.md (the PC/SC driver is built elsewhere; this fake
-stands at the driver boundary, where `read_card_info` is the whole contract)."""
+loopback port and an SSE reader over real HTTP. Its card reader and camera are
+the fakes of agent/testing.py (`FakeCardReader` keeps the PIN rules of
+FORMATS.md and is checked against the real driver's `CardInfoProvider`)."""
 
 from __future__ import annotations
 
@@ -18,103 +18,25 @@ import httpx
 from conftest import free_port, write_config
 
 from agent.config import Config, DeviceConfig, load_config
-from agent.contract.records import Read, ReadFault
+from agent.contract.records import Read
 from agent.drivers import Driver, create_driver
-from agent.errors import CardError, OutboxError, PinRefused
+from agent.errors import OutboxError
 from agent.station.station import Station
+from agent.testing import FAKE_CARD, FAKE_CARD_PIN, FakeCardReader, FakePhotoCamera
 
-CARD_PIN = "4821"
-CARD_INFO = {
-    "name": "窓口 花子",
-    "address": "埼玉県戸田市上戸田1-18-1",
-    "birth_date": "19800401",
-    "sex": "2",
-}
-
-
-class FakeCardReader(Driver):
-    """A reader with a My Number card in it: 3 PIN tries, the counter really counts.
-
-    The rules of the real driver: read the counter without spending a try,
-    refuse without VERIFY when fewer than 2 are left, VERIFY once, never retry.
-    """
-
-    def __init__(self, config: DeviceConfig) -> None:
-        super().__init__(config)
-        self.tries_left = 3
-        self.verify_calls = 0
-        self.card_present = True
-        self._gone = asyncio.Event()
-
-    async def open(self) -> None:
-        self._gone.clear()
-
-    async def close(self) -> None:
-        self._gone.set()
-
-    async def reads(self) -> AsyncIterator[Read | ReadFault]:
-        await self._gone.wait()
-        return
-        yield  # an async generator that yields nothing until closed
-
-    async def read_card_info(self, reader: str, pin: str) -> dict[str, Any]:
-        if not self.card_present:
-            raise CardError(reader, "no card in the reader")
-        if self.tries_left == 0:
-            raise PinRefused(reader, "the card is locked", 0)
-        if self.tries_left < 2:
-            raise PinRefused(reader, "too few tries left: not tried", self.tries_left)
-        self.verify_calls += 1
-        await asyncio.sleep(0)  # the card answers later, as a real one does
-        if pin != CARD_PIN:
-            self.tries_left -= 1
-            raise PinRefused(reader, "wrong PIN", self.tries_left)
-        self.tries_left = 3
-        return dict(CARD_INFO)
-
-
-@dataclass(frozen=True)
-class Still:
-    """What the camera driver's `capture_photo` returns (agent/drivers/camera.py)."""
-
-    data: bytes
-    width: int
-    height: int
-    content_type: str = "image/jpeg"
-
-
-class FakeCamera(Driver):
-    """A camera that takes a still on demand (picamera2 cannot exist here)."""
-
-    def __init__(self, config: DeviceConfig) -> None:
-        super().__init__(config)
-        self.captures = 0
-        self._gone = asyncio.Event()
-
-    async def open(self) -> None:
-        self._gone.clear()
-
-    async def close(self) -> None:
-        self._gone.set()
-
-    async def reads(self) -> AsyncIterator[Read | ReadFault]:
-        await self._gone.wait()
-        return
-        yield
-
-    async def capture_photo(self) -> Still:
-        self.captures += 1
-        return Still(b"\xff\xd8\xff\xe0" + bytes(self.captures) + b"\xff\xd9", 1280, 960)
+CARD_PIN = FAKE_CARD_PIN
+#: what the kiosk answers for the fake reader's card
+CARD_INFO = FAKE_CARD.attributes()
 
 
 class PhotoStation(Station):
     """The station with the camera branch's `capture_photo(device)` contract, reduced to
     what the API relies on: find the running camera, store a `photo` record, answer
-    after the commit. (The real one also seals the JPEG as a blob: agent/photos.py.)"""
+    after the commit. (The real one also seals the JPEG as a blob: agent/station/photos.py.)"""
 
     async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
         camera = self.running_drivers()[device or "camera"]
-        assert isinstance(camera, FakeCamera)
+        assert isinstance(camera, FakePhotoCamera)
         still = await camera.capture_photo()
         sha = hashlib.sha256(still.data).hexdigest()
         meta = {
@@ -214,7 +136,7 @@ async def running_kiosk(
 
     def factory(dev: DeviceConfig) -> Driver:
         if dev.name == "camera":
-            return FakeCamera(dev)
+            return FakePhotoCamera(dev)
         if dev.name == "card-reader":
             reader = readers.get(dev.name) or FakeCardReader(dev)
             readers[dev.name] = reader

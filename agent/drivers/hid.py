@@ -60,7 +60,10 @@ class InputDeviceLike(Protocol):
     path: str
     name: str
     uniq: str
-    info: Any  # .vendor, .product
+
+    @property
+    def info(self) -> Any:  # .vendor, .product; read only (the driver never sets it)
+        ...
 
     def capabilities(self) -> dict[int, list[Any]]: ...
     def grab(self) -> None: ...

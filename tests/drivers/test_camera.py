@@ -16,7 +16,6 @@ from camera_support import (
     FORM_ID,
     TICKET,
     VIAL_RAW,
-    FakeCamera,
     blur,
     camera_station,
     centered,
@@ -48,6 +47,7 @@ from agent.drivers.camera import (
     gray_from_yuyv,
 )
 from agent.errors import ConfigError, DeviceUnavailable, DriverMissing
+from agent.testing import FakeCamera
 
 ROOT = Path(__file__).resolve().parents[2]
 

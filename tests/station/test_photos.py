@@ -16,7 +16,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from camera_support import FakeCamera, camera_station, command, photo_scene
+from camera_support import camera_station, command, photo_scene
 from central_support import ContractSpy
 from conftest import Broker, RegistryProbe, write_config
 
@@ -26,6 +26,7 @@ from agent.errors import OutboxError
 from agent.station.blobs import CHUNK_BYTES, SCHEMA, BlobStore, chunk_count
 from agent.station.outbox import read_stats
 from agent.station.sealing import Sealer
+from agent.testing import FakeCamera
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
 BASE = f"madoguchi/v1/{SITE}/{AGENT}"

@@ -349,7 +349,7 @@ async function pinSubmit() {
     $("card-name").textContent = i.name || "";
     $("card-address").textContent = i.address || "";
     $("card-birth").textContent = i.birth_date || "";
-    $("card-sex").textContent = { 1: "男性", 2: "女性", 9: "適用不能" }[i.sex] || "";
+    $("card-sex").textContent = { male: "男性", female: "女性", not_applicable: "適用不能" }[i.sex] || "";
     $("card-result").hidden = false;
     return undefined;
   }
