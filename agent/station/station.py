@@ -42,7 +42,7 @@ from agent.station.systemd import Notifier
 from agent.station.uplink import Uplink
 
 if TYPE_CHECKING:
-    from agent.station.kiosk.api import LocalApi
+    from agent.station.kiosk.routes import LocalApi
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Station:
     async def _api(self, stop: asyncio.Event) -> None:
         """The kiosk's local API; its failures are logged, never stop the devices."""
         try:
-            from agent.station.kiosk.api import LocalApi
+            from agent.station.kiosk.routes import LocalApi
         except ImportError as e:
             log.error("api: %s (install madoguchi[kiosk])", e)
             return
