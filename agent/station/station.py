@@ -42,7 +42,7 @@ from agent.station.systemd import Notifier
 from agent.station.uplink import Uplink
 
 if TYPE_CHECKING:
-    from agent.station.kiosk.routes import LocalApi
+    from agent.station.kiosk.api import LocalApi
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +254,12 @@ class Station:
     async def _api(self, stop: asyncio.Event) -> None:
         """The kiosk's local API; its failures are logged, never stop the devices."""
         try:
-            from agent.station.kiosk.routes import LocalApi
+            from agent.station.kiosk.api import LocalApi
         except ImportError as e:
             log.error("api: %s (install madoguchi[kiosk])", e)
             return
-        await LocalApi(self).run(stop)
+        self.api = LocalApi(self)
+        await self.api.run(stop)
 
     async def _device_loop(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
         state = self.devices[dev.name]
