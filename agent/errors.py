@@ -66,3 +66,20 @@ class PinRefused(CardError):
 
 class EnrollError(MadoguchiError):
     """Enrolment failed: bad site/name, unreadable key, certificate not matching the key."""
+
+
+# -- station: kiosk API
+
+
+class ApiError(MadoguchiError):
+    """A kiosk API answer other than 2xx, with a stable machine code for the page.
+
+    `extra` joins the JSON body (e.g. `tries_left`); agent/station/kiosk/guard.py renders it.
+    """
+
+    def __init__(self, status: int, code: str, detail: str, **extra: object) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.extra = extra

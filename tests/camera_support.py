@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 from agent.config import CameraDevice, load_config
 from agent.drivers.camera import CameraDriver, Frame, Still, encode_jpeg
 from agent.errors import DeviceUnavailable
-from agent.station.station import Station
+from agent.station.app import StationApp
 
 W, H = 640, 480
 BASE = "madoguchi/v1/toda-city-hall-1f/station-03"
@@ -213,14 +213,14 @@ class FakeCamera:
 
 
 @contextlib.asynccontextmanager
-async def camera_station(config_path: Path, camera: FakeCamera) -> AsyncIterator[Station]:
+async def camera_station(config_path: Path, camera: FakeCamera) -> AsyncIterator[StationApp]:
     cfg = load_config(config_path)
 
     def factory(dev: Any) -> CameraDriver:
         assert isinstance(dev, CameraDevice)
         return CameraDriver(dev, source=camera)
 
-    station = Station(cfg, driver_factory=factory)
+    station = StationApp(cfg, driver_factory=factory)
     connected = asyncio.Event()
     station.subscribe(
         lambda kind, body: (

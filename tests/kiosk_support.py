@@ -21,7 +21,7 @@ from agent.config import Config, DeviceConfig, load_config
 from agent.contract.records import Read, ReadFault
 from agent.drivers import Driver, create_driver
 from agent.errors import CardError, OutboxError, PinRefused
-from agent.station.station import Station
+from agent.station.app import StationApp
 
 CARD_PIN = "4821"
 CARD_INFO = {
@@ -107,7 +107,7 @@ class FakeCamera(Driver):
         return Still(b"\xff\xd8\xff\xe0" + bytes(self.captures) + b"\xff\xd9", 1280, 960)
 
 
-class PhotoStation(Station):
+class PhotoStation(StationApp):
     """The station with the camera branch's `capture_photo(device)` contract, reduced to
     what the API relies on: find the running camera, store a `photo` record, answer
     after the commit. (The real one also seals the JPEG as a blob: agent/photos.py.)"""
@@ -182,7 +182,7 @@ port = {port}
 
 @dataclass
 class Kiosk:
-    station: Station
+    station: StationApp
     port: int
     token: str
     readers: dict[str, FakeCardReader]
@@ -206,7 +206,7 @@ class Kiosk:
 
 @contextlib.asynccontextmanager
 async def running_kiosk(
-    config: Config | Path, station_cls: type[Station] = Station
+    config: Config | Path, station_cls: type[StationApp] = StationApp
 ) -> AsyncIterator[Kiosk]:
     """A station (devices, uplink, API) in this loop; waits until the API listens."""
     cfg = load_config(config) if isinstance(config, Path) else config

@@ -87,6 +87,14 @@ class StationTopics:
     def command_result(self, name: str) -> str:
         return f"{self.base}/cmd/{name}/result"
 
+    def command_name(self, topic: str) -> str | None:
+        """The `{name}` of a command to this station, any name at all (so that an unknown
+        one is answered "unknown command"); None for results and every other topic."""
+        head = f"{self.base}/cmd/"
+        if not topic.startswith(head) or topic.endswith("/result"):
+            return None
+        return topic[len(head) :]
+
     @property
     def blobs_missing(self) -> str:
         """The station's subscription for the registry's missing-chunk requests."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent._aio import raise_if_cancelling
+from agent.contract.topics import Topics
 from agent.errors import OutboxError
 from agent.station.sealing import Sealer
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     import aiomqtt
 
     from agent.contract.records import Record
+    from agent.contract.topics import StationTopics
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +206,12 @@ class _Job:
 class BlobSender:
     """The uplink's blob half: manifests after photo records, chunks when asked."""
 
-    def __init__(self, store: BlobStore, base_topic: str, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self, store: BlobStore, topics: StationTopics, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
         self.store = store
-        self.base = base_topic
+        self.topics = topics
+        self._grammar = Topics(topics.prefix)
         self.chunk_bytes = chunk_bytes
         self._jobs: dict[str, _Job] = {}
         self._photos: dict[str, str] = {}  # record id -> sha256, for deletion on confirmation
@@ -240,11 +245,12 @@ class BlobSender:
                 self._wake.set()
 
     def handle(self, topic: str, payload: Any) -> None:
-        """`{base}/blobs/{record_id}/missing` from the registry: which chunks to send."""
-        parts = topic[len(self.base) + 1 :].split("/")
-        if len(parts) != 3 or parts[0] != "blobs" or parts[2] != "missing":
+        """`blobs/{record_id}/missing` from the registry: which chunks to send."""
+        t = self._grammar.parse(topic)
+        mine = t is not None and (t.site, t.agent) == (self.topics.site, self.topics.agent)
+        if t is None or not mine or t.kind != "blob_missing" or t.record_id is None:
             return
-        rid = parts[1]
+        rid = t.record_id
         try:
             body = json.loads(payload)
             missing = body["missing"]
@@ -297,7 +303,7 @@ class BlobSender:
 
     async def _send_manifest(self, client: aiomqtt.Client, job: _Job) -> None:
         body = manifest(job.record_id, job.data, self.chunk_bytes)
-        topic = f"{self.base}/blobs/{job.record_id}/manifest"
+        topic = self.topics.blob_manifest(job.record_id)
         await client.publish(topic, json.dumps(body), qos=1)
         raise_if_cancelling()
         self.manifests_sent += 1
@@ -312,7 +318,7 @@ class BlobSender:
             if job.record_id not in self._photos:
                 return  # confirmed meanwhile
             piece = data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-            await client.publish(f"{self.base}/blobs/{job.record_id}/{i}", piece, qos=1)
+            await client.publish(self.topics.blob_chunk(job.record_id, i), piece, qos=1)
             raise_if_cancelling()
             self.chunks_sent += 1
             self.bytes_sent += len(piece)

@@ -19,7 +19,7 @@ from agent.station.blobs import PHOTO_KIND, BlobStore
 
 if TYPE_CHECKING:
     from agent.drivers.camera import Still
-    from agent.station.station import Outcome
+    from agent.station.feedback import Outcome
 
 log = logging.getLogger(__name__)
 
