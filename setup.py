@@ -25,7 +25,9 @@ class BuildPyWithProfiles(build_py):
             return  # the checkout's device_profiles/ is found directly
         profiles = sorted((HERE / "device_profiles").glob("*.toml"))
         if not profiles:
-            raise SystemExit("setup.py: device_profiles/*.toml: none found; refusing a wheel without them")
+            raise SystemExit(
+                "setup.py: device_profiles/*.toml: none found; refusing a wheel without them"
+            )
         target = Path(self.build_lib) / "agent" / "device_profiles"
         target.mkdir(parents=True, exist_ok=True)
         for profile in profiles:

@@ -240,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             if len(new) != 1:
                 sys.exit(f"bundle: expected one sdist for {req}, got {[p.name for p in new]}")
             build_reqs = sdist_build_requires(new[0])
-            sdists[name] = {"requirement": req, "extra": req_extra.get(name, ""),
-                            "sdist": f"sdist/{new[0].name}", "build_requires": build_reqs}  # fmt: skip
+            sdists[name] = {
+                "requirement": req,
+                "extra": req_extra.get(name, ""),
+                "sdist": f"sdist/{new[0].name}",
+                "build_requires": build_reqs,
+            }
             for arch in platforms:
                 if name not in missing[arch]:
                     continue
@@ -268,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         (stage / "debian-packages.txt").write_text("".join(p + "\n" for p in packages))
 
         files = {
-            str(p.relative_to(stage)): sha256(p)
-            for p in sorted(stage.rglob("*"))
-            if p.is_file()
+            str(p.relative_to(stage)): sha256(p) for p in sorted(stage.rglob("*")) if p.is_file()
         }
         manifest = {
             "name": "madoguchi",

@@ -39,7 +39,7 @@ DOCS=/usr/share/doc/madoguchi
 KIOSK_TOKEN=/etc/madoguchi/kiosk/api-token
 
 usage() {
-    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit "${1:-0}"
 }
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -459,9 +459,10 @@ EOF
 }
 
 # --- the service ---------------------------------------------------------------------------
+UNITS_BEFORE=0
 service() {
     log "systemd unit madoguchi.service"
-    local before=$CHANGES
+    local before=$UNITS_BEFORE
     put 0644 "$SRC/systemd/madoguchi.service" /etc/systemd/system/madoguchi.service
     if [ "$CHANGES" != "$before" ]; then host systemctl daemon-reload; fi
     if ! on_host systemctl is-enabled --quiet madoguchi.service 2>/dev/null; then
@@ -497,6 +498,7 @@ program
 docs
 configuration
 devices
+UNITS_BEFORE=$CHANGES  # the kiosk's drop-in is part of the unit too
 [ "$KIOSK" = 1 ] && kiosk
 service
 where="${ROOT:+ into $ROOT (the host was not changed)}"

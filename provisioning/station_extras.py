@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         driver = dev.get("driver") if isinstance(dev, dict) else None
         profile = dev.get("profile") if isinstance(dev, dict) else None
         if driver is None and isinstance(profile, str):
-            found = next((d / f"{profile}.toml" for d in dirs if (d / f"{profile}.toml").is_file()), None)
+            found = next(
+                (d / f"{profile}.toml" for d in dirs if (d / f"{profile}.toml").is_file()), None
+            )
             if found is not None:
                 driver = read_toml(found).get("driver")
         if driver not in EXTRAS:
-            problems.append(f"{file}: devices[\"{name}\"]: no known driver (profile {profile!r})")
+            problems.append(f'{file}: devices["{name}"]: no known driver (profile {profile!r})')
             continue
         extras.update(EXTRAS[str(driver)])
 
