@@ -249,14 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             for arch in platforms:
                 if name not in missing[arch]:
                     continue
+                # pip builds an sdist in an isolated environment: its build
+                # requirements must be there as wheels too (also to rebuild it later).
+                lost = download_binary(build_reqs, stage / "wheels" / arch, arch)
                 if arch == host:
                     log(f"{arch}: building {new[0].name} into a wheel on this host")
                     pip("wheel", "--no-deps", "-q", "-w", str(stage / "wheels" / arch), str(new[0]))
                     status[arch][name] = f"built here from {sdists[name]['sdist']}"
                     continue
-                # pip builds the sdist on the station in an isolated environment:
-                # its build requirements must be there as wheels too.
-                lost = download_binary(build_reqs, stage / "wheels" / arch, arch)
                 status[arch][name] = f"built on the station from {sdists[name]['sdist']}" + (
                     f" (build requirements without wheels: {', '.join(sorted(lost))})"
                     if lost

@@ -61,9 +61,7 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -n "$ROOT" ]; then
-    [ "$DRY" = 1 ] || mkdir -p "$ROOT"
-    [ -d "$ROOT" ] || die "--root $ROOT: no such directory"
-    ROOT=$(cd "$ROOT" && pwd)
+    ROOT=$(realpath -m "$ROOT")  # made only once the config has passed its check
     if [ "$ROOT" = / ]; then
         echo "install.sh: --root / is the host; run without --root instead" >&2
         exit 2
