@@ -29,7 +29,11 @@ from agent.errors import ConfigError
 NAME_PATTERN = r"^[a-z0-9_-]+$"
 DEVICE_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 SYSTEM_PROFILE_DIR = Path("/etc/madoguchi/device_profiles")
-BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+# In a wheel the profiles are inside the package (setup.py puts them there); in a checkout
+# and an editable install they are the top-level device_profiles/ next to agent/.
+BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent / "device_profiles"
+if not BUNDLED_PROFILE_DIR.is_dir():
+    BUNDLED_PROFILE_DIR = BUNDLED_PROFILE_DIR.parent.parent / "device_profiles"
 
 
 class Strict(BaseModel):
