@@ -66,3 +66,21 @@ class PinRefused(CardError):
 
 class EnrollError(MadoguchiError):
     """Enrolment failed: bad site/name, unreadable key, certificate not matching the key."""
+
+
+# -- central
+
+
+class RegistryStoreError(MadoguchiError):
+    """The registry database failed; nothing of the transaction was committed."""
+
+
+class BlobMismatch(MadoguchiError):
+    """A blob's bytes do not hash to the sha256 it was announced with."""
+
+
+class BlobError(MadoguchiError, ValueError):
+    """A blob message that cannot be used (malformed, out of range, wrong size).
+
+    Also a ValueError: it is bad input from the wire, caught with the JSON errors.
+    """
