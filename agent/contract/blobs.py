@@ -20,16 +20,17 @@ CHUNK_BYTES = 200_000
 MAX_BLOB_BYTES = 16_000_000
 PHOTO_KIND = "photo"
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
+# fullmatch, not `^...$`: `$` matches before a trailing newline, and these name files
 def is_sha256(value: object) -> bool:
-    return isinstance(value, str) and _SHA256.match(value) is not None
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
 def is_record_id(value: object) -> bool:
-    return isinstance(value, str) and _UUID.match(value) is not None
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
 def chunk_count(size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
