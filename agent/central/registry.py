@@ -303,7 +303,7 @@ class Registry:
                 if self.on_alert is not None:
                     self.on_alert(g)
 
-    # -- blobs (photos): docs/CONTRACT.md "Blobs", agent/registry_blobs.py -------------
+    # -- blobs (photos): docs/CONTRACT.md "Blobs", agent/central/blobs.py -------------
 
     async def _in_blob_thread(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._blob_executor is not None, "registry not open"
