@@ -83,3 +83,21 @@ class ApiError(MadoguchiError):
         self.code = code
         self.detail = detail
         self.extra = extra
+
+
+# -- central
+
+
+class RegistryStoreError(MadoguchiError):
+    """The registry database failed; nothing of the transaction was committed."""
+
+
+class BlobMismatch(MadoguchiError):
+    """A blob's bytes do not hash to the sha256 it was announced with."""
+
+
+class BlobError(MadoguchiError, ValueError):
+    """A blob message that cannot be used (malformed, out of range, wrong size).
+
+    Also a ValueError: it is bad input from the wire, caught with the JSON errors.
+    """

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent._aio import raise_if_cancelling
+from agent.contract.blobs import (
+    CHUNK_BYTES,
+    MAX_BLOB_BYTES,
+    PHOTO_KIND,
+    chunk_count,
+    is_sha256,
+    manifest,
+)
 from agent.contract.topics import Topics
 from agent.errors import OutboxError
 from agent.station.sealing import Sealer
@@ -46,44 +53,6 @@ if TYPE_CHECKING:
     from agent.contract.topics import StationTopics
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "madoguchi.blob/1"
-#: payload bytes per chunk message: below the common 256 KB packet cap with room for headers
-CHUNK_BYTES = 200_000
-#: the largest blob either side accepts (ID photos are at most 5 MB)
-MAX_BLOB_BYTES = 16_000_000
-PHOTO_KIND = "photo"
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def is_sha256(value: object) -> bool:
-    return isinstance(value, str) and _SHA256.match(value) is not None
-
-
-def is_record_id(value: object) -> bool:
-    return isinstance(value, str) and _UUID.match(value) is not None
-
-
-def chunk_count(size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(1, -(-size // chunk_bytes))
-
-
-def manifest(
-    record_id: str, data: dict[str, Any], chunk_bytes: int = CHUNK_BYTES
-) -> dict[str, Any]:
-    """The `blobs/{record_id}/manifest` message for a photo record's data."""
-    size = int(data["bytes"])
-    return {
-        "schema": SCHEMA,
-        "record_id": record_id,
-        "sha256": data["sha256"],
-        "bytes": size,
-        "chunk_bytes": chunk_bytes,
-        "chunks": chunk_count(size, chunk_bytes),
-        "content_type": data.get("content_type", "application/octet-stream"),
-    }
 
 
 def _fsync_dir(path: Path) -> None:
