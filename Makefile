@@ -10,8 +10,14 @@ APT_PACKAGES := mosquitto mosquitto-clients pcscd libccid vsmartcard-vpcd libpcs
                 python3-venv python3-dev gcc linux-libc-dev systemd shellcheck chromium \
                 fonts-ipafont-gothic postgresql
 EXTRAS := dev
+# What a station needs from Debian: the above minus what only development and the
+# tests use (the broker, the virtual card reader, linters, the central database).
+DEV_ONLY_APT := mosquitto vsmartcard-vpcd systemd shellcheck postgresql
+STATION_APT_PACKAGES := $(filter-out $(DEV_ONLY_APT),$(APT_PACKAGES))
+# `make bundle BUNDLE_PLATFORMS=x86_64` for one platform only.
+BUNDLE_PLATFORMS ?= aarch64,armv7l,x86_64
 
-.PHONY: setup system-packages venv demo test lint typecheck bench clean
+.PHONY: setup system-packages venv demo test lint typecheck bench bundle print-station-packages clean
 
 setup: system-packages venv
 
@@ -51,6 +57,14 @@ test: setup lint typecheck
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS),bench]'
 	$(BIN)/python bench/run.py
+
+# The offline bundle (docs/provisioning.md): dist/madoguchi-bundle-VERSION.tar.gz
+bundle: venv
+	$(BIN)/python provisioning/bundle.py --platforms '$(BUNDLE_PLATFORMS)' --out dist \
+	  --debian-packages '$(STATION_APT_PACKAGES)'
+
+print-station-packages:
+	@echo $(STATION_APT_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

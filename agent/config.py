@@ -24,12 +24,17 @@ from pydantic import (
     model_validator,
 )
 
+from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
 DEVICE_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 SYSTEM_PROFILE_DIR = Path("/etc/madoguchi/device_profiles")
-BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+# In a wheel the profiles are inside the package (setup.py puts them there); in a checkout
+# and an editable install they are the top-level device_profiles/ next to agent/.
+BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent / "device_profiles"
+if not BUNDLED_PROFILE_DIR.is_dir():
+    BUNDLED_PROFILE_DIR = BUNDLED_PROFILE_DIR.parent.parent / "device_profiles"
 
 
 class Strict(BaseModel):
@@ -57,7 +62,7 @@ class AgentSection(Strict):
 class MqttSection(Strict):
     host: str = Field(description="Broker host name or address.")
     port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
-    topic_prefix: str = Field(default="madoguchi/v1", description="First topic levels.")
+    topic_prefix: str = Field(default=DEFAULT_PREFIX, description="First topic levels.")
     protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT version.")
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
     tls_ca: Path | None = Field(default=None, description="CA bundle; enables TLS.")

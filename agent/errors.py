@@ -66,3 +66,38 @@ class PinRefused(CardError):
 
 class EnrollError(MadoguchiError):
     """Enrolment failed: bad site/name, unreadable key, certificate not matching the key."""
+
+
+# -- station: kiosk API
+
+
+class ApiError(MadoguchiError):
+    """A kiosk API answer other than 2xx, with a stable machine code for the page.
+
+    `extra` joins the JSON body (e.g. `tries_left`); agent/station/kiosk/guard.py renders it.
+    """
+
+    def __init__(self, status: int, code: str, detail: str, **extra: object) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.extra = extra
+
+
+# -- central
+
+
+class RegistryStoreError(MadoguchiError):
+    """The registry database failed; nothing of the transaction was committed."""
+
+
+class BlobMismatch(MadoguchiError):
+    """A blob's bytes do not hash to the sha256 it was announced with."""
+
+
+class BlobError(MadoguchiError, ValueError):
+    """A blob message that cannot be used (malformed, out of range, wrong size).
+
+    Also a ValueError: it is bad input from the wire, caught with the JSON errors.
+    """

@@ -31,6 +31,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from agent.contract.text import forbidden_controls
+
 # -- Linux input event codes (include/uapi/linux/input-event-codes.h) ---------------
 
 EV_SYN, EV_KEY, EV_MSC, EV_LED = 0, 1, 4, 17
@@ -190,8 +192,6 @@ LAYOUTS: dict[str, dict[int, Level]] = {"us": US, "jp106": JP106}
 DEFAULT_TERMINATORS = ("KEY_ENTER", "KEY_KPENTER")
 #: the combinations that mean GS unless configured otherwise
 DEFAULT_GS_KEYS = ("ctrl+]",)
-#: control characters a scan may legitimately contain: TAB, EOT, GS, RS (ISO 15434)
-ALLOWED_CONTROL = frozenset({"\t", "\x04", "\x1d", "\x1e"})
 
 GS = "\x1d"
 
@@ -474,7 +474,7 @@ class Decoder:
         if spoiled is not None:
             return Fault(f"{spoiled}; scan of {keys} key(s) dropped", first, t)
         text = "".join(chars)
-        bad = [c for c in text if (ord(c) < 0x20 and c not in ALLOWED_CONTROL) or c == "\x7f"]
+        bad = forbidden_controls(text)
         if bad:
             names = ", ".join(sorted({f"0x{ord(c):02X}" for c in bad}))
             return Fault(f"control character(s) {names} in a scan of {len(text)} chars", first, t)

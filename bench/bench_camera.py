@@ -53,8 +53,8 @@ from agent.drivers.camera import (  # noqa: E402
     gray_from_jpeg,
     gray_from_yuyv,
 )
+from agent.station.app import StationApp  # noqa: E402
 from agent.station.sealing import Sealer  # noqa: E402
-from agent.station.station import Station  # noqa: E402
 from agent.testing import FakeCamera  # noqa: E402
 
 FORMATS = ["QRCode", "DataMatrix", "EAN13"]
@@ -210,14 +210,17 @@ async def photo_transfer(photos: int) -> tuple[float, int, float]:
             )
             cfg = load_config(cfg_path)
             camera = FakeCamera([], frame_dt=0.1, still=photo_scene(2000, 1500), jpeg_quality=92)
-            station = Station(cfg, driver_factory=lambda dev: CameraDriver(dev, source=camera))  # type: ignore[arg-type]
+            station = StationApp(cfg, driver_factory=lambda dev: CameraDriver(dev, source=camera))  # type: ignore[arg-type]
             async with Registry("127.0.0.1", port, tmp / "registry.db") as registry:
                 reg_task = asyncio.create_task(registry.run())
                 await asyncio.wait_for(registry.connected.wait(), 10)
                 stop = asyncio.Event()
                 st_task = asyncio.create_task(station.run(stop))
                 await asyncio.wait_for(station.ready.wait(), 10)
-                while not (station.uplink and station.uplink.connected) or not station._drivers:
+                while (
+                    not (station.uplink and station.uplink.connected)
+                    or not station.running_drivers()
+                ):
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.5)
                 total = 0

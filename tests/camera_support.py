@@ -23,7 +23,7 @@ from PIL import Image, ImageFilter
 
 from agent.config import CameraDevice, load_config
 from agent.drivers.camera import CameraDriver
-from agent.station.station import Station
+from agent.station.app import StationApp
 from agent.testing import FakeCamera, counter_top
 
 W, H = 640, 480
@@ -137,14 +137,14 @@ def photo_scene(width: int = 1600, height: int = 1200, seed: int = 7) -> np.ndar
 
 
 @contextlib.asynccontextmanager
-async def camera_station(config_path: Path, camera: FakeCamera) -> AsyncIterator[Station]:
+async def camera_station(config_path: Path, camera: FakeCamera) -> AsyncIterator[StationApp]:
     cfg = load_config(config_path)
 
     def factory(dev: Any) -> CameraDriver:
         assert isinstance(dev, CameraDevice)
         return CameraDriver(dev, source=camera)
 
-    station = Station(cfg, driver_factory=factory)
+    station = StationApp(cfg, driver_factory=factory)
     connected = asyncio.Event()
     station.subscribe(
         lambda kind, body: (

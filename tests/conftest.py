@@ -23,7 +23,7 @@ import pytest
 
 from agent.central.registry import Registry, Stored
 from agent.config import Config, load_config
-from agent.station.station import Station
+from agent.station.app import StationApp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,7 +231,7 @@ async def registry(broker: Broker, tmp_path: Path) -> AsyncIterator[RegistryProb
 
 
 class RunningStation:
-    def __init__(self, station: Station, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+    def __init__(self, station: StationApp, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         self.station = station
         self.stop = stop
         self.task = task
@@ -244,7 +244,7 @@ class RunningStation:
 @contextlib.asynccontextmanager
 async def running_station(config: Config | Path) -> AsyncIterator[RunningStation]:
     cfg = load_config(config) if isinstance(config, Path) else config
-    station = Station(cfg)
+    station = StationApp(cfg)
     connected = asyncio.Event()
     station.subscribe(
         lambda kind, body: (

@@ -21,7 +21,7 @@ from agent.config import Config, DeviceConfig, load_config
 from agent.contract.records import Read
 from agent.drivers import Driver, create_driver
 from agent.errors import OutboxError
-from agent.station.station import Station
+from agent.station.app import StationApp
 from agent.testing import FAKE_CARD, FAKE_CARD_PIN, FakeCardReader, FakePhotoCamera
 
 CARD_PIN = FAKE_CARD_PIN
@@ -29,7 +29,7 @@ CARD_PIN = FAKE_CARD_PIN
 CARD_INFO = FAKE_CARD.attributes()
 
 
-class PhotoStation(Station):
+class PhotoStation(StationApp):
     """The station with the camera branch's `capture_photo(device)` contract, reduced to
     what the API relies on: find the running camera, store a `photo` record, answer
     after the commit. (The real one also seals the JPEG as a blob: agent/station/photos.py.)"""
@@ -104,7 +104,7 @@ port = {port}
 
 @dataclass
 class Kiosk:
-    station: Station
+    station: StationApp
     port: int
     token: str
     readers: dict[str, FakeCardReader]
@@ -128,7 +128,7 @@ class Kiosk:
 
 @contextlib.asynccontextmanager
 async def running_kiosk(
-    config: Config | Path, station_cls: type[Station] = Station
+    config: Config | Path, station_cls: type[StationApp] = StationApp
 ) -> AsyncIterator[Kiosk]:
     """A station (devices, uplink, API) in this loop; waits until the API listens."""
     cfg = load_config(config) if isinstance(config, Path) else config

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.station.blobs import MAX_BLOB_BYTES, SCHEMA, chunk_count, is_record_id, is_sha256
+from agent.contract.blobs import MAX_BLOB_BYTES, SCHEMA, chunk_count, is_record_id, is_sha256
+from agent.errors import BlobError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ class BlobState:
     complete: bool
     missing: list[int] | None = None  # None: nothing to ask for
     sha256: str | None = None
-
-
-class BlobError(ValueError):
-    """A blob message that cannot be used (malformed, out of range, wrong size)."""
 
 
 class BlobAssembler:

@@ -32,14 +32,11 @@ from typing import Any
 import aiomqtt
 
 from agent._aio import NO_DELAY, Backoff, asgi_server
-from agent.central.registry import (
-    AgentSummary,
-    Gap,
-    RecordStore,
-    RegistryStoreError,
-    open_store,
-)
-from agent.errors import MadoguchiError
+from agent.central.store import AgentSummary, Gap, RecordStore
+from agent.central.stores import open_store
+from agent.contract.messages import Command
+from agent.contract.topics import DEFAULT_PREFIX, Topics
+from agent.errors import MadoguchiError, RegistryStoreError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +234,7 @@ class Dashboard:
         port: int,
         *,
         db: RecordStore | Path | str | None = None,
-        topic_prefix: str = "madoguchi/v1",
+        topic_prefix: str = DEFAULT_PREFIX,
         http_host: str = "127.0.0.1",
         http_port: int = 8780,
         thresholds: Thresholds | None = None,
@@ -249,6 +246,7 @@ class Dashboard:
         self.host = host
         self.port = port
         self.prefix = topic_prefix
+        self.topics = Topics(topic_prefix)
         self.http_host = http_host
         self.http_port = http_port
         self.fleet = Fleet(thresholds)
@@ -279,8 +277,12 @@ class Dashboard:
                     keepalive=30,
                     socket_options=NO_DELAY,
                 ) as client:
-                    for suffix in ("status", "telemetry", "cmd/+/result"):
-                        await client.subscribe(f"{self.prefix}/+/+/{suffix}", qos=1)
+                    for topic in (
+                        self.topics.all_status,
+                        self.topics.all_telemetry,
+                        self.topics.all_command_results,
+                    ):
+                        await client.subscribe(topic, qos=1)
                     self._client = client
                     self.connected.set()
                     backoff.reset()
@@ -295,10 +297,10 @@ class Dashboard:
                 await asyncio.sleep(delay)
 
     def on_message(self, topic: str, payload: Any, now: float) -> None:
-        rest = topic.removeprefix(self.prefix + "/").split("/")
-        if len(rest) < 3:
+        where = self.topics.parse(topic)
+        if where is None or where.kind not in ("status", "telemetry", "cmd_result"):
             return
-        site, agent, kind = rest[0], rest[1], rest[2:]
+        site, agent = where.site, where.agent
         try:
             body = json.loads(payload)
         except (ValueError, TypeError):
@@ -306,12 +308,12 @@ class Dashboard:
             return
         if not isinstance(body, dict):
             return
-        if kind == ["status"]:
+        if where.kind == "status":
             self.fleet.on_status(site, agent, body, now)
-        elif kind == ["telemetry"]:
+        elif where.kind == "telemetry":
             self.fleet.on_telemetry(site, agent, body, now)
-        elif len(kind) == 3 and kind[0] == "cmd" and kind[2] == "result":
-            self.fleet.on_result(site, agent, kind[1], {**body, "at": now})
+        else:
+            self.fleet.on_result(site, agent, str(where.command), {**body, "at": now})
             fut = self._pending.pop(str(body.get("request_id")), None)
             if fut is not None and not fut.done():
                 fut.set_result(body)
@@ -326,8 +328,8 @@ class Dashboard:
         self._pending[request_id] = fut
         try:
             await client.publish(
-                f"{self.prefix}/{site}/{agent}/cmd/{name}",
-                json.dumps({"request_id": request_id}),
+                self.topics.station(site, agent).command(name),
+                Command(name, request_id).encode(),
                 qos=1,
             )
             return await asyncio.wait_for(fut, self.command_timeout_s)

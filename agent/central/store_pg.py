@@ -25,19 +25,18 @@ from typing import Any
 
 import psycopg
 
-from agent.central.registry import (
+from agent.central.store import (
     AgentSummary,
     Batch,
-    BlobMismatch,
     Gap,
-    RegistryStoreError,
     Stored,
-    _log_gap_changes,
     carry_alerted,
     group_batches,
+    log_gap_changes,
     plan_gaps,
     verify_blob,
 )
+from agent.errors import BlobMismatch, RegistryStoreError
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ class PostgresStore:
             old = sorted((a, b, t) for a, b, t, _ in rows)
             gaps, top = plan_gaps(old, max_seqs.get(key, 0), new_seqs[key], now)
             if gaps != old:
-                _log_gap_changes(key[0], key[1], old, gaps)
+                log_gap_changes(key[0], key[1], old, gaps)
                 rewrite.append(key)
                 alerted = {(a, b): al for a, b, _, al in rows}
                 new_rows.extend((*key, *g) for g in carry_alerted(alerted, gaps))

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from agent.cli.service import run_service, run_until_signal, setup_logging
+from agent.contract.topics import DEFAULT_PREFIX
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    from agent.central.registry import is_dsn, run_registry
+    from agent.central.registry import run_registry
+    from agent.central.stores import is_dsn
 
     db: str | Path = args.db if is_dsn(args.db) else Path(args.db)
     return run_until_signal(
@@ -34,7 +36,7 @@ def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--host", default="127.0.0.1", help="MQTT broker")
     p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
     p.add_argument("--db", default=None, help="registry database: SQLite file or postgresql:// DSN")
-    p.add_argument("--topic-prefix", default="madoguchi/v1")
+    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--http-host", default="127.0.0.1", help="address of the web page")
     p.add_argument("--http-port", type=int, default=8780, help="port of the web page")
     p.add_argument("--stuck-after", type=float, default=120.0, help="seconds: outbox stuck")
@@ -45,7 +47,7 @@ def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
 
 def run_dashboard(args: argparse.Namespace) -> int:
     from agent.central.dashboard import Dashboard, Thresholds
-    from agent.central.registry import is_dsn
+    from agent.central.stores import is_dsn
 
     setup_logging(args.log_level)
     db: str | Path | None = None
@@ -72,7 +74,7 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         required=True,
         help="SQLite file of the registry, or a PostgreSQL DSN (postgresql://...)",
     )
-    p.add_argument("--topic-prefix", default="madoguchi/v1")
+    p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     p.add_argument(
         "--client-id",
         default=None,

@@ -140,7 +140,7 @@ def show(text: str) -> str:
 
 
 async def demo(stop: asyncio.Event, loop_forever: bool, count: int) -> int:
-    from agent.station.station import Station
+    from agent.station.app import StationApp
 
     with tempfile.TemporaryDirectory(prefix="madoguchi-demo-") as tmp:
         workdir = Path(tmp)
@@ -155,7 +155,7 @@ async def demo(stop: asyncio.Event, loop_forever: bool, count: int) -> int:
         print(f"scanner   simulated serial scanner on {os.ttyname(slave)}")
         print(f"outbox    {config.outbox_path}\n")
         confirmed: asyncio.Queue[Stored] = asyncio.Queue()
-        station = Station(config)
+        station = StationApp(config)
         scanner_ready = asyncio.Event()
         station.subscribe(
             lambda kind, body: (
@@ -228,9 +228,9 @@ async def _feed(
 
 
 async def _wait_confirmed(station: object, stop: asyncio.Event) -> int:
-    from agent.station.station import Station
+    from agent.station.app import StationApp
 
-    assert isinstance(station, Station) and station.outbox is not None
+    assert isinstance(station, StationApp) and station.outbox is not None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not stop.is_set():
         stats = await station.outbox.stats()

@@ -27,9 +27,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     setup_logging(config.agent.log_level)
-    from agent.station.station import Station
+    from agent.station.app import StationApp
 
-    return run_service(Station(config).run)
+    return run_service(StationApp(config).run)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

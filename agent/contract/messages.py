@@ -22,8 +22,9 @@ class MessageError(ValueError):
     """A control message that is not what the contract says; the reason is safe to log."""
 
 
-def _compact(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
+def _encode(obj: Any) -> str:
+    """JSON as every sender has always written it (`json.dumps` defaults): the wire bytes stay."""
+    return json.dumps(obj, default=str)
 
 
 def load_object(payload: bytes | bytearray | str, limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
@@ -55,7 +56,7 @@ class Ack:
     ids: list[str]
 
     def encode(self) -> bytes:
-        return _compact({"ids": list(dict.fromkeys(self.ids))}).encode()
+        return _encode({"ids": list(dict.fromkeys(self.ids))}).encode()
 
 
 def parse_ack(payload: bytes | bytearray | str, limit: int = MAX_CONTROL_BYTES) -> Ack:
@@ -84,7 +85,7 @@ class Command:
         body = {**self.args}
         if self.request_id is not None:
             body["request_id"] = self.request_id
-        return _compact(body).encode()
+        return _encode(body).encode()
 
 
 def parse_command(
@@ -102,4 +103,4 @@ def parse_command(
 
 def command_result(request_id: str | int | None, result: dict[str, Any]) -> bytes:
     """`cmd/{name}/result`: `{"request_id", "ok", ...}` as the station answers."""
-    return _compact({"request_id": request_id, **result}).encode()
+    return _encode({"request_id": request_id, **result}).encode()

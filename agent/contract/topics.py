@@ -22,6 +22,8 @@ DEFAULT_PREFIX = "madoguchi/v1"
 NAME = re.compile(r"^[a-z0-9_-]+$")
 #: a command name: one topic level
 COMMAND = re.compile(r"^[a-z0-9_]{1,64}$")
+#: a chunk index as a station writes it: decimal, no leading zero, at most 9 digits
+_CHUNK = re.compile(r"0|[1-9][0-9]{0,8}")
 
 Kind = Literal[
     "records",
@@ -87,6 +89,14 @@ class StationTopics:
     def command_result(self, name: str) -> str:
         return f"{self.base}/cmd/{name}/result"
 
+    def command_name(self, topic: str) -> str | None:
+        """The `{name}` of a command to this station, any name at all (so that an unknown
+        one is answered "unknown command"); None for results and every other topic."""
+        head = f"{self.base}/cmd/"
+        if not topic.startswith(head) or topic.endswith("/result"):
+            return None
+        return topic[len(head) :]
+
     @property
     def blobs_missing(self) -> str:
         """The station's subscription for the registry's missing-chunk requests."""
@@ -148,21 +158,20 @@ class Topics:
         if len(levels) < 3:
             return None
         site, agent, rest = levels[0], levels[1], levels[2:]
-        if not NAME.match(site) or not NAME.match(agent):
+        # fullmatch: `$` alone would let a trailing newline through
+        if not NAME.fullmatch(site) or not NAME.fullmatch(agent):
             return None
         match rest:
             case ["records" | "ack" | "status" | "telemetry" as leaf]:
                 return Topic(site, agent, leaf)
-            case ["cmd", name] if COMMAND.match(name):
+            case ["cmd", name] if COMMAND.fullmatch(name):
                 return Topic(site, agent, "cmd", command=name)
-            case ["cmd", name, "result"] if COMMAND.match(name):
+            case ["cmd", name, "result"] if COMMAND.fullmatch(name):
                 return Topic(site, agent, "cmd_result", command=name)
             case ["blobs", rid, "manifest"] if rid:
                 return Topic(site, agent, "blob_manifest", record_id=rid)
             case ["blobs", rid, "missing"] if rid:
                 return Topic(site, agent, "blob_missing", record_id=rid)
-            case ["blobs", rid, index] if rid and index.isascii() and index.isdigit():
-                if len(index) > 9:
-                    return None
+            case ["blobs", rid, index] if rid and _CHUNK.fullmatch(index):
                 return Topic(site, agent, "blob_chunk", record_id=rid, chunk=int(index))
         return None

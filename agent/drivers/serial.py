@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.records import Read, ReadFault
+from agent.contract.text import forbidden_controls
 from agent.drivers.base import Driver
 from agent.errors import DeviceUnavailable, DriverMissing
 
@@ -22,9 +23,6 @@ if TYPE_CHECKING:
     from agent.config import SerialDevice
 
 log = logging.getLogger(__name__)
-
-#: control characters a scanner legitimately sends inside a code: TAB, EOT, GS, RS
-_ALLOWED_CONTROL = {"\t", "\x04", "\x1d", "\x1e"}
 
 
 def _to_bytes(s: str) -> bytes:
@@ -119,7 +117,7 @@ class SerialDriver(Driver):
             return ReadFault(
                 self.name, f"{len(line)} bytes that are not {self.config.encoding} text"
             )
-        if any(ord(c) < 0x20 and c not in _ALLOWED_CONTROL for c in text) or "\x7f" in text:
+        if forbidden_controls(text):
             return ReadFault(self.name, f"{len(line)} bytes with binary control characters")
         return Read(device=self.name, kind="barcode", data={"text": text})
 

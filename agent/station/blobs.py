@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +34,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent._aio import raise_if_cancelling
+from agent.contract.blobs import (
+    CHUNK_BYTES,
+    MAX_BLOB_BYTES,
+    PHOTO_KIND,
+    chunk_count,
+    is_sha256,
+    manifest,
+)
+from agent.contract.topics import Topics
 from agent.errors import OutboxError
 from agent.station.sealing import Sealer
 
@@ -42,46 +50,9 @@ if TYPE_CHECKING:
     import aiomqtt
 
     from agent.contract.records import Record
+    from agent.contract.topics import StationTopics
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "madoguchi.blob/1"
-#: payload bytes per chunk message: below the common 256 KB packet cap with room for headers
-CHUNK_BYTES = 200_000
-#: the largest blob either side accepts (ID photos are at most 5 MB)
-MAX_BLOB_BYTES = 16_000_000
-PHOTO_KIND = "photo"
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def is_sha256(value: object) -> bool:
-    return isinstance(value, str) and _SHA256.match(value) is not None
-
-
-def is_record_id(value: object) -> bool:
-    return isinstance(value, str) and _UUID.match(value) is not None
-
-
-def chunk_count(size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(1, -(-size // chunk_bytes))
-
-
-def manifest(
-    record_id: str, data: dict[str, Any], chunk_bytes: int = CHUNK_BYTES
-) -> dict[str, Any]:
-    """The `blobs/{record_id}/manifest` message for a photo record's data."""
-    size = int(data["bytes"])
-    return {
-        "schema": SCHEMA,
-        "record_id": record_id,
-        "sha256": data["sha256"],
-        "bytes": size,
-        "chunk_bytes": chunk_bytes,
-        "chunks": chunk_count(size, chunk_bytes),
-        "content_type": data.get("content_type", "application/octet-stream"),
-    }
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,9 +175,12 @@ class _Job:
 class BlobSender:
     """The uplink's blob half: manifests after photo records, chunks when asked."""
 
-    def __init__(self, store: BlobStore, base_topic: str, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self, store: BlobStore, topics: StationTopics, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
         self.store = store
-        self.base = base_topic
+        self.topics = topics
+        self._grammar = Topics(topics.prefix)
         self.chunk_bytes = chunk_bytes
         self._jobs: dict[str, _Job] = {}
         self._photos: dict[str, str] = {}  # record id -> sha256, for deletion on confirmation
@@ -240,11 +214,12 @@ class BlobSender:
                 self._wake.set()
 
     def handle(self, topic: str, payload: Any) -> None:
-        """`{base}/blobs/{record_id}/missing` from the registry: which chunks to send."""
-        parts = topic[len(self.base) + 1 :].split("/")
-        if len(parts) != 3 or parts[0] != "blobs" or parts[2] != "missing":
+        """`blobs/{record_id}/missing` from the registry: which chunks to send."""
+        t = self._grammar.parse(topic)
+        mine = t is not None and (t.site, t.agent) == (self.topics.site, self.topics.agent)
+        if t is None or not mine or t.kind != "blob_missing" or t.record_id is None:
             return
-        rid = parts[1]
+        rid = t.record_id
         try:
             body = json.loads(payload)
             missing = body["missing"]
@@ -297,7 +272,7 @@ class BlobSender:
 
     async def _send_manifest(self, client: aiomqtt.Client, job: _Job) -> None:
         body = manifest(job.record_id, job.data, self.chunk_bytes)
-        topic = f"{self.base}/blobs/{job.record_id}/manifest"
+        topic = self.topics.blob_manifest(job.record_id)
         await client.publish(topic, json.dumps(body), qos=1)
         raise_if_cancelling()
         self.manifests_sent += 1
@@ -312,7 +287,7 @@ class BlobSender:
             if job.record_id not in self._photos:
                 return  # confirmed meanwhile
             piece = data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
-            await client.publish(f"{self.base}/blobs/{job.record_id}/{i}", piece, qos=1)
+            await client.publish(self.topics.blob_chunk(job.record_id, i), piece, qos=1)
             raise_if_cancelling()
             self.chunks_sent += 1
             self.bytes_sent += len(piece)

@@ -13,13 +13,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.contract.blobs import PHOTO_KIND
 from agent.contract.records import Read, utc_now
 from agent.drivers.capabilities import PhotoCamera
 from agent.errors import DeviceError, DeviceUnavailable, OutboxError
-from agent.station.blobs import PHOTO_KIND, BlobStore
+from agent.station.blobs import BlobStore
 
 if TYPE_CHECKING:
-    from agent.station.station import Outcome
+    from agent.station.feedback import Outcome
 
 log = logging.getLogger(__name__)
 

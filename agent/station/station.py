@@ -1,10 +1,14 @@
-"""The station: devices -> interpretation -> outbox -> operator feedback -> uplink.
+"""The station loop: devices -> interpretation -> outbox -> operator feedback.
 
-One task per device, restarted with backoff when the device fails or goes
+One loop per device, restarted with backoff when the device fails or goes
 away. A read is acknowledged to the operator only after `Outbox.append`
 returned, i.e. after the commit is on disk; when it could not be stored the
 operator gets a NAK and rescans. Nothing between the driver and the outbox
 can lose a read that was acknowledged.
+
+This module knows no adapter: not the uplink, the kiosk API or photos. It
+offers hooks instead (`on_stored`, `subscribe`), and agent/station/app.py
+wires the adapters to them.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent._aio import Backoff
 from agent.config import Config, DeviceConfig
-from agent.contract.records import Read, ReadFault, Record
+from agent.contract.records import Read, ReadFault
 from agent.drivers import Driver, create_driver
-from agent.drivers.capabilities import CardInfoProvider, PhotoCamera
+from agent.drivers.capabilities import CardInfoProvider
 from agent.drivers.card import CardInfo
 from agent.errors import (
     CardError,
@@ -34,17 +38,12 @@ from agent.errors import (
     OutboxFull,
 )
 from agent.interpret import interpret, split_aim
-from agent.station.blobs import BlobStore
 from agent.station.clock import clock_synced
+from agent.station.feedback import Outcome, acknowledged
 from agent.station.operators import operator_sessions
-from agent.station.outbox import Outbox
-from agent.station.photos import find_camera, take_photo
-from agent.station.sealing import Sealer
-from agent.station.systemd import Notifier
-from agent.station.uplink import Uplink
 
 if TYPE_CHECKING:
-    from agent.station.kiosk.api import LocalApi
+    from agent.station.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +71,11 @@ class DeviceState:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one read: stored (record), suppressed as a repeat, or refused."""
-
-    accepted: bool
-    record: Record | None = None
-    duplicate: bool = False
-    error: str | None = None
-    interpretation: dict[str, Any] | None = None
-
-
 Listener = Callable[[str, dict[str, Any]], None]
 
 
 class Station:
-    """Runs every configured device and the uplink until `stop` is set."""
-
-    status_interval_s = 5.0  # STATUS= to systemd this often
+    """Runs the configured devices and stores their reads in `outbox` (set by the app)."""
 
     def __init__(
         self,
@@ -97,14 +83,12 @@ class Station:
         *,
         driver_factory: Callable[[DeviceConfig], Driver] = create_driver,
         today: Callable[[], date] = date.today,
-        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.devices = {d.name: DeviceState() for d in config.devices}
         self.outbox: Outbox | None = None
-        self.uplink: Uplink | None = None
-        self.blobs: BlobStore | None = None
-        self.ready = asyncio.Event()
+        #: called after every commit: new records are in the outbox (the uplink's wake-up)
+        self.on_stored: Callable[[], None] | None = None
         self._drivers: dict[str, Driver] = {}
         self._driver_factory = driver_factory
         self._today = today
@@ -112,11 +96,9 @@ class Station:
         self._last_text: dict[str, tuple[str, float]] = {}
         self._listeners: list[Listener] = []
         self._started = time.time()
-        self.notifier = notifier if notifier is not None else Notifier()
         self._operators = operator_sessions(config)
-        self.api: LocalApi | None = None  # set by the API when it starts
 
-    # -- what the uplink, local API and CLI see ----------------------------------
+    # -- what the uplink, local API and CLI see (through the app) -----------------
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -161,6 +143,10 @@ class Station:
         alerts, self._alerts = self._alerts, []
         return alerts
 
+    def alert(self, body: dict[str, Any]) -> None:
+        """An alert for the next telemetry (e.g. the outbox was recovered)."""
+        self._alerts.append(body)
+
     def subscribe(self, listener: Listener) -> None:
         """Get every station event (kiosk feedback, tests): listener(kind, body)."""
         self._listeners.append(listener)
@@ -169,7 +155,8 @@ class Station:
         """Open drivers by device name: the local API finds capabilities on them."""
         return dict(self._drivers)
 
-    def _emit(self, kind: str, body: dict[str, Any]) -> None:
+    def emit(self, kind: str, body: dict[str, Any]) -> None:
+        """Tell every listener; also how the app reports the uplink's connection."""
         for listener in self._listeners:
             try:
                 listener(kind, body)
@@ -178,96 +165,8 @@ class Station:
 
     # -- running -------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        cfg = self.config
-        sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
-        async with Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, sealer=sealer) as outbox:
-            self.outbox = outbox
-            if outbox.recovered_from is not None:
-                self._alerts.append(
-                    {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
-                )
-            self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
-            uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
-            uplink.add_command("capture_photo", self._cmd_capture_photo)
-            self.uplink = uplink
-            uplink.on_connection = lambda up: self._emit(
-                "uplink", {"connected": up, "error": uplink.last_error}
-            )
-            async with asyncio.TaskGroup() as tg:
-                device_tasks = [
-                    tg.create_task(self._device_loop(dev, stop), name=f"device:{dev.name}")
-                    for dev in cfg.devices
-                ]
-                uplink_task = tg.create_task(uplink.run(stop), name="uplink")
-                tg.create_task(self._housekeeping(stop), name="housekeeping")
-                watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
-                tg.create_task(self._status_loop(stop), name="sd-status")
-                if cfg.api is not None and cfg.api.enabled:
-                    tg.create_task(self._api(stop), name="api")
-                self.ready.set()
-                # systemd: outbox open, devices started (plugged in or not).
-                self.notifier.ready(await self._status_line())
-                log.info(
-                    "station %s/%s running with %d device(s)",
-                    cfg.agent.site,
-                    cfg.agent.name,
-                    len(cfg.devices),
-                )
-                await stop.wait()
-                log.info("stopping: devices first, then the uplink says offline")
-                self.notifier.stopping()
-                for t in device_tasks:
-                    t.cancel()
-                await asyncio.gather(*device_tasks, return_exceptions=True)
-                await uplink_task
-                watchdog.cancel()
-        self.outbox = None
-        self.notifier.close()
-
-    async def _status_line(self) -> str:
-        """One line for `systemctl status`: outbox depth, uplink, devices."""
-        assert self.outbox is not None
-        st = await self.outbox.stats()
-        connected = sum(1 for d in self.devices.values() if d.state == "connected")
-        oldest = st.oldest_unconfirmed_age_s
-        age = f", oldest {oldest:.0f}s" if oldest is not None else ""
-        link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
-        return (
-            f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
-            f"uplink {link}; devices {connected}/{len(self.devices)} connected"
-        )
-
-    async def _status_loop(self, stop: asyncio.Event) -> None:
-        """STATUS= every few seconds while systemd listens."""
-        if not self.notifier.enabled:
-            return
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.status_interval_s)
-            if not stop.is_set():
-                self.notifier.status(await self._status_line())
-
-    async def _housekeeping(self, stop: asyncio.Event) -> None:
-        """Purge confirmed records past retention: at start, then hourly."""
-        assert self.outbox is not None
-        while not stop.is_set():
-            n = await self.outbox.purge(self.config.outbox.retention_days)
-            if n:
-                log.info("purged %d confirmed record(s) past retention", n)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=3600)
-
-    async def _api(self, stop: asyncio.Event) -> None:
-        """The kiosk's local API; its failures are logged, never stop the devices."""
-        try:
-            from agent.station.kiosk.api import LocalApi
-        except ImportError as e:
-            log.error("api: %s (install madoguchi[kiosk])", e)
-            return
-        await LocalApi(self).run(stop)
-
-    async def _device_loop(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
+    async def device_loop(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
+        """One device until `stop`: open, read, reopen with backoff when it fails."""
         state = self.devices[dev.name]
         backoff = Backoff(first=0.2, cap=5.0)
         while not stop.is_set():
@@ -298,21 +197,6 @@ class Station:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff.next())
 
-    # -- ID photos (agent/photos.py) -------------------------------------------------
-
-    def photo_camera(self, device: str | None) -> PhotoCamera:
-        return find_camera(self._drivers, device)
-
-    async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
-        """Take an ID photo: sealed blob, then a `photo` record (for the kiosk and MQTT)."""
-        return await take_photo(self, device)
-
-    async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
-        device = body.get("device")
-        if device is not None and not isinstance(device, str):
-            raise ValueError("device must be a string")
-        return await self.capture_photo(device)
-
     @staticmethod
     async def _finish(coro: Any) -> None:
         """Let a read in progress finish its commit and feedback even on shutdown."""
@@ -326,7 +210,7 @@ class Station:
     def _set_state(self, name: str, state: str, error: str | None) -> None:
         st = self.devices[name]
         if st.state != state:
-            self._emit("device_state", {"device": name, "state": state, "error": error})
+            self.emit("device_state", {"device": name, "state": state, "error": error})
         st.state = state
         if error is not None:
             st.last_error = error
@@ -337,7 +221,7 @@ class Station:
             st.errors += 1
             st.last_error = event.reason
             log.warning("%s: read rejected: %s", event.device, event.reason)
-            self._emit("read_rejected", {"device": event.device, "reason": event.reason})
+            self.emit("read_rejected", {"device": event.device, "reason": event.reason})
             await driver.feedback(event, accepted=False)
             return Outcome(accepted=False, error=event.reason)
         outcome = await self.accept(event)
@@ -346,7 +230,7 @@ class Station:
 
     async def accept(self, read: Read) -> Outcome:
         """Interpret, apply the station rules, store. Used by drivers and manual entry."""
-        assert self.outbox is not None and self.uplink is not None
+        assert self.outbox is not None, "the app opens the outbox before any read"
         dev = self.config.device(read.device)
         st = self.devices[read.device]
         st.reads += 1
@@ -372,23 +256,17 @@ class Station:
             st.last_error = str(e)
             log.error("%s: read NOT stored, operator gets a NAK: %s", read.device, e)
             if isinstance(e, OutboxFull):
-                self._emit("outbox_full", {"device": read.device})
-            self._emit("read_rejected", {"device": read.device, "reason": "not_stored"})
+                self.emit("outbox_full", {"device": read.device})
+            self.emit("read_rejected", {"device": read.device, "reason": "not_stored"})
             return Outcome(accepted=False, error=str(e), interpretation=interpretation)
         if read.kind == "barcode" and "text" in read.data:
             self._last_text[read.device] = (read.data["text"], time.monotonic())
-        self.uplink.wake()
-        ok = (
-            interpretation is None
-            or not dev.nak_invalid
-            or (
-                interpretation.get("valid", True)
-                and "unexpected_type" not in interpretation.get("problems", [])
-            )
-        )
+        if self.on_stored is not None:
+            self.on_stored()
+        ok = acknowledged(interpretation, nak_invalid=dev.nak_invalid)
         if not ok:
             st.naks += 1
-        self._emit(
+        self.emit(
             "read_accepted",
             {
                 "device": read.device,
@@ -414,7 +292,7 @@ class Station:
             return read, sessions.touch(now)
         event, operator = change
         log.info("%s: operator session %s (%s)", read.device, event, operator)
-        self._emit("operator", {"device": read.device, "event": event, "operator": operator})
+        self.emit("operator", {"device": read.device, "event": event, "operator": operator})
         data = {**read.data, "operator_session": {"event": event, "operator": operator}}
         return replace(read, data=data), operator
 

@@ -23,7 +23,9 @@ import aiomqtt
 
 from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
 from agent.config import Config
+from agent.contract.messages import MessageError, command_result, parse_ack, parse_command
 from agent.contract.records import Record, envelope_of, iso_ms, utc_now
+from agent.contract.topics import Topics
 from agent.errors import UplinkError
 from agent.station.blobs import BlobSender, BlobStore
 from agent.station.outbox import Outbox
@@ -80,6 +82,7 @@ class Uplink:
         blobs: BlobStore | None = None,
     ) -> None:
         self.config = config
+        self.topics = Topics(config.mqtt.topic_prefix).station(config.agent.site, config.agent.name)
         self.outbox = outbox
         self.station = station
         self.connected = False
@@ -98,7 +101,7 @@ class Uplink:
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
         # photos: chunked blob transfer beside the records (agent/blobs.py)
-        self.blobs = None if blobs is None else BlobSender(blobs, config.topic_base)
+        self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
 
     # -- for the station ---------------------------------------------------------
 
@@ -115,9 +118,6 @@ class Uplink:
         self.connected = connected
         if changed and self.on_connection is not None:
             self.on_connection(connected)
-
-    def topic(self, suffix: str) -> str:
-        return f"{self.config.topic_base}/{suffix}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -181,7 +181,7 @@ class Uplink:
     ) -> aiomqtt.Client:
         m = self.config.mqtt
         will = aiomqtt.Will(
-            self.topic("status"),
+            self.topics.status,
             json.dumps({"state": "offline", "session": session}),
             qos=1,
             retain=True,
@@ -204,10 +204,10 @@ class Uplink:
         )
 
     async def _connected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        await client.subscribe(self.topic("ack"), qos=1)
-        await client.subscribe(self.topic("cmd/#"), qos=1)
+        await client.subscribe(self.topics.ack, qos=1)
+        await client.subscribe(self.topics.commands, qos=1)
         if self.blobs is not None:
-            await client.subscribe(self.topic("blobs/+/missing"), qos=1)
+            await client.subscribe(self.topics.blobs_missing, qos=1)
         await self._birth(client)
         await self.outbox.reset_sent()
         self._wake.set()
@@ -233,7 +233,7 @@ class Uplink:
             **self.station.describe(),
             "outbox": stats.as_dict(),
         }
-        await client.publish(self.topic("status"), json.dumps(body), qos=1, retain=True)
+        await client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         body = {
@@ -243,7 +243,7 @@ class Uplink:
             "reason": "shutdown",
         }
         try:
-            await client.publish(self.topic("status"), json.dumps(body), qos=1, retain=True)
+            await client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
         except aiomqtt.MqttError as e:
             log.warning("could not publish offline status: %s", e)
 
@@ -252,7 +252,7 @@ class Uplink:
     async def _send(self, client: aiomqtt.Client) -> None:
         m = self.config.mqtt
         resend_after = self.config.outbox.resend_after_s
-        topic = self.topic("records")
+        topic = self.topics.records
         while True:
             raise_if_cancelling()
             self._wake.clear()
@@ -297,24 +297,20 @@ class Uplink:
     # -- acks and commands in ------------------------------------------------------------
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        ack_topic = self.topic("ack")
-        cmd_prefix = self.topic("cmd/")
+        topics = self.topics
         async for message in client.messages:
             topic = message.topic.value
-            if topic == ack_topic:
+            if topic == topics.ack:
                 await self._apply_ack(message.payload)
-            elif topic.startswith(cmd_prefix) and not topic.endswith("/result"):
-                await self._command(client, topic[len(cmd_prefix) :], message.payload)
-            elif self.blobs is not None and topic.startswith(self.topic("blobs/")):
+            elif (name := topics.command_name(topic)) is not None:
+                await self._command(client, name, message.payload)
+            elif self.blobs is not None:
                 self.blobs.handle(topic, message.payload)
 
     async def _apply_ack(self, payload: Any) -> None:
         try:
-            body = json.loads(payload)
-            ids = body["ids"]
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ValueError("ids must be a list of strings")
-        except (ValueError, KeyError, TypeError) as e:
+            ids = parse_ack(payload).ids
+        except MessageError as e:
             log.warning("ignored a malformed ack: %s", e)
             return
         n = await self.outbox.confirm(ids)
@@ -325,10 +321,8 @@ class Uplink:
     async def _command(self, client: aiomqtt.Client, name: str, payload: Any) -> None:
         request_id = None
         try:
-            body = json.loads(payload) if payload else {}
-            if not isinstance(body, dict):
-                raise ValueError("payload must be a JSON object")
-            request_id = body.get("request_id")
+            command = parse_command(name, payload)
+            request_id, body = command.request_id, command.args
             handler = self._commands.get(name)
             if handler is None:
                 result: dict[str, Any] = {
@@ -343,9 +337,7 @@ class Uplink:
             log.exception("command %s failed", name)
             result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         await client.publish(
-            self.topic(f"cmd/{name}/result"),
-            json.dumps({"request_id": request_id, **result}, default=str),
-            qos=1,
+            self.topics.command_result(name), command_result(request_id, result), qos=1
         )
         raise_if_cancelling()  # the receive loop would otherwise wait for the next message
 
@@ -384,7 +376,7 @@ class Uplink:
         interval = self.config.agent.telemetry_interval_s
         while True:
             await asyncio.sleep(interval)
-            await client.publish(self.topic("telemetry"), json.dumps(await self.telemetry()), qos=0)
+            await client.publish(self.topics.telemetry, json.dumps(await self.telemetry()), qos=0)
 
     async def telemetry(self) -> dict[str, Any]:
         stats = await self.outbox.stats()

@@ -16,7 +16,7 @@ from central_support import running_dashboard
 from conftest import Broker, Pty, free_port, running_station, write_config
 
 from agent.central.dashboard import Dashboard, Fleet, Thresholds
-from agent.central.registry import AgentSummary, Gap
+from agent.central.store import AgentSummary, Gap
 
 contract_spy = central_support.contract_spy
 S, A = "toda-city-hall-1f", "station-03"

@@ -259,7 +259,7 @@ path = "/dev/input/by-id/usb-x-event-kbd"
 
 async def test_station_stores_scans_and_recovers_from_replug(tmp_path: Path) -> None:
     """Fake evdev -> HidDriver -> real supervisor -> real SQLite outbox (no broker needed)."""
-    from agent.station.station import Station
+    from agent.station.app import StationApp
 
     (tmp_path / "agent.toml").write_text(
         """
@@ -283,7 +283,7 @@ repeat_window_s = 0
     path = "/dev/input/by-id/usb-OPTICON-event-kbd"
     first = FakeInputDevice(path)
     backend = FakeBackend(first)
-    station = Station(
+    station = StationApp(
         config, driver_factory=lambda dev: HidDriver(dev, backend=backend, hotplug=None)
     )
     seen: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()

@@ -57,9 +57,9 @@ from agent.drivers.card import (
 from agent.drivers.pcsc import PcscDriver
 from agent.drivers.scard import read_card_info, read_card_now
 from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
+from agent.station.app import StationApp
 from agent.station.outbox import Outbox
 from agent.station.sealing import Sealer
-from agent.station.station import Station
 
 # -- pure parts ------------------------------------------------------------------------
 
@@ -349,7 +349,7 @@ async def test_driver_open_waits_for_its_reader(stack: PcscStack) -> None:
 class Events:
     """Station events in a queue, to wait on in order."""
 
-    def __init__(self, station: Station) -> None:
+    def __init__(self, station: StationApp) -> None:
         self.queue: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()
         station.subscribe(lambda kind, body: self.queue.put_nowait((kind, body)))
 
@@ -405,7 +405,7 @@ async def test_station_survives_pcscd_restart(broker: Broker, tmp_path: Path) ->
 @pytest.mark.broker
 async def test_station_picks_up_a_reader_plugged_in_later(broker: Broker, tmp_path: Path) -> None:
     with pcsc_stack(tmp_path / "pcsc", reader=False) as st:
-        station = Station(load_config(pcsc_config(tmp_path, broker.port, "Hot Reader*")))
+        station = StationApp(load_config(pcsc_config(tmp_path, broker.port, "Hot Reader*")))
         events = Events(station)
         stop = asyncio.Event()
         task = asyncio.create_task(station.run(stop))
@@ -475,7 +475,7 @@ store_card_info = true
 """,
         )
         config = load_config(cfg_path)
-        station = Station(config)
+        station = StationApp(config)
         events = Events(station)
         stop = asyncio.Event()
         task = asyncio.create_task(station.run(stop))

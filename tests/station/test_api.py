@@ -30,7 +30,8 @@ from kiosk_support import (
 
 from agent.config import load_config
 from agent.errors import ConfigError
-from agent.station.kiosk.api import VERDICTS, openapi_document, verdict
+from agent.station.feedback import VERDICTS, verdict
+from agent.station.kiosk.openapi import openapi_document
 
 pytestmark = pytest.mark.broker
 
@@ -705,7 +706,7 @@ async def test_a_weak_token_file_is_refused_and_the_station_records_on(
 
 
 def test_event_hub_resume_boundaries_and_slow_followers() -> None:
-    from agent.station.kiosk.api import CLIENT_QUEUE, EventHub
+    from agent.station.kiosk.events import CLIENT_QUEUE, EventHub
 
     hub = EventHub(size=5)
     for i in range(8):

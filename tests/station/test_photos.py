@@ -22,8 +22,9 @@ from conftest import Broker, RegistryProbe, write_config
 
 from agent.central.blobs import BlobAssembler, BlobError, BlobState
 from agent.central.registry import Registry
+from agent.contract.blobs import CHUNK_BYTES, SCHEMA, chunk_count
 from agent.errors import OutboxError
-from agent.station.blobs import CHUNK_BYTES, SCHEMA, BlobStore, chunk_count
+from agent.station.blobs import BlobStore
 from agent.station.outbox import read_stats
 from agent.station.sealing import Sealer
 from agent.testing import FakeCamera

@@ -13,7 +13,7 @@ from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, 
 from notify_support import Manager
 
 from agent.station import clock
-from agent.station.station import Station
+from agent.station.app import StationApp
 
 pytestmark = pytest.mark.broker
 ACK = b"\x06"
@@ -59,7 +59,7 @@ async def test_status_shows_the_outbox_depth(
     broker: Broker, pty_port: Pty, tmp_path: Path, manager: Manager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No registry: records stay unconfirmed and STATUS says how many."""
-    monkeypatch.setattr(Station, "status_interval_s", 0.1)
+    monkeypatch.setattr(StationApp, "status_interval_s", 0.1)
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
     async with running_station(cfg):
         await manager.until("READY=1")

@@ -100,7 +100,7 @@ async def test_silent_registry_gets_resends_and_stores_once(
     assert len({r["id"] for r in seen}) == 1  # the same record, the same id, again
     assert {r["seq"] for r in seen} == {1}
     # now a registry comes: it stores the record once and acks
-    from agent.central.registry import RegistryStore
+    from agent.central.store_sqlite import RegistryStore
 
     store = RegistryStore(tmp_path / "reg.db")
     store.open()
@@ -293,7 +293,7 @@ async def test_telemetry_carries_the_contract_fields(
 
 
 def test_registry_gap_detection(tmp_path: Path) -> None:
-    from agent.central.registry import RegistryStore
+    from agent.central.store_sqlite import RegistryStore
 
     s = RegistryStore(tmp_path / "r.db")
     s.open()

@@ -1,17 +1,26 @@
-"""provisioning/install.sh into a temporary root: complete, idempotent, host untouched."""
+"""provisioning/install.sh into a temporary root: complete, idempotent, host untouched.
+
+Every install here is offline: pip sees no index, only the wheels of an x86_64 bundle
+built once per run (tests/bundle_support.py), so these are `slow` but need no network
+after that."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
+from bundle_support import isolated_pip_env, x86_64_bundle
 
 from agent.config import load_config
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL = ROOT / "provisioning" / "install.sh"
@@ -68,13 +77,30 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
     return out
 
 
-def install(root: Path, *args: str) -> str:
-    r = subprocess.run(
-        ["bash", str(INSTALL), "--root", str(root), *args],
-        capture_output=True,
-        text=True,
-        check=False,
+_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_pip(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """pip with no index: the bundle's x86_64 wheels only (also for the source-tree path)."""
+    tar = x86_64_bundle(tmp_path_factory)
+    where = tmp_path_factory.mktemp("unpacked")
+    with tarfile.open(tar) as t:
+        t.extractall(where, filter="data")
+    (wheels,) = where.glob("madoguchi-bundle-*/wheels/x86_64")
+    _ENV.update(isolated_pip_env(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheels)))
+    _ENV["BUNDLE"] = str(tar)
+
+
+def run_install(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(INSTALL), *args], capture_output=True, text=True, check=False, env=_ENV
     )
+
+
+def install(root: Path, *args: str, offline: bool = True) -> str:
+    bundle = ["--offline", _ENV["BUNDLE"]] if offline else []
+    r = run_install("--root", str(root), *bundle, *args)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -97,8 +123,10 @@ def test_install_into_root_twice_gives_the_same_tree(tmp_path: Path, station: Pa
     first = snapshot(root)
     second_out = install(root, "--config", str(station), "--ca", str(ca))
     assert snapshot(root) == first
-    assert "made a new data key" in first_out
-    assert "made a new data key" not in second_out  # the key is kept, never replaced
+    assert "nothing to change" in second_out
+    assert "done: " in first_out
+    assert "a new data key" in first_out
+    assert "a new data key" not in second_out  # the key is kept, never replaced
     # What a root install would have done to the host is said, not done.
     for cmd in ("apt-get install", "useradd --system", "systemctl enable", "udevadm trigger"):
         assert f"would run: {cmd.split()[0]}" in first_out, cmd
@@ -123,10 +151,31 @@ def test_files_modes_and_contents(tmp_path: Path, station: Path) -> None:
     assert unit.read_bytes() == (ROOT / "systemd/madoguchi.service").read_bytes()
     assert mode("etc/systemd/system/madoguchi.service") == 0o644
     assert (root / "etc/madoguchi/device_profiles/model-x.toml").read_text() == MODEL_X
-    assert (root / "opt/madoguchi/src/agent/cli/main.py").is_file()
-    assert not any("__pycache__" in p for p in snap)
+    # The wheel, not a copy of the checkout, with the extras the devices need.
+    assert not (root / "opt/madoguchi/src").exists()
+    site = root / "opt/madoguchi/venv/lib/python3.11/site-packages"
+    (dist,) = site.glob("madoguchi-*.dist-info")
+    assert (
+        not (dist / "direct_url.json").exists()
+        or '"editable"' not in (dist / "direct_url.json").read_text()
+    )
+    assert (site / "agent/device_profiles/generic-serial-scanner.toml").is_file()
+    assert (site / "serial").is_dir()  # the serial extra: pyserial
+    assert not list(site.glob("uvicorn*"))  # no [api]: no kiosk extra
+    r = subprocess.run(
+        [str(root / "opt/madoguchi/venv/bin/madoguchi"), "--help"], capture_output=True, check=False
+    )
+    assert r.returncode == 0
+    # The docs where the unit's Documentation= points.
+    docs = [
+        ln.split("file://")[1]
+        for ln in unit.read_text().splitlines()
+        if ln.startswith("Documentation=")
+    ]
+    assert docs and all((root / d.lstrip("/")).is_file() for d in docs)
     uid, gid = os.getuid(), os.getgid()
     assert all(v[1:3] == (uid, gid) for v in snap.values())
+    assert not any(p.startswith("etc/madoguchi/kiosk") for p in snap)  # only with --kiosk
 
     rules = (root / "etc/udev/rules.d/70-madoguchi.rules").read_text().splitlines()
     active = [r for r in rules if r and not r.startswith("#")]
@@ -142,7 +191,7 @@ def test_files_modes_and_contents(tmp_path: Path, station: Path) -> None:
 
 def test_existing_config_and_keys_are_kept(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    install(root)  # no --config: the example is installed once
+    install(root, offline=False)  # no --config, no bundle: the example, the wheel built here
     agent_toml = root / "etc/madoguchi/agent.toml"
     assert "station-03" in agent_toml.read_text()
     agent_toml.write_text(agent_toml.read_text().replace("station-03", "station-07"))
@@ -150,7 +199,7 @@ def test_existing_config_and_keys_are_kept(tmp_path: Path) -> None:
     tls_key.write_text("key made by madoguchi enroll\n")
     tls_key.chmod(0o644)
     key = (root / "etc/madoguchi/credentials/data.key").read_bytes()
-    out = install(root)
+    out = install(root, offline=False)
     assert "station-07" in agent_toml.read_text()
     assert (root / "etc/madoguchi/credentials/data.key").read_bytes() == key
     assert tls_key.read_text() == "key made by madoguchi enroll\n"
@@ -201,5 +250,198 @@ def test_shellcheck_clean() -> None:
     tool = shutil.which("shellcheck")
     if tool is None:
         pytest.fail("shellcheck is missing: run `make setup` (Debian package shellcheck)")
-    r = subprocess.run([tool, str(INSTALL)], capture_output=True, text=True, check=False)
+    launcher = ROOT / "provisioning/kiosk/madoguchi-kiosk"
+    r = subprocess.run(
+        [tool, str(INSTALL), str(launcher)], capture_output=True, text=True, check=False
+    )
     assert r.returncode == 0, r.stdout
+
+
+KIOSK_API = """
+[api]
+port = 8765
+token_file = "/run/credentials/madoguchi.service/api-token"
+"""
+
+
+def test_kiosk_twice(tmp_path: Path, station: Path) -> None:
+    station.write_text(STATION + KIOSK_API)
+    root = tmp_path / "root"
+    first = install(root, "--config", str(station), "--kiosk")
+    snap = snapshot(root)
+    token = (root / "etc/madoguchi/kiosk/api-token").read_text()
+    second = install(root, "--config", str(station), "--kiosk")
+    assert snapshot(root) == snap
+    assert "nothing to change" in second
+    assert (root / "etc/madoguchi/kiosk/api-token").read_text() == token  # never replaced
+
+    # The token: group-readable by the kiosk, outside the agent's 0700 state directory,
+    # handed to the agent by systemd where agent.toml's token_file points.
+    assert snap["etc/madoguchi/kiosk"][0] == 0o750
+    assert snap["etc/madoguchi/kiosk/api-token"][0] == 0o640
+    assert len(token.strip()) >= 32 and token.endswith("\n")
+    for cmd in (
+        "groupadd --system -f madoguchi-kiosk",
+        "useradd --create-home --gid madoguchi-kiosk",
+        "chgrp madoguchi-kiosk /etc/madoguchi/kiosk/api-token",
+    ):
+        assert f"would run: {cmd}" in first, cmd
+    dropin = (root / "etc/systemd/system/madoguchi.service.d/kiosk.conf").read_text()
+    assert "LoadCredential=api-token:/etc/madoguchi/kiosk/api-token" in dropin
+    launcher = (root / "usr/local/bin/madoguchi-kiosk").read_text()
+    assert snap["usr/local/bin/madoguchi-kiosk"][0] == 0o755
+    assert "token_file=/etc/madoguchi/kiosk/api-token" in launcher
+    assert "http://127.0.0.1:8765/#token=" in launcher and "@" not in launcher.replace('"$', "")
+    desktop = (root / "etc/xdg/autostart/madoguchi-kiosk.desktop").read_text()
+    assert "Exec=/usr/local/bin/madoguchi-kiosk" in desktop
+    # [api] is there: the kiosk extra (uvicorn) is installed.
+    site = root / "opt/madoguchi/venv/lib/python3.11/site-packages"
+    assert (site / "uvicorn").is_dir() and (site / "starlette").is_dir()
+
+
+def test_kiosk_launcher_writes_a_private_redirect(tmp_path: Path) -> None:
+    """The launcher as installed, run as the kiosk user with a stand-in chromium."""
+    token = tmp_path / "api-token"
+    token.write_text("t" * 43 + "\n")
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    src = (ROOT / "provisioning/kiosk/madoguchi-kiosk").read_text()
+    launcher = tmp_path / "madoguchi-kiosk"
+    launcher.write_text(
+        src.replace("@USER@", user).replace("@TOKEN@", str(token)).replace("@PORT@", "8799")
+    )
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "chromium"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$XDG_RUNTIME_DIR/args"\n')
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "XDG_RUNTIME_DIR": str(run_dir),
+        "HOME": str(tmp_path),
+    }
+    r = subprocess.run(["sh", str(launcher)], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    page = run_dir / "madoguchi-kiosk.html"
+    assert f"http://127.0.0.1:8799/#token={'t' * 43}" in page.read_text()
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600
+    args = (run_dir / "args").read_text()
+    assert "--kiosk" in args and "t" * 43 not in args  # the token is not on the command line
+
+
+def test_no_arguments_prints_usage_and_changes_nothing(tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    r = subprocess.run(
+        ["bash", str(INSTALL)], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 2
+    assert "--config FILE" in r.stdout and "--dry-run" in r.stdout
+    assert "==>" not in r.stdout + r.stderr
+    assert snapshot(tmp_path) == before
+    assert not Path("/etc/madoguchi").exists()
+
+
+def test_dry_run_lists_every_change_and_makes_none(tmp_path: Path, station: Path) -> None:
+    root = tmp_path / "root"
+    r = run_install(
+        "--root", str(root), "--offline", _ENV["BUNDLE"], "--config", str(station), "--dry-run"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not root.exists()
+    for change in (
+        "would create the venv /opt/madoguchi/venv",
+        "would pip install --no-index",
+        "would install /etc/madoguchi/agent.toml (mode 0640, group madoguchi)",
+        "would make /etc/madoguchi/credentials/data.key",
+        "would install /etc/udev/rules.d/70-madoguchi.rules",
+        "would install /etc/systemd/system/madoguchi.service",
+        "would install /usr/share/doc/madoguchi/provisioning.md",
+        "would run: systemctl enable madoguchi.service",
+    ):
+        assert change in r.stdout, change
+    assert "listed, none made" in r.stdout
+
+    # After a real install, a dry run of an edited config lists exactly that change.
+    install(root, "--config", str(station))
+    snap = snapshot(root)
+    station.write_text(STATION.replace("station-03", "station-04"))
+    r = run_install(
+        "--root", str(root), "--offline", _ENV["BUNDLE"], "--config", str(station), "--dry-run"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert snapshot(root) == snap
+    listed = [ln.strip() for ln in r.stdout.splitlines() if ln.startswith("    would ")]
+    assert listed == ["would install /etc/madoguchi/agent.toml (mode 0640, group madoguchi)"]
+
+
+def test_a_broken_config_stops_before_any_change(tmp_path: Path, station: Path) -> None:
+    station.write_text(
+        STATION.replace('profile = "model-x"', 'profile = "no-such-model"').replace(
+            "port = 8883", 'port = "eighty"'
+        )
+    )
+    root = tmp_path / "root"
+    r = run_install(
+        "--root", str(root), "--offline", _ENV["BUNDLE"], "--config", str(station), "--kiosk"
+    )
+    assert r.returncode == 1
+    assert not root.exists()
+    assert "no profile 'no-such-model'" in r.stderr  # every problem, not just the first
+    assert "mqtt.port" in r.stderr
+    assert "api: missing: --kiosk needs the local API" in r.stderr
+    assert "nothing was changed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_extras_follow_the_devices(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        STATION.split("[[devices]]", maxsplit=1)[0]
+        + KIOSK_API
+        + '[[devices]]\nname = "a"\nprofile = "generic-hid-scanner-us"\n'
+        + '[[devices]]\nname = "b"\nprofile = "sony-rc-s300-p"\n'
+        + '[[devices]]\nname = "c"\ndriver = "camera"\nprofile = "x"\n'
+    )
+    r = subprocess.run(
+        ["python3", str(ROOT / "provisioning/station_extras.py"), "--config", str(cfg),
+         "--profile-dir", str(ROOT / "device_profiles")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["extras=camera,card,hid,interpret,kiosk", "api_port=8765"]
+
+
+def test_the_bundle_manifest(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tar = x86_64_bundle(tmp_path_factory)
+    where = tmp_path_factory.mktemp("manifest")
+    with tarfile.open(tar) as t:
+        t.extractall(where, filter="data")
+    (top,) = where.iterdir()
+    manifest = json.loads((top / "manifest.json").read_text())
+    assert manifest["version"] == tar.name.removeprefix("madoguchi-bundle-").removesuffix(".tar.gz")
+    assert list(manifest["platforms"]) == ["x86_64"]
+    files = {str(p.relative_to(top)) for p in top.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256((top / rel).read_bytes()).hexdigest() == digest, rel
+    wheels = {p.name.split("-")[0].lower() for p in (top / "wheels/x86_64").glob("*.whl")}
+    assert {"madoguchi", "pydantic", "evdev", "pyscard", "uvicorn", "zxing_cpp"} <= wheels
+    # No PyPI wheels for evdev/pyscard: their sdists travel along, built here for x86_64.
+    assert manifest["platforms"]["x86_64"]["no_wheel_on_pypi"] == {
+        "evdev": f"built here from {manifest['sdists']['evdev']['sdist']}",
+        "pyscard": f"built here from {manifest['sdists']['pyscard']['sdist']}",
+    }
+    assert (top / "debian-packages.txt").read_text().split() == sorted(manifest["debian_packages"])
+    assert (top / "provisioning/install.sh").is_file()
+
+
+def test_makefile_station_packages_leave_out_the_dev_tools() -> None:
+    r = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "print-station-packages"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    pkgs = r.stdout.split()
+    assert {"pcscd", "libccid", "python3-venv", "chromium", "fonts-ipafont-gothic"} <= set(pkgs)
+    assert not {"shellcheck", "postgresql", "vsmartcard-vpcd", "mosquitto"} & set(pkgs)

@@ -226,7 +226,7 @@ async def test_every_interpretation_verdict_renders(
     async with running_kiosk(cfg) as k:
         page = await open_kiosk(browser, k)
         for seq, (interp, title, tone) in enumerate(VERDICT_CASES, start=1):
-            k.station._emit(
+            k.station.emit(
                 "read_accepted",
                 {
                     "device": "ticket-scanner",
@@ -241,7 +241,7 @@ async def test_every_interpretation_verdict_renders(
             await expect(page.locator("#verdict")).to_have_class(tone)
             if interp["problems"] == ["expired"]:
                 await page.screenshot(path=shot("kiosk-expired-800x480.png"))
-        k.station._emit("read_rejected", {"device": "ticket-scanner", "reason": "not_stored"})
+        k.station.emit("read_rejected", {"device": "ticket-scanner", "reason": "not_stored"})
         await expect(page.locator("#verdict-title")).to_have_text("記録できませんでした")
-        k.station._emit("outbox_full", {"device": "ticket-scanner"})
+        k.station.emit("outbox_full", {"device": "ticket-scanner"})
         await expect(page.locator("#banner")).to_contain_text("保存領域がいっぱい")

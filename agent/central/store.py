@@ -1,0 +1,194 @@
+"""What the registry stores and the one interface both database backends offer.
+
+`RecordStore` is the Protocol the MQTT loop (agent/central/registry.py) and
+the dashboard are written against; `SqliteStore` (agent/central/store_sqlite.py)
+and `PostgresStore` (agent/central/store_pg.py) implement it, and
+`agent.central.stores.open_store` picks one. The pure helpers below hold the
+bookkeeping both backends share (gaps, lock order, blob hashes), so the two
+cannot drift apart. Backends depend on this module, never on the MQTT loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.errors import BlobMismatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One record as the registry stored it (new) or had already (duplicate)."""
+
+    site: str
+    agent: str
+    record: dict[str, Any]
+    new: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The valid records of one `records` message."""
+
+    site: str
+    agent: str
+    records: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Gap:
+    """Seqs `first..last` of an agent never seen since `opened_at` (Unix seconds)."""
+
+    site: str
+    agent: str
+    first: int
+    last: int
+    opened_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSummary:
+    """What the registry knows of one agent, for the dashboard."""
+
+    site: str
+    agent: str
+    max_seq: int
+    records: int
+    last_stored_at: float | None
+    clock_synced: bool | None
+    per_minute: list[int] = field(default_factory=list)
+
+
+class RecordStore(Protocol):
+    """What the MQTT loop and the dashboard need of a registry database.
+
+    `store()` returns only after its one transaction has committed: whatever
+    it returns may be acked. It raises `RegistryStoreError` when nothing was
+    committed (then nothing may be acked).
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def store(self, batches: Sequence[Batch]) -> list[Stored]: ...
+
+    async def open_gaps(self) -> list[Gap]: ...
+
+    async def overdue_gaps(self, older_than_s: float) -> list[Gap]:
+        """Gaps open longer than `older_than_s` not alerted yet; marks them alerted."""
+        ...
+
+    async def count(self) -> int: ...
+
+    async def agents(self, minutes: int = 30) -> list[AgentSummary]:
+        """Per agent: counts, last store time, and records stored per minute (oldest first)."""
+        ...
+
+    async def store_blob(
+        self,
+        *,
+        record_id: str,
+        site: str,
+        agent: str,
+        name: str,
+        content_type: str,
+        sha256: str,
+        data: bytes,
+    ) -> bool:
+        """Store a blob (a photo) of a record once; see `verify_blob`.
+
+        Idempotent on (record_id, name): True if stored now, False if it was
+        already there with the same hash. Raises `BlobMismatch` if `data` does
+        not hash to `sha256` (hex), or if (record_id, name) is already stored
+        with a different hash. Commits before returning: ack the blob after.
+        """
+        ...
+
+
+def verify_blob(sha256: str, data: bytes) -> str:
+    """The lower-case hex digest, or `BlobMismatch` if it is not `sha256`."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256.lower():
+        raise BlobMismatch(f"blob hash mismatch: announced {sha256}, got {digest}")
+    return digest
+
+
+def plan_gaps(
+    gaps: list[tuple[int, int, float]], max_seq: int, new_seqs: Iterable[int], now: float
+) -> tuple[list[tuple[int, int, float]], int]:
+    """The agent's open gaps and highest seq after storing `new_seqs`.
+
+    A seq above the highest seen opens a gap below it; a seq inside a gap
+    closes that seq (splitting the gap, keeping its `opened_at`). Pure, so both
+    backends keep the same bookkeeping. Gaps are disjoint and kept sorted, so a
+    seq finds its gap by bisection: thousands of open gaps (records arriving far
+    out of order) stay cheap.
+    """
+    out = sorted(gaps)
+    for seq in sorted(set(new_seqs)):
+        if seq > max_seq:
+            if seq > max_seq + 1:
+                out.append((max_seq + 1, seq - 1, now))
+            max_seq = seq
+            continue
+        i = bisect.bisect_right(out, (seq, math.inf, math.inf)) - 1
+        if i >= 0:
+            first, last, opened = out[i]
+            if first <= seq <= last:
+                parts = [(a, b, opened) for a, b in ((first, seq - 1), (seq + 1, last)) if a <= b]
+                out[i : i + 1] = parts
+    return out, max_seq
+
+
+def _containing(spans: list[tuple[int, int]], a: int, b: int) -> int | None:
+    """Index of the span of sorted, disjoint `spans` that holds [a, b], if one does."""
+    i = bisect.bisect_right(spans, (a, math.inf)) - 1
+    if i >= 0 and spans[i][0] <= a and b <= spans[i][1]:
+        return i
+    return None
+
+
+def group_batches(batches: Sequence[Batch]) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+    """Records per agent, agents sorted: the lock order that keeps consumers deadlock-free."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for b in batches:
+        groups.setdefault((b.site, b.agent), []).extend(b.records)
+    return sorted(groups.items())
+
+
+def log_gap_changes(
+    site: str, agent: str, old: list[tuple[int, int, float]], new: list[tuple[int, int, float]]
+) -> None:
+    """Log seq ranges only (never record contents)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    before = sorted((a, b) for a, b, _ in old)
+    filled = sum(b - a + 1 for a, b in before)
+    for a, b, _ in new:
+        if _containing(before, a, b) is None:
+            # normal for a moment with shared consumers; the overdue check alerts
+            log.debug("seq gap opened: %s/%s missing %d..%d", site, agent, a, b)
+        else:
+            filled -= b - a + 1
+    if filled > 0:
+        log.debug("seq gap filled: %s/%s %d seq(s), %d gap(s) open", site, agent, filled, len(new))
+
+
+def carry_alerted(
+    old: dict[tuple[int, int], float | None], gaps: list[tuple[int, int, float]]
+) -> list[tuple[int, int, float, float | None]]:
+    """Fragments of an alerted gap stay alerted (one alert per gap, not per split)."""
+    spans = sorted(old)
+    out = []
+    for a, b, t in gaps:
+        i = _containing(spans, a, b)
+        out.append((a, b, t, None if i is None else old[spans[i]]))
+    return out

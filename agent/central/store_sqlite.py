@@ -1,0 +1,349 @@
+"""The registry's SQLite backend: one file, for a desk, a demo or a small town.
+
+`RegistryStore` is the blocking store (one connection, one thread);
+`SqliteStore` runs it on a dedicated thread and is the `RecordStore` the MQTT
+loop uses. Several processes may share one file (WAL, `BEGIN IMMEDIATE`, a
+busy timeout). Depends on agent/central/store.py only, never on the MQTT loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.central.store import (
+    AgentSummary,
+    Batch,
+    Gap,
+    Stored,
+    carry_alerted,
+    group_batches,
+    log_gap_changes,
+    plan_gaps,
+    verify_blob,
+)
+from agent.errors import BlobMismatch, RegistryStoreError
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id          TEXT PRIMARY KEY,
+    site        TEXT NOT NULL,
+    agent       TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    captured_at TEXT NOT NULL,
+    device      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    stored_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_agent_seq ON records(site, agent, seq);
+CREATE INDEX IF NOT EXISTS records_stored_at ON records(stored_at);
+CREATE TABLE IF NOT EXISTS gaps (
+    site TEXT NOT NULL, agent TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    opened_at REAL NOT NULL, alerted_at REAL, PRIMARY KEY (site, agent, first)
+);
+CREATE TABLE IF NOT EXISTS agents (
+    site TEXT NOT NULL, agent TEXT NOT NULL, max_seq INTEGER NOT NULL,
+    records INTEGER NOT NULL DEFAULT 0, last_stored_at REAL, clock_synced INTEGER,
+    PRIMARY KEY (site, agent)
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    record_id TEXT NOT NULL, name TEXT NOT NULL, site TEXT NOT NULL, agent TEXT NOT NULL,
+    content_type TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    data BLOB NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (record_id, name)
+);
+"""
+
+
+class RegistryStore:
+    """SQLite storage of the reference registry; used from one thread only.
+
+    Several processes may share one file (WAL, `BEGIN IMMEDIATE`, a busy
+    timeout): each transaction is serialised by SQLite's write lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        db.execute("PRAGMA busy_timeout=30000")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        self._db = db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None, "registry store not open"
+        return self._db
+
+    def store(self, site: str, agent: str, records: list[dict[str, Any]]) -> list[Stored]:
+        """Insert what is new, update gap bookkeeping, commit. Returns per record."""
+        return self.store_many([Batch(site, agent, records)])
+
+    def store_many(self, batches: Sequence[Batch]) -> list[Stored]:
+        """All batches in one transaction (a batched commit); returns after COMMIT."""
+        db = self.db
+        now = time.time()
+        out: list[Stored] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        try:
+            for (site, agent), records in group_batches(batches):
+                out.extend(self._store_agent(site, agent, records, now))
+            db.execute("COMMIT")
+        except BaseException as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise RegistryStoreError(f"{self.path}: {e}") from e
+            raise
+        return out
+
+    def _store_agent(
+        self, site: str, agent: str, records: list[dict[str, Any]], now: float
+    ) -> list[Stored]:
+        db = self.db
+        row = db.execute(
+            "SELECT max_seq FROM agents WHERE site = ? AND agent = ?", (site, agent)
+        ).fetchone()
+        max_seq = 0 if row is None else int(row[0])
+        out = []
+        new_seqs = []
+        clock: int | None = None
+        for r in records:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    r["id"],
+                    site,
+                    agent,
+                    int(r["seq"]),
+                    r["captured_at"],
+                    r["device"],
+                    r["kind"],
+                    r.get("source", "device"),
+                    json.dumps(r, ensure_ascii=False),
+                    now,
+                ),
+            )
+            new = cur.rowcount == 1
+            out.append(Stored(site, agent, r, new))
+            if new:
+                new_seqs.append(int(r["seq"]))
+                if isinstance(r.get("clock_synced"), bool):
+                    clock = int(r["clock_synced"])
+        if not new_seqs:
+            return out
+        # only the gaps these seqs can fall in (gaps are disjoint): two index ranges
+        # on the primary key, so a commit costs what it touches, however many are open
+        lo, hi = min(new_seqs), max(new_seqs)
+        rows = db.execute(
+            "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = ? AND agent = ?"
+            " AND first BETWEEN coalesce((SELECT max(first) FROM gaps WHERE site = ?"
+            " AND agent = ? AND first <= ?), ?) AND ? ORDER BY first",
+            (site, agent, site, agent, lo, lo, hi),
+        ).fetchall()
+        old = [(int(a), int(b), float(t)) for a, b, t, _ in rows]
+        gaps, max_seq = plan_gaps(old, max_seq, new_seqs, now)
+        if gaps != old:
+            log_gap_changes(site, agent, old, gaps)
+            alerted = {(int(a), int(b)): al for a, b, _, al in rows}
+            kept = {(a, b) for a, b, _ in gaps}
+            db.executemany(
+                "DELETE FROM gaps WHERE site = ? AND agent = ? AND first = ? AND last = ?",
+                [(site, agent, a, b) for a, b in alerted if (a, b) not in kept],
+            )
+            db.executemany(
+                "INSERT INTO gaps VALUES (?,?,?,?,?,?)",
+                [(site, agent, *g) for g in carry_alerted(alerted, gaps) if g[:2] not in alerted],
+            )
+        db.execute(
+            "INSERT INTO agents (site, agent, max_seq, records, last_stored_at, clock_synced)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT(site, agent) DO UPDATE SET"
+            " max_seq = excluded.max_seq, records = records + excluded.records,"
+            " last_stored_at = excluded.last_stored_at,"
+            " clock_synced = coalesce(excluded.clock_synced, clock_synced)",
+            (site, agent, max_seq, len(new_seqs), now, clock),
+        )
+        return out
+
+    def gaps(self) -> list[tuple[str, str, int, int]]:
+        return [
+            (str(s), str(a), int(f), int(la))
+            for s, a, f, la in self.db.execute(
+                "SELECT site, agent, first, last FROM gaps ORDER BY site, agent, first"
+            )
+        ]
+
+    def open_gaps(self) -> list[Gap]:
+        return [
+            Gap(s, a, int(f), int(la), float(t))
+            for s, a, f, la, t in self.db.execute(
+                "SELECT site, agent, first, last, opened_at FROM gaps ORDER BY site, agent, first"
+            )
+        ]
+
+    def overdue_gaps(self, older_than_s: float) -> list[Gap]:
+        db = self.db
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                "UPDATE gaps SET alerted_at = ? WHERE alerted_at IS NULL AND opened_at <= ?"
+                " RETURNING site, agent, first, last, opened_at",
+                (now, now - older_than_s),
+            ).fetchall()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return sorted(Gap(s, a, int(f), int(la), float(t)) for s, a, f, la, t in rows)
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM records").fetchone()[0])
+
+    def agents(self, minutes: int = 30) -> list[AgentSummary]:
+        now = time.time()
+        start = (int(now // 60) - minutes + 1) * 60
+        buckets: dict[tuple[str, str], list[int]] = {}
+        for s, a, minute, n in self.db.execute(
+            "SELECT site, agent, CAST(stored_at / 60 AS INTEGER), count(*) FROM records"
+            " WHERE stored_at >= ? GROUP BY 1, 2, 3",
+            (start,),
+        ):
+            b = buckets.setdefault((s, a), [0] * minutes)
+            idx = int(minute) - start // 60
+            if 0 <= idx < minutes:
+                b[idx] = int(n)
+        return [
+            AgentSummary(
+                s,
+                a,
+                int(m),
+                int(n),
+                None if t is None else float(t),
+                None if c is None else bool(c),
+                buckets.get((s, a), [0] * minutes),
+            )
+            for s, a, m, n, t, c in self.db.execute(
+                "SELECT site, agent, max_seq, records, last_stored_at, clock_synced FROM agents"
+                " ORDER BY site, agent"
+            )
+        ]
+
+    def store_blob(
+        self,
+        *,
+        record_id: str,
+        site: str,
+        agent: str,
+        name: str,
+        content_type: str,
+        sha256: str,
+        data: bytes,
+    ) -> bool:
+        digest = verify_blob(sha256, data)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT sha256 FROM blobs WHERE record_id = ? AND name = ?", (record_id, name)
+            ).fetchone()
+            if row is not None:
+                db.execute("ROLLBACK")
+                if row[0] != digest:
+                    raise BlobMismatch(f"blob {record_id}/{name} already stored with another hash")
+                return False
+            db.execute(
+                "INSERT INTO blobs VALUES (?,?,?,?,?,?,?,?,?)",
+                (record_id, name, site, agent, content_type, digest, len(data), data, time.time()),
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return True
+
+
+class SqliteStore:
+    """`RecordStore` on SQLite: `RegistryStore` on one dedicated thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sync = RegistryStore(path)
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        assert self._executor is not None, "registry store not open"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-db")
+        await self._run(self.sync.open)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        await self._run(self.sync.close)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def store(self, batches: Sequence[Batch]) -> list[Stored]:
+        return await self._run(self.sync.store_many, batches)
+
+    async def open_gaps(self) -> list[Gap]:
+        return await self._run(self.sync.open_gaps)
+
+    async def overdue_gaps(self, older_than_s: float) -> list[Gap]:
+        return await self._run(self.sync.overdue_gaps, older_than_s)
+
+    async def count(self) -> int:
+        return await self._run(self.sync.count)
+
+    async def agents(self, minutes: int = 30) -> list[AgentSummary]:
+        return await self._run(self.sync.agents, minutes)
+
+    async def store_blob(
+        self,
+        *,
+        record_id: str,
+        site: str,
+        agent: str,
+        name: str,
+        content_type: str,
+        sha256: str,
+        data: bytes,
+    ) -> bool:
+        return await self._run(
+            self.sync.store_blob,
+            record_id=record_id,
+            site=site,
+            agent=agent,
+            name=name,
+            content_type=content_type,
+            sha256=sha256,
+            data=data,
+        )

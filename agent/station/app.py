@@ -1,0 +1,210 @@
+"""The station's composition root: the loop, its storage and its adapters in one TaskGroup.
+
+    devices -> Station (agent/station/station.py) -> Outbox -> Uplink -> broker
+                  |  events                            ^ blobs (BlobStore / BlobSender)
+                  v                                    |
+              kiosk API (LocalApi)      remote commands (capture_photo: photos.py)
+
+The station loop knows none of its adapters; this module is the one place
+that wires them: `Station.on_stored` wakes the uplink, station events feed
+the kiosk's event hub, the uplink's connection changes become station
+events, and `cmd/capture_photo` reaches photos.py. `StationApp` is what the
+CLI, the demo, the tests and the benches run; it keeps the public surface
+the old supervisor had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+from agent.config import Config, DeviceConfig
+from agent.drivers import Driver, create_driver
+from agent.drivers.capabilities import PhotoCamera
+from agent.station.blobs import BlobStore
+from agent.station.outbox import Outbox
+from agent.station.photos import find_camera, take_photo
+from agent.station.sealing import Sealer
+from agent.station.station import DeviceState, Listener, Station
+from agent.station.systemd import Notifier
+from agent.station.uplink import Uplink
+
+if TYPE_CHECKING:
+    from agent.contract.records import Read
+    from agent.drivers.card import CardInfo
+    from agent.station.feedback import Outcome
+    from agent.station.kiosk.api import LocalApi
+
+log = logging.getLogger(__name__)
+
+
+class StationApp:
+    """Runs the station loop, the outbox, the uplink and the kiosk API until `stop` is set."""
+
+    status_interval_s = 5.0  # STATUS= to systemd this often
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        driver_factory: Callable[[DeviceConfig], Driver] = create_driver,
+        today: Callable[[], date] = date.today,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.station = Station(config, driver_factory=driver_factory, today=today)
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.ready = asyncio.Event()
+        self.outbox: Outbox | None = None
+        self.uplink: Uplink | None = None
+        self.blobs: BlobStore | None = None
+        self.api: LocalApi | None = None  # once the API task has started
+
+    # -- the station's surface, for the uplink, the kiosk API, the CLI and tests ----------
+
+    @property
+    def devices(self) -> dict[str, DeviceState]:
+        return self.station.devices
+
+    @property
+    def operator(self) -> str | None:
+        return self.station.operator
+
+    def describe(self) -> dict[str, Any]:
+        return self.station.describe()
+
+    def take_alerts(self) -> list[dict[str, Any]]:
+        return self.station.take_alerts()
+
+    def subscribe(self, listener: Listener) -> None:
+        self.station.subscribe(listener)
+
+    def emit(self, kind: str, body: dict[str, Any]) -> None:
+        self.station.emit(kind, body)
+
+    def running_drivers(self) -> dict[str, Driver]:
+        return self.station.running_drivers()
+
+    async def accept(self, read: Read) -> Outcome:
+        return await self.station.accept(read)
+
+    async def read_card_info(self, device: str, pin: str) -> CardInfo:
+        return await self.station.read_card_info(device, pin)
+
+    # -- ID photos (agent/station/photos.py) ---------------------------------------------
+
+    def photo_camera(self, device: str | None) -> PhotoCamera:
+        return find_camera(self.station.running_drivers(), device)
+
+    async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
+        """Take an ID photo: sealed blob, then a `photo` record (for the kiosk and MQTT)."""
+        return await take_photo(self, device)
+
+    async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        device = body.get("device")
+        if device is not None and not isinstance(device, str):
+            raise ValueError("device must be a string")
+        return await self.capture_photo(device)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        station = self.station
+        sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
+        async with Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, sealer=sealer) as outbox:
+            self.outbox = station.outbox = outbox
+            if outbox.recovered_from is not None:
+                station.alert(
+                    {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
+                )
+            self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
+            uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
+            uplink.add_command("capture_photo", self._cmd_capture_photo)
+            self.uplink = uplink
+            uplink.on_connection = lambda up: station.emit(
+                "uplink", {"connected": up, "error": uplink.last_error}
+            )
+            station.on_stored = uplink.wake
+            async with asyncio.TaskGroup() as tg:
+                device_tasks = [
+                    tg.create_task(station.device_loop(dev, stop), name=f"device:{dev.name}")
+                    for dev in cfg.devices
+                ]
+                uplink_task = tg.create_task(uplink.run(stop), name="uplink")
+                tg.create_task(self._housekeeping(stop), name="housekeeping")
+                watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+                tg.create_task(self._status_loop(stop), name="sd-status")
+                if cfg.api is not None and cfg.api.enabled:
+                    tg.create_task(self._api(stop), name="api")
+                self.ready.set()
+                # systemd: outbox open, devices started (plugged in or not).
+                self.notifier.ready(await self._status_line())
+                log.info(
+                    "station %s/%s running with %d device(s)",
+                    cfg.agent.site,
+                    cfg.agent.name,
+                    len(cfg.devices),
+                )
+                await stop.wait()
+                log.info("stopping: devices first, then the uplink says offline")
+                self.notifier.stopping()
+                for t in device_tasks:
+                    t.cancel()
+                await asyncio.gather(*device_tasks, return_exceptions=True)
+                await uplink_task
+                watchdog.cancel()
+        self.outbox = station.outbox = None
+        self.notifier.close()
+
+    async def _status_line(self) -> str:
+        """One line for `systemctl status`: outbox depth, uplink, devices."""
+        assert self.outbox is not None
+        st = await self.outbox.stats()
+        devices = self.station.devices
+        connected = sum(1 for d in devices.values() if d.state == "connected")
+        oldest = st.oldest_unconfirmed_age_s
+        age = f", oldest {oldest:.0f}s" if oldest is not None else ""
+        link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
+        return (
+            f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
+            f"uplink {link}; devices {connected}/{len(devices)} connected"
+        )
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        """STATUS= every few seconds while systemd listens."""
+        if not self.notifier.enabled:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.status_interval_s)
+            if not stop.is_set():
+                self.notifier.status(await self._status_line())
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        """Purge confirmed records past retention: at start, then hourly."""
+        assert self.outbox is not None
+        while not stop.is_set():
+            n = await self.outbox.purge(self.config.outbox.retention_days)
+            if n:
+                log.info("purged %d confirmed record(s) past retention", n)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=3600)
+
+    async def _api(self, stop: asyncio.Event) -> None:
+        """The kiosk's local API; its failures are logged, never stop the devices.
+
+        Imported here, not at the top: starlette and uvicorn are the optional
+        `kiosk` extra, and a station without them still stores every scan.
+        """
+        try:
+            from agent.station.kiosk.api import LocalApi
+        except ImportError as e:
+            log.error("api: %s (install madoguchi[kiosk])", e)
+            return
+        self.api = LocalApi(self)
+        await self.api.run(stop)

@@ -1,0 +1,67 @@
+"""Operator feedback: what one read's outcome is, and what the operator is told.
+
+Pure rules, no I/O: the station loop decides ACK / NAK with `acknowledged`,
+the kiosk page shows `verdict`. Both read the same interpretation, so the
+beep at the scanner and the message on the screen cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.contract.records import Record
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one read: stored (record), suppressed as a repeat, or refused."""
+
+    accepted: bool
+    record: Record | None = None
+    duplicate: bool = False
+    error: str | None = None
+    interpretation: dict[str, Any] | None = None
+
+
+def acknowledged(interpretation: dict[str, Any] | None, *, nak_invalid: bool) -> bool:
+    """The NAK rule for a stored read: ACK unless the device NAKs invalid reads
+    (`nak_invalid`) and this one is invalid or of a type the station does not take."""
+    if interpretation is None or not nak_invalid:
+        return True
+    return bool(interpretation.get("valid", True)) and "unexpected_type" not in (
+        interpretation.get("problems", [])
+    )
+
+
+#: what the kiosk page shows for a read; the page maps each code to Japanese
+VERDICTS = {
+    "ok": "stored and valid",
+    "invalid_ticket": "a vaccination ticket whose number is wrong",
+    "invalid_code": "a barcode that failed its check (check digit, length, separator)",
+    "expired": "an expired vaccine lot: a safety problem",
+    "unexpected": "a kind of code this station does not take",
+    "read_error": "the device could not read it: scan again",
+    "not_stored": "the record could not be stored: call staff",
+}
+
+
+def verdict(interpretation: dict[str, Any] | None) -> str:
+    """One code per read for the page's big message (the page maps codes to Japanese)."""
+    if interpretation is None:
+        return "ok"
+    problems = set(interpretation.get("problems") or [])
+    if "expired" in problems:
+        return "expired"
+    if "unexpected_type" in problems:
+        return "unexpected"
+    if not interpretation.get("valid", True) or problems:
+        kind = str(interpretation.get("type", ""))
+        return "invalid_ticket" if kind.startswith("vaccination_ticket") else "invalid_code"
+    return "ok"
+
+
+def rejected_verdict(reason: str | None) -> str:
+    """The code for a read that was not stored: the outbox refused it, or the device failed."""
+    return "not_stored" if reason == "not_stored" else "read_error"
