@@ -66,3 +66,11 @@ class PinRefused(CardError):
 
 class EnrollError(MadoguchiError):
     """Enrolment failed: bad site/name, unreadable key, certificate not matching the key."""
+
+
+# -- harness (agent/testing.py) -----------------------------------------------------------
+
+
+class HarnessError(MadoguchiError):
+    """A real part of the test harness (mosquitto, an agent or registry process) did not
+    start or did not get ready; the message holds what it said."""

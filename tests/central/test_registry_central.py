@@ -10,10 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import central_support
 import pytest
-from central_support import PgCluster, RegistryProcess, envelope, record
-from conftest import Broker, Pty, payload, running_station, write_config
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,9 +26,8 @@ from agent.central.registry import (
     plan_gaps,
 )
 from agent.central.store_pg import PostgresStore
-
-pg_cluster = central_support.pg_cluster
-pg_dsn = central_support.pg_dsn
+from agent.testing import Broker, Pty, RegistryProcess, payload, running_station, write_config
+from tests.support.central import PgCluster, envelope, record
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
 ACK = b"\x06"

@@ -13,8 +13,6 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).resolve().parents[2])]
 
-from hid_support import evtest_header  # noqa: E402
-
 from agent.keymap import (  # noqa: E402
     EV_KEY,
     EV_MSC,
@@ -25,6 +23,7 @@ from agent.keymap import (  # noqa: E402
     format_evtest,
     type_text,
 )
+from tests.support.hid import evtest_header  # noqa: E402
 
 HERE = Path(__file__).parent
 GS = "\x1d"
