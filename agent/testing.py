@@ -134,6 +134,20 @@ def start_mosquitto(
     raise HarnessError(f"mosquitto exited {proc.returncode}: {said}{text}")
 
 
+def stop_mosquitto(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM until it exits; its exit code. mosquitto 2.0 sends READY=1 just before it
+    sets its `run` flag, so a SIGTERM right after READY=1 is lost: it is sent again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise HarnessError("mosquitto did not stop on SIGTERM") from None
+
+
 def _listens(port: int) -> bool:
     try:
         with socket.create_connection((LOOPBACK, port), timeout=1):
@@ -176,8 +190,7 @@ class Broker:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            stop_mosquitto(self.proc)
         self.proc = None
 
     def kill(self) -> None:
@@ -478,6 +491,11 @@ class LoggedProcess:
         with self._changed:
             self._eof = True
             self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.what} not started"
+        return self.proc.pid
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -31,7 +31,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.cli.main import main as cli
-from agent.testing import Pty, free_port, running_registry, running_station, start_mosquitto
+from agent.testing import (
+    Pty,
+    free_port,
+    running_registry,
+    running_station,
+    start_mosquitto,
+    stop_mosquitto,
+)
 from tests.support.pki import TestCA
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,8 +84,7 @@ class TlsBroker:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            stop_mosquitto(self.proc)
         if self.owner is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
