@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hid_support import FakeBackend, FakeInputDevice, FakeWatch, hid_config
 
 from agent.config import load_config
 from agent.contract.records import Read, ReadFault
@@ -16,6 +15,7 @@ from agent.drivers import create_driver
 from agent.drivers.hid import HidDriver
 from agent.errors import DeviceError, DeviceUnavailable
 from agent.keymap import KEYS, type_text
+from tests.support.hid import FakeBackend, FakeInputDevice, FakeWatch, hid_config
 
 GS = "\x1d"
 

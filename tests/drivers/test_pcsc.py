@@ -1,6 +1,6 @@
 """IC card readers against a real pcscd with vsmartcard's vpcd and emulated cards.
 
-The cards (tests/pcsc_support.py) speak the vpcd socket protocol: a My Number
+The cards (tests/support/pcsc.py) speak the vpcd socket protocol: a My Number
 card with a certificate from a test CA and a PIN counter that really counts,
 an old 住基カード, FeliCa and MIFARE badges.
 """
@@ -23,27 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
 from cryptography import x509
-from pcsc_support import (
-    JPKI_AID,
-    SUPPORT_AID,
-    TEST_ADDRESS,
-    TEST_MY_NUMBER,
-    TEST_NAME,
-    TEST_PIN,
-    CardSlot,
-    FelicaBadge,
-    IsoCard,
-    JukiCard,
-    MifareBadge,
-    MyNumberCard,
-    PcscStack,
-    ber_tlv,
-    four_attributes,
-    iso14443b_atr,
-    pcsc_stack,
-)
 
 from agent.config import PcscDevice, load_config
 from agent.contract.records import Read, ReadFault
@@ -62,6 +42,26 @@ from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
 from agent.station.app import StationApp
 from agent.station.outbox import Outbox
 from agent.station.sealing import Sealer
+from agent.testing import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
+from tests.support.pcsc import (
+    JPKI_AID,
+    SUPPORT_AID,
+    TEST_ADDRESS,
+    TEST_MY_NUMBER,
+    TEST_NAME,
+    TEST_PIN,
+    CardSlot,
+    FelicaBadge,
+    IsoCard,
+    JukiCard,
+    MifareBadge,
+    MyNumberCard,
+    PcscStack,
+    ber_tlv,
+    four_attributes,
+    iso14443b_atr,
+    pcsc_stack,
+)
 
 # -- pure parts ------------------------------------------------------------------------
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import free_port, write_config
 
 from agent.config import Config, DeviceConfig, load_config
 from agent.contract.records import Read, ReadFault
 from agent.drivers import Driver, create_driver
 from agent.errors import CardError, OutboxError, PinRefused
 from agent.station.app import StationApp
+from agent.testing import free_port, write_config
 
 CARD_PIN = "4821"
 CARD_INFO = {

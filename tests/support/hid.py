@@ -17,7 +17,7 @@ from typing import Any
 from agent.config import HidDevice
 from agent.keymap import KEYS, KeyEvent
 
-DATA = Path(__file__).parent / "data" / "hid"
+DATA = Path(__file__).resolve().parents[1] / "data" / "hid"
 
 UNPLUG = object()
 
