@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from bundle_support import ROOT, isolated_pip_env, x86_64_bundle
+
+from tests.support.bundle import ROOT, isolated_pip_env, x86_64_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
