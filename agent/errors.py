@@ -101,3 +101,11 @@ class BlobError(MadoguchiError, ValueError):
 
     Also a ValueError: it is bad input from the wire, caught with the JSON errors.
     """
+
+
+# -- harness (agent/testing.py) -----------------------------------------------------------
+
+
+class HarnessError(MadoguchiError):
+    """A real part of the test harness (mosquitto, an agent or registry process) did not
+    start or did not get ready; the message holds what it said."""

@@ -1,15 +1,17 @@
-"""Test doubles for madoguchi's seams, shipped with the package (as `structlog.testing` is).
+"""Test tools for madoguchi, public so that a deployment can test itself (as structlog
+ships `structlog.testing`): fakes that stand at the driver seams, and a harness of real
+parts on loopback (mosquitto, the registry, an agent process, a pty as a scanner's
+serial port) written once for the tests, the benchmarks and `madoguchi demo`.
 
-For the project's own tests and benchmarks, and for anyone writing tests
-against a station: each fake stands at one seam and is declared against the
-same Protocol as the real implementation, and mypy --strict checks both
-(`agent/testing.py` is under `mypy agent`), so a fake cannot drift from the
-device it stands for without the type check failing.
+Importing this module needs only the standard library and the agent's own
+dependencies; pytest is never imported here. Nothing in `agent/` imports it.
+
+Fakes: each stands at one seam and is declared against the same Protocol as the
+real implementation, and mypy --strict checks both, so a fake cannot drift from
+the device it stands for without the type check failing.
 tests/drivers/test_capabilities.py compares their signatures at run time, and
-tests/drivers/test_fakes.py checks that each fake behaves like the real thing
-(the card reader fake against the real driver on an emulated card).
-
-Nothing in `agent/` imports this module.
+tests/drivers/test_fakes.py checks that each behaves like the real thing (the
+card reader fake against the real driver on an emulated card).
 
 - `FakeCardReader`: a card reader driver with a My Number card in it
   (`CardInfoProvider`), keeping the PIN rules of the real PC/SC driver.
@@ -23,28 +25,44 @@ Nothing in `agent/` imports this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+import tty
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
+import aiomqtt
+
+from agent.central.registry import Registry, Stored
+from agent.config import Config, DeviceConfig, load_config
 from agent.contract.records import Read, ReadFault
 from agent.drivers.base import Driver
 from agent.drivers.camera import Frame, FrameSource, Still, encode_jpeg
 from agent.drivers.capabilities import CardInfoProvider, PhotoCamera
 from agent.drivers.card import MIN_TRIES, CardInfo
 from agent.drivers.hid import Backend, HotplugWatch, InputDeviceLike
-from agent.errors import CardError, DeviceUnavailable, PinRefused
+from agent.errors import CardError, DeviceUnavailable, HarnessError, PinRefused
 from agent.keymap import KEYS, KeyEvent
+from agent.station.app import StationApp
 
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
-
-    from agent.config import DeviceConfig
 
 # -- fakes ------------------------------------------------------------------------------
 
@@ -401,4 +419,591 @@ FAKES: dict[str, tuple[type[Any], type[Any]]] = {
     "hotplug watch": (HotplugWatch, FakeWatch),
 }
 
-# -- harness (see below)
+
+# -- harness ------------------------------------------------------------------------------
+# Real parts on loopback. Readiness is an event wherever one exists: mosquitto's
+# sd_notify READY=1 on a socket of ours, a process's exit on its pidfd, a log line as
+# our own thread hands it over, a pty byte through select() or the event loop.
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the kernel's pick on the loopback)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto executable (Debian installs it in /usr/sbin, often not on PATH)."""
+    for c in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if c and os.access(c, os.X_OK):
+            return c
+    raise HarnessError("mosquitto is not installed: run `make setup` (apt install mosquitto)")
+
+
+class NotifySocket:
+    """A `$NOTIFY_SOCKET` of our own, as systemd holds it, to hear a daemon's READY=1.
+
+    In the abstract namespace: a daemon that dropped its privileges (mosquitto
+    started as root becomes the mosquitto user) can still reach it.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"madoguchi-harness-{uuid.uuid4().hex}"
+        self.sock.bind(b"\0" + name.encode())
+        self.address = "@" + name
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        return {**(os.environ if base is None else base), "NOTIFY_SOCKET": self.address}
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+        """True on READY=1; False if the process exited first or the time ran out."""
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([self.sock.fileno(), pidfd], [], [], remaining)
+                if self.sock.fileno() in readable:
+                    if b"READY=1" in self.sock.recv(4096).split(b"\n"):
+                        return True
+                elif pidfd in readable:
+                    return False
+            return False
+        finally:
+            os.close(pidfd)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_mosquitto(
+    conf: Path,
+    port: int,
+    log: Path | None = None,
+    *,
+    own_session: bool = False,
+    stdout: int | IO[bytes] = subprocess.DEVNULL,
+    timeout: float = 10.0,
+) -> subprocess.Popen[bytes]:
+    """`mosquitto -c conf`, returned once it listens; HarnessError (with what mosquitto
+    said, and its log file if given) if it exits or never gets ready.
+
+    Debian's mosquitto is built with systemd support and sends READY=1 after opening its
+    listeners; a build without it is accepted if the port answers once the wait is over.
+    `own_session` keeps a terminal's Ctrl-C away from it (the demo stops it last).
+    """
+    notify = NotifySocket()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)],
+            stdout=stdout,
+            stderr=err,
+            env=notify.env(),
+            start_new_session=own_session,
+        )
+        try:
+            ready = notify.wait_ready(proc, timeout)
+        finally:
+            notify.close()
+        if ready or (proc.poll() is None and _listens(port)):
+            return proc
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            raise HarnessError(f"mosquitto did not listen on {LOOPBACK}:{port}")
+        err.seek(0)
+        said = err.read().decode(errors="replace")
+    text = log.read_text(errors="replace") if log is not None and log.exists() else ""
+    raise HarnessError(f"mosquitto exited {proc.returncode}: {said}{text}")
+
+
+def stop_mosquitto(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM until it exits; its exit code. mosquitto 2.0 sends READY=1 just before it
+    sets its `run` flag, so a SIGTERM right after READY=1 is lost: it is sent again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise HarnessError("mosquitto did not stop on SIGTERM") from None
+
+
+def _listens(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class Broker:
+    """A real mosquitto on a free loopback port; `stop()`/`kill()` and `start()` again on
+    the same port. Anonymous, TCP_NODELAY; persistence and a full log in `directory`
+    unless told otherwise; `settings` are appended to the config as they are."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        persistence: bool = True,
+        log: bool = True,
+        settings: str = "max_queued_messages 1000000\n",  # as provisioning/broker/madoguchi.conf
+        own_session: bool = False,
+    ) -> None:
+        self.workdir = directory
+        self.port = free_port()
+        self.own_session = own_session
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = directory / "mosquitto.conf"
+        self.log = directory / "mosquitto.log"
+        lines = [f"listener {self.port} {LOOPBACK}", "allow_anonymous true"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {directory}/"]
+        else:
+            lines += ["persistence false"]
+        lines += [f"log_dest file {self.log}", "log_type all"] if log else ["log_dest none"]
+        lines += ["set_tcp_nodelay true"]
+        self.conf.write_text("\n".join(lines) + "\n" + settings)
+
+    def start(self) -> None:
+        self.proc = start_mosquitto(self.conf, self.port, self.log, own_session=self.own_session)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            stop_mosquitto(self.proc)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+class Pty:
+    """A pseudo-terminal as a scanner's serial port: the agent opens `link`, the caller
+    holds the scanner's side (writes scans, reads the ACK / NAK bytes)."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        os.set_blocking(self.master, False)
+        self.device = os.ttyname(self.slave)
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(self.device)
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def scan(self, text: str, terminator: bytes = b"\r") -> None:
+        self.write(text.encode() + terminator)
+
+    def read(self, n: int, timeout: float = 10.0) -> bytes:
+        """Up to n bytes written back by the agent, waiting at most `timeout` for them."""
+        out = b""
+        deadline = time.monotonic() + timeout
+        while len(out) < n and (remaining := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.master], [], [], remaining)
+            if not readable:
+                break
+            with contextlib.suppress(BlockingIOError):
+                out += os.read(self.master, n - len(out))
+        return out
+
+    async def aread(self, n: int, timeout: float = 10.0) -> bytes:  # noqa: ASYNC109
+        """As `read`, woken by the event loop (no thread, no sleeping)."""
+        loop = asyncio.get_running_loop()
+        out = bytearray()
+        done = loop.create_future()
+
+        def readable() -> None:
+            with contextlib.suppress(BlockingIOError):
+                out.extend(os.read(self.master, n - len(out)))
+            if len(out) >= n and not done.done():
+                done.set_result(None)
+
+        loop.add_reader(self.master, readable)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done, timeout)
+        finally:
+            loop.remove_reader(self.master)
+        return bytes(out)
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.link.unlink()
+
+
+def serial_scanner(
+    port: Path | str,
+    *,
+    name: str = "ticket-scanner",
+    host_ack: str | None = "\\u0006",
+    host_nak: str | None = "\\u0015",
+    extra: str = "",
+) -> str:
+    """A `[[devices]]` block for a generic serial scanner on `port` (TOML escapes as given)."""
+    block = f"""
+[[devices]]
+name = "{name}"
+profile = "generic-serial-scanner"
+port = "{port}"
+"""
+    if host_ack is not None:
+        block += f'host_ack = "{host_ack}"\n'
+    if host_nak is not None:
+        block += f'host_nak = "{host_nak}"\n'
+    return block + extra
+
+
+def write_config(
+    directory: Path,
+    port: int,
+    *,
+    devices: str | None = None,
+    scanner: Path | None = None,
+    outbox: str = "resend_after_s = 30",
+    extra_agent: str = "",
+    name: str = "station-03",
+    site: str = "toda-city-hall-1f",
+    telemetry_interval_s: float | None = 1,
+    mqtt: str = "backoff_max_s = 1",
+    path: Path | None = None,
+    data_dir: Path | None = None,
+) -> Path:
+    """An agent.toml for a station on the loopback broker at `port`; returns its path
+    (`directory/{name}.toml` unless `path` is given).
+
+    `devices` is TOML as it is; without it, one serial scanner on `scanner` that ACKs
+    and NAKs. Data go to `directory/data-{name}` unless `data_dir` is given.
+    """
+    if devices is None:
+        if scanner is None:
+            raise ValueError("write_config needs devices or a scanner")
+        devices = serial_scanner(scanner)
+    path = path or directory / f"{name}.toml"
+    data_dir = data_dir or directory / ("data-" + name)
+    telemetry = (
+        "" if telemetry_interval_s is None else f"telemetry_interval_s = {telemetry_interval_s}"
+    )
+    path.write_text(f"""
+[agent]
+site = "{site}"
+name = "{name}"
+data_dir = "{data_dir}"
+{telemetry}
+{extra_agent}
+
+[mqtt]
+host = "{LOOPBACK}"
+port = {port}
+{mqtt}
+
+[outbox]
+{outbox}
+{devices}
+""")
+    return path
+
+
+class RegistryProbe:
+    """The reference registry in this process, with what it stored."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.stored: list[Stored] = []
+        self.changed = asyncio.Event()
+
+    def on_stored(self, s: Stored) -> None:
+        self.stored.append(s)
+        self.changed.set()
+
+    @property
+    def new(self) -> list[dict[str, Any]]:
+        return [s.record for s in self.stored if s.new]
+
+    async def wait_for(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:  # noqa: ASYNC109
+        """The first n records new to the registry, once it has stored them."""
+
+        async def until() -> None:
+            while len(self.new) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+        return self.new
+
+
+@contextlib.asynccontextmanager
+async def running_registry(
+    port: int,
+    db: Path,
+    *,
+    host: str = LOOPBACK,
+    on_stored: Callable[[Stored], object] | None = None,
+    connect_timeout_s: float = 10.0,
+    **options: Any,
+) -> AsyncIterator[RegistryProbe]:
+    """The reference registry running in this loop, yielded once it is connected;
+    `on_stored` is called for each stored record as well as the probe. `options`
+    go to `Registry` as they are (client_id, tls_context, ...)."""
+    probe: RegistryProbe
+
+    def stored(s: Stored) -> None:
+        probe.on_stored(s)
+        if on_stored is not None:
+            on_stored(s)
+
+    reg = Registry(host, port, db, on_stored=stored, **options)
+    probe = RegistryProbe(reg)
+    async with reg:
+        task = asyncio.create_task(reg.run(), name="harness-registry")
+        try:
+            connected = asyncio.create_task(reg.connected.wait())
+            await asyncio.wait(
+                {task, connected}, timeout=connect_timeout_s, return_when="FIRST_COMPLETED"
+            )
+            connected.cancel()
+            if task.done():
+                task.result()  # the registry's own error
+                raise HarnessError("the registry stopped before it connected")
+            if not reg.connected.is_set():
+                raise HarnessError(f"the registry did not connect to {host}:{port}")
+            yield probe
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class RunningStation:
+    """A station running in this loop (see `running_station`)."""
+
+    def __init__(self, station: StationApp, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        self.station = station
+        self.stop = stop
+        self.task = task
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 20)
+
+
+@contextlib.asynccontextmanager
+async def running_station(config: Config | Path) -> AsyncIterator[RunningStation]:
+    """The station in this loop, yielded once it is ready and a device is connected."""
+    cfg = load_config(config) if isinstance(config, Path) else config
+    station = StationApp(cfg)
+    connected = asyncio.Event()
+    station.subscribe(
+        lambda kind, body: (
+            connected.set() if kind == "device_state" and body["state"] == "connected" else None
+        )
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(station.run(stop), name="harness-station")
+    await asyncio.wait_for(station.ready.wait(), 10)
+    if cfg.devices:
+        await asyncio.wait_for(connected.wait(), 10)
+    running = RunningStation(station, stop, task)
+    try:
+        yield running
+    finally:
+        if not task.done():
+            await running.shutdown()
+
+
+class LoggedProcess:
+    """A child process whose stdout and stderr a thread of ours appends to `log`, so
+    that waiting for a line is waiting for an event, not re-reading a file on a timer.
+    Started again, it appends to the same log."""
+
+    what = "process"
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.log = log
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
+        self._eof = True
+        self._started_at = 0  # the log's length when this run started
+        self._changed = threading.Condition()
+
+    def start(self) -> None:
+        self._started_at = self.log.stat().st_size if self.log.exists() else 0
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+        )
+        assert self.proc.stdout is not None
+        self._eof = False
+        self._pump = threading.Thread(
+            target=self._copy, args=(self.proc.stdout,), name=f"log-{self.what}", daemon=True
+        )
+        self._pump.start()
+
+    def _copy(self, pipe: IO[bytes]) -> None:
+        with pipe, self.log.open("ab") as out:
+            while chunk := os.read(pipe.fileno(), 65536):
+                out.write(chunk)
+                out.flush()
+                with self._changed:
+                    self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.what} not started"
+        return self.proc.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_log(
+        self, needle: str, timeout: float = 15.0, count: int = 1, *, this_run: bool = False
+    ) -> None:
+        """Until the log holds `needle` `count` times (in this run only, if `this_run`);
+        HarnessError with the log if the process exits first or the time runs out."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                text = self.text()
+                if (text[self._started_at :] if this_run else text).count(needle) >= count:
+                    return
+                if self._eof:
+                    code = None if self.proc is None else self.proc.wait()
+                    raise HarnessError(f"{self.what} exited {code}:\n{self.text()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HarnessError(
+                        f"{self.what} never logged {needle!r} x{count}:\n{self.text()}"
+                    )
+                self._changed.wait(remaining)
+
+    def check_running(self) -> None:
+        """HarnessError with the end of the log if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self._join()
+            tail = self.text()[-2000:]
+            raise HarnessError(
+                f"{self.what} exited {self.proc.returncode}; end of {self.log}:\n{tail}"
+            )
+
+    def _join(self) -> None:
+        if self._pump is not None:
+            self._pump.join(timeout=10)
+
+    def signal(self, sig: int) -> int:
+        """Send `sig` and wait for the exit; the exit code (the log is complete then)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=20)
+        self._join()
+        return code
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 20 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._join()
+
+    def close(self) -> None:
+        """SIGKILL if still running."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._join()
+
+
+class AgentProcess(LoggedProcess):
+    """`python -m agent run --config ...` as a real process (for kill -9 and signals)."""
+
+    what = "agent"
+
+    def __init__(
+        self, config: Path, log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        super().__init__(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)], log, env=env, cwd=cwd
+        )
+        self.config = config
+
+
+class RegistryProcess(LoggedProcess):
+    """`python -m agent registry ...` as a real process, so that it can be killed -9."""
+
+    what = "registry"
+
+    def __init__(
+        self, port: int, db: str | Path, log: Path, *extra: str, host: str = LOOPBACK
+    ) -> None:
+        argv = [sys.executable, "-m", "agent", "registry", "--host", host, "--port", str(port)]
+        super().__init__([*argv, "--db", str(db), *extra], log)
+        self.port = port
+        self.db = db
+        self.extra = list(extra)
+
+    def wait_log(
+        self, needle: str, timeout: float = 20.0, count: int = 1, *, this_run: bool = False
+    ) -> None:
+        super().wait_log(needle, timeout, count, this_run=this_run)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until this run has subscribed (it logs `registry consuming` then)."""
+        self.wait_log("registry consuming", timeout, this_run=True)
+
+
+async def mqtt_collect(port: int, topic: str, seconds: float) -> list[aiomqtt.Message]:
+    """Subscribe and collect what arrives (including retained messages) for a while."""
+    out: list[aiomqtt.Message] = []
+    async with aiomqtt.Client(LOOPBACK, port) as client:
+        await client.subscribe(topic, qos=1)
+
+        async def collect() -> None:
+            async for m in client.messages:
+                out.append(m)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(collect(), seconds)
+    return out
+
+
+def payload(m: aiomqtt.Message) -> Any:
+    """A message's JSON body."""
+    assert isinstance(m.payload, (bytes, bytearray, str))
+    return json.loads(m.payload)

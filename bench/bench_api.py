@@ -5,7 +5,7 @@
 Prints: manual entry round trip (POST -> commit on disk -> answer), scan on the
 serial pty -> event at an SSE client, fan-out of one event to 20 SSE clients,
 CPU used by an idle station with a page attached, and the memory the ASGI stack
-adds to the process. Uses the test fixtures' real parts (tests/conftest.py).
+adds to the process. Uses the harness (agent.testing) and the kiosk's test support.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.support
 
-from conftest import Broker, Pty  # noqa: E402
-from kiosk_support import kiosk_config, running_kiosk, sse  # noqa: E402
+from agent.testing import Broker, Pty  # noqa: E402
+from tests.support.kiosk import kiosk_config, running_kiosk, sse  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:

@@ -18,10 +18,7 @@ import hashlib
 import os
 import platform
 import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +26,19 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # tests.support
 
-from camera_support import (  # noqa: E402
+from agent.config import CameraDevice, load_config  # noqa: E402
+from agent.drivers.camera import (  # noqa: E402
+    CameraDriver,
+    Decoder,
+    gray_from_jpeg,
+    gray_from_yuyv,
+)
+from agent.station.app import StationApp  # noqa: E402
+from agent.station.sealing import Sealer  # noqa: E402
+from agent.testing import Broker, FakeCamera, running_registry, write_config  # noqa: E402
+from tests.support.camera import (  # noqa: E402
     TICKET,
     blur,
     centered,
@@ -44,18 +51,6 @@ from camera_support import (  # noqa: E402
     scene,
     vial,
 )
-
-from agent.central.registry import Registry  # noqa: E402
-from agent.config import CameraDevice, load_config  # noqa: E402
-from agent.drivers.camera import (  # noqa: E402
-    CameraDriver,
-    Decoder,
-    gray_from_jpeg,
-    gray_from_yuyv,
-)
-from agent.station.app import StationApp  # noqa: E402
-from agent.station.sealing import Sealer  # noqa: E402
-from agent.testing import FakeCamera  # noqa: E402
 
 FORMATS = ["QRCode", "DataMatrix", "EAN13"]
 #: single-core speed of a Raspberry Pi 4 (Cortex-A72, 1.5 GHz) relative to one core of
@@ -175,45 +170,30 @@ async def run_driver(
 # -- photo transfer through mosquitto ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 262144\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc, port
-        time.sleep(0.02)
-    raise RuntimeError("mosquitto did not start")
-
-
 async def photo_transfer(photos: int) -> tuple[float, int, float]:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        proc, port = start_mosquitto(tmp)
+        broker = Broker(tmp, persistence=False, log=False, settings="max_packet_size 262144\n")
+        broker.start()
         try:
             key = tmp / "key"
             Sealer.create_key_file(key)
-            cfg_path = tmp / "agent.toml"
-            cfg_path.write_text(
-                f'[agent]\nsite = "bench"\nname = "station-01"\ndata_dir = "{tmp / "data"}"\n'
-                f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nbackoff_max_s = 1\n'
-                f'[outbox]\nkey_file = "{key}"\n'
-                '[[devices]]\nname = "id-camera"\nprofile = "generic-uvc-webcam"\n'
+            cfg_path = write_config(
+                tmp,
+                broker.port,
+                devices='[[devices]]\nname = "id-camera"\nprofile = "generic-uvc-webcam"\n',
+                site="bench",
+                name="station-01",
+                telemetry_interval_s=None,
+                outbox=f'key_file = "{key}"',
+                path=tmp / "agent.toml",
+                data_dir=tmp / "data",
             )
             cfg = load_config(cfg_path)
             camera = FakeCamera([], frame_dt=0.1, still=photo_scene(2000, 1500), jpeg_quality=92)
             station = StationApp(cfg, driver_factory=lambda dev: CameraDriver(dev, source=camera))  # type: ignore[arg-type]
-            async with Registry("127.0.0.1", port, tmp / "registry.db") as registry:
-                reg_task = asyncio.create_task(registry.run())
-                await asyncio.wait_for(registry.connected.wait(), 10)
+            async with running_registry(broker.port, tmp / "registry.db") as probe:
+                registry = probe.registry
                 stop = asyncio.Event()
                 st_task = asyncio.create_task(station.run(stop))
                 await asyncio.wait_for(station.ready.wait(), 10)
@@ -237,12 +217,8 @@ async def photo_transfer(photos: int) -> tuple[float, int, float]:
                     total += result["bytes"]
                 stop.set()
                 await st_task
-                reg_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reg_task
         finally:
-            proc.kill()
-            proc.wait()
+            broker.kill()
     return total / elapsed / 1e6, total // photos, elapsed / photos
 
 

@@ -1,7 +1,7 @@
 """HID scanner path figures: decoder and evtest parsing throughput, driver latency.
 
 Run: PYTHONPATH=. python bench/bench_hid.py   (no hardware: a fake evdev device
-feeds the real driver, as in tests/test_hid_driver.py)
+feeds the real driver, as in tests/drivers/test_hid_driver.py)
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from hid_support import hid_config  # noqa: E402
+sys.path.insert(0, str(ROOT))  # tests.support
 
 from agent.drivers.hid import HidDriver  # noqa: E402
 from agent.keymap import (  # noqa: E402
@@ -29,6 +27,7 @@ from agent.keymap import (  # noqa: E402
     type_text,
 )
 from agent.testing import FakeBackend, FakeInputDevice  # noqa: E402
+from tests.support.hid import hid_config  # noqa: E402
 
 GS1 = "]C101049123456789041726123110LOT-A1\x1d21SN42"  # 42 chars, shift and GS
 

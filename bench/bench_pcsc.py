@@ -23,14 +23,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from pcsc_support import TEST_PIN, MyNumberCard, pcsc_stack
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 
 from agent.config import PcscDevice
 from agent.drivers.card import card_info, identify_card
 from agent.drivers.pcsc import PcscDriver
 from agent.drivers.scard import PcscSession
+from tests.support.pcsc import TEST_PIN, MyNumberCard, pcsc_stack
 
 
 def figures(name: str, samples: list[float]) -> None:

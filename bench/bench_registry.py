@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,28 +30,10 @@ from pathlib import Path
 
 import aiomqtt
 
-ROOT = Path(__file__).resolve().parent.parent
+from agent.testing import RegistryProcess, free_port, start_mosquitto, stop_mosquitto
+
 PREFIX = "madoguchi/v1"
 SITE = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if proc.poll() is not None:
-                sys.exit(f"exited with {proc.returncode}")
-            time.sleep(0.02)
-    sys.exit(f"nothing listens on {port}")
 
 
 class Mosquitto:
@@ -65,14 +46,11 @@ class Mosquitto:
             "max_queued_messages 0\nmax_inflight_messages 0\n"
             "log_dest stdout\n"
         )
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log = (workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log)
-        wait_port(self.port, self.proc)
+        self.proc = start_mosquitto(conf, self.port, stdout=self.log, timeout=15)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        stop_mosquitto(self.proc)
         self.log.close()
 
 
@@ -193,49 +171,20 @@ async def load(port: int, total: int, agents: int, batch: int) -> tuple[float, i
     return elapsed, len(pending)
 
 
-def consumers(port: int, db: str, n: int, workdir: Path) -> list[subprocess.Popen[bytes]]:
+def consumers(port: int, db: str, n: int, workdir: Path) -> list[RegistryProcess]:
     procs = []
     for i in range(n):
-        log = (workdir / f"consumer-{i}.log").open("ab")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "agent",
-                    "registry",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--db",
-                    db,
-                    "--shared",
-                    "bench",
-                    "--quiet",
-                    "--log-level",
-                    "INFO",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-        )
+        log = workdir / f"consumer-{i}.log"
+        extra = ("--shared", "bench", "--quiet", "--log-level", "INFO")
+        procs.append(RegistryProcess(port, db, log, *extra))
+        procs[-1].start()
     return procs
 
 
-def wait_connected(run: Path, n: int, procs: list[subprocess.Popen[bytes]]) -> None:
-    """Until all n consumers have subscribed (each logs it once)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        logs = [(run / f"consumer-{i}.log").read_text(errors="replace") for i in range(n)]
-        if all("registry consuming" in text for text in logs):
-            return
-        if any(p.poll() is not None for p in procs):
-            sys.exit(f"a consumer exited: see {run}")
-        time.sleep(0.05)
-    sys.exit("consumers did not connect")
+def wait_connected(procs: list[RegistryProcess]) -> None:
+    """Until all consumers have subscribed (each logs it once)."""
+    for p in procs:
+        p.wait_ready(30)
 
 
 def one_run(
@@ -247,14 +196,11 @@ def one_run(
     broker = Mosquitto(run)
     procs = consumers(broker.port, db, n, run)
     try:
-        wait_connected(run, n, procs)
+        wait_connected(procs)
         elapsed, missing = asyncio.run(load(broker.port, records, agents, batch))
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(10)
+            p.stop()
         broker.stop()
     return (records - missing) / elapsed, missing
 

@@ -22,19 +22,17 @@ import sys
 import tempfile
 import threading
 import time
-import tty
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from agent.central.registry import Stored
+from agent.contract.records import Read, envelope
+from agent.station.outbox import Outbox, read_stats
+from agent.testing import AgentProcess, Broker, Pty, running_registry, serial_scanner, write_config
 
-from agent.central.registry import Registry, Stored  # noqa: E402
-from agent.cli.demo import free_port, start_mosquitto  # noqa: E402
-from agent.contract.records import Read, envelope  # noqa: E402
-from agent.station.outbox import Outbox, read_stats  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> dict[str, Any]:
@@ -60,50 +58,25 @@ def pct(values: list[float], p: float) -> float:
 
 
 def agent_config(workdir: Path, port: int, scanner: Path | None, name: str) -> Path:
-    devices = (
-        ""
-        if scanner is None
-        else f"""
-[[devices]]
-name = "ticket-scanner"
-profile = "generic-serial-scanner"
-port = "{scanner}"
-host_ack = "\\u0006"
-"""
-    )
-    path = workdir / f"{name}.toml"
-    path.write_text(f"""
-[agent]
-site = "bench-site"
-name = "{name}"
-data_dir = "{workdir / name}"
-log_level = "WARNING"
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-
-[outbox]
-resend_after_s = 60
-{devices}
-""")
-    return path
-
-
-def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
+    devices = "" if scanner is None else serial_scanner(scanner, host_nak=None)
+    return write_config(
+        workdir,
+        port,
+        devices=devices,
+        site="bench-site",
+        name=name,
+        data_dir=workdir / name,
+        extra_agent='log_level = "WARNING"',
+        telemetry_interval_s=None,
+        mqtt="",
+        outbox="resend_after_s = 60",
     )
 
 
-def alive(proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Stop the benchmark with the agent's own words if it died."""
-    if proc.poll() is not None:
-        tail = log.read_text(errors="replace")[-2000:]
-        raise SystemExit(f"agent exited with {proc.returncode}; end of {log}:\n{tail}")
+def start_agent(config: Path, log: Path) -> AgentProcess:
+    agent = AgentProcess(config, log, cwd=ROOT)
+    agent.start()
+    return agent
 
 
 def proc_rss(pid: int) -> int:
@@ -118,22 +91,8 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def read_byte(loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
-    """One byte from a non-blocking fd, woken by the event loop (no reader thread)."""
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-    return os.read(fd, 1)
-
-
 async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str, Any]:
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    link = workdir / "ttyBench"
-    link.symlink_to(os.ttyname(slave))
+    pty = Pty(workdir / "ttyBench")
     stored_at: dict[str, float] = {}
     got = asyncio.Event()
 
@@ -143,36 +102,27 @@ async def latency(port: int, workdir: Path, scans: int, rate: float) -> dict[str
             if len(stored_at) >= scans:
                 got.set()
 
-    cfg = agent_config(workdir, port, link, "latency")
-    proc = start_agent(cfg, workdir / "latency.log")
+    cfg = agent_config(workdir, port, pty.link, "latency")
+    agent = start_agent(cfg, workdir / "latency.log")
     ack_lat: list[float] = []
     sent_at: dict[str, float] = {}
-    async with Registry("127.0.0.1", port, workdir / "reg-latency.db", on_stored=on_stored) as reg:
-        task = asyncio.create_task(reg.run())
-        await reg.connected.wait()
+    async with running_registry(port, workdir / "reg-latency.db", on_stored=on_stored):
         await asyncio.sleep(2.0)  # the agent connects and opens the port
-        alive(proc, workdir / "latency.log")
-        os.set_blocking(master, False)
-        loop = asyncio.get_running_loop()
+        agent.check_running()
         for i in range(scans):
             text = f"1111224100{i:08d}"
             t0 = time.perf_counter()
             sent_at[text] = t0
-            os.write(master, text.encode() + b"\r")
-            try:
-                await asyncio.wait_for(read_byte(loop, master), 10)
-            except TimeoutError:
-                alive(proc, workdir / "latency.log")
-                raise SystemExit("no host ACK within 10 s") from None
+            pty.scan(text)
+            if not await pty.aread(1, 10):
+                agent.check_running()
+                raise SystemExit("no host ACK within 10 s")
             ack_lat.append(time.perf_counter() - t0)
             await asyncio.sleep(max(0.0, 1 / rate - (time.perf_counter() - t0)))
         await asyncio.wait_for(got.wait(), 60)
-        task.cancel()
-    rss = proc_rss(proc.pid)
-    proc.terminate()
-    proc.wait()
-    os.close(master)
-    os.close(slave)
+    rss = proc_rss(agent.pid)
+    agent.stop()
+    pty.close()
     reg_lat = [stored_at[t] - sent_at[t] for t in sent_at]
     ms = 1000.0
     return {
@@ -232,26 +182,18 @@ async def drain(port: int, workdir: Path, backlog: int) -> dict[str, Any]:
         if count >= backlog:
             done.set()
 
-    async with Registry(
-        "127.0.0.1",
-        port,
-        workdir / "reg-drain.db",
-        on_stored=on_stored,
-        client_id="bench-registry-drain",
-    ) as reg:
-        task = asyncio.create_task(reg.run())
-        await reg.connected.wait()
+    async with running_registry(
+        port, workdir / "reg-drain.db", on_stored=on_stored, client_id="bench-registry-drain"
+    ):
         t0 = time.perf_counter()
-        proc = start_agent(cfg, workdir / "drain.log")
+        agent = start_agent(cfg, workdir / "drain.log")
         await asyncio.wait_for(done.wait(), 600)
         stored_s = time.perf_counter() - t0
         while read_stats(db)["unconfirmed"]:
             await asyncio.sleep(0.01)
         confirmed_s = time.perf_counter() - t0
-        rss = proc_rss(proc.pid)
-        task.cancel()
-    proc.terminate()
-    proc.wait()
+        rss = proc_rss(agent.pid)
+    agent.stop()
     return {
         "records": backlog,
         "stored_s": stored_s,
@@ -328,47 +270,39 @@ async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
         if count >= len(records):
             done.set()
 
-    async with Registry(
-        "127.0.0.1",
+    async with running_registry(
         port,
         workdir / f"reg-raw-{time.monotonic_ns()}.db",  # a fresh registry every run
         on_stored=on_stored,
         client_id="bench-registry-raw",
-    ) as reg:
-        task = asyncio.create_task(reg.run())
-        await reg.connected.wait()
+    ):
         t0 = time.perf_counter()
         pub = await asyncio.to_thread(raw_paho_process, port, records, workdir)
         await asyncio.wait_for(done.wait(), 900)
         dt = time.perf_counter() - t0
-        task.cancel()
     return {**pub, "stored_s": dt, "rate_stored": len(records) / dt}
 
 
 async def idle(port: int, workdir: Path, seconds: float) -> dict[str, Any]:
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    link = workdir / "ttyIdle"
-    link.symlink_to(os.ttyname(slave))
-    proc = start_agent(agent_config(workdir, port, link, "idle"), workdir / "idle.log")
+    pty = Pty(workdir / "ttyIdle")
+    agent = start_agent(agent_config(workdir, port, pty.link, "idle"), workdir / "idle.log")
     await asyncio.sleep(3)
-    alive(proc, workdir / "idle.log")
-    c0 = proc_cpu_s(proc.pid)
+    agent.check_running()
+    c0 = proc_cpu_s(agent.pid)
     await asyncio.sleep(seconds)
-    cpu = (proc_cpu_s(proc.pid) - c0) / seconds
-    rss = proc_rss(proc.pid)
-    proc.terminate()
-    proc.wait()
-    os.close(master)
-    os.close(slave)
+    cpu = (proc_cpu_s(agent.pid) - c0) / seconds
+    rss = proc_rss(agent.pid)
+    agent.stop()
+    pty.close()
     return {"rss_bytes": rss, "cpu_share": cpu, "seconds": seconds}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="madoguchi-bench-") as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        broker = await start_mosquitto(workdir, port)
+        broker = Broker(workdir, persistence=False, log=False, settings="")
+        broker.start()
+        port = broker.port
         try:
             out: dict[str, Any] = {"machine": machine()}
             out["idle"] = await idle(port, workdir, args.idle_s)
@@ -383,8 +317,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 / out["raw_paho"]["rate_stored"],
             }
         finally:
-            broker.terminate()
-            await broker.wait()
+            broker.stop()
     return out
 
 

@@ -21,27 +21,33 @@ import contextlib
 import json
 import os
 import shutil
-import socket
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import tty
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench"))  # core_bench, when run as a module
 
 import core_bench as core  # noqa: E402
 
-from agent.central.registry import Registry, Stored  # noqa: E402
-from agent.cli.demo import find_mosquitto, free_port  # noqa: E402
+from agent.central.registry import Stored  # noqa: E402
 from agent.contract.records import Read  # noqa: E402
 from agent.station.outbox import Outbox, read_stats  # noqa: E402
+from agent.testing import (  # noqa: E402
+    AgentProcess,
+    Broker,
+    NotifySocket,
+    Pty,
+    running_registry,
+    serial_scanner,
+    write_config,
+)
 
 DOCS = ROOT / "docs"
 PERF = DOCS / "perf"
@@ -86,77 +92,35 @@ def machine(workdir: Path) -> dict[str, Any]:
     return info
 
 
-class Mosquitto:
-    """A broker on a fixed port with persistence, stopped and started again by the suite."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.dir = workdir / f"mosquitto-{self.port}"
-        self.dir.mkdir()
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {self.dir}/\nlog_dest none\n"
-            "max_queued_messages 0\nset_tcp_nodelay true\n"
-        )
-        if os.geteuid() == 0:  # mosquitto drops to its own user: let it write here
-            shutil.chown(self.dir, "mosquitto")
-            os.chmod(workdir, 0o755)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [find_mosquitto(), "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.01)
-        raise SystemExit("mosquitto did not listen")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.proc = None
+def mosquitto(workdir: Path) -> Broker:
+    """A broker with persistence, stopped and started again by the suite; unlimited queues."""
+    directory = workdir / f"mosquitto-{time.monotonic_ns()}"
+    directory.mkdir()
+    if os.geteuid() == 0:  # mosquitto drops to its own user: let it write here
+        shutil.chown(directory, "mosquitto")
+        os.chmod(workdir, 0o755)
+    return Broker(directory, log=False, settings="max_queued_messages 0\n")
 
 
 def config(
     workdir: Path, port: int, name: str, devices: str = "", outbox: str = "resend_after_s = 60"
 ) -> Path:
-    path = workdir / f"{name}.toml"
-    path.write_text(
-        f'[agent]\nsite = "bench-site"\nname = "{name}"\ndata_dir = "{workdir / name}"\n'
-        f'log_level = "WARNING"\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
-        f"backoff_max_s = 2\n\n[outbox]\n{outbox}\n{devices}"
+    return write_config(
+        workdir,
+        port,
+        devices=devices,
+        site="bench-site",
+        name=name,
+        data_dir=workdir / name,
+        extra_agent='log_level = "WARNING"',
+        telemetry_interval_s=None,
+        mqtt="backoff_max_s = 2",
+        outbox=outbox,
     )
-    return path
 
 
 def serial_device(link: Path) -> str:
-    return (
-        f'\n[[devices]]\nname = "ticket-scanner"\nprofile = "generic-serial-scanner"\n'
-        f'port = "{link}"\nhost_ack = "\\u0006"\n'
-    )
-
-
-class Pty:
-    def __init__(self, workdir: Path, name: str) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        self.link = workdir / name
-        self.link.symlink_to(os.ttyname(self.slave))
-        os.set_blocking(self.master, False)
-
-    def close(self) -> None:
-        os.close(self.master)
-        os.close(self.slave)
+    return serial_scanner(link, host_nak=None)
 
 
 # -- durable ingest -------------------------------------------------------------------------
@@ -238,7 +202,7 @@ async def fill(db: Path, n: int) -> None:
             )
 
 
-async def drain(broker: Mosquitto, workdir: Path, backlog: int, seed: Path) -> dict[str, Any]:
+async def drain(broker: Broker, workdir: Path, backlog: int, seed: Path) -> dict[str, Any]:
     """A pre-filled outbox to the reference registry, acks included; a timeline of stores."""
     name = f"drain{time.monotonic_ns()}"
     cfg = config(workdir, broker.port, name)
@@ -255,17 +219,14 @@ async def drain(broker: Mosquitto, workdir: Path, backlog: int, seed: Path) -> d
             done.set()
 
     timeline: list[tuple[float, int]] = []
-    async with Registry(
-        "127.0.0.1",
+    async with running_registry(
         broker.port,
         workdir / f"{name}-registry.db",
         on_stored=on_stored,
         client_id=f"bench-{name}",
-    ) as reg:
-        task = asyncio.create_task(reg.run())
-        await reg.connected.wait()
+    ):
         t0 = time.perf_counter()
-        proc = core.start_agent(cfg, workdir / f"{name}.log")
+        agent = core.start_agent(cfg, workdir / f"{name}.log")
 
         async def sample() -> None:
             while True:
@@ -277,14 +238,12 @@ async def drain(broker: Mosquitto, workdir: Path, backlog: int, seed: Path) -> d
             await asyncio.wait_for(done.wait(), 900)
             stored_s = time.perf_counter() - t0
             while read_stats(db)["unconfirmed"]:
-                core.alive(proc, workdir / f"{name}.log")
+                agent.check_running()
                 await asyncio.sleep(0.02)
             confirmed_s = time.perf_counter() - t0
         finally:
             sampler.cancel()
-            task.cancel()
-            proc.terminate()
-            proc.wait()
+            agent.stop()
     return {
         "stored_per_s": backlog / stored_s,
         "confirmed_per_s": backlog / confirmed_s,
@@ -295,7 +254,7 @@ async def drain(broker: Mosquitto, workdir: Path, backlog: int, seed: Path) -> d
 # -- latency --------------------------------------------------------------------------------
 
 
-async def latency(broker: Mosquitto, workdir: Path, rate: float, scans: int) -> dict[str, Any]:
+async def latency(broker: Broker, workdir: Path, rate: float, scans: int) -> dict[str, Any]:
     sub = workdir / f"lat-{rate:g}-{time.monotonic_ns()}"
     sub.mkdir()
     return await core.latency(broker.port, sub, scans, rate)
@@ -305,47 +264,35 @@ async def latency(broker: Mosquitto, workdir: Path, rate: float, scans: int) -> 
 
 
 async def ready(
-    broker: Mosquitto, workdir: Path, seed: Path | None, watch_s: float
+    broker: Broker, workdir: Path, seed: Path | None, watch_s: float
 ) -> dict[str, float]:
     """Start to READY=1 on a NOTIFY_SOCKET we own, twice: first with no clean-close mark
     (as after a crash or power cut: full quick_check), then restarted after a clean stop
     (the mark lets it skip the check). RSS while the backlog is sent, after the second."""
     name = f"ready{time.monotonic_ns()}"
-    pty = Pty(workdir, f"tty-{name}")
+    pty = Pty(workdir / f"tty-{name}")
     cfg = config(workdir, broker.port, name, serial_device(pty.link))
     (workdir / name).mkdir()
     if seed is not None:
         os.link(seed, workdir / name / "outbox.db")  # the same file every run: no copy
-    sock_path = workdir / f"{name}.notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(120)
-    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
+    notify = NotifySocket()
     log = workdir / f"{name}.log"
 
-    async def start() -> tuple[subprocess.Popen[bytes], float]:
+    async def start() -> tuple[AgentProcess, float]:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-        )
-        while True:
-            try:
-                msg = await asyncio.to_thread(sock.recv, 4096)
-            except TimeoutError:
-                core.alive(proc, log)
-                proc.kill()
-                raise SystemExit("no READY=1 within 120 s") from None
-            if b"READY=1" in msg.split(b"\n"):
-                return proc, time.perf_counter() - t0
+        agent = AgentProcess(cfg, log, env=notify.env(), cwd=ROOT)
+        agent.start()
+        assert agent.proc is not None
+        if not await asyncio.to_thread(notify.wait_ready, agent.proc, 120):
+            agent.check_running()
+            agent.close()
+            raise SystemExit("no READY=1 within 120 s")
+        return agent, time.perf_counter() - t0
 
-    def stop(proc: subprocess.Popen[bytes]) -> None:
-        proc.terminate()
-        if proc.wait() != 0:
-            raise SystemExit(f"agent exited {proc.returncode} on SIGTERM: see {log}")
+    def stop(agent: AgentProcess) -> None:
+        code = agent.signal(signal.SIGTERM)
+        if code != 0:
+            raise SystemExit(f"agent exited {code} on SIGTERM: see {log}")
 
     try:
         proc, unclean_s = await start()
@@ -359,11 +306,11 @@ async def ready(
             while time.monotonic() < end:
                 rss.append(core.proc_rss(proc.pid))
                 await asyncio.sleep(0.25)
-            core.alive(proc, log)
+            proc.check_running()
         finally:
             stop(proc)
     finally:
-        sock.close()
+        notify.close()
         pty.close()
     return {
         "ready_s": ready_s,
@@ -375,42 +322,38 @@ async def ready(
 
 async def broker_return(workdir: Path, down_s: float) -> float:
     """Broker stopped while scans go on; seconds from its return to the first confirmation."""
-    broker = Mosquitto(workdir)
+    broker = mosquitto(workdir)
     broker.start()
     name = f"ret{time.monotonic_ns()}"
-    pty = Pty(workdir, f"tty-{name}")
+    pty = Pty(workdir / f"tty-{name}")
     cfg = config(workdir, broker.port, name, serial_device(pty.link))
     log = workdir / f"{name}.log"
     db = workdir / name / "outbox.db"
-    loop = asyncio.get_running_loop()
-    async with Registry(
-        "127.0.0.1", broker.port, workdir / f"{name}-registry.db", client_id=f"bench-{name}"
-    ) as reg:
-        task = asyncio.create_task(reg.run())
-        await reg.connected.wait()
-        proc = core.start_agent(cfg, log)
+    async with running_registry(
+        broker.port, workdir / f"{name}-registry.db", client_id=f"bench-{name}"
+    ):
+        agent = core.start_agent(cfg, log)
         try:
             await asyncio.sleep(2.0)
-            core.alive(proc, log)
+            agent.check_running()
             broker.stop()
             await asyncio.sleep(down_s / 2)
             for i in range(5):  # scans while the broker is away: ACKed from the outbox
-                os.write(pty.master, f"9999000000{i:08d}\r".encode())
-                await asyncio.wait_for(core.read_byte(loop, pty.master), 10)
+                pty.scan(f"9999000000{i:08d}")
+                if not await pty.aread(1, 10):
+                    raise SystemExit("no host ACK within 10 s")
             await asyncio.sleep(down_s / 2)
             confirmed = read_stats(db)["confirmed"]
             broker.start()
             t0 = time.perf_counter()
             while read_stats(db)["confirmed"] == confirmed:
-                core.alive(proc, log)
+                agent.check_running()
                 if time.perf_counter() - t0 > 120:
                     raise SystemExit("nothing confirmed within 120 s of the broker's return")
                 await asyncio.sleep(0.005)
             return time.perf_counter() - t0
         finally:
-            task.cancel()
-            proc.terminate()
-            proc.wait()
+            agent.stop()
             broker.stop()
             pty.close()
 
@@ -418,10 +361,10 @@ async def broker_return(workdir: Path, down_s: float) -> float:
 # -- footprint ------------------------------------------------------------------------------
 
 
-async def footprint(broker: Mosquitto, workdir: Path, seconds: float) -> dict[str, float]:
+async def footprint(broker: Broker, workdir: Path, seconds: float) -> dict[str, float]:
     """Idle agent with a serial, a keyboard-mode, a PC/SC and a camera device configured."""
     name = f"foot{time.monotonic_ns()}"
-    pty = Pty(workdir, f"tty-{name}")
+    pty = Pty(workdir / f"tty-{name}")
     devices = serial_device(pty.link) + (
         '\n[[devices]]\nname = "hid-scanner"\nprofile = "generic-hid-scanner-us"\n'
         'path = "/dev/input/by-id/usb-none-event-kbd"\nhotplug_wait_s = 60\n'
@@ -432,18 +375,17 @@ async def footprint(broker: Mosquitto, workdir: Path, seconds: float) -> dict[st
     )
     cfg = config(workdir, broker.port, name, devices)
     log = workdir / f"{name}.log"
-    proc = core.start_agent(cfg, log)
+    agent = core.start_agent(cfg, log)
     try:
         await asyncio.sleep(4)
-        core.alive(proc, log)
-        c0 = core.proc_cpu_s(proc.pid)
+        agent.check_running()
+        c0 = core.proc_cpu_s(agent.pid)
         await asyncio.sleep(seconds)
-        cpu = (core.proc_cpu_s(proc.pid) - c0) / seconds
-        rss = core.proc_rss(proc.pid)
-        modules = Path(f"/proc/{proc.pid}/maps").read_text()
+        cpu = (core.proc_cpu_s(agent.pid) - c0) / seconds
+        rss = core.proc_rss(agent.pid)
+        modules = Path(f"/proc/{agent.pid}/maps").read_text()
     finally:
-        proc.terminate()
-        proc.wait()
+        agent.stop()
         pty.close()
     loaded = [lib for lib in ("serial", "evdev", "smartcard", "zxingcpp") if lib in modules]
     return {"rss_bytes": rss, "cpu_share": cpu, "native_libs_mapped": len(loaded)}
@@ -541,13 +483,13 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="madoguchi-suite-", dir=args.tmp) as tmp:
         workdir = Path(tmp)
         out["machine"] = machine(workdir)
-        brokers: list[Mosquitto] = []
+        brokers: list[Broker] = []
 
-        def fresh_broker() -> Mosquitto:
+        def fresh_broker() -> Broker:
             """A broker per section: registries' persistent sessions do not pile up queues."""
             for b in brokers:
                 b.stop()
-            brokers.append(Mosquitto(workdir))
+            brokers.append(mosquitto(workdir))
             brokers[-1].start()
             return brokers[-1]
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
-import tty
 from pathlib import Path
 
-from agent.central.registry import Registry, Stored, describe_record
+from agent.central.registry import Stored, describe_record
 from agent.config import load_config
+from agent.errors import HarnessError
+from agent.station.app import StationApp
+from agent.testing import Broker, Pty, running_registry, running_station, write_config
 
 ACK, NAK = b"\x06", b"\x15"
 
@@ -40,171 +39,59 @@ SCANS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def find_mosquitto() -> str:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise SystemExit("mosquitto not found: run `make setup` (apt install mosquitto) first")
-
-
-async def start_mosquitto(workdir: Path, port: int) -> asyncio.subprocess.Process:
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
-        "set_tcp_nodelay true\n"
-    )
-    proc = await asyncio.create_subprocess_exec(
-        find_mosquitto(),
-        "-c",
-        str(conf),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C reaches the demo, which stops the broker last
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if proc.returncode is not None:
-                raise SystemExit(f"mosquitto exited with {proc.returncode}") from None
-            await asyncio.sleep(0.05)
-    proc.kill()
-    raise SystemExit("mosquitto did not start listening")
-
-
-def write_config(workdir: Path, port: int, scanner: Path) -> Path:
-    path = workdir / "agent.toml"
-    path.write_text(f"""
-[agent]
-site = "demo-city-hall-1f"
-name = "station-01"
-data_dir = "{workdir / "data"}"
-telemetry_interval_s = 5
-
-[mqtt]
-host = "127.0.0.1"
-port = {port}
-
-[outbox]
-resend_after_s = 5
-
-[[devices]]
-name = "ticket-scanner"
-profile = "generic-serial-scanner"
-port = "{scanner}"
-host_ack = "\\u0006"
-host_nak = "\\u0015"
-""")
-    return path
-
-
-class SimulatedScanner:
-    """The scanner's side of a pty: types scans, hears ACK/NAK bytes."""
-
-    def __init__(self, master: int) -> None:
-        self.master = master
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.master, self._readable)
-
-    def stop(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.master)
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.master, 64)
-        except OSError:
-            return
-        for b in data:
-            self.replies.put_nowait(bytes([b]))
-
-    async def scan(self, text: str) -> bytes | None:
-        os.write(self.master, text.encode() + b"\r")
-        try:
-            return await asyncio.wait_for(self.replies.get(), timeout=5)
-        except TimeoutError:
-            return None
-
-
 def show(text: str) -> str:
     return text.encode("unicode_escape").decode()
 
 
 async def demo(stop: asyncio.Event, loop_forever: bool, count: int) -> int:
-    from agent.station.app import StationApp
-
     with tempfile.TemporaryDirectory(prefix="madoguchi-demo-") as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        broker = await start_mosquitto(workdir, port)
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        link = workdir / "ttyScanner"
-        link.symlink_to(os.ttyname(slave))
-        config = load_config(write_config(workdir, port, link))
-        print(f"broker    mosquitto on 127.0.0.1:{port}")
-        print(f"scanner   simulated serial scanner on {os.ttyname(slave)}")
+        # its own session: Ctrl-C reaches the demo, which stops the broker last
+        broker = Broker(workdir, persistence=False, log=False, settings="", own_session=True)
+        try:
+            broker.start()
+        except HarnessError as e:
+            raise SystemExit(str(e)) from None
+        scanner = Pty(workdir / "ttyScanner")
+        path = write_config(
+            workdir,
+            broker.port,
+            scanner=scanner.link,
+            site="demo-city-hall-1f",
+            name="station-01",
+            telemetry_interval_s=5,
+            mqtt="",
+            outbox="resend_after_s = 5",
+            path=workdir / "agent.toml",
+            data_dir=workdir / "data",
+        )
+        config = load_config(path)
+        print(f"broker    mosquitto on 127.0.0.1:{broker.port}")
+        print(f"scanner   simulated serial scanner on {scanner.device}")
         print(f"outbox    {config.outbox_path}\n")
         confirmed: asyncio.Queue[Stored] = asyncio.Queue()
-        station = StationApp(config)
-        scanner_ready = asyncio.Event()
-        station.subscribe(
-            lambda kind, body: (
-                scanner_ready.set()
-                if kind == "device_state" and body["state"] == "connected"
-                else None
-            )
-        )
-        scanner = SimulatedScanner(master)
         try:
             async with (
-                Registry(
-                    "127.0.0.1", port, workdir / "registry.db", on_stored=confirmed.put_nowait
-                ) as registry,
-                asyncio.TaskGroup() as tg,
+                running_registry(
+                    broker.port, workdir / "registry.db", on_stored=confirmed.put_nowait
+                ),
+                running_station(config) as agent,
             ):
-                reg_task = tg.create_task(registry.run(), name="registry")
-                agent_stop = asyncio.Event()
-                agent_task = tg.create_task(station.run(agent_stop), name="agent")
-                await registry.connected.wait()
-                await station.ready.wait()
-                await scanner_ready.wait()
-                scanner.start()
                 total = await _feed(scanner, confirmed, stop, loop_forever, count or len(SCANS))
-                unconfirmed = await _wait_confirmed(station, stop)
+                unconfirmed = await _wait_confirmed(agent.station, stop)
                 print(
                     f"\n{total} scans, every one stored by the registry once "
                     f"(outbox unconfirmed: {unconfirmed})."
                 )
-                agent_stop.set()
-                await agent_task
-                reg_task.cancel()
+                await agent.shutdown()
         finally:
-            scanner_cleanup(scanner)
-            os.close(master)
-            os.close(slave)
-            with contextlib.suppress(ProcessLookupError):
-                broker.terminate()
-            await broker.wait()
+            scanner.close()
+            broker.stop()
     return 0
 
 
-def scanner_cleanup(scanner: SimulatedScanner) -> None:
-    with contextlib.suppress(Exception):
-        scanner.stop()
-
-
 async def _feed(
-    scanner: SimulatedScanner,
+    scanner: Pty,
     confirmed: asyncio.Queue[Stored],
     stop: asyncio.Event,
     loop_forever: bool,
@@ -214,7 +101,8 @@ async def _feed(
     while not stop.is_set() and (loop_forever or n < count):
         text = SCANS[n % len(SCANS)]
         n += 1
-        reply = await scanner.scan(text)
+        scanner.scan(text)
+        reply = await scanner.aread(1, timeout=5) or None
         beep = {ACK: "ACK (beep)", NAK: "NAK (error beep)"}.get(reply or b"", "no answer")
         print(f"scan      {show(text):48} -> scanner got {beep}")
         try:
@@ -227,10 +115,8 @@ async def _feed(
     return n
 
 
-async def _wait_confirmed(station: object, stop: asyncio.Event) -> int:
-    from agent.station.app import StationApp
-
-    assert isinstance(station, StationApp) and station.outbox is not None
+async def _wait_confirmed(station: StationApp, stop: asyncio.Event) -> int:
+    assert station.outbox is not None
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not stop.is_set():
         stats = await station.outbox.stats()

@@ -10,15 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import central_support
 import pytest
-from central_support import running_dashboard
-from conftest import Broker, Pty, free_port, running_station, write_config
 
 from agent.central.dashboard import Dashboard, Fleet, Thresholds
 from agent.central.store import AgentSummary, Gap
+from agent.testing import Broker, Pty, free_port, running_station, write_config
+from tests.support.central import running_dashboard
 
-contract_spy = central_support.contract_spy
 S, A = "toda-city-hall-1f", "station-03"
 
 

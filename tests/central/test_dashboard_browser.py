@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import central_support
 import pytest
-from central_support import running_dashboard
-from conftest import (
-    ARTIFACTS,
+
+from agent.central.dashboard import Dashboard, Thresholds
+from agent.testing import (
     AgentProcess,
     Broker,
     Pty,
@@ -24,10 +23,9 @@ from conftest import (
     running_station,
     write_config,
 )
+from tests.support.browser import ARTIFACTS
+from tests.support.central import running_dashboard
 
-from agent.central.dashboard import Dashboard, Thresholds
-
-contract_spy = central_support.contract_spy
 pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
 KEY = "toda-city-hall-1f/station-03"

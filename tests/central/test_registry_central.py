@@ -12,19 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import central_support
 import pytest
-from central_support import PgCluster, RegistryProcess, envelope, record
-from conftest import Broker, Pty, payload, running_station, write_config
 
 from agent.central.registry import Registry, Stored
 from agent.central.store import Batch
 from agent.central.store_pg import PostgresStore
 from agent.central.store_sqlite import SqliteStore
 from agent.errors import RegistryStoreError
-
-pg_cluster = central_support.pg_cluster
-pg_dsn = central_support.pg_dsn
+from agent.testing import Broker, Pty, RegistryProcess, payload, running_station, write_config
+from tests.support.central import PgCluster, envelope, record
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
 ACK = b"\x06"

@@ -8,9 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import central_support
 import pytest
-from central_support import PgCluster, record
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,9 +17,7 @@ from agent.central.store_pg import PostgresStore
 from agent.central.store_sqlite import RegistryStore, SqliteStore
 from agent.central.stores import open_store
 from agent.errors import BlobMismatch
-
-pg_cluster = central_support.pg_cluster
-pg_dsn = central_support.pg_dsn
+from tests.support.central import PgCluster, record
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
 

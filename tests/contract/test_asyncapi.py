@@ -15,8 +15,9 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from central_support import DOC, Contract, resolve
-from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
+
+from agent.testing import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
+from tests.support.central import DOC, Contract, resolve
 
 BASE = "madoguchi/v1/toda-city-hall-1f/station-03"
 ACK = b"\x06"

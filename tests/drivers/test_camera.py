@@ -11,7 +11,24 @@ from typing import Any
 import numpy as np
 import pytest
 import zxingcpp
-from camera_support import (
+from PIL import Image
+
+from agent.config import BarcodeFormatName, CameraDevice, load_config
+from agent.contract.records import Read
+from agent.drivers import create_driver
+from agent.drivers.camera import (
+    CameraDriver,
+    Code,
+    Decoder,
+    Frame,
+    InView,
+    LatestFrame,
+    gray_from_bytes,
+    gray_from_yuyv,
+)
+from agent.errors import ConfigError, DeviceUnavailable, DriverMissing
+from agent.testing import Broker, FakeCamera, RegistryProbe, write_config
+from tests.support.camera import (
     EAN,
     FORM_ID,
     TICKET,
@@ -30,24 +47,6 @@ from camera_support import (
     scene,
     vial,
 )
-from conftest import Broker, RegistryProbe, write_config
-from PIL import Image
-
-from agent.config import BarcodeFormatName, CameraDevice, load_config
-from agent.contract.records import Read
-from agent.drivers import create_driver
-from agent.drivers.camera import (
-    CameraDriver,
-    Code,
-    Decoder,
-    Frame,
-    InView,
-    LatestFrame,
-    gray_from_bytes,
-    gray_from_yuyv,
-)
-from agent.errors import ConfigError, DeviceUnavailable, DriverMissing
-from agent.testing import FakeCamera
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from camera_support import TICKET, centered, photo_scene, qr
 from PIL import Image
 
 from agent.config import CameraDevice
@@ -29,6 +28,7 @@ from agent.drivers import create_driver
 from agent.drivers.camera import CameraDriver, Picamera2Source, V4L2Source
 from agent.errors import DeviceError, DeviceUnavailable
 from agent.testing import FakeCamera
+from tests.support.camera import TICKET, centered, photo_scene, qr
 
 
 def config(source: str, **kw: Any) -> CameraDevice:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pcsc_support import TEST_ADDRESS, TEST_NAME, TEST_PIN, MyNumberCard, PcscStack, pcsc_stack
 from PIL import Image
 
 from agent.config import PcscDevice
@@ -37,6 +36,14 @@ from agent.testing import (
     FakePhotoCamera,
     FakeWatch,
     counter_top,
+)
+from tests.support.pcsc import (
+    TEST_ADDRESS,
+    TEST_NAME,
+    TEST_PIN,
+    MyNumberCard,
+    PcscStack,
+    pcsc_stack,
 )
 
 #: what the emulated card's 入力補助AP holds, as the real driver reads it

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hid_support import DATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +25,7 @@ from agent.keymap import (
     parse_evtest,
     type_text,
 )
+from tests.support.hid import DATA
 
 ROOT = Path(__file__).resolve().parents[2]
 GS = "\x1d"

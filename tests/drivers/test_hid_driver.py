@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hid_support import hid_config
 
 from agent.config import load_config
 from agent.contract.records import Read, ReadFault
@@ -17,6 +16,7 @@ from agent.drivers.hid import HidDriver
 from agent.errors import DeviceError, DeviceUnavailable
 from agent.keymap import KEYS, type_text
 from agent.testing import FakeBackend, FakeInputDevice, FakeWatch
+from tests.support.hid import hid_config
 
 GS = "\x1d"
 

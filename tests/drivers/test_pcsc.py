@@ -1,6 +1,6 @@
 """IC card readers against a real pcscd with vsmartcard's vpcd and emulated cards.
 
-The cards (tests/pcsc_support.py) speak the vpcd socket protocol: a My Number
+The cards (tests/support/pcsc.py) speak the vpcd socket protocol: a My Number
 card with a certificate from a test CA and a PIN counter that really counts,
 an old 住基カード, FeliCa and MIFARE badges.
 """
@@ -23,9 +23,25 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
 from cryptography import x509
-from pcsc_support import (
+
+from agent.config import PcscDevice, load_config
+from agent.contract.records import Read, ReadFault
+from agent.drivers.card import (
+    ber_tlvs,
+    der_total_length,
+    parse_four_attributes,
+    parse_my_number,
+    storage_card_type,
+)
+from agent.drivers.pcsc import PcscDriver
+from agent.drivers.scard import read_card_info, read_card_now
+from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
+from agent.station.app import StationApp
+from agent.station.outbox import Outbox
+from agent.station.sealing import Sealer
+from agent.testing import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
+from tests.support.pcsc import (
     JPKI_AID,
     SUPPORT_AID,
     TEST_ADDRESS,
@@ -44,22 +60,6 @@ from pcsc_support import (
     iso14443b_atr,
     pcsc_stack,
 )
-
-from agent.config import PcscDevice, load_config
-from agent.contract.records import Read, ReadFault
-from agent.drivers.card import (
-    ber_tlvs,
-    der_total_length,
-    parse_four_attributes,
-    parse_my_number,
-    storage_card_type,
-)
-from agent.drivers.pcsc import PcscDriver
-from agent.drivers.scard import read_card_info, read_card_now
-from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
-from agent.station.app import StationApp
-from agent.station.outbox import Outbox
-from agent.station.sealing import Sealer
 
 # -- pure parts ------------------------------------------------------------------------
 

@@ -15,11 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, Pty
-from kiosk_support import kiosk_config, running_kiosk
-from pcsc_support import TEST_ADDRESS, TEST_NAME, TEST_PIN, MyNumberCard, PcscStack, pcsc_stack
 
 from agent.config import load_config
+from agent.testing import Broker, Pty
+from tests.support.kiosk import kiosk_config, running_kiosk
+from tests.support.pcsc import (
+    TEST_ADDRESS,
+    TEST_NAME,
+    TEST_PIN,
+    MyNumberCard,
+    PcscStack,
+    pcsc_stack,
+)
 
 pytestmark = [pytest.mark.pcscd, pytest.mark.broker]
 

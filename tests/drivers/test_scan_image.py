@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from camera_support import (
+from PIL import Image
+
+from tests.support.camera import (
     EAN,
     FORM_ID,
     TICKET,
@@ -22,7 +24,6 @@ from camera_support import (
     scene,
     vial,
 )
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 

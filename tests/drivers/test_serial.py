@@ -6,12 +6,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import Broker, Pty, RegistryProbe, running_station, write_config
 
 from agent.config import SerialDevice
 from agent.contract.records import Read, ReadFault
 from agent.drivers.serial import SerialDriver
 from agent.errors import DeviceUnavailable
+from agent.testing import Broker, Pty, RegistryProbe, running_station, write_config
 
 
 def device(port: Path, **kw: object) -> SerialDevice:

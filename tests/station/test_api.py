@@ -18,20 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Broker, Pty, RegistryProbe, free_port, write_config
-from kiosk_support import (
-    CARD_INFO,
-    CARD_PIN,
-    PhotoStation,
-    kiosk_config,
-    running_kiosk,
-    sse,
-)
 
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.station.feedback import VERDICTS, verdict
 from agent.station.kiosk.openapi import openapi_document
+from agent.testing import Broker, Pty, RegistryProbe, free_port, running_station, write_config
+from tests.support.kiosk import CARD_INFO, CARD_PIN, PhotoStation, kiosk_config, running_kiosk, sse
 
 pytestmark = pytest.mark.broker
 
@@ -347,8 +340,6 @@ async def test_an_open_event_stream_does_not_hold_up_shutdown(
 
 
 async def test_api_disabled_listens_nowhere(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
-    from conftest import running_station
-
     cfg, port = kiosk_config(
         tmp_path, broker.port, pty_port.link, card_reader=False, api="enabled = false"
     )
@@ -512,8 +503,6 @@ async def test_port_in_use_leaves_the_station_recording(
     broker: Broker, pty_port: Pty, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg, port = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
-    from conftest import running_station
-
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
@@ -689,8 +678,6 @@ async def test_outbox_full_is_an_event_and_a_503(
 async def test_a_weak_token_file_is_refused_and_the_station_records_on(
     broker: Broker, pty_port: Pty, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from conftest import running_station
-
     token = tmp_path / "weak-token"
     token.write_text("1234\n")
     cfg, port = kiosk_config(

@@ -11,11 +11,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from pki_support import TestCA
 
 from agent.cli.main import main as cli
 from agent.errors import EnrollError
 from agent.station.enroll import install_cert
+from tests.support.pki import TestCA
 
 
 def mode(p: Path) -> int:

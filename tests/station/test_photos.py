@@ -16,9 +16,6 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from camera_support import camera_station, command, photo_scene
-from central_support import ContractSpy
-from conftest import Broker, RegistryProbe, write_config
 
 from agent.central.blobs import BlobAssembler, BlobError, BlobState
 from agent.central.registry import Registry
@@ -27,7 +24,9 @@ from agent.errors import OutboxError
 from agent.station.blobs import BlobStore
 from agent.station.outbox import read_stats
 from agent.station.sealing import Sealer
-from agent.testing import FakeCamera
+from agent.testing import Broker, FakeCamera, RegistryProbe, write_config
+from tests.support.camera import camera_station, command, photo_scene
+from tests.support.central import ContractSpy
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
 BASE = f"madoguchi/v1/{SITE}/{AGENT}"

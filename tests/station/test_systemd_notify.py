@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from notify_support import Manager
 
 from agent.station.systemd import Notifier, watchdog_interval
+from tests.support.notify import Manager
 
 
 @pytest.fixture(params=["path", "abstract"])

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
-from notify_support import Manager
 
 from agent.station import clock
 from agent.station.app import StationApp
+from agent.testing import AgentProcess, Broker, Pty, RegistryProbe, running_station, write_config
+from tests.support.notify import Manager
 
 pytestmark = pytest.mark.broker
 ACK = b"\x06"

@@ -25,15 +25,21 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from conftest import Pty, RegistryProbe, free_port, running_station, start_mosquitto
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pki_support import TestCA
 
-from agent.central.registry import Registry
 from agent.cli.main import main as cli
+from agent.testing import (
+    Pty,
+    free_port,
+    running_registry,
+    running_station,
+    start_mosquitto,
+    stop_mosquitto,
+)
+from tests.support.pki import TestCA
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_DIR = ROOT / "provisioning" / "broker"
@@ -78,8 +84,7 @@ class TlsBroker:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            stop_mosquitto(self.proc)
         if self.owner is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -371,20 +376,17 @@ profile = "generic-serial-scanner"
 port = "{scanner.link}"
 host_ack = "\\u0006"
 """)
-    probe: RegistryProbe
-    reg = Registry(
-        "localhost",
-        fleet.broker.port,
-        tmp_path / "registry.db",
-        on_stored=lambda s: probe.on_stored(s),
-        tls_context=fleet.tls(*fleet.role("registry")),
-    )
-    probe = RegistryProbe(reg)
     texts = ["111122410000012345", "111122410000012346"]
     try:
-        async with reg, running_station(cfg) as run:
-            task = asyncio.create_task(reg.run())
-            await asyncio.wait_for(reg.connected.wait(), 10)
+        async with (
+            running_registry(
+                fleet.broker.port,
+                tmp_path / "registry.db",
+                host="localhost",
+                tls_context=fleet.tls(*fleet.role("registry")),
+            ) as probe,
+            running_station(cfg) as run,
+        ):
             for t in texts:
                 scanner.scan(t)
                 assert await scanner.aread(1) == b"\x06"
@@ -397,9 +399,6 @@ host_ack = "\\u0006"
                     break
                 await asyncio.sleep(0.05)
             assert (await outbox.stats()).confirmed == len(texts)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
     finally:
         scanner.close()
     log = fleet.broker.log.read_text()

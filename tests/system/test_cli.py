@@ -11,10 +11,11 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from conftest import ROOT, Broker, write_config
 
 from agent.contract.records import Read, envelope
 from agent.station.outbox import Outbox
+from agent.testing import Broker, write_config
+from tests.support import ROOT
 
 
 def madoguchi(*args: str) -> subprocess.CompletedProcess[str]:

@@ -9,9 +9,10 @@ import sqlite3
 from pathlib import Path
 
 import aiomqtt
-import central_support
 import pytest
-from conftest import (
+
+from agent.config import load_config
+from agent.testing import (
     AgentProcess,
     Broker,
     Pty,
@@ -22,10 +23,7 @@ from conftest import (
     write_config,
 )
 
-from agent.config import load_config
-
 # every message the agent and the registry send in these runs must fit docs/asyncapi.yaml
-contract_spy = central_support.contract_spy
 pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
 ACK, NAK = b"\x06", b"\x15"

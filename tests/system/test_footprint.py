@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Broker, Pty, RegistryProbe, running_station, write_config
 
 from agent._aio import NO_DELAY
+from agent.testing import Broker, Pty, RegistryProbe, running_station, write_config
 
 HEAVY = ["cryptography", "biip", "numpy", "PIL", "zxingcpp", "starlette", "uvicorn", "psycopg"]
 

@@ -16,9 +16,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from bundle_support import isolated_pip_env, x86_64_bundle
 
 from agent.config import load_config
+from tests.support.bundle import isolated_pip_env, x86_64_bundle
 
 pytestmark = pytest.mark.slow
 

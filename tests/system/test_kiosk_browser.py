@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, Broker, Pty, RegistryProbe
-from kiosk_support import CARD_INFO, CARD_PIN, Kiosk, kiosk_config, running_kiosk
 from playwright.async_api import Browser, Page, expect  # the dev extra
+
+from agent.testing import Broker, Pty, RegistryProbe
+from tests.support.browser import ARTIFACTS
+from tests.support.kiosk import CARD_INFO, CARD_PIN, Kiosk, kiosk_config, running_kiosk
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker]
 

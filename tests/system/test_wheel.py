@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from bundle_support import ROOT, isolated_pip_env, x86_64_bundle
+
+from tests.support.bundle import ROOT, isolated_pip_env, x86_64_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -52,8 +53,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sorted(n.split("/")[-1] for n in names if n.startswith("agent/device_profiles/"))
         == profiles
     )
-    assert "agent/kiosk/index.html" in names and "agent/kiosk/app.js" in names
-    assert "agent/dashboard_static/index.html" in names
+    assert "agent/station/kiosk/static/index.html" in names
+    assert "agent/station/kiosk/static/app.js" in names
+    assert "agent/central/dashboard_static/index.html" in names
     assert "SPDX" not in r.stderr and "deprecat" not in r.stderr.lower()
 
     # Dependencies from the offline bundle's wheels: no index at all.

@@ -11,11 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).resolve().parents[2])]
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # tests.support
 
-from hid_support import evtest_header  # noqa: E402
-
-from agent.keymap import (  # noqa: E402
+from agent.keymap import (
     EV_KEY,
     EV_MSC,
     EV_SYN,
@@ -25,6 +23,7 @@ from agent.keymap import (  # noqa: E402
     format_evtest,
     type_text,
 )
+from tests.support.hid import evtest_header
 
 HERE = Path(__file__).parent
 GS = "\x1d"

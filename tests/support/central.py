@@ -1,5 +1,6 @@
-"""Real parts for the central side: a PostgreSQL cluster of the tests' own, registry
-consumers as real processes, and envelopes in the contract's format."""
+"""Real parts for the central side: a PostgreSQL cluster of the tests' own, envelopes in
+the contract's format, and the AsyncAPI document as a checker (registry consumers as real
+processes are agent.testing.RegistryProcess)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,9 @@ import yaml
 
 from agent.central.dashboard import Dashboard
 from agent.contract.records import uuid7
+from agent.testing import free_port
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PG_BIN_DIRS = [Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15, 14, 13)]
 
 
@@ -70,8 +69,6 @@ class PgCluster:
             pytest.fail(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
 
     def start(self) -> None:
-        from conftest import free_port
-
         self.port = free_port()
         self._run(
             pg_bin("initdb"),
@@ -135,19 +132,6 @@ class PgCluster:
             return conn.execute(sql, params).fetchall()
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster()
-    cluster.start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture
-def pg_dsn(pg_cluster: PgCluster) -> str:
-    return pg_cluster.new_database()
-
-
 def record(seq: int, *, rid: str | None = None, text: str | None = None) -> dict[str, Any]:
     """A record in the contract's wire form (as agent.contract.records.Record.wire() makes it)."""
     return {
@@ -164,69 +148,6 @@ def record(seq: int, *, rid: str | None = None, text: str | None = None) -> dict
 def envelope(site: str, agent: str, records: list[dict[str, Any]]) -> bytes:
     body = {"schema": "madoguchi.records/1", "site": site, "agent": agent, "records": records}
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-class RegistryProcess:
-    """`python -m agent registry ...` as a real process, so that it can be killed -9."""
-
-    def __init__(self, port: int, db: str | Path, log: Path, *extra: str) -> None:
-        self.port = port
-        self.db = db
-        self.log = log
-        self.extra = list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._logf = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "registry",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--db",
-                str(self.db),
-                *self.extra,
-            ],
-            stdout=self._logf,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 20.0, count: int = 1) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.text().count(needle) >= count:
-                return
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                pytest.fail(f"registry exited {self.proc.returncode}:\n{self.text()}")
-            time.sleep(0.05)
-        pytest.fail(f"registry never logged {needle!r} x{count}:\n{self.text()}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=20)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(AttributeError):
-            self._logf.close()
 
 
 @contextlib.asynccontextmanager
@@ -332,16 +253,3 @@ class ContractSpy:
             self.seen.append(self.contract.check_raw(topic, bytes(payload)))
         except (AssertionError, ValueError) as e:
             self.problems.append(f"{topic}: {e}")
-
-
-@pytest.fixture
-async def contract_spy(broker: Any) -> AsyncIterator[ContractSpy]:
-    """Use in any broker test: every message an agent or registry sends must fit the contract."""
-    spy = ContractSpy(broker.port)
-    task = asyncio.create_task(spy.run(), name="contract-spy")
-    await asyncio.wait_for(spy.subscribed.wait(), 10)
-    yield spy
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    assert spy.problems == [], "messages outside docs/asyncapi.yaml:\n" + "\n".join(spy.problems)

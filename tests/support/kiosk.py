@@ -1,7 +1,7 @@
 """Fixtures for the kiosk API and page: a station with its local API on a free
-loopback port and an SSE reader over real HTTP. Its card reader and camera are
-the fakes of agent/testing.py (`FakeCardReader` keeps the PIN rules of
-FORMATS.md and is checked against the real driver's `CardInfoProvider`)."""
+loopback port, an SSE reader over real HTTP, and a fake card reader that keeps
+the PIN rules of FORMATS.md (the PC/SC driver is built elsewhere; this fake
+stands at the driver boundary, where `read_card_info` is the whole contract)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import free_port, write_config
 
 from agent.config import Config, DeviceConfig, load_config
 from agent.contract.records import Read
 from agent.drivers import Driver, create_driver
 from agent.errors import OutboxError
 from agent.station.app import StationApp
-from agent.testing import FAKE_CARD, FAKE_CARD_PIN, FakeCardReader, FakePhotoCamera
+from agent.testing import (
+    FAKE_CARD,
+    FAKE_CARD_PIN,
+    FakeCardReader,
+    FakePhotoCamera,
+    free_port,
+    write_config,
+)
 
 CARD_PIN = FAKE_CARD_PIN
 #: what the kiosk answers for the fake reader's card
@@ -32,7 +38,7 @@ CARD_INFO = FAKE_CARD.attributes()
 class PhotoStation(StationApp):
     """The station with the camera branch's `capture_photo(device)` contract, reduced to
     what the API relies on: find the running camera, store a `photo` record, answer
-    after the commit. (The real one also seals the JPEG as a blob: agent/station/photos.py.)"""
+    after the commit. (The real one also seals the JPEG as a blob: agent/photos.py.)"""
 
     async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
         camera = self.running_drivers()[device or "camera"]

@@ -12,7 +12,7 @@ from typing import Any
 from agent.config import HidDevice
 from agent.keymap import KEYS
 
-DATA = Path(__file__).parent / "data" / "hid"
+DATA = Path(__file__).resolve().parents[1] / "data" / "hid"
 
 
 def hid_config(**overrides: Any) -> HidDevice:

@@ -1,0 +1,1 @@
+"""The suite, by wing (contract, station, central, drivers, interpret) and system tests."""

@@ -1,0 +1,1 @@
+"""Tests of the station wing (agent/station)."""
