@@ -4,7 +4,8 @@ parts on loopback (mosquitto, the registry, an agent process, a pty as a scanner
 serial port) written once for the tests, the benchmarks and `madoguchi demo`.
 
 Importing this module needs only the standard library and the agent's own
-dependencies; pytest is never imported here. Nothing in `agent/` imports it.
+dependencies; pytest is never imported here. Only the demo (agent/cli/demo.py) imports
+it; no wing does.
 
 Fakes: each stands at one seam and is declared against the same Protocol as the
 real implementation, and mypy --strict checks both, so a fake cannot drift from
