@@ -3,7 +3,7 @@
 The scanner is found by `/dev/input/by-id/...` path, by USB vendor/product (and
 serial, evdev's `uniq`), or by a pattern on its name, then `grab()`bed so no scan
 ever reaches the kiosk's focused text field. Its key events go through a
-`hid_keymap.Decoder` set to the layout the scanner itself is set to.
+`agent.keymap.Decoder` set to the layout the scanner itself is set to.
 
 One `async_read_loop()` iterator per open device, and one pending `__anext__`
 kept across idle timeouts: cancelling it, or making a new iterator, drops the
