@@ -109,7 +109,7 @@ class OutboxSection(Strict):
 
 
 class ApiSection(Strict):
-    """The kiosk's local HTTP API (agent/api.py). Loopback only unless told otherwise."""
+    """The kiosk's local HTTP API (agent/station/kiosk/). Loopback only unless told otherwise."""
 
     enabled: bool = Field(default=True, description="Serve the local API and the kiosk page.")
     host: str = Field(

@@ -1,8 +1,32 @@
-"""The one error tree of the agent.
+"""The one error tree of the project, station and central alike.
 
-Third-party exceptions (sqlite3, paho/aiomqtt, pyserial, pyscard, evdev) are
+Third-party exceptions (sqlite3, psycopg, paho/aiomqtt, pyserial, pyscard, evdev) are
 translated at the module that calls the library, into one of these, and the
-message names the file, key or device so the person reading it can act.
+message names the file, key, device or server so the person reading it can act.
+
+    MadoguchiError
+    ├── ConfigError            configuration or device profile; .problems = ["file: key: reason"]
+    ├── OutboxError            the outbox database could not do what was asked
+    │   └── OutboxFull         max_bytes reached: the new record is refused (NAK)
+    ├── UplinkError            the broker could not be reached or refused us
+    ├── DeviceError            a device failed; the message starts with the device name
+    │   ├── DeviceUnavailable  not there (unplugged, port missing): retry later
+    │   ├── DriverMissing      the driver's hardware library is not installed
+    │   └── CardError          a card operation failed
+    │       └── PinRefused     a PIN was not tried or was wrong; .tries_left
+    ├── EnrollError            enrolment: bad names, unreadable key, certificate mismatch
+    ├── CaptureError           (also ValueError) an evtest capture line evtest never prints
+    ├── ApiError               a kiosk API answer other than 2xx, with a machine code
+    ├── RegistryStoreError     the registry database failed; nothing was committed
+    ├── BlobMismatch           blob bytes that do not hash to their announced sha256
+    ├── BlobError              (also ValueError) a blob message that cannot be used
+    └── HarnessError           agent.testing could not start a part (mosquitto, registry)
+
+One error lives outside this module on purpose: `agent.contract.messages.MessageError`
+(a ValueError), because the contract imports nothing but the standard library; the
+station and the registry catch it where they parse a message. `NoService` in
+agent/drivers/scard.py is a signal between the pyscard boundary and the driver thread
+(pcscd went away), never raised past the driver.
 """
 
 from __future__ import annotations
@@ -66,6 +90,10 @@ class PinRefused(CardError):
 
 class EnrollError(MadoguchiError):
     """Enrolment failed: bad site/name, unreadable key, certificate not matching the key."""
+
+
+class CaptureError(MadoguchiError, ValueError):
+    """A line of an evtest capture is not something evtest prints (hid-replay)."""
 
 
 # -- station: kiosk API

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from agent.contract.text import forbidden_controls
+from agent.errors import CaptureError
 
 # -- Linux input event codes (include/uapi/linux/input-event-codes.h) ---------------
 
@@ -555,10 +556,6 @@ _SYN_CODES = {
     "SYN_MT_REPORT": 2,
     "SYN_DROPPED": 3,
 }
-
-
-class CaptureError(ValueError):
-    """A line of a capture is not something evtest prints."""
 
 
 def parse_evtest(lines: Iterable[str]) -> Iterator[KeyEvent]:

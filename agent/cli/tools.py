@@ -14,10 +14,9 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import DriverMissing
+from agent.errors import CaptureError, DriverMissing
 from agent.interpret import interpret, split_aim
 from agent.keymap import (
-    CaptureError,
     Decoder,
     Fault,
     Scan,

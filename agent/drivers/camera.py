@@ -22,7 +22,7 @@ supervisor interprets and stores it exactly like a scanner's read.
 `capture_photo()` takes a still at the profile's resolution through the same
 capture thread (picamera2 must only ever be used from one thread) and
 returns JPEG bytes; what becomes of them (sealed blob, photo record, chunked
-transfer) is agent/photos.py's and agent/blobs.py's business.
+transfer) is agent/station/photos.py's and agent/station/blobs.py's business.
 """
 
 from __future__ import annotations

@@ -438,7 +438,7 @@ class Outbox:
 
     async def unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """(id, data) of the records of `kind` not yet confirmed: e.g. the photos whose
-        blobs must be kept (agent/blobs.py). `data` only, never the sealed personal part."""
+        blobs must be kept (agent/station/blobs.py). `data` only, never the sealed personal part."""
         return await self._run(self._unconfirmed_data, kind)
 
     def _unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:

@@ -4,7 +4,7 @@ Triggered by the MQTT command `cmd/capture_photo` (and by the kiosk's local
 API). Order matters for "never lose": the blob is sealed and fsynced first,
 then the record that names it is committed; only then does the caller hear
 "ok". If the commit fails the blob is deleted again; if the agent dies in
-between, the sweep in agent/blobs.py removes the orphan.
+between, the sweep in agent/station/blobs.py removes the orphan.
 """
 
 from __future__ import annotations

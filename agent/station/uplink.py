@@ -100,7 +100,7 @@ class Uplink:
         }
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
-        # photos: chunked blob transfer beside the records (agent/blobs.py)
+        # photos: chunked blob transfer beside the records (agent/station/blobs.py)
         self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
 
     # -- for the station ---------------------------------------------------------

@@ -89,3 +89,29 @@ def test_central_loads_no_station_code(module: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_every_error_is_in_the_tree() -> None:
+    """agent/errors.py draws its tree in its docstring: every class there is drawn, and no
+    other module defines a public error (MessageError is the documented exception)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import agent.errors
+
+    root = Path(agent.errors.__file__).parent
+    tree_doc = agent.errors.__doc__ or ""
+    for name, obj in vars(agent.errors).items():
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert re.search(rf"(^|── ) *{name}\b", tree_doc, re.M), name
+    stray = []
+    for path in root.rglob("*.py"):
+        if path.name == "errors.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = {ast.unparse(b) for b in node.bases}
+                if bases & {"Exception", "ValueError", "RuntimeError", "MadoguchiError"}:
+                    stray.append(f"{path.relative_to(root)}:{node.name}")
+    assert sorted(stray) == ["contract/messages.py:MessageError", "drivers/scard.py:NoService"]

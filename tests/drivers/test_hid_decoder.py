@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.cli.main import main
+from agent.errors import CaptureError
 from agent.keymap import (
     EV_KEY,
     EV_SYN,
     KEYS,
-    CaptureError,
     Decoder,
     Fault,
     KeyEvent,

@@ -38,7 +38,7 @@ CARD_INFO = FAKE_CARD.attributes()
 class PhotoStation(StationApp):
     """The station with the camera branch's `capture_photo(device)` contract, reduced to
     what the API relies on: find the running camera, store a `photo` record, answer
-    after the commit. (The real one also seals the JPEG as a blob: agent/photos.py.)"""
+    after the commit. (The real one also seals the JPEG as a blob: agent/station/photos.py.)"""
 
     async def capture_photo(self, device: str | None = None) -> dict[str, Any]:
         camera = self.running_drivers()[device or "camera"]

@@ -1,7 +1,7 @@
 """provisioning/install.sh into a temporary root: complete, idempotent, host untouched.
 
 Every install here is offline: pip sees no index, only the wheels of an x86_64 bundle
-built once per run (tests/bundle_support.py), so these are `slow` but need no network
+built once per run (tests/support/bundle.py), so these are `slow` but need no network
 after that."""
 
 from __future__ import annotations
