@@ -73,10 +73,10 @@ def test_every_problem_names_file_and_key(tmp_path: Path) -> None:
     assert f"{p}: agent.site: String should match pattern '^[a-z0-9_-]+$'" in problems
     assert any(x.startswith(f"{p}: mqtt.port: ") for x in problems)
     assert f"{p}: mqtt.colour: unknown key" in problems
-    assert f"{p}: devices[0].baud: unknown key" in problems
+    assert f'{p}: devices["ticket-scanner"].baud: unknown key' in problems
     r = check(p)
     assert r.returncode == 1
-    assert f"{p}: devices[0].baud: unknown key" in r.stderr.splitlines()
+    assert f'{p}: devices["ticket-scanner"].baud: unknown key' in r.stderr.splitlines()
 
 
 def test_missing_profile_lists_where_it_looked(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_missing_profile_lists_where_it_looked(tmp_path: Path) -> None:
     p.write_text(GOOD.replace("generic-serial-scanner", "no-such-scanner"))
     r = check(p)
     assert r.returncode == 1
-    assert f"{p}: devices[0].profile: no profile 'no-such-scanner' in" in r.stderr
+    assert f"{p}: devices[\"ticket-scanner\"].profile: no profile 'no-such-scanner' in" in r.stderr
 
 
 def test_bad_value_in_profile_names_the_profile_file(tmp_path: Path) -> None:
@@ -122,7 +122,10 @@ def test_duplicate_device_names_and_syntax_errors(tmp_path: Path) -> None:
     p.write_text(GOOD + GOOD[GOOD.index("[[devices]]") :])
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert f"{p}: devices[1].name: 'ticket-scanner' is used twice" in e.value.problems
+    assert (
+        f"{p}: devices[1].name: 'ticket-scanner' is used twice (first at devices[0])"
+        in e.value.problems
+    )
     p.write_text("[agent\nsite=")
     r = check(p)
     assert r.returncode == 1
