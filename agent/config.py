@@ -69,6 +69,11 @@ class AgentSection(Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level on stderr. Personal data is never logged."
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text, or json (one object per line) for log collectors. Under systemd "
+        "lines carry syslog priorities (<4>) and no timestamp of their own.",
+    )
 
 
 class MqttSection(Strict):
