@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from agent.cli.service import run_service, run_until_signal, setup_logging
 from agent.contract.topics import DEFAULT_PREFIX
 
+#: the first 16 bytes of every SQLite 3 database file
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def not_a_database(db: str) -> str | None:
+    """Why an existing --db file cannot be a registry database (None: fine, or new)."""
+    path = Path(db)
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return None  # created on first start
+    except IsADirectoryError:
+        return f"--db {db}: is a directory, not a database file"
+    except OSError as e:
+        return f"--db {db}: {e.strerror or e}"
+    if head and head != SQLITE_HEADER:
+        return f"--db {db}: not an SQLite database (wrong file?)"
+    return None
+
+
+def _check_db(db: str | None) -> bool:
+    from agent.central.stores import is_dsn
+
+    if db is None or is_dsn(db):
+        return True
+    problem = not_a_database(db)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+    return problem is None
+
 
 def cmd_registry(args: argparse.Namespace) -> int:
+    if not _check_db(args.db):
+        return 1
     setup_logging(args.log_level)
     from agent.central.registry import run_registry
     from agent.central.stores import is_dsn
@@ -49,6 +83,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
     from agent.central.dashboard import Dashboard, Thresholds
     from agent.central.stores import is_dsn
 
+    if not _check_db(args.db):
+        return 1
     setup_logging(args.log_level)
     db: str | Path | None = None
     if args.db is not None:

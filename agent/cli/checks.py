@@ -109,7 +109,8 @@ def check_files(config: Config, user: str | None = None) -> Checked:
             _user(user)
         except KeyError:
             return Checked([f"--user {user}: no such user on this host"], [])
-    for key, path in referenced_files(config):
+    for key, named in referenced_files(config):
+        path = named
         if not path.is_absolute() and config.source is not None:
             path = config.source.parent / path
         if not path.exists() and CREDENTIALS_ROOT in path.parents:

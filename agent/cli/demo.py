@@ -4,9 +4,10 @@ Starts mosquitto on a free loopback port, the reference registry, and an
 agent whose serial scanner is a simulated one on a pseudo-terminal. The
 simulated scanner types realistic scans and listens for the ACK byte; every
 record is printed as the registry stores it, and again when the agent sees
-the registry's ack. The ACK byte means "stored", not "valid": an INVALID ticket
-is stored too (and flagged), so validity is shown on its own. Ends by itself after one set of scans (or loops with
-`--loop`); Ctrl-C stops everything cleanly at any point.
+the registry's ack. The ACK byte means "stored", not "valid": an INVALID
+ticket is stored too (and flagged), so validity is shown on its own. Ends by
+itself after one set of scans (or loops with `--loop`); Ctrl-C stops
+everything cleanly at any point.
 """
 
 from __future__ import annotations
