@@ -535,13 +535,25 @@ def decode_text(data: bytes, file: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        looks = ""
-        try:
-            data.decode("cp932")
+        looks = f" (byte 0x{data[e.start]:02x} at offset {e.start})"
+        if _looks_like_shift_jis(data):
             looks = " (it looks like Shift_JIS)"
-        except UnicodeDecodeError:
-            looks = f" (byte 0x{data[e.start]:02x} at offset {e.start})"
         raise ConfigError([f"{file}: not UTF-8{looks}: save it as UTF-8"]) from None
+
+
+def _looks_like_shift_jis(data: bytes) -> bool:
+    """CP932 decodes almost any bytes; it is Shift_JIS when that gives Japanese text
+    (kana, kanji, full-width forms) and no C1 controls or private-use characters."""
+    try:
+        text = data.decode("cp932")
+    except UnicodeDecodeError:
+        return False
+    if any("\x80" <= c <= "\x9f" or "\ue000" <= c <= "\uf8ff" for c in text):
+        return False
+    return any(
+        "\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" or "\uff01" <= c <= "\uff9f"
+        for c in text
+    )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

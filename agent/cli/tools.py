@@ -1,4 +1,4 @@
-"""The technician's tools: decode, hid-replay, card-info, scan-image.
+"""The technician's tools: decode, hid-replay, card-info, scan-image (hid-watch: hidwatch.py).
 
 Each reads what a device gave (a string, an evtest capture, a card, image files) and
 prints what the station would make of it; none needs a configuration or a broker.
@@ -507,3 +507,6 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     add_hid_replay_parser(sub)
     add_card_info_parser(sub)
     add_scan_image_parser(sub)
+    from agent.cli.hidwatch import add_hid_watch_parser
+
+    add_hid_watch_parser(sub)
