@@ -31,6 +31,7 @@ DRIVER_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "camera": (("zxingcpp", "camera"), ("numpy", "camera"), ("PIL", "camera")),
 }
 API_MODULES = (("starlette", "kiosk"), ("uvicorn", "kiosk"))
+PEM_KEYS = frozenset({"mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key"})
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,7 @@ def check_files(config: Config, user: str | None = None) -> Checked:
             _user(user)
         except KeyError:
             return Checked([f"--user {user}: no such user on this host"], [])
-    for key, named in referenced_files(config):
-        path = named
-        if not path.is_absolute() and config.source is not None:
-            path = config.source.parent / path
+    for key, path in referenced_files(config):  # as the agent opens them (relative: cwd)
         if not path.exists() and CREDENTIALS_ROOT in path.parents:
             notes.append(
                 f"{file}: {key}: {path} is a systemd credential (LoadCredential=), "
@@ -123,6 +121,8 @@ def check_files(config: Config, user: str | None = None) -> Checked:
             notes.append(f"{file}: {key}: {path} does not exist yet: the agent creates it")
             continue
         reason = _file_problem(path, user)
+        if reason is None and key in PEM_KEYS:
+            reason = _not_pem(path)
         if reason is not None:
             problems.append(f"{file}: {key}: {path}: {reason}")
     return Checked(problems, notes)
@@ -143,6 +143,18 @@ def _file_problem(path: Path, user: str | None) -> str | None:
         return unreadable_by(path, user)
     if not os.access(path, os.R_OK):
         return f"not readable (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def _not_pem(path: Path) -> str | None:
+    """A certificate or key file that is not PEM fails deep in the TLS handshake setup."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None  # already judged by _file_problem (another user's view)
+    if b"-----BEGIN " not in head:
+        return "not a PEM file (no -----BEGIN line)"
     return None
 
 
