@@ -169,12 +169,12 @@ def run_demo(loop: bool = False, scans: int = 0) -> int:
 
     try:
         return asyncio.run(main())
-    except* ConfigError as group:
-        for e in group.exceptions:
+    except* ConfigError as bad:
+        for e in bad.exceptions:
             assert isinstance(e, ConfigError)
             for p in e.problems:
                 print(f"demo: {p}", file=sys.stderr)
-    except* MadoguchiError as group:
-        for e in group.exceptions:
-            print(f"demo: {e}", file=sys.stderr)
+    except* MadoguchiError as failed:
+        for err in failed.exceptions:
+            print(f"demo: {err}", file=sys.stderr)
     return 1

@@ -364,13 +364,14 @@ def _watch_cards(args: argparse.Namespace) -> int:
 
 def _change_human(change: dict[str, Any]) -> str:
     head = f"{change['time']}  {change['reader']}: "
-    event = change["event"]
+    event: str = change["event"]
     if event != "inserted":
-        return head + {
+        said = {
             "reader_added": "reader present",
             "reader_removed": "reader gone",
             "removed": "card removed",
-        }.get(event, event)
+        }
+        return head + said.get(event, event)
     card = change["card"]
     line = f"card inserted: {card['card_type']}, ATR {card['atr']}, UID {card['uid'] or '-'}"
     cert = card.get("auth_cert")
