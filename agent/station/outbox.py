@@ -31,6 +31,7 @@ from agent.errors import OutboxError, OutboxFull
 from agent.station.sealing import Sealer
 
 log = logging.getLogger(__name__)
+SQLITE_FULL = 13  # sqlite3.SQLITE_FULL: the disk (or tmpfs) has no space left
 T = TypeVar("T")
 
 PENDING, SENT, CONFIRMED = 0, 1, 2
@@ -169,6 +170,11 @@ class Outbox:
         try:
             self._db = self._connect(check=not clean)
         except sqlite3.DatabaseError as e:
+            if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
+                # a full disk is not a damaged database: moving it aside would restart seq
+                raise OutboxError(
+                    f"{self.path}: the disk is full (no space to open the outbox): free space"
+                ) from None
             self._move_aside(str(e))
             self._db = self._connect(check=False)
 

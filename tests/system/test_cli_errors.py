@@ -8,10 +8,11 @@ ModuleNotFoundError), so the dev venv with every extra can test them all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,3 +193,40 @@ def mosquitto_children() -> set[int]:
         if comm == "mosquitto" and ppid == os.getpid():
             out.add(int(entry.name))
     return out
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs filled to the last byte (ENOSPC for every write)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        (mnt / "data").mkdir()
+        with (mnt / "fill").open("wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_run_on_a_full_disk_is_one_line_and_moves_nothing_aside(full_tmpfs: Path) -> None:
+    cfg = full_tmpfs.parent / "agent.toml"
+    cfg.write_text(STATION.format(port=free_port()).replace('"data"', f'"{full_tmpfs}/data"'))
+    for _ in range(2):  # as systemd restarts it
+        r = subprocess.run(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=40,
+            cwd=ROOT,
+            check=False,
+        )
+        assert r.returncode == 1
+        assert "Traceback" not in r.stderr, r.stderr
+        errors = [x for x in r.stderr.splitlines() if " ERROR " in x]
+        assert len(errors) == 1 and "the disk is full" in errors[0], r.stderr
+        assert not list((full_tmpfs / "data").glob("*.corrupt-*"))
