@@ -91,6 +91,13 @@ def make_formatter(fmt: LogFormat, journal: bool) -> logging.Formatter:
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def error_line(text: str, stream: IO[str] | None = None) -> str:
+    """A line a command prints for the user on stderr; `<3>` (error) under journald, so
+    `journalctl -p err` shows why the service did not start."""
+    stream = sys.stderr if stream is None else stream
+    return f"<3>{text}" if under_journald(stream, os.environ) else text
+
+
 def setup_logging(
     level: str = "INFO",
     fmt: LogFormat = "text",

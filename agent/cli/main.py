@@ -15,6 +15,7 @@ from agent.cli.central import add_central_parsers
 from agent.cli.station import add_station_parsers
 from agent.cli.tools import add_tool_parsers
 from agent.errors import ConfigError, MadoguchiError
+from agent.logsetup import error_line
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in group or []:
                 seen.setdefault(" ".join(line.split()), None)  # one line, even from a library
         for line in seen:
-            print(line, file=sys.stderr)
+            print(error_line(line), file=sys.stderr)
         return 1
     return result
 

@@ -12,6 +12,7 @@ from agent.cli.checks import check_extras, check_files
 from agent.cli.service import run_service, setup_logging
 from agent.config import Config, config_warnings, load_config
 from agent.errors import ConfigError, EnrollError, MadoguchiError
+from agent.logsetup import error_line
 from agent.station.enroll import DEFAULT_DIR, install_cert, make_key_and_csr
 
 
@@ -20,7 +21,7 @@ def _load(path: str) -> Config | None:
         return load_config(path)
     except ConfigError as e:
         for p in e.problems:
-            print(p, file=sys.stderr)
+            print(error_line(p), file=sys.stderr)
         return None
 
 
@@ -32,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # extra is one line and exit 1, not a traceback from inside the task group
     problems = check_files(config).problems + check_extras(config).problems
     for p in problems:
-        print(p, file=sys.stderr)
+        print(error_line(p), file=sys.stderr)
     if problems:
         return 1
     setup_logging(config.agent.log_level, config.agent.log_format)

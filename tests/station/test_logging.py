@@ -171,3 +171,25 @@ def test_a_missing_camera_logs_once_in_the_agent(tmp_path: Path) -> None:
     assert len(camera) == 1, err
     assert "video-gone" in camera[0]
     assert not [x for x in err.splitlines() if "opening" in x], err
+
+
+def test_a_refused_start_under_systemd_is_an_error_line(tmp_path: Path) -> None:
+    """`run` that cannot start says why at priority err, so `journalctl -p err` shows it."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[agent]\nsite = "s"\nname = "a"\n[mqtt]\nhost = "127.0.0.1"\n'
+        'tls_ca = "/nonexistent/ca.crt"\n'
+    )
+    err = tmp_path / "stderr"
+    with err.open("w") as f:
+        st = os.fstat(f.fileno())
+        subprocess.run(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            stderr=f,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+            timeout=30,
+            check=False,
+        )
+    assert err.read_text().splitlines() == [
+        f"<3>{cfg}: mqtt.tls_ca: /nonexistent/ca.crt: not found"
+    ]
