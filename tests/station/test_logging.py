@@ -193,3 +193,29 @@ def test_a_refused_start_under_systemd_is_an_error_line(tmp_path: Path) -> None:
     assert err.read_text().splitlines() == [
         f"<3>{cfg}: mqtt.tls_ca: /nonexistent/ca.crt: not found"
     ]
+
+
+def test_a_flapping_device_is_one_failure_until_it_stays_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    rep = Repeats(logging.getLogger("agent.station"), "camera-1", 600, clock=clock, stable_s=60)
+    caplog.set_level(logging.INFO, "agent.station")
+    for _ in range(60):  # opens, no frame for 5 s, reopens: for 10 minutes
+        rep.failed("unavailable", "no frame for 5 s")
+        clock.now += 2
+        rep.ok("connected")
+        clock.now += 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "camera-1: no frame for 5 s",
+        "camera-1: connected after 1 failed attempt(s) in 2 s",
+    ]
+    rep.failed("unavailable", "no frame for 5 s")  # 8 s after the last open: still flapping
+    assert caplog.records[-1].getMessage() == "camera-1: still unavailable (61 attempts in 10 min)"
+    rep.ok("connected")
+    clock.now += 61  # it stayed up: the next failure is news again
+    rep.failed("unavailable", "no frame for 5 s")
+    assert caplog.records[-1].getMessage() == "camera-1: no frame for 5 s"
+    assert rep.attempts == 1
+    assert rep.ok("connected")
