@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import io
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.config import load_config
+from agent.drivers.hid import HidDriver
 from agent.logrepeat import Repeats, span
 from agent.logsetup import HANDLER_NAME, priority, setup_logging, under_journald
+from agent.station.app import StationApp
+from agent.testing import FakeBackend, FakeInputDevice
 
 
 @pytest.fixture
@@ -219,3 +226,44 @@ def test_a_flapping_device_is_one_failure_until_it_stays_up(
     assert caplog.records[-1].getMessage() == "camera-1: no frame for 5 s"
     assert rep.attempts == 1
     assert rep.ok("connected")
+
+
+class NotInputBackend(FakeBackend):
+    """A configured path that is there but is no input device (ENOTTY on EVIOCGVERSION)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+        self.tried_4_times = threading.Event()
+
+    def open(self, path: str) -> FakeInputDevice:
+        self.tries += 1
+        if self.tries >= 4:
+            self.tried_4_times.set()
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device", path)
+
+
+async def test_a_hid_path_that_is_no_input_device_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[agent]\nsite = "s"\nname = "a"\ndata_dir = "data"\n'
+        '[mqtt]\nhost = "127.0.0.1"\nport = 9\nbackoff_max_s = 0.5\n'
+        '[[devices]]\nname = "desk-hid"\nprofile = "generic-hid-scanner-us"\n'
+        'path = "/dev/ttyS0"\n'
+    )
+    backend = NotInputBackend()
+    app = StationApp(
+        load_config(cfg), driver_factory=lambda d: HidDriver(d, backend=backend, hotplug=None)
+    )
+    caplog.set_level(logging.INFO)
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(app.run(stop))
+        assert await asyncio.to_thread(backend.tried_4_times.wait, 30)
+        stop.set()
+    assert backend.tries >= 4
+    about = [r for r in caplog.records if "desk-hid" in r.getMessage()]
+    assert len(about) == 1, [r.getMessage() for r in about]
+    assert "/dev/ttyS0" in about[0].getMessage() and about[0].levelno == logging.ERROR
