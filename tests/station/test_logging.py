@@ -267,3 +267,6 @@ async def test_a_hid_path_that_is_no_input_device_is_logged_once(
     about = [r for r in caplog.records if "desk-hid" in r.getMessage()]
     assert len(about) == 1, [r.getMessage() for r in about]
     assert "/dev/ttyS0" in about[0].getMessage() and about[0].levelno == logging.ERROR
+    # the broker at port 9 refused every reconnect meanwhile: one line too
+    broker = [r.getMessage() for r in caplog.records if "broker 127.0.0.1:9" in r.getMessage()]
+    assert broker == ["broker 127.0.0.1:9: [Errno 111] Connection refused"], broker
