@@ -28,7 +28,12 @@ DRIVER_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "serial": (("serial", "serial"), ("serial_asyncio_fast", "serial"), ("biip", "interpret")),
     "hid": (("evdev", "hid"), ("biip", "interpret")),
     "pcsc": (("smartcard", "card"), ("stdnum", "card")),
-    "camera": (("zxingcpp", "camera"), ("numpy", "camera"), ("PIL", "camera")),
+    "camera": (
+        ("zxingcpp", "camera"),
+        ("numpy", "camera"),
+        ("PIL", "camera"),
+        ("biip", "interpret"),
+    ),
 }
 API_MODULES = (("starlette", "kiosk"), ("uvicorn", "kiosk"))
 PEM_KEYS = frozenset({"mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key"})

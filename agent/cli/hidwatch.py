@@ -14,10 +14,12 @@ import asyncio
 import errno
 import sys
 from collections.abc import AsyncIterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from agent.drivers.hid import Backend, EvdevBackend, InputDeviceLike
 from agent.keymap import EV_KEY, KEY_NAMES, Decoder, Fault, KeyEvent, Scan
+
+if TYPE_CHECKING:  # the driver module loads only when the command runs
+    from agent.drivers.hid import Backend, InputDeviceLike
 
 _GONE = {errno.ENODEV, errno.ENXIO, errno.ENOENT, errno.EBADF}
 _VALUES = {0: "up", 1: "down", 2: "repeat"}
@@ -58,6 +60,8 @@ def run_hid_watch(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"hid-watch: {e}", file=sys.stderr)
         return 1
+    from agent.drivers.hid import EvdevBackend
+
     try:
         backend: Backend = EvdevBackend()
     except ImportError:
