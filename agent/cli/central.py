@@ -9,6 +9,17 @@ from pathlib import Path
 from agent.cli.service import run_service, run_until_signal, setup_logging
 from agent.contract.topics import DEFAULT_PREFIX
 
+def port(value: str) -> int:
+    """A TCP port for argparse: one line naming the flag's value instead of a traceback."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{number} is not a TCP port (0-65535)")
+    return number
+
+
 #: the first 16 bytes of every SQLite 3 database file
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -68,11 +79,11 @@ def cmd_registry(args: argparse.Namespace) -> int:
 def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("dashboard", help="fleet dashboard: stations, outboxes, alerts, commands")
     p.add_argument("--host", default="127.0.0.1", help="MQTT broker")
-    p.add_argument("--port", type=int, default=1883, help="MQTT broker port")
+    p.add_argument("--port", type=port, default=1883, help="MQTT broker port")
     p.add_argument("--db", default=None, help="registry database: SQLite file or postgresql:// DSN")
     p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     p.add_argument("--http-host", default="127.0.0.1", help="address of the web page")
-    p.add_argument("--http-port", type=int, default=8780, help="port of the web page")
+    p.add_argument("--http-port", type=port, default=8780, help="port of the web page")
     p.add_argument("--stuck-after", type=float, default=120.0, help="seconds: outbox stuck")
     p.add_argument("--gap-timeout", type=float, default=300.0, help="seconds: seq gap alert")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
@@ -104,7 +115,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
 def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("registry", help="reference registry consumer (stores, then acks)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--port", type=port, default=1883)
     p.add_argument(
         "--db",
         required=True,
