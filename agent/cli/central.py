@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.cli.service import run_service, run_until_signal, setup_logging
 from agent.contract.topics import DEFAULT_PREFIX
 
+
 def port(value: str) -> int:
     """A TCP port for argparse: one line naming the flag's value instead of a traceback."""
     try:
