@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +45,7 @@ from agent.contract.blobs import missing_request
 from agent.contract.messages import Ack
 from agent.contract.records import SCHEMA
 from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics
-from agent.contract.validate import check_record
+from agent.contract.validate import LOST_RANGE, check_record, lost_range
 from agent.errors import BlobError, BlobMismatch, RegistryStoreError
 
 __all__ = ["Gap", "OnAlert", "OnStored", "Registry", "Stored", "describe_record", "run_registry"]
@@ -106,6 +107,8 @@ class Registry:
         self.commits = 0
         self.store_failures = 0
         self.alerts: list[Gap] = []
+        #: `lost_range` records received (docs/CONTRACT.md "lost-range record")
+        self.lost_ranges: list[Gap] = []
         # photos: chunks put together in files, then stored once in the record store;
         # a photo record is acked only when its blob is stored
         if blob_dir is None:
@@ -240,6 +243,8 @@ class Registry:
         for s in stored:
             if s.new:
                 self.stored_new += 1
+                if s.record.get("kind") == LOST_RANGE:
+                    self._lost_range_alert(s)
             else:
                 self.duplicates += 1
             if self.on_stored is not None:
@@ -254,6 +259,23 @@ class Registry:
                 for (site, agent), agent_ids in ids.items()
             )
         )
+
+    def _lost_range_alert(self, s: Stored) -> None:
+        """A station reported seqs it could not read from a damaged outbox: stored like
+        any record, and an alert at once (no gap timeout: the station knows they are gone)."""
+        first, last = lost_range(s.record)
+        log.warning(
+            "ALERT %s/%s lost seq %d..%d (%d record(s)) to a damaged outbox",
+            s.site,
+            s.agent,
+            first,
+            last,
+            last - first + 1,
+        )
+        gap = Gap(s.site, s.agent, first, last, time.time())
+        self.lost_ranges.append(gap)
+        if self.on_alert is not None:
+            self.on_alert(gap)
 
     def _parse(self, where: Topic, message: aiomqtt.Message) -> Batch | None:
         topic = message.topic.value

@@ -21,4 +21,31 @@ def check_record(r: Any) -> dict[str, Any]:
     for key in ("captured_at", "device", "kind"):
         if not isinstance(r.get(key), str):
             raise ValueError(f"record without a string {key}")
+    if r["kind"] == LOST_RANGE:
+        lost_range(r)
     return r
+
+
+LOST_RANGE = "lost_range"
+"""The record kind by which a station says which of its seqs could not be read from a
+damaged outbox (docs/CONTRACT.md "lost-range record")."""
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def lost_range(r: dict[str, Any]) -> tuple[int, int]:
+    """(first_seq, last_seq) of a `lost_range` record; ValueError if it is malformed.
+
+    The range lies below the record's own seq: it reports seqs already handed out.
+    """
+    data = r.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("lost_range record without a data object")
+    first, last = data.get("first_seq"), data.get("last_seq")
+    if not (isinstance(first, int) and isinstance(last, int) and _int(first) and _int(last)):
+        raise ValueError("lost_range record without integer first_seq and last_seq")
+    if not 1 <= first <= last < r["seq"]:
+        raise ValueError("lost_range record needs 1 <= first_seq <= last_seq < seq")
+    return first, last
