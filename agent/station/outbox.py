@@ -426,6 +426,10 @@ class Outbox:
 
     def _close(self) -> None:
         if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                low = self._db.execute("SELECT min(seq) FROM records WHERE state < 2").fetchone()
+                self._unconfirmed_from = int(low[0] or self._last_seq + 1)
+                self._write_counters()
             self._db.close()
             self._db = None
             _leave_clean_mark(self.path)
@@ -992,14 +996,22 @@ def read_stats(path: Path) -> dict[str, Any]:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             stats = _query_stats(db, time.time())
-            row = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         finally:
             db.close()
     except sqlite3.Error as e:
         raise OutboxError(f"{path}: cannot read the outbox: {e}") from e
+    side = counters.load(counters.side_path(path))
+    moved = sorted(p.name for p in path.parent.glob(f"{path.name}.corrupt-*"))
     return {
         "path": str(path),
         **stats,
         "db_bytes": _file_bytes(path),
-        "last_seq": 0 if row is None else int(row[0]),
+        "last_seq": int(meta.get("last_seq", 0)),
+        "side_last_seq": side.last_seq,
+        "side_session": side.session,
+        "salvaged": int(meta.get("salvaged", 0)),
+        "lost_seqs": int(meta.get("lost_seqs", 0)),
+        "lost_ranges": int(meta.get("lost_ranges", 0)),
+        "moved_aside": [m for m in moved if not m.endswith(("-wal", "-shm"))],
     }
