@@ -66,7 +66,7 @@ async def test_pages_overwritten_under_a_backlog_rows_salvaged_rest_reported(
         await ob._run(lambda: ob.db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
     pages = db.stat().st_size // PAGE
     assert pages > 30
-    damaged = list(range(pages * 6 // 10, pages * 7 // 10)) + [pages - 3]
+    damaged = [*list(range(pages * 6 // 10, pages * 7 // 10)), pages - 3]
     overwrite_pages(db, damaged)
     async with Outbox(db) as ob:
         assert ob.recovered_from is not None and ob.recovered_from.exists()  # never deleted
@@ -286,11 +286,10 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 def fill_up(mnt: Path) -> Path:
     """Take every free block; the returned file gives them back when deleted."""
     ballast = mnt / "ballast"
-    with open(ballast, "wb", buffering=0) as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
+    with open(ballast, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+            f.flush()
     return ballast
 
 
