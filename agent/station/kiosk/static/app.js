@@ -186,6 +186,7 @@ function handle(kind, body) {
       setOnline(body.connected);
       break;
     case "outbox_full":
+    case "disk_full":
       banner("端末の保存領域がいっぱいです。職員を呼んでください", true);
       break;
     case "device_state":
