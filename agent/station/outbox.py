@@ -12,7 +12,7 @@ transaction (group commit): one fsync for many records.
 A damaged database is never abandoned: it is moved aside and its readable
 unconfirmed rows are copied into a fresh one (agent/station/salvage.py); what
 could not be read goes out as `lost_range` records. `last_seq` and `session`
-are also kept in a side file (agent/station/counters.py), so even a garbage or
+are also bounded by a side file (agent/station/counters.py), so even a garbage or
 missing database never reuses a seq. A full disk is a state (`disk_full`), not
 a crash: appends are refused, bookkeeping is retried with backoff.
 """
@@ -124,6 +124,8 @@ class Outbox:
         self.integrity_checks = 0
         self._counters_path = counters.side_path(path)
         self._unconfirmed_from = 0
+        self._reserved = 0  # counters.Counters.seq_reserved as last written
+        self._starting = False
         self._salvaged = self._lost_seqs = self._lost_ranges = 0
         self._checker: asyncio.Task[None] | None = None
         self._sealer = sealer
@@ -203,6 +205,8 @@ class Outbox:
             return fn(*args)
         except sqlite3.Error as e:
             raise _translate(e, f"{self.path}: {getattr(fn, '__name__', '?').strip('_')}") from e
+        except UnicodeDecodeError as e:  # a damaged page that still parses as a row
+            raise OutboxError(f"{self.path}: undecodable text in a row: {e}") from e
         except OutboxDiskFull:
             raise
         except OutboxError as e:
@@ -220,6 +224,8 @@ class Outbox:
             self._db = None
         self._move_aside(reason)
         self._db = self._connect(check=False)
+        self._reserved = max(self._reserved, self._last_seq)
+        self._write_counters()
 
     def _open(self) -> None:
         try:
@@ -227,9 +233,18 @@ class Outbox:
         except OSError as e:
             raise OutboxError(f"{self.path.parent}: cannot create data directory: {e}") from e
         side = counters.load(self._counters_path)
-        self._last_seq = max(self._last_seq, side.last_seq)
+        self._reserved = side.seq_reserved
         self._session = max(self._session, side.session)
         self._unconfirmed_from = side.unconfirmed_from
+        self._starting = True
+        try:
+            self._open_db(side)
+        finally:
+            self._starting = False
+        self._reserved = max(self._reserved, self._last_seq)
+        self._write_counters()
+
+    def _open_db(self, side: counters.Counters) -> None:
         existed = self.path.exists()
         clean = _take_clean_mark(self.path)
         try:
@@ -237,18 +252,18 @@ class Outbox:
         except sqlite3.DatabaseError as e:
             self._move_aside(str(e))
             self._db = self._connect(check=False)
-        if not existed and side.last_seq and self.recovered_from is None:
+        if not existed and side.seq_reserved and self.recovered_from is None:
             # the database is gone but the side file says records were stored
             first = max(1, side.unconfirmed_from)
+            self._last_seq = max(self._last_seq, side.seq_reserved)
             log.error(
                 "outbox %s is missing; the counters say seq %d..%d may not have been "
                 "confirmed: reported as lost",
                 self.path,
                 first,
-                side.last_seq,
+                side.seq_reserved,
             )
-            self._insert_lost(self._db, [(first, side.last_seq)], "database missing", None)
-        self._write_counters()
+            self._insert_lost(self._db, [(first, side.seq_reserved)], "database missing", None)
 
     def _connect(self, *, check: bool) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -304,9 +319,9 @@ class Outbox:
             if src.exists():
                 os.replace(src, Path(str(target) + suffix))
         self.recovered_from = target
-        got = salvage(
-            target, known_last_seq=self._last_seq, unconfirmed_from=self._unconfirmed_from
-        )
+        # running, we know the last seq handed out; at start only the reservation bounds it
+        known = max(self._last_seq, self._reserved) if self._starting else self._last_seq
+        got = salvage(target, known_last_seq=known, unconfirmed_from=self._unconfirmed_from)
         self._last_seq = max(self._last_seq, got.last_seq)
         self._session = max(self._session, got.session)
         log.error(
@@ -414,14 +429,18 @@ class Outbox:
         if transaction:
             db.execute("COMMIT")
 
-    def _write_counters(self) -> None:
-        """The side file after a durable commit; a failure is logged, the commit stands."""
+    def _write_counters(self, *, strict: bool = False) -> None:
+        """The side file. `strict` (a new seq reservation) raises on failure, so the
+        commit that needed it is refused; otherwise a failure is logged: the database
+        still holds the same counters."""
         try:
             counters.store(
                 self._counters_path,
-                counters.Counters(self._last_seq, self._session, self._unconfirmed_from),
+                counters.Counters(self._reserved, self._session, self._unconfirmed_from),
             )
         except OutboxError as e:
+            if strict:
+                raise
             log.warning("outbox %s: %s (the database still holds them)", self.path, e)
 
     def _close(self) -> None:
@@ -541,6 +560,16 @@ class Outbox:
             )
         if not rows:
             return results
+        if seq > self._reserved:  # durable before any seq above the old reservation is used
+            low = db.execute("SELECT min(seq) FROM records WHERE state < 2").fetchone()[0]
+            self._unconfirmed_from = int(low or self._last_seq + 1)
+            before = self._reserved
+            self._reserved = seq + counters.RESERVE
+            try:
+                self._write_counters(strict=True)
+            except OutboxError:
+                self._reserved = before
+                raise
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
@@ -557,9 +586,6 @@ class Outbox:
                     db.execute("ROLLBACK")
             raise _translate(e, f"{self.path}: commit failed") from e
         self._last_seq = seq
-        low = db.execute("SELECT min(seq) FROM records WHERE state < 2").fetchone()[0]
-        self._unconfirmed_from = int(low or seq)
-        self._write_counters()
         return results
 
     def _used_bytes(self) -> int:
@@ -865,6 +891,8 @@ def _quick_check(path: Path) -> str | None:
 
 
 def _is_corruption(e: BaseException | None) -> bool:
+    if isinstance(e, UnicodeDecodeError):
+        return True
     if not isinstance(e, sqlite3.DatabaseError):
         return False
     return _code(e) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
@@ -1008,7 +1036,7 @@ def read_stats(path: Path) -> dict[str, Any]:
         **stats,
         "db_bytes": _file_bytes(path),
         "last_seq": int(meta.get("last_seq", 0)),
-        "side_last_seq": side.last_seq,
+        "side_seq_reserved": side.seq_reserved,
         "side_session": side.session,
         "salvaged": int(meta.get("salvaged", 0)),
         "lost_seqs": int(meta.get("lost_seqs", 0)),

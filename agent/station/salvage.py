@@ -28,6 +28,8 @@ COLUMNS = (
     " bytes, state, created_at, sent_at, confirmed_at"
 )
 _CHUNK = 500
+#: what reading a damaged file can raise: SQLite's errors, and text that is not UTF-8
+_BAD = (sqlite3.Error, ValueError, OverflowError)
 
 
 @dataclass(slots=True)
@@ -67,7 +69,7 @@ def _row_ok(row: tuple[Any, ...]) -> bool:
 def _meta(db: sqlite3.Connection, key: str) -> int:
     try:
         row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-    except sqlite3.Error:
+    except _BAD:
         return 0
     return int(row[0]) if row is not None and isinstance(row[0], int) else 0
 
@@ -75,8 +77,8 @@ def _meta(db: sqlite3.Connection, key: str) -> int:
 def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -> Salvaged:
     """Walk `path` (a moved-aside outbox) for its unconfirmed rows.
 
-    `known_last_seq` (the side file's and the running outbox's) extends the walk
-    past the last row the file still shows; `unconfirmed_from` is the lowest seq
+    `known_last_seq` (the running outbox's, or at start the side file's reservation)
+    bounds the walk when the file's own `meta.last_seq` cannot be read; `unconfirmed_from` is the lowest seq
     that may be unconfirmed (seqs below it had been confirmed: not lost).
     """
     out = Salvaged(last_seq=known_last_seq)
@@ -87,7 +89,11 @@ def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -
         _lose(out, max(1, unconfirmed_from), known_last_seq)
         return out
     try:
-        out.last_seq = max(out.last_seq, _meta(db, "last_seq"))
+        # `meta.last_seq` commits with the rows: when it can be read it is exact, and the
+        # seqs reserved past it (`known_last_seq` at start) were never handed out
+        meta_last = _meta(db, "last_seq")
+        if meta_last:
+            out.last_seq = meta_last
         out.session = _meta(db, "session")
         _walk(db, out, max(1, unconfirmed_from), bounded=unconfirmed_from > 0)
     finally:
@@ -121,7 +127,7 @@ def _walk(db: sqlite3.Connection, out: Salvaged, start: int, bounded: bool) -> N
                 f"SELECT {COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
                 (cur, _CHUNK),
             ).fetchall()
-        except sqlite3.Error:
+        except _BAD:
             rows = None
         if rows is not None and all(_row_ok(r) for r in rows):
             for r in rows:
@@ -134,7 +140,7 @@ def _walk(db: sqlite3.Connection, out: Salvaged, start: int, bounded: bool) -> N
         for seq in range(cur + 1, cur + _CHUNK + 1):
             try:
                 row = db.execute(f"SELECT {COLUMNS} FROM records WHERE seq = ?", (seq,)).fetchone()
-            except sqlite3.Error:
+            except _BAD:
                 unreadable.append(seq)
                 continue
             if row is None:

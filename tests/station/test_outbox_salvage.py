@@ -74,9 +74,9 @@ async def test_pages_overwritten_under_a_backlog_rows_salvaged_rest_reported(
         texts, lost = covered(out)
         stats = await ob.stats()
     by_seq = {r.seq: r for r in recs}
-    unconfirmed = set(range(201, 1201))
     # every unconfirmed seq is either delivered with its own id and text, or reported lost
-    assert set(texts) | lost == unconfirmed
+    # (meta.last_seq was readable: the seqs reserved past it were never used, not lost)
+    assert set(texts) | lost == set(range(201, 1201))
     assert not set(texts) & lost
     for r in out:
         if r.kind == "barcode":
@@ -119,6 +119,8 @@ async def test_garbage_file_at_start_seq_and_session_continue(tmp_path: Path) ->
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(str(db) + suffix)
+    reserved = counters.load(counters.side_path(db)).seq_reserved
+    assert 201 <= reserved <= 201 + counters.RESERVE
     db.write_bytes(b"\x00garbage\xff" * 10_000)
     async with Outbox(db) as ob:
         assert ob.recovered_from is not None
@@ -127,8 +129,10 @@ async def test_garbage_file_at_start_seq_and_session_continue(tmp_path: Path) ->
         nxt = await ob.append(scan("after"))
         out = await drain(ob)
     _, lost = covered(out)
-    assert lost == set(range(151, 202))  # nothing below the side file's unconfirmed_from
-    assert nxt.seq == 203  # 1..201 used, 202 is the lost_range record: no seq reused
+    # 1..201 were used; the side file reserved up to `reserved`; nothing below its
+    # unconfirmed_from (151, written at the clean stop) is reported
+    assert lost == set(range(151, reserved + 1))
+    assert nxt.seq == reserved + 2  # the lost_range record, then the scan: no seq reused
 
 
 async def test_missing_database_seq_continues_and_loss_is_reported(tmp_path: Path) -> None:
@@ -143,33 +147,42 @@ async def test_missing_database_seq_continues_and_loss_is_reported(tmp_path: Pat
     async with Outbox(db) as ob:
         assert await ob.bump_session() == 2
         out = await drain(ob)
-        assert [(r.kind, r.seq) for r in out] == [("lost_range", 11)]
-        assert (out[0].data["first_seq"], out[0].data["last_seq"]) == (1, 10)
-        assert (await ob.append(scan("x"))).seq == 12
+        reserved = 1 + counters.RESERVE  # what the first commit reserved
+        assert [(r.kind, r.seq) for r in out] == [("lost_range", reserved + 1)]
+        assert (out[0].data["first_seq"], out[0].data["last_seq"]) == (1, reserved)
+        assert (await ob.append(scan("x"))).seq == reserved + 2
 
 
-async def test_side_file_follows_every_commit(tmp_path: Path) -> None:
+async def test_side_file_reserves_ahead_of_every_commit(tmp_path: Path) -> None:
     db = tmp_path / "outbox.db"
     side = counters.side_path(db)
+    R = counters.RESERVE
     async with Outbox(db) as ob:
         assert counters.load(side) == counters.Counters(0, 0, 0)
         await ob.bump_session()
         r = await ob.append(scan("a"))
-        assert counters.load(side) == counters.Counters(r.seq, 1, r.seq)
+        assert counters.load(side) == counters.Counters(1 + R, 1, 1)
         await ob.confirm([r.id])
-        r2 = await ob.append(scan("b"))
-        assert counters.load(side) == counters.Counters(2, 1, 2)
-    assert r2.seq == 2
+        for i in range(R):
+            last = await ob.append(scan(f"b{i}"))
+            assert counters.load(side).seq_reserved >= last.seq  # never behind a used seq
+        assert last.seq == 1 + R
+        assert counters.load(side) == counters.Counters(1 + R, 1, 1)  # one write for R scans
+        last = await ob.append(scan("c"))
+        assert counters.load(side) == counters.Counters(last.seq + R, 1, 2)
+    assert counters.load(side).unconfirmed_from == 2
+    async with Outbox(db) as ob:  # a sound database is the authority: no gap
+        assert (await ob.append(scan("d"))).seq == R + 3
     assert oct(side.stat().st_mode & 0o777) == "0o600"
     assert not side.with_name(side.name + ".tmp").exists()
 
 
 def test_side_file_garbage_or_hostile_is_zeros(tmp_path: Path) -> None:
     side = tmp_path / "outbox.db.counters"
-    for junk in (b"", b"{", b"[" * 100_000, b'{"last_seq": -1}', b'{"last_seq": true}', b"\xff"):
+    for junk in (b"", b"{", b"[" * 100_000, b'{"session": -1}', b'{"session": true}', b"\xff"):
         side.write_bytes(junk)
         assert counters.load(side) == counters.Counters()
-    side.write_bytes(b'{"last_seq": 7, "session": 3}')
+    side.write_bytes(b'{"seq_reserved": 7, "session": 3}')
     assert counters.load(side) == counters.Counters(7, 3, 0)
 
 
@@ -181,7 +194,7 @@ def test_side_file_parser_never_raises(tmp_path: Path, raw: bytes) -> None:
     side = tmp_path / "fuzz.counters"
     side.write_bytes(raw)
     c = counters.load(side)
-    assert min(c.last_seq, c.session, c.unconfirmed_from) >= 0
+    assert min(c.seq_reserved, c.session, c.unconfirmed_from) >= 0
 
 
 def _make_db(path: Path, n: int) -> None:
