@@ -78,8 +78,9 @@ def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -
     """Walk `path` (a moved-aside outbox) for its unconfirmed rows.
 
     `known_last_seq` (the running outbox's, or at start the side file's reservation)
-    bounds the walk when the file's own `meta.last_seq` cannot be read; `unconfirmed_from` is the lowest seq
-    that may be unconfirmed (seqs below it had been confirmed: not lost).
+    bounds the walk when the file's own `meta.last_seq` cannot be read;
+    `unconfirmed_from` is the lowest seq that may be unconfirmed (seqs below it had
+    been confirmed: not lost).
     """
     out = Salvaged(last_seq=known_last_seq)
     try:

@@ -28,6 +28,7 @@ from agent.testing import (
     mqtt_collect,
     payload,
     running_registry,
+    running_station,
     serial_scanner,
     write_config,
 )
@@ -127,6 +128,26 @@ async def test_kill9_loop_rescans_are_not_duplicates_and_nothing_acked_is_lost(
     assert set(texts) == set(acked)
     log = agent.text()
     assert log.count("running with 1 device") == 11
+
+
+async def test_rescan_after_restart_is_the_committed_record(
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path
+) -> None:
+    """Point 8, deterministic: the same text again right after a restart is ACKed and
+    recognised as the record already committed; a different text is a new record."""
+    cfg = config(tmp_path, broker, pty_port, outbox="resend_after_s = 2")
+    async with running_station(cfg):
+        pty_port.scan("RESCAN-1")
+        assert await pty_port.aread(1) == ACK
+    async with running_station(cfg) as run:
+        pty_port.scan("RESCAN-1")
+        assert await pty_port.aread(1) == ACK
+        assert run.station.devices["ticket-scanner"].duplicates_suppressed == 1
+        pty_port.scan("RESCAN-2")
+        assert await pty_port.aread(1) == ACK
+        await registry.wait_for(2)
+        await asyncio.sleep(0.5)
+    assert [r["data"]["text"] for r in registry.new] == ["RESCAN-1", "RESCAN-2"]
 
 
 # -- pages overwritten under a backlog ------------------------------------------------------
