@@ -123,10 +123,6 @@ class StationApp:
             integrity_check_interval_s=cfg.outbox.integrity_check_interval_s or None,
         ) as outbox:
             self.outbox = station.outbox = outbox
-            if outbox.recovered_from is not None:
-                station.alert(
-                    {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
-                )
             self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
             uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
             uplink.add_command("capture_photo", self._cmd_capture_photo)

@@ -128,6 +128,7 @@ class Outbox:
         self._starting = False
         self._salvaged = self._lost_seqs = self._lost_ranges = 0
         self._checker: asyncio.Task[None] | None = None
+        self._alerts: list[dict[str, Any]] = []
         self._sealer = sealer
         self._clock = clock
         self._db: sqlite3.Connection | None = None
@@ -336,6 +337,14 @@ class Outbox:
             self._last_seq + 1,
         )
         self._fill_fresh(got, target)
+        self._alerts.append(
+            {
+                "type": "outbox_recovered",
+                "moved_aside": str(target),
+                "salvaged": len(got.rows),
+                "lost_seqs": got.lost_count,
+            }
+        )
 
     def _fill_fresh(self, got: Salvaged, target: Path) -> None:
         """The fresh database: schema, counters, the salvaged rows (to be sent again) and
@@ -742,6 +751,12 @@ class Outbox:
             )
         self._write_counters()
         return self._session
+
+    def take_alerts(self) -> list[dict[str, Any]]:
+        """`outbox_recovered` alerts since the last call (at start or while running),
+        for the next telemetry."""
+        alerts, self._alerts = self._alerts, []
+        return alerts
 
     async def find_repeat(self, device: str, text: str, within_s: float) -> bool:
         """True if the last record of `device` is the barcode `text`, committed less than

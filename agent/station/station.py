@@ -142,6 +142,8 @@ class Station:
 
     def take_alerts(self) -> list[dict[str, Any]]:
         alerts, self._alerts = self._alerts, []
+        if self.outbox is not None:  # a database moved aside and salvaged, at start or since
+            alerts += self.outbox.take_alerts()
         return alerts
 
     def alert(self, body: dict[str, Any]) -> None:

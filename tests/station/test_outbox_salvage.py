@@ -259,6 +259,10 @@ async def test_periodic_integrity_check_finds_damage_without_stalling_scans(
         assert ob.integrity_checks >= 1
         after = await ob.append(scan("after"))
         texts, lost = covered(await drain(ob))
+        [alert] = ob.take_alerts()  # for the next telemetry
+        assert alert["type"] == "outbox_recovered" and alert["lost_seqs"] == len(lost)
+        assert alert["moved_aside"] == str(ob.recovered_from)
+        assert ob.take_alerts() == []
     assert after.seq == max(texts) and after.seq > recs[-1].seq
     assert lost, "the overwritten pages held rows"
     assert set(range(1, 301)) <= set(texts) | lost
