@@ -82,6 +82,7 @@ async def test_kill9_loop_rescans_are_not_duplicates_and_nothing_acked_is_lost(
     naked: list[str] = []
     n = 0
     interrupted: str | None = None
+    unheard: list[str] = []
     try:
         for cycle in range(10):
             agent.start()
@@ -100,10 +101,18 @@ async def test_kill9_loop_rescans_are_not_duplicates_and_nothing_acked_is_lost(
                 pty_port.scan(text)
                 reply = await pty_port.aread(1, timeout=5)
                 (acked if reply == ACK else naked).append(text)
-            # the kill lands right after a scan went in: committed or not, no ACK heard
             text = f"k9-{n:04d}"
             n += 1
             pty_port.scan(text)
+            if cycle % 2:
+                # committed and ACKed, but the operator did not hear it (the ACK byte lost
+                # with the kill): the rescan after the restart must be the same record
+                assert await pty_port.aread(1, timeout=5) == ACK
+                agent.kill9()
+                unheard.append(text)
+                interrupted = text
+                continue
+            # the kill lands right after a scan went in: committed or not, no ACK heard
             await asyncio.sleep(rng.choice([0, 0.001, 0.003, 0.01]))
             agent.kill9()
             stale = pty_port.read(8, timeout=0.05)  # an ACK byte that made it out
@@ -126,6 +135,7 @@ async def test_kill9_loop_rescans_are_not_duplicates_and_nothing_acked_is_lost(
     texts, seqs = ledger(registry.new, acked, naked)
     assert seqs == list(range(1, len(seqs) + 1)), "seq gap-free across kill -9"
     assert set(texts) == set(acked)
+    assert len(unheard) == 5 and set(unheard) <= set(texts)  # stored once each (ledger)
     log = agent.text()
     assert log.count("running with 1 device") == 11
 
