@@ -691,7 +691,11 @@ class Outbox:
 
     async def reset_sent(self) -> int:
         """After a reconnect every unconfirmed record is sent again."""
-        return await self._bookkeeping(self._reset_sent)
+        try:
+            return await self._run(self._reset_sent)
+        except OutboxDiskFull:  # not needed: sent records are due again after resend_after_s
+            log.warning("outbox %s: reset of sent records skipped: disk full", self.path)
+            return 0
 
     def _reset_sent(self) -> int:
         with _transaction(self.db, durable=False):
