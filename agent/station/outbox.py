@@ -251,6 +251,8 @@ class Outbox:
         try:
             self._db = self._connect(check=not clean)
         except sqlite3.DatabaseError as e:
+            if not (_is_corruption(e) or _code(e) == 0):  # locked, full, I/O: not damage
+                raise _translate(e, f"{self.path}: cannot open the outbox") from e
             self._move_aside(str(e))
             self._db = self._connect(check=False)
         if not existed and side.seq_reserved and self.recovered_from is None:
