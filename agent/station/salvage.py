@@ -4,8 +4,12 @@ The outbox moves a damaged file aside (it is never deleted) and calls
 `salvage()` on the copy. This is our own walk by rowid (`seq` is the rowid):
 range scans while the b-tree answers, and where a statement fails
 (SQLITE_CORRUPT, NOTADB, a row whose columns do not decode) seq-by-seq point
-lookups, so one overwritten page costs only the rows on it. Nothing here
-raises: what cannot be read is reported as lost seq ranges, which the outbox
+lookups, so one overwritten page costs only the rows on it; then, for the
+seqs still missing, the table's leaf pages read straight from the file (a
+damaged root or interior page hides intact leaves from every query). The
+`sqlite3` CLI's `.recover` was tried first: the Debian 3.40 one stops with
+"SQL logic error" on such files and returns nothing. Nothing here raises:
+what cannot be read is reported as lost seq ranges, which the outbox
 publishes as `lost_range` records (docs/CONTRACT.md "lost-range record").
 
 No row's content is ever logged: rows hold barcode texts and sealed personal data.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,9 +101,19 @@ def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -
         if meta_last:
             out.last_seq = meta_last
         out.session = _meta(db, "session")
-        _walk(db, out, max(1, unconfirmed_from), bounded=unconfirmed_from > 0)
+        missing = _walk(db, out, max(1, unconfirmed_from), bounded=unconfirmed_from > 0)
     finally:
         db.close()
+    if missing:
+        # what the b-tree no longer leads to may still lie on its leaf pages
+        wanted = set(missing)
+        for row in _leaf_rows(path, wanted):
+            wanted.discard(row[0])
+            if row[11] < 2:
+                out.rows.append(row)
+        out.rows.sort(key=lambda r: r[0])
+        missing = sorted(wanted)
+    _ranges(out, missing)
     log.warning(
         "salvage %s: %d unconfirmed row(s) readable, %d seq(s) lost in %d range(s), up to seq %d",
         path,
@@ -110,8 +125,9 @@ def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -
     return out
 
 
-def _walk(db: sqlite3.Connection, out: Salvaged, start: int, bounded: bool) -> None:
-    """Range scans while they answer, seq-by-seq lookups where they do not."""
+def _walk(db: sqlite3.Connection, out: Salvaged, start: int, bounded: bool) -> list[int]:
+    """Range scans while they answer, seq-by-seq lookups where they do not; the seqs
+    that may have held an unconfirmed row and were not read."""
     seen: set[int] = set()  # seqs whose row was read, in any state
     unreadable: list[int] = []
     cur = start - 1  # every seq <= cur is decided
@@ -161,7 +177,105 @@ def _walk(db: sqlite3.Connection, out: Salvaged, start: int, bounded: bool) -> N
         missing = [s for s in range(start, out.last_seq + 1) if s not in seen]
     else:
         missing = sorted(s for s in unreadable if s <= out.last_seq)
-    _ranges(out, missing)
+    return missing
+
+
+# -- the leaf pages themselves (docs: sqlite.org/fileformat2.html) ---------------------
+
+_RECORD_COLUMNS = 15  # the records table, seq (the rowid alias) first
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """SQLite's big-endian varint at `i`: (value, next index). IndexError past the end."""
+    v = 0
+    for k in range(8):
+        b = buf[i + k]
+        v = (v << 7) | (b & 0x7F)
+        if b < 0x80:
+            return v, i + k + 1
+    return (v << 8) | buf[i + 8], i + 9
+
+
+def _value(serial: int, body: bytes, j: int) -> tuple[Any, int]:
+    """One column of a record: (value, next index). ValueError for what SQLite never writes."""
+    if serial == 0:
+        return None, j
+    if 1 <= serial <= 6:
+        n = (1, 2, 3, 4, 6, 8)[serial - 1]
+        if j + n > len(body):
+            raise ValueError("column past the payload")
+        return int.from_bytes(body[j : j + n], "big", signed=True), j + n
+    if serial == 7:
+        if j + 8 > len(body):
+            raise ValueError("column past the payload")
+        return struct.unpack(">d", body[j : j + 8])[0], j + 8
+    if serial in (8, 9):
+        return serial - 8, j
+    if serial < 12:
+        raise ValueError("reserved serial type")
+    n = (serial - 12) // 2
+    if j + n > len(body):
+        raise ValueError("column past the payload")
+    raw = body[j : j + n]
+    return (raw.decode("utf-8") if serial % 2 else bytes(raw)), j + n
+
+
+def _leaf_rows(path: Path, wanted: set[int]) -> list[tuple[Any, ...]]:
+    """Rows of the records table read straight from its leaf pages, for the seqs in
+    `wanted`: a damaged interior or root page hides intact leaves from every query.
+    Rows that spill to overflow pages are left out (a scan record never does)."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return []
+    page_size = 4096
+    if raw[:16] == b"SQLite format 3\x00" and len(raw) >= 100:
+        ps = int.from_bytes(raw[16:18], "big")
+        page_size = 65536 if ps == 1 else ps
+        if page_size < 512 or page_size & (page_size - 1):
+            page_size = 4096
+    usable = page_size - (raw[20] if len(raw) > 20 else 0)
+    max_local = usable - 35
+    found: dict[int, tuple[Any, ...]] = {}
+    for start in range(0, len(raw) - page_size + 1, page_size):
+        page = raw[start : start + page_size]
+        head = 100 if start == 0 else 0
+        if page[head] != 0x0D:  # a table b-tree leaf
+            continue
+        cells = int.from_bytes(page[head + 3 : head + 5], "big")
+        for c in range(min(cells, page_size // 4)):
+            at = head + 8 + 2 * c
+            try:
+                off = int.from_bytes(page[at : at + 2], "big")
+                size, i = _varint(page, off)
+                rowid, i = _varint(page, i)
+                if rowid not in wanted or size > max_local or i + size > page_size:
+                    continue
+                row = _decode(page[i : i + size], rowid)
+            except (IndexError, ValueError):
+                continue
+            if row is not None and _row_ok(row):
+                found[rowid] = row
+    return [found[k] for k in sorted(found)]
+
+
+def _decode(body: bytes, rowid: int) -> tuple[Any, ...] | None:
+    """A records row from its payload, or None if it is not one."""
+    hsize, i = _varint(body, 0)
+    if hsize > len(body):
+        return None
+    serials = []
+    while i < hsize:
+        t, i = _varint(body, i)
+        serials.append(t)
+    if len(serials) != _RECORD_COLUMNS or serials[0] != 0:
+        return None
+    values: list[Any] = [rowid]
+    j = hsize
+    for t in serials[1:]:
+        v, j = _value(t, body, j)
+        values.append(v)
+    return tuple(values)
 
 
 def _ranges(out: Salvaged, seqs: list[int]) -> None:

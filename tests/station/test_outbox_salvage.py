@@ -339,3 +339,26 @@ async def test_disk_full_refuses_appends_retries_bookkeeping_and_recovers(small_
     seqs = [s for (s,) in db2.execute("SELECT seq FROM records ORDER BY seq")]
     db2.close()
     assert seqs == list(range(1, after.seq + 1))
+
+
+async def test_root_page_overwritten_rows_read_from_their_leaf_pages(tmp_path: Path) -> None:
+    """A damaged root or interior page hides every intact leaf from SQLite's queries;
+    the salvage reads the leaves themselves."""
+    db = tmp_path / "outbox.db"
+    async with Outbox(db) as ob:
+        recs = [await ob.append(scan(f"L{i:05d}" + "q" * 100)) for i in range(1200)]
+        await ob._run(lambda: ob.db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    con = sqlite3.connect(db)
+    [(root,)] = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'records'")
+    con.close()
+    overwrite_pages(db, [root - 1])  # page numbers start at 1
+    async with Outbox(db) as ob:
+        out = await drain(ob)
+        stats = await ob.stats()
+    texts, lost = covered(out)
+    by_seq = {r.seq: r for r in recs}
+    assert set(texts) | lost == set(range(1, 1201))
+    assert len(texts) == 1200, "only an interior page was hit: every row is on a leaf"
+    assert all(texts[s] == by_seq[s].data["text"] for s in texts)
+    assert all(r.id == by_seq[r.seq].id for r in out if r.kind == "barcode")
+    assert stats.salvaged == 1200
