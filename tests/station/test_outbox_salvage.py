@@ -362,3 +362,27 @@ async def test_root_page_overwritten_rows_read_from_their_leaf_pages(tmp_path: P
     assert all(texts[s] == by_seq[s].data["text"] for s in texts)
     assert all(r.id == by_seq[r.seq].id for r in out if r.kind == "barcode")
     assert stats.salvaged == 1200
+
+
+def _page(head: bytes, tail: bytes) -> bytes:
+    """A 4096-byte table-leaf page: hostile header and cell pointers, hostile cells at the end."""
+    return (b"\x0d" + head)[: 4096 - len(tail)].ljust(4096 - len(tail), b"\0") + tail
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pages=st.lists(
+        st.builds(_page, st.binary(max_size=300), st.binary(max_size=600)), min_size=1, max_size=3
+    )
+)
+def test_leaf_page_reader_survives_any_bytes(tmp_path: Path, pages: list[bytes]) -> None:
+    """Hostile pages with the leaf type byte, so their cells get parsed: the reader
+    returns only rows that pass the same checks as the walk's, and never raises."""
+    from agent.station.salvage import _leaf_rows, _row_ok
+
+    target = tmp_path / "hostile.db"
+    target.write_bytes(b"".join(pages))
+    rows = _leaf_rows(target, set(range(0, 1 << 16)))
+    assert all(_row_ok(r) for r in rows)
