@@ -225,39 +225,47 @@ def _leaf_rows(path: Path, wanted: set[int]) -> list[tuple[Any, ...]]:
     """Rows of the records table read straight from its leaf pages, for the seqs in
     `wanted`: a damaged interior or root page hides intact leaves from every query.
     Rows that spill to overflow pages are left out (a scan record never does)."""
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return []
-    page_size = 4096
-    if raw[:16] == b"SQLite format 3\x00" and len(raw) >= 100:
-        ps = int.from_bytes(raw[16:18], "big")
-        page_size = 65536 if ps == 1 else ps
-        if page_size < 512 or page_size & (page_size - 1):
-            page_size = 4096
-    usable = page_size - (raw[20] if len(raw) > 20 else 0)
-    max_local = usable - 35
     found: dict[int, tuple[Any, ...]] = {}
-    for start in range(0, len(raw) - page_size + 1, page_size):
-        page = raw[start : start + page_size]
-        head = 100 if start == 0 else 0
-        if page[head] != 0x0D:  # a table b-tree leaf
-            continue
-        cells = int.from_bytes(page[head + 3 : head + 5], "big")
-        for c in range(min(cells, page_size // 4)):
-            at = head + 8 + 2 * c
-            try:
-                off = int.from_bytes(page[at : at + 2], "big")
-                size, i = _varint(page, off)
-                rowid, i = _varint(page, i)
-                if rowid not in wanted or size > max_local or i + size > page_size:
-                    continue
-                row = _decode(page[i : i + size], rowid)
-            except (IndexError, ValueError):
-                continue
-            if row is not None and _row_ok(row):
-                found[rowid] = row
+    try:
+        with open(path, "rb") as f:  # page by page: the file may be gigabytes, the Pi's RAM is not
+            header = f.read(100)
+            page_size = 4096
+            if header[:16] == b"SQLite format 3\x00" and len(header) == 100:
+                ps = int.from_bytes(header[16:18], "big")
+                page_size = 65536 if ps == 1 else ps
+                if page_size < 512 or page_size & (page_size - 1):
+                    page_size = 4096
+            usable = page_size - (header[20] if len(header) > 20 else 0)
+            f.seek(0)
+            first = True
+            while len(page := f.read(page_size)) == page_size:
+                _leaf_page(page, 100 if first else 0, usable - 35, wanted, found)
+                first = False
+    except OSError:
+        pass
     return [found[k] for k in sorted(found)]
+
+
+def _leaf_page(
+    page: bytes, head: int, max_local: int, wanted: set[int], found: dict[int, tuple[Any, ...]]
+) -> None:
+    """The wanted records rows on one page, if it is a table b-tree leaf."""
+    if page[head] != 0x0D:
+        return
+    cells = int.from_bytes(page[head + 3 : head + 5], "big")
+    for c in range(min(cells, len(page) // 4)):
+        at = head + 8 + 2 * c
+        try:
+            off = int.from_bytes(page[at : at + 2], "big")
+            size, i = _varint(page, off)
+            rowid, i = _varint(page, i)
+            if rowid not in wanted or size > max_local or i + size > len(page):
+                continue
+            row = _decode(page[i : i + size], rowid)
+        except (IndexError, ValueError):
+            continue
+        if row is not None and _row_ok(row):
+            found[rowid] = row
 
 
 def _decode(body: bytes, rowid: int) -> tuple[Any, ...] | None:
