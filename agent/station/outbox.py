@@ -246,6 +246,15 @@ class Outbox:
         self._write_counters()
 
     def _open_db(self, side: counters.Counters) -> None:
+        fresh = _salvage_path(self.path)
+        if fresh.exists():
+            if self.path.exists():
+                _unlink_db(fresh)  # a salvage cut short: the damaged file is still in place
+            else:
+                # cut short between moving the damaged file aside and this rename
+                log.warning("outbox %s: finishing an interrupted salvage", self.path)
+                os.replace(fresh, self.path)
+                _fsync_dir(self.path.parent)
         existed = self.path.exists()
         clean = _take_clean_mark(self.path)
         try:
@@ -307,7 +316,13 @@ class Outbox:
 
     def _move_aside(self, reason: str) -> None:
         """Keep a broken database for forensics (never deleted), copy its readable
-        unconfirmed rows into a fresh one, report the seqs that could not be read."""
+        unconfirmed rows into a fresh one, report the seqs that could not be read.
+
+        Crash-safe in this order: the fresh database is filled and committed under
+        `outbox.db.salvage` while the damaged file is still in place; then the damaged
+        file is renamed aside and the fresh one into place. A crash before the first
+        rename salvages again at the next start; between the two, `_open` finishes it.
+        """
         salvaged_seq, session = _salvage_counters(self.path)
         self._last_seq = max(self._last_seq, salvaged_seq)  # at run time we know it already
         self._session = max(session, self._session)
@@ -317,14 +332,11 @@ class Outbox:
         while target.exists():
             n += 1
             target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(target) + suffix))
-        self.recovered_from = target
+        fresh = _salvage_path(self.path)
+        _unlink_db(fresh)  # a partial one from a crash during an earlier salvage
         # running, we know the last seq handed out; at start only the reservation bounds it
         known = max(self._last_seq, self._reserved) if self._starting else self._last_seq
-        got = salvage(target, known_last_seq=known, unconfirmed_from=self._unconfirmed_from)
+        got = salvage(self.path, known_last_seq=known, unconfirmed_from=self._unconfirmed_from)
         self._last_seq = max(self._last_seq, got.last_seq)
         self._session = max(self._session, got.session)
         log.error(
@@ -338,7 +350,14 @@ class Outbox:
             len(got.lost),
             self._last_seq + 1,
         )
-        self._fill_fresh(got, target)
+        self._fill_fresh(got, fresh, target)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        os.replace(fresh, self.path)
+        _fsync_dir(self.path.parent)
+        self.recovered_from = target
         self._alerts.append(
             {
                 "type": "outbox_recovered",
@@ -348,12 +367,13 @@ class Outbox:
             }
         )
 
-    def _fill_fresh(self, got: Salvaged, target: Path) -> None:
-        """The fresh database: schema, counters, the salvaged rows (to be sent again) and
-        one `lost_range` record per range, in one durable transaction."""
-        db = sqlite3.connect(self.path, isolation_level=None)
+    def _fill_fresh(self, got: Salvaged, fresh: Path, target: Path) -> None:
+        """The fresh database at `fresh`: schema, counters, the salvaged rows (to be sent
+        again) and one `lost_range` record per range, in one durable transaction, with a
+        rollback journal (no WAL left beside it when it is renamed into place)."""
+        db = sqlite3.connect(fresh, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA journal_mode=DELETE")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             db.execute("BEGIN IMMEDIATE")
@@ -373,7 +393,7 @@ class Outbox:
             self._insert_lost(db, got.lost, "unreadable", target, transaction=False)
             db.execute("COMMIT")
         except sqlite3.Error as e:
-            raise _translate(e, f"{self.path}: cannot fill the fresh database") from e
+            raise _translate(e, f"{fresh}: cannot fill the fresh database") from e
         finally:
             db.close()
 
@@ -863,6 +883,24 @@ class _transaction:
         finally:
             if not self.durable:
                 self.db.execute("PRAGMA synchronous=FULL")
+
+
+def _salvage_path(path: Path) -> Path:
+    return Path(str(path) + ".salvage")
+
+
+def _unlink_db(path: Path) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(path) + suffix)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _file_bytes(path: Path) -> int:

@@ -386,3 +386,28 @@ def test_leaf_page_reader_survives_any_bytes(tmp_path: Path, pages: list[bytes])
     target.write_bytes(b"".join(pages))
     rows = _leaf_rows(target, set(range(0, 1 << 16)))
     assert all(_row_ok(r) for r in rows)
+
+
+async def test_a_salvage_cut_short_by_a_crash_is_redone_or_finished(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    fresh = tmp_path / "outbox.db.salvage"
+    async with Outbox(db) as ob:
+        recs = [await ob.append(scan(f"C{i}")) for i in range(50)]
+    # killed while filling: a partial fresh file beside the damaged one still in place
+    fresh.write_bytes(b"partial")
+    overwrite_pages(db, [3])
+    async with Outbox(db) as ob:
+        assert ob.recovered_from is not None
+        texts, lost = covered(await drain(ob))
+    assert not fresh.exists()
+    assert set(texts) | lost == {r.seq for r in recs}
+    # killed between the two renames: the damaged file is aside, the fresh one complete
+    os.replace(db, fresh)
+    for suffix in ("-wal", "-shm", ".clean"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(db) + suffix)
+    async with Outbox(db) as ob:
+        assert ob.recovered_from is None
+        again, lost_again = covered(await drain(ob))
+    assert (again, lost_again) == (texts, lost)
+    assert not fresh.exists()
