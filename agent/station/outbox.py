@@ -336,21 +336,18 @@ class Outbox:
         _unlink_db(fresh)  # a partial one from a crash during an earlier salvage
         # running, we know the last seq handed out; at start only the reservation bounds it
         known = max(self._last_seq, self._reserved) if self._starting else self._last_seq
-        got = salvage(self.path, known_last_seq=known, unconfirmed_from=self._unconfirmed_from)
-        self._last_seq = max(self._last_seq, got.last_seq)
-        self._session = max(self._session, got.session)
+        got = self._fill_fresh(fresh, target, known)
         log.error(
             "outbox %s could not be used (%s): moved aside to %s; %d unconfirmed record(s) "
             "salvaged, %d seq(s) lost in %d range(s); continuing in a fresh database from seq %d",
             self.path,
             reason,
             target,
-            len(got.rows),
+            got.count,
             got.lost_count,
             len(got.lost),
             self._last_seq + 1,
         )
-        self._fill_fresh(got, fresh, target)
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
@@ -362,12 +359,12 @@ class Outbox:
             {
                 "type": "outbox_recovered",
                 "moved_aside": str(target),
-                "salvaged": len(got.rows),
+                "salvaged": got.count,
                 "lost_seqs": got.lost_count,
             }
         )
 
-    def _fill_fresh(self, got: Salvaged, fresh: Path, target: Path) -> None:
+    def _fill_fresh(self, fresh: Path, target: Path, known_last_seq: int) -> Salvaged:
         """The fresh database at `fresh`: schema, counters, the salvaged rows (to be sent
         again) and one `lost_range` record per range, in one durable transaction, with a
         rollback journal (no WAL left beside it when it is renamed into place)."""
@@ -377,11 +374,22 @@ class Outbox:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                f"INSERT OR IGNORE INTO records ({COLUMNS}) VALUES ({','.join('?' * 15)})",
-                [(*r[:11], PENDING, r[12], None, None) for r in got.rows],
+
+            def sink(rows: list[tuple[Any, ...]]) -> None:
+                db.executemany(
+                    f"INSERT OR IGNORE INTO records ({COLUMNS}) VALUES ({','.join('?' * 15)})",
+                    [(*r[:11], PENDING, r[12], None, None) for r in rows],
+                )
+
+            got = salvage(
+                self.path,
+                known_last_seq=known_last_seq,
+                unconfirmed_from=self._unconfirmed_from,
+                sink=sink,
             )
-            self._salvaged += len(got.rows)
+            self._last_seq = max(self._last_seq, got.last_seq)
+            self._session = max(self._session, got.session)
+            self._salvaged += got.count
             db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [
@@ -396,6 +404,7 @@ class Outbox:
             raise _translate(e, f"{fresh}: cannot fill the fresh database") from e
         finally:
             db.close()
+        return got
 
     def _insert_lost(
         self,

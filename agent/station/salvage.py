@@ -22,6 +22,7 @@ import json
 import logging
 import sqlite3
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,26 @@ class Salvaged:
     """What a walk got out of a damaged database."""
 
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    """The rows not yet handed to `sink` (all of them when there is no sink)."""
+    count: int = 0
+    """Unconfirmed rows salvaged in all."""
+    sink: Callable[[list[tuple[Any, ...]]], None] | None = None
     lost: list[tuple[int, int]] = field(default_factory=list)
     """Seq ranges (first, last) that may have held unconfirmed records and could not be read."""
     last_seq: int = 0
     session: int = 0
     unreadable: int = 0
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self.count += 1
+        self.rows.append(row)
+        if self.sink is not None and len(self.rows) >= 2000:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.sink is not None and self.rows:
+            self.sink(self.rows)
+            self.rows = []
 
     @property
     def lost_count(self) -> int:
@@ -80,15 +96,22 @@ def _meta(db: sqlite3.Connection, key: str) -> int:
     return int(row[0]) if row is not None and isinstance(row[0], int) else 0
 
 
-def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -> Salvaged:
+def salvage(
+    path: Path,
+    *,
+    known_last_seq: int = 0,
+    unconfirmed_from: int = 0,
+    sink: Callable[[list[tuple[Any, ...]]], None] | None = None,
+) -> Salvaged:
     """Walk `path` (a moved-aside outbox) for its unconfirmed rows.
 
     `known_last_seq` (the running outbox's, or at start the side file's reservation)
     bounds the walk when the file's own `meta.last_seq` cannot be read;
     `unconfirmed_from` is the lowest seq that may be unconfirmed (seqs below it had
-    been confirmed: not lost).
+    been confirmed: not lost). With `sink`, rows are handed over in chunks as they
+    are read instead of being kept (a backlog may be larger than the Pi's memory).
     """
-    out = Salvaged(last_seq=known_last_seq)
+    out = Salvaged(last_seq=known_last_seq, sink=sink)
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error as e:
@@ -111,14 +134,14 @@ def salvage(path: Path, *, known_last_seq: int = 0, unconfirmed_from: int = 0) -
         for row in _leaf_rows(path, wanted):
             wanted.discard(row[0])
             if row[11] < 2:
-                out.rows.append(row)
-        out.rows.sort(key=lambda r: r[0])
+                out.add(row)
         missing = sorted(wanted)
+    out.flush()
     _ranges(out, missing)
     log.warning(
         "salvage %s: %d unconfirmed row(s) readable, %d seq(s) lost in %d range(s), up to seq %d",
         path,
-        len(out.rows),
+        out.count,
         out.lost_count,
         len(out.lost),
         out.last_seq,
@@ -137,7 +160,7 @@ def _walk(db: sqlite3.Connection, out: Salvaged, start: int, bounded: bool) -> l
         seen.add(row[0])
         out.last_seq = max(out.last_seq, row[0])
         if row[11] < 2:
-            out.rows.append(row)
+            out.add(row)
 
     while True:
         try:
