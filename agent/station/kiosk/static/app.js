@@ -329,7 +329,7 @@ function showVerdict(code, body) {
     if (interp && TYPE_LABELS[interp.type]) parts.push(TYPE_LABELS[interp.type][i]);
     if (body && body.duplicate) parts.push(tr("duplicate"));
     if (body && body.source === "manual") parts.push(tr("manual"));
-    return parts.join(" ・^");
+    return parts.join(state.lang === "ja" ? "・^" : " · ");
   };
   show(v.tone, () => v[state.lang].title, detail);
 }
@@ -340,6 +340,7 @@ function showVerdict(code, body) {
 function setReachable(reachable) {
   const was = state.reachable;
   state.reachable = reachable;
+  document.body.classList.toggle("unreachable", !reachable);
   for (const b of document.querySelectorAll("#pad button, footer button")) {
     b.disabled = !reachable;
   }
@@ -378,7 +379,8 @@ function renderOnline() {
 function renderStation() {
   const s = state.status;
   const role = (s && s.role) || "vaccination";
-  $("station").textContent = s ? `${tr(`role_${role}`)} ${s.site} / ${s.agent}` : tr(`role_${role}`);
+  $("station").textContent = s ? `${tr(`role_${role}`)}  ${s.agent}` : tr(`role_${role}`);
+  $("station").title = s ? `${s.site} / ${s.agent}` : "";
   const w = $("waiting");
   const n = s && s.waiting;
   w.hidden = n === null || n === undefined;
