@@ -184,7 +184,8 @@ class DeviceBase(Strict):
     label: str = Field(
         default="",
         max_length=40,
-        description='Name shown on the kiosk page and dashboard, e.g. label = "接種券スキャナ". '
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description='Name the kiosk page shows for the device, e.g. label = "接種券スキャナ". '
         "Default: the device name.",
     )
     expect: list[str] = Field(
