@@ -371,6 +371,11 @@ async def test_the_agent_unreachable_turns_the_keypad_off(
         page = await open_kiosk(browser, k)
         await expect(page.locator('#pad [data-key="5"]')).to_be_enabled()
         await expect(page.locator("#verdict-title")).to_have_text("読み取ってください")
+        icon = await page.locator('link[rel="icon"]').get_attribute("href")
+        assert icon == "/kiosk/favicon.svg"
+        async with k.client() as c:  # public, like the page: it holds no secret
+            r = await c.get(icon)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
     # the station has stopped: its API is gone
     title = page.locator("#verdict-title")
     await expect(page.locator("#online")).to_have_class("state-lost", timeout=10_000)
