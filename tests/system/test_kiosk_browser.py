@@ -389,6 +389,10 @@ async def test_the_agent_unreachable_turns_the_keypad_off(
     await page.click("#lang")
     await expect(title).to_have_text("The stationis not reachable")
     await page.screenshot(path=shot("kiosk-unreachable-en-800x480.png"))
+    async with running_kiosk(cfg):  # the agent is back (same port, same token): so is the pad
+        await expect(page.locator('#pad [data-key="5"]')).to_be_enabled(timeout=15_000)
+        await expect(title).to_have_text("Please scan")
+        await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
 
 
 async def test_mynumber_desk_prompt_keypads_and_both_languages(
