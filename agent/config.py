@@ -151,6 +151,11 @@ class ApiSection(Strict):
         le=100_000,
         description="Events kept for clients resuming with Last-Event-ID.",
     )
+    role: Literal["vaccination", "mynumber", "general"] = Field(
+        default="vaccination",
+        description="What this desk does; picks the kiosk page's prompt: vaccination (接種券), "
+        "mynumber (マイナンバーカード窓口) or general (総合窓口).",
+    )
 
     @model_validator(mode="after")
     def _loopback_only(self) -> ApiSection:
@@ -176,6 +181,13 @@ class DeviceBase(Strict):
     name: str = Field(pattern=DEVICE_NAME_PATTERN, description="Unique; in every record.")
     profile: str = Field(description="device_profiles/<profile>.toml this device is built on.")
     description: str = Field(default="", description="Human description of the model.")
+    label: str = Field(
+        default="",
+        max_length=40,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description='Name the kiosk page shows for the device, e.g. label = "接種券スキャナ". '
+        "Default: the device name.",
+    )
     expect: list[str] = Field(
         default_factory=list,
         description="Interpretation types this station expects; others are flagged.",

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -225,6 +226,11 @@ class Fleet:
         }
 
 
+def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:
+    """A diagnostics result as the download holds it: without the request id."""
+    return {k: v for k, v in result.items() if k != "request_id"}
+
+
 class Dashboard:
     """The MQTT side, the registry poll and the web server, in one event loop."""
 
@@ -412,8 +418,49 @@ class Dashboard:
                 Route("/", index),
                 Route("/api/fleet", fleet),
                 Route("/api/command", command, methods=["POST"]),
+                *self._diagnostics_routes(headers),
             ]
         )
+
+    def _diagnostics_routes(self, headers: dict[str, str]) -> list[Any]:
+        """A station's last diagnostics as a JSON file, and the favicon."""
+        from starlette.requests import Request
+        from starlette.responses import FileResponse, JSONResponse, Response
+        from starlette.routing import Route
+
+        async def diagnostics(request: Request) -> Response:
+            site, agent = request.path_params["site"], request.path_params["agent"]
+            st = self.fleet.stations.get((site, agent))
+            result = None if st is None else st.results.get("diagnostics")
+            if result is None:
+                return JSONResponse(
+                    {"ok": False, "error": f"no diagnostics from {site}/{agent} yet"},
+                    404,
+                    headers=headers,
+                )
+            body = {"site": site, "agent": agent, **diagnostics_file(result)}
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(float(result.get("at") or 0)))
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", f"diagnostics-{site}-{agent}-{stamp}.json")
+            return Response(
+                json.dumps(body, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
+                media_type="application/json",
+                headers={
+                    **headers,
+                    "content-disposition": f'attachment; filename="{name}"',
+                },
+            )
+
+        async def favicon(request: Request) -> FileResponse:
+            return FileResponse(
+                STATIC / "favicon.svg",
+                media_type="image/svg+xml",
+                headers={"cache-control": "max-age=86400"},
+            )
+
+        return [
+            Route("/api/diagnostics/{site}/{agent}", diagnostics),
+            Route("/favicon.svg", favicon),
+        ]
 
     async def _serve(self, stop: asyncio.Event) -> None:
         # the process owns signals and the socket: not serve(), and no sys.exit on a bind error

@@ -6,13 +6,18 @@ downloads one. Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import __version__ as VERSION
 from agent.central.dashboard import Dashboard, Thresholds
 from agent.testing import (
     AgentProcess,
@@ -113,9 +118,58 @@ async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
         await row.locator('button[data-command="diagnostics"]').click()
         result = row.locator(f'[data-result="{KEY}"]')
         await expect(result).to_contain_text("diagnostics: 成功 OK", timeout=20_000)
-        await expect(result).to_contain_text('"python"')
+        await expect(result).to_contain_text(f"madoguchi {VERSION}")
         await expect(result).to_have_class(re.compile(r"\bok\b"))
+        await check_diagnostics(page, dash.http_port)
 
         await row.locator('button[data-command="resend"]').click()
         await expect(result).to_contain_text(re.compile(r'resend: 成功 OK .*"requeued": ?1'))
         await page.screenshot(path=str(ARTIFACTS / "dashboard-stuck-command.png"), full_page=True)
+
+
+async def check_diagnostics(page: Any, http_port: int) -> None:
+    """Readable (a panel of tables, not JSON in a cell) and downloadable, with the version."""
+    from playwright.async_api import expect
+
+    panel = page.locator(f'details[data-diagnostics="{KEY}"]')
+    await expect(panel).to_be_visible()
+    await expect(panel.locator('[data-version="madoguchi"]')).to_have_text(f"madoguchi: {VERSION}")
+    await expect(panel.locator('[data-version="python"]')).to_contain_text("Python: 3.")
+    devices = panel.locator("table.diag-devices")
+    await expect(devices).to_contain_text("ticket-scanner")
+    await expect(devices.locator("tr", has_text="ticket-scanner")).to_contain_text("connected")
+    assert "{" not in await panel.inner_text()  # no raw JSON on screen
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-diagnostics.png"), full_page=True)
+
+    async with page.expect_download() as info:
+        await panel.locator(f'button[data-download="{KEY}"]').click()
+    download = await info.value
+    saved = json.loads(Path(await download.path()).read_text())
+    assert saved["madoguchi"] == VERSION and saved["agent"] == "station-03"
+    assert saved["devices"]["ticket-scanner"]["state"] == "connected"
+    assert "request_id" not in saved
+
+    # the same file from the endpoint, for scripts and curl (the dashboard runs in this loop)
+    base = f"http://127.0.0.1:{http_port}"
+
+    def get(path: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    status, headers, raw = await asyncio.to_thread(get, f"/api/diagnostics/{KEY}")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert headers["content-disposition"].startswith(
+        'attachment; filename="diagnostics-toda-city-hall-1f-station-03-'
+    )
+    body = json.loads(raw)
+    assert body["madoguchi"] == VERSION and "python" in body and "request_id" not in body
+    status, _, _ = await asyncio.to_thread(get, "/api/diagnostics/nowhere/none")
+    assert status == 404
+    status, headers, raw = await asyncio.to_thread(get, "/favicon.svg")
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml")
+    assert raw.startswith(b"<svg")
+    icon = await page.locator('link[rel="icon"]').get_attribute("href")
+    assert icon == "/favicon.svg"
