@@ -148,6 +148,6 @@ def test_configuration_reference_is_current() -> None:
     doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert doc.read_text() == reference_markdown() + "\n" + central_reference(), (
         "regenerate: python -c 'import agent.config as c, agent.central.config as k; "
-        "print(c.reference_markdown() + chr(10) + k.reference_markdown(), end=\"\")'"
+        'print(c.reference_markdown() + chr(10) + k.reference_markdown(), end="")\''
         " > docs/configuration.md"
     )
