@@ -16,8 +16,8 @@ from __future__ import annotations
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, Literal, Self
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -25,6 +25,9 @@ from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError
 
 CENTRAL_SECTIONS = frozenset({"broker", "database", "registry", "dashboard"})
+Role = Literal["registry", "dashboard"]
+# under systemd the secrets exist only while their unit runs (LoadCredential=)
+CREDENTIALS_DIR = Path("/run/credentials")
 
 
 class _Strict(BaseModel):
@@ -32,14 +35,25 @@ class _Strict(BaseModel):
 
 
 class BrokerSection(_Strict):
-    """The fleet broker; the identity is the client certificate's CN."""
+    """The fleet broker, as both the registry and the dashboard reach it."""
 
     host: str = Field(description="Broker host name (must match the broker certificate).")
     port: int = Field(default=8883, ge=1, le=65535, description="Broker port.")
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="First topic levels.")
-    tls_ca: Path | None = Field(default=None, description="Fleet CA bundle (PEM); enables TLS.")
+    tls_ca: Path | None = Field(
+        default=None, description="Fleet CA bundle (PEM); enables TLS. Not secret."
+    )
+
+
+class _Identity(_Strict):
+    """How one central process proves who it is to the broker: its certificate (the
+    shipped broker makes the CN its user name and client id), or a user name + password
+    on a broker with password files."""
+
     tls_cert: Path | None = Field(
-        default=None, description="This process's certificate (PEM); its CN is its identity."
+        default=None,
+        description="This process's certificate (PEM); its CN is its identity. Under "
+        "systemd: /run/credentials/<unit>/tls.crt.",
     )
     tls_key: Path | None = Field(default=None, description="Private key of tls_cert (PEM).")
     username: str | None = Field(
@@ -52,11 +66,9 @@ class BrokerSection(_Strict):
     )
 
     @model_validator(mode="after")
-    def _pairs(self) -> BrokerSection:
+    def _pairs(self) -> Self:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
-        if self.tls_cert is not None and self.tls_ca is None:
-            raise ValueError("tls_cert needs tls_ca")
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file needs username")
         return self
@@ -75,17 +87,21 @@ class DatabaseSection(_Strict):
     )
 
     @model_validator(mode="after")
-    def _no_password_inline(self) -> DatabaseSection:
-        if is_postgres(self.dsn):
-            parts = urlsplit(self.dsn)
-            if parts.password is not None or "password=" in parts.query:
-                raise ValueError("the DSN holds a password: move it to database.password_file")
-        elif self.password_file is not None:
-            raise ValueError("password_file is for a postgresql:// DSN only")
+    def _no_password_inline(self) -> Self:
+        check_dsn(self.dsn, self.password_file, "password_file")
         return self
 
 
-class RegistrySection(_Strict):
+def check_dsn(dsn: str, password_file: Path | None, key: str) -> None:
+    if is_postgres(dsn):
+        parts = urlsplit(dsn)
+        if parts.password is not None or "password=" in parts.query:
+            raise ValueError(f"the DSN holds a password: put it in a file ({key})")
+    elif password_file is not None:
+        raise ValueError(f"{key} is for a postgresql:// DSN only")
+
+
+class RegistrySection(_Identity):
     """`madoguchi registry`: the consumer that stores, then acks."""
 
     shared: str | None = Field(
@@ -110,9 +126,17 @@ class RegistrySection(_Strict):
     )
 
 
-class DashboardSection(_Strict):
+class DashboardSection(_Identity):
     """`madoguchi dashboard`: the desk's page, its authentication and its audit log."""
 
+    database_dsn: str | None = Field(
+        default=None,
+        description="The registry database for the counts and gaps (a SELECT-only role); "
+        "default: none shown. No password in it.",
+    )
+    database_password_file: Path | None = Field(
+        default=None, description="File holding the password of database_dsn (first line)."
+    )
     listen_host: str = Field(default="127.0.0.1", description="Address the web page listens on.")
     listen_port: int = Field(default=8780, ge=0, le=65535, description="Port of the web page.")
     token_file: Path | None = Field(
@@ -157,9 +181,11 @@ class DashboardSection(_Strict):
     )
 
     @model_validator(mode="after")
-    def _some_authentication(self) -> DashboardSection:
+    def _some_authentication(self) -> Self:
         if self.token_file is None and self.trusted_header is None:
             raise ValueError("set token_file or trusted_header: the dashboard needs a login")
+        if self.database_dsn is not None:
+            check_dsn(self.database_dsn, self.database_password_file, "database_password_file")
         return self
 
 
@@ -174,45 +200,71 @@ class CentralConfig(_Strict):
     dashboard: DashboardSection | None = Field(default=None, description="The fleet dashboard.")
     source: Path = Field(default=Path("central.toml"), description="The file this came from.")
 
-    def tls_context(self) -> ssl.SSLContext | None:
-        """The broker TLS context (CA + this process's certificate); None without tls_ca."""
-        b = self.broker
-        if b.tls_ca is None:
+    def identity(self, role: Role) -> _Identity:
+        section = getattr(self, role)
+        if section is None:
+            raise ConfigError([f"{self.source}: {role}: missing"])
+        assert isinstance(section, _Identity)
+        return section
+
+    def tls_context(self, role: Role) -> ssl.SSLContext | None:
+        """The broker TLS context for `role`: the fleet CA and its certificate."""
+        ident = self.identity(role)
+        ca = self.broker.tls_ca
+        if ca is None:
+            if ident.tls_cert is not None:
+                raise ConfigError([f"{self.source}: {role}.tls_cert: needs broker.tls_ca"])
             return None
         try:
-            ctx = ssl.create_default_context(cafile=str(b.tls_ca))
-            if b.tls_cert is not None and b.tls_key is not None:
-                ctx.load_cert_chain(str(b.tls_cert), str(b.tls_key))
+            ctx = ssl.create_default_context(cafile=str(ca))
         except (OSError, ssl.SSLError) as e:
-            raise ConfigError(
-                [f"{self.source}: broker.tls_ca/tls_cert/tls_key: cannot load: {e}"]
-            ) from None
+            raise ConfigError([f"{self.source}: broker.tls_ca: {ca}: cannot load: {e}"]) from None
+        if ident.tls_cert is not None and ident.tls_key is not None:
+            try:
+                ctx.load_cert_chain(str(ident.tls_cert), str(ident.tls_key))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(
+                    [f"{self.source}: {role}.tls_cert: {ident.tls_cert}: cannot load: {e}"]
+                ) from None
         return ctx
 
-    def mqtt_password(self) -> str | None:
-        pf = self.broker.password_file
-        return None if pf is None else _first_line(self.source, "broker.password_file", pf)
+    def mqtt_password(self, role: Role) -> str | None:
+        pf = self.identity(role).password_file
+        return None if pf is None else _first_line(self.source, f"{role}.password_file", pf)
 
-    def database_target(self) -> str | Path:
+    def database_target(self, role: Role) -> str | Path | None:
         """What `open_store` takes: the DSN with the password from its file, or a Path."""
-        d = self.database
-        if d is None:
-            raise ConfigError([f"{self.source}: database: missing"])
-        if not is_postgres(d.dsn):
-            p = Path(d.dsn)
+        if role == "dashboard":
+            d = self.dashboard
+            if d is None or d.database_dsn is None:
+                return None
+            dsn, pf, key = (
+                d.database_dsn,
+                d.database_password_file,
+                "dashboard.database_password_file",
+            )
+        else:
+            if self.database is None:
+                raise ConfigError([f"{self.source}: database: missing"])
+            dsn, pf, key = self.database.dsn, self.database.password_file, "database.password_file"
+        if not is_postgres(dsn):
+            p = Path(dsn)
             return p if p.is_absolute() else self.source.parent / p
-        if d.password_file is None:
-            return d.dsn
-        password = _first_line(self.source, "database.password_file", d.password_file)
-        parts = urlsplit(d.dsn)
-        user = quote(parts.username or "", safe="")
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:{quote(password, safe='')}@{host}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        if pf is None:
+            return dsn
+        return dsn_with_password(dsn, _first_line(self.source, key, pf))
+
+
+def dsn_with_password(dsn: str, password: str) -> str:
+    parts = urlsplit(dsn)
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def is_postgres(dsn: str) -> bool:
@@ -256,15 +308,19 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 FILE_KEYS = (
     ("broker", "tls_ca"),
-    ("broker", "tls_cert"),
-    ("broker", "tls_key"),
-    ("broker", "password_file"),
     ("database", "password_file"),
+    ("registry", "tls_cert"),
+    ("registry", "tls_key"),
+    ("registry", "password_file"),
+    ("dashboard", "tls_cert"),
+    ("dashboard", "tls_key"),
+    ("dashboard", "password_file"),
+    ("dashboard", "database_password_file"),
     ("dashboard", "token_file"),
 )
 
 
-def load_central_config(path: str | Path, need: str | None = None) -> CentralConfig:
+def load_central_config(path: str | Path, need: Role | None = None) -> CentralConfig:
     """Read and validate central.toml; `need` ("registry"/"dashboard") requires its section.
 
     Relative paths are relative to the file. Raises `ConfigError` listing every problem.
@@ -273,7 +329,7 @@ def load_central_config(path: str | Path, need: str | None = None) -> CentralCon
     return validate_central(read_toml(path), path, need)
 
 
-def validate_central(raw: dict[str, Any], path: Path, need: str | None = None) -> CentralConfig:
+def validate_central(raw: dict[str, Any], path: Path, need: Role | None = None) -> CentralConfig:
     """`load_central_config` for a dict already read (the CLI's quick-path flags too)."""
     file = str(path)
     try:
@@ -297,7 +353,11 @@ def validate_central(raw: dict[str, Any], path: Path, need: str | None = None) -
         if value is None:
             continue
         full = value if value.is_absolute() else path.parent / value
-        if not full.is_file():
+        # /run/credentials/<unit>/... exists only inside that unit: checked when it runs
+        # (need == its section), not by check-config on the host
+        owner = "registry" if section == "database" else section
+        later = full.is_relative_to(CREDENTIALS_DIR) and owner not in (need, "broker")
+        if not later and not full.is_file():
             problems.append(f"{file}: {section}.{key}: {full}: no such file")
         updates.setdefault(section, {})[key] = full
     if need is not None and getattr(config, need) is None:
@@ -319,10 +379,24 @@ def validate_central(raw: dict[str, Any], path: Path, need: str | None = None) -
 def reference_markdown() -> str:
     """The central.toml part of docs/configuration.md, written from the models."""
     sections: list[tuple[str, type[BaseModel], str]] = [
-        ("[broker]", BrokerSection, "The fleet broker (TLS, client certificate: the CN is who)."),
+        (
+            "[broker]",
+            BrokerSection,
+            "The fleet broker both processes reach (TLS with the fleet CA).",
+        ),
         ("[database]", DatabaseSection, "The registry database; its password from a file."),
-        ("[registry]", RegistrySection, "`madoguchi registry --config`."),
-        ("[dashboard]", DashboardSection, "`madoguchi dashboard --config`."),
+        (
+            "[registry]",
+            RegistrySection,
+            "`madoguchi registry --config`: its identity (certificate CN `registry`) and "
+            "its consumer settings.",
+        ),
+        (
+            "[dashboard]",
+            DashboardSection,
+            "`madoguchi dashboard --config`: its identity (CN `dashboard`), its read-only "
+            "database access, the page's login, Host/Origin checks and command audit.",
+        ),
     ]
     out = [
         "# central.toml (registry and dashboard)",

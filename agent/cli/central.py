@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.central.config import Role
 from agent.cli.service import run_service, run_until_signal, setup_logging
 from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError, MadoguchiError
@@ -45,13 +46,20 @@ def _broker_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "port": args.port or 1883,
         "topic_prefix": args.topic_prefix,
     }
-    for key in ("tls_ca", "tls_cert", "tls_key", "username", "password_file"):
-        if getattr(args, key) is not None:
-            broker[key] = getattr(args, key)
+    if args.tls_ca is not None:
+        broker["tls_ca"] = args.tls_ca
     return broker
 
 
-def _config(args: argparse.Namespace, need: str, section: dict[str, Any]) -> Any:
+def _identity_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: getattr(args, key)
+        for key in ("tls_cert", "tls_key", "username", "password_file")
+        if getattr(args, key) is not None
+    }
+
+
+def _config(args: argparse.Namespace, need: Role, section: dict[str, Any]) -> Any:
     """The validated CentralConfig from --config or from the flags; None after printing
     every problem."""
     from agent.central.config import load_central_config, validate_central
@@ -65,11 +73,16 @@ def _config(args: argparse.Namespace, need: str, section: dict[str, Any]) -> Any
                     [f"{args.config}: (command line): {flags} with --config: put them in the file"]
                 )
             return load_central_config(args.config, need)
+        section = {**section, **_identity_from_args(args)}
         raw: dict[str, Any] = {"broker": _broker_from_args(args), need: section}
-        if getattr(args, "db", None) is not None:
+        if need == "registry" and args.db is not None:
             raw["database"] = {"dsn": args.db}
             if args.db_password_file is not None:
                 raw["database"]["password_file"] = args.db_password_file
+        elif need == "dashboard" and args.db is not None:
+            section["database_dsn"] = args.db
+            if args.db_password_file is not None:
+                section["database_password_file"] = args.db_password_file
         return validate_central(raw, Path.cwd() / "(command line)", need)
     except ConfigError as e:
         for problem in e.problems:
@@ -97,9 +110,10 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from agent.central.registry import run_registry
 
     try:
-        tls = config.tls_context()
-        password = config.mqtt_password()
-        db = config.database_target()
+        tls = config.tls_context("registry")
+        password = config.mqtt_password("registry")
+        db = config.database_target("registry")
+        assert db is not None
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -118,7 +132,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             batch_max_messages=reg.batch_max_messages,
             quiet=reg.quiet or args.quiet,
             blob_dir=reg.blob_dir,
-            username=config.broker.username,
+            username=reg.username,
             password=password,
         )
     )
@@ -176,9 +190,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
     from agent.central.dashboard_guard import DashboardGuard, load_tokens
 
     try:
-        tls = config.tls_context()
-        password = config.mqtt_password()
-        db = None if config.database is None else config.database_target()
+        tls = config.tls_context("dashboard")
+        password = config.mqtt_password("dashboard")
+        db = config.database_target("dashboard")
         tokens = {} if d.token_file is None else load_tokens(d.token_file)
     except ConfigError as e:
         for problem in e.problems:
@@ -207,7 +221,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
         guard=guard,
         audit=AuditLog(d.audit_file),
         remote_photo=d.remote_photo,
-        username=config.broker.username,
+        username=d.username,
         password=password,
     )
     return run_service(dashboard.run)
@@ -260,7 +274,7 @@ def looks_central(path: str) -> bool:
 
 def check_central_config(path: str) -> int:
     """`madoguchi check-config central.toml`: every problem as `file: key: reason`."""
-    from agent.central.config import load_central_config
+    from agent.central.config import is_postgres, load_central_config
 
     try:
         config = load_central_config(path)
@@ -270,6 +284,8 @@ def check_central_config(path: str) -> int:
         return 1
     b = config.broker
     parts = [f"broker {b.host}:{b.port} ({'TLS' if b.tls_ca else 'plaintext'})"]
+    if config.database is not None:
+        parts.append("database " + ("PostgreSQL" if is_postgres(config.database.dsn) else "SQLite"))
     parts += [name for name in ("registry", "dashboard") if getattr(config, name) is not None]
     print(f"{path}: ok: central: " + ", ".join(parts))
     return 0
