@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.central.config import Role
-from agent.cli.service import run_service, run_until_signal, setup_logging
+from agent.cli.service import run_service, setup_logging
 from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError, MadoguchiError
 
@@ -118,7 +118,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 1
-    return run_until_signal(
+    return run_service(
         lambda stop: run_registry(
             config.broker.host,
             config.broker.port,

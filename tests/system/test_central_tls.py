@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
+from agent.central.config import dsn_with_password
 from agent.testing import LoggedProcess, Pty, free_port, running_station
 from tests.support import ROOT
-from tests.support.central import DESK_TOKEN, DESK_USER
+from tests.support.central import DESK_TOKEN, DESK_USER, PgCluster, pg_bin
 from tests.system.test_broker_acl import Fleet
 
 pytestmark = pytest.mark.broker
@@ -161,3 +164,83 @@ async def test_registry_and_dashboard_from_central_toml_on_the_tls_fleet_broker(
         if "New client connected" in line
     )
     assert "Denied" not in log, [line for line in log.splitlines() if "Denied" in line]
+
+
+class PasswordPg(PgCluster):
+    """A cluster of this test's own that wants a password (scram), over its unix socket:
+    the session cluster trusts everyone, so it could not tell a password from none."""
+
+    PASSWORD = "s3cret:/@ pass ü"
+
+    def start(self) -> None:
+        self.port = free_port()
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.PASSWORD + "\n")
+        if self.as_user:
+            shutil.chown(pwfile, "postgres")
+        self._run(
+            pg_bin("initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-instructions",
+        )
+        self.start_server()
+
+    def dsn(self, db: str = "postgres") -> str:
+        return dsn_with_password(super().dsn(db), self.PASSWORD)
+
+
+async def test_registry_reads_the_database_password_from_its_file(tmp_path: Path) -> None:
+    """central.toml's DSN has no password; the file has it; PostgreSQL asks for it.
+    The password appears in no command line and no log line."""
+    pg = PasswordPg()
+    pg.start()
+    fleet = Fleet(tmp_path)
+    fleet.broker.start()
+    scanner = Pty(tmp_path / "ttyScanner")
+    registry: LoggedProcess | None = None
+    try:
+        dsn = pg.new_database()
+        bare = dsn.replace(":" + quote(PasswordPg.PASSWORD, safe="") + "@", "@")
+        assert bare != dsn
+        config = central_toml(tmp_path, fleet, free_port())
+        (tmp_path / "db.password").write_text(PasswordPg.PASSWORD + "\n")
+        text = config.read_text().replace(
+            '\ndsn = "registry.db"', f'\ndsn = "{bare}"\npassword_file = "db.password"'
+        )
+        config.write_text(text)
+        registry = madoguchi("registry", config, tmp_path / "registry.log")
+        registry.start()
+        await asyncio.to_thread(registry.wait_log, "registry consuming")
+        cmdline = Path(f"/proc/{registry.pid}/cmdline").read_bytes()
+        async with running_station(station_config(tmp_path, fleet, scanner)):
+            scanner.scan("111122410000012345")
+            assert await scanner.aread(1) == b"\x06"
+            await asyncio.to_thread(registry.wait_log, "stored")
+        assert pg.query(dsn, "SELECT count(*) FROM records") == [(1,)]
+        # without the file's password PostgreSQL refuses: the file is what let it in
+        config.write_text(text.replace('password_file = "db.password"\n', ""))
+        refused = madoguchi("registry", config, tmp_path / "refused.log")
+        refused.start()
+        assert refused.proc is not None
+        assert await asyncio.to_thread(refused.proc.wait, 30) != 0
+        refused.close()
+        assert "password" in refused.text()
+        assert "Traceback" not in refused.text(), refused.text()  # one line that says why
+    finally:
+        scanner.close()
+        if registry is not None:
+            registry.stop()
+        fleet.broker.stop()
+        pg.stop()
+    for secret in (PasswordPg.PASSWORD.encode(), quote(PasswordPg.PASSWORD, safe="").encode()):
+        assert secret not in cmdline
+        assert secret not in (tmp_path / "registry.log").read_bytes()
+        assert secret not in (tmp_path / "refused.log").read_bytes()
