@@ -43,7 +43,7 @@ def request(
         return e.code, json.loads(e.read() or b"null")
 
 
-async def call(url: str, body: dict[str, Any] | None = None, **headers: str) -> tuple[int, Any]:
+async def call(url: str, body: dict[str, Any] | None = None, /, **headers: str) -> tuple[int, Any]:
     return await asyncio.to_thread(
         request, url, body, {k.replace("_", "-"): v for k, v in headers.items()}
     )
