@@ -22,7 +22,8 @@ from agent.central.audit import AuditLog
 from agent.central.dashboard import Dashboard
 from agent.central.dashboard_guard import DashboardGuard, load_tokens
 from agent.errors import AuditError, DashboardAuthError
-from agent.testing import Broker, Pty, free_port, running_station, write_config
+from agent.testing import Broker, FakeCamera, Pty, free_port, running_station, write_config
+from tests.support.camera import camera_station, photo_scene
 from tests.support.central import DESK_TOKEN, DESK_USER, authorized, desk_guard, running_dashboard
 
 S, A = "toda-city-hall-1f", "station-03"
@@ -222,3 +223,50 @@ def test_token_file_names_its_users(tmp_path: Path) -> None:
         load_tokens(path)
     with pytest.raises(DashboardAuthError, match=r"missing: dashboard\.token_file: No such file"):
         load_tokens(tmp_path / "missing")
+
+
+CAMERA = """
+[[devices]]
+name = "id-camera"
+profile = "generic-uvc-webcam"
+device = "/dev/null-camera"
+"""
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("station_opts_in", [False, True])
+async def test_capture_photo_needs_both_ends_to_opt_in(
+    broker: Broker, tmp_path: Path, station_opts_in: bool
+) -> None:
+    """dashboard.remote_photo lets the command out; the station still refuses it unless
+    its [agent] remote_photo is on (with it on, this station then fails for want of an
+    outbox key: the command did reach the camera path)."""
+    extra = "remote_photo = true" if station_opts_in else ""
+    cfg = write_config(tmp_path, broker.port, devices=CAMERA, extra_agent=extra)
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    dash = Dashboard(
+        "127.0.0.1",
+        broker.port,
+        http_port=free_port(),
+        guard=desk_guard(),
+        audit=audit,
+        remote_photo=True,
+    )
+    camera = FakeCamera([], frame_dt=0.05, still=photo_scene(320, 240))
+    async with running_dashboard(dash), camera_station(cfg, camera) as station:
+        base = f"http://127.0.0.1:{dash.http_port}"
+        await online(base)
+        code, result = await call(
+            f"{base}/api/command", {"site": S, "agent": A, "name": "capture_photo"}, **authorized()
+        )
+        assert code == 200 and result["ok"] is False
+        if station_opts_in:
+            assert "outbox.key_file" in result["error"]
+        else:
+            assert "[agent] remote_photo" in result["error"]
+        assert station.outbox is not None
+        assert (await station.outbox.stats()).last_seq == 0  # no photo record either way
+    assert [(e["command"], e["outcome"]) for e in audit.tail()] == [
+        ("capture_photo", "sent"),
+        ("capture_photo", "failed"),
+    ]
