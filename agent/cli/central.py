@@ -18,7 +18,20 @@ from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError, MadoguchiError
 
 # flags that describe what central.toml describes: not both at once
-_QUICK = ("host", "port", "db", "tls_ca", "tls_cert", "tls_key", "username", "password_file")
+_QUICK = (
+    "host",
+    "port",
+    "db",
+    "db_password_file",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "username",
+    "password_file",
+    "shared",
+    "token_file",
+    "allowed_origin",
+)
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:

@@ -222,11 +222,6 @@ token_file = "tokens"
     assert any(line.startswith(f"{bad}: broker.port: ") for line in lines)
 
 
-def test_config_and_connection_flags_are_not_mixed(tmp_path: Path) -> None:
-    path = write(tmp_path, '[broker]\nhost = "h"\n[database]\ndsn = "r.db"\n[registry]\n')
-    assert cli(["registry", "--config", str(path), "--host", "other"]) == 1
-
-
 def test_no_password_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli(["registry", "--db", "postgresql://u:secret@h/db"]) == 1
     err = capsys.readouterr().err
@@ -268,3 +263,13 @@ def _toml(d: dict[str, dict[str, Any]]) -> str:
         for k, v in keys.items():
             out.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
     return "\n".join(out) + "\n"
+
+
+def test_flags_that_the_file_says_are_refused_with_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[broker]\nhost = "h"\n[database]\ndsn = "r.db"\n[registry]\n')
+    assert cli(["registry", "--config", str(path), "--shared", "g", "--port", "1"]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}: (command line): --port, --shared with --config: put them in the file\n"
+    )
