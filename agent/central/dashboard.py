@@ -13,7 +13,9 @@ connection, and must not flip a live station red.
 
 The page and the API carry no personal data (the agent never puts any in
 status or telemetry); the dashboard binds to loopback by default: put it
-behind the city's authenticating proxy to share it.
+behind the city's TLS proxy to share it. Every API call needs a credential and a
+known Host and Origin (dashboard_guard.py); every command is audited first
+(audit.py), and without an audit log no command is sent.
 """
 
 from __future__ import annotations
@@ -352,16 +354,19 @@ class Dashboard:
             )
         result = await self._command(site, agent, name, request_id)
         if self.audit is not None:
-            await asyncio.to_thread(
-                self.audit.record,
-                who=who,
-                site=site,
-                agent=agent,
-                command=name,
-                request_id=request_id,
-                outcome="ok" if result.get("ok") is True else "failed",
-                error=None if result.get("ok") is True else str(result.get("error")),
-            )
+            try:
+                await asyncio.to_thread(
+                    self.audit.record,
+                    who=who,
+                    site=site,
+                    agent=agent,
+                    command=name,
+                    request_id=request_id,
+                    outcome="ok" if result.get("ok") is True else "failed",
+                    error=None if result.get("ok") is True else str(result.get("error")),
+                )
+            except AuditError as e:  # sent and answered: say so, the "sent" line is on disk
+                log.error("dashboard: %s: outcome of %s %s not audited", e, name, request_id)
         return result
 
     async def _command(self, site: str, agent: str, name: str, request_id: str) -> dict[str, Any]:
@@ -448,6 +453,10 @@ class Dashboard:
                 site, agent, name = str(body["site"]), str(body["agent"]), str(body["name"])
             except (ValueError, KeyError, TypeError):
                 return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
+            if self.audit is None:
+                return JSONResponse(
+                    {"ok": False, "error": "no audit log: commands are off"}, 503, headers=headers
+                )
             if name == PHOTO_COMMAND and name not in self.commands:
                 return JSONResponse(
                     {"ok": False, "error": "remote photo is off (dashboard.remote_photo)"},

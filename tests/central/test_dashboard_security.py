@@ -136,6 +136,11 @@ async def test_trusted_header_only_from_a_trusted_proxy(broker: Broker, tmp_path
         assert (await call(f"{base}/api/fleet", x_remote_user="tanaka"))[0] == 200
         assert (await call(f"{base}/api/fleet"))[0] == 401
         assert (await call(f"{base}/api/fleet", x_remote_user=""))[0] == 401
+        # this dashboard has no audit log: it sends no command at all
+        code, answer = await call(
+            f"{base}/api/command", {"site": S, "agent": A, "name": "ping"}, x_remote_user="tanaka"
+        )
+        assert (code, answer["error"]) == (503, "no audit log: commands are off")
     async with running_dashboard(dash(["10.0.0.1"])) as d:  # we are not the proxy
         base = f"http://127.0.0.1:{d.http_port}"
         assert (await call(f"{base}/api/fleet", x_remote_user="tanaka"))[0] == 401
