@@ -57,6 +57,11 @@ class AgentSection(Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level on stderr. Personal data is never logged."
     )
+    remote_photo: bool = Field(
+        default=False,
+        description="Answer the remote command cmd/capture_photo (a camera trigger from the "
+        "dashboard). Off: refused; the kiosk's own photo button works either way.",
+    )
 
 
 class MqttSection(Strict):

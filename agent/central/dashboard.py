@@ -13,7 +13,9 @@ connection, and must not flip a live station red.
 
 The page and the API carry no personal data (the agent never puts any in
 status or telemetry); the dashboard binds to loopback by default: put it
-behind the city's authenticating proxy to share it.
+behind the city's TLS proxy to share it. Every API call needs a credential and a
+known Host and Origin (dashboard_guard.py); every command is audited first
+(audit.py), and without an audit log no command is sent.
 """
 
 from __future__ import annotations
@@ -33,16 +35,20 @@ from typing import Any
 import aiomqtt
 
 from agent._aio import NO_DELAY, Backoff, asgi_server
+from agent.central.audit import AuditLog
+from agent.central.dashboard_guard import DashboardGuard, DashboardGuardMiddleware
 from agent.central.store import AgentSummary, Gap, RecordStore
 from agent.central.stores import open_store
 from agent.contract.messages import Command
 from agent.contract.topics import DEFAULT_PREFIX, Topics
-from agent.errors import MadoguchiError, RegistryStoreError
+from agent.errors import AuditError, MadoguchiError, RegistryStoreError
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "dashboard_static"
 COMMANDS = ("rebirth", "resend", "diagnostics", "ping")
+# a remote camera trigger: offered only with remote_photo, and the station must opt in too
+PHOTO_COMMAND = "capture_photo"
 
 
 @dataclass(slots=True)
@@ -248,6 +254,11 @@ class Dashboard:
         chart_minutes: int = 30,
         command_timeout_s: float = 10.0,
         tls_context: Any = None,
+        guard: DashboardGuard | None = None,
+        audit: AuditLog | None = None,
+        remote_photo: bool = False,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -263,6 +274,12 @@ class Dashboard:
         self.chart_minutes = chart_minutes
         self.command_timeout_s = command_timeout_s
         self.tls_context = tls_context
+        # no guard given: one that knows no token, so every /api/ call is refused
+        self.guard = guard or DashboardGuard(listen_host=http_host)
+        self.audit = audit
+        self.commands = COMMANDS + ((PHOTO_COMMAND,) if remote_photo else ())
+        self.username = username
+        self.password = password
         self.connected = asyncio.Event()
         self.serving = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -280,6 +297,8 @@ class Dashboard:
                     identifier=f"madoguchi-dashboard-{socket.gethostname()}-{os.getpid()}",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=self.tls_context,
+                    username=self.username,
+                    password=self.password,
                     keepalive=30,
                     socket_options=NO_DELAY,
                 ) as client:
@@ -324,12 +343,42 @@ class Dashboard:
             if fut is not None and not fut.done():
                 fut.set_result(body)
 
-    async def command(self, site: str, agent: str, name: str) -> dict[str, Any]:
-        """Publish `cmd/{name}` and wait for its result (or say it timed out)."""
+    async def command(
+        self, site: str, agent: str, name: str, who: str = "dashboard"
+    ) -> dict[str, Any]:
+        """Publish `cmd/{name}` and wait for its result, audited before and after."""
+        request_id = str(uuid.uuid4())
+        if self.audit is not None:  # on disk before it is sent; AuditError: nothing is sent
+            await asyncio.to_thread(
+                self.audit.record,
+                who=who,
+                site=site,
+                agent=agent,
+                command=name,
+                request_id=request_id,
+                outcome="sent",
+            )
+        result = await self._command(site, agent, name, request_id)
+        if self.audit is not None:
+            try:
+                await asyncio.to_thread(
+                    self.audit.record,
+                    who=who,
+                    site=site,
+                    agent=agent,
+                    command=name,
+                    request_id=request_id,
+                    outcome="ok" if result.get("ok") is True else "failed",
+                    error=None if result.get("ok") is True else str(result.get("error")),
+                )
+            except AuditError as e:  # sent and answered: say so, the "sent" line is on disk
+                log.error("dashboard: %s: outcome of %s %s not audited", e, name, request_id)
+        return result
+
+    async def _command(self, site: str, agent: str, name: str, request_id: str) -> dict[str, Any]:
         client = self._client
         if client is None:
             return {"ok": False, "error": "dashboard not connected to the broker"}
-        request_id = str(uuid.uuid4())
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
@@ -373,6 +422,7 @@ class Dashboard:
 
     def app(self) -> Any:
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
         from starlette.requests import Request
         from starlette.responses import FileResponse, JSONResponse
         from starlette.routing import Route
@@ -409,17 +459,43 @@ class Dashboard:
                 site, agent, name = str(body["site"]), str(body["agent"]), str(body["name"])
             except (ValueError, KeyError, TypeError):
                 return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
-            if name not in COMMANDS or (site, agent) not in self.fleet.stations:
+            if self.audit is None:
+                return JSONResponse(
+                    {"ok": False, "error": "no audit log: commands are off"}, 503, headers=headers
+                )
+            if name == PHOTO_COMMAND and name not in self.commands:
+                return JSONResponse(
+                    {"ok": False, "error": "remote photo is off (dashboard.remote_photo)"},
+                    403,
+                    headers=headers,
+                )
+            if name not in self.commands or (site, agent) not in self.fleet.stations:
                 return JSONResponse({"ok": False, "error": "unknown"}, 404, headers=headers)
-            return JSONResponse(await self.command(site, agent, name), headers=headers)
+            who = request.scope.get("state", {}).get("user")
+            if not who:  # the guard lets no anonymous call through; say so if it ever did
+                return JSONResponse({"ok": False, "error": "unauthorized"}, 401, headers=headers)
+            try:
+                result = await self.command(site, agent, name, who=who)
+            except AuditError as e:
+                log.error("dashboard: %s: command %s not sent", e, name)
+                return JSONResponse(
+                    {"ok": False, "error": "audit log unavailable: not sent"}, 503, headers=headers
+                )
+            return JSONResponse(result, headers=headers)
+
+        async def audit(request: Request) -> JSONResponse:
+            entries = [] if self.audit is None else await asyncio.to_thread(self.audit.tail, 50)
+            return JSONResponse({"entries": entries}, headers=headers)
 
         return Starlette(
             routes=[
                 Route("/", index),
                 Route("/api/fleet", fleet),
                 Route("/api/command", command, methods=["POST"]),
+                Route("/api/audit", audit),
                 *self._diagnostics_routes(headers),
-            ]
+            ],
+            middleware=[Middleware(DashboardGuardMiddleware, guard=self.guard)],
         )
 
     def _diagnostics_routes(self, headers: dict[str, str]) -> list[Any]:
@@ -475,6 +551,7 @@ class Dashboard:
                 f"dashboard: cannot listen on {self.http_host}:{self.http_port}: {e.strerror}"
             ) from e
         self.http_port = int(sock.getsockname()[1])
+        self.guard.bind(self.http_port)
         try:
             async with asgi_server(self.app(), [sock], timeout_graceful_shutdown=2):
                 log.info("dashboard on http://%s:%d/", self.http_host, self.http_port)

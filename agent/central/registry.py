@@ -83,6 +83,8 @@ class Registry:
         batch_max_messages: int = 64,
         gap_timeout_s: float = 300.0,
         blob_dir: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -97,6 +99,8 @@ class Registry:
         self.on_stored = on_stored
         self.on_alert = on_alert
         self.tls_context = tls_context
+        self.username = username
+        self.password = password
         self.batch_max_messages = batch_max_messages
         self.gap_timeout_s = gap_timeout_s
         self.store: RecordStore = db if not isinstance(db, (str, Path)) else open_store(db)
@@ -164,6 +168,8 @@ class Registry:
             clean_start=clean_start,
             properties=props,
             tls_context=self.tls_context,
+            username=self.username,
+            password=self.password,
             keepalive=30,
             # unbounded: paho has already PUBACKed what is queued here, so a bounded
             # queue would drop records the broker counts as delivered (agents re-send
@@ -416,6 +422,9 @@ async def run_registry(
     gap_timeout_s: float = 300.0,
     batch_max_messages: int = 64,
     quiet: bool = False,
+    blob_dir: Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
 ) -> None:
     """The `madoguchi registry` command body: print each stored record until stopped."""
 
@@ -434,6 +443,9 @@ async def run_registry(
         tls_context=tls_context,
         gap_timeout_s=gap_timeout_s,
         batch_max_messages=batch_max_messages,
+        blob_dir=blob_dir,
+        username=username,
+        password=password,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         await stop.wait()

@@ -105,6 +105,11 @@ class StationApp:
         return await take_photo(self, device)
 
     async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.config.agent.remote_photo:  # a remote camera trigger is opt-in
+            return {
+                "ok": False,
+                "error": "remote photo is off on this station ([agent] remote_photo)",
+            }
         device = body.get("device")
         if device is not None and not isinstance(device, str):
             raise ValueError("device must be a string")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent import __version__ as VERSION
+from agent.central.audit import AuditLog
 from agent.central.dashboard import Dashboard, Thresholds
 from agent.testing import (
     AgentProcess,
@@ -29,7 +30,7 @@ from agent.testing import (
     write_config,
 )
 from tests.support.browser import ARTIFACTS
-from tests.support.central import running_dashboard
+from tests.support.central import DESK_TOKEN, DESK_USER, desk_guard, running_dashboard
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
@@ -56,13 +57,18 @@ async def test_station_killed_turns_red_and_comes_back(
 
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
     dash = Dashboard(
-        "127.0.0.1", broker.port, db=tmp_path / "registry.db", http_port=free_port(), db_poll_s=0.5
+        "127.0.0.1",
+        broker.port,
+        db=tmp_path / "registry.db",
+        http_port=free_port(),
+        db_poll_s=0.5,
+        guard=desk_guard(),
     )
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     async with running_dashboard(dash):
         try:
             agent.start()
-            await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+            await page.goto(f"http://127.0.0.1:{dash.http_port}/#token={DESK_TOKEN}")
             row = page.locator(f'tr[data-station="{KEY}"]')
             await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
             await expect(row.locator("td.state")).to_have_text("オンライン / Online")
@@ -100,9 +106,11 @@ async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
         broker.port,
         http_port=free_port(),
         thresholds=Thresholds(stuck_after_s=3.0),
+        guard=desk_guard(),
+        audit=AuditLog(tmp_path / "audit.jsonl"),
     )
     async with running_dashboard(dash), running_station(cfg):
-        await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+        await page.goto(f"http://127.0.0.1:{dash.http_port}/#token={DESK_TOKEN}")
         row = page.locator(f'tr[data-station="{KEY}"]')
         await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
         pty_port.scan("111122410000012345")
@@ -124,6 +132,13 @@ async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
 
         await row.locator('button[data-command="resend"]').click()
         await expect(result).to_contain_text(re.compile(r'resend: 成功 OK .*"requeued": ?1'))
+        # every command is in the audit table: who, which station, what, how it went
+        audit_rows = page.locator("#audit tbody tr")
+        await expect(audit_rows.first).to_contain_text("resend", timeout=10_000)
+        await expect(audit_rows.first).to_contain_text(DESK_USER)
+        await expect(audit_rows.first).to_contain_text(KEY)
+        await expect(audit_rows).to_have_count(4)  # two commands, sent + ok each
+        assert "token" not in page.url  # the fragment was dropped from the address bar
         await page.screenshot(path=str(ARTIFACTS / "dashboard-stuck-command.png"), full_page=True)
 
 
@@ -154,7 +169,10 @@ async def check_diagnostics(page: Any, http_port: int) -> None:
 
     def get(path: str) -> tuple[int, dict[str, str], bytes]:
         try:
-            with urllib.request.urlopen(base + path, timeout=10) as r:
+            req = urllib.request.Request(base + path)
+            if path.startswith("/api/"):  # the API wants the desk's token; the icon does not
+                req.add_header("Authorization", f"Bearer {DESK_TOKEN}")
+            with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
