@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from pathlib import Path
 
 from agent.cli.service import run_service, run_until_signal, setup_logging
@@ -10,6 +12,8 @@ from agent.contract.topics import DEFAULT_PREFIX
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
+    if args.db is None:
+        args.registry_parser.error("the following arguments are required: --db")
     setup_logging(args.log_level)
     from agent.central.registry import run_registry
     from agent.central.stores import is_dsn
@@ -27,6 +31,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
             gap_timeout_s=args.gap_timeout,
             batch_max_messages=args.batch_max,
             quiet=args.quiet,
+            personal_retention_hours=args.personal_retention_hours,
+            show_data=args.show_data,
         )
     )
 
@@ -71,8 +77,8 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--port", type=int, default=1883)
     p.add_argument(
         "--db",
-        required=True,
-        help="SQLite file of the registry, or a PostgreSQL DSN (postgresql://...)",
+        default=None,
+        help="SQLite file of the registry, or a PostgreSQL DSN (postgresql://...); required",
     )
     p.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
     p.add_argument(
@@ -96,6 +102,127 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--batch-max", type=int, default=64, help="messages committed together at most")
     p.add_argument("--quiet", action="store_true", help="do not print each record")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
-    p.set_defaults(func=cmd_registry)
+    p.add_argument(
+        "--personal-retention-hours",
+        type=_retention,
+        default=72.0,
+        help="hours the sealed personal part of a record is kept, then purged "
+        "(default 72; 'never' keeps it)",
+    )
+    p.add_argument(
+        "--show-data",
+        action="store_true",
+        help="print scanned identifiers in full (masked as 1111-****-2345 by default)",
+    )
+    p.set_defaults(func=cmd_registry, registry_parser=p)
+    _add_personal_parsers(p)
 
     _add_dashboard_parser(sub)
+
+
+# -- the sealed personal part: keys, hand-off, purge (agent/personal_seal.py) -----------
+
+
+def _retention(value: str) -> float | None:
+    if value == "never":
+        return None
+    hours = float(value)
+    if not hours > 0:
+        raise argparse.ArgumentTypeError("must be > 0 hours, or 'never'")
+    return hours
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _add_personal_parsers(registry: argparse.ArgumentParser) -> None:
+    sub = registry.add_subparsers(dest="registry_action", metavar="{keygen,export-personal,...}")
+    k = sub.add_parser("keygen", help="new X25519 key pair for sealing personal data")
+    k.add_argument("--private", type=Path, required=True, help="private key (back office, 0600)")
+    k.add_argument("--public", type=Path, required=True, help="public key (for the stations)")
+    k.set_defaults(func=cmd_keygen)
+
+    e = sub.add_parser(
+        "export-personal",
+        help="back-office hand-off: decrypt sealed personal parts to a file, log the access",
+    )
+    e.add_argument("--db", required=True, help="registry SQLite file or postgresql:// DSN")
+    e.add_argument("--key", type=Path, required=True, help="the private key (mode 0600)")
+    e.add_argument("--out", type=Path, required=True, help="JSON Lines file to create (0600)")
+    e.add_argument("--who", default=None, help="who takes the data (default user@host)")
+    e.add_argument("--again", action="store_true", help="include records already handed off")
+    e.set_defaults(func=cmd_export_personal)
+
+    g = sub.add_parser("purge-personal", help="delete sealed personal parts now")
+    g.add_argument("--db", required=True, help="registry SQLite file or postgresql:// DSN")
+    g.add_argument(
+        "--older-than-hours", type=float, default=72.0, help="stored longer ago than this"
+    )
+    g.add_argument("--handed-off", action="store_true", help="also every one handed off")
+    g.add_argument("--who", default=None, help="who purges (default user@host)")
+    g.set_defaults(func=cmd_purge_personal)
+
+
+def _db(value: str) -> str | Path:
+    from agent.central.stores import is_dsn
+
+    return value if is_dsn(value) else Path(value)
+
+
+def _fail(e: Exception) -> int:
+    print(f"madoguchi registry: {e}", file=sys.stderr)
+    return 1
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from agent.personal_seal import generate_keypair
+
+    try:
+        kid = generate_keypair(args.private, args.public)
+    except FileExistsError as e:
+        return _fail(Exception(f"{e.filename}: exists; a key is never overwritten"))
+    except OSError as e:
+        return _fail(Exception(f"{e.filename}: {e.strerror}"))
+    print(f"key {kid}: private {args.private} (keep it in the back office), public {args.public}")
+    return 0
+
+
+def cmd_export_personal(args: argparse.Namespace) -> int:
+    from agent.central.personal import export_personal
+    from agent.errors import MadoguchiError
+
+    try:
+        n, failed = asyncio.run(
+            export_personal(
+                _db(args.db), args.key, args.out, who=args.who or _who(), again=args.again
+            )
+        )
+    except (MadoguchiError, OSError) as e:
+        return _fail(e)
+    print(f"{n} record(s) handed off to {args.out}", file=sys.stderr)
+    for line in failed:
+        print(f"not exported: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_purge_personal(args: argparse.Namespace) -> int:
+    from agent.central.personal import purge_personal
+    from agent.errors import MadoguchiError
+
+    try:
+        ids = asyncio.run(
+            purge_personal(
+                _db(args.db),
+                args.older_than_hours * 3600,
+                who=args.who or _who(),
+                handed_off=args.handed_off,
+            )
+        )
+    except MadoguchiError as e:
+        return _fail(e)
+    print(f"purged the sealed personal part of {len(ids)} record(s)", file=sys.stderr)
+    return 0
