@@ -150,8 +150,8 @@ class RegistryStore:
         out = []
         new_seqs = []
         clock: int | None = None
-        for r in records:
-            r, sealed = split_personal(r)
+        for sent in records:
+            r, sealed = split_personal(sent)
             cur = db.execute(
                 "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
