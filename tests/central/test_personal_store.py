@@ -120,8 +120,10 @@ async def test_export_personal_opens_writes_0600_and_marks(
     out = tmp_path / "handoff.jsonl"
     n, failed = await export_personal(db, key, out, who="clerk@backoffice")
     assert n == 1
-    assert failed == [f"record {bad['id']}: personal part does not open "
-                      "(tampered, or sealed for another record or key)"]
+    assert failed == [
+        f"record {bad['id']}: personal part does not open "
+        "(tampered, or sealed for another record or key)"
+    ]
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     [line] = out.read_text().splitlines()
     assert json.loads(line) == {
@@ -191,14 +193,25 @@ def test_cli_keygen_export_purge_and_plain_registry_parsing(
             cwd=Path(__file__).resolve().parents[2],
         )
 
-    done = cli("keygen", "--private", str(tmp_path / "k2.key"), "--public", str(tmp_path / "k2.pub"))
+    done = cli(
+        "keygen", "--private", str(tmp_path / "k2.key"), "--public", str(tmp_path / "k2.pub")
+    )
     assert done.returncode == 0, done.stderr
     again = cli("keygen", "--private", str(tmp_path / "k2.key"), "--public", str(tmp_path / "x"))
     assert again.returncode == 1 and "never overwritten" in again.stderr
     rid = asyncio.run(fill())
     out = tmp_path / "out.jsonl"
-    done = cli("export-personal", "--db", str(db), "--key", str(tmp_path / "reg.key"),
-               "--out", str(out), "--who", "clerk")
+    done = cli(
+        "export-personal",
+        "--db",
+        str(db),
+        "--key",
+        str(tmp_path / "reg.key"),
+        "--out",
+        str(out),
+        "--who",
+        "clerk",
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["personal"] == PERSONAL
     assert PERSONAL["name"] not in done.stderr + done.stdout
