@@ -56,11 +56,9 @@ async def export_personal(
             }
             lines.append(json.dumps(row, ensure_ascii=False))
             ids.append(p.record_id)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_new(out, "".join(line + "\n" for line in lines).encode())
+        # marked only once the file is durable: a crash or a full disk before this
+        # line leaves the records pending, so the next export takes them again
         if ids:
             await personal.mark_handed_off(ids, who, f"to {out}")
         log.info("personal data of %d record(s) handed off to %s by %s", len(ids), out, who)
@@ -81,3 +79,17 @@ async def purge_personal(
         )
     finally:
         await store.close()
+
+
+def _write_new(out: Path, data: bytes) -> None:
+    """Create `out` (0600, never an existing file), write and fsync; on failure (a full
+    disk) remove what was written, so no half hand-off file is left behind."""
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        out.unlink(missing_ok=True)
+        raise

@@ -201,8 +201,10 @@ def cmd_export_personal(args: argparse.Namespace) -> int:
                 _db(args.db), args.key, args.out, who=args.who or _who(), again=args.again
             )
         )
-    except (MadoguchiError, OSError) as e:
+    except MadoguchiError as e:
         return _fail(e)
+    except OSError as e:  # the hand-off file: exists, or the disk is full (nothing marked)
+        return _fail(Exception(f"{e.filename or args.out}: {e.strerror}; nothing handed off"))
     print(f"{n} record(s) handed off to {args.out}", file=sys.stderr)
     for line in failed:
         print(f"not exported: {line}", file=sys.stderr)

@@ -229,3 +229,34 @@ def test_cli_keygen_export_purge_and_plain_registry_parsing(
 def test_pg_cluster_fixture_is_the_shared_one(pg_cluster: PgCluster) -> None:
     """The PostgreSQL parametrisations above use the session cluster of tests/conftest.py."""
     assert pg_cluster.dsn().startswith("postgresql://")
+
+
+async def test_a_full_disk_leaves_no_half_file_and_nothing_marked(
+    tmp_path: Path, keypair: tuple[PersonalSealer, Path]
+) -> None:
+    """ENOSPC on the hand-off file: no file left, no record marked, no access logged."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    sealer, key = keypair
+    db = tmp_path / "registry.db"
+    s = SqliteStore(db)
+    await s.open()
+    await s.store([Batch(SITE, AGENT, [card_record(i, sealer) for i in range(1, 101)])])
+    await s.close()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(OSError) as err:
+            await export_personal(db, key, small / "out.jsonl", who="clerk")
+        assert err.value.errno == 28  # ENOSPC
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    s = SqliteStore(db)
+    await s.open()
+    assert len(await s.personal_pending()) == 100
+    assert await s.personal_access() == []
+    await s.close()
+    n, failed = await export_personal(db, key, tmp_path / "out.jsonl", who="clerk")
+    assert (n, failed) == (100, [])
