@@ -186,3 +186,29 @@ def test_console_masks_identifiers_unless_asked() -> None:
     assert "1111-****-2345" in describe_record(rec)
     assert "2222" not in describe_record(rec)
     assert "111122222345" in describe_record(rec, show_data=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    field=st.sampled_from(["epk", "nonce", "ct"]),
+    where=st.integers(min_value=0, max_value=10_000),
+    bit=st.integers(min_value=0, max_value=7),
+)
+def test_any_flipped_bit_is_refused(field: str, where: int, bit: int) -> None:
+    """Whatever single bit of a sealed part changes, it does not open: one error, no data."""
+    sealer, opener = _KEYS
+    env = sealer.seal(RID, PERSONAL)
+    raw = bytearray(base64.b64decode(env[field]))
+    raw[where % len(raw)] ^= 1 << bit
+    with pytest.raises(PersonalSealError):
+        opener.open(RID, {**env, field: base64.b64encode(bytes(raw)).decode()})
+
+
+def _keys() -> tuple[PersonalSealer, PersonalOpener]:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    private = X25519PrivateKey.generate()
+    return PersonalSealer(private.public_key()), PersonalOpener(private)
+
+
+_KEYS = _keys()

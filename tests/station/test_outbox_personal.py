@@ -38,3 +38,33 @@ async def test_sealed_once_for_the_registry_and_the_same_at_every_send(tmp_path:
     for value in SECRET.values():
         assert value.encode() not in raw
     assert SECRET["my_number"].encode() not in rec.wire_json().encode()
+
+
+def test_config_checks_the_registry_key_at_load(tmp_path: Path) -> None:
+    import pytest
+
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from agent.testing import write_config
+
+    Sealer.create_key_file(tmp_path / "k")
+    bad = tmp_path / "registry.pub"
+    bad.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    devices = """
+[[devices]]
+name = "card-reader"
+profile = "generic-pcsc-reader"
+store_card_info = true
+"""
+    path = write_config(
+        tmp_path,
+        1883,
+        outbox=f'key_file = "{tmp_path / "k"}"\nregistry_public_key = "{bad}"',
+        devices=devices,
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [f"{bad}: outbox.registry_public_key: not a PEM public key"]
+    bad.unlink()
+    generate_keypair(tmp_path / "reg.key", bad)
+    assert load_config(path).outbox.registry_public_key == bad
