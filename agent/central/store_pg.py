@@ -437,9 +437,17 @@ class PostgresStore:
         self, older_than_s: float, *, who: str, handed_off: bool = False
     ) -> list[str]:
         """Delete and log in one commit, then VACUUM the table so that the dead rows'
-        space is reclaimed (docs/central.md: what VACUUM does not erase)."""
-        conn = await self._connection()
+        space is reclaimed (docs/central.md: what VACUUM does not erase).
+
+        On a connection of its own: the registry runs it beside the consumer, whose
+        connection may be inside a store transaction at that moment."""
         cutoff = time.time() - older_than_s
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"madoguchi-purge-{os.getpid()}"
+            )
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL {_dsn_for_log(self.dsn)}: {e}") from e
         try:
             async with conn.transaction():
                 cur = await conn.execute(
@@ -457,6 +465,8 @@ class PostgresStore:
                 await conn.execute("VACUUM personal_sealed")
         except psycopg.Error as e:
             raise RegistryStoreError(f"PostgreSQL: {e}") from e
+        finally:
+            await conn.close()
         return ids
 
     async def personal_access(self) -> list[PersonalAccess]:
