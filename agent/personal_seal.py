@@ -74,9 +74,12 @@ def _unb64(value: object, name: str, record_id: str) -> bytes:
     if not isinstance(value, str):
         raise PersonalSealError(f"record {record_id}: personal_sealed.{name}: not a string")
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise PersonalSealError(f"record {record_id}: personal_sealed.{name}: not base64") from None
+    if _b64(raw) != value:  # one spelling per value: padded, no stray bits
+        raise PersonalSealError(f"record {record_id}: personal_sealed.{name}: not canonical base64")
+    return raw
 
 
 def key_id(public: X25519PublicKey) -> str:

@@ -108,6 +108,7 @@ def test_a_part_moved_to_another_record_is_refused(
         ({"v": True}, "personal_sealed.v: must be 1"),
         ({"kid": "XYZ"}, "personal_sealed.kid"),
         ({"epk": "@@@"}, "personal_sealed.epk: not base64"),
+        ({"nonce": "AB=="}, "personal_sealed.nonce: not canonical base64"),
         ({"epk": base64.b64encode(b"x" * 31).decode()}, "personal_sealed.epk: not 32 bytes"),
         ({"nonce": 12}, "personal_sealed.nonce: not a string"),
         ({"ct": base64.b64encode(b"x" * 15).decode()}, "personal_sealed.ct: 15 bytes"),
