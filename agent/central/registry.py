@@ -16,6 +16,12 @@ Several consumers can share the load with an MQTT 5 shared subscription
 but before its commit loses that message on the wire; it was never acked, so
 the agent re-sends it after `resend_after_s` and a live consumer stores it.
 That is why the ack must never go out before the commit.
+
+Personal data arrives only sealed (`data.personal_sealed`, agent/personal_seal.py):
+the registry checks the envelope's shape, the store keeps it apart from the record
+body, and `_purge_personal` deletes it after `personal_retention_hours`; a plain
+`data.personal` is dropped with a warning. The console masks long numbers unless
+`show_data`.
 """
 
 from __future__ import annotations
