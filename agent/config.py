@@ -111,6 +111,12 @@ class OutboxSection(Strict):
         description="32-byte AES key (mode 0600) that encrypts personal data at rest; "
         "required when a device stores personal data.",
     )
+    registry_public_key: Path | None = Field(
+        default=None,
+        description="The registry's X25519 public key (PEM, from `madoguchi registry keygen`): "
+        "a record's personal part is sealed to it, so that the broker and the registry only "
+        "hold ciphertext; required when a device stores personal data.",
+    )
 
 
 class ApiSection(Strict):
@@ -629,6 +635,20 @@ def load_config(path: str | Path) -> Config:
                     f"{file}: devices[{i}].store_card_info: personal data needs "
                     "outbox.key_file to encrypt it"
                 )
+    if config.outbox.registry_public_key is None:
+        for i, dev in enumerate(devices):
+            if isinstance(dev, PcscDevice) and dev.store_card_info:
+                problems.append(
+                    f"{file}: devices[{i}].store_card_info: personal data needs "
+                    "outbox.registry_public_key to seal it for the registry"
+                )
+    else:
+        from agent.personal_seal import PersonalSealer
+
+        try:  # the key file named, as `keyfile: outbox.registry_public_key: reason`
+            PersonalSealer.from_file(config.outbox.registry_public_key)
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
     data_dir = config.agent.data_dir

@@ -22,6 +22,7 @@ message names the file, key, device or server so the person reading it can act.
     ├── BlobError              (also ValueError) a blob message that cannot be used
     ├── DashboardAuthError     the dashboard's token file is missing, empty or weak
     ├── AuditError             the dashboard's audit log could not be written or read
+    ├── PersonalSealError      (also ValueError) a sealed personal part that cannot be opened
     └── HarnessError           agent.testing could not start a part (mosquitto, registry)
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
@@ -150,3 +151,9 @@ class DashboardAuthError(MadoguchiError):
 
 class AuditError(MadoguchiError):
     """The dashboard's audit log could not be written (no command is sent then) or read."""
+
+
+class PersonalSealError(MadoguchiError, ValueError):
+    """A sealed personal part (`data["personal_sealed"]`) is malformed, or cannot be
+    opened: wrong private key, tampered ciphertext, or sealed for another record id.
+    The message names the record and the reason, never the content."""

@@ -124,6 +124,12 @@ class RegistrySection(_Identity):
     log_level: Literal["DEBUG", "INFO", "WARNING"] = Field(
         default="INFO", description="Log level on stderr."
     )
+    personal_retention_hours: float = Field(
+        default=72.0,
+        ge=0,
+        description="Hours a record's sealed personal part is kept, then purged "
+        "(0: kept until `madoguchi registry purge-personal`).",
+    )
 
 
 class DashboardSection(_Identity):

@@ -16,6 +16,12 @@ Several consumers can share the load with an MQTT 5 shared subscription
 but before its commit loses that message on the wire; it was never acked, so
 the agent re-sends it after `resend_after_s` and a live consumer stores it.
 That is why the ack must never go out before the commit.
+
+Personal data arrives only sealed (`data.personal_sealed`, agent/personal_seal.py):
+the registry checks the envelope's shape, the store keeps it apart from the record
+body, and `_purge_personal` deletes it after `personal_retention_hours`; a plain
+`data.personal` is dropped with a warning. The console masks long numbers unless
+`show_data`.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -38,7 +45,7 @@ from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff
 from agent.central.blobs import BlobAssembler, BlobState
-from agent.central.store import Batch, Gap, RecordStore, Stored
+from agent.central.store import Batch, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
 from agent.contract.blobs import missing_request
 from agent.contract.messages import Ack
@@ -46,8 +53,18 @@ from agent.contract.records import SCHEMA
 from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics
 from agent.contract.validate import check_record
 from agent.errors import BlobError, BlobMismatch, RegistryStoreError
+from agent.personal_seal import parse_envelope
 
-__all__ = ["Gap", "OnAlert", "OnStored", "Registry", "Stored", "describe_record", "run_registry"]
+__all__ = [
+    "Gap",
+    "OnAlert",
+    "OnStored",
+    "Registry",
+    "Stored",
+    "describe_record",
+    "mask_identifiers",
+    "run_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +102,13 @@ class Registry:
         blob_dir: Path | None = None,
         username: str | None = None,
         password: str | None = None,
+        personal_retention_hours: float | None = 72.0,
     ) -> None:
         self.host = host
+        # sealed personal parts are purged this long after they were stored (None: never)
+        self.personal_retention_hours = personal_retention_hours
+        self.personal_purged = 0
+        self.personal_in_clear = 0
         self.port = port
         self.prefix = topic_prefix
         self.topics = Topics(topic_prefix)
@@ -183,6 +205,8 @@ class Registry:
         backoff = Backoff(cap=10.0)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch_gaps(), name="registry-gaps")
+            if self.personal_retention_hours is not None:
+                tg.create_task(self._purge_personal(), name="registry-personal-retention")
             while True:
                 try:
                     async with self._client() as client:
@@ -281,10 +305,56 @@ class Registry:
         good = []
         for i, r in enumerate(records):
             try:
-                good.append(check_record(r))
+                checked = check_record(r)
+                self._check_personal(site, agent, checked)
+                good.append(checked)
             except ValueError as e:  # never log the record: it may hold personal data
                 log.warning("registry: %s/%s record %d not stored: %s", site, agent, i, e)
         return Batch(site, agent, good) if good else None
+
+    def _check_personal(self, site: str, agent: str, record: dict[str, Any]) -> None:
+        """A sealed personal part must parse (`PersonalSealError`, a ValueError, if not);
+        one in the clear is counted and warned about, and the store drops it."""
+        data = record.get("data")
+        if not isinstance(data, dict):
+            return
+        rid = str(record.get("id"))
+        if "personal_sealed" in data:
+            parse_envelope(data["personal_sealed"], rid)
+        if "personal" in data:
+            self.personal_in_clear += 1
+            log.warning(
+                "registry: %s/%s record %s carried personal data in the clear: not stored "
+                "(the station needs outbox.registry_public_key)",
+                site,
+                agent,
+                rid,
+            )
+
+    async def _purge_personal(self) -> None:
+        """Purge sealed personal parts older than `personal_retention_hours`."""
+        assert self.personal_retention_hours is not None
+        keep_s = self.personal_retention_hours * 3600
+        every = min(300.0, max(0.2, keep_s / 4))
+        store = self.store
+        if not hasattr(store, "purge_personal"):
+            return
+        personal = cast(PersonalStore, store)
+        while True:
+            try:
+                ids = await personal.purge_personal(keep_s, who="registry retention")
+            except RegistryStoreError as e:
+                log.warning("registry: personal data purge failed: %s", e)
+            else:
+                if ids:
+                    self.personal_purged += len(ids)
+                    log.info(
+                        "registry: purged the sealed personal part of %d record(s) "
+                        "(retention %.1f h)",
+                        len(ids),
+                        self.personal_retention_hours,
+                    )
+            await asyncio.sleep(every)
 
     async def _watch_gaps(self) -> None:
         """Raise an alert, once, for each gap open longer than `gap_timeout_s`."""
@@ -386,8 +456,25 @@ class Registry:
             await client.publish(station.ack, Ack([rid]).encode(), qos=1)
 
 
-def describe_record(record: dict[str, Any]) -> str:
-    """One line for a console: never personal data, only what identifies the read."""
+_LONG_DIGITS = re.compile(r"\d(?:[\d -]*\d)?")
+
+
+def _mask_digits(m: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", m.group(0))
+    if len(digits) < 8:
+        return m.group(0)
+    return f"{digits[:4]}-****-{digits[-4:]}"
+
+
+def mask_identifiers(text: str) -> str:
+    """Numbers of 8 digits or more (ticket numbers, My Numbers, card ids) as
+    `1111-****-2345`; shorter numbers (a municipality code, a count) stay."""
+    return _LONG_DIGITS.sub(_mask_digits, text)
+
+
+def describe_record(record: dict[str, Any], *, show_data: bool = False) -> str:
+    """One line for a console: never personal data, only what identifies the read.
+    Identifiers in a scanned text are masked unless `show_data` (`--show-data`)."""
     data = record.get("data", {})
     interp = data.get("interpretation") or {}
     text = data.get("text")
@@ -395,6 +482,8 @@ def describe_record(record: dict[str, Any]) -> str:
     verdict = "" if not interp else ("valid" if interp.get("valid") else "INVALID")
     problems = ",".join(interp.get("problems", []))
     shown = "" if text is None or record.get("kind") != "barcode" else repr(text)
+    if shown and not show_data:
+        shown = mask_identifiers(shown)
     return " ".join(
         p
         for p in (
@@ -425,12 +514,17 @@ async def run_registry(
     blob_dir: Path | None = None,
     username: str | None = None,
     password: str | None = None,
+    personal_retention_hours: float | None = 72.0,
+    show_data: bool = False,
 ) -> None:
     """The `madoguchi registry` command body: print each stored record until stopped."""
 
     def printer(s: Stored) -> None:
         mark = "stored   " if s.new else "duplicate"
-        print(f"{mark} {s.site}/{s.agent} {describe_record(s.record)}", flush=True)
+        print(
+            f"{mark} {s.site}/{s.agent} {describe_record(s.record, show_data=show_data)}",
+            flush=True,
+        )
 
     async with Registry(
         host,
@@ -446,6 +540,7 @@ async def run_registry(
         blob_dir=blob_dir,
         username=username,
         password=password,
+        personal_retention_hours=personal_retention_hours,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         await stop.wait()

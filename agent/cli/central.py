@@ -8,6 +8,7 @@ ways meet the same checks (no password in a DSN, tls_cert with tls_key, ...).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ _QUICK = (
     "shared",
     "token_file",
     "allowed_origin",
+    "personal_retention_hours",
 )
 
 
@@ -115,6 +117,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
     }
     if args.shared is not None:
         section["shared"] = args.shared
+    if args.personal_retention_hours is not None:
+        section["personal_retention_hours"] = args.personal_retention_hours
     config = _config(args, "registry", section)
     if config is None:
         return 1
@@ -147,6 +151,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
             blob_dir=reg.blob_dir,
             username=reg.username,
             password=password,
+            personal_retention_hours=reg.personal_retention_hours or None,
+            show_data=args.show_data,
         )
     )
 
@@ -270,7 +276,20 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--batch-max", type=int, default=64, help="messages committed together at most")
     p.add_argument("--quiet", action="store_true", help="do not print each record")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING"])
-    p.set_defaults(func=cmd_registry)
+    p.add_argument(
+        "--personal-retention-hours",
+        type=_retention,
+        default=None,
+        help="hours the sealed personal part of a record is kept, then purged "
+        "(default 72; 'never' keeps it)",
+    )
+    p.add_argument(
+        "--show-data",
+        action="store_true",
+        help="print scanned identifiers in full (masked as 1111-****-2345 by default)",
+    )
+    p.set_defaults(func=cmd_registry, registry_parser=p)
+    _add_personal_parsers(p)
 
     _add_dashboard_parser(sub)
 
@@ -301,4 +320,118 @@ def check_central_config(path: str) -> int:
         parts.append("database " + ("PostgreSQL" if is_postgres(config.database.dsn) else "SQLite"))
     parts += [name for name in ("registry", "dashboard") if getattr(config, name) is not None]
     print(f"{path}: ok: central: " + ", ".join(parts))
+    return 0
+
+
+# -- the sealed personal part: keys, hand-off, purge (agent/personal_seal.py) -----------
+
+
+def _retention(value: str) -> float:
+    """Hours, or 'never' (0: kept until purge-personal)."""
+    if value == "never":
+        return 0.0
+    try:
+        hours = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of hours, or 'never'") from None
+    if not hours > 0:
+        raise argparse.ArgumentTypeError("must be > 0 hours, or 'never'")
+    return hours
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _add_personal_parsers(registry: argparse.ArgumentParser) -> None:
+    sub = registry.add_subparsers(dest="registry_action", metavar="{keygen,export-personal,...}")
+    k = sub.add_parser("keygen", help="new X25519 key pair for sealing personal data")
+    k.add_argument("--private", type=Path, required=True, help="private key (back office, 0600)")
+    k.add_argument("--public", type=Path, required=True, help="public key (for the stations)")
+    k.set_defaults(func=cmd_keygen)
+
+    e = sub.add_parser(
+        "export-personal",
+        help="back-office hand-off: decrypt sealed personal parts to a file, log the access",
+    )
+    e.add_argument("--db", required=True, help="registry SQLite file or postgresql:// DSN")
+    e.add_argument("--key", type=Path, required=True, help="the private key (mode 0600)")
+    e.add_argument("--out", type=Path, required=True, help="JSON Lines file to create (0600)")
+    e.add_argument("--who", default=None, help="who takes the data (default user@host)")
+    e.add_argument("--again", action="store_true", help="include records already handed off")
+    e.set_defaults(func=cmd_export_personal)
+
+    g = sub.add_parser("purge-personal", help="delete sealed personal parts now")
+    g.add_argument("--db", required=True, help="registry SQLite file or postgresql:// DSN")
+    g.add_argument(
+        "--older-than-hours", type=float, default=72.0, help="stored longer ago than this"
+    )
+    g.add_argument("--handed-off", action="store_true", help="also every one handed off")
+    g.add_argument("--who", default=None, help="who purges (default user@host)")
+    g.set_defaults(func=cmd_purge_personal)
+
+
+def _db(value: str) -> str | Path:
+    from agent.central.stores import is_dsn
+
+    return value if is_dsn(value) else Path(value)
+
+
+def _fail(e: Exception) -> int:
+    print(f"madoguchi registry: {e}", file=sys.stderr)
+    return 1
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from agent.personal_seal import generate_keypair
+
+    try:
+        kid = generate_keypair(args.private, args.public)
+    except FileExistsError as e:
+        return _fail(Exception(f"{e.filename}: exists; a key is never overwritten"))
+    except OSError as e:
+        return _fail(Exception(f"{e.filename}: {e.strerror}"))
+    print(f"key {kid}: private {args.private} (keep it in the back office), public {args.public}")
+    return 0
+
+
+def cmd_export_personal(args: argparse.Namespace) -> int:
+    from agent.central.personal import export_personal
+    from agent.errors import MadoguchiError
+
+    try:
+        n, failed = asyncio.run(
+            export_personal(
+                _db(args.db), args.key, args.out, who=args.who or _who(), again=args.again
+            )
+        )
+    except MadoguchiError as e:
+        return _fail(e)
+    except OSError as e:  # the hand-off file: exists, or the disk is full (nothing marked)
+        return _fail(Exception(f"{e.filename or args.out}: {e.strerror}; nothing handed off"))
+    print(f"{n} record(s) handed off to {args.out}", file=sys.stderr)
+    for line in failed:
+        print(f"not exported: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_purge_personal(args: argparse.Namespace) -> int:
+    from agent.central.personal import purge_personal
+    from agent.errors import MadoguchiError
+
+    try:
+        ids = asyncio.run(
+            purge_personal(
+                _db(args.db),
+                args.older_than_hours * 3600,
+                who=args.who or _who(),
+                handed_off=args.handed_off,
+            )
+        )
+    except MadoguchiError as e:
+        return _fail(e)
+    print(f"purged the sealed personal part of {len(ids)} record(s)", file=sys.stderr)
     return 0
