@@ -273,3 +273,16 @@ def test_flags_that_the_file_says_are_refused_with_config(
     assert capsys.readouterr().err == (
         f"{path}: (command line): --port, --shared with --config: put them in the file\n"
     )
+
+
+def test_personal_retention_in_the_file_and_refused_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = '[broker]\nhost = "h"\n[database]\ndsn = "r.db"\n[registry]\n'
+    assert load_central_config(write(tmp_path, base)).registry.personal_retention_hours == 72.0
+    path = write(tmp_path, base + "personal_retention_hours = 0\n")
+    assert load_central_config(path).registry.personal_retention_hours == 0.0  # kept
+    bad = write(tmp_path, base + "personal_retention_hours = -1\n")
+    assert any("registry.personal_retention_hours" in p for p in problems(bad))
+    assert cli(["registry", "--config", str(path), "--personal-retention-hours", "5"]) == 1
+    assert "--personal-retention-hours with --config" in capsys.readouterr().err
