@@ -572,7 +572,7 @@ def describe_record(record: dict[str, Any]) -> str:
 async def run_registry(
     host: str,
     port: int,
-    db: Path | str,
+    db: RecordStore | Path | str,
     prefix: str,
     client_id: str | None,
     stop: asyncio.Event,
@@ -582,8 +582,13 @@ async def run_registry(
     gap_timeout_s: float = 300.0,
     batch_max_messages: int = 64,
     quiet: bool = False,
+    heartbeat_s: float = 10.0,
 ) -> None:
-    """The `madoguchi registry` command body: print each stored record until stopped."""
+    """The `madoguchi registry` command body: print each stored record until stopped.
+
+    Returns when `stop` is set; raises when the consumer ended on its own (an
+    unexpected error), so that the process exits non-zero and systemd restarts it.
+    """
 
     def printer(s: Stored) -> None:
         mark = "stored   " if s.new else "duplicate"
@@ -600,6 +605,7 @@ async def run_registry(
         tls_context=tls_context,
         gap_timeout_s=gap_timeout_s,
         batch_max_messages=batch_max_messages,
+        heartbeat_s=heartbeat_s,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         stopped = asyncio.create_task(stop.wait(), name="registry-stop")

@@ -225,7 +225,7 @@ class PostgresStore:
                 "captured": [r["captured_at"] for r in unique],
                 "devices": [r["device"] for r in unique],
                 "kinds": [r["kind"] for r in unique],
-                "sources": [str(r.get("source", "device")) for r in unique],
+                "sources": [str(r.get("source") or "device") for r in unique],
                 "bodies": [json.dumps(r, ensure_ascii=False) for r in unique],
             },
         )

@@ -172,7 +172,9 @@ class RegistryStore:
         clock: int | None = None
         for r in records:
             cur = db.execute(
-                "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?)",
+                # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation,
+                # and a record never stored would be acked as a duplicate
+                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
                 (
                     r["id"],
                     site,
@@ -181,7 +183,7 @@ class RegistryStore:
                     r["captured_at"],
                     r["device"],
                     r["kind"],
-                    r.get("source", "device"),
+                    r.get("source") or "device",
                     json.dumps(r, ensure_ascii=False),
                     now,
                 ),
