@@ -316,6 +316,7 @@ class Registry:
             # anything else (our own blob requests on the wildcard) is not for us
         parsed = [(m, self._parse(t, m, letters)) for t, m in records]
         batches = [(m, b) for m, b in parsed if b is not None]
+        stored: list[Stored] = []
         if batches:
             try:
                 stored = await self.store.store([b for _, b in batches])
@@ -323,9 +324,11 @@ class Registry:
                 stored = await self._isolate(batches, e, letters)
             else:
                 self.commits += 1
-            if stored:
-                await self._ack(client, stored)
+        # the refused are kept before the acks go out: whoever sees an ack of a later
+        # message finds every earlier refusal counted
         await self._dead_letter(letters)
+        if stored:
+            await self._ack(client, stored)
 
     async def _isolate(
         self,

@@ -230,7 +230,7 @@ def test_a_hypothesis_stream_of_hostile_records_while_another_station_sends(
     pg = request.getfixturevalue("pg_cluster") if backend == "postgresql" else None
 
     @settings(
-        max_examples=4,
+        max_examples=8,
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
