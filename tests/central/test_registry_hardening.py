@@ -30,7 +30,7 @@ from agent.central.store_sqlite import SqliteStore
 from agent.contract.validate import RecordError, parse_records
 from agent.errors import RegistryStoreError
 from agent.testing import Broker, RegistryProcess, mqtt_collect, payload
-from tests.support.central import PgCluster, envelope, record
+from tests.support.central import Contract, PgCluster, envelope, record
 
 GOOD_SITE, GOOD = "toda-city-hall-1f", "station-01"
 BAD_SITE, BAD = "toda-city-hall-2f", "station-66"
@@ -418,6 +418,11 @@ async def test_status_heartbeat_carries_lag_and_a_clean_stop_says_offline(
     assert {"lag_s", "heartbeat_s", "stored", "dead_letters", "conflicts"} <= set(online[-1])
     assert online[-1]["heartbeat_s"] == 0.2 and online[-1]["lag_s"] == 0.0
     assert seen[-1]["state"] == "offline" and seen[-1]["reason"] == "stopped"
+    contract = Contract()
+    assert {contract.check(status, b) for b in seen} == {
+        "registryStatus/online",
+        "registryStatus/offline",
+    }
     retained = await mqtt_collect(broker.port, status, 0.5)
     assert [payload(m)["state"] for m in retained] == ["offline"]
 
@@ -445,6 +450,7 @@ def test_registry_killed_minus_9_retained_status_offline_by_its_will(
                 break
             assert time.monotonic() < deadline, "no offline will"
         will = payload(after[-1])
+        assert Contract().check(status, will) == "registryStatus/offline"
         assert (will["session"], will["reason"]) == (session, "connection lost")
         fleet.on_registry_status("madoguchi-registry", will, time.time())
         [down] = fleet.registry_alerts(time.time())
