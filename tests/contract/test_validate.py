@@ -136,9 +136,7 @@ def _env(records: Any, **head: Any) -> bytes:
         (_env([1] * 10_001), "over 10000"),
     ],
 )
-def test_a_poison_message_is_refused_with_the_documented_error(
-    payload: bytes, reason: str
-) -> None:
+def test_a_poison_message_is_refused_with_the_documented_error(payload: bytes, reason: str) -> None:
     with pytest.raises(RecordError, match=reason):
         parse_records(payload, SITE, AGENT)
 
@@ -172,7 +170,7 @@ def test_any_bytes_give_a_result_or_the_documented_error(payload: bytes) -> None
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.dictionaries(
-        st.sampled_from(sorted(GOOD) + ["source", "operator", "clock_synced", "site", "x"]),
+        st.sampled_from([*sorted(GOOD), "source", "operator", "clock_synced", "site", "x"]),
         JSON,
         max_size=6,
     )
