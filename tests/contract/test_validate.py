@@ -190,3 +190,12 @@ def test_load_json_takes_str_and_refuses_other_types() -> None:
     assert load_json('{"a": 1}') == {"a": 1}
     with pytest.raises(RecordError, match="not bytes"):
         load_json(12)  # type: ignore[arg-type]
+
+
+def test_data_over_the_cap_is_refused_even_when_written_small() -> None:
+    """`1e15` is 4 bytes on the wire and 18 once stored: the cap is on what is stored."""
+    many = [1e15] * (MAX_DATA_BYTES // 18 + 1)
+    payload = _env([{**GOOD, "data": {"n": many}}]).replace(b"1000000000000000.0", b"1e15")
+    assert len(payload) < MAX_DATA_BYTES
+    [refused] = parse_records(payload, SITE, AGENT).refused
+    assert "over the" in refused.reason
