@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -458,3 +459,106 @@ def test_registry_killed_minus_9_retained_status_offline_by_its_will(
         assert oct((tmp_path / "registry.db").stat().st_mode & 0o777) == "0o600"
     finally:
         proc.stop()
+
+
+class Stalled(SqliteStore):
+    """A commit that takes as long as the test says (a slow disk, a long checkpoint)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = asyncio.Event()
+
+    async def store(self, batches: Sequence[Batch]) -> list[Stored]:
+        await self.release.wait()
+        return await super().store(batches)
+
+
+@pytest.mark.broker
+async def test_the_heartbeat_shows_the_lag_of_a_stalled_commit(
+    broker: Broker, tmp_path: Path
+) -> None:
+    store = Stalled(tmp_path / "r.db")
+    status = f"{PREFIX}/_registry/reg-lag/status"
+    reg = Registry("127.0.0.1", broker.port, store, client_id="reg-lag", heartbeat_s=0.1)
+    lags: list[float] = []
+    async with (
+        running(reg),
+        aiomqtt.Client("127.0.0.1", broker.port) as watcher,
+    ):
+        await watcher.subscribe(status, qos=1)
+        await watcher.publish(
+            _topic(GOOD_SITE, GOOD), envelope(GOOD_SITE, GOOD, [record(1)]), qos=1
+        )
+        async for m in watcher.messages:
+            body = payload(m)
+            if body["state"] == "online":
+                lags.append(body["lag_s"])
+            if lags and lags[-1] >= 0.5:
+                break
+        store.release.set()
+        async for m in watcher.messages:
+            if payload(m).get("lag_s") == 0.0 and payload(m)["stored"] == 1:
+                break
+    assert lags[-1] >= 0.5  # stuck on one commit for half a second: the dashboard sees it
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 2 MB tmpfs: the registry database on a disk that fills up."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.broker
+async def test_a_full_disk_acks_nothing_keeps_running_and_recovers(
+    broker: Broker, small_disk: Path
+) -> None:
+    """ENOSPC: nothing committed, nothing acked, no dead letter for good records, the
+    registry alive; once there is room again the re-sent records are stored once."""
+    store = SqliteStore(small_disk / "registry.db")
+    good = [record(i, text="x" * 2000) for i in range(1, 41)]
+    acks = Acks()
+    reg = Registry("127.0.0.1", broker.port, store, heartbeat_s=0.2)
+    async with (
+        running(reg) as task,
+        aiomqtt.Client("127.0.0.1", broker.port) as spy,
+        aiomqtt.Client("127.0.0.1", broker.port) as station,
+    ):
+        listener = asyncio.create_task(acks.run(spy))
+        await asyncio.sleep(0.1)
+        filler = small_disk / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        for r in good:
+            await station.publish(_topic(GOOD_SITE, GOOD), envelope(GOOD_SITE, GOOD, [r]), qos=1)
+        while reg.store_failures == 0:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        assert GOOD not in acks.ids or len(acks.ids[GOOD]) < len(good)
+        failed_now = set(r["id"] for r in good) - set(acks.ids.get(GOOD, []))
+        assert failed_now
+        filler.unlink()
+        # the station re-sends what was not acked (resend_after_s): every record stored once
+        for r in good:
+            if r["id"] in failed_now:
+                await station.publish(
+                    _topic(GOOD_SITE, GOOD), envelope(GOOD_SITE, GOOD, [r]), qos=1
+                )
+        await acks.until(GOOD, {r["id"] for r in good})
+        listener.cancel()
+        assert not task.done()
+        assert await store.count() == len(good)
+        assert (await store.problems()).dead_letters == 0  # a full disk is not a bad record
