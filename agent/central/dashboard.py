@@ -82,6 +82,7 @@ class RegistryView:
     session: int = 0
     last_seen: float | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    changed_at: float = 0.0
 
 
 class Fleet:
@@ -104,6 +105,7 @@ class Fleet:
         if session < view.session:
             return
         view.state, view.session, view.status = str(state), session, body
+        view.changed_at = now
         if state == "online":
             view.last_seen = now
 
@@ -115,6 +117,7 @@ class Fleet:
         records it refused (dead letters) or found conflicting, in the last hour."""
         out: list[dict[str, Any]] = []
         live = []
+        self._forget_old_consumers(now)
         for r in sorted(self.registries.values(), key=lambda r: r.name):
             beat = r.status.get("heartbeat_s")
             beat_s = float(beat) if isinstance(beat, int | float) and beat > 0 else 10.0
@@ -162,7 +165,18 @@ class Fleet:
                 )
         return out
 
+    def _forget_old_consumers(self, now: float) -> None:
+        """Consumers named after their pid come and go: one offline for longer than
+        `keep_events_s` is forgotten while another is online."""
+        online = any(r.state == "online" for r in self.registries.values())
+        if not online:
+            return
+        for name, r in list(self.registries.items()):
+            if r.state == "offline" and now - r.changed_at > self.t.keep_events_s:
+                del self.registries[name]
+
     def registry_snapshot(self, now: float) -> dict[str, Any]:
+        self._forget_old_consumers(now)
         p = self.problems
         return {
             "consumers": [
@@ -409,6 +423,8 @@ class Dashboard:
         ):
             return
         site, agent = where.site, where.agent
+        if where.kind == "registry_status" and not payload:
+            return  # a consumer cleared its retained status at a clean stop
         try:
             body = json.loads(payload)
         except (ValueError, TypeError):

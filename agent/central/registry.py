@@ -68,6 +68,10 @@ OnStored = Callable[[Stored], None]
 OnAlert = Callable[[Gap], None]
 OnConflict = Callable[[Stored], None]
 
+#: the retained will of a consumer named after its pid expires after a day (it is never
+#: cleared otherwise: the restarted consumer has another name)
+EPHEMERAL_WILL_EXPIRY_S = 24 * 3600
+
 
 # -- the MQTT loop ------------------------------------------------------------------------
 
@@ -103,6 +107,9 @@ class Registry:
         self.prefix = topic_prefix
         self.topics = Topics(topic_prefix)
         self.shared = shared
+        # a client id made of the pid is new at every start: its retained status must not
+        # pile up on the broker (cleared at a clean stop, the will expires)
+        self._ephemeral_id = client_id is None and shared is not None
         if client_id is None:
             client_id = "madoguchi-registry"
             if shared is not None:  # every member of a group needs its own id
@@ -193,11 +200,16 @@ class Registry:
 
     def _client(self) -> aiomqtt.Client:
         self._session = time.time_ns() // 1_000_000  # a later connection: a larger session
+        will_props = None
+        if self._ephemeral_id:
+            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+            will_props.MessageExpiryInterval = EPHEMERAL_WILL_EXPIRY_S
         will = aiomqtt.Will(
             self.status_topic,
             self._status("offline", reason="connection lost"),
             qos=1,
             retain=True,
+            properties=will_props,
         )
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self.shared is None:
@@ -270,9 +282,15 @@ class Registry:
         """A clean stop sends no will: say offline ourselves (best effort, bounded)."""
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(2.0):
+                retain = not self._ephemeral_id
                 await client.publish(
-                    self.status_topic, self._status("offline", reason="stopped"), qos=1, retain=True
+                    self.status_topic,
+                    self._status("offline", reason="stopped"),
+                    qos=1,
+                    retain=retain,
                 )
+                if not retain:  # and no retained status left behind under a pid's name
+                    await client.publish(self.status_topic, b"", qos=1, retain=True)
 
     async def _heartbeat(self) -> None:
         """The retained status again every `heartbeat_s`, with the consumer's lag."""
@@ -356,7 +374,8 @@ class Registry:
             log.error("registry: store failed, %d message(s) not acked: %s", len(batches), error)
             return []
         for m, b, why in failed:
-            reason = f"the database refused it: {why}"[:300]
+            # the first line only: a database's detail lines may quote the values
+            reason = f"the database refused it: {str(why).splitlines()[0][:200]}"
             letters.append(self._letter(m, b.site, reason, b.agent))
         return stored
 

@@ -138,3 +138,14 @@ async def test_the_page_shows_registry_down(broker: Broker, tmp_path: Path, brow
             assert errors == []
     finally:
         reg.stop()
+
+
+def test_consumers_that_came_and_went_are_forgotten_while_another_is_online() -> None:
+    fleet = Fleet(Thresholds(keep_events_s=60))
+    beat = {"state": "online", "session": 1, "heartbeat_s": 10, "lag_s": 0}
+    fleet.on_registry_status("old-1", {**beat, "state": "offline", "reason": "x"}, 0.0)
+    assert types(fleet.registry_alerts(1.0)) == ["registry_down"]
+    fleet.on_registry_status("new-2", beat, 100.0)
+    snap = fleet.registry_snapshot(101.0)
+    assert [c["name"] for c in snap["consumers"]] == ["new-2"]
+    assert snap["alerts"] == []

@@ -562,3 +562,16 @@ async def test_a_full_disk_acks_nothing_keeps_running_and_recovers(
         assert not task.done()
         assert await store.count() == len(good)
         assert (await store.problems()).dead_letters == 0  # a full disk is not a bad record
+
+
+@pytest.mark.broker
+async def test_a_shared_consumer_named_after_its_pid_leaves_no_retained_status(
+    broker: Broker, tmp_path: Path
+) -> None:
+    reg = Registry("127.0.0.1", broker.port, tmp_path / "r.db", shared="grp", heartbeat_s=0.2)
+    assert str(os.getpid()) in reg.status_topic
+    async with running(reg):
+        online = await mqtt_collect(broker.port, reg.status_topic, 0.4)
+        assert online and {payload(m)["state"] for m in online} == {"online"}
+    # a clean stop: offline said, then the retained status cleared (a restart has a new name)
+    assert await mqtt_collect(broker.port, f"{PREFIX}/_registry/+/status", 0.5) == []
