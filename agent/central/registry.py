@@ -613,7 +613,7 @@ async def run_registry(
     """
 
     def printer(s: Stored) -> None:
-        mark = "stored   " if s.new else "duplicate"
+        mark = "stored   " if s.new else "CONFLICT " if s.conflict else "duplicate"
         print(f"{mark} {s.site}/{s.agent} {describe_record(s.record)}", flush=True)
 
     async with Registry(
