@@ -47,8 +47,10 @@ MAX_SEQ = 2**63 - 1
 #: the canonical text of a UUID, as `str(uuid.UUID)` writes it
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-#: the fields of a record in schema madoguchi.records/1 (others are refused: a consumer
-#: must ignore fields it does not know, so a station never sends one it made up)
+#: fields a record may carry beyond those of madoguchi.records/1 (docs/CONTRACT.md: fields
+#: are only added, and a consumer ignores those it does not know; they are bounded as `data`)
+MAX_EXTRA_FIELDS = 16
+#: the fields of a record in schema madoguchi.records/1
 _FIELDS = frozenset(
     {
         "id",
@@ -185,9 +187,11 @@ def check_record(
     """
     if not isinstance(r, dict):
         raise RecordError("record is not an object")
-    unknown = sorted(k for k in r if k not in _FIELDS)
-    if unknown:
-        raise RecordError(f"record has fields the schema does not know: {unknown[0][:40]!r}")
+    extra = {k: v for k, v in r.items() if k not in _FIELDS}
+    if len(extra) > MAX_EXTRA_FIELDS:
+        raise RecordError(
+            f"record has more than {MAX_EXTRA_FIELDS} fields the schema does not know"
+        )
     rid = r.get("id")
     if not isinstance(rid, str) or not rid:
         raise RecordError("record without a string id")
@@ -217,6 +221,11 @@ def check_record(
     if "data" not in r:
         raise RecordError("record without data")
     _check_data(r["data"], measure)
+    if extra:  # kept in the stored body: as bounded as `data`
+        try:
+            _check_data(extra, measure)
+        except RecordError as e:
+            raise RecordError(str(e).replace("record data", "record's unknown fields")) from None
     return r
 
 

@@ -35,6 +35,9 @@ GOOD: dict[str, Any] = {
 
 def test_a_good_record_is_returned_as_it_is() -> None:
     assert check_record(GOOD) is GOOD
+    # a field a later agent adds is kept, not refused (consumers ignore what they do not know)
+    later = {**GOOD, "sealed": {"v": 1, "ct": "AAEC"}}
+    assert check_record(later) is later
     full = {
         **GOOD,
         "source": "manual",
@@ -86,7 +89,9 @@ def test_what_the_station_sends_passes() -> None:
         ({"data": {"n": 2**64}}, "outside 64 bits"),
         ({"data": {"n": float("inf")}}, "not finite"),
         ({"data": {"t": "x" * (MAX_DATA_BYTES + 1)}}, "over the"),
-        ({"surprise": 1}, "fields the schema does not know"),
+        ({"surprise": float("nan")}, "unknown fields holds a number that is not finite"),
+        ({"surprise": "\ud800"}, "not valid Unicode"),
+        ({f"x{i}": 1 for i in range(17)}, "more than 16 fields the schema does not know"),
         ({"site": "other-site"}, "site differs"),
         ({"agent": "station-99"}, "agent differs"),
     ],
