@@ -13,7 +13,9 @@ connection, and must not flip a live station red.
 
 The page and the API carry no personal data (the agent never puts any in
 status or telemetry); the dashboard binds to loopback by default: put it
-behind the city's authenticating proxy to share it.
+behind the city's TLS proxy to share it. Every API call needs a credential and a
+known Host and Origin (dashboard_guard.py); every command is audited first
+(audit.py), and without an audit log no command is sent.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -32,16 +35,20 @@ from typing import Any
 import aiomqtt
 
 from agent._aio import NO_DELAY, Backoff, asgi_server
+from agent.central.audit import AuditLog
+from agent.central.dashboard_guard import DashboardGuard, DashboardGuardMiddleware
 from agent.central.store import AgentSummary, Gap, Problems, RecordStore
 from agent.central.stores import open_store
 from agent.contract.messages import Command
 from agent.contract.topics import DEFAULT_PREFIX, Topics
-from agent.errors import MadoguchiError, RegistryStoreError
+from agent.errors import AuditError, MadoguchiError, RegistryStoreError
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "dashboard_static"
 COMMANDS = ("rebirth", "resend", "diagnostics", "ping")
+# a remote camera trigger: offered only with remote_photo, and the station must opt in too
+PHOTO_COMMAND = "capture_photo"
 
 
 @dataclass(slots=True)
@@ -342,6 +349,11 @@ class Fleet:
         }
 
 
+def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:
+    """A diagnostics result as the download holds it: without the request id."""
+    return {k: v for k, v in result.items() if k != "request_id"}
+
+
 class Dashboard:
     """The MQTT side, the registry poll and the web server, in one event loop."""
 
@@ -359,6 +371,11 @@ class Dashboard:
         chart_minutes: int = 30,
         command_timeout_s: float = 10.0,
         tls_context: Any = None,
+        guard: DashboardGuard | None = None,
+        audit: AuditLog | None = None,
+        remote_photo: bool = False,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -374,6 +391,12 @@ class Dashboard:
         self.chart_minutes = chart_minutes
         self.command_timeout_s = command_timeout_s
         self.tls_context = tls_context
+        # no guard given: one that knows no token, so every /api/ call is refused
+        self.guard = guard or DashboardGuard(listen_host=http_host)
+        self.audit = audit
+        self.commands = COMMANDS + ((PHOTO_COMMAND,) if remote_photo else ())
+        self.username = username
+        self.password = password
         self.connected = asyncio.Event()
         self.serving = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -391,6 +414,8 @@ class Dashboard:
                     identifier=f"madoguchi-dashboard-{socket.gethostname()}-{os.getpid()}",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=self.tls_context,
+                    username=self.username,
+                    password=self.password,
                     keepalive=30,
                     socket_options=NO_DELAY,
                 ) as client:
@@ -444,12 +469,42 @@ class Dashboard:
             if fut is not None and not fut.done():
                 fut.set_result(body)
 
-    async def command(self, site: str, agent: str, name: str) -> dict[str, Any]:
-        """Publish `cmd/{name}` and wait for its result (or say it timed out)."""
+    async def command(
+        self, site: str, agent: str, name: str, who: str = "dashboard"
+    ) -> dict[str, Any]:
+        """Publish `cmd/{name}` and wait for its result, audited before and after."""
+        request_id = str(uuid.uuid4())
+        if self.audit is not None:  # on disk before it is sent; AuditError: nothing is sent
+            await asyncio.to_thread(
+                self.audit.record,
+                who=who,
+                site=site,
+                agent=agent,
+                command=name,
+                request_id=request_id,
+                outcome="sent",
+            )
+        result = await self._command(site, agent, name, request_id)
+        if self.audit is not None:
+            try:
+                await asyncio.to_thread(
+                    self.audit.record,
+                    who=who,
+                    site=site,
+                    agent=agent,
+                    command=name,
+                    request_id=request_id,
+                    outcome="ok" if result.get("ok") is True else "failed",
+                    error=None if result.get("ok") is True else str(result.get("error")),
+                )
+            except AuditError as e:  # sent and answered: say so, the "sent" line is on disk
+                log.error("dashboard: %s: outcome of %s %s not audited", e, name, request_id)
+        return result
+
+    async def _command(self, site: str, agent: str, name: str, request_id: str) -> dict[str, Any]:
         client = self._client
         if client is None:
             return {"ok": False, "error": "dashboard not connected to the broker"}
-        request_id = str(uuid.uuid4())
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
@@ -494,6 +549,7 @@ class Dashboard:
 
     def app(self) -> Any:
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
         from starlette.requests import Request
         from starlette.responses import FileResponse, JSONResponse
         from starlette.routing import Route
@@ -530,17 +586,84 @@ class Dashboard:
                 site, agent, name = str(body["site"]), str(body["agent"]), str(body["name"])
             except (ValueError, KeyError, TypeError):
                 return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
-            if name not in COMMANDS or (site, agent) not in self.fleet.stations:
+            if self.audit is None:
+                return JSONResponse(
+                    {"ok": False, "error": "no audit log: commands are off"}, 503, headers=headers
+                )
+            if name == PHOTO_COMMAND and name not in self.commands:
+                return JSONResponse(
+                    {"ok": False, "error": "remote photo is off (dashboard.remote_photo)"},
+                    403,
+                    headers=headers,
+                )
+            if name not in self.commands or (site, agent) not in self.fleet.stations:
                 return JSONResponse({"ok": False, "error": "unknown"}, 404, headers=headers)
-            return JSONResponse(await self.command(site, agent, name), headers=headers)
+            who = request.scope.get("state", {}).get("user")
+            if not who:  # the guard lets no anonymous call through; say so if it ever did
+                return JSONResponse({"ok": False, "error": "unauthorized"}, 401, headers=headers)
+            try:
+                result = await self.command(site, agent, name, who=who)
+            except AuditError as e:
+                log.error("dashboard: %s: command %s not sent", e, name)
+                return JSONResponse(
+                    {"ok": False, "error": "audit log unavailable: not sent"}, 503, headers=headers
+                )
+            return JSONResponse(result, headers=headers)
+
+        async def audit(request: Request) -> JSONResponse:
+            entries = [] if self.audit is None else await asyncio.to_thread(self.audit.tail, 50)
+            return JSONResponse({"entries": entries}, headers=headers)
 
         return Starlette(
             routes=[
                 Route("/", index),
                 Route("/api/fleet", fleet),
                 Route("/api/command", command, methods=["POST"]),
-            ]
+                Route("/api/audit", audit),
+                *self._diagnostics_routes(headers),
+            ],
+            middleware=[Middleware(DashboardGuardMiddleware, guard=self.guard)],
         )
+
+    def _diagnostics_routes(self, headers: dict[str, str]) -> list[Any]:
+        """A station's last diagnostics as a JSON file, and the favicon."""
+        from starlette.requests import Request
+        from starlette.responses import FileResponse, JSONResponse, Response
+        from starlette.routing import Route
+
+        async def diagnostics(request: Request) -> Response:
+            site, agent = request.path_params["site"], request.path_params["agent"]
+            st = self.fleet.stations.get((site, agent))
+            result = None if st is None else st.results.get("diagnostics")
+            if result is None:
+                return JSONResponse(
+                    {"ok": False, "error": f"no diagnostics from {site}/{agent} yet"},
+                    404,
+                    headers=headers,
+                )
+            body = {"site": site, "agent": agent, **diagnostics_file(result)}
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(float(result.get("at") or 0)))
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", f"diagnostics-{site}-{agent}-{stamp}.json")
+            return Response(
+                json.dumps(body, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
+                media_type="application/json",
+                headers={
+                    **headers,
+                    "content-disposition": f'attachment; filename="{name}"',
+                },
+            )
+
+        async def favicon(request: Request) -> FileResponse:
+            return FileResponse(
+                STATIC / "favicon.svg",
+                media_type="image/svg+xml",
+                headers={"cache-control": "max-age=86400"},
+            )
+
+        return [
+            Route("/api/diagnostics/{site}/{agent}", diagnostics),
+            Route("/favicon.svg", favicon),
+        ]
 
     async def _serve(self, stop: asyncio.Event) -> None:
         # the process owns signals and the socket: not serve(), and no sys.exit on a bind error
@@ -555,6 +678,7 @@ class Dashboard:
                 f"dashboard: cannot listen on {self.http_host}:{self.http_port}: {e.strerror}"
             ) from e
         self.http_port = int(sock.getsockname()[1])
+        self.guard.bind(self.http_port)
         try:
             async with asgi_server(self.app(), [sock], timeout_graceful_shutdown=2):
                 log.info("dashboard on http://%s:%d/", self.http_host, self.http_port)

@@ -26,6 +26,11 @@ conflict: kept apart, alerted, and acked (the first content stays). An
 unexpected exception in any task ends `run()` (and the process, non-zero, for
 systemd to restart); the retained `{prefix}/_registry/{name}/status` (online +
 heartbeat, offline by will) lets the dashboard see a registry down or behind.
+Personal data arrives only sealed (`data.personal_sealed`, agent/personal_seal.py):
+the registry checks the envelope's shape, the store keeps it apart from the record
+body, and `_purge_personal` deletes it after `personal_retention_hours`; a plain
+`data.personal` is dropped with a warning. The console masks long numbers unless
+`show_data`.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -49,7 +55,7 @@ from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff
 from agent.central.blobs import BlobAssembler, BlobState
-from agent.central.store import Batch, DeadLetter, Gap, RecordStore, Stored
+from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
 from agent.contract.blobs import missing_request
 from agent.contract.messages import Ack
@@ -57,8 +63,18 @@ from agent.contract.records import iso_ms, utc_now
 from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics, registry_name
 from agent.contract.validate import RecordError, load_json, parse_records
 from agent.errors import BlobError, BlobMismatch, RegistryStoreError
+from agent.personal_seal import parse_envelope
 
-__all__ = ["Gap", "OnAlert", "OnStored", "Registry", "Stored", "describe_record", "run_registry"]
+__all__ = [
+    "Gap",
+    "OnAlert",
+    "OnStored",
+    "Registry",
+    "Stored",
+    "describe_record",
+    "mask_identifiers",
+    "run_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +87,8 @@ OnConflict = Callable[[Stored], None]
 #: the retained will of a consumer named after its pid expires after a day (it is never
 #: cleared otherwise: the restarted consumer has another name)
 EPHEMERAL_WILL_EXPIRY_S = 24 * 3600
+#: bytes of a refused payload kept as its dead letter (none if it names a personal part)
+MAX_KEPT_PAYLOAD = 1024
 
 
 # -- the MQTT loop ------------------------------------------------------------------------
@@ -101,8 +119,15 @@ class Registry:
         blob_dir: Path | None = None,
         heartbeat_s: float = 10.0,
         on_conflict: OnConflict | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        personal_retention_hours: float | None = 72.0,
     ) -> None:
         self.host = host
+        # sealed personal parts are purged this long after they were stored (None: never)
+        self.personal_retention_hours = personal_retention_hours
+        self.personal_purged = 0
+        self.personal_in_clear = 0
         self.port = port
         self.prefix = topic_prefix
         self.topics = Topics(topic_prefix)
@@ -118,6 +143,8 @@ class Registry:
         self.on_stored = on_stored
         self.on_alert = on_alert
         self.tls_context = tls_context
+        self.username = username
+        self.password = password
         self.batch_max_messages = batch_max_messages
         self.gap_timeout_s = gap_timeout_s
         self.store: RecordStore = db if not isinstance(db, (str, Path)) else open_store(db)
@@ -229,6 +256,8 @@ class Registry:
             clean_start=clean_start,
             properties=props,
             tls_context=self.tls_context,
+            username=self.username,
+            password=self.password,
             keepalive=30,
             # unbounded: paho has already PUBACKed what is queued here, so a bounded
             # queue would drop records the broker counts as delivered (agents re-send
@@ -249,6 +278,8 @@ class Registry:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch_gaps(), name="registry-gaps")
             tg.create_task(self._heartbeat(), name="registry-heartbeat")
+            if self.personal_retention_hours is not None:
+                tg.create_task(self._purge_personal(), name="registry-personal-retention")
             while True:
                 try:
                     async with self._client() as client:
@@ -383,10 +414,13 @@ class Registry:
         self, m: aiomqtt.Message, site: str | None, reason: str, agent: str = ""
     ) -> DeadLetter:
         payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
+        if b"personal" in bytes(payload).lower():
+            # the registry database holds no personal data in the clear, even refused
+            payload = b""
         return DeadLetter(
             topic=_clean(m.topic.value[:300]),
             reason=_clean(reason),
-            payload=bytes(payload[:1024]),
+            payload=bytes(payload[:MAX_KEPT_PAYLOAD]),
             at=time.time(),
             site=site or "",
             agent=agent,
@@ -450,7 +484,59 @@ class Registry:
             letters.append(
                 self._letter(message, where.site, f"record {bad.index}: {bad.reason}", where.agent)
             )
-        return Batch(env.site, env.agent, env.records) if env.records else None
+        good = []
+        for r in env.records:
+            try:
+                self._check_personal(where.site, where.agent, r)
+                good.append(r)
+            except ValueError as e:  # never log the record: it may hold personal data
+                reason = f"record {r['id']}: {e}"[:300]
+                letters.append(self._letter(message, where.site, reason, where.agent))
+        return Batch(env.site, env.agent, good) if good else None
+
+    def _check_personal(self, site: str, agent: str, record: dict[str, Any]) -> None:
+        """A sealed personal part must parse (`PersonalSealError`, a ValueError, if not);
+        one in the clear is counted and warned about, and the store drops it."""
+        data = record.get("data")
+        if not isinstance(data, dict):
+            return
+        rid = str(record.get("id"))
+        if "personal_sealed" in data:
+            parse_envelope(data["personal_sealed"], rid)
+        if "personal" in data:
+            self.personal_in_clear += 1
+            log.warning(
+                "registry: %s/%s record %s carried personal data in the clear: not stored "
+                "(the station needs outbox.registry_public_key)",
+                site,
+                agent,
+                rid,
+            )
+
+    async def _purge_personal(self) -> None:
+        """Purge sealed personal parts older than `personal_retention_hours`."""
+        assert self.personal_retention_hours is not None
+        keep_s = self.personal_retention_hours * 3600
+        every = min(300.0, max(0.2, keep_s / 4))
+        store = self.store
+        if not hasattr(store, "purge_personal"):
+            return
+        personal = cast(PersonalStore, store)
+        while True:
+            try:
+                ids = await personal.purge_personal(keep_s, who="registry retention")
+            except RegistryStoreError as e:
+                log.warning("registry: personal data purge failed: %s", e)
+            else:
+                if ids:
+                    self.personal_purged += len(ids)
+                    log.info(
+                        "registry: purged the sealed personal part of %d record(s) "
+                        "(retention %.1f h)",
+                        len(ids),
+                        self.personal_retention_hours,
+                    )
+            await asyncio.sleep(every)
 
     async def _watch_gaps(self) -> None:
         """Raise an alert, once, for each gap open longer than `gap_timeout_s`."""
@@ -565,8 +651,25 @@ def _clean(text: str) -> str:
     )
 
 
-def describe_record(record: dict[str, Any]) -> str:
-    """One line for a console: never personal data, only what identifies the read."""
+_LONG_DIGITS = re.compile(r"\d(?:[\d -]*\d)?")
+
+
+def _mask_digits(m: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", m.group(0))
+    if len(digits) < 8:
+        return m.group(0)
+    return f"{digits[:4]}-****-{digits[-4:]}"
+
+
+def mask_identifiers(text: str) -> str:
+    """Numbers of 8 digits or more (ticket numbers, My Numbers, card ids) as
+    `1111-****-2345`; shorter numbers (a municipality code, a count) stay."""
+    return _LONG_DIGITS.sub(_mask_digits, text)
+
+
+def describe_record(record: dict[str, Any], *, show_data: bool = False) -> str:
+    """One line for a console: never personal data, only what identifies the read.
+    Identifiers in a scanned text are masked unless `show_data` (`--show-data`)."""
     data = record.get("data")
     data = data if isinstance(data, dict) else {}
     interp = data.get("interpretation")
@@ -577,6 +680,8 @@ def describe_record(record: dict[str, Any]) -> str:
     found = interp.get("problems")
     problems = ",".join(str(p) for p in found) if isinstance(found, list) else ""
     shown = "" if text is None or record.get("kind") != "barcode" else repr(text)
+    if shown and not show_data:
+        shown = mask_identifiers(shown)
     return " ".join(
         p
         for p in (
@@ -605,6 +710,11 @@ async def run_registry(
     batch_max_messages: int = 64,
     quiet: bool = False,
     heartbeat_s: float = 10.0,
+    blob_dir: Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    personal_retention_hours: float | None = 72.0,
+    show_data: bool = False,
 ) -> None:
     """The `madoguchi registry` command body: print each stored record until stopped.
 
@@ -614,7 +724,10 @@ async def run_registry(
 
     def printer(s: Stored) -> None:
         mark = "stored   " if s.new else "CONFLICT " if s.conflict else "duplicate"
-        print(f"{mark} {s.site}/{s.agent} {describe_record(s.record)}", flush=True)
+        print(
+            f"{mark} {s.site}/{s.agent} {describe_record(s.record, show_data=show_data)}",
+            flush=True,
+        )
 
     async with Registry(
         host,
@@ -628,6 +741,10 @@ async def run_registry(
         gap_timeout_s=gap_timeout_s,
         batch_max_messages=batch_max_messages,
         heartbeat_s=heartbeat_s,
+        blob_dir=blob_dir,
+        username=username,
+        password=password,
+        personal_retention_hours=personal_retention_hours,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         stopped = asyncio.create_task(stop.wait(), name="registry-stop")

@@ -263,3 +263,69 @@ def carry_alerted(
         i = _containing(spans, a, b)
         out.append((a, b, t, None if i is None else old[spans[i]]))
     return out
+
+
+# -- the sealed personal part (agent/personal_seal.py, docs/CONTRACT.md) ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SealedPersonal:
+    """A record's personal part as the registry keeps it: ciphertext only."""
+
+    record_id: str
+    site: str
+    agent: str
+    captured_at: str
+    envelope: dict[str, Any]
+    stored_at: float
+    handed_off_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalAccess:
+    """One line of the access log: who did what to which records, when (never the data)."""
+
+    at: float
+    who: str
+    action: str
+    record_ids: list[str]
+    detail: str
+
+
+def split_personal(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The record body to store, and its sealed personal part (kept apart, purged later).
+
+    A plain `data["personal"]` (a station without `outbox.registry_public_key`) is
+    dropped: the registry database never holds personal data in the clear.
+    """
+    data = record.get("data")
+    if not isinstance(data, dict) or ("personal" not in data and "personal_sealed" not in data):
+        return record, None
+    envelope = data.get("personal_sealed")
+    rest = {k: v for k, v in data.items() if k not in ("personal", "personal_sealed")}
+    return {**record, "data": rest}, envelope if isinstance(envelope, dict) else None
+
+
+class PersonalStore(Protocol):
+    """What the back-office hand-off and the retention purge need of a registry database.
+
+    Both backends implement it beside `RecordStore`. Every method that touches sealed
+    parts writes a `PersonalAccess` line in the same transaction.
+    """
+
+    async def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        """Sealed parts still kept, oldest first (those not handed off yet by default)."""
+        ...
+
+    async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        """Mark the records handed off and log who took them; one commit."""
+        ...
+
+    async def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        """Delete sealed parts stored more than `older_than_s` ago (and, with
+        `handed_off`, every one handed off); the ids purged, logged."""
+        ...
+
+    async def personal_access(self) -> list[PersonalAccess]: ...

@@ -35,7 +35,9 @@ from agent.central.store import (
     Conflict,
     DeadLetter,
     Gap,
+    PersonalAccess,
     Problems,
+    SealedPersonal,
     Stored,
     canonical,
     carry_alerted,
@@ -43,6 +45,7 @@ from agent.central.store import (
     log_gap_changes,
     plan_gaps,
     same_content,
+    split_personal,
     verify_blob,
 )
 from agent.errors import BlobMismatch, RegistryStoreError
@@ -92,6 +95,16 @@ _SCHEMA = [
         at double precision NOT NULL, PRIMARY KEY (record_id, digest)
     )""",
     "CREATE INDEX IF NOT EXISTS conflicts_at ON conflicts (at)",
+    """CREATE TABLE IF NOT EXISTS personal_sealed (
+        record_id text PRIMARY KEY, site text NOT NULL, agent text NOT NULL,
+        captured_at text NOT NULL, envelope json NOT NULL,
+        stored_at double precision NOT NULL, handed_off_at double precision
+    )""",
+    "CREATE INDEX IF NOT EXISTS personal_sealed_stored_at ON personal_sealed (stored_at)",
+    """CREATE TABLE IF NOT EXISTS personal_access (
+        at double precision NOT NULL, who text NOT NULL, action text NOT NULL,
+        record_ids json NOT NULL, detail text NOT NULL
+    )""",
 ]
 
 _CONFLICTS = """
@@ -208,6 +221,17 @@ class PostgresStore:
         max_seqs = {(str(r[0]), str(r[1])): int(r[2]) for r in await cur.fetchall()}
         first: dict[str, dict[str, Any]] = {}
         owner: dict[str, tuple[str, str]] = {}
+        sealed: dict[str, dict[str, Any]] = {}
+        split = []
+        for key, records in groups:  # the sealed personal part goes to its own table
+            bodies = []
+            for r in records:
+                body, envelope = split_personal(r)
+                bodies.append(body)
+                if envelope is not None and body["id"] not in sealed:
+                    sealed[body["id"]] = envelope
+            split.append((key, bodies))
+        groups = split
         for key, records in groups:
             for r in records:  # a re-send inside one commit is a duplicate, not a second row
                 if r["id"] not in first:
@@ -232,6 +256,22 @@ class PostgresStore:
         inserted = {str(row[0]) for row in await cur.fetchall()}
         known = await self._known(conn, groups, inserted, first)
         conflicts: list[tuple[str, str, str, str, str, str, str]] = []
+        kept = [rid for rid in sealed if rid in inserted]
+        if kept:
+            await conn.execute(
+                "INSERT INTO personal_sealed (record_id, site, agent, captured_at, envelope,"
+                " stored_at) SELECT u.id, u.site, u.agent, u.captured_at, u.envelope::json, %s"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " AS u(id, site, agent, captured_at, envelope) ON CONFLICT DO NOTHING",
+                (
+                    now,
+                    kept,
+                    [owner[rid][0] for rid in kept],
+                    [owner[rid][1] for rid in kept],
+                    [first[rid]["captured_at"] for rid in kept],
+                    [json.dumps(sealed[rid]) for rid in kept],
+                ),
+            )
         out: list[Stored] = []
         new_seqs: dict[tuple[str, str], list[int]] = {}
         clocks: dict[tuple[str, str], bool] = {}
@@ -243,9 +283,9 @@ class PostgresStore:
                     fsite, fagent, fbody = known[r["id"]]
                     if (fsite, fagent) != key or not same_content(fbody, r):
                         conflict = True
-                        body = canonical(r)
-                        digest = hashlib.sha256(body.encode()).hexdigest()
-                        conflicts.append((r["id"], digest, *key, fsite, fagent, body))
+                        content = canonical(r)
+                        digest = hashlib.sha256(content.encode()).hexdigest()
+                        conflicts.append((r["id"], digest, *key, fsite, fagent, content))
                 out.append(Stored(key[0], key[1], r, new, conflict))
                 if new:
                     new_seqs.setdefault(key, []).append(int(r["seq"]))
@@ -490,3 +530,83 @@ class PostgresStore:
         if row is None or row[0] != digest:
             raise BlobMismatch(f"blob {record_id}/{name} already stored with another hash")
         return False
+
+    # -- sealed personal parts ----------------------------------------------------------
+
+    async def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        where = "" if include_handed_off else " WHERE handed_off_at IS NULL"
+        rows = await self._query(
+            "SELECT record_id, site, agent, captured_at, envelope, stored_at, handed_off_at"
+            f" FROM personal_sealed{where} ORDER BY stored_at, record_id"
+        )
+        return [
+            SealedPersonal(str(i), str(s), str(a), str(c), e, float(t), h)
+            for i, s, a, c, e, t, h in rows
+        ]
+
+    async def _log_access(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        who: str,
+        action: str,
+        ids: Sequence[str],
+        detail: str,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO personal_access VALUES (%s, %s, %s, %s, %s)",
+            (time.time(), who, action, json.dumps(list(ids)), detail),
+        )
+
+    async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE personal_sealed SET handed_off_at = %s WHERE record_id = ANY(%s)",
+                    (time.time(), list(record_ids)),
+                )
+                await self._log_access(conn, who, "export", record_ids, detail)
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {e}") from e
+
+    async def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        """Delete and log in one commit, then VACUUM the table so that the dead rows'
+        space is reclaimed (docs/central.md: what VACUUM does not erase).
+
+        On a connection of its own: the registry runs it beside the consumer, whose
+        connection may be inside a store transaction at that moment."""
+        cutoff = time.time() - older_than_s
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"madoguchi-purge-{os.getpid()}"
+            )
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL {_dsn_for_log(self.dsn)}: {e}") from e
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "DELETE FROM personal_sealed WHERE stored_at <= %s"
+                    + (" OR handed_off_at IS NOT NULL" if handed_off else "")
+                    + " RETURNING record_id",
+                    (cutoff,),
+                )
+                ids = sorted(str(r[0]) for r in await cur.fetchall())
+                if ids:
+                    await self._log_access(
+                        conn, who, "purge", ids, f"older than {older_than_s:.0f} s"
+                    )
+            if ids:
+                await conn.execute("VACUUM personal_sealed")
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {e}") from e
+        finally:
+            await conn.close()
+        return ids
+
+    async def personal_access(self) -> list[PersonalAccess]:
+        rows = await self._query(
+            "SELECT at, who, action, record_ids, detail FROM personal_access ORDER BY at"
+        )
+        return [PersonalAccess(float(t), str(w), str(a), list(i), str(d)) for t, w, a, i, d in rows]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -29,7 +30,9 @@ from agent.central.store import (
     Conflict,
     DeadLetter,
     Gap,
+    PersonalAccess,
     Problems,
+    SealedPersonal,
     Stored,
     canonical,
     carry_alerted,
@@ -37,11 +40,14 @@ from agent.central.store import (
     log_gap_changes,
     plan_gaps,
     same_content,
+    split_personal,
     verify_blob,
 )
 from agent.errors import BlobMismatch, RegistryStoreError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -82,6 +88,16 @@ CREATE TABLE IF NOT EXISTS conflicts (
     PRIMARY KEY (record_id, digest)
 );
 CREATE INDEX IF NOT EXISTS conflicts_at ON conflicts(at);
+CREATE TABLE IF NOT EXISTS personal_sealed (
+    record_id TEXT PRIMARY KEY, site TEXT NOT NULL, agent TEXT NOT NULL,
+    captured_at TEXT NOT NULL, envelope TEXT NOT NULL, stored_at REAL NOT NULL,
+    handed_off_at REAL
+);
+CREATE INDEX IF NOT EXISTS personal_sealed_stored_at ON personal_sealed(stored_at);
+CREATE TABLE IF NOT EXISTS personal_access (
+    at REAL NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL, record_ids TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 """
 
 #: the database and the files SQLite keeps beside it: personal data, owner only
@@ -109,6 +125,9 @@ class RegistryStore:
             db.execute("PRAGMA busy_timeout=30000")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            # deleted content is overwritten with zeros, not left in free pages: a purged
+            # sealed personal part is gone from the file bytes (after a checkpoint, the WAL too)
+            db.execute("PRAGMA secure_delete=ON")
             db.executescript(_SCHEMA)
             self._private()
         except (OSError, sqlite3.Error) as e:
@@ -170,7 +189,8 @@ class RegistryStore:
         out = []
         new_seqs = []
         clock: int | None = None
-        for r in records:
+        for sent in records:
+            r, sealed = split_personal(sent)
             cur = db.execute(
                 # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation,
                 # and a record never stored would be acked as a duplicate
@@ -191,6 +211,11 @@ class RegistryStore:
             new = cur.rowcount == 1
             conflict = not new and self._conflict(site, agent, r, now)
             out.append(Stored(site, agent, r, new, conflict))
+            if new and sealed is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO personal_sealed VALUES (?,?,?,?,?,?,NULL)",
+                    (r["id"], site, agent, r["captured_at"], json.dumps(sealed), now),
+                )
             if new:
                 new_seqs.append(int(r["seq"]))
                 if isinstance(r.get("clock_synced"), bool):
@@ -406,6 +431,90 @@ class RegistryStore:
             raise RegistryStoreError(f"{self.path}: {e}") from e
         return True
 
+    # -- sealed personal parts ----------------------------------------------------------
+
+    def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        where = "" if include_handed_off else " WHERE handed_off_at IS NULL"
+        try:
+            rows = self.db.execute(
+                "SELECT record_id, site, agent, captured_at, envelope, stored_at, handed_off_at"
+                f" FROM personal_sealed{where} ORDER BY stored_at, record_id"
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return [
+            SealedPersonal(str(i), str(s), str(a), str(c), json.loads(e), float(t), h)
+            for i, s, a, c, e, t, h in rows
+        ]
+
+    def _log_access(self, who: str, action: str, ids: Sequence[str], detail: str) -> None:
+        self.db.execute(
+            "INSERT INTO personal_access VALUES (?,?,?,?,?)",
+            (time.time(), who, action, json.dumps(list(ids)), detail),
+        )
+
+    def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "UPDATE personal_sealed SET handed_off_at = ? WHERE record_id = ?",
+                    [(time.time(), rid) for rid in record_ids],
+                )
+                self._log_access(who, "export", record_ids, detail)
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+
+    def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        """Delete, log, commit, then checkpoint the WAL into the file and truncate it:
+        with `secure_delete` the ciphertext is then gone from both files' bytes."""
+        db = self.db
+        cutoff = time.time() - older_than_s
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "DELETE FROM personal_sealed WHERE stored_at <= ?"
+                    + (" OR handed_off_at IS NOT NULL" if handed_off else "")
+                    + " RETURNING record_id",
+                    (cutoff,),
+                ).fetchall()
+                ids = sorted(str(r[0]) for r in rows)
+                if ids:
+                    self._log_access(who, "purge", ids, f"older than {older_than_s:.0f} s")
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            if ids:
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy:
+                    log.warning(
+                        "%s: personal data purged, but a reader kept the WAL from being "
+                        "truncated; it is overwritten at the next checkpoint",
+                        self.path,
+                    )
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return ids
+
+    def personal_access(self) -> list[PersonalAccess]:
+        return [
+            PersonalAccess(float(t), str(w), str(a), json.loads(i), str(d))
+            for t, w, a, i, d in self.db.execute(
+                "SELECT at, who, action, record_ids, detail FROM personal_access ORDER BY rowid"
+            )
+        ]
+
 
 def _digest(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
@@ -477,3 +586,19 @@ class SqliteStore:
             sha256=sha256,
             data=data,
         )
+
+    async def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        return await self._run(self.sync.personal_pending, include_handed_off=include_handed_off)
+
+    async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        await self._run(self.sync.mark_handed_off, record_ids, who, detail)
+
+    async def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        return await self._run(
+            self.sync.purge_personal, older_than_s, who=who, handed_off=handed_off
+        )
+
+    async def personal_access(self) -> list[PersonalAccess]:
+        return await self._run(self.sync.personal_access)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
+from agent.personal_seal import PersonalSealer
 from agent.station.blobs import BlobStore
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
@@ -105,6 +106,11 @@ class StationApp:
         return await take_photo(self, device)
 
     async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.config.agent.remote_photo:  # a remote camera trigger is opt-in
+            return {
+                "ok": False,
+                "error": "remote photo is off on this station ([agent] remote_photo)",
+            }
         device = body.get("device")
         if device is not None and not isinstance(device, str):
             raise ValueError("device must be a string")
@@ -116,7 +122,14 @@ class StationApp:
         cfg = self.config
         station = self.station
         sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
-        async with Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, sealer=sealer) as outbox:
+        key = cfg.outbox.registry_public_key
+        to_registry = PersonalSealer.from_file(key) if key is not None else None
+        async with Outbox(
+            cfg.outbox_path,
+            max_bytes=cfg.outbox.max_bytes,
+            sealer=sealer,
+            personal_sealer=to_registry,
+        ) as outbox:
             self.outbox = station.outbox = outbox
             if outbox.recovered_from is not None:
                 station.alert(

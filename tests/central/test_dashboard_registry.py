@@ -19,14 +19,16 @@ import pytest
 from agent.central.dashboard import Dashboard, Fleet, Thresholds
 from agent.central.store import Conflict, DeadLetter, Problems
 from agent.testing import Broker, RegistryProcess, free_port
-from tests.support.central import running_dashboard
+from tests.support.central import DESK_TOKEN, authorized, desk_guard, running_dashboard
 
 PREFIX = "madoguchi/v1"
 SITE, AGENT = "toda-city-hall-2f", "station-66"
 
 
 def http_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=20) as res:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=authorized()), timeout=20
+    ) as res:
         return json.loads(res.read())
 
 
@@ -93,7 +95,14 @@ async def test_api_shows_dead_letters_then_registry_down_after_kill_9(
     reg.start()
     try:
         await asyncio.to_thread(reg.wait_ready)
-        dash = Dashboard("127.0.0.1", broker.port, db=db, http_port=free_port(), db_poll_s=0.2)
+        dash = Dashboard(
+            "127.0.0.1",
+            broker.port,
+            db=db,
+            http_port=free_port(),
+            db_poll_s=0.2,
+            guard=desk_guard(),
+        )
         async with running_dashboard(dash):
             url = f"http://127.0.0.1:{dash.http_port}/api/fleet"
             fleet = await _until(url, lambda r: r["consumers"])
@@ -122,13 +131,13 @@ async def test_the_page_shows_registry_down(broker: Broker, tmp_path: Path, brow
     reg.start()
     try:
         await asyncio.to_thread(reg.wait_ready)
-        dash = Dashboard("127.0.0.1", broker.port, http_port=free_port())
+        dash = Dashboard("127.0.0.1", broker.port, http_port=free_port(), guard=desk_guard())
         async with running_dashboard(dash):
             context = await browser.new_context()
             page = await context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+            await page.goto(f"http://127.0.0.1:{dash.http_port}/#token={DESK_TOKEN}")
             await expect(page.locator("#registry")).to_have_text("稼働 online (1)", timeout=15_000)
             reg.kill9()
             await expect(page.locator("#registry")).to_have_text("停止 down", timeout=15_000)
