@@ -575,3 +575,22 @@ async def test_a_shared_consumer_named_after_its_pid_leaves_no_retained_status(
         assert online and {payload(m)["state"] for m in online} == {"online"}
     # a clean stop: offline said, then the retained status cleared (a restart has a new name)
     assert await mqtt_collect(broker.port, f"{PREFIX}/_registry/+/status", 0.5) == []
+
+
+@pytest.mark.broker
+async def test_a_dead_letter_keeps_no_payload_that_names_a_personal_part(
+    broker: Broker, tmp_path: Path
+) -> None:
+    db = tmp_path / "registry.db"
+    bad = {**record(1), "seq": 2**63, "data": {"personal": {"name": "山田太郎"}}}
+    reg = Registry("127.0.0.1", broker.port, db)
+    async with running(reg), aiomqtt.Client("127.0.0.1", broker.port) as station:
+        await station.publish(_topic(BAD_SITE, BAD), envelope(BAD_SITE, BAD, [bad]), qos=1)
+        await station.publish(_topic(BAD_SITE, BAD), b"[" * 100, qos=1)
+        while reg.dead_letters < 2:
+            await asyncio.sleep(0.05)
+        letters = (await reg.store.problems()).recent_dead_letters
+    assert [d.payload for d in letters] == [b"[" * 100, b""]
+    assert "seq over" in letters[1].reason
+    for f in tmp_path.glob("registry.db*"):
+        assert "山田太郎".encode() not in f.read_bytes()

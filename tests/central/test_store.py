@@ -260,3 +260,16 @@ def test_registry_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
         p.relative_to(tmp_path).as_posix(): 0o700 for p in dirs
     }
     assert blobs.final_path(SITE, AGENT, rid).read_bytes() == b"abc"
+
+
+async def test_a_conflict_keeps_no_personal_part(store: RecordStore) -> None:
+    """The conflicts table is compared and kept without `data.personal`: never in the clear."""
+    first = {**record(1), "data": {"text": "a", "personal": {"name": "山田太郎"}}}
+    second = {**first, "data": {"text": "b", "personal": {"name": "山田花子"}}}
+    await store.store([Batch(SITE, AGENT, [first])])
+    [dup] = await store.store([Batch(SITE, AGENT, [{**first, "data": {"text": "a"}}])])
+    assert not dup.conflict  # the same record without the personal part: a duplicate
+    [clash] = await store.store([Batch(SITE, AGENT, [second])])
+    assert clash.conflict
+    [kept] = (await store.problems()).recent_conflicts
+    assert "山田" not in kept.body and "personal" not in kept.body
