@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.contract.topics import DEFAULT_PREFIX
+from agent.contract.topics import DEFAULT_PREFIX, REGISTRY_SITE
 from agent.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
@@ -62,6 +62,14 @@ class AgentSection(Strict):
         description="Answer the remote command cmd/capture_photo (a camera trigger from the "
         "dashboard). Off: refused; the kiosk's own photo button works either way.",
     )
+
+    @field_validator("site")
+    @classmethod
+    def _not_the_registry_s(cls, v: str) -> str:
+        """`_registry` is the site level of the registry consumers' own status topics."""
+        if v == REGISTRY_SITE:
+            raise ValueError(f"{v!r} is reserved for the registry's own topics")
+        return v
 
 
 class MqttSection(Strict):

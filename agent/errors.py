@@ -27,7 +27,9 @@ message names the file, key, device or server so the person reading it can act.
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
 (a ValueError), because the contract imports nothing but the standard library; the
-station and the registry catch it where they parse a message. `NoService` in
+station and the registry catch it where they parse a message. Its one subclass,
+`agent.contract.validate.RecordError`, is a `records` message or record refused by the
+registry (then dead-lettered). `NoService` in
 agent/drivers/scard.py is a signal between the pyscard boundary and the driver thread
 (pcscd went away), never raised past the driver.
 """

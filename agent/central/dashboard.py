@@ -37,7 +37,7 @@ import aiomqtt
 from agent._aio import NO_DELAY, Backoff, asgi_server
 from agent.central.audit import AuditLog
 from agent.central.dashboard_guard import DashboardGuard, DashboardGuardMiddleware
-from agent.central.store import AgentSummary, Gap, RecordStore
+from agent.central.store import AgentSummary, Gap, Problems, RecordStore
 from agent.central.stores import open_store
 from agent.contract.messages import Command
 from agent.contract.topics import DEFAULT_PREFIX, Topics
@@ -77,6 +77,19 @@ class Thresholds:
     nearly_full_ratio: float = 0.8  # outbox bytes over max_bytes
     gap_timeout_s: float = 300.0  # a seq gap open longer than this
     keep_events_s: float = 3600.0  # agent-raised alerts (expired lot ...) stay this long
+    registry_missed_beats: float = 3.0  # registry down: no heartbeat for this many periods
+
+
+@dataclass(slots=True)
+class RegistryView:
+    """One registry consumer, from its retained `_registry/{name}/status`."""
+
+    name: str
+    state: str = "unknown"  # online | offline
+    session: int = 0
+    last_seen: float | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    changed_at: float = 0.0
 
 
 class Fleet:
@@ -86,6 +99,109 @@ class Fleet:
         self.t = thresholds or Thresholds()
         self.stations: dict[tuple[str, str], StationView] = {}
         self.per_minute: list[int] = []
+        self.registries: dict[str, RegistryView] = {}
+        self.problems: Problems | None = None
+
+    def on_registry_status(self, name: str, body: dict[str, Any], now: float) -> None:
+        """A consumer's status: a will older than its last online session is stale."""
+        session = body.get("session")
+        state = body.get("state")
+        if not isinstance(session, int) or state not in ("online", "offline"):
+            return
+        view = self.registries.setdefault(name, RegistryView(name))
+        if session < view.session:
+            return
+        view.state, view.session, view.status = str(state), session, body
+        view.changed_at = now
+        if state == "online":
+            view.last_seen = now
+
+    def on_problems(self, problems: Problems) -> None:
+        self.problems = problems
+
+    def registry_alerts(self, now: float) -> list[dict[str, Any]]:
+        """Registry down (no consumer online, or heartbeats missed), behind (lag), and
+        records it refused (dead letters) or found conflicting, in the last hour."""
+        out: list[dict[str, Any]] = []
+        live = []
+        self._forget_old_consumers(now)
+        for r in sorted(self.registries.values(), key=lambda r: r.name):
+            beat = r.status.get("heartbeat_s")
+            beat_s = float(beat) if isinstance(beat, int | float) and beat > 0 else 10.0
+            silent = (
+                r.last_seen is None or now - r.last_seen > self.t.registry_missed_beats * beat_s
+            )
+            if r.state == "online" and not silent:
+                live.append(r)
+        if self.registries and not live:
+            down = [r for r in self.registries.values() if r.state == "offline"]
+            detail = str(down[0].status.get("reason", "offline")) if down else "no heartbeat"
+            out.append({"type": "registry_down", "level": "error", "detail": detail})
+        lag = max(
+            (float(v) for r in live if isinstance(v := r.status.get("lag_s"), int | float)),
+            default=0.0,
+        )
+        for st in self.stations.values():
+            age = ((st.telemetry or st.status).get("outbox") or {}).get("oldest_unconfirmed_age_s")
+            if st.state == "online" and isinstance(age, int | float):
+                lag = max(lag, float(age))
+        if live and lag >= self.t.stuck_after_s:
+            out.append({"type": "registry_behind", "level": "warn", "detail": f"{lag:.0f} s"})
+        p = self.problems
+        if p is not None:
+            recent = [d for d in p.recent_dead_letters if now - d.at <= self.t.keep_events_s]
+            if recent:
+                out.append(
+                    {
+                        "type": "dead_letters",
+                        "level": "error",
+                        "detail": f"{len(recent)} in the last hour ({p.dead_letters} in all):"
+                        f" {recent[0].reason[:120]}",
+                    }
+                )
+            clashes = [c for c in p.recent_conflicts if now - c.at <= self.t.keep_events_s]
+            if clashes:
+                c = clashes[0]
+                out.append(
+                    {
+                        "type": "conflicts",
+                        "level": "error",
+                        "detail": f"{len(clashes)} in the last hour ({p.conflicts} in all):"
+                        f" {c.site}/{c.agent} record {c.record_id}",
+                    }
+                )
+        return out
+
+    def _forget_old_consumers(self, now: float) -> None:
+        """Consumers named after their pid come and go: one offline for longer than
+        `keep_events_s` is forgotten while another is online."""
+        online = any(r.state == "online" for r in self.registries.values())
+        if not online:
+            return
+        for name, r in list(self.registries.items()):
+            if r.state == "offline" and now - r.changed_at > self.t.keep_events_s:
+                del self.registries[name]
+
+    def registry_snapshot(self, now: float) -> dict[str, Any]:
+        self._forget_old_consumers(now)
+        p = self.problems
+        return {
+            "consumers": [
+                {
+                    "name": r.name,
+                    "state": r.state,
+                    "last_seen_age_s": None if r.last_seen is None else now - r.last_seen,
+                    **{
+                        k: r.status.get(k)
+                        for k in ("lag_s", "stored", "duplicates", "conflicts", "dead_letters")
+                    },
+                }
+                for r in sorted(self.registries.values(), key=lambda r: r.name)
+            ],
+            "dead_letters": None if p is None else p.dead_letters,
+            "conflicts": None if p is None else p.conflicts,
+            "alerts": self.registry_alerts(now),
+        }
 
     def _station(self, site: str, agent: str) -> StationView:
         key = (site, agent)
@@ -229,6 +345,7 @@ class Fleet:
             "now": now,
             "sites": [{"site": s, "stations": rows} for s, rows in sorted(sites.items())],
             "per_minute": self.per_minute,
+            "registry": self.registry_snapshot(now),
         }
 
 
@@ -323,9 +440,16 @@ class Dashboard:
 
     def on_message(self, topic: str, payload: Any, now: float) -> None:
         where = self.topics.parse(topic)
-        if where is None or where.kind not in ("status", "telemetry", "cmd_result"):
+        if where is None or where.kind not in (
+            "status",
+            "telemetry",
+            "cmd_result",
+            "registry_status",
+        ):
             return
         site, agent = where.site, where.agent
+        if where.kind == "registry_status" and not payload:
+            return  # a consumer cleared its retained status at a clean stop
         try:
             body = json.loads(payload)
         except (ValueError, TypeError):
@@ -333,7 +457,9 @@ class Dashboard:
             return
         if not isinstance(body, dict):
             return
-        if where.kind == "status":
+        if where.kind == "registry_status":
+            self.fleet.on_registry_status(agent, body, now)
+        elif where.kind == "status":
             self.fleet.on_status(site, agent, body, now)
         elif where.kind == "telemetry":
             self.fleet.on_telemetry(site, agent, body, now)
@@ -411,6 +537,7 @@ class Dashboard:
                     agents = await store.agents(self.chart_minutes)
                     gaps = await store.open_gaps()
                     self.fleet.on_registry(agents, gaps)
+                    self.fleet.on_problems(await store.problems())
                 except RegistryStoreError as e:
                     log.warning("dashboard: registry database: %s", e)
                 await asyncio.sleep(self.db_poll_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,8 @@ class Stored:
     agent: str
     record: dict[str, Any]
     new: bool
+    conflict: bool = False
+    """A known id with other content: kept in `conflicts`, the first content stays."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,66 @@ class Batch:
     site: str
     agent: str
     records: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message (or one record of it) the registry refused: never stored, never acked.
+
+    `payload` is the start of the bytes only (`DEAD_LETTER_PAYLOAD_BYTES`); `site` and
+    `agent` are the topic's, empty when the topic itself was not the contract's.
+    """
+
+    topic: str
+    reason: str
+    payload: bytes
+    at: float
+    site: str = ""
+    agent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A second record with a known id and different content (the first one stays)."""
+
+    record_id: str
+    site: str
+    agent: str
+    first_site: str
+    first_agent: str
+    body: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Problems:
+    """What the dashboard shows of refused and conflicting records: counts, the latest."""
+
+    dead_letters: int
+    conflicts: int
+    recent_dead_letters: list[DeadLetter] = field(default_factory=list)
+    recent_conflicts: list[Conflict] = field(default_factory=list)
+
+
+#: the dead-letter table keeps this many rows (the oldest go first)
+DEAD_LETTER_ROWS = 10_000
+#: bytes of a refused payload kept in the dead-letter table
+DEAD_LETTER_PAYLOAD_BYTES = 1024
+#: conflicting contents kept per record id
+CONFLICTS_PER_ID = 16
+
+
+def canonical(record: dict[str, Any]) -> str:
+    """A record's content as one text, to tell a duplicate from a conflict."""
+    return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def same_content(stored_body: str, record: dict[str, Any]) -> bool:
+    """Whether a stored body (JSON text) is the record: a re-send, not a conflict."""
+    try:
+        return canonical(json.loads(stored_body)) == canonical(record)
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -110,6 +173,14 @@ class RecordStore(Protocol):
         not hash to `sha256` (hex), or if (record_id, name) is already stored
         with a different hash. Commits before returning: ack the blob after.
         """
+        ...
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep refused messages (bounded to `DEAD_LETTER_ROWS`, oldest dropped)."""
+        ...
+
+    async def problems(self, recent: int = 20) -> Problems:
+        """Counts of dead letters and conflicts, and the latest `recent` of each."""
         ...
 
 

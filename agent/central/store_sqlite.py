@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -20,16 +22,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.central.store import (
+    CONFLICTS_PER_ID,
+    DEAD_LETTER_PAYLOAD_BYTES,
+    DEAD_LETTER_ROWS,
     AgentSummary,
     Batch,
+    Conflict,
+    DeadLetter,
     Gap,
     PersonalAccess,
+    Problems,
     SealedPersonal,
     Stored,
+    canonical,
     carry_alerted,
     group_batches,
     log_gap_changes,
     plan_gaps,
+    same_content,
     split_personal,
     verify_blob,
 )
@@ -68,6 +78,16 @@ CREATE TABLE IF NOT EXISTS blobs (
     content_type TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
     data BLOB NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (record_id, name)
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, topic TEXT NOT NULL,
+    site TEXT NOT NULL, agent TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    record_id TEXT NOT NULL, digest TEXT NOT NULL, site TEXT NOT NULL, agent TEXT NOT NULL,
+    first_site TEXT NOT NULL, first_agent TEXT NOT NULL, body TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (record_id, digest)
+);
+CREATE INDEX IF NOT EXISTS conflicts_at ON conflicts(at);
 CREATE TABLE IF NOT EXISTS personal_sealed (
     record_id TEXT PRIMARY KEY, site TEXT NOT NULL, agent TEXT NOT NULL,
     captured_at TEXT NOT NULL, envelope TEXT NOT NULL, stored_at REAL NOT NULL,
@@ -79,6 +99,9 @@ CREATE TABLE IF NOT EXISTS personal_access (
     detail TEXT NOT NULL
 );
 """
+
+#: the database and the files SQLite keeps beside it: personal data, owner only
+_FILES = ("", "-wal", "-shm", "-journal")
 
 
 class RegistryStore:
@@ -94,15 +117,30 @@ class RegistryStore:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        db.execute("PRAGMA busy_timeout=30000")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        # deleted content is overwritten with zeros, not left in free pages: a purged
-        # sealed personal part is gone from the file bytes (after a checkpoint, the WAL too)
-        db.execute("PRAGMA secure_delete=ON")
-        db.executescript(_SCHEMA)
+        try:
+            # 0600 before SQLite opens it: SQLite gives its -wal and -shm the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._private()
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            # deleted content is overwritten with zeros, not left in free pages: a purged
+            # sealed personal part is gone from the file bytes (after a checkpoint, the WAL too)
+            db.execute("PRAGMA secure_delete=ON")
+            db.executescript(_SCHEMA)
+            self._private()
+        except (OSError, sqlite3.Error) as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
         self._db = db
+
+    def _private(self) -> None:
+        """The database, its WAL and SHM 0600 (an older registry made them 0644)."""
+        for suffix in _FILES:
+            f = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if f.stat().st_mode & 0o777 != 0o600:
+                    os.chmod(f, 0o600)
 
     def close(self) -> None:
         if self._db is not None:
@@ -134,8 +172,9 @@ class RegistryStore:
         except BaseException as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            if isinstance(e, sqlite3.Error):
-                raise RegistryStoreError(f"{self.path}: {e}") from e
+            if isinstance(e, sqlite3.Error | ValueError | TypeError | OverflowError):
+                # ValueError ...: what sqlite3 raises binding a value it cannot store
+                raise RegistryStoreError(f"{self.path}: {type(e).__name__}: {e}") from e
             raise
         return out
 
@@ -153,7 +192,9 @@ class RegistryStore:
         for sent in records:
             r, sealed = split_personal(sent)
             cur = db.execute(
-                "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?)",
+                # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation,
+                # and a record never stored would be acked as a duplicate
+                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
                 (
                     r["id"],
                     site,
@@ -162,13 +203,14 @@ class RegistryStore:
                     r["captured_at"],
                     r["device"],
                     r["kind"],
-                    r.get("source", "device"),
+                    r.get("source") or "device",
                     json.dumps(r, ensure_ascii=False),
                     now,
                 ),
             )
             new = cur.rowcount == 1
-            out.append(Stored(site, agent, r, new))
+            conflict = not new and self._conflict(site, agent, r, now)
+            out.append(Stored(site, agent, r, new, conflict))
             if new and sealed is not None:
                 db.execute(
                     "INSERT OR IGNORE INTO personal_sealed VALUES (?,?,?,?,?,?,NULL)",
@@ -212,6 +254,84 @@ class RegistryStore:
             (site, agent, max_seq, len(new_seqs), now, clock),
         )
         return out
+
+    def _conflict(self, site: str, agent: str, r: dict[str, Any], now: float) -> bool:
+        """A known id: a duplicate if the content is the same, else kept as a conflict."""
+        row = self.db.execute(
+            "SELECT site, agent, body FROM records WHERE id = ?", (r["id"],)
+        ).fetchone()
+        if row is None or ((row[0], row[1]) == (site, agent) and same_content(row[2], r)):
+            return False
+        body = canonical(r)
+        n = self.db.execute(
+            "SELECT count(*) FROM conflicts WHERE record_id = ?", (r["id"],)
+        ).fetchone()[0]
+        if int(n) < CONFLICTS_PER_ID:
+            self.db.execute(
+                "INSERT OR IGNORE INTO conflicts VALUES (?,?,?,?,?,?,?,?)",
+                (r["id"], _digest(body), site, agent, row[0], row[1], body, now),
+            )
+        return True
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep refused messages, the newest `DEAD_LETTER_ROWS`; one transaction."""
+        if not letters:
+            return
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO dead_letters (at, topic, site, agent, reason, payload)"
+                    " VALUES (?,?,?,?,?,?)",
+                    [
+                        (
+                            d.at,
+                            d.topic,
+                            d.site,
+                            d.agent,
+                            d.reason,
+                            bytes(d.payload[:DEAD_LETTER_PAYLOAD_BYTES]),
+                        )
+                        for d in letters
+                    ],
+                )
+                db.execute(
+                    "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
+                    (DEAD_LETTER_ROWS,),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, ValueError) as e:
+            raise RegistryStoreError(f"{self.path}: dead letters: {e}") from e
+
+    def problems(self, recent: int = 20) -> Problems:
+        db = self.db
+        try:
+            dead = int(db.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0])
+            conflicts = int(db.execute("SELECT count(*) FROM conflicts").fetchone()[0])
+            letters = [
+                DeadLetter(str(t), str(r), bytes(p), float(at), str(s), str(a))
+                for at, t, s, a, r, p in db.execute(
+                    "SELECT at, topic, site, agent, reason, payload FROM dead_letters"
+                    " ORDER BY id DESC LIMIT ?",
+                    (recent,),
+                )
+            ]
+            rows = [
+                Conflict(str(i), str(s), str(a), str(fs), str(fa), str(b), float(at))
+                for i, s, a, fs, fa, b, at in db.execute(
+                    "SELECT record_id, site, agent, first_site, first_agent, body, at"
+                    " FROM conflicts ORDER BY at DESC LIMIT ?",
+                    (recent,),
+                )
+            ]
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return Problems(dead, conflicts, letters, rows)
 
     def gaps(self) -> list[tuple[str, str, int, int]]:
         return [
@@ -396,6 +516,10 @@ class RegistryStore:
         ]
 
 
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
 class SqliteStore:
     """`RecordStore` on SQLite: `RegistryStore` on one dedicated thread."""
 
@@ -434,6 +558,12 @@ class SqliteStore:
 
     async def agents(self, minutes: int = 30) -> list[AgentSummary]:
         return await self._run(self.sync.agents, minutes)
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        await self._run(self.sync.dead_letter, letters)
+
+    async def problems(self, recent: int = 20) -> Problems:
+        return await self._run(self.sync.problems, recent)
 
     async def store_blob(
         self,

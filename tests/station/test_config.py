@@ -175,3 +175,13 @@ def test_kiosk_label_and_role(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "label" in str(e.value)
+
+
+def test_the_registry_s_site_level_is_no_station_s(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(GOOD.replace('site = "toda-city-hall-1f"', 'site = "_registry"'))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == [
+        f"{p}: agent.site: Value error, '_registry' is reserved for the registry's own topics"
+    ]
