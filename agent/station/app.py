@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
-from agent.personal_seal import PersonalSealer
 from agent.station.blobs import BlobStore
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
@@ -123,7 +122,11 @@ class StationApp:
         station = self.station
         sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
         key = cfg.outbox.registry_public_key
-        to_registry = PersonalSealer.from_file(key) if key is not None else None
+        to_registry = None
+        if key is not None:  # cryptography only on a station that stores personal data
+            from agent.personal_seal import PersonalSealer
+
+            to_registry = PersonalSealer.from_file(key)
         async with Outbox(
             cfg.outbox_path,
             max_bytes=cfg.outbox.max_bytes,

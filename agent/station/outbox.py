@@ -24,12 +24,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from agent.contract.records import Read, Record, iso_ms, uuid7
 from agent.errors import OutboxError, OutboxFull
-from agent.personal_seal import PersonalSealer
 from agent.station.sealing import Sealer
+
+if TYPE_CHECKING:  # cryptography is loaded only where personal data is stored
+    from agent.personal_seal import PersonalSealer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
