@@ -21,11 +21,16 @@ message names the file, key, device or server so the person reading it can act.
     ├── RegistryStoreError     the registry database failed; nothing was committed
     ├── BlobMismatch           blob bytes that do not hash to their announced sha256
     ├── BlobError              (also ValueError) a blob message that cannot be used
+    ├── DashboardAuthError     the dashboard's token file is missing, empty or weak
+    ├── AuditError             the dashboard's audit log could not be written or read
+    ├── PersonalSealError      (also ValueError) a sealed personal part that cannot be opened
     └── HarnessError           agent.testing could not start a part (mosquitto, registry)
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
 (a ValueError), because the contract imports nothing but the standard library; the
-station and the registry catch it where they parse a message. `NoService` in
+station and the registry catch it where they parse a message. Its one subclass,
+`agent.contract.validate.RecordError`, is a `records` message or record refused by the
+registry (then dead-lettered). `NoService` in
 agent/drivers/scard.py is a signal between the pyscard boundary and the driver thread
 (pcscd went away), never raised past the driver.
 """
@@ -143,3 +148,20 @@ class BlobError(MadoguchiError, ValueError):
 class HarnessError(MadoguchiError):
     """A real part of the test harness (mosquitto, an agent or registry process) did not
     start or did not get ready; the message holds what it said."""
+
+
+# -- central: dashboard security (agent/central/dashboard_guard.py, audit.py) -------------
+
+
+class DashboardAuthError(MadoguchiError):
+    """The dashboard's token file is missing, empty or holds a token too short."""
+
+
+class AuditError(MadoguchiError):
+    """The dashboard's audit log could not be written (no command is sent then) or read."""
+
+
+class PersonalSealError(MadoguchiError, ValueError):
+    """A sealed personal part (`data["personal_sealed"]`) is malformed, or cannot be
+    opened: wrong private key, tampered ciphertext, or sealed for another record id.
+    The message names the record and the reason, never the content."""

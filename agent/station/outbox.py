@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from agent._aio import Backoff
 from agent.contract.records import Read, Record, iso_ms, uuid7
@@ -42,8 +42,15 @@ from agent.station import counters
 from agent.station.salvage import COLUMNS, Salvaged, salvage
 from agent.station.sealing import Sealer
 
+if TYPE_CHECKING:  # cryptography is loaded only where personal data is stored
+    from agent.personal_seal import PersonalSealer
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_TO_REGISTRY = "sealed_to_registry"
+"""At rest, a personal part already sealed to the registry is `{_TO_REGISTRY: envelope}`
+(under the outbox key too); a card's personal part never has that single key."""
 
 PENDING, SENT, CONFIRMED = 0, 1, 2
 
@@ -114,6 +121,7 @@ class Outbox:
         sealer: Sealer | None = None,
         clock: Callable[[], float] = time.time,
         integrity_check_interval_s: float | None = None,
+        personal_sealer: PersonalSealer | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -130,6 +138,9 @@ class Outbox:
         self._checker: asyncio.Task[None] | None = None
         self._alerts: list[dict[str, Any]] = []
         self._sealer = sealer
+        # seals `personal` to the registry's key once, at the commit (the record id is
+        # its associated data): every re-send carries the same ciphertext
+        self._personal_sealer = personal_sealer
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -563,8 +574,13 @@ class Outbox:
             used += size
             seq += 1
             rid = str(uuid7(int(now * 1000)))
+            to_registry: dict[str, Any] | None = None
             if read.personal is not None and self._sealer is not None:
-                plain = json.dumps(read.personal, ensure_ascii=False).encode()
+                at_rest: Any = read.personal
+                if self._personal_sealer is not None:
+                    to_registry = self._personal_sealer.seal(rid, read.personal)
+                    at_rest = {_TO_REGISTRY: to_registry}
+                plain = json.dumps(at_rest, ensure_ascii=False).encode()
                 sealed = self._sealer.seal(plain, aad=rid.encode())
             captured = iso_ms(read.captured_at)
             rows.append(
@@ -592,10 +608,11 @@ class Outbox:
                     read.kind,
                     read.source,
                     read.data,
-                    read.personal,
+                    read.personal if to_registry is None else None,
                     item.operator,
                     read.clock_synced,
                     data_json=data,
+                    personal_sealed=to_registry,
                 )
             )
         if not rows:
@@ -660,6 +677,9 @@ class Outbox:
                     "outbox.key_file is configured"
                 )
             personal = json.loads(self._sealer.open(sealed, aad=rid.encode()))
+        to_registry = None
+        if isinstance(personal, dict) and list(personal) == [_TO_REGISTRY]:
+            to_registry, personal = personal[_TO_REGISTRY], None
         return Record(
             rid,
             seq,
@@ -672,6 +692,7 @@ class Outbox:
             operator,
             None if synced is None else bool(synced),
             data_json=data,
+            personal_sealed=to_registry,
         )
 
     async def _bookkeeping(self, fn: Callable[..., T], *args: Any) -> T:

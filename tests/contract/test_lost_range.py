@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from agent.contract.validate import check_record, lost_range
 
-BASE = {"id": "x", "seq": 10, "captured_at": "t", "device": "outbox", "kind": "lost_range"}
+BASE = {
+    "id": "01a234d5-9fd5-7cfc-ad45-c7c7b34374fa",
+    "seq": 10,
+    "captured_at": "2026-12-02T03:40:46.120Z",
+    "device": "outbox",
+    "kind": "lost_range",
+    "source": "agent",
+}
 
 
 def test_a_good_range_and_the_bad_ones() -> None:
