@@ -119,6 +119,13 @@ class OutboxSection(Strict):
         description="32-byte AES key (mode 0600) that encrypts personal data at rest; "
         "required when a device stores personal data.",
     )
+    integrity_check_interval_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Run a quick integrity check of the outbox this often, on a read "
+        "connection of its own (scans are not stalled); a damaged database is moved aside "
+        "and salvaged. 0 turns it off.",
+    )
     registry_public_key: Path | None = Field(
         default=None,
         description="The registry's X25519 public key (PEM, from `madoguchi registry keygen`): "

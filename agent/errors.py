@@ -7,7 +7,8 @@ message names the file, key, device or server so the person reading it can act.
     MadoguchiError
     ├── ConfigError            configuration or device profile; .problems = ["file: key: reason"]
     ├── OutboxError            the outbox database could not do what was asked
-    │   └── OutboxFull         max_bytes reached: the new record is refused (NAK)
+    │   ├── OutboxFull         max_bytes reached: the new record is refused (NAK)
+    │   └── OutboxDiskFull     the filesystem is full (ENOSPC, SQLITE_FULL): a state, not a crash
     ├── UplinkError            the broker could not be reached or refused us
     ├── DeviceError            a device failed; the message starts with the device name
     │   ├── DeviceUnavailable  not there (unplugged, port missing): retry later
@@ -58,6 +59,11 @@ class OutboxError(MadoguchiError):
 
 class OutboxFull(OutboxError):
     """The outbox reached `max_bytes`: the new record is refused, nothing old is dropped."""
+
+
+class OutboxDiskFull(OutboxError):
+    """The filesystem under the outbox is full: an append is refused (NAK), bookkeeping
+    is retried with backoff, and the station shows `disk_full` until a write succeeds."""
 
 
 class UplinkError(MadoguchiError):

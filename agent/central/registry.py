@@ -61,7 +61,7 @@ from agent.contract.blobs import missing_request
 from agent.contract.messages import Ack
 from agent.contract.records import iso_ms, utc_now
 from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics, registry_name
-from agent.contract.validate import RecordError, load_json, parse_records
+from agent.contract.validate import LOST_RANGE, RecordError, load_json, lost_range, parse_records
 from agent.errors import BlobError, BlobMismatch, RegistryStoreError
 from agent.personal_seal import parse_envelope
 
@@ -162,6 +162,8 @@ class Registry:
         self._client_now: aiomqtt.Client | None = None
         self._busy_since: float | None = None  # when the batch being stored was taken
         self.alerts: list[Gap] = []
+        #: `lost_range` records received (docs/CONTRACT.md "lost-range record")
+        self.lost_ranges: list[Gap] = []
         # photos: chunks put together in files, then stored once in the record store;
         # a photo record is acked only when its blob is stored
         if blob_dir is None:
@@ -443,6 +445,8 @@ class Registry:
         for s in stored:
             if s.new:
                 self.stored_new += 1
+                if s.record.get("kind") == LOST_RANGE:
+                    self._lost_range_alert(s)
             elif s.conflict:
                 self.conflicts += 1
                 log.warning(
@@ -468,6 +472,23 @@ class Registry:
                 for (site, agent), agent_ids in ids.items()
             )
         )
+
+    def _lost_range_alert(self, s: Stored) -> None:
+        """A station reported seqs it could not read from a damaged outbox: stored like
+        any record, and an alert at once (no gap timeout: the station knows they are gone)."""
+        first, last = lost_range(s.record)
+        log.warning(
+            "ALERT %s/%s lost seq %d..%d (%d record(s)) to a damaged outbox",
+            s.site,
+            s.agent,
+            first,
+            last,
+            last - first + 1,
+        )
+        gap = Gap(s.site, s.agent, first, last, time.time())
+        self.lost_ranges.append(gap)
+        if self.on_alert is not None:
+            self.on_alert(gap)
 
     def _parse(
         self, where: Topic, message: aiomqtt.Message, letters: list[DeadLetter]

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.contract.validate import LOST_RANGE, lost_range
 from agent.errors import BlobMismatch
 
 log = logging.getLogger(__name__)
@@ -329,3 +330,16 @@ class PersonalStore(Protocol):
         ...
 
     async def personal_access(self) -> list[PersonalAccess]: ...
+
+
+def accounted_for(record: dict[str, Any]) -> list[int]:
+    """The seqs a `lost_range` record names (docs/CONTRACT.md "lost-range record"): the
+    station says they are gone, so they close a gap as arriving seqs do, and the alert
+    is the lost range's own, raised at once, not a gap's after `gap_timeout_s`."""
+    if record.get("kind") != LOST_RANGE:
+        return []
+    try:
+        first, last = lost_range(record)
+    except ValueError:
+        return []
+    return list(range(first, last + 1))

@@ -39,6 +39,7 @@ from agent.central.store import (
     Problems,
     SealedPersonal,
     Stored,
+    accounted_for,
     canonical,
     carry_alerted,
     group_batches,
@@ -274,6 +275,7 @@ class PostgresStore:
             )
         out: list[Stored] = []
         new_seqs: dict[tuple[str, str], list[int]] = {}
+        accounted: dict[tuple[str, str], list[int]] = {}  # seqs named by lost_range records
         clocks: dict[tuple[str, str], bool] = {}
         for key, records in groups:
             for r in records:
@@ -289,6 +291,7 @@ class PostgresStore:
                 out.append(Stored(key[0], key[1], r, new, conflict))
                 if new:
                     new_seqs.setdefault(key, []).append(int(r["seq"]))
+                    accounted.setdefault(key, []).extend(accounted_for(r))
                     if isinstance(r.get("clock_synced"), bool):
                         clocks[key] = r["clock_synced"]
         if conflicts:
@@ -327,7 +330,8 @@ class PostgresStore:
         for key in touched:
             rows = old_gaps.get(key, [])
             old = sorted((a, b, t) for a, b, t, _ in rows)
-            gaps, top = plan_gaps(old, max_seqs.get(key, 0), new_seqs[key], now)
+            seen = new_seqs[key] + accounted.get(key, [])
+            gaps, top = plan_gaps(old, max_seqs.get(key, 0), seen, now)
             if gaps != old:
                 log_gap_changes(key[0], key[1], old, gaps)
                 rewrite.append(key)

@@ -34,6 +34,7 @@ from agent.central.store import (
     Problems,
     SealedPersonal,
     Stored,
+    accounted_for,
     canonical,
     carry_alerted,
     group_batches,
@@ -188,6 +189,7 @@ class RegistryStore:
         max_seq = 0 if row is None else int(row[0])
         out = []
         new_seqs = []
+        accounted: list[int] = []  # seqs named by lost_range records
         clock: int | None = None
         for sent in records:
             r, sealed = split_personal(sent)
@@ -218,13 +220,15 @@ class RegistryStore:
                 )
             if new:
                 new_seqs.append(int(r["seq"]))
+                accounted += accounted_for(r)
                 if isinstance(r.get("clock_synced"), bool):
                     clock = int(r["clock_synced"])
         if not new_seqs:
             return out
         # only the gaps these seqs can fall in (gaps are disjoint): two index ranges
         # on the primary key, so a commit costs what it touches, however many are open
-        lo, hi = min(new_seqs), max(new_seqs)
+        seen = new_seqs + accounted
+        lo, hi = min(seen), max(seen)
         rows = db.execute(
             "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = ? AND agent = ?"
             " AND first BETWEEN coalesce((SELECT max(first) FROM gaps WHERE site = ?"
@@ -232,7 +236,7 @@ class RegistryStore:
             (site, agent, site, agent, lo, lo, hi),
         ).fetchall()
         old = [(int(a), int(b), float(t)) for a, b, t, _ in rows]
-        gaps, max_seq = plan_gaps(old, max_seq, new_seqs, now)
+        gaps, max_seq = plan_gaps(old, max_seq, seen, now)
         if gaps != old:
             log_gap_changes(site, agent, old, gaps)
             alerted = {(int(a), int(b)): al for a, b, _, al in rows}

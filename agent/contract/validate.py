@@ -226,6 +226,8 @@ def check_record(
             _check_data(extra, measure)
         except RecordError as e:
             raise RecordError(str(e).replace("record data", "record's unknown fields")) from None
+    if r["kind"] == LOST_RANGE:
+        lost_range(r)
     return r
 
 
@@ -268,3 +270,29 @@ def parse_records(
         except RecordError as e:
             refused.append(Refused(i, str(e)))
     return Envelope(site, agent, good, refused)
+
+
+LOST_RANGE = "lost_range"
+"""The record kind by which a station says which of its seqs could not be read from a
+damaged outbox (docs/CONTRACT.md "lost-range record")."""
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def lost_range(r: dict[str, Any]) -> tuple[int, int]:
+    """(first_seq, last_seq) of a `lost_range` record; `RecordError` if it is malformed.
+
+    The range lies below the record's own seq: it reports seqs already handed out.
+    """
+    data = r.get("data")
+    if not isinstance(data, dict):
+        raise RecordError("lost_range record without a data object")
+    first, last = data.get("first_seq"), data.get("last_seq")
+    if not (isinstance(first, int) and isinstance(last, int) and _int(first) and _int(last)):
+        raise RecordError("lost_range record without integer first_seq and last_seq")
+    seq = r.get("seq")
+    if not (isinstance(seq, int) and _int(seq) and 1 <= first <= last < seq):
+        raise RecordError("lost_range record needs 1 <= first_seq <= last_seq < seq")
+    return first, last

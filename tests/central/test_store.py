@@ -273,3 +273,22 @@ async def test_a_conflict_keeps_no_personal_part(store: RecordStore) -> None:
     assert clash.conflict
     [kept] = (await store.problems()).recent_conflicts
     assert "山田" not in kept.body and "personal" not in kept.body
+
+
+async def test_a_lost_range_record_closes_the_gap_it_names(store: RecordStore) -> None:
+    """docs/CONTRACT.md "lost-range record": the seqs a station says are gone are
+    accounted for (their alert is the lost range's own), the rest of a gap stays open."""
+    await store.store([Batch(SITE, AGENT, [record(1), record(2), record(9)])])
+    assert [(g.first, g.last) for g in await store.open_gaps()] == [(3, 8)]
+    lost = {
+        **record(10),
+        "device": "outbox",
+        "kind": "lost_range",
+        "source": "agent",
+        "data": {"first_seq": 3, "last_seq": 6, "count": 4, "reason": "unreadable"},
+    }
+    [stored] = await store.store([Batch(SITE, AGENT, [lost])])
+    assert stored.new
+    assert [(g.first, g.last) for g in await store.open_gaps()] == [(7, 8)]
+    [summary] = await store.agents()
+    assert (summary.max_seq, summary.records) == (10, 4)  # the lost seqs are not records

@@ -460,6 +460,7 @@ function handle(kind, body) {
       refreshStatus();
       break;
     case "outbox_full":
+    case "disk_full":
       state.full = true;
       renderDevices();
       break;
