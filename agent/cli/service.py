@@ -43,5 +43,5 @@ def run_service(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     except* MadoguchiError as group:  # (no `return` is allowed inside except*)
         failed = True
         for e in group.exceptions:
-            log.error("%s", e)
+            log.error("%s", " ".join(str(e).split()))  # one line, even from a library
     return 1 if failed else 0
