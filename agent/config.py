@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -37,6 +38,17 @@ if not BUNDLED_PROFILE_DIR.is_dir():
     BUNDLED_PROFILE_DIR = BUNDLED_PROFILE_DIR.parent.parent / "device_profiles"
 
 
+def _toml_bool(value: Any) -> Any:
+    """`read_my_number = "yes"` must not silently mean true: booleans are TOML booleans."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false (a TOML boolean, no quotes), not {value!r}")
+    return value
+
+
+#: a bool that only a TOML boolean sets (pydantic would take "yes", "on", 1)
+TomlBool = Annotated[bool, BeforeValidator(_toml_bool)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,7 +69,12 @@ class AgentSection(Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level on stderr. Personal data is never logged."
     )
-    remote_photo: bool = Field(
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text, or json (one object per line) for log collectors. Under systemd "
+        "lines carry syslog priorities (<4>) and no timestamp of their own.",
+    )
+    remote_photo: TomlBool = Field(
         default=False,
         description="Answer the remote command cmd/capture_photo (a camera trigger from the "
         "dashboard). Off: refused; the kiosk's own photo button works either way.",
@@ -137,12 +154,12 @@ class OutboxSection(Strict):
 class ApiSection(Strict):
     """The kiosk's local HTTP API (agent/station/kiosk/). Loopback only unless told otherwise."""
 
-    enabled: bool = Field(default=True, description="Serve the local API and the kiosk page.")
+    enabled: TomlBool = Field(default=True, description="Serve the local API and the kiosk page.")
     host: str = Field(
         default="127.0.0.1",
         description="Address to listen on; must be a loopback address unless allow_remote.",
     )
-    allow_remote: bool = Field(
+    allow_remote: TomlBool = Field(
         default=False,
         description="Allow a non-loopback host. The API then answers the network: only "
         "behind a firewall that admits the kiosk alone.",
@@ -218,7 +235,7 @@ class DeviceBase(Strict):
         default_factory=list,
         description="Interpretation types this station expects; others are flagged.",
     )
-    nak_invalid: bool = Field(
+    nak_invalid: TomlBool = Field(
         default=False, description="Answer invalid or unexpected reads with a NAK."
     )
     repeat_window_s: float = Field(
@@ -292,7 +309,7 @@ class HidDevice(DeviceBase):
         default_factory=lambda: ["ctrl+]"],
         description="Key combinations that mean GS (0x1D), e.g. 'ctrl+]', 'ctrl+KEY_5', 'KEY_F8'.",
     )
-    alt_codes: bool = Field(
+    alt_codes: TomlBool = Field(
         default=True, description="Decode Alt+numpad codes (Alt+0029 = GS) as characters."
     )
     idle_timeout_ms: int = Field(
@@ -360,12 +377,12 @@ class PcscDevice(DeviceBase):
         min_length=1,
         description="Glob matched against PC/SC reader names; the first match (sorted) is used.",
     )
-    read_my_number: bool = Field(
+    read_my_number: TomlBool = Field(
         default=False,
         description="With the PIN, also read the My Number (EF 0001). Off unless the "
         "counter's procedure needs it.",
     )
-    store_card_info: bool = Field(
+    store_card_info: TomlBool = Field(
         default=False,
         description="Store the PIN-read card info (name, address, birth date, sex) as an "
         "encrypted record; needs outbox.key_file.",
@@ -452,16 +469,16 @@ class CameraDevice(DeviceBase):
         min_length=1,
         description="zxing-cpp barcode formats to look for; fewer formats cost less CPU.",
     )
-    try_rotate: bool = Field(
+    try_rotate: TomlBool = Field(
         default=False,
         description="Also look for linear codes (EAN, Code 128) turned by 90/270 degrees; "
         "QR and DataMatrix read at any angle without it. Triples the decode time of noisy "
         "frames (bench/bench_camera.py).",
     )
-    try_invert: bool = Field(
+    try_invert: TomlBool = Field(
         default=False, description="Also look for light-on-dark codes (costs CPU; zxing-cpp)."
     )
-    try_downscale: bool = Field(
+    try_downscale: TomlBool = Field(
         default=True, description="Also scan downscaled images, for codes close to the lens."
     )
     gone_after_ms: int = Field(
@@ -531,28 +548,64 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top)"
 
 
+#: what pydantic puts before a validator's own message; the technician needs only the message
+_LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
 def _reason(e: Any) -> str:
     if e["type"] == "extra_forbidden":
         return "unknown key"
     if e["type"] == "missing":
         return "missing (required)"
-    return str(e["msg"])
+    msg = str(e["msg"])
+    for prefix in _LIBRARY_PREFIXES:
+        msg = msg.removeprefix(prefix)
+    return msg
 
 
 def _problems(err: ValidationError, file: str) -> list[str]:
     return [f"{file}: {_loc(tuple(e['loc']))}: {_reason(e)}" for e in err.errors()]
 
 
+def decode_text(data: bytes, file: str) -> str:
+    """UTF-8, with or without a BOM (Notepad writes one). Anything else is one clear line:
+    a file saved the Japanese Windows way (Shift_JIS / CP932) is named as such."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        looks = f" (byte 0x{data[e.start]:02x} at offset {e.start})"
+        if _looks_like_shift_jis(data):
+            looks = " (it looks like Shift_JIS)"
+        raise ConfigError([f"{file}: not UTF-8{looks}: save it as UTF-8"]) from None
+
+
+def _looks_like_shift_jis(data: bytes) -> bool:
+    """CP932 decodes almost any bytes; it is Shift_JIS when that gives Japanese text
+    (kana, kanji, full-width forms) and no C1 controls or private-use characters."""
+    try:
+        text = data.decode("cp932")
+    except UnicodeDecodeError:
+        return False
+    if any("\x80" <= c <= "\x9f" or "\ue000" <= c <= "\uf8ff" for c in text):
+        return False
+    return any(
+        "\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" or "\uff01" <= c <= "\uff9f"
+        for c in text
+    )
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            return tomllib.loads(decode_text(f.read(), str(path)))
     except FileNotFoundError:
         raise ConfigError([f"{path}: (file): not found"]) from None
     except PermissionError:
         raise ConfigError([f"{path}: (file): not readable (permission denied)"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: (syntax): {e}"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: (file): is a directory, not a file"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: (file): {e.strerror}"]) from None
 
@@ -575,7 +628,7 @@ def find_profile(name: str, dirs: list[Path]) -> Path | None:
 def _resolve_device(
     index: int, entry: Any, file: str, dirs: list[Path]
 ) -> tuple[DeviceConfig | None, list[str]]:
-    where = f"devices[{index}]"
+    where = device_key(index, entry)
     if not isinstance(entry, dict):
         return None, [f"{file}: {where}: must be a table"]
     profile_name = entry.get("profile")
@@ -609,6 +662,14 @@ def _resolve_device(
         return None, problems
 
 
+def device_key(index: int, entry: Any) -> str:
+    """`devices["ticket-scanner"]` when the entry has a usable name, else `devices[2]`."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if isinstance(name, str) and name and '"' not in name and name.isprintable():
+        return f'devices["{name}"]'
+    return f"devices[{index}]"
+
+
 def load_config(path: str | Path) -> Config:
     """Read, resolve profiles and validate. Raises `ConfigError` listing every problem."""
     path = Path(path)
@@ -629,11 +690,18 @@ def load_config(path: str | Path) -> Config:
         problems += errs
         if dev is not None:
             devices.append(dev)
-    seen: set[str] = set()
-    for i, dev in enumerate(devices):
-        if dev.name in seen:
-            problems.append(f"{file}: devices[{i}].name: '{dev.name}' is used twice")
-        seen.add(dev.name)
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(devices_raw):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            problems.append(
+                f"{file}: devices[{i}].name: '{name}' is used twice "
+                f"(first at devices[{seen[name]}])"
+            )
+        else:
+            seen[name] = i
     api_raw = raw.get("api")
     manual = api_raw.get("manual_device") if isinstance(api_raw, dict) else None
     if manual is not None and manual not in seen:
@@ -644,17 +712,17 @@ def load_config(path: str | Path) -> Config:
         problems = _problems(e, file) + problems
         raise ConfigError(problems) from None
     if config.outbox.key_file is None:
-        for i, dev in enumerate(devices):
+        for dev in devices:
             if isinstance(dev, PcscDevice) and dev.store_card_info:
                 problems.append(
-                    f"{file}: devices[{i}].store_card_info: personal data needs "
+                    f'{file}: devices["{dev.name}"].store_card_info: personal data needs '
                     "outbox.key_file to encrypt it"
                 )
     if config.outbox.registry_public_key is None:
-        for i, dev in enumerate(devices):
+        for dev in devices:
             if isinstance(dev, PcscDevice) and dev.store_card_info:
                 problems.append(
-                    f"{file}: devices[{i}].store_card_info: personal data needs "
+                    f'{file}: devices["{dev.name}"].store_card_info: personal data needs '
                     "outbox.registry_public_key to seal it for the registry"
                 )
     else:
@@ -675,6 +743,30 @@ def load_config(path: str | Path) -> Config:
             "agent": config.agent.model_copy(update={"data_dir": data_dir}),
         }
     )
+
+
+#: values the example configuration ships with; left in place they mean "not filled in"
+PLACEHOLDER_USB_IDS = frozenset({"0000:0000", "ffff:ffff"})
+PLACEHOLDER_HOST_SUFFIXES = (".example", "example.com", "example.org", "example.net")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Valid but almost certainly not meant: the example's placeholders left in place."""
+    file = str(config.source or "agent.toml")
+    out = []
+    host = config.mqtt.host.lower().rstrip(".")
+    if host.endswith(PLACEHOLDER_HOST_SUFFIXES):
+        out.append(
+            f"{file}: mqtt.host: warning: '{config.mqtt.host}' is a placeholder "
+            "(example domain): put the registry broker's name"
+        )
+    for dev in config.devices:
+        if dev.usb_id in PLACEHOLDER_USB_IDS:
+            out.append(
+                f'{file}: devices["{dev.name}"].usb_id: warning: "{dev.usb_id}" is a '
+                "placeholder: put this scanner's vendor:product as lsusb shows it"
+            )
+    return out
 
 
 def reference_markdown() -> str:

@@ -268,7 +268,7 @@ check_config() {
             || { cat "$TMP/pip.log" >&2; die "could not install $WHEEL to check the config"; }
         mado=$TMP/venv/bin/madoguchi
     fi
-    out=$("$mado" check-config "$cfg" 2>&1) || rc=$?
+    out=$("$mado" check-config --config-only "$cfg" 2>&1) || rc=$?
     if [ "$rc" != 0 ]; then
         printf '%s\n' "$out" >&2
         problems=1

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     file = args.config
     try:
         raw = read_toml(file)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except UnicodeDecodeError:
+        return 1  # check-config has said it in one line (not UTF-8, looks like Shift_JIS)
+    except (OSError, tomllib.TOMLDecodeError) as e:
         print(f"{file}: {e}", file=sys.stderr)
         return 1
     agent = raw.get("agent") if isinstance(raw.get("agent"), dict) else {}

@@ -32,7 +32,7 @@ MATCH = {
 
 def load(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
-        return tomllib.load(f)
+        return tomllib.loads(f.read().decode("utf-8-sig"))  # a BOM is fine, as in the agent
 
 
 def profile(name: str, dirs: list[Path]) -> dict[str, Any]:

@@ -117,7 +117,12 @@ class RegistryStore:
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryStoreError(
+                f"{self.path}: cannot create its directory: {e.strerror or e}"
+            ) from e
         try:
             # 0600 before SQLite opens it: SQLite gives its -wal and -shm the same mode
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))

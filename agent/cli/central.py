@@ -105,10 +105,45 @@ def _config(args: argparse.Namespace, need: Role, section: dict[str, Any]) -> An
         return None
 
 
+#: the first 16 bytes of every SQLite 3 database file
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def not_a_database(db: str) -> str | None:
+    """Why an existing --db file cannot be a registry database (None: fine, or new)."""
+    path = Path(db)
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return None  # created on first start
+    except IsADirectoryError:
+        return f"--db {db}: is a directory, not a database file"
+    except OSError as e:
+        return f"--db {db}: {e.strerror or e}"
+    if head and head != SQLITE_HEADER:
+        return f"--db {db}: not an SQLite database (wrong file?)"
+    return None
+
+
+def _check_db(db: str | None) -> bool:
+    """A --db that is a file but no SQLite database is one line before anything starts."""
+    from agent.central.stores import is_dsn
+
+    if db is None or is_dsn(db):
+        return True
+    problem = not_a_database(db)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+    return problem is None
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     if args.config is None and args.db is None:
         print("madoguchi registry: --db or --config is required", file=sys.stderr)
         return 2
+    if not _check_db(args.db):
+        return 1
     section: dict[str, Any] = {
         "gap_timeout_s": args.gap_timeout,
         "batch_max_messages": args.batch_max,
@@ -178,6 +213,8 @@ def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
+    if not _check_db(args.db):
+        return 1
     section: dict[str, Any] = {
         "listen_host": args.http_host,
         "listen_port": args.http_port,

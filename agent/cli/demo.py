@@ -4,8 +4,10 @@ Starts mosquitto on a free loopback port, the reference registry, and an
 agent whose serial scanner is a simulated one on a pseudo-terminal. The
 simulated scanner types realistic scans and listens for the ACK byte; every
 record is printed as the registry stores it, and again when the agent sees
-the registry's ack. Ends by itself after one set of scans (or loops with
-`--loop`); Ctrl-C stops everything cleanly at any point.
+the registry's ack. The ACK byte means "stored", not "valid": an INVALID
+ticket is stored too (and flagged), so validity is shown on its own. Ends by
+itself after one set of scans (or loops with `--loop`); Ctrl-C stops
+everything cleanly at any point.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from agent.central.registry import Stored, describe_record
 from agent.config import load_config
-from agent.errors import HarnessError
+from agent.errors import ConfigError, HarnessError, MadoguchiError
+from agent.interpret import interpret, split_aim
 from agent.station.app import StationApp
 from agent.testing import Broker, Pty, running_registry, running_station, write_config
 
@@ -52,42 +55,64 @@ async def demo(stop: asyncio.Event, loop_forever: bool, count: int) -> int:
             broker.start()
         except HarnessError as e:
             raise SystemExit(str(e)) from None
-        scanner = Pty(workdir / "ttyScanner")
-        path = write_config(
-            workdir,
-            broker.port,
-            scanner=scanner.link,
-            site="demo-city-hall-1f",
-            name="station-01",
-            telemetry_interval_s=5,
-            mqtt="",
-            outbox="resend_after_s = 5",
-            path=workdir / "agent.toml",
-            data_dir=workdir / "data",
-        )
-        config = load_config(path)
-        print(f"broker    mosquitto on 127.0.0.1:{broker.port}")
-        print(f"scanner   simulated serial scanner on {scanner.device}")
-        print(f"outbox    {config.outbox_path}\n")
-        confirmed: asyncio.Queue[Stored] = asyncio.Queue()
+        # everything after the broker started is inside the try: no error path leaves it running
         try:
-            async with (
-                running_registry(
-                    broker.port, workdir / "registry.db", on_stored=confirmed.put_nowait
-                ),
-                running_station(config) as agent,
-            ):
-                total = await _feed(scanner, confirmed, stop, loop_forever, count or len(SCANS))
-                unconfirmed = await _wait_confirmed(agent.station, stop)
-                print(
-                    f"\n{total} scans, every one stored by the registry once "
-                    f"(outbox unconfirmed: {unconfirmed})."
-                )
-                await agent.shutdown()
+            scanner = Pty(workdir / "ttyScanner")
+            try:
+                await _run(workdir, broker, scanner, stop, loop_forever, count)
+            finally:
+                scanner.close()
         finally:
-            scanner.close()
             broker.stop()
     return 0
+
+
+async def _run(
+    workdir: Path,
+    broker: Broker,
+    scanner: Pty,
+    stop: asyncio.Event,
+    loop_forever: bool,
+    count: int,
+) -> None:
+    path = write_config(
+        workdir,
+        broker.port,
+        scanner=scanner.link,
+        site="demo-city-hall-1f",
+        name="station-01",
+        telemetry_interval_s=5,
+        mqtt="",
+        outbox="resend_after_s = 5",
+        path=workdir / "agent.toml",
+        data_dir=workdir / "data",
+    )
+    config = load_config(path)
+    print(f"broker    mosquitto on 127.0.0.1:{broker.port}")
+    print(f"scanner   simulated serial scanner on {scanner.device}")
+    print(f"outbox    {config.outbox_path}")
+    print("          (ACK = stored in the outbox; validity is shown separately)\n")
+    confirmed: asyncio.Queue[Stored] = asyncio.Queue()
+    async with (
+        running_registry(broker.port, workdir / "registry.db", on_stored=confirmed.put_nowait),
+        running_station(config) as agent,
+    ):
+        total = await _feed(scanner, confirmed, stop, loop_forever, count or len(SCANS))
+        unconfirmed = await _wait_confirmed(agent.station, stop)
+        print(
+            f"\n{total} scans, every one stored by the registry once "
+            f"(outbox unconfirmed: {unconfirmed})."
+        )
+        await agent.shutdown()
+
+
+def validity(text: str) -> str:
+    """`valid` or `INVALID problem,...` as the station judges the read (stored either way)."""
+    aim, body = split_aim(text)
+    interp = interpret(body, symbology=aim)
+    if interp["valid"]:
+        return f"valid {interp['type']}"
+    return f"INVALID {interp['type']} {','.join(interp['problems'])}".rstrip()
 
 
 async def _feed(
@@ -103,8 +128,10 @@ async def _feed(
         n += 1
         scanner.scan(text)
         reply = await scanner.aread(1, timeout=5) or None
-        beep = {ACK: "ACK (beep)", NAK: "NAK (error beep)"}.get(reply or b"", "no answer")
-        print(f"scan      {show(text):48} -> scanner got {beep}")
+        beep = {ACK: "ACK = stored (beep)", NAK: "NAK = not stored (error beep)"}.get(
+            reply or b"", "no answer"
+        )
+        print(f"scan      {show(text):48} -> {beep}; read {validity(text)}")
         try:
             stored = await asyncio.wait_for(confirmed.get(), timeout=10)
             print(f"registry  {describe_record(stored.record)}")
@@ -140,4 +167,14 @@ def run_demo(loop: bool = False, scans: int = 0) -> int:
             ev_loop.add_signal_handler(sig, stop.set)
         return await demo(stop, loop, scans)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except* ConfigError as bad:
+        for e in bad.exceptions:
+            assert isinstance(e, ConfigError)
+            for p in e.problems:
+                print(f"demo: {p}", file=sys.stderr)
+    except* MadoguchiError as failed:
+        for err in failed.exceptions:
+            print(f"demo: {err}", file=sys.stderr)
+    return 1

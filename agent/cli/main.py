@@ -14,6 +14,8 @@ from agent import __version__
 from agent.cli.central import add_central_parsers
 from agent.cli.station import add_station_parsers
 from agent.cli.tools import add_tool_parsers
+from agent.errors import ConfigError, MadoguchiError
+from agent.logsetup import error_line
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -39,12 +41,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Python module -> the extra that installs it, for "not installed" lines
+MODULE_EXTRAS = {
+    "uvicorn": "kiosk",
+    "starlette": "kiosk",
+    "psycopg": "central",
+    "serial": "serial",
+    "serial_asyncio_fast": "serial",
+    "evdev": "hid",
+    "pyudev": "hid",
+    "smartcard": "card",
+    "zxingcpp": "camera",
+    "numpy": "camera",
+    "PIL": "camera",
+    "linuxpy": "camera",
+    "biip": "interpret",
+    "stdnum": "interpret",
+}
+#: the central commands get their web stack from the central extra
+CENTRAL_COMMANDS = frozenset({"registry", "dashboard"})
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def user_error(exc: BaseException, command: str) -> list[str] | None:
+    """The line(s) for an error the user can fix (config, missing extra, file, server),
+    or None for a bug, which keeps its traceback."""
+    if isinstance(exc, ConfigError):
+        return exc.problems
+    if isinstance(exc, MadoguchiError):
+        return [str(exc)]
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        extra = MODULE_EXTRAS.get(top)
+        if extra == "kiosk" and command in CENTRAL_COMMANDS:
+            extra = "central"
+        fix = f": pip install 'madoguchi[{extra}]'" if extra else ""
+        return [f"madoguchi {command}: Python module '{top}' is not installed{fix}"]
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else command
+        return [f"{where}: {exc.strerror}"]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; an error a user can cause is one line per problem and exit 1."""
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        leaves = _leaves(exc)
+        lines = [user_error(leaf, args.command) for leaf in leaves]
+        if any(line is None for line in lines) or not leaves:
+            raise
+        seen: dict[str, None] = {}
+        for group in lines:
+            for line in group or []:
+                seen.setdefault(" ".join(line.split()), None)  # one line, even from a library
+        for line in seen:
+            print(error_line(line), file=sys.stderr)
+        return 1
     return result
 
 

@@ -6,20 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 
+from agent import logsetup
 from agent.errors import MadoguchiError
+from agent.logsetup import LogFormat
 
 log = logging.getLogger("agent")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
+    """Priority prefixes under systemd, JSON when asked (agent/logsetup.py)."""
+    logsetup.setup_logging(level, fmt)
 
 
 def run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -45,5 +43,5 @@ def run_service(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     except* MadoguchiError as group:  # (no `return` is allowed inside except*)
         failed = True
         for e in group.exceptions:
-            log.error("%s", e)
+            log.error("%s", " ".join(str(e).split()))  # one line, even from a library
     return 1 if failed else 0

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from agent.cli.checks import check_extras, check_files
 from agent.cli.service import run_service, setup_logging
-from agent.config import Config, load_config
+from agent.config import Config, config_warnings, load_config
 from agent.errors import ConfigError, EnrollError, MadoguchiError
+from agent.logsetup import error_line
 from agent.station.enroll import DEFAULT_DIR, install_cert, make_key_and_csr
 
 
@@ -18,7 +21,7 @@ def _load(path: str) -> Config | None:
         return load_config(path)
     except ConfigError as e:
         for p in e.problems:
-            print(p, file=sys.stderr)
+            print(error_line(p), file=sys.stderr)
         return None
 
 
@@ -26,7 +29,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    setup_logging(config.agent.log_level)
+    # the same host checks as check-config, before anything starts: a missing TLS file or
+    # extra is one line and exit 1, not a traceback from inside the task group
+    problems = check_files(config).problems + check_extras(config).problems
+    for p in problems:
+        print(error_line(p), file=sys.stderr)
+    if problems:
+        return 1
+    setup_logging(config.agent.log_level, config.agent.log_format)
+    for w in config_warnings(config):
+        logging.getLogger("agent").warning("%s", w)
     from agent.station.app import StationApp
 
     return run_service(StationApp(config).run)
@@ -40,12 +52,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.path)
     if config is None:
         return 1
+    problems: list[str] = []
+    notes: list[str] = []
+    if not args.config_only:
+        files = check_files(config, args.user)
+        problems = files.problems + check_extras(config).problems
+        notes = files.notes
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        return 1
     print(
         f"{args.path}: ok: site {config.agent.site}, agent {config.agent.name}, "
         f"{len(config.devices)} device(s)"
     )
     for dev in config.devices:
         print(f"  {dev.name}: driver {dev.driver}, profile {dev.profile}")
+    for line in [*config_warnings(config), *notes]:
+        print(line)
     return 0
 
 
@@ -109,6 +133,18 @@ def add_station_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
     p = sub.add_parser("check-config", help="validate a configuration without opening devices")
     p.add_argument("path", help="agent.toml")
+    p.add_argument(
+        "--user",
+        default=None,
+        help="also check that this user (the service's, e.g. madoguchi) can read every "
+        "file the configuration names",
+    )
+    p.add_argument(
+        "--config-only",
+        action="store_true",
+        help="check the configuration alone, not the files it names nor the installed "
+        "extras (install.sh, before anything is installed)",
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("outbox", help="inspect the local outbox")

@@ -1,4 +1,4 @@
-"""The technician's tools: decode, hid-replay, card-info, scan-image.
+"""The technician's tools: decode, hid-replay, card-info, scan-image (hid-watch: hidwatch.py).
 
 Each reads what a device gave (a string, an evtest capture, a card, image files) and
 prints what the station would make of it; none needs a configuration or a broker.
@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
-from datetime import date
+from collections.abc import Iterable, Iterator
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import CaptureError, DriverMissing
 from agent.interpret import interpret, split_aim
 from agent.keymap import (
+    EV_KEY,
     Decoder,
     Fault,
+    KeyEvent,
     Scan,
     parse_evtest,
 )
@@ -153,7 +155,8 @@ def add_hid_replay_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
         help="decode an evtest capture of a keyboard-mode scanner, one scan per line",
         description="Reads the text `evtest` prints (header, Event: lines, SYN lines) and "
         "writes each decoded scan on its own line; faults go to stderr. Exit 0 when every "
-        "scan decoded, 1 when any faulted, 2 when the file is unreadable.",
+        "scan decoded, 1 when any faulted or the file holds no key events (not an evtest "
+        "capture: random bytes, /dev/null), 2 when the file is unreadable.",
     )
     p.add_argument("file", metavar="FILE", help="evtest output ('-' for stdin)")
     p.add_argument(
@@ -205,8 +208,16 @@ def run_hid_replay(args: argparse.Namespace) -> int:
         print(f"hid-replay: {args.file}: {e.strerror or e}", file=sys.stderr)
         return 2
     faults = 0
+    keys = [0]  # key events seen: none at all means this was not an evtest capture
+
+    def counted(events: Iterable[KeyEvent]) -> Iterator[KeyEvent]:
+        for ev in events:
+            if ev.type == EV_KEY:
+                keys[0] += 1
+            yield ev
+
     try:
-        for result in decode_keys(parse_evtest(lines), decoder):
+        for result in decode_keys(counted(parse_evtest(lines)), decoder):
             if isinstance(result, Scan):
                 text = result.text
                 if args.show_control:
@@ -216,8 +227,14 @@ def run_hid_replay(args: argparse.Namespace) -> int:
                 faults += 1
                 print(f"hid-replay: {args.file}: {_when(result)}{result.reason}", file=sys.stderr)
     except CaptureError as e:
-        print(f"hid-replay: {args.file}: {e}", file=sys.stderr)
-        return 2
+        print(f"hid-replay: {args.file}: {e} (is this an evtest capture?)", file=sys.stderr)
+        return 1
+    if not keys[0]:
+        print(
+            f"hid-replay: {args.file}: no key events (not an evtest capture of a scanner?)",
+            file=sys.stderr,
+        )
+        return 1
     return 1 if faults else 0
 
 
@@ -252,6 +269,11 @@ def add_card_info_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
         action="store_true",
         help="ask for the card's 4-digit PIN (no echo) and show the 4 attributes",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="like pcsc_scan: print every reader and card change until Ctrl-C (no PIN)",
+    )
     p.set_defaults(func=run_card_info)
 
 
@@ -282,6 +304,8 @@ def _read_pin() -> str:
 def run_card_info(args: argparse.Namespace) -> int:
     from agent.drivers.scard import read_card_info, read_card_now
 
+    if args.wait:
+        return _watch_cards(args)
     try:
         reader, read_my_number = _settings(args)
         card = read_card_now(reader)
@@ -305,6 +329,57 @@ def run_card_info(args: argparse.Namespace) -> int:
     else:
         print(_card_human(out))
     return 0
+
+
+def _watch_cards(args: argparse.Namespace) -> int:
+    """`card-info --wait`: one line per change (JSON lines with --json) until Ctrl-C."""
+    from agent.drivers.scard import watch_cards
+
+    if args.with_pin:
+        print(
+            "card-info: --wait shows cards coming and going; --with-pin reads one", file=sys.stderr
+        )
+        return 1
+    try:
+        reader, _ = _settings(args)
+        if not args.json:
+            print(f"waiting for cards in readers matching {reader!r} (Ctrl-C ends)", flush=True)
+        for change in watch_cards(reader):
+            change["time"] = datetime.now().astimezone().isoformat(timespec="seconds")
+            if args.json:
+                print(json.dumps(change, ensure_ascii=False), flush=True)
+            else:
+                print(_change_human(change), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except ConfigError as e:
+        for p in e.problems:
+            print(p, file=sys.stderr)
+        return 1
+    except MadoguchiError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _change_human(change: dict[str, Any]) -> str:
+    head = f"{change['time']}  {change['reader']}: "
+    event: str = change["event"]
+    if event != "inserted":
+        said = {
+            "reader_added": "reader present",
+            "reader_removed": "reader gone",
+            "removed": "card removed",
+        }
+        return head + said.get(event, event)
+    card = change["card"]
+    line = f"card inserted: {card['card_type']}, ATR {card['atr']}, UID {card['uid'] or '-'}"
+    cert = card.get("auth_cert")
+    if cert:
+        line += f", auth cert serial {cert['serial']}"
+    for p in card.get("problems", []):
+        line += f", PROBLEM {p}"
+    return head + line
 
 
 def _card_human(out: dict[str, Any]) -> str:
@@ -433,3 +508,6 @@ def add_tool_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     add_hid_replay_parser(sub)
     add_card_info_parser(sub)
     add_scan_image_parser(sub)
+    from agent.cli.hidwatch import add_hid_watch_parser
+
+    add_hid_watch_parser(sub)

@@ -10,6 +10,7 @@ makes one `PcscSession` per reader thread. `CardLink.transmit` is the
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -188,3 +189,81 @@ def _require_reader(session: PcscSession, pattern: str, device: str) -> str:
         have = ", ".join(session.readers()) or "none"
         raise DeviceUnavailable(device, f"no reader matches {pattern!r} (readers: {have})")
     return name
+
+
+#: pcsc-lite's pseudo reader whose state changes when a reader is plugged in or out
+PNP_READER = "\\\\?PnP?\\Notification"
+_STATE_CHANGED, _STATE_PRESENT = 0x0002, 0x0020
+
+
+def watch_cards(
+    reader_pattern: str, *, device: str = "card-info", timeout_ms: int = 500
+) -> Iterator[dict[str, Any]]:
+    """Blocking, for `card-info --wait`: every reader and card change, like pcsc_scan.
+
+    Yields `{"event": "reader_added" | "reader_removed" | "inserted" | "removed",
+    "reader": name}`, and for "inserted" also "card" (what `read_card_now` gives).
+    Waits in SCardGetStatusChange (`timeout_ms` only bounds how late Ctrl-C is seen).
+    """
+    session = PcscSession(device)
+    try:
+        known: dict[str, int] = {}
+        pnp = 0
+        while True:
+            readers = [
+                r for r in sorted(session.readers()) if fnmatch.fnmatchcase(r, reader_pattern)
+            ]
+            for name in [r for r in known if r not in readers]:
+                del known[name]
+                yield {"event": "reader_removed", "reader": name}
+            for name in readers:
+                if name not in known:
+                    known[name] = 0  # SCARD_STATE_UNAWARE: the first wait tells the state
+                    yield {"event": "reader_added", "reader": name}
+            changes = session.wait(
+                [*((r, known[r]) for r in readers), (PNP_READER, pnp)], timeout_ms
+            )
+            for name, state, _atr in changes or []:
+                if name == PNP_READER:
+                    pnp = state & ~_STATE_CHANGED
+                    continue
+                if name not in known:
+                    continue
+                was = known[name] & _STATE_PRESENT
+                known[name] = state & ~_STATE_CHANGED
+                if state & _STATE_PRESENT and not was:
+                    yield {
+                        "event": "inserted",
+                        "reader": name,
+                        "card": _identify(session, name, device),
+                    }
+                elif was and not state & _STATE_PRESENT:
+                    yield {"event": "removed", "reader": name}
+    except NoService as e:
+        raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
+    finally:
+        session.release()
+
+
+def _identify(session: PcscSession, reader: str, device: str) -> dict[str, Any]:
+    """What card this is (no PIN); a card that cannot be read is a `problems` entry."""
+    try:
+        link = session.connect(reader)
+    except CardError as e:
+        return {
+            "reader": reader,
+            "card_type": "unknown",
+            "atr": "",
+            "uid": None,
+            "problems": [e.reason],
+        }
+    try:
+        data, problems = identify_card(link.transmit, link.atr, device, datetime.now(UTC))
+    except CardError as e:
+        data, problems = {"card_type": "unknown", "atr": link.atr.hex(), "uid": None}, [e.reason]
+    finally:
+        link.close(reset=False)
+    data["reader"] = reader
+    if problems:
+        data["problems"] = problems
+    return data

@@ -39,6 +39,7 @@ from agent.errors import (
     OutboxFull,
 )
 from agent.interpret import interpret, split_aim
+from agent.logrepeat import Repeats
 from agent.station.clock import clock_synced
 from agent.station.feedback import Outcome, acknowledged
 from agent.station.operators import operator_sessions
@@ -172,11 +173,13 @@ class Station:
         """One device until `stop`: open, read, reopen with backoff when it fails."""
         state = self.devices[dev.name]
         backoff = Backoff(first=0.2, cap=5.0)
+        repeats = Repeats(log, dev.name)  # once per state change, then a summary
         while not stop.is_set():
             driver = self._driver_factory(dev)
             try:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
+                    repeats.ok("connected")
                     backoff.reset()
                     self._drivers[dev.name] = driver
                     try:
@@ -190,13 +193,12 @@ class Station:
                 log.error("%s", e)
                 return  # installing a library needs a person, not a retry
             except DeviceUnavailable as e:
-                if state.state != "disconnected":
-                    log.warning("%s", e)
+                repeats.failed("unavailable", e.reason)
                 self._set_state(dev.name, "disconnected", e.reason)
             except DeviceError as e:
                 state.errors += 1
                 self._set_state(dev.name, "error", e.reason)
-                log.error("%s", e)
+                repeats.failed("failing", e.reason, logging.ERROR)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=backoff.next())
 

@@ -27,6 +27,7 @@ from agent.contract.messages import MessageError, command_result, parse_ack, par
 from agent.contract.records import Record, envelope_of, iso_ms, utc_now
 from agent.contract.topics import Topics
 from agent.errors import UplinkError
+from agent.logrepeat import Repeats
 from agent.station.blobs import BlobSender, BlobStore
 from agent.station.outbox import Outbox
 
@@ -134,6 +135,8 @@ class Uplink:
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until `stop` is set; then say offline and disconnect."""
         backoff = Backoff(cap=self.config.mqtt.backoff_max_s)
+        # an unreachable broker is logged once per change, then summarised (agent/logrepeat.py)
+        repeats = Repeats(log, f"broker {self.config.mqtt.host}:{self.config.mqtt.port}")
         tls = tls_context(self.config)
         password = read_password(self.config)
         while not stop.is_set():
@@ -145,6 +148,7 @@ class Uplink:
                     self._set_connected(True)
                     self.last_error = None
                     backoff.reset()
+                    repeats.ok("reachable again")
                     log.info(
                         "connected to %s:%d (session %d)",
                         self.config.mqtt.host,
@@ -162,17 +166,12 @@ class Uplink:
             except* aiomqtt.MqttError as group:
                 self.last_error = str(group.exceptions[0])
                 self.connect_failures += 1
-                log.warning(
-                    "broker %s:%d: %s",
-                    self.config.mqtt.host,
-                    self.config.mqtt.port,
-                    self.last_error,
-                )
+                repeats.failed("unreachable", self.last_error)
             finally:
                 self._set_connected(False)
                 self._client = None
             delay = backoff.next()
-            log.info("reconnecting in %.1f s", delay)
+            log.debug("reconnecting in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 

@@ -209,9 +209,9 @@ def test_profiles_load_and_unknown_keys_are_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     text = "\n".join(err.value.problems)
-    assert "devices[0].formats[1]" in text
-    assert "devices[0].fps" in text
-    assert "devices[0].zoom: unknown key" in text
+    assert 'devices["webcam"].formats[1]' in text
+    assert 'devices["webcam"].fps' in text
+    assert 'devices["webcam"].zoom: unknown key' in text
 
 
 def test_every_camera_field_is_described() -> None:

@@ -371,13 +371,17 @@ product_id = 0x1200
         load_config(p)
     problems = e.value.problems
     assert any(
-        x.startswith(f"{p}: devices[0].name_pattern: ") and "no way to find the scanner" in x
+        x.startswith(f'{p}: devices["nowhere"].name_pattern: ')
+        and "no way to find the scanner" in x
         for x in problems
     )
-    terminators = f"{p}: devices[1].terminators: "
+    terminators = f'{p}: devices["bad-keys"].terminators: '
     assert any(x.startswith(terminators) and "KEY_RETURN" in x for x in problems)
-    assert any(x.startswith(f"{p}: devices[1].layout: ") for x in problems)
-    assert any(x.startswith(f"{p}: devices[2].product_id: ") and "vendor_id" in x for x in problems)
+    assert any(x.startswith(f'{p}: devices["bad-keys"].layout: ') for x in problems)
+    assert any(
+        x.startswith(f'{p}: devices["half-ids"].product_id: ') and "vendor_id" in x
+        for x in problems
+    )
 
 
 async def test_cancelling_the_task_stops_reading_and_releases_the_grab() -> None:

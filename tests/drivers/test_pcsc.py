@@ -634,7 +634,7 @@ operators = { "staff badge" = "staff-014" }
     )
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "devices[0].operators" in err.value.problems[0]
+    assert 'devices["card-reader"].operators' in err.value.problems[0]
     assert "not hex" in err.value.problems[0]
 
 
@@ -652,8 +652,9 @@ store_card_info = true
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert err.value.problems == [
-        f"{path}: devices[0].store_card_info: personal data needs outbox.key_file to encrypt it",
-        f"{path}: devices[0].store_card_info: personal data needs "
+        f'{path}: devices["card-reader"].store_card_info: personal data needs '
+        "outbox.key_file to encrypt it",
+        f'{path}: devices["card-reader"].store_card_info: personal data needs '
         "outbox.registry_public_key to seal it for the registry",
     ]
 

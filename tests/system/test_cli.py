@@ -101,3 +101,24 @@ async def test_registry_command_stores_then_acks(broker: Broker, tmp_path: Path)
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT count(*) FROM records").fetchone() == (3,)
     conn.close()
+
+
+def test_demo_says_ack_means_stored_and_shows_validity_apart() -> None:
+    """An INVALID ticket is stored (ACK) too: the demo must not read as "valid"."""
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", "--scans", "2"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    scans = [x for x in r.stdout.splitlines() if x.startswith("scan ")]
+    assert len(scans) == 2
+    assert scans[0].endswith("-> ACK = stored (beep); read valid vaccination_ticket")
+    assert scans[1].endswith(
+        "-> ACK = stored (beep); read INVALID vaccination_ticket bad_check_digit"
+    )
+    assert "ACK = stored in the outbox; validity is shown separately" in r.stdout
+    assert "scanner got ACK" not in r.stdout

@@ -394,6 +394,23 @@ def test_a_broken_config_stops_before_any_change(tmp_path: Path, station: Path) 
     assert "Traceback" not in r.stderr
 
 
+def test_config_files_saved_the_windows_way(tmp_path: Path, station: Path) -> None:
+    """Shift_JIS: one line saying so and nothing changed; UTF-8 with a BOM: installs."""
+    comment = "# 戸田市役所 1階 受付\n"
+    station.write_bytes((comment + STATION).encode("cp932"))
+    root = tmp_path / "root"
+    r = run_install("--root", str(root), "--offline", _ENV["BUNDLE"], "--config", str(station))
+    assert r.returncode == 1
+    assert not root.exists()
+    assert f"{station}: not UTF-8 (it looks like Shift_JIS): save it as UTF-8" in r.stderr
+    assert r.stderr.count("UTF-8") == 2  # that line once, and no second opinion
+    assert "Traceback" not in r.stderr
+    station.write_bytes(b"\xef\xbb\xbf" + (comment + STATION).encode())
+    out = install(root, "--config", str(station))
+    rules = (root / "etc/udev/rules.d/70-madoguchi.rules").read_text()
+    assert 'ATTRS{idVendor}=="0c2e"' in rules, out
+
+
 def test_extras_follow_the_devices(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
