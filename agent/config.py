@@ -87,6 +87,13 @@ class MqttSection(Strict):
     backoff_max_s: float = Field(
         default=30.0, gt=0, description="Longest wait between reconnect attempts."
     )
+    max_inbound_bytes: int = Field(
+        default=1_048_576,
+        ge=1_024,
+        le=64 * 1_048_576,
+        description="Largest ack, command or blob request accepted; larger ones are dropped "
+        "unread and counted in telemetry (uplink.inbound.oversize).",
+    )
 
 
 class OutboxSection(Strict):

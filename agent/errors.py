@@ -15,6 +15,7 @@ message names the file, key, device or server so the person reading it can act.
     │   └── CardError          a card operation failed
     │       └── PinRefused     a PIN was not tried or was wrong; .tries_left
     ├── EnrollError            enrolment: bad names, unreadable key, certificate mismatch
+    ├── DataDirLocked          another agent holds the data_dir's lock; .pid
     ├── CaptureError           (also ValueError) an evtest capture line evtest never prints
     ├── ApiError               a kiosk API answer other than 2xx, with a machine code
     ├── RegistryStoreError     the registry database failed; nothing was committed
@@ -137,3 +138,14 @@ class BlobError(MadoguchiError, ValueError):
 class HarnessError(MadoguchiError):
     """A real part of the test harness (mosquitto, an agent or registry process) did not
     start or did not get ready; the message holds what it said."""
+
+
+# -- station: one agent per data_dir (agent/station/lock.py) -------------------------------
+
+
+class DataDirLocked(MadoguchiError):
+    """Another agent holds the data_dir's lock; `pid` is its process id when known."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from agent.cli.service import run_service, setup_logging
 from agent.config import Config, load_config
 from agent.errors import ConfigError, EnrollError, MadoguchiError
 from agent.station.enroll import DEFAULT_DIR, install_cert, make_key_and_csr
+from agent.station.lock import PRIVATE_UMASK
 
 
 def _load(path: str) -> Config | None:
@@ -27,6 +29,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     setup_logging(config.agent.log_level)
+    # every file the agent creates is its own alone, whatever umask the shell had
+    os.umask(PRIVATE_UMASK)
     from agent.station.app import StationApp
 
     return run_service(StationApp(config).run)

@@ -26,6 +26,7 @@ from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.station.blobs import BlobStore
+from agent.station.lock import DataDirLock, make_private
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
 from agent.station.sealing import Sealer
@@ -114,9 +115,18 @@ class StationApp:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        # one agent per data_dir, held until the process ends (agent/station/lock.py)
+        with DataDirLock(cfg.agent.data_dir):
+            await self._run_locked(stop)
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
+        cfg = self.config
         station = self.station
         sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
         async with Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, sealer=sealer) as outbox:
+            # whatever umask made them: outbox, WAL, SHM, side files, token, keys, blobs
+            if n := make_private(cfg.agent.data_dir):
+                log.info("made %d file(s) in %s private (0600/0700)", n, cfg.agent.data_dir)
             self.outbox = station.outbox = outbox
             if outbox.recovered_from is not None:
                 station.alert(
@@ -170,9 +180,11 @@ class StationApp:
         oldest = st.oldest_unconfirmed_age_s
         age = f", oldest {oldest:.0f}s" if oldest is not None else ""
         link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
+        degraded = None if self.uplink is None else self.uplink.inbound.degraded
         return (
             f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
             f"uplink {link}; devices {connected}/{len(devices)} connected"
+            + (f"; degraded: {degraded}" if degraded else "")
         )
 
     async def _status_loop(self, stop: asyncio.Event) -> None:

@@ -70,8 +70,73 @@ def read_password(config: Config) -> str | None:
         raise UplinkError(f"{pf}: mqtt.password_file: {e.strerror}") from e
 
 
+class InboundFaults:
+    """What went wrong with inbound messages: counts by kind, the last reason, and whether
+    faults keep coming (`degraded`). Logged at WARNING once per change of kind or after a
+    quiet minute, never one line per hostile message; the rest goes to DEBUG."""
+
+    window_s = 300.0  # faults within this window count towards `degraded`
+    degraded_after = 5  # this many within the window: the station says it is degraded
+    quiet_s = 60.0  # a fault of the same kind after this long is logged again
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.counts: dict[str, int] = {"oversize": 0, "malformed": 0, "failed": 0}
+        self.last: str | None = None
+        self._recent: list[float] = []
+        self._logged: tuple[str, float] | None = None
+        self._unlogged = 0
+
+    def fault(self, kind: str, reason: str) -> None:
+        now = self.clock()
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.last = f"{kind}: {reason[:200]}"
+        self._recent = [t for t in self._recent if now - t < self.window_s] + [now]
+        logged = self._logged
+        if logged is None or logged[0] != kind or now - logged[1] >= self.quiet_s:
+            more = f" ({self._unlogged} more inbound fault(s) since the last line)"
+            log.warning(
+                "inbound message dropped: %s%s; %s so far",
+                self.last,
+                more if self._unlogged else "",
+                self._total(),
+            )
+            self._logged = (kind, now)
+            self._unlogged = 0
+        else:
+            self._unlogged += 1
+            log.debug("inbound message dropped: %s", self.last)
+
+    def _total(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.counts.items())
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the station is degraded, or None: repeated faults say so, they never restart."""
+        now = self.clock()
+        recent = sum(1 for t in self._recent if now - t < self.window_s)
+        if recent < self.degraded_after:
+            return None
+        return f"{recent} inbound faults in {self.window_s:.0f} s; last {self.last}"
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.counts, "last_fault": self.last, "degraded": self.degraded}
+
+
+def _kind(topic: str, topics: Any) -> str:
+    """A topic as it may be logged: its kind, never what a sender put in it."""
+    if topic == topics.ack:
+        return "ack"
+    if (name := topics.command_name(topic)) is not None:
+        return f"cmd/{name[:40]!r}"
+    return "blob request"
+
+
 class Uplink:
     """Connects, publishes batches in seq order, applies acks, answers commands."""
+
+    offline_timeout_s = 1.5  # the offline status at shutdown: a frozen broker never answers
+    shutdown_grace_s = 3.0  # stop -> connection closed, whatever the broker does
 
     def __init__(
         self,
@@ -100,6 +165,7 @@ class Uplink:
         }
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
+        self.inbound = InboundFaults()
         # photos: chunked blob transfer beside the records (agent/station/blobs.py)
         self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
 
@@ -126,13 +192,42 @@ class Uplink:
             "published_records": self.published_records,
             "connect_failures": self.connect_failures,
             "last_error": self.last_error,
+            "inbound": self.inbound.describe(),
             **({} if self.blobs is None else self.blobs.describe()),
         }
 
     # -- the connection loop ---------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until `stop` is set; then say offline and disconnect."""
+        """Stay connected until `stop` is set; then say offline and disconnect, in bounded time.
+
+        Whatever the broker does (frozen, half-open, slow to CONNACK), the connection gets
+        `shutdown_grace_s` after `stop` to say offline and close; then it is cancelled and the
+        broker publishes our will (offline) whenever it answers again.
+        """
+        conn = asyncio.create_task(self._run(stop), name="uplink-connection")
+        stopping = asyncio.create_task(stop.wait(), name="uplink-stopping")
+        try:
+            await asyncio.wait({conn, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not conn.done():
+                await asyncio.wait({conn}, timeout=self.shutdown_grace_s)
+            if not conn.done():
+                log.warning(
+                    "broker %s:%d did not let us close within %.1f s; closing the connection",
+                    self.config.mqtt.host,
+                    self.config.mqtt.port,
+                    self.shutdown_grace_s,
+                )
+                conn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await conn
+                return
+            await conn
+        finally:
+            stopping.cancel()
+            conn.cancel()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(cap=self.config.mqtt.backoff_max_s)
         tls = tls_context(self.config)
         password = read_password(self.config)
@@ -243,7 +338,13 @@ class Uplink:
             "reason": "shutdown",
         }
         try:
-            await client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
+            await client.publish(
+                self.topics.status,
+                json.dumps(body),
+                qos=1,
+                retain=True,
+                timeout=self.offline_timeout_s,
+            )
         except aiomqtt.MqttError as e:
             log.warning("could not publish offline status: %s", e)
 
@@ -297,21 +398,44 @@ class Uplink:
     # -- acks and commands in ------------------------------------------------------------
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        topics = self.topics
+        """Every inbound message, whatever its bytes: one that is too big, malformed or whose
+        handler fails is counted and logged once per change, and the loop goes on. Only the
+        connection's own errors (aiomqtt.MqttError) and cancellation end it."""
         async for message in client.messages:
             topic = message.topic.value
-            if topic == topics.ack:
-                await self._apply_ack(message.payload)
-            elif (name := topics.command_name(topic)) is not None:
-                await self._command(client, name, message.payload)
-            elif self.blobs is not None:
-                self.blobs.handle(topic, message.payload)
+            payload = message.payload
+            size = len(payload) if isinstance(payload, bytes | bytearray | str) else 0
+            if size > self.config.mqtt.max_inbound_bytes:
+                self.inbound.fault(
+                    "oversize",
+                    f"{_kind(topic, self.topics)}: {size} bytes over the "
+                    f"mqtt.max_inbound_bytes cap of {self.config.mqtt.max_inbound_bytes}",
+                )
+                continue
+            try:
+                await self._dispatch(client, topic, payload)
+            except aiomqtt.MqttError:
+                raise
+            except Exception as e:  # no input may end the station
+                self.inbound.fault(
+                    "failed", f"{_kind(topic, self.topics)} handler: {type(e).__name__}: {e}"
+                )
+            raise_if_cancelling()
+
+    async def _dispatch(self, client: aiomqtt.Client, topic: str, payload: Any) -> None:
+        topics = self.topics
+        if topic == topics.ack:
+            await self._apply_ack(payload)
+        elif (name := topics.command_name(topic)) is not None:
+            await self._command(client, name, payload)
+        elif self.blobs is not None:
+            self.blobs.handle(topic, payload)
 
     async def _apply_ack(self, payload: Any) -> None:
         try:
-            ids = parse_ack(payload).ids
+            ids = parse_ack(payload, self.config.mqtt.max_inbound_bytes).ids
         except MessageError as e:
-            log.warning("ignored a malformed ack: %s", e)
+            self.inbound.fault("malformed", f"ack: {e}")
             return
         n = await self.outbox.confirm(ids)
         log.debug("registry confirmed %d of %d ids", n, len(ids))
@@ -321,7 +445,7 @@ class Uplink:
     async def _command(self, client: aiomqtt.Client, name: str, payload: Any) -> None:
         request_id = None
         try:
-            command = parse_command(name, payload)
+            command = parse_command(name, payload, self.config.mqtt.max_inbound_bytes)
             request_id, body = command.request_id, command.args
             handler = self._commands.get(name)
             if handler is None:
@@ -331,11 +455,16 @@ class Uplink:
                 }
             else:
                 result = {"ok": True, **await handler(body)}
-        except ValueError as e:
+        except MessageError as e:
+            self.inbound.fault("malformed", f"cmd/{name}: {e}")
             result = {"ok": False, "error": f"bad command payload: {e}"}
-        except Exception as e:
-            log.exception("command %s failed", name)
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        except ValueError as e:
+            result = {"ok": False, "error": f"bad command payload: {str(e)[:200]}"}
+        except aiomqtt.MqttError:
+            raise
+        except Exception as e:  # answered, counted; never ends the connection
+            self.inbound.fault("failed", f"cmd/{name}: {type(e).__name__}: {e}")
+            result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         await client.publish(
             self.topics.command_result(name), command_result(request_id, result), qos=1
         )
