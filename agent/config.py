@@ -222,6 +222,30 @@ class SerialDevice(DeviceBase):
     host_ack: str = Field(default="", description="Written back once the record is durable.")
     host_nak: str = Field(default="", description="Written back when it could not be stored.")
 
+    @field_validator("terminator", "host_ack", "host_nak")
+    @classmethod
+    def _single_bytes(cls, v: str) -> str:
+        """These are bytes on the wire, one per character (write "\\u0006" for ACK)."""
+        bad = [c for c in v if ord(c) > 0xFF]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not a single byte; write bytes as \\u0000-\\u00ff escapes"
+            )
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _text_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            info = codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding '{v[:40]}'") from None
+        if not getattr(info, "_is_text_encoding", True):
+            raise ValueError(f"'{v[:40]}' is not a text encoding")
+        return v
+
 
 class HidDevice(DeviceBase):
     """A scanner in USB keyboard (HID) mode, read through evdev and grabbed exclusively."""
@@ -522,6 +546,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: (file): not readable (permission denied)"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: (syntax): {e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: (file): not UTF-8 text (byte {e.start})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: (syntax): nested too deeply"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: (file): {e.strerror}"]) from None
 
@@ -591,6 +619,8 @@ def load_config(path: str | Path) -> Config:
     extra_dirs = (
         raw.get("agent", {}).get("profile_dirs", []) if isinstance(raw.get("agent"), dict) else []
     )
+    if not isinstance(extra_dirs, list):
+        extra_dirs = []  # the model reports the wrong type below
     dirs = profile_dirs(path, [path.parent / Path(d) for d in extra_dirs if isinstance(d, str)])
     devices: list[DeviceConfig] = []
     for i, entry in enumerate(devices_raw):
@@ -605,7 +635,7 @@ def load_config(path: str | Path) -> Config:
         seen.add(dev.name)
     api_raw = raw.get("api")
     manual = api_raw.get("manual_device") if isinstance(api_raw, dict) else None
-    if manual is not None and manual not in seen:
+    if isinstance(manual, str) and manual not in seen:  # other types: the model says so
         problems.append(f"{file}: api.manual_device: no device named '{manual}'")
     try:
         config = Config.model_validate({**raw, "devices": [], "source": path})
