@@ -158,6 +158,31 @@ class ApiSection(Strict):
         le=100_000,
         description="Events kept for clients resuming with Last-Event-ID.",
     )
+    max_connections: int = Field(
+        default=128,
+        ge=4,
+        le=4096,
+        description="Open connections at most; at the cap a new one closes the oldest idle "
+        "or slow-header connection, never one with a request in flight.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A connection must send a request's whole header within this; else closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="A request's whole body must arrive within this of its header; else closed.",
+    )
+    idle_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="A keep-alive connection idle this long after a response is closed.",
+    )
 
     @model_validator(mode="after")
     def _loopback_only(self) -> ApiSection:
