@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 from agent.config import SerialDevice, load_config
 from agent.contract.messages import MessageError, load_object, parse_ack, parse_command
+from agent.contract.topics import DEFAULT_PREFIX, Topics
 from agent.drivers.serial import LineFramer, SerialDriver
 from agent.errors import CaptureError, ConfigError
 from agent.interpret import interpret
 from agent.keymap import KEYS, LAYOUTS, Decoder, Fault, KeyEvent, Scan, parse_evtest
+from agent.station.blobs import BlobSender, BlobStore
 from tests.fuzz._budget import FUZZ
 
 # -- the config loader -------------------------------------------------------------------
@@ -237,6 +239,30 @@ def test_control_parsers_raise_only_message_error(payload: bytes, limit: int) ->
             assert len(str(e)) < 200  # one short line, safe to log
         else:
             assert len(payload) <= limit
+
+
+_RID = "00000000-0000-0000-0000-000000000000"
+_blob_bodies = st.one_of(
+    _payloads,
+    st.fixed_dictionaries(
+        {
+            "missing": st.lists(st.integers() | st.booleans() | st.text(max_size=3), max_size=8)
+            | st.integers(),
+            "sha256": st.sampled_from(["ab" * 32, "", 5]) | st.text(max_size=8),
+        }
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@FUZZ
+@given(st.sampled_from([_RID, "x", "../..", _RID + "/y"]), _blob_bodies)
+def test_blob_missing_request_handler_never_raises(rid: str, body: bytes) -> None:
+    topics = Topics(DEFAULT_PREFIX).station("site", "agent")
+    sender = BlobSender(BlobStore(_CONFIG_DIR / "blobs", None), topics)
+    sender._data[_RID] = {"sha256": "ab" * 32, "bytes": 100_000}  # a blob this agent holds
+    sender.handle(f"{topics.base}/blobs/{rid}/missing", body)
+    for job in sender._jobs.values():
+        assert job.chunks is None or all(isinstance(i, int) and i >= 0 for i in job.chunks)
 
 
 # -- interpretation ----------------------------------------------------------------------

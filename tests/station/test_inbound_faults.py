@@ -1,0 +1,98 @@
+"""Repeated faults are counted, logged once per change, and become a degraded state that
+says why (agent/station/uplink.py InboundFaults, agent/station/kiosk/bounded.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+
+import pytest
+
+from agent.config import ApiSection
+from agent.station.kiosk.bounded import BoundedHttp
+from agent.station.uplink import InboundFaults
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_faults_degrade_then_recover_with_few_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    faults = InboundFaults(clock)
+    caplog.set_level(logging.WARNING, logger="agent.station.uplink")
+    for _ in range(4):
+        faults.fault("malformed", "ack: JSON nested too deeply")
+    assert faults.degraded is None
+    for _ in range(200):
+        faults.fault("malformed", "ack: JSON nested too deeply")
+        clock.now += 0.01
+    faults.fault("oversize", "ack: 2097152 bytes over the cap")
+    assert faults.describe()["malformed"] == 204 and faults.describe()["oversize"] == 1
+    why = faults.degraded
+    assert why is not None and "205 inbound faults" in why and "oversize" in why
+    # one line for the first malformed one, one for the change to oversize
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
+    assert "203 more" in caplog.records[1].getMessage()
+    clock.now += InboundFaults.window_s + 1
+    assert faults.degraded is None  # quiet for a window: no longer degraded
+    faults.fault("malformed", "again")  # same kind as the last line but a minute later: logged
+    assert len(caplog.records) == 3
+
+
+class Conn:
+    """Stands for a BoundedH11Protocol: only what BoundedHttp reads of it."""
+
+    def __init__(self, busy: bool) -> None:
+        self.busy = busy
+        self.closed = False
+
+    def close_now(self) -> None:
+        self.closed = True
+
+
+def test_at_the_cap_the_oldest_idle_connection_goes_never_a_busy_one() -> None:
+    bounds = BoundedHttp(ApiSection(max_connections=4))
+    busy = Conn(True)
+    idle = [Conn(False) for _ in range(3)]
+    for c in [busy, *idle]:
+        assert bounds.admit(c)  # type: ignore[arg-type]
+    kiosk = Conn(False)
+    assert bounds.admit(kiosk)  # type: ignore[arg-type]
+    assert idle[0].closed and not busy.closed and bounds.evicted == 1
+    for c in idle[1:]:
+        c.busy = True
+    kiosk.busy = True
+    late = Conn(False)
+    assert not bounds.admit(late)  # type: ignore[arg-type]
+    assert bounds.refused == 1 and len(bounds.open) == 4
+
+
+def test_descriptor_errors_are_logged_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    bounds = BoundedHttp(ApiSection())
+    passed: list[dict[str, object]] = []
+    handler = bounds.exception_handler(lambda loop, ctx: passed.append(ctx))
+    loop = asyncio.new_event_loop()
+    try:
+        caplog.set_level(logging.WARNING, logger="agent.station.kiosk.bounded")
+        emfile = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(500):
+            handler(
+                loop, {"message": "socket.accept() out of system resource", "exception": emfile}
+            )
+        assert bounds.describe()["out_of_descriptors"] is True
+        assert bounds.admit(Conn(False))  # type: ignore[arg-type]  # accepting again
+        handler(loop, {"message": "something else", "exception": ValueError("x")})
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "Too many open files" in lines[0]
+    assert "after 500 descriptor error(s)" in lines[1]
+    assert bounds.resource_errors == 500 and not bounds.describe()["out_of_descriptors"]
+    assert len(passed) == 1  # other loop errors go to the previous handler
