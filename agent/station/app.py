@@ -180,7 +180,7 @@ class StationApp:
         oldest = st.oldest_unconfirmed_age_s
         age = f", oldest {oldest:.0f}s" if oldest is not None else ""
         link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
-        degraded = None if self.uplink is None else self.uplink.inbound.degraded
+        degraded = None if self.uplink is None else self.uplink.degraded
         return (
             f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
             f"uplink {link}; devices {connected}/{len(devices)} connected"

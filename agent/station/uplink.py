@@ -26,7 +26,7 @@ from agent.config import Config
 from agent.contract.messages import MessageError, command_result, parse_ack, parse_command
 from agent.contract.records import Record, envelope_of, iso_ms, utc_now
 from agent.contract.topics import Topics
-from agent.errors import UplinkError
+from agent.errors import MadoguchiError, UplinkError
 from agent.station.blobs import BlobSender, BlobStore
 from agent.station.outbox import Outbox
 
@@ -166,6 +166,8 @@ class Uplink:
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
         self.inbound = InboundFaults()
+        self.fault: str | None = None  # the last failure that was not the broker's
+        self._fault_logged: str | None = None
         # photos: chunked blob transfer beside the records (agent/station/blobs.py)
         self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
 
@@ -193,6 +195,7 @@ class Uplink:
             "connect_failures": self.connect_failures,
             "last_error": self.last_error,
             "inbound": self.inbound.describe(),
+            "degraded": self.degraded,
             **({} if self.blobs is None else self.blobs.describe()),
         }
 
@@ -229,47 +232,73 @@ class Uplink:
 
     async def _run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(cap=self.config.mqtt.backoff_max_s)
-        tls = tls_context(self.config)
-        password = read_password(self.config)
         while not stop.is_set():
-            self.session = await self.outbox.bump_session()
-            client = self._client_for(self.session, tls, password)
             try:
-                async with client:
-                    self._client = client
-                    self._set_connected(True)
-                    self.last_error = None
-                    backoff.reset()
-                    log.info(
-                        "connected to %s:%d (session %d)",
+                # read each attempt: a key or password file fixed in place heals the uplink
+                tls = tls_context(self.config)
+                password = read_password(self.config)
+                self.session = await self.outbox.bump_session()
+            except MadoguchiError as e:  # a bad key file, a failing outbox: say so, retry
+                self._fault(str(e))
+            else:
+                client = self._client_for(self.session, tls, password)
+                try:
+                    async with client:
+                        self._client = client
+                        self._set_connected(True)
+                        self.last_error = None
+                        self.fault = self._fault_logged = None
+                        backoff.reset()
+                        log.info(
+                            "connected to %s:%d (session %d)",
+                            self.config.mqtt.host,
+                            self.config.mqtt.port,
+                            self.session,
+                        )
+                        stopping = False
+                        try:
+                            await self._connected(client, stop)
+                        except* _Stop:
+                            stopping = True
+                        if stopping:
+                            await self._say_offline(client)
+                            return
+                except* aiomqtt.MqttError as group:
+                    self.last_error = str(group.exceptions[0])
+                    self.connect_failures += 1
+                    log.warning(
+                        "broker %s:%d: %s",
                         self.config.mqtt.host,
                         self.config.mqtt.port,
-                        self.session,
+                        self.last_error,
                     )
-                    stopping = False
-                    try:
-                        await self._connected(client, stop)
-                    except* _Stop:
-                        stopping = True
-                    if stopping:
-                        await self._say_offline(client)
-                        return
-            except* aiomqtt.MqttError as group:
-                self.last_error = str(group.exceptions[0])
-                self.connect_failures += 1
-                log.warning(
-                    "broker %s:%d: %s",
-                    self.config.mqtt.host,
-                    self.config.mqtt.port,
-                    self.last_error,
-                )
-            finally:
-                self._set_connected(False)
-                self._client = None
+                except* MadoguchiError as group:  # the outbox failing under a batch or an ack
+                    self._fault(str(group.exceptions[0]))
+                except* Exception as group:  # a bug: logged with its traceback, never a restart
+                    bug = group.exceptions[0]
+                    self._fault(f"{type(bug).__name__}: {bug}", bug)
+                finally:
+                    self._set_connected(False)
+                    self._client = None
             delay = backoff.next()
             log.info("reconnecting in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _fault(self, reason: str, bug: BaseException | None = None) -> None:
+        """A failure that is not the broker's: the uplink stays, retries, and says why."""
+        self.last_error = self.fault = reason[:300]
+        self.connect_failures += 1
+        if self.fault != self._fault_logged:
+            log.error("uplink: %s; retrying with backoff", self.fault, exc_info=bug)
+            self._fault_logged = self.fault
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the uplink is not doing its whole job, or None (status, telemetry, STATUS=)."""
+        if self.fault is not None and not self.connected:
+            return f"uplink: {self.fault}"
+        return self.inbound.degraded
 
     def _client_for(
         self, session: int, tls: ssl.SSLContext | None, password: str | None

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.config import ApiSection
+from agent.errors import OutboxError
 from agent.station.kiosk.bounded import BoundedHttp
 from agent.station.uplink import InboundFaults
+from agent.testing import Broker, Pty, RegistryProbe, running_station, write_config
 
 
 class Clock:
@@ -96,3 +100,50 @@ def test_descriptor_errors_are_logged_once_per_episode(caplog: pytest.LogCapture
     assert "after 500 descriptor error(s)" in lines[1]
     assert bounds.resource_errors == 500 and not bounds.describe()["out_of_descriptors"]
     assert len(passed) == 1  # other loop errors go to the previous handler
+
+
+# -- on a real broker: a failing handler or outbox never ends the station ---------------
+
+
+@pytest.mark.broker
+async def test_failing_ack_handler_and_outbox_keep_the_uplink_up(
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link, outbox="resend_after_s = 1")
+    async with running_station(cfg) as run:
+        app = run.station
+        assert app.outbox is not None and app.uplink is not None
+        outbox, uplink = app.outbox, app.uplink
+        real_confirm, real_mark_sent = outbox.confirm, outbox.mark_sent
+        confirm_calls = 0
+
+        async def broken_confirm(ids: Any) -> int:
+            nonlocal confirm_calls
+            confirm_calls += 1
+            if confirm_calls <= 2:
+                raise RuntimeError("confirm failed for the test")
+            return await real_confirm(ids)
+
+        sent_calls = 0
+
+        async def broken_mark_sent(seqs: Any) -> None:
+            nonlocal sent_calls
+            sent_calls += 1
+            if sent_calls == 1:
+                raise OutboxError(f"{cfg}: outbox: disk I/O error (the test)")
+            await real_mark_sent(seqs)
+
+        outbox.confirm = broken_confirm  # type: ignore[method-assign]
+        outbox.mark_sent = broken_mark_sent  # type: ignore[method-assign]
+        for i in range(3):
+            pty_port.scan(f"fault-{i}")
+            assert await pty_port.aread(1) == b"\x06"
+        await registry.wait_for(3, timeout=20)
+        for _ in range(200):
+            if (await outbox.stats()).unconfirmed == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await outbox.stats()).unconfirmed == 0
+        assert uplink.inbound.counts["failed"] == 2
+        assert uplink.connected and not run.task.done()
+        assert sent_calls >= 2 and confirm_calls >= 3
