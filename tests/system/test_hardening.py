@@ -149,7 +149,7 @@ async def test_idle_and_slow_header_sockets_do_not_jam_the_kiosk(
     cfg = _with_api(
         write_config(tmp_path, broker.port, scanner=pty_port.link),
         api_port,
-        "header_timeout_s = 3\nmax_connections = 64",
+        "header_timeout_s = 6\nmax_connections = 64",
     )
     sockets: list[socket.socket] = []
     with _agent(cfg, tmp_path / "agent.log") as agent:
@@ -167,7 +167,6 @@ async def test_idle_and_slow_header_sockets_do_not_jam_the_kiosk(
                 s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 sockets.append(s)
                 slow.append(s)
-            fds = _open_fds(agent.pid)
             latencies = []
             async with httpx.AsyncClient(base_url=base, timeout=5) as kiosk:
                 for i in range(10):
@@ -181,9 +180,11 @@ async def test_idle_and_slow_header_sockets_do_not_jam_the_kiosk(
                     await _scan_acked(pty_port, f"during-{i}")
                     await asyncio.sleep(0.3)
             assert max(latencies) < 2.0, latencies
+            # the agent holds max_connections sockets at most (plus its own ~40), not 300
+            fds = _open_fds(agent.pid)
             assert fds < 64 + 60, f"{fds} descriptors open with 300 hostile sockets"
             # the slow ones are closed by the header deadline, not kept forever
-            await asyncio.sleep(3.5)
+            await asyncio.sleep(3.0)
             closed = 0
             for s in slow:
                 s.settimeout(0.01)
