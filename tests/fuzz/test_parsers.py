@@ -5,7 +5,7 @@ capture parser (CaptureError), the HID decoder and the serial framing (nothing: 
 input is a Fault / ReadFault), the ack and command parsers (MessageError), the blob
 missing-chunk request handler (nothing), and interpretation (nothing: a result for
 every text). The example count comes from tests/fuzz/_budget.py (`make fuzz`: 200,000
-each); an input that takes over 100 ms fails as well.
+each); an input that takes over 100 ms of CPU fails as well (tests/fuzz/_budget.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from agent.errors import CaptureError, ConfigError
 from agent.interpret import interpret
 from agent.keymap import KEYS, LAYOUTS, Decoder, Fault, KeyEvent, Scan, parse_evtest
 from agent.station.blobs import BlobSender, BlobStore
-from tests.fuzz._budget import FUZZ
+from tests.fuzz._budget import FUZZ, budgeted
 
 # -- the config loader -------------------------------------------------------------------
 
@@ -87,6 +87,7 @@ _config_input = st.one_of(
 
 @FUZZ
 @given(_config_input)
+@budgeted
 def test_config_loader_raises_only_config_error(text: bytes) -> None:
     path = _CONFIG_DIR / "agent.toml"  # one file, rewritten: a directory per input is slow
     path.write_bytes(text)
@@ -121,6 +122,7 @@ def _evtest_line(draw: st.DrawFn) -> str:
 
 @FUZZ
 @given(st.lists(_evtest_line(), max_size=12))
+@budgeted
 def test_evtest_parser_raises_only_capture_error(lines: list[str]) -> None:
     try:
         events = list(parse_evtest(lines))
@@ -149,6 +151,7 @@ _events = st.builds(
     st.integers(1, 64),
     st.lists(_events, max_size=60),
 )
+@budgeted
 def test_hid_decoder_never_raises(
     layout: str, alt_codes: bool, max_length: int, events: list[KeyEvent]
 ) -> None:
@@ -178,6 +181,7 @@ _encodings = st.sampled_from(["utf-8", "shift_jis", "cp932", "latin-1", "ascii",
     st.integers(16, 64),
     st.lists(st.binary(max_size=80) | st.sampled_from([b"\r", b"\r\n", b"\x1d"]), max_size=10),
 )
+@budgeted
 def test_serial_framing_never_raises(
     terminator: str, encoding: str, max_line: int, chunks: list[bytes]
 ) -> None:
@@ -227,6 +231,7 @@ _payloads = st.one_of(
 
 @FUZZ
 @given(_payloads, st.sampled_from([64, 1_048_576]))
+@budgeted
 def test_control_parsers_raise_only_message_error(payload: bytes, limit: int) -> None:
     for parse in (
         lambda: load_object(payload, limit),
@@ -256,6 +261,7 @@ _blob_bodies = st.one_of(
 
 @FUZZ
 @given(st.sampled_from([_RID, "x", "../..", _RID + "/y"]), _blob_bodies)
+@budgeted
 def test_blob_missing_request_handler_never_raises(rid: str, body: bytes) -> None:
     topics = Topics(DEFAULT_PREFIX).station("site", "agent")
     sender = BlobSender(BlobStore(_CONFIG_DIR / "blobs", None), topics)
@@ -287,6 +293,7 @@ for _t in ("0104912345123459", "]d20104912345123459\x1d10AB", "4912345678904", "
     st.sampled_from([None, "]d2", "]C1", "]E0", "]Q3", "]A0"]),
     st.none() | st.text(max_size=1),
 )
+@budgeted
 def test_interpretation_always_answers(text: str, symbology: str | None, gs: str | None) -> None:
     result = interpret(text, symbology=symbology, gs_substitute=gs, today=date(2026, 1, 1))
     assert isinstance(result["type"], str) and result["type"]
