@@ -95,3 +95,33 @@ def test_an_unwritable_data_dir_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(MadoguchiError) as err:
         DataDirLock(data).acquire()
     assert str(data) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lock_on_a_full_disk_still_excludes(tmp_path: Path) -> None:
+    """ENOSPC (a real small tmpfs, filled): the pid cannot be written, the lock still holds."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        data = mnt / "data"
+        data.mkdir()
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        assert full.value.errno == 28  # ENOSPC
+        with DataDirLock(data):
+            with pytest.raises(DataDirLocked) as err:
+                DataDirLock(data).acquire()
+            assert "in use by" in str(err.value)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
