@@ -90,6 +90,9 @@ def test_descriptor_errors_are_logged_once_per_episode(caplog: pytest.LogCapture
                 loop, {"message": "socket.accept() out of system resource", "exception": emfile}
             )
         assert bounds.describe()["out_of_descriptors"] is True
+        assert bounds.admit(Conn(False))  # type: ignore[arg-type]  # within the retry: same episode
+        assert bounds.describe()["out_of_descriptors"] is True
+        bounds._resource_last -= 3  # the retry delay has passed without an error
         assert bounds.admit(Conn(False))  # type: ignore[arg-type]  # accepting again
         handler(loop, {"message": "something else", "exception": ValueError("x")})
     finally:

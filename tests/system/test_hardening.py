@@ -205,6 +205,51 @@ async def test_idle_and_slow_header_sockets_do_not_jam_the_kiosk(
     assert log.count("api:") < 20, log  # a count, not a line per connection
 
 
+async def test_a_small_descriptor_limit_caps_connections_before_accept_fails(
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path
+) -> None:
+    """nofile=256 with api.max_connections=512 and 300 sockets: the cap comes down to what
+    fits, accept() never fails, the kiosk's requests and the scans go on."""
+    api_port = free_port()
+    cfg = _with_api(
+        write_config(tmp_path, broker.port, scanner=pty_port.link),
+        api_port,
+        "header_timeout_s = 60\nmax_connections = 512",
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.argv = ["prlimit", "--nofile=256:256", *agent.argv]
+    sockets: list[socket.socket] = []
+    latencies: list[float] = []
+    try:
+        agent.start()
+        await _ready(agent)
+        await _ready(agent, "api: serving the kiosk")
+        token = (cfg.parent / "data-station-03" / "api-token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        for _ in range(300):
+            sockets.append(socket.create_connection((LOOPBACK, api_port)))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as k:
+            for i in range(5):
+                t0 = time.monotonic()
+                r = await k.get("/v1/status", headers=headers)
+                latencies.append(time.monotonic() - t0)
+                assert r.status_code == 200, r.text
+                await _scan_acked(pty_port, f"nofile-{i}")
+        await registry.wait_for(5, timeout=20)
+        agent.check_running()
+        fds = _open_fds(agent.pid)
+        assert fds <= 256 - 64, fds
+    finally:
+        for s in sockets:
+            s.close()
+        agent.close()
+    log = agent.text()
+    print(f"nofile=256: kiosk latency max {max(latencies) * 1000:.0f} ms, agent fds {fds}")
+    assert "max_connections=512 does not fit the descriptor limit 256; using 128" in log, log
+    assert "Too many open files" not in log and "cannot accept" not in log, log
+    assert max(latencies) < 2.0, latencies
+
+
 # -- point 6: one agent per data_dir -------------------------------------------------------
 
 

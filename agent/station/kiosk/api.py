@@ -30,7 +30,7 @@ from starlette.responses import Response
 from agent._aio import Backoff, asgi_server
 from agent.config import ApiSection
 from agent.errors import ApiError, MadoguchiError
-from agent.station.kiosk.bounded import BoundedHttp
+from agent.station.kiosk.bounded import ACCEPT_BACKLOG, BoundedHttp
 from agent.station.kiosk.events import EventHub
 from agent.station.kiosk.guard import Guard, GuardMiddleware, error_response, load_token
 from agent.station.kiosk.openapi import openapi_document
@@ -123,6 +123,7 @@ class LocalApi:
     async def _serve(self, sockets: list[socket.socket], stop: asyncio.Event) -> None:
         # bounded.py: connection cap, header/body deadlines, descriptor errors logged once
         cfg = self.config
+        self.bounds.fit_descriptors()
         loop = asyncio.get_running_loop()
         previous = loop.get_exception_handler()
         loop.set_exception_handler(self.bounds.exception_handler(previous))
@@ -131,6 +132,7 @@ class LocalApi:
                 self.app,
                 sockets,
                 http=self.bounds.protocol_class(),
+                backlog=ACCEPT_BACKLOG,
                 limit_concurrency=cfg.max_connections + 16,  # ours closes idle ones first
                 timeout_keep_alive=cfg.idle_timeout_s,
                 timeout_graceful_shutdown=2,  # SIGTERM ends within 5 s (issue #15)

@@ -12,8 +12,12 @@ reconnect). Here, per connection:
   request in flight (idle, or still sending a header), so the kiosk's next
   request always gets in; only when every connection is busy is the new one
   closed;
-- running out of descriptors (EMFILE / ENFILE on accept) is logged once when it
-  starts and once when it ends, with the count, never one line per attempt.
+- the cap is brought under the process's descriptor limit at start (what
+  LimitNOFILE= allows, minus the rest of the agent and one accept burst), so the
+  cap closes connections before accept() can fail;
+- if accept() fails anyway (EMFILE / ENFILE: descriptors taken elsewhere), the
+  oldest idle connection is closed so that the retry gets in, and it is logged
+  once when it starts and once when it ends, with the count, never a line per try.
 
 The protocol is uvicorn's own h11 one with these hooks; `BoundedHttp.protocol_class()`
 is handed to uvicorn as its `http` class.
@@ -24,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import resource
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +41,13 @@ from agent.config import ApiSection
 log = logging.getLogger(__name__)
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: listen backlog, and so the most connections one accept burst takes: asyncio on 3.11
+#: accepts up to `backlog` per wake-up and, on EMFILE, goes on trying (and reporting) for
+#: the rest of the burst; uvicorn's default of 2048 made that thousands of log lines
+ACCEPT_BACKLOG = 64
+#: descriptors the rest of the agent may hold: outbox (db, WAL, SHM, side files), the MQTT
+#: socket, devices, blobs, the event loop's own, logging, pcscd, udev
+RESERVED_FDS = 64
 
 
 class BoundedHttp:
@@ -50,6 +63,7 @@ class BoundedHttp:
         self.timed_out = 0
         self.resource_errors = 0  # accept() failing for want of descriptors, in all
         self._resource_since: int | None = None  # resource_errors when this episode began
+        self._resource_last = 0.0  # monotonic time of the last one
 
     def protocol_class(self) -> type[BoundedH11Protocol]:
         """A protocol class bound to this state, for uvicorn's `http=`."""
@@ -70,7 +84,7 @@ class BoundedHttp:
 
     def admit(self, proto: BoundedH11Protocol) -> bool:
         """Make room for `proto`; False if every other connection is busy (it is closed)."""
-        if self._resource_since is not None:
+        if self._resource_since is not None and time.monotonic() - self._resource_last > 2.0:
             n = self.resource_errors - self._resource_since
             log.warning("api: accepting connections again after %d descriptor error(s)", n)
             self._resource_since = None
@@ -111,6 +125,24 @@ class BoundedHttp:
 
     # -- descriptors -------------------------------------------------------------------
 
+    def fit_descriptors(self) -> None:
+        """Bring the cap under the process's descriptor limit (RLIMIT_NOFILE, systemd's
+        LimitNOFILE=), leaving room for the rest of the agent and one accept burst, so that
+        connections are closed by the cap before accept() can fail for want of descriptors."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        fits = max(4, soft - RESERVED_FDS - ACCEPT_BACKLOG)
+        if fits < self.max_connections:
+            log.warning(
+                "api: max_connections=%d does not fit the descriptor limit %d; using %d "
+                "(raise LimitNOFILE= to allow more)",
+                self.max_connections,
+                soft,
+                fits,
+            )
+            self.max_connections = fits
+
     def exception_handler(
         self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
     ) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]:
@@ -121,6 +153,7 @@ class BoundedHttp:
             exc = context.get("exception")
             if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
                 self.resource_errors += 1
+                self._resource_last = time.monotonic()
                 if self._resource_since is None:
                     self._resource_since = self.resource_errors - 1
                     log.error(
@@ -130,6 +163,11 @@ class BoundedHttp:
                         len(self.open),
                         self.max_connections,
                     )
+                # free a descriptor for the retry (asyncio accepts again in a second)
+                victim = next((p for p in self.open if not p.busy), None)
+                if victim is not None:
+                    self.evicted += 1
+                    self.close(victim)
                 return None
             if previous is not None:
                 return previous(loop, context)
