@@ -334,3 +334,27 @@ async def test_sigterm_with_a_frozen_broker_ends_within_5_s(
     print(f"SIGTERM with a frozen broker: exit {code} after {took:.2f} s")
     assert took < 5.0, f"{took:.1f} s\n{agent.text()[-2000:]}"
     assert code == 0, agent.text()[-2000:]
+
+
+async def test_sigterm_while_connecting_to_a_frozen_broker_ends_within_5_s(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    """The broker's kernel accepts the TCP connection, the broker never sends CONNACK."""
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        with _agent(cfg, tmp_path / "agent.log") as agent:
+            await _ready(agent, "running with 1 device(s)")
+            await asyncio.sleep(0.5)  # inside the connect, waiting for CONNACK
+            assert "connected to" not in agent.text()
+            assert agent.proc is not None
+            t0 = time.monotonic()
+            agent.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(agent.proc.wait, 15)
+            took = time.monotonic() - t0
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    print(f"SIGTERM while connecting to a frozen broker: exit {code} after {took:.2f} s")
+    assert took < 5.0, f"{took:.1f} s\n{agent.text()[-2000:]}"
+    assert code == 0, agent.text()[-2000:]
