@@ -11,6 +11,7 @@ Topics and payloads are the MQTT contract v1 (docs/CONTRACT.md).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -83,7 +84,8 @@ class InboundFaults:
         self.clock = clock
         self.counts: dict[str, int] = {"oversize": 0, "malformed": 0, "failed": 0}
         self.last: str | None = None
-        self._recent: list[float] = []
+        # times of the faults within the window, bounded: a flood costs O(1) per message
+        self._recent: collections.deque[float] = collections.deque(maxlen=10_000)
         self._logged: tuple[str, float] | None = None
         self._unlogged = 0
 
@@ -91,7 +93,8 @@ class InboundFaults:
         now = self.clock()
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self.last = f"{kind}: {reason[:200]}"
-        self._recent = [t for t in self._recent if now - t < self.window_s] + [now]
+        self._expire(now)
+        self._recent.append(now)
         logged = self._logged
         if logged is None or logged[0] != kind or now - logged[1] >= self.quiet_s:
             more = f" ({self._unlogged} more inbound fault(s) since the last line)"
@@ -107,14 +110,18 @@ class InboundFaults:
             self._unlogged += 1
             log.debug("inbound message dropped: %s", self.last)
 
+    def _expire(self, now: float) -> None:
+        while self._recent and now - self._recent[0] >= self.window_s:
+            self._recent.popleft()
+
     def _total(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.counts.items())
 
     @property
     def degraded(self) -> str | None:
         """Why the station is degraded, or None: repeated faults say so, they never restart."""
-        now = self.clock()
-        recent = sum(1 for t in self._recent if now - t < self.window_s)
+        self._expire(self.clock())
+        recent = len(self._recent)
         if recent < self.degraded_after:
             return None
         return f"{recent} inbound faults in {self.window_s:.0f} s; last {self.last}"
