@@ -56,7 +56,8 @@ test: setup lint typecheck
 
 # Every parser of outside input with FUZZ_EXAMPLES inputs each (tests/fuzz/): fails on an
 # undocumented exception or an input over 100 ms of CPU. `make test` runs them with 60
-# each; 200,000 each took about 65 min on the 2-core dev machine (20,000: 395 s).
+# each. Measured on the shared 2-core dev machine: 20,000 each in 395 s, so 200,000 each
+# should take about an hour (not yet run at that count).
 FUZZ_EXAMPLES ?= 200000
 fuzz: venv
 	MADOGUCHI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q \
