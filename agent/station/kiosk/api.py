@@ -133,7 +133,7 @@ class LocalApi:
                 sockets,
                 http=self.bounds.protocol_class(),
                 backlog=ACCEPT_BACKLOG,
-                limit_concurrency=cfg.max_connections + 16,  # ours closes idle ones first
+                limit_concurrency=self.bounds.max_connections + 16,  # ours closes idle first
                 timeout_keep_alive=cfg.idle_timeout_s,
                 timeout_graceful_shutdown=2,  # SIGTERM ends within 5 s (issue #15)
             ):
