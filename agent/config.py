@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.contract.topics import DEFAULT_PREFIX
+from agent.contract.topics import DEFAULT_PREFIX, REGISTRY_SITE
 from agent.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
@@ -57,6 +57,19 @@ class AgentSection(Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level on stderr. Personal data is never logged."
     )
+    remote_photo: bool = Field(
+        default=False,
+        description="Answer the remote command cmd/capture_photo (a camera trigger from the "
+        "dashboard). Off: refused; the kiosk's own photo button works either way.",
+    )
+
+    @field_validator("site")
+    @classmethod
+    def _not_the_registry_s(cls, v: str) -> str:
+        """`_registry` is the site level of the registry consumers' own status topics."""
+        if v == REGISTRY_SITE:
+            raise ValueError(f"{v!r} is reserved for the registry's own topics")
+        return v
 
 
 class MqttSection(Strict):
@@ -113,6 +126,19 @@ class OutboxSection(Strict):
         description="32-byte AES key (mode 0600) that encrypts personal data at rest; "
         "required when a device stores personal data.",
     )
+    integrity_check_interval_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Run a quick integrity check of the outbox this often, on a read "
+        "connection of its own (scans are not stalled); a damaged database is moved aside "
+        "and salvaged. 0 turns it off.",
+    )
+    registry_public_key: Path | None = Field(
+        default=None,
+        description="The registry's X25519 public key (PEM, from `madoguchi registry keygen`): "
+        "a record's personal part is sealed to it, so that the broker and the registry only "
+        "hold ciphertext; required when a device stores personal data.",
+    )
 
 
 class ApiSection(Strict):
@@ -157,6 +183,11 @@ class ApiSection(Strict):
         ge=10,
         le=100_000,
         description="Events kept for clients resuming with Last-Event-ID.",
+    )
+    role: Literal["vaccination", "mynumber", "general"] = Field(
+        default="vaccination",
+        description="What this desk does; picks the kiosk page's prompt: vaccination (接種券), "
+        "mynumber (マイナンバーカード窓口) or general (総合窓口).",
     )
     max_connections: int = Field(
         default=128,
@@ -208,6 +239,13 @@ class DeviceBase(Strict):
     name: str = Field(pattern=DEVICE_NAME_PATTERN, description="Unique; in every record.")
     profile: str = Field(description="device_profiles/<profile>.toml this device is built on.")
     description: str = Field(default="", description="Human description of the model.")
+    label: str = Field(
+        default="",
+        max_length=40,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description='Name the kiosk page shows for the device, e.g. label = "接種券スキャナ". '
+        "Default: the device name.",
+    )
     expect: list[str] = Field(
         default_factory=list,
         description="Interpretation types this station expects; others are flagged.",
@@ -674,6 +712,20 @@ def load_config(path: str | Path) -> Config:
                     f"{file}: devices[{i}].store_card_info: personal data needs "
                     "outbox.key_file to encrypt it"
                 )
+    if config.outbox.registry_public_key is None:
+        for i, dev in enumerate(devices):
+            if isinstance(dev, PcscDevice) and dev.store_card_info:
+                problems.append(
+                    f"{file}: devices[{i}].store_card_info: personal data needs "
+                    "outbox.registry_public_key to seal it for the registry"
+                )
+    else:
+        from agent.personal_seal import PersonalSealer
+
+        try:  # the key file named, as `keyfile: outbox.registry_public_key: reason`
+            PersonalSealer.from_file(config.outbox.registry_public_key)
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
     data_dir = config.agent.data_dir

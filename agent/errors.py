@@ -7,7 +7,8 @@ message names the file, key, device or server so the person reading it can act.
     MadoguchiError
     ├── ConfigError            configuration or device profile; .problems = ["file: key: reason"]
     ├── OutboxError            the outbox database could not do what was asked
-    │   └── OutboxFull         max_bytes reached: the new record is refused (NAK)
+    │   ├── OutboxFull         max_bytes reached: the new record is refused (NAK)
+    │   └── OutboxDiskFull     the filesystem is full (ENOSPC, SQLITE_FULL): a state, not a crash
     ├── UplinkError            the broker could not be reached or refused us
     ├── DeviceError            a device failed; the message starts with the device name
     │   ├── DeviceUnavailable  not there (unplugged, port missing): retry later
@@ -21,11 +22,16 @@ message names the file, key, device or server so the person reading it can act.
     ├── RegistryStoreError     the registry database failed; nothing was committed
     ├── BlobMismatch           blob bytes that do not hash to their announced sha256
     ├── BlobError              (also ValueError) a blob message that cannot be used
+    ├── DashboardAuthError     the dashboard's token file is missing, empty or weak
+    ├── AuditError             the dashboard's audit log could not be written or read
+    ├── PersonalSealError      (also ValueError) a sealed personal part that cannot be opened
     └── HarnessError           agent.testing could not start a part (mosquitto, registry)
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
 (a ValueError), because the contract imports nothing but the standard library; the
-station and the registry catch it where they parse a message. `NoService` in
+station and the registry catch it where they parse a message. Its one subclass,
+`agent.contract.validate.RecordError`, is a `records` message or record refused by the
+registry (then dead-lettered). `NoService` in
 agent/drivers/scard.py is a signal between the pyscard boundary and the driver thread
 (pcscd went away), never raised past the driver.
 """
@@ -54,6 +60,11 @@ class OutboxError(MadoguchiError):
 
 class OutboxFull(OutboxError):
     """The outbox reached `max_bytes`: the new record is refused, nothing old is dropped."""
+
+
+class OutboxDiskFull(OutboxError):
+    """The filesystem under the outbox is full: an append is refused (NAK), bookkeeping
+    is retried with backoff, and the station shows `disk_full` until a write succeeds."""
 
 
 class UplinkError(MadoguchiError):
@@ -138,6 +149,23 @@ class BlobError(MadoguchiError, ValueError):
 class HarnessError(MadoguchiError):
     """A real part of the test harness (mosquitto, an agent or registry process) did not
     start or did not get ready; the message holds what it said."""
+
+
+# -- central: dashboard security (agent/central/dashboard_guard.py, audit.py) -------------
+
+
+class DashboardAuthError(MadoguchiError):
+    """The dashboard's token file is missing, empty or holds a token too short."""
+
+
+class AuditError(MadoguchiError):
+    """The dashboard's audit log could not be written (no command is sent then) or read."""
+
+
+class PersonalSealError(MadoguchiError, ValueError):
+    """A sealed personal part (`data["personal_sealed"]`) is malformed, or cannot be
+    opened: wrong private key, tampered ciphertext, or sealed for another record id.
+    The message names the record and the reason, never the content."""
 
 
 # -- station: one agent per data_dir (agent/station/lock.py) -------------------------------

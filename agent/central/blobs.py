@@ -43,6 +43,12 @@ class BlobState:
     sha256: str | None = None
 
 
+def _prefixes(rel: Path) -> list[Path]:
+    """`a`, `a/b`, `a/b/c` for `a/b/c`."""
+    parts = rel.parts
+    return [Path(*parts[: i + 1]) for i in range(len(parts))]
+
+
 class BlobAssembler:
     """Partial chunks and finished blobs under one directory."""
 
@@ -55,6 +61,15 @@ class BlobAssembler:
         if not (_NAME.match(site) and _NAME.match(agent) and is_record_id(record_id)):
             raise BlobError(f"bad blob address {site}/{agent}/{record_id[:40]!r}")
         return self.root / "partial" / site / agent / record_id, self.root / site / agent
+
+    def _private_dir(self, path: Path) -> None:
+        """`path` and every directory from the root down to it, 0700 whatever the umask:
+        the photos are personal data."""
+        levels = [self.root, *(self.root / p for p in _prefixes(path.relative_to(self.root)))]
+        for d in levels:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if d.stat().st_mode & 0o777 != 0o700:
+                os.chmod(d, 0o700)
 
     def final_path(self, site: str, agent: str, record_id: str) -> Path:
         return self._dirs(site, agent, record_id)[1] / f"{record_id}.blob"
@@ -89,7 +104,7 @@ class BlobAssembler:
         old = self._manifest(partial)
         if old is not None and old != body:
             shutil.rmtree(partial, ignore_errors=True)  # a different blob under this id: restart
-        partial.mkdir(parents=True, exist_ok=True)
+        self._private_dir(partial)
         (partial / "manifest.json").write_text(json.dumps(body))
         missing = self._missing(partial, body)
         if not missing:  # every part arrived but we stopped before finishing
@@ -128,7 +143,7 @@ class BlobAssembler:
             for piece in pieces:
                 piece.unlink(missing_ok=True)
             return BlobState(record_id, False, list(range(body["chunks"])), body["sha256"])
-        final_dir.mkdir(parents=True, exist_ok=True)
+        self._private_dir(final_dir)
         target = final_dir / f"{record_id}.blob"
         tmp = target.with_suffix(".tmp")
         with tmp.open("wb") as out:

@@ -13,7 +13,9 @@ connection, and must not flip a live station red.
 
 The page and the API carry no personal data (the agent never puts any in
 status or telemetry); the dashboard binds to loopback by default: put it
-behind the city's authenticating proxy to share it.
+behind the city's TLS proxy to share it. Every API call needs a credential and a
+known Host and Origin (dashboard_guard.py); every command is audited first
+(audit.py), and without an audit log no command is sent.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -32,16 +35,20 @@ from typing import Any
 import aiomqtt
 
 from agent._aio import NO_DELAY, Backoff, asgi_server
-from agent.central.store import AgentSummary, Gap, RecordStore
+from agent.central.audit import AuditLog
+from agent.central.dashboard_guard import DashboardGuard, DashboardGuardMiddleware
+from agent.central.store import AgentSummary, Gap, Problems, RecordStore
 from agent.central.stores import open_store
 from agent.contract.messages import Command
 from agent.contract.topics import DEFAULT_PREFIX, Topics
-from agent.errors import MadoguchiError, RegistryStoreError
+from agent.errors import AuditError, MadoguchiError, RegistryStoreError
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "dashboard_static"
 COMMANDS = ("rebirth", "resend", "diagnostics", "ping")
+# a remote camera trigger: offered only with remote_photo, and the station must opt in too
+PHOTO_COMMAND = "capture_photo"
 
 
 @dataclass(slots=True)
@@ -70,6 +77,19 @@ class Thresholds:
     nearly_full_ratio: float = 0.8  # outbox bytes over max_bytes
     gap_timeout_s: float = 300.0  # a seq gap open longer than this
     keep_events_s: float = 3600.0  # agent-raised alerts (expired lot ...) stay this long
+    registry_missed_beats: float = 3.0  # registry down: no heartbeat for this many periods
+
+
+@dataclass(slots=True)
+class RegistryView:
+    """One registry consumer, from its retained `_registry/{name}/status`."""
+
+    name: str
+    state: str = "unknown"  # online | offline
+    session: int = 0
+    last_seen: float | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    changed_at: float = 0.0
 
 
 class Fleet:
@@ -79,6 +99,109 @@ class Fleet:
         self.t = thresholds or Thresholds()
         self.stations: dict[tuple[str, str], StationView] = {}
         self.per_minute: list[int] = []
+        self.registries: dict[str, RegistryView] = {}
+        self.problems: Problems | None = None
+
+    def on_registry_status(self, name: str, body: dict[str, Any], now: float) -> None:
+        """A consumer's status: a will older than its last online session is stale."""
+        session = body.get("session")
+        state = body.get("state")
+        if not isinstance(session, int) or state not in ("online", "offline"):
+            return
+        view = self.registries.setdefault(name, RegistryView(name))
+        if session < view.session:
+            return
+        view.state, view.session, view.status = str(state), session, body
+        view.changed_at = now
+        if state == "online":
+            view.last_seen = now
+
+    def on_problems(self, problems: Problems) -> None:
+        self.problems = problems
+
+    def registry_alerts(self, now: float) -> list[dict[str, Any]]:
+        """Registry down (no consumer online, or heartbeats missed), behind (lag), and
+        records it refused (dead letters) or found conflicting, in the last hour."""
+        out: list[dict[str, Any]] = []
+        live = []
+        self._forget_old_consumers(now)
+        for r in sorted(self.registries.values(), key=lambda r: r.name):
+            beat = r.status.get("heartbeat_s")
+            beat_s = float(beat) if isinstance(beat, int | float) and beat > 0 else 10.0
+            silent = (
+                r.last_seen is None or now - r.last_seen > self.t.registry_missed_beats * beat_s
+            )
+            if r.state == "online" and not silent:
+                live.append(r)
+        if self.registries and not live:
+            down = [r for r in self.registries.values() if r.state == "offline"]
+            detail = str(down[0].status.get("reason", "offline")) if down else "no heartbeat"
+            out.append({"type": "registry_down", "level": "error", "detail": detail})
+        lag = max(
+            (float(v) for r in live if isinstance(v := r.status.get("lag_s"), int | float)),
+            default=0.0,
+        )
+        for st in self.stations.values():
+            age = ((st.telemetry or st.status).get("outbox") or {}).get("oldest_unconfirmed_age_s")
+            if st.state == "online" and isinstance(age, int | float):
+                lag = max(lag, float(age))
+        if live and lag >= self.t.stuck_after_s:
+            out.append({"type": "registry_behind", "level": "warn", "detail": f"{lag:.0f} s"})
+        p = self.problems
+        if p is not None:
+            recent = [d for d in p.recent_dead_letters if now - d.at <= self.t.keep_events_s]
+            if recent:
+                out.append(
+                    {
+                        "type": "dead_letters",
+                        "level": "error",
+                        "detail": f"{len(recent)} in the last hour ({p.dead_letters} in all):"
+                        f" {recent[0].reason[:120]}",
+                    }
+                )
+            clashes = [c for c in p.recent_conflicts if now - c.at <= self.t.keep_events_s]
+            if clashes:
+                c = clashes[0]
+                out.append(
+                    {
+                        "type": "conflicts",
+                        "level": "error",
+                        "detail": f"{len(clashes)} in the last hour ({p.conflicts} in all):"
+                        f" {c.site}/{c.agent} record {c.record_id}",
+                    }
+                )
+        return out
+
+    def _forget_old_consumers(self, now: float) -> None:
+        """Consumers named after their pid come and go: one offline for longer than
+        `keep_events_s` is forgotten while another is online."""
+        online = any(r.state == "online" for r in self.registries.values())
+        if not online:
+            return
+        for name, r in list(self.registries.items()):
+            if r.state == "offline" and now - r.changed_at > self.t.keep_events_s:
+                del self.registries[name]
+
+    def registry_snapshot(self, now: float) -> dict[str, Any]:
+        self._forget_old_consumers(now)
+        p = self.problems
+        return {
+            "consumers": [
+                {
+                    "name": r.name,
+                    "state": r.state,
+                    "last_seen_age_s": None if r.last_seen is None else now - r.last_seen,
+                    **{
+                        k: r.status.get(k)
+                        for k in ("lag_s", "stored", "duplicates", "conflicts", "dead_letters")
+                    },
+                }
+                for r in sorted(self.registries.values(), key=lambda r: r.name)
+            ],
+            "dead_letters": None if p is None else p.dead_letters,
+            "conflicts": None if p is None else p.conflicts,
+            "alerts": self.registry_alerts(now),
+        }
 
     def _station(self, site: str, agent: str) -> StationView:
         key = (site, agent)
@@ -222,7 +345,13 @@ class Fleet:
             "now": now,
             "sites": [{"site": s, "stations": rows} for s, rows in sorted(sites.items())],
             "per_minute": self.per_minute,
+            "registry": self.registry_snapshot(now),
         }
+
+
+def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:
+    """A diagnostics result as the download holds it: without the request id."""
+    return {k: v for k, v in result.items() if k != "request_id"}
 
 
 class Dashboard:
@@ -242,6 +371,11 @@ class Dashboard:
         chart_minutes: int = 30,
         command_timeout_s: float = 10.0,
         tls_context: Any = None,
+        guard: DashboardGuard | None = None,
+        audit: AuditLog | None = None,
+        remote_photo: bool = False,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -257,6 +391,12 @@ class Dashboard:
         self.chart_minutes = chart_minutes
         self.command_timeout_s = command_timeout_s
         self.tls_context = tls_context
+        # no guard given: one that knows no token, so every /api/ call is refused
+        self.guard = guard or DashboardGuard(listen_host=http_host)
+        self.audit = audit
+        self.commands = COMMANDS + ((PHOTO_COMMAND,) if remote_photo else ())
+        self.username = username
+        self.password = password
         self.connected = asyncio.Event()
         self.serving = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -274,6 +414,8 @@ class Dashboard:
                     identifier=f"madoguchi-dashboard-{socket.gethostname()}-{os.getpid()}",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     tls_context=self.tls_context,
+                    username=self.username,
+                    password=self.password,
                     keepalive=30,
                     socket_options=NO_DELAY,
                 ) as client:
@@ -298,9 +440,16 @@ class Dashboard:
 
     def on_message(self, topic: str, payload: Any, now: float) -> None:
         where = self.topics.parse(topic)
-        if where is None or where.kind not in ("status", "telemetry", "cmd_result"):
+        if where is None or where.kind not in (
+            "status",
+            "telemetry",
+            "cmd_result",
+            "registry_status",
+        ):
             return
         site, agent = where.site, where.agent
+        if where.kind == "registry_status" and not payload:
+            return  # a consumer cleared its retained status at a clean stop
         try:
             body = json.loads(payload)
         except (ValueError, TypeError):
@@ -308,7 +457,9 @@ class Dashboard:
             return
         if not isinstance(body, dict):
             return
-        if where.kind == "status":
+        if where.kind == "registry_status":
+            self.fleet.on_registry_status(agent, body, now)
+        elif where.kind == "status":
             self.fleet.on_status(site, agent, body, now)
         elif where.kind == "telemetry":
             self.fleet.on_telemetry(site, agent, body, now)
@@ -318,12 +469,42 @@ class Dashboard:
             if fut is not None and not fut.done():
                 fut.set_result(body)
 
-    async def command(self, site: str, agent: str, name: str) -> dict[str, Any]:
-        """Publish `cmd/{name}` and wait for its result (or say it timed out)."""
+    async def command(
+        self, site: str, agent: str, name: str, who: str = "dashboard"
+    ) -> dict[str, Any]:
+        """Publish `cmd/{name}` and wait for its result, audited before and after."""
+        request_id = str(uuid.uuid4())
+        if self.audit is not None:  # on disk before it is sent; AuditError: nothing is sent
+            await asyncio.to_thread(
+                self.audit.record,
+                who=who,
+                site=site,
+                agent=agent,
+                command=name,
+                request_id=request_id,
+                outcome="sent",
+            )
+        result = await self._command(site, agent, name, request_id)
+        if self.audit is not None:
+            try:
+                await asyncio.to_thread(
+                    self.audit.record,
+                    who=who,
+                    site=site,
+                    agent=agent,
+                    command=name,
+                    request_id=request_id,
+                    outcome="ok" if result.get("ok") is True else "failed",
+                    error=None if result.get("ok") is True else str(result.get("error")),
+                )
+            except AuditError as e:  # sent and answered: say so, the "sent" line is on disk
+                log.error("dashboard: %s: outcome of %s %s not audited", e, name, request_id)
+        return result
+
+    async def _command(self, site: str, agent: str, name: str, request_id: str) -> dict[str, Any]:
         client = self._client
         if client is None:
             return {"ok": False, "error": "dashboard not connected to the broker"}
-        request_id = str(uuid.uuid4())
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
@@ -356,6 +537,7 @@ class Dashboard:
                     agents = await store.agents(self.chart_minutes)
                     gaps = await store.open_gaps()
                     self.fleet.on_registry(agents, gaps)
+                    self.fleet.on_problems(await store.problems())
                 except RegistryStoreError as e:
                     log.warning("dashboard: registry database: %s", e)
                 await asyncio.sleep(self.db_poll_s)
@@ -367,6 +549,7 @@ class Dashboard:
 
     def app(self) -> Any:
         from starlette.applications import Starlette
+        from starlette.middleware import Middleware
         from starlette.requests import Request
         from starlette.responses import FileResponse, JSONResponse
         from starlette.routing import Route
@@ -403,17 +586,84 @@ class Dashboard:
                 site, agent, name = str(body["site"]), str(body["agent"]), str(body["name"])
             except (ValueError, KeyError, TypeError):
                 return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
-            if name not in COMMANDS or (site, agent) not in self.fleet.stations:
+            if self.audit is None:
+                return JSONResponse(
+                    {"ok": False, "error": "no audit log: commands are off"}, 503, headers=headers
+                )
+            if name == PHOTO_COMMAND and name not in self.commands:
+                return JSONResponse(
+                    {"ok": False, "error": "remote photo is off (dashboard.remote_photo)"},
+                    403,
+                    headers=headers,
+                )
+            if name not in self.commands or (site, agent) not in self.fleet.stations:
                 return JSONResponse({"ok": False, "error": "unknown"}, 404, headers=headers)
-            return JSONResponse(await self.command(site, agent, name), headers=headers)
+            who = request.scope.get("state", {}).get("user")
+            if not who:  # the guard lets no anonymous call through; say so if it ever did
+                return JSONResponse({"ok": False, "error": "unauthorized"}, 401, headers=headers)
+            try:
+                result = await self.command(site, agent, name, who=who)
+            except AuditError as e:
+                log.error("dashboard: %s: command %s not sent", e, name)
+                return JSONResponse(
+                    {"ok": False, "error": "audit log unavailable: not sent"}, 503, headers=headers
+                )
+            return JSONResponse(result, headers=headers)
+
+        async def audit(request: Request) -> JSONResponse:
+            entries = [] if self.audit is None else await asyncio.to_thread(self.audit.tail, 50)
+            return JSONResponse({"entries": entries}, headers=headers)
 
         return Starlette(
             routes=[
                 Route("/", index),
                 Route("/api/fleet", fleet),
                 Route("/api/command", command, methods=["POST"]),
-            ]
+                Route("/api/audit", audit),
+                *self._diagnostics_routes(headers),
+            ],
+            middleware=[Middleware(DashboardGuardMiddleware, guard=self.guard)],
         )
+
+    def _diagnostics_routes(self, headers: dict[str, str]) -> list[Any]:
+        """A station's last diagnostics as a JSON file, and the favicon."""
+        from starlette.requests import Request
+        from starlette.responses import FileResponse, JSONResponse, Response
+        from starlette.routing import Route
+
+        async def diagnostics(request: Request) -> Response:
+            site, agent = request.path_params["site"], request.path_params["agent"]
+            st = self.fleet.stations.get((site, agent))
+            result = None if st is None else st.results.get("diagnostics")
+            if result is None:
+                return JSONResponse(
+                    {"ok": False, "error": f"no diagnostics from {site}/{agent} yet"},
+                    404,
+                    headers=headers,
+                )
+            body = {"site": site, "agent": agent, **diagnostics_file(result)}
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(float(result.get("at") or 0)))
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", f"diagnostics-{site}-{agent}-{stamp}.json")
+            return Response(
+                json.dumps(body, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
+                media_type="application/json",
+                headers={
+                    **headers,
+                    "content-disposition": f'attachment; filename="{name}"',
+                },
+            )
+
+        async def favicon(request: Request) -> FileResponse:
+            return FileResponse(
+                STATIC / "favicon.svg",
+                media_type="image/svg+xml",
+                headers={"cache-control": "max-age=86400"},
+            )
+
+        return [
+            Route("/api/diagnostics/{site}/{agent}", diagnostics),
+            Route("/favicon.svg", favicon),
+        ]
 
     async def _serve(self, stop: asyncio.Event) -> None:
         # the process owns signals and the socket: not serve(), and no sys.exit on a bind error
@@ -428,6 +678,7 @@ class Dashboard:
                 f"dashboard: cannot listen on {self.http_host}:{self.http_port}: {e.strerror}"
             ) from e
         self.http_port = int(sock.getsockname()[1])
+        self.guard.bind(self.http_port)
         try:
             async with asgi_server(self.app(), [sock], timeout_graceful_shutdown=2):
                 log.info("dashboard on http://%s:%d/", self.http_host, self.http_port)

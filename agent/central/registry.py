@@ -16,6 +16,21 @@ Several consumers can share the load with an MQTT 5 shared subscription
 but before its commit loses that message on the wire; it was never acked, so
 the agent re-sends it after `resend_after_s` and a live consumer stores it.
 That is why the ack must never go out before the commit.
+
+Nothing a station sends can stop it (docs/CONTRACT.md "Registry"): every
+message goes through `agent.contract.validate.parse_records`; what fails is
+never acked, is kept in the bounded `dead_letters` table and counted. A
+commit that fails is retried message by message, so one station's poison
+never holds back another's records. A known id with other content is a
+conflict: kept apart, alerted, and acked (the first content stays). An
+unexpected exception in any task ends `run()` (and the process, non-zero, for
+systemd to restart); the retained `{prefix}/_registry/{name}/status` (online +
+heartbeat, offline by will) lets the dashboard see a registry down or behind.
+Personal data arrives only sealed (`data.personal_sealed`, agent/personal_seal.py):
+the registry checks the envelope's shape, the store keeps it apart from the record
+body, and `_purge_personal` deletes it after `personal_retention_hours`; a plain
+`data.personal` is dropped with a warning. The console masks long numbers unless
+`show_data`.
 """
 
 from __future__ import annotations
@@ -25,12 +40,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -38,16 +55,26 @@ from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff
 from agent.central.blobs import BlobAssembler, BlobState
-from agent.central.store import Batch, Gap, RecordStore, Stored
+from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
 from agent.contract.blobs import missing_request
 from agent.contract.messages import Ack
-from agent.contract.records import SCHEMA
-from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics
-from agent.contract.validate import check_record
+from agent.contract.records import iso_ms, utc_now
+from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics, registry_name
+from agent.contract.validate import LOST_RANGE, RecordError, load_json, lost_range, parse_records
 from agent.errors import BlobError, BlobMismatch, RegistryStoreError
+from agent.personal_seal import parse_envelope
 
-__all__ = ["Gap", "OnAlert", "OnStored", "Registry", "Stored", "describe_record", "run_registry"]
+__all__ = [
+    "Gap",
+    "OnAlert",
+    "OnStored",
+    "Registry",
+    "Stored",
+    "describe_record",
+    "mask_identifiers",
+    "run_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +82,13 @@ T = TypeVar("T")
 
 OnStored = Callable[[Stored], None]
 OnAlert = Callable[[Gap], None]
+OnConflict = Callable[[Stored], None]
+
+#: the retained will of a consumer named after its pid expires after a day (it is never
+#: cleared otherwise: the restarted consumer has another name)
+EPHEMERAL_WILL_EXPIRY_S = 24 * 3600
+#: bytes of a refused payload kept as its dead letter (none if it names a personal part)
+MAX_KEPT_PAYLOAD = 1024
 
 
 # -- the MQTT loop ------------------------------------------------------------------------
@@ -83,12 +117,24 @@ class Registry:
         batch_max_messages: int = 64,
         gap_timeout_s: float = 300.0,
         blob_dir: Path | None = None,
+        heartbeat_s: float = 10.0,
+        on_conflict: OnConflict | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        personal_retention_hours: float | None = 72.0,
     ) -> None:
         self.host = host
+        # sealed personal parts are purged this long after they were stored (None: never)
+        self.personal_retention_hours = personal_retention_hours
+        self.personal_purged = 0
+        self.personal_in_clear = 0
         self.port = port
         self.prefix = topic_prefix
         self.topics = Topics(topic_prefix)
         self.shared = shared
+        # a client id made of the pid is new at every start: its retained status must not
+        # pile up on the broker (cleared at a clean stop, the will expires)
+        self._ephemeral_id = client_id is None and shared is not None
         if client_id is None:
             client_id = "madoguchi-registry"
             if shared is not None:  # every member of a group needs its own id
@@ -97,6 +143,8 @@ class Registry:
         self.on_stored = on_stored
         self.on_alert = on_alert
         self.tls_context = tls_context
+        self.username = username
+        self.password = password
         self.batch_max_messages = batch_max_messages
         self.gap_timeout_s = gap_timeout_s
         self.store: RecordStore = db if not isinstance(db, (str, Path)) else open_store(db)
@@ -105,7 +153,17 @@ class Registry:
         self.duplicates = 0
         self.commits = 0
         self.store_failures = 0
+        self.dead_letters = 0
+        self.conflicts = 0
+        self.heartbeat_s = heartbeat_s
+        self.on_conflict = on_conflict
+        self.status_topic = self.topics.registry_status(registry_name(self.client_id))
+        self._session = 0
+        self._client_now: aiomqtt.Client | None = None
+        self._busy_since: float | None = None  # when the batch being stored was taken
         self.alerts: list[Gap] = []
+        #: `lost_range` records received (docs/CONTRACT.md "lost-range record")
+        self.lost_ranges: list[Gap] = []
         # photos: chunks put together in files, then stored once in the record store;
         # a photo record is acked only when its blob is stored
         if blob_dir is None:
@@ -145,7 +203,43 @@ class Registry:
                 self._blob_executor.shutdown(wait=True)
                 self._blob_executor = None
 
+    def _status(self, state: str, **extra: Any) -> bytes:
+        """The retained registry status: who, which connection, what it has done."""
+        body: dict[str, Any] = {
+            "state": state,
+            "client_id": self.client_id,
+            "session": self._session,
+            "ts": iso_ms(utc_now()),
+            **extra,
+        }
+        return json.dumps(body).encode()
+
+    def _heartbeat_body(self) -> bytes:
+        busy = self._busy_since
+        return self._status(
+            "online",
+            heartbeat_s=self.heartbeat_s,
+            lag_s=0.0 if busy is None else round(time.time() - busy, 3),
+            stored=self.stored_new,
+            duplicates=self.duplicates,
+            conflicts=self.conflicts,
+            dead_letters=self.dead_letters,
+            store_failures=self.store_failures,
+        )
+
     def _client(self) -> aiomqtt.Client:
+        self._session = time.time_ns() // 1_000_000  # a later connection: a larger session
+        will_props = None
+        if self._ephemeral_id:
+            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+            will_props.MessageExpiryInterval = EPHEMERAL_WILL_EXPIRY_S
+        will = aiomqtt.Will(
+            self.status_topic,
+            self._status("offline", reason="connection lost"),
+            qos=1,
+            retain=True,
+            properties=will_props,
+        )
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if self.shared is None:
             # one consumer: a persistent session keeps records queued while it restarts
@@ -164,28 +258,47 @@ class Registry:
             clean_start=clean_start,
             properties=props,
             tls_context=self.tls_context,
+            username=self.username,
+            password=self.password,
             keepalive=30,
             # unbounded: paho has already PUBACKed what is queued here, so a bounded
             # queue would drop records the broker counts as delivered (agents re-send
             # them only after resend_after_s; other publishers never)
             max_inflight_messages=100,
             socket_options=NO_DELAY,
+            will=will,
         )
 
     async def run(self) -> None:
-        """Consume until cancelled, reconnecting with backoff."""
+        """Consume until cancelled, reconnecting with backoff.
+
+        Only broker errors are retried here; anything else unexpected ends `run()`
+        with that exception (and the process, for systemd to restart it): a registry
+        that stays up but stores nothing is the one failure nobody sees.
+        """
         backoff = Backoff(cap=10.0)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch_gaps(), name="registry-gaps")
+            tg.create_task(self._heartbeat(), name="registry-heartbeat")
+            if self.personal_retention_hours is not None:
+                tg.create_task(self._purge_personal(), name="registry-personal-retention")
             while True:
                 try:
                     async with self._client() as client:
                         await client.subscribe(self.topic, qos=1)
                         await client.subscribe(self.blob_topic, qos=1)
+                        await client.publish(
+                            self.status_topic, self._heartbeat_body(), qos=1, retain=True
+                        )
+                        self._client_now = client
                         backoff.reset()
                         self.connected.set()
                         log.info("registry consuming %s on %s:%d", self.topic, self.host, self.port)
-                        await self._consume(client)
+                        try:
+                            await self._consume(client)
+                        finally:
+                            self._client_now = None
+                            await self._say_offline(client)
                 except aiomqtt.MqttError as e:
                     self.connected.clear()
                     delay = backoff.next()
@@ -198,6 +311,32 @@ class Registry:
                     )
                     await asyncio.sleep(delay)
 
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """A clean stop sends no will: say offline ourselves (best effort, bounded)."""
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                retain = not self._ephemeral_id
+                await client.publish(
+                    self.status_topic,
+                    self._status("offline", reason="stopped"),
+                    qos=1,
+                    retain=retain,
+                )
+                if not retain:  # and no retained status left behind under a pid's name
+                    await client.publish(self.status_topic, b"", qos=1, retain=True)
+
+    async def _heartbeat(self) -> None:
+        """The retained status again every `heartbeat_s`, with the consumer's lag."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            client = self._client_now
+            if client is None:
+                continue
+            try:
+                await client.publish(self.status_topic, self._heartbeat_body(), qos=1, retain=True)
+            except aiomqtt.MqttError as e:  # the consume loop sees the broker go and reconnects
+                log.debug("registry: heartbeat not sent: %s", e)
+
     async def _consume(self, client: aiomqtt.Client) -> None:
         """Take what is queued (at most `batch_max_messages`), one commit, then the acks.
 
@@ -206,45 +345,124 @@ class Registry:
         """
         messages = client.messages
         async for first in messages:
+            self._busy_since = time.time()
             taken = [first]
             while len(messages) and len(taken) < self.batch_max_messages:
                 taken.append(await anext(messages))
-            records = []
-            for m in taken:
-                topic = self.topics.parse(m.topic.value)
-                if topic is None:
-                    log.warning(
-                        "registry: dropped a message on %s: not a topic of the contract",
-                        m.topic.value[:200],
-                    )
-                elif topic.kind == "records":
-                    records.append((topic, m))
-                elif topic.kind in ("blob_manifest", "blob_chunk"):
-                    await self._handle_blob(client, topic, m)
-                # anything else (our own blob requests on the wildcard) is not for us
-            batches = [b for b in (self._parse(t, m) for t, m in records) if b is not None]
-            if not batches:
-                continue
+            await self._take(client, taken)
+            self._busy_since = None
+
+    async def _take(self, client: aiomqtt.Client, taken: list[aiomqtt.Message]) -> None:
+        """Validate, store (isolating a poison message), ack; refused ones dead-lettered."""
+        records = []
+        letters: list[DeadLetter] = []
+        for m in taken:
+            topic = self.topics.parse(m.topic.value)
+            if topic is None:
+                letters.append(self._letter(m, None, "not a topic of the contract"))
+            elif topic.kind == "records":
+                records.append((topic, m))
+            elif topic.kind in ("blob_manifest", "blob_chunk"):
+                await self._handle_blob(client, topic, m)
+            # anything else (our own blob requests on the wildcard) is not for us
+        parsed = [(m, self._parse(t, m, letters)) for t, m in records]
+        batches = [(m, b) for m, b in parsed if b is not None]
+        stored: list[Stored] = []
+        if batches:
             try:
-                stored = await self.store.store(batches)
+                stored = await self.store.store([b for _, b in batches])
             except RegistryStoreError as e:
-                # nothing committed, nothing acked: the agents send it again
-                self.store_failures += 1
-                log.error("registry: store failed, %d message(s) not acked: %s", len(batches), e)
-                continue
-            self.commits += 1
+                stored = await self._isolate(batches, e, letters)
+            else:
+                self.commits += 1
+        # the refused are kept before the acks go out: whoever sees an ack of a later
+        # message finds every earlier refusal counted
+        await self._dead_letter(letters)
+        if stored:
             await self._ack(client, stored)
+
+    async def _isolate(
+        self,
+        batches: list[tuple[aiomqtt.Message, Batch]],
+        error: RegistryStoreError,
+        letters: list[DeadLetter],
+    ) -> list[Stored]:
+        """A failed commit, again message by message: the poison is the one that fails
+        while others pass. If every one fails, the database is down: nothing is acked
+        and the agents send it all again."""
+        if len(batches) == 1:
+            self.store_failures += 1
+            log.error("registry: store failed, 1 message not acked: %s", error)
+            return []
+        stored: list[Stored] = []
+        failed: list[tuple[aiomqtt.Message, Batch, RegistryStoreError]] = []
+        for m, b in batches:
+            try:
+                stored.extend(await self.store.store([b]))
+                self.commits += 1
+            except RegistryStoreError as e:
+                failed.append((m, b, e))
+        if not stored:
+            self.store_failures += 1
+            log.error("registry: store failed, %d message(s) not acked: %s", len(batches), error)
+            return []
+        for m, b, why in failed:
+            # the first line only: a database's detail lines may quote the values
+            reason = f"the database refused it: {str(why).splitlines()[0][:200]}"
+            letters.append(self._letter(m, b.site, reason, b.agent))
+        return stored
+
+    def _letter(
+        self, m: aiomqtt.Message, site: str | None, reason: str, agent: str = ""
+    ) -> DeadLetter:
+        payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
+        if b"personal" in bytes(payload).lower():
+            # the registry database holds no personal data in the clear, even refused
+            payload = b""
+        return DeadLetter(
+            topic=_clean(m.topic.value[:300]),
+            reason=_clean(reason),
+            payload=bytes(payload[:MAX_KEPT_PAYLOAD]),
+            at=time.time(),
+            site=site or "",
+            agent=agent,
+        )
+
+    async def _dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Count, log (reason and topic only: the payload may hold personal data), keep."""
+        if not letters:
+            return
+        self.dead_letters += len(letters)
+        for d in letters:
+            log.warning("ALERT dead letter on %s: %s", d.topic, d.reason)
+        try:
+            await self.store.dead_letter(letters)
+        except RegistryStoreError as e:
+            log.error("registry: %d dead letter(s) not kept: %s", len(letters), e)
 
     async def _ack(self, client: aiomqtt.Client, stored: list[Stored]) -> None:
         ids: dict[tuple[str, str], list[str]] = {}
         for s in stored:
             if s.new:
                 self.stored_new += 1
+                if s.record.get("kind") == LOST_RANGE:
+                    self._lost_range_alert(s)
+            elif s.conflict:
+                self.conflicts += 1
+                log.warning(
+                    "ALERT conflict: %s/%s sent record %s again with other content;"
+                    " the first stays, the second is kept in conflicts",
+                    s.site,
+                    s.agent,
+                    s.record["id"],
+                )
+                if self.on_conflict is not None:
+                    self.on_conflict(s)
             else:
                 self.duplicates += 1
             if self.on_stored is not None:
                 self.on_stored(s)
-            if await self._blob_ready(s):
+            if s.conflict or await self._blob_ready(s):
                 ids.setdefault((s.site, s.agent), []).append(s.record["id"])
         # one ack per agent, all in flight together: a broker far away costs one
         # round trip per commit, not one per agent
@@ -255,30 +473,91 @@ class Registry:
             )
         )
 
-    def _parse(self, where: Topic, message: aiomqtt.Message) -> Batch | None:
-        topic = message.topic.value
+    def _lost_range_alert(self, s: Stored) -> None:
+        """A station reported seqs it could not read from a damaged outbox: stored like
+        any record, and an alert at once (no gap timeout: the station knows they are gone)."""
+        first, last = lost_range(s.record)
+        log.warning(
+            "ALERT %s/%s lost seq %d..%d (%d record(s)) to a damaged outbox",
+            s.site,
+            s.agent,
+            first,
+            last,
+            last - first + 1,
+        )
+        gap = Gap(s.site, s.agent, first, last, time.time())
+        self.lost_ranges.append(gap)
+        if self.on_alert is not None:
+            self.on_alert(gap)
+
+    def _parse(
+        self, where: Topic, message: aiomqtt.Message, letters: list[DeadLetter]
+    ) -> Batch | None:
+        """The valid records of a message; each refusal becomes a dead letter."""
+        raw = message.payload
+        payload = raw if isinstance(raw, bytes | bytearray | str) else b""
         try:
-            body = json.loads(message.payload)
-            if not isinstance(body, dict):
-                raise ValueError("payload is not an object")
-            if body.get("schema") != SCHEMA:
-                raise ValueError(f"unknown schema {body.get('schema')!r}")
-            site, agent = body["site"], body["agent"]
-            if [where.site, where.agent] != [site, agent]:
-                raise ValueError("envelope site/agent differ from the topic")
-            records = body["records"]
-            if not isinstance(records, list):
-                raise ValueError("records must be a list")
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("registry: dropped a malformed message on %s: %s", topic, e)
+            env = parse_records(payload, where.site, where.agent)
+        except RecordError as e:  # never log the payload: it may hold personal data
+            letters.append(self._letter(message, where.site, str(e), where.agent))
             return None
+        for bad in env.refused:
+            letters.append(
+                self._letter(message, where.site, f"record {bad.index}: {bad.reason}", where.agent)
+            )
         good = []
-        for i, r in enumerate(records):
+        for r in env.records:
             try:
-                good.append(check_record(r))
+                self._check_personal(where.site, where.agent, r)
+                good.append(r)
             except ValueError as e:  # never log the record: it may hold personal data
-                log.warning("registry: %s/%s record %d not stored: %s", site, agent, i, e)
-        return Batch(site, agent, good) if good else None
+                reason = f"record {r['id']}: {e}"[:300]
+                letters.append(self._letter(message, where.site, reason, where.agent))
+        return Batch(env.site, env.agent, good) if good else None
+
+    def _check_personal(self, site: str, agent: str, record: dict[str, Any]) -> None:
+        """A sealed personal part must parse (`PersonalSealError`, a ValueError, if not);
+        one in the clear is counted and warned about, and the store drops it."""
+        data = record.get("data")
+        if not isinstance(data, dict):
+            return
+        rid = str(record.get("id"))
+        if "personal_sealed" in data:
+            parse_envelope(data["personal_sealed"], rid)
+        if "personal" in data:
+            self.personal_in_clear += 1
+            log.warning(
+                "registry: %s/%s record %s carried personal data in the clear: not stored "
+                "(the station needs outbox.registry_public_key)",
+                site,
+                agent,
+                rid,
+            )
+
+    async def _purge_personal(self) -> None:
+        """Purge sealed personal parts older than `personal_retention_hours`."""
+        assert self.personal_retention_hours is not None
+        keep_s = self.personal_retention_hours * 3600
+        every = min(300.0, max(0.2, keep_s / 4))
+        store = self.store
+        if not hasattr(store, "purge_personal"):
+            return
+        personal = cast(PersonalStore, store)
+        while True:
+            try:
+                ids = await personal.purge_personal(keep_s, who="registry retention")
+            except RegistryStoreError as e:
+                log.warning("registry: personal data purge failed: %s", e)
+            else:
+                if ids:
+                    self.personal_purged += len(ids)
+                    log.info(
+                        "registry: purged the sealed personal part of %d record(s) "
+                        "(retention %.1f h)",
+                        len(ids),
+                        self.personal_retention_hours,
+                    )
+            await asyncio.sleep(every)
 
     async def _watch_gaps(self) -> None:
         """Raise an alert, once, for each gap open longer than `gap_timeout_s`."""
@@ -352,7 +631,8 @@ class Registry:
         site, agent, rid = topic.site, topic.agent, str(topic.record_id)
         try:
             if topic.kind == "blob_manifest":
-                body = json.loads(message.payload)
+                raw = message.payload
+                body = load_json(raw if isinstance(raw, bytes | bytearray | str) else b"")
                 state: BlobState = await self._in_blob_thread(
                     self.blobs.manifest, site, agent, rid, body
                 )
@@ -363,8 +643,11 @@ class Registry:
                 state = await self._in_blob_thread(
                     self.blobs.chunk, site, agent, rid, topic.chunk, bytes(payload)
                 )
-        except (BlobError, ValueError, OSError) as e:
-            log.warning("registry: dropped a blob message on %s: %s", message.topic.value, e)
+        except (BlobError, ValueError, OSError, TypeError, KeyError) as e:
+            # (RecordError is a ValueError) a bad blob message is that message's problem only
+            log.warning(
+                "registry: dropped a blob message on %s: %s", _clean(message.topic.value), e
+            )
             return
         station = self.topics.station(site, agent)
         if state.missing:
@@ -380,15 +663,46 @@ class Registry:
             await client.publish(station.ack, Ack([rid]).encode(), qos=1)
 
 
-def describe_record(record: dict[str, Any]) -> str:
-    """One line for a console: never personal data, only what identifies the read."""
-    data = record.get("data", {})
-    interp = data.get("interpretation") or {}
+def _clean(text: str) -> str:
+    """Printable, valid UTF-8 text for a log line and a database column."""
+    return (
+        "".join(c if c >= " " and c != "\x7f" else "?" for c in text)
+        .encode("utf-8", "replace")
+        .decode()
+    )
+
+
+_LONG_DIGITS = re.compile(r"\d(?:[\d -]*\d)?")
+
+
+def _mask_digits(m: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", m.group(0))
+    if len(digits) < 8:
+        return m.group(0)
+    return f"{digits[:4]}-****-{digits[-4:]}"
+
+
+def mask_identifiers(text: str) -> str:
+    """Numbers of 8 digits or more (ticket numbers, My Numbers, card ids) as
+    `1111-****-2345`; shorter numbers (a municipality code, a count) stay."""
+    return _LONG_DIGITS.sub(_mask_digits, text)
+
+
+def describe_record(record: dict[str, Any], *, show_data: bool = False) -> str:
+    """One line for a console: never personal data, only what identifies the read.
+    Identifiers in a scanned text are masked unless `show_data` (`--show-data`)."""
+    data = record.get("data")
+    data = data if isinstance(data, dict) else {}
+    interp = data.get("interpretation")
+    interp = interp if isinstance(interp, dict) else {}
     text = data.get("text")
-    what = interp.get("type", record.get("kind"))
+    what = str(interp.get("type", record.get("kind")))
     verdict = "" if not interp else ("valid" if interp.get("valid") else "INVALID")
-    problems = ",".join(interp.get("problems", []))
+    found = interp.get("problems")
+    problems = ",".join(str(p) for p in found) if isinstance(found, list) else ""
     shown = "" if text is None or record.get("kind") != "barcode" else repr(text)
+    if shown and not show_data:
+        shown = mask_identifiers(shown)
     return " ".join(
         p
         for p in (
@@ -406,7 +720,7 @@ def describe_record(record: dict[str, Any]) -> str:
 async def run_registry(
     host: str,
     port: int,
-    db: Path | str,
+    db: RecordStore | Path | str,
     prefix: str,
     client_id: str | None,
     stop: asyncio.Event,
@@ -416,12 +730,25 @@ async def run_registry(
     gap_timeout_s: float = 300.0,
     batch_max_messages: int = 64,
     quiet: bool = False,
+    heartbeat_s: float = 10.0,
+    blob_dir: Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    personal_retention_hours: float | None = 72.0,
+    show_data: bool = False,
 ) -> None:
-    """The `madoguchi registry` command body: print each stored record until stopped."""
+    """The `madoguchi registry` command body: print each stored record until stopped.
+
+    Returns when `stop` is set; raises when the consumer ended on its own (an
+    unexpected error), so that the process exits non-zero and systemd restarts it.
+    """
 
     def printer(s: Stored) -> None:
-        mark = "stored   " if s.new else "duplicate"
-        print(f"{mark} {s.site}/{s.agent} {describe_record(s.record)}", flush=True)
+        mark = "stored   " if s.new else "CONFLICT " if s.conflict else "duplicate"
+        print(
+            f"{mark} {s.site}/{s.agent} {describe_record(s.record, show_data=show_data)}",
+            flush=True,
+        )
 
     async with Registry(
         host,
@@ -434,9 +761,21 @@ async def run_registry(
         tls_context=tls_context,
         gap_timeout_s=gap_timeout_s,
         batch_max_messages=batch_max_messages,
+        heartbeat_s=heartbeat_s,
+        blob_dir=blob_dir,
+        username=username,
+        password=password,
+        personal_retention_hours=personal_retention_hours,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait(), name="registry-stop")
+        # the consumer, not only `stop`: a registry whose consumer died must exit
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            stopped.cancel()
+            log.critical("registry: the consumer stopped: exiting for a restart")
+            task.result()  # its exception, with its traceback
+            raise RegistryStoreError("registry: the consumer stopped without an error")
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

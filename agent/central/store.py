@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agent.contract.validate import LOST_RANGE, lost_range
 from agent.errors import BlobMismatch
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ class Stored:
     agent: str
     record: dict[str, Any]
     new: bool
+    conflict: bool = False
+    """A known id with other content: kept in `conflicts`, the first content stays."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,66 @@ class Batch:
     site: str
     agent: str
     records: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message (or one record of it) the registry refused: never stored, never acked.
+
+    `payload` is the start of the bytes only (`DEAD_LETTER_PAYLOAD_BYTES`); `site` and
+    `agent` are the topic's, empty when the topic itself was not the contract's.
+    """
+
+    topic: str
+    reason: str
+    payload: bytes
+    at: float
+    site: str = ""
+    agent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A second record with a known id and different content (the first one stays)."""
+
+    record_id: str
+    site: str
+    agent: str
+    first_site: str
+    first_agent: str
+    body: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Problems:
+    """What the dashboard shows of refused and conflicting records: counts, the latest."""
+
+    dead_letters: int
+    conflicts: int
+    recent_dead_letters: list[DeadLetter] = field(default_factory=list)
+    recent_conflicts: list[Conflict] = field(default_factory=list)
+
+
+#: the dead-letter table keeps this many rows (the oldest go first)
+DEAD_LETTER_ROWS = 10_000
+#: bytes of a refused payload kept in the dead-letter table
+DEAD_LETTER_PAYLOAD_BYTES = 1024
+#: conflicting contents kept per record id
+CONFLICTS_PER_ID = 16
+
+
+def canonical(record: dict[str, Any]) -> str:
+    """A record's content as one text, to tell a duplicate from a conflict."""
+    return json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def same_content(stored_body: str, record: dict[str, Any]) -> bool:
+    """Whether a stored body (JSON text) is the record: a re-send, not a conflict."""
+    try:
+        return canonical(json.loads(stored_body)) == canonical(record)
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -110,6 +174,14 @@ class RecordStore(Protocol):
         not hash to `sha256` (hex), or if (record_id, name) is already stored
         with a different hash. Commits before returning: ack the blob after.
         """
+        ...
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep refused messages (bounded to `DEAD_LETTER_ROWS`, oldest dropped)."""
+        ...
+
+    async def problems(self, recent: int = 20) -> Problems:
+        """Counts of dead letters and conflicts, and the latest `recent` of each."""
         ...
 
 
@@ -192,3 +264,82 @@ def carry_alerted(
         i = _containing(spans, a, b)
         out.append((a, b, t, None if i is None else old[spans[i]]))
     return out
+
+
+# -- the sealed personal part (agent/personal_seal.py, docs/CONTRACT.md) ------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SealedPersonal:
+    """A record's personal part as the registry keeps it: ciphertext only."""
+
+    record_id: str
+    site: str
+    agent: str
+    captured_at: str
+    envelope: dict[str, Any]
+    stored_at: float
+    handed_off_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PersonalAccess:
+    """One line of the access log: who did what to which records, when (never the data)."""
+
+    at: float
+    who: str
+    action: str
+    record_ids: list[str]
+    detail: str
+
+
+def split_personal(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The record body to store, and its sealed personal part (kept apart, purged later).
+
+    A plain `data["personal"]` (a station without `outbox.registry_public_key`) is
+    dropped: the registry database never holds personal data in the clear.
+    """
+    data = record.get("data")
+    if not isinstance(data, dict) or ("personal" not in data and "personal_sealed" not in data):
+        return record, None
+    envelope = data.get("personal_sealed")
+    rest = {k: v for k, v in data.items() if k not in ("personal", "personal_sealed")}
+    return {**record, "data": rest}, envelope if isinstance(envelope, dict) else None
+
+
+class PersonalStore(Protocol):
+    """What the back-office hand-off and the retention purge need of a registry database.
+
+    Both backends implement it beside `RecordStore`. Every method that touches sealed
+    parts writes a `PersonalAccess` line in the same transaction.
+    """
+
+    async def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        """Sealed parts still kept, oldest first (those not handed off yet by default)."""
+        ...
+
+    async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        """Mark the records handed off and log who took them; one commit."""
+        ...
+
+    async def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        """Delete sealed parts stored more than `older_than_s` ago (and, with
+        `handed_off`, every one handed off); the ids purged, logged."""
+        ...
+
+    async def personal_access(self) -> list[PersonalAccess]: ...
+
+
+def accounted_for(record: dict[str, Any]) -> list[int]:
+    """The seqs a `lost_range` record names (docs/CONTRACT.md "lost-range record"): the
+    station says they are gone, so they close a gap as arriving seqs do, and the alert
+    is the lost range's own, raised at once, not a gap's after `gap_timeout_s`."""
+    if record.get("kind") != LOST_RANGE:
+        return []
+    try:
+        first, last = lost_range(record)
+    except ValueError:
+        return []
+    return list(range(first, last + 1))

@@ -16,6 +16,7 @@ sent; `jsonb` refuses `\\u0000`, and a record must never be refused for that).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,14 +27,26 @@ from typing import Any
 import psycopg
 
 from agent.central.store import (
+    CONFLICTS_PER_ID,
+    DEAD_LETTER_PAYLOAD_BYTES,
+    DEAD_LETTER_ROWS,
     AgentSummary,
     Batch,
+    Conflict,
+    DeadLetter,
     Gap,
+    PersonalAccess,
+    Problems,
+    SealedPersonal,
     Stored,
+    accounted_for,
+    canonical,
     carry_alerted,
     group_batches,
     log_gap_changes,
     plan_gaps,
+    same_content,
+    split_personal,
     verify_blob,
 )
 from agent.errors import BlobMismatch, RegistryStoreError
@@ -73,7 +86,37 @@ _SCHEMA = [
         data bytea NOT NULL, stored_at double precision NOT NULL,
         PRIMARY KEY (record_id, name)
     )""",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        id bigserial PRIMARY KEY, at double precision NOT NULL, topic text NOT NULL,
+        site text NOT NULL, agent text NOT NULL, reason text NOT NULL, payload bytea NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS conflicts (
+        record_id text NOT NULL, digest text NOT NULL, site text NOT NULL, agent text NOT NULL,
+        first_site text NOT NULL, first_agent text NOT NULL, body json NOT NULL,
+        at double precision NOT NULL, PRIMARY KEY (record_id, digest)
+    )""",
+    "CREATE INDEX IF NOT EXISTS conflicts_at ON conflicts (at)",
+    """CREATE TABLE IF NOT EXISTS personal_sealed (
+        record_id text PRIMARY KEY, site text NOT NULL, agent text NOT NULL,
+        captured_at text NOT NULL, envelope json NOT NULL,
+        stored_at double precision NOT NULL, handed_off_at double precision
+    )""",
+    "CREATE INDEX IF NOT EXISTS personal_sealed_stored_at ON personal_sealed (stored_at)",
+    """CREATE TABLE IF NOT EXISTS personal_access (
+        at double precision NOT NULL, who text NOT NULL, action text NOT NULL,
+        record_ids json NOT NULL, detail text NOT NULL
+    )""",
 ]
+
+_CONFLICTS = """
+INSERT INTO conflicts (record_id, digest, site, agent, first_site, first_agent, body, at)
+SELECT u.record_id, u.digest, u.site, u.agent, u.first_site, u.first_agent, u.body::json, %(now)s
+FROM unnest(%(ids)s::text[], %(digests)s::text[], %(sites)s::text[], %(agents)s::text[],
+            %(first_sites)s::text[], %(first_agents)s::text[], %(bodies)s::text[])
+     AS u(record_id, digest, site, agent, first_site, first_agent, body)
+WHERE (SELECT count(*) FROM conflicts c WHERE c.record_id = u.record_id) < %(per_id)s
+ON CONFLICT DO NOTHING
+"""
 
 _INSERT = """
 INSERT INTO records (id, site, agent, seq, captured_at, device, kind, source, body, stored_at)
@@ -99,6 +142,11 @@ def _dsn_for_log(dsn: str) -> str:
         return make_conninfo(**params)  # type: ignore[arg-type]
     except psycopg.Error:
         return "<dsn>"
+
+
+def _text(v: str) -> str:
+    """PostgreSQL text holds neither NUL nor lone surrogates: a topic from anyone may."""
+    return v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode()
 
 
 class PostgresStore:
@@ -144,7 +192,8 @@ class PostgresStore:
         try:
             async with conn.transaction():
                 out = await self._store_all(conn, group_batches(batches), now)
-        except psycopg.Error as e:
+        except (psycopg.Error, ValueError, TypeError, OverflowError) as e:
+            # ValueError ...: what psycopg raises adapting a value it cannot send
             raise RegistryStoreError(f"PostgreSQL: {type(e).__name__}: {e}") from e
         return out  # committed: the caller may ack all of it
 
@@ -173,6 +222,17 @@ class PostgresStore:
         max_seqs = {(str(r[0]), str(r[1])): int(r[2]) for r in await cur.fetchall()}
         first: dict[str, dict[str, Any]] = {}
         owner: dict[str, tuple[str, str]] = {}
+        sealed: dict[str, dict[str, Any]] = {}
+        split = []
+        for key, records in groups:  # the sealed personal part goes to its own table
+            bodies = []
+            for r in records:
+                body, envelope = split_personal(r)
+                bodies.append(body)
+                if envelope is not None and body["id"] not in sealed:
+                    sealed[body["id"]] = envelope
+            split.append((key, bodies))
+        groups = split
         for key, records in groups:
             for r in records:  # a re-send inside one commit is a duplicate, not a second row
                 if r["id"] not in first:
@@ -190,22 +250,68 @@ class PostgresStore:
                 "captured": [r["captured_at"] for r in unique],
                 "devices": [r["device"] for r in unique],
                 "kinds": [r["kind"] for r in unique],
-                "sources": [str(r.get("source", "device")) for r in unique],
+                "sources": [str(r.get("source") or "device") for r in unique],
                 "bodies": [json.dumps(r, ensure_ascii=False) for r in unique],
             },
         )
         inserted = {str(row[0]) for row in await cur.fetchall()}
+        known = await self._known(conn, groups, inserted, first)
+        conflicts: list[tuple[str, str, str, str, str, str, str]] = []
+        kept = [rid for rid in sealed if rid in inserted]
+        if kept:
+            await conn.execute(
+                "INSERT INTO personal_sealed (record_id, site, agent, captured_at, envelope,"
+                " stored_at) SELECT u.id, u.site, u.agent, u.captured_at, u.envelope::json, %s"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " AS u(id, site, agent, captured_at, envelope) ON CONFLICT DO NOTHING",
+                (
+                    now,
+                    kept,
+                    [owner[rid][0] for rid in kept],
+                    [owner[rid][1] for rid in kept],
+                    [first[rid]["captured_at"] for rid in kept],
+                    [json.dumps(sealed[rid]) for rid in kept],
+                ),
+            )
         out: list[Stored] = []
         new_seqs: dict[tuple[str, str], list[int]] = {}
+        accounted: dict[tuple[str, str], list[int]] = {}  # seqs named by lost_range records
         clocks: dict[tuple[str, str], bool] = {}
         for key, records in groups:
             for r in records:
                 new = r["id"] in inserted and first.get(r["id"]) is r and owner[r["id"]] == key
-                out.append(Stored(key[0], key[1], r, new))
+                conflict = False
+                if not new and r["id"] in known:
+                    fsite, fagent, fbody = known[r["id"]]
+                    if (fsite, fagent) != key or not same_content(fbody, r):
+                        conflict = True
+                        content = canonical(r)
+                        digest = hashlib.sha256(content.encode()).hexdigest()
+                        conflicts.append((r["id"], digest, *key, fsite, fagent, content))
+                out.append(Stored(key[0], key[1], r, new, conflict))
                 if new:
                     new_seqs.setdefault(key, []).append(int(r["seq"]))
+                    accounted.setdefault(key, []).extend(accounted_for(r))
                     if isinstance(r.get("clock_synced"), bool):
                         clocks[key] = r["clock_synced"]
+        if conflicts:
+            cols = list(zip(*conflicts, strict=True))
+            await conn.execute(
+                _CONFLICTS,
+                {
+                    "now": now,
+                    "per_id": CONFLICTS_PER_ID,
+                    **{
+                        k: list(c)
+                        for k, c in zip(
+                            ("ids", "digests", "sites", "agents", "first_sites", "first_agents"),
+                            cols,
+                            strict=False,
+                        )
+                    },
+                    "bodies": list(cols[6]),
+                },
+            )
         if not new_seqs:
             return out
         touched = sorted(new_seqs)
@@ -224,7 +330,8 @@ class PostgresStore:
         for key in touched:
             rows = old_gaps.get(key, [])
             old = sorted((a, b, t) for a, b, t, _ in rows)
-            gaps, top = plan_gaps(old, max_seqs.get(key, 0), new_seqs[key], now)
+            seen = new_seqs[key] + accounted.get(key, [])
+            gaps, top = plan_gaps(old, max_seqs.get(key, 0), seen, now)
             if gaps != old:
                 log_gap_changes(key[0], key[1], old, gaps)
                 rewrite.append(key)
@@ -254,6 +361,79 @@ class PostgresStore:
             (now, *(list(c) for c in cols)),
         )
         return out
+
+    @staticmethod
+    async def _known(
+        conn: psycopg.AsyncConnection[Any],
+        groups: list[tuple[tuple[str, str], list[dict[str, Any]]]],
+        inserted: set[str],
+        first: dict[str, dict[str, Any]],
+    ) -> dict[str, tuple[str, str, str]]:
+        """The stored (site, agent, body) of every id of the commit that was not new."""
+        ids = sorted(
+            {
+                r["id"]
+                for _, records in groups
+                for r in records
+                if r["id"] not in inserted or first.get(r["id"]) is not r
+            }
+        )
+        if not ids:
+            return {}
+        cur = await conn.execute(
+            "SELECT id, site, agent, body::text FROM records WHERE id = ANY(%s::text[])", (ids,)
+        )
+        return {str(i): (str(s), str(a), str(b)) for i, s, a, b in await cur.fetchall()}
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO dead_letters (at, topic, site, agent, reason, payload)"
+                        " VALUES (%s, %s, %s, %s, %s, %s)",
+                        [
+                            (
+                                d.at,
+                                _text(d.topic),
+                                _text(d.site),
+                                _text(d.agent),
+                                _text(d.reason),
+                                bytes(d.payload[:DEAD_LETTER_PAYLOAD_BYTES]),
+                            )
+                            for d in letters
+                        ],
+                    )
+                await conn.execute(
+                    "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - %s",
+                    (DEAD_LETTER_ROWS,),
+                )
+        except (psycopg.Error, ValueError) as e:
+            raise RegistryStoreError(f"PostgreSQL: dead letters: {e}") from e
+
+    async def problems(self, recent: int = 20) -> Problems:
+        [(dead,)] = await self._query("SELECT coalesce(max(id), 0) FROM dead_letters")
+        [(conflicts,)] = await self._query("SELECT count(*) FROM conflicts")
+        letters = [
+            DeadLetter(str(t), str(r), bytes(p), float(at), str(s), str(a))
+            for at, t, s, a, r, p in await self._query(
+                "SELECT at, topic, site, agent, reason, payload FROM dead_letters"
+                " ORDER BY id DESC LIMIT %s",
+                (recent,),
+            )
+        ]
+        rows = [
+            Conflict(str(i), str(s), str(a), str(fs), str(fa), str(b), float(at))
+            for i, s, a, fs, fa, b, at in await self._query(
+                "SELECT record_id, site, agent, first_site, first_agent, body::text, at"
+                " FROM conflicts ORDER BY at DESC LIMIT %s",
+                (recent,),
+            )
+        ]
+        return Problems(int(dead), int(conflicts), letters, rows)
 
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         conn = await self._connection()
@@ -354,3 +534,83 @@ class PostgresStore:
         if row is None or row[0] != digest:
             raise BlobMismatch(f"blob {record_id}/{name} already stored with another hash")
         return False
+
+    # -- sealed personal parts ----------------------------------------------------------
+
+    async def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        where = "" if include_handed_off else " WHERE handed_off_at IS NULL"
+        rows = await self._query(
+            "SELECT record_id, site, agent, captured_at, envelope, stored_at, handed_off_at"
+            f" FROM personal_sealed{where} ORDER BY stored_at, record_id"
+        )
+        return [
+            SealedPersonal(str(i), str(s), str(a), str(c), e, float(t), h)
+            for i, s, a, c, e, t, h in rows
+        ]
+
+    async def _log_access(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        who: str,
+        action: str,
+        ids: Sequence[str],
+        detail: str,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO personal_access VALUES (%s, %s, %s, %s, %s)",
+            (time.time(), who, action, json.dumps(list(ids)), detail),
+        )
+
+    async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE personal_sealed SET handed_off_at = %s WHERE record_id = ANY(%s)",
+                    (time.time(), list(record_ids)),
+                )
+                await self._log_access(conn, who, "export", record_ids, detail)
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {e}") from e
+
+    async def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        """Delete and log in one commit, then VACUUM the table so that the dead rows'
+        space is reclaimed (docs/central.md: what VACUUM does not erase).
+
+        On a connection of its own: the registry runs it beside the consumer, whose
+        connection may be inside a store transaction at that moment."""
+        cutoff = time.time() - older_than_s
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, application_name=f"madoguchi-purge-{os.getpid()}"
+            )
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL {_dsn_for_log(self.dsn)}: {e}") from e
+        try:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "DELETE FROM personal_sealed WHERE stored_at <= %s"
+                    + (" OR handed_off_at IS NOT NULL" if handed_off else "")
+                    + " RETURNING record_id",
+                    (cutoff,),
+                )
+                ids = sorted(str(r[0]) for r in await cur.fetchall())
+                if ids:
+                    await self._log_access(
+                        conn, who, "purge", ids, f"older than {older_than_s:.0f} s"
+                    )
+            if ids:
+                await conn.execute("VACUUM personal_sealed")
+        except psycopg.Error as e:
+            raise RegistryStoreError(f"PostgreSQL: {e}") from e
+        finally:
+            await conn.close()
+        return ids
+
+    async def personal_access(self) -> list[PersonalAccess]:
+        rows = await self._query(
+            "SELECT at, who, action, record_ids, detail FROM personal_access ORDER BY at"
+        )
+        return [PersonalAccess(float(t), str(w), str(a), list(i), str(d)) for t, w, a, i, d in rows]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -19,19 +22,33 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.central.store import (
+    CONFLICTS_PER_ID,
+    DEAD_LETTER_PAYLOAD_BYTES,
+    DEAD_LETTER_ROWS,
     AgentSummary,
     Batch,
+    Conflict,
+    DeadLetter,
     Gap,
+    PersonalAccess,
+    Problems,
+    SealedPersonal,
     Stored,
+    accounted_for,
+    canonical,
     carry_alerted,
     group_batches,
     log_gap_changes,
     plan_gaps,
+    same_content,
+    split_personal,
     verify_blob,
 )
 from agent.errors import BlobMismatch, RegistryStoreError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -62,7 +79,30 @@ CREATE TABLE IF NOT EXISTS blobs (
     content_type TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
     data BLOB NOT NULL, stored_at REAL NOT NULL, PRIMARY KEY (record_id, name)
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, topic TEXT NOT NULL,
+    site TEXT NOT NULL, agent TEXT NOT NULL, reason TEXT NOT NULL, payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    record_id TEXT NOT NULL, digest TEXT NOT NULL, site TEXT NOT NULL, agent TEXT NOT NULL,
+    first_site TEXT NOT NULL, first_agent TEXT NOT NULL, body TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (record_id, digest)
+);
+CREATE INDEX IF NOT EXISTS conflicts_at ON conflicts(at);
+CREATE TABLE IF NOT EXISTS personal_sealed (
+    record_id TEXT PRIMARY KEY, site TEXT NOT NULL, agent TEXT NOT NULL,
+    captured_at TEXT NOT NULL, envelope TEXT NOT NULL, stored_at REAL NOT NULL,
+    handed_off_at REAL
+);
+CREATE INDEX IF NOT EXISTS personal_sealed_stored_at ON personal_sealed(stored_at);
+CREATE TABLE IF NOT EXISTS personal_access (
+    at REAL NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL, record_ids TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 """
+
+#: the database and the files SQLite keeps beside it: personal data, owner only
+_FILES = ("", "-wal", "-shm", "-journal")
 
 
 class RegistryStore:
@@ -78,12 +118,30 @@ class RegistryStore:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        db.execute("PRAGMA busy_timeout=30000")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
+        try:
+            # 0600 before SQLite opens it: SQLite gives its -wal and -shm the same mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            self._private()
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            # deleted content is overwritten with zeros, not left in free pages: a purged
+            # sealed personal part is gone from the file bytes (after a checkpoint, the WAL too)
+            db.execute("PRAGMA secure_delete=ON")
+            db.executescript(_SCHEMA)
+            self._private()
+        except (OSError, sqlite3.Error) as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
         self._db = db
+
+    def _private(self) -> None:
+        """The database, its WAL and SHM 0600 (an older registry made them 0644)."""
+        for suffix in _FILES:
+            f = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if f.stat().st_mode & 0o777 != 0o600:
+                    os.chmod(f, 0o600)
 
     def close(self) -> None:
         if self._db is not None:
@@ -115,8 +173,9 @@ class RegistryStore:
         except BaseException as e:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            if isinstance(e, sqlite3.Error):
-                raise RegistryStoreError(f"{self.path}: {e}") from e
+            if isinstance(e, sqlite3.Error | ValueError | TypeError | OverflowError):
+                # ValueError ...: what sqlite3 raises binding a value it cannot store
+                raise RegistryStoreError(f"{self.path}: {type(e).__name__}: {e}") from e
             raise
         return out
 
@@ -130,10 +189,14 @@ class RegistryStore:
         max_seq = 0 if row is None else int(row[0])
         out = []
         new_seqs = []
+        accounted: list[int] = []  # seqs named by lost_range records
         clock: int | None = None
-        for r in records:
+        for sent in records:
+            r, sealed = split_personal(sent)
             cur = db.execute(
-                "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?,?)",
+                # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation,
+                # and a record never stored would be acked as a duplicate
+                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
                 (
                     r["id"],
                     site,
@@ -142,22 +205,30 @@ class RegistryStore:
                     r["captured_at"],
                     r["device"],
                     r["kind"],
-                    r.get("source", "device"),
+                    r.get("source") or "device",
                     json.dumps(r, ensure_ascii=False),
                     now,
                 ),
             )
             new = cur.rowcount == 1
-            out.append(Stored(site, agent, r, new))
+            conflict = not new and self._conflict(site, agent, r, now)
+            out.append(Stored(site, agent, r, new, conflict))
+            if new and sealed is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO personal_sealed VALUES (?,?,?,?,?,?,NULL)",
+                    (r["id"], site, agent, r["captured_at"], json.dumps(sealed), now),
+                )
             if new:
                 new_seqs.append(int(r["seq"]))
+                accounted += accounted_for(r)
                 if isinstance(r.get("clock_synced"), bool):
                     clock = int(r["clock_synced"])
         if not new_seqs:
             return out
         # only the gaps these seqs can fall in (gaps are disjoint): two index ranges
         # on the primary key, so a commit costs what it touches, however many are open
-        lo, hi = min(new_seqs), max(new_seqs)
+        seen = new_seqs + accounted
+        lo, hi = min(seen), max(seen)
         rows = db.execute(
             "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = ? AND agent = ?"
             " AND first BETWEEN coalesce((SELECT max(first) FROM gaps WHERE site = ?"
@@ -165,7 +236,7 @@ class RegistryStore:
             (site, agent, site, agent, lo, lo, hi),
         ).fetchall()
         old = [(int(a), int(b), float(t)) for a, b, t, _ in rows]
-        gaps, max_seq = plan_gaps(old, max_seq, new_seqs, now)
+        gaps, max_seq = plan_gaps(old, max_seq, seen, now)
         if gaps != old:
             log_gap_changes(site, agent, old, gaps)
             alerted = {(int(a), int(b)): al for a, b, _, al in rows}
@@ -187,6 +258,84 @@ class RegistryStore:
             (site, agent, max_seq, len(new_seqs), now, clock),
         )
         return out
+
+    def _conflict(self, site: str, agent: str, r: dict[str, Any], now: float) -> bool:
+        """A known id: a duplicate if the content is the same, else kept as a conflict."""
+        row = self.db.execute(
+            "SELECT site, agent, body FROM records WHERE id = ?", (r["id"],)
+        ).fetchone()
+        if row is None or ((row[0], row[1]) == (site, agent) and same_content(row[2], r)):
+            return False
+        body = canonical(r)
+        n = self.db.execute(
+            "SELECT count(*) FROM conflicts WHERE record_id = ?", (r["id"],)
+        ).fetchone()[0]
+        if int(n) < CONFLICTS_PER_ID:
+            self.db.execute(
+                "INSERT OR IGNORE INTO conflicts VALUES (?,?,?,?,?,?,?,?)",
+                (r["id"], _digest(body), site, agent, row[0], row[1], body, now),
+            )
+        return True
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep refused messages, the newest `DEAD_LETTER_ROWS`; one transaction."""
+        if not letters:
+            return
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO dead_letters (at, topic, site, agent, reason, payload)"
+                    " VALUES (?,?,?,?,?,?)",
+                    [
+                        (
+                            d.at,
+                            d.topic,
+                            d.site,
+                            d.agent,
+                            d.reason,
+                            bytes(d.payload[:DEAD_LETTER_PAYLOAD_BYTES]),
+                        )
+                        for d in letters
+                    ],
+                )
+                db.execute(
+                    "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
+                    (DEAD_LETTER_ROWS,),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, ValueError) as e:
+            raise RegistryStoreError(f"{self.path}: dead letters: {e}") from e
+
+    def problems(self, recent: int = 20) -> Problems:
+        db = self.db
+        try:
+            dead = int(db.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0])
+            conflicts = int(db.execute("SELECT count(*) FROM conflicts").fetchone()[0])
+            letters = [
+                DeadLetter(str(t), str(r), bytes(p), float(at), str(s), str(a))
+                for at, t, s, a, r, p in db.execute(
+                    "SELECT at, topic, site, agent, reason, payload FROM dead_letters"
+                    " ORDER BY id DESC LIMIT ?",
+                    (recent,),
+                )
+            ]
+            rows = [
+                Conflict(str(i), str(s), str(a), str(fs), str(fa), str(b), float(at))
+                for i, s, a, fs, fa, b, at in db.execute(
+                    "SELECT record_id, site, agent, first_site, first_agent, body, at"
+                    " FROM conflicts ORDER BY at DESC LIMIT ?",
+                    (recent,),
+                )
+            ]
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return Problems(dead, conflicts, letters, rows)
 
     def gaps(self) -> list[tuple[str, str, int, int]]:
         return [
@@ -286,6 +435,94 @@ class RegistryStore:
             raise RegistryStoreError(f"{self.path}: {e}") from e
         return True
 
+    # -- sealed personal parts ----------------------------------------------------------
+
+    def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        where = "" if include_handed_off else " WHERE handed_off_at IS NULL"
+        try:
+            rows = self.db.execute(
+                "SELECT record_id, site, agent, captured_at, envelope, stored_at, handed_off_at"
+                f" FROM personal_sealed{where} ORDER BY stored_at, record_id"
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return [
+            SealedPersonal(str(i), str(s), str(a), str(c), json.loads(e), float(t), h)
+            for i, s, a, c, e, t, h in rows
+        ]
+
+    def _log_access(self, who: str, action: str, ids: Sequence[str], detail: str) -> None:
+        self.db.execute(
+            "INSERT INTO personal_access VALUES (?,?,?,?,?)",
+            (time.time(), who, action, json.dumps(list(ids)), detail),
+        )
+
+    def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "UPDATE personal_sealed SET handed_off_at = ? WHERE record_id = ?",
+                    [(time.time(), rid) for rid in record_ids],
+                )
+                self._log_access(who, "export", record_ids, detail)
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+
+    def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        """Delete, log, commit, then checkpoint the WAL into the file and truncate it:
+        with `secure_delete` the ciphertext is then gone from both files' bytes."""
+        db = self.db
+        cutoff = time.time() - older_than_s
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "DELETE FROM personal_sealed WHERE stored_at <= ?"
+                    + (" OR handed_off_at IS NOT NULL" if handed_off else "")
+                    + " RETURNING record_id",
+                    (cutoff,),
+                ).fetchall()
+                ids = sorted(str(r[0]) for r in rows)
+                if ids:
+                    self._log_access(who, "purge", ids, f"older than {older_than_s:.0f} s")
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            if ids:
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy:
+                    log.warning(
+                        "%s: personal data purged, but a reader kept the WAL from being "
+                        "truncated; it is overwritten at the next checkpoint",
+                        self.path,
+                    )
+        except sqlite3.Error as e:
+            raise RegistryStoreError(f"{self.path}: {e}") from e
+        return ids
+
+    def personal_access(self) -> list[PersonalAccess]:
+        return [
+            PersonalAccess(float(t), str(w), str(a), json.loads(i), str(d))
+            for t, w, a, i, d in self.db.execute(
+                "SELECT at, who, action, record_ids, detail FROM personal_access ORDER BY rowid"
+            )
+        ]
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
 
 class SqliteStore:
     """`RecordStore` on SQLite: `RegistryStore` on one dedicated thread."""
@@ -326,6 +563,12 @@ class SqliteStore:
     async def agents(self, minutes: int = 30) -> list[AgentSummary]:
         return await self._run(self.sync.agents, minutes)
 
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        await self._run(self.sync.dead_letter, letters)
+
+    async def problems(self, recent: int = 20) -> Problems:
+        return await self._run(self.sync.problems, recent)
+
     async def store_blob(
         self,
         *,
@@ -347,3 +590,19 @@ class SqliteStore:
             sha256=sha256,
             data=data,
         )
+
+    async def personal_pending(self, *, include_handed_off: bool = False) -> list[SealedPersonal]:
+        return await self._run(self.sync.personal_pending, include_handed_off=include_handed_off)
+
+    async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
+        await self._run(self.sync.mark_handed_off, record_ids, who, detail)
+
+    async def purge_personal(
+        self, older_than_s: float, *, who: str, handed_off: bool = False
+    ) -> list[str]:
+        return await self._run(
+            self.sync.purge_personal, older_than_s, who=who, handed_off=handed_off
+        )
+
+    async def personal_access(self) -> list[PersonalAccess]:
+        return await self._run(self.sync.personal_access)

@@ -37,6 +37,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.cli.central import check_central_config, looks_central
+
+    if looks_central(args.path):
+        return check_central_config(args.path)
     config = _load(args.path)
     if config is None:
         return 1

@@ -85,9 +85,14 @@ class Record:
     clock_synced: bool | None = None
     data_json: str | None = field(default=None, compare=False, repr=False)
     """`data` as the outbox stored it (compact JSON): the wire form reuses it as is."""
+    personal_sealed: dict[str, Any] | None = field(default=None, repr=False)
+    """The personal part sealed to the registry's key (agent/personal_seal.py): sent as
+    `data["personal_sealed"]` instead of `data["personal"]` in the clear."""
 
     def wire(self) -> dict[str, Any]:
         data = self.data if self.personal is None else {**self.data, "personal": self.personal}
+        if self.personal_sealed is not None:
+            data = {**self.data, "personal_sealed": self.personal_sealed}
         out: dict[str, Any] = {
             "id": self.id,
             "seq": self.seq,
@@ -106,7 +111,7 @@ class Record:
     def wire_json(self) -> str:
         """`wire()` as compact JSON; `data` spliced in from the outbox's own text when it
         has it (the drain of a backlog spends most of its time encoding otherwise)."""
-        if self.data_json is None or self.personal is not None:
+        if self.data_json is None or self.personal is not None or self.personal_sealed is not None:
             return _compact(self.wire())
         head = self.wire()
         del head["data"]

@@ -3,6 +3,7 @@
     {prefix}/{site}/{agent}/records | ack | status | telemetry
     {prefix}/{site}/{agent}/cmd/{name} | cmd/{name}/result
     {prefix}/{site}/{agent}/blobs/{record_id}/manifest | {index} | missing
+    {prefix}/_registry/{name}/status        (a registry consumer's own status)
 
 `prefix` is `madoguchi/v1` unless a deployment chose another. A station builds
 its own topics from `StationTopics`; the central side subscribes with the
@@ -35,7 +36,11 @@ Kind = Literal[
     "blob_manifest",
     "blob_chunk",
     "blob_missing",
+    "registry_status",
 ]
+
+#: the site level of the registry consumers' own topics: no station may use it
+REGISTRY_SITE = "_registry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +148,14 @@ class Topics:
     def all_command_results(self) -> str:
         return f"{self.prefix}/+/+/cmd/+/result"
 
+    def registry_status(self, name: str) -> str:
+        """A registry consumer's retained status (online + heartbeat, offline by will)."""
+        return f"{self.prefix}/{REGISTRY_SITE}/{name}/status"
+
+    @property
+    def all_registry_status(self) -> str:
+        return f"{self.prefix}/{REGISTRY_SITE}/+/status"
+
     @staticmethod
     def shared(group: str | None, topic: str) -> str:
         """`$share/{group}/{topic}` (MQTT 5 shared subscription), or the topic itself."""
@@ -161,6 +174,8 @@ class Topics:
         # fullmatch: `$` alone would let a trailing newline through
         if not NAME.fullmatch(site) or not NAME.fullmatch(agent):
             return None
+        if site == REGISTRY_SITE:  # never a station's: the registry's own topics
+            return Topic(site, agent, "registry_status") if rest == ["status"] else None
         match rest:
             case ["records" | "ack" | "status" | "telemetry" as leaf]:
                 return Topic(site, agent, leaf)
@@ -175,3 +190,9 @@ class Topics:
             case ["blobs", rid, index] if rid and _CHUNK.fullmatch(index):
                 return Topic(site, agent, "blob_chunk", record_id=rid, chunk=int(index))
         return None
+
+
+def registry_name(client_id: str) -> str:
+    """A registry consumer's client id as one topic level (`agent` of `registry_status`)."""
+    name = re.sub(r"[^a-z0-9_-]", "-", client_id.lower())[:128]
+    return name or "registry"

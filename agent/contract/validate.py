@@ -3,22 +3,296 @@
 In the contract so that every consumer of `records` (the reference registry,
 tests, a city's own consumer written against docs/CONTRACT.md) refuses the
 same records for the same reasons. Standard library only.
+
+Every field is checked for type and range, and every size is bounded, so that
+what passes can be stored by either backend (SQLite, PostgreSQL) without an
+error: one hostile record must never fail a commit that holds other stations'
+records. Whatever the bytes, the parsers here raise `RecordError` (a
+`MessageError`, so a `ValueError`) and nothing else: no RecursionError,
+OverflowError or UnicodeError escapes. Reasons are safe to log (they never
+quote the record's contents).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from agent.contract.messages import MessageError
+from agent.contract.records import SCHEMA
+from agent.contract.topics import NAME
 
-def check_record(r: Any) -> dict[str, Any]:
-    """The record if it has what the registry keys on; ValueError otherwise."""
+#: the largest `records` message a registry reads (the station's batch_max_bytes is <= 256 kB;
+#: a single record over it is still sent alone)
+MAX_ENVELOPE_BYTES = 1_048_576
+#: records in one message (the station's batch_max_records is <= 10,000)
+MAX_RECORDS = 10_000
+#: a record's `data`, as compact JSON
+MAX_DATA_BYTES = 262_144
+#: nesting of `data` (objects and arrays)
+MAX_DEPTH = 32
+#: `device`, `kind`, `source`: short names
+MAX_NAME_CHARS = 64
+#: `operator`: a staff badge's id
+MAX_OPERATOR_CHARS = 128
+#: a site or agent name (one topic level)
+MAX_SITE_CHARS = 128
+#: the largest seq: SQLite INTEGER and PostgreSQL bigint are signed 64-bit
+MAX_SEQ = 2**63 - 1
+
+#: the canonical text of a UUID, as `str(uuid.UUID)` writes it
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: fields a record may carry beyond those of madoguchi.records/1 (docs/CONTRACT.md: fields
+#: are only added, and a consumer ignores those it does not know; they are bounded as `data`)
+MAX_EXTRA_FIELDS = 16
+#: the fields of a record in schema madoguchi.records/1
+_FIELDS = frozenset(
+    {
+        "id",
+        "seq",
+        "captured_at",
+        "device",
+        "kind",
+        "source",
+        "data",
+        "operator",
+        "clock_synced",
+        "site",
+        "agent",
+    }
+)
+
+
+class RecordError(MessageError):
+    """A `records` message or one of its records that the contract refuses; safe to log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """One record of a message that failed: its position and why."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A `records` message: the records that passed, and those that did not."""
+
+    site: str
+    agent: str
+    records: list[dict[str, Any]]
+    refused: list[Refused]
+
+
+def _no_constant(name: str) -> Any:
+    raise RecordError(f"JSON {name} is not a number")
+
+
+def load_json(payload: bytes | bytearray | str, limit: int = MAX_ENVELOPE_BYTES) -> Any:
+    """JSON from a payload from anyone; `RecordError` for size, depth, encoding, NaN."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8", "surrogatepass")
+    if not isinstance(payload, bytes | bytearray):
+        raise RecordError(f"payload is {type(payload).__name__}, not bytes")
+    if len(payload) > limit:
+        raise RecordError(f"payload of {len(payload)} bytes is over the {limit}-byte cap")
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"not UTF-8 at byte {e.start}") from None
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise RecordError("JSON nested too deeply") from None
+    except RecordError:
+        raise
+    except ValueError as e:  # also the int digit limit (ValueError, not OverflowError)
+        raise RecordError(f"not JSON: {str(e)[:80]}") from None
+
+
+def _string(r: dict[str, Any], key: str, most: int, *, optional: bool = False) -> None:
+    v = r.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, str) or not v:
+        raise RecordError(f"record without a string {key}")
+    if len(v) > most:
+        raise RecordError(f"record {key} longer than {most} characters")
+    if _CONTROL.search(v):
+        raise RecordError(f"record {key} holds control characters")
+    _unicode(v, key)
+
+
+def _unicode(v: str, where: str) -> None:
+    if v.isascii():
+        return
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecordError(f"record {where} is not valid Unicode (a lone surrogate)") from None
+
+
+def _check_data(data: Any, measure: bool = True) -> None:
+    """An object, not too deep, finite numbers, valid Unicode, not too big (iterative)."""
+    if not isinstance(data, dict):
+        raise RecordError("record data is not an object")
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > MAX_DEPTH:
+                raise RecordError(f"record data nested deeper than {MAX_DEPTH}")
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise RecordError("record data has a key that is not a string")
+                _unicode(k, "data")
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            if depth > MAX_DEPTH:
+                raise RecordError(f"record data nested deeper than {MAX_DEPTH}")
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, str):
+            _unicode(node, "data")
+        elif isinstance(node, bool) or node is None:
+            pass
+        elif isinstance(node, int):
+            if not -MAX_SEQ - 1 <= node <= MAX_SEQ:
+                raise RecordError("record data holds an integer outside 64 bits")
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                raise RecordError("record data holds a number that is not finite")
+        else:
+            raise RecordError(f"record data holds a {type(node).__name__}")
+    if not measure:
+        return
+    size = len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_DATA_BYTES:
+        raise RecordError(f"record data of {size} bytes is over the {MAX_DATA_BYTES}-byte cap")
+
+
+def check_record(
+    r: Any, site: str | None = None, agent: str | None = None, *, measure: bool = True
+) -> dict[str, Any]:
+    """The record if every field is what the contract says; `RecordError` otherwise.
+
+    `site` and `agent` are the topic's: a record that names another station is refused.
+    `measure=False` skips encoding `data` to weigh it, for a caller that knows the whole
+    message is under `MAX_DATA_BYTES` already.
+    """
     if not isinstance(r, dict):
-        raise ValueError("record is not an object")
-    if not isinstance(r.get("id"), str) or not r["id"]:
-        raise ValueError("record without a string id")
-    if not isinstance(r.get("seq"), int) or isinstance(r["seq"], bool) or r["seq"] < 1:
-        raise ValueError("record without a positive integer seq")
-    for key in ("captured_at", "device", "kind"):
-        if not isinstance(r.get(key), str):
-            raise ValueError(f"record without a string {key}")
+        raise RecordError("record is not an object")
+    extra = {k: v for k, v in r.items() if k not in _FIELDS}
+    if len(extra) > MAX_EXTRA_FIELDS:
+        raise RecordError(
+            f"record has more than {MAX_EXTRA_FIELDS} fields the schema does not know"
+        )
+    rid = r.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise RecordError("record without a string id")
+    if not _UUID.fullmatch(rid):
+        raise RecordError("record id is not a UUID in canonical form")
+    seq = r.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise RecordError("record without a positive integer seq")
+    if seq > MAX_SEQ:
+        raise RecordError("record seq over 2^63-1")
+    _string(r, "captured_at", 40)
+    try:
+        when = datetime.fromisoformat(r["captured_at"])
+    except ValueError:
+        raise RecordError("record captured_at is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise RecordError("record captured_at has no time zone")
+    _string(r, "device", MAX_NAME_CHARS)
+    _string(r, "kind", MAX_NAME_CHARS)
+    _string(r, "source", MAX_NAME_CHARS, optional=True)
+    _string(r, "operator", MAX_OPERATOR_CHARS, optional=True)
+    if r.get("clock_synced") is not None and not isinstance(r["clock_synced"], bool):
+        raise RecordError("record clock_synced is not a boolean")
+    for key, topic_value in (("site", site), ("agent", agent)):
+        if key in r and (topic_value is None or r[key] != topic_value):
+            raise RecordError(f"record {key} differs from the topic's")
+    if "data" not in r:
+        raise RecordError("record without data")
+    _check_data(r["data"], measure)
+    if extra:  # kept in the stored body: as bounded as `data`
+        try:
+            _check_data(extra, measure)
+        except RecordError as e:
+            raise RecordError(str(e).replace("record data", "record's unknown fields")) from None
+    if r["kind"] == LOST_RANGE:
+        lost_range(r)
     return r
+
+
+def _name(v: Any, key: str) -> str:
+    if not isinstance(v, str) or len(v) > MAX_SITE_CHARS or not NAME.fullmatch(v):
+        raise RecordError(f"envelope {key} is not a site/agent name")
+    return v
+
+
+def parse_records(
+    payload: bytes | bytearray | str, site: str, agent: str, limit: int = MAX_ENVELOPE_BYTES
+) -> Envelope:
+    """A `records` message from `{site}/{agent}/records`.
+
+    `RecordError` if the message as a whole is refused (nothing in it can be
+    trusted); otherwise the records that passed and, apart, those refused.
+    """
+    body = load_json(payload, limit)
+    if not isinstance(body, dict):
+        raise RecordError(f"JSON {type(body).__name__}, not an object")
+    schema = body.get("schema")
+    if schema != SCHEMA:
+        shown = schema[:40] if isinstance(schema, str) else type(schema).__name__
+        raise RecordError(f"unknown schema {shown!r}")
+    if [_name(body.get("site"), "site"), _name(body.get("agent"), "agent")] != [site, agent]:
+        raise RecordError("envelope site/agent differ from the topic")
+    records = body.get("records")
+    if not isinstance(records, list):
+        raise RecordError("records must be a list")
+    if len(records) > MAX_RECORDS:
+        raise RecordError(f"{len(records)} records in one message, over {MAX_RECORDS}")
+    good: list[dict[str, Any]] = []
+    refused: list[Refused] = []
+    # a small message cannot hold a big `data`: re-encoding grows a text at most 4.5 times
+    # (`1e15` -> `1000000000000000.0`), so under a fifth of the cap there is nothing to weigh
+    measure = len(payload) > MAX_DATA_BYTES // 5
+    for i, r in enumerate(records):
+        try:
+            good.append(check_record(r, site, agent, measure=measure))
+        except RecordError as e:
+            refused.append(Refused(i, str(e)))
+    return Envelope(site, agent, good, refused)
+
+
+LOST_RANGE = "lost_range"
+"""The record kind by which a station says which of its seqs could not be read from a
+damaged outbox (docs/CONTRACT.md "lost-range record")."""
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def lost_range(r: dict[str, Any]) -> tuple[int, int]:
+    """(first_seq, last_seq) of a `lost_range` record; `RecordError` if it is malformed.
+
+    The range lies below the record's own seq: it reports seqs already handed out.
+    """
+    data = r.get("data")
+    if not isinstance(data, dict):
+        raise RecordError("lost_range record without a data object")
+    first, last = data.get("first_seq"), data.get("last_seq")
+    if not (isinstance(first, int) and isinstance(last, int) and _int(first) and _int(last)):
+        raise RecordError("lost_range record without integer first_seq and last_seq")
+    seq = r.get("seq")
+    if not (isinstance(seq, int) and _int(seq) and 1 <= first <= last < seq):
+        raise RecordError("lost_range record needs 1 <= first_seq <= last_seq < seq")
+    return first, last

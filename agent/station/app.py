@@ -106,6 +106,11 @@ class StationApp:
         return await take_photo(self, device)
 
     async def _cmd_capture_photo(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.config.agent.remote_photo:  # a remote camera trigger is opt-in
+            return {
+                "ok": False,
+                "error": "remote photo is off on this station ([agent] remote_photo)",
+            }
         device = body.get("device")
         if device is not None and not isinstance(device, str):
             raise ValueError("device must be a string")
@@ -123,15 +128,23 @@ class StationApp:
         cfg = self.config
         station = self.station
         sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
-        async with Outbox(cfg.outbox_path, max_bytes=cfg.outbox.max_bytes, sealer=sealer) as outbox:
+        key = cfg.outbox.registry_public_key
+        to_registry = None
+        if key is not None:  # cryptography only on a station that stores personal data
+            from agent.personal_seal import PersonalSealer
+
+            to_registry = PersonalSealer.from_file(key)
+        async with Outbox(
+            cfg.outbox_path,
+            max_bytes=cfg.outbox.max_bytes,
+            sealer=sealer,
+            integrity_check_interval_s=cfg.outbox.integrity_check_interval_s or None,
+            personal_sealer=to_registry,
+        ) as outbox:
             # whatever umask made them: outbox, WAL, SHM, side files, token, keys, blobs
             if n := make_private(cfg.agent.data_dir):
                 log.info("made %d file(s) in %s private (0600/0700)", n, cfg.agent.data_dir)
             self.outbox = station.outbox = outbox
-            if outbox.recovered_from is not None:
-                station.alert(
-                    {"type": "outbox_recovered", "moved_aside": str(outbox.recovered_from)}
-                )
             self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
             uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
             uplink.add_command("capture_photo", self._cmd_capture_photo)
@@ -180,10 +193,12 @@ class StationApp:
         oldest = st.oldest_unconfirmed_age_s
         age = f", oldest {oldest:.0f}s" if oldest is not None else ""
         link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
+        disk = "DISK FULL, scans refused; " if st.disk_full else ""
+        lost = f"; {st.lost_seqs} seq(s) lost" if st.lost_seqs else ""
         degraded = None if self.uplink is None else self.uplink.degraded
         return (
-            f"outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
-            f"uplink {link}; devices {connected}/{len(devices)} connected"
+            f"{disk}outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
+            f"uplink {link}; devices {connected}/{len(devices)} connected{lost}"
             + (f"; degraded: {degraded}" if degraded else "")
         )
 

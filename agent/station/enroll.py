@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import NAME_PATTERN
+from agent.contract.topics import REGISTRY_SITE
 from agent.errors import EnrollError
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ def station_cn(site: str, name: str) -> str:
     for what, value in (("--site", site), ("--name", name)):
         if not re.fullmatch(NAME_PATTERN, value):
             raise EnrollError(f"{what} {value!r}: only a-z, 0-9, '-' and '_' (it is a topic level)")
+    if site == REGISTRY_SITE:  # its certificate could write the registry's status (the ACL)
+        raise EnrollError(f"--site {site!r}: reserved for the registry's own topics")
     return f"{site}/{name}"
 
 

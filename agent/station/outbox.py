@@ -8,6 +8,13 @@ commit that returned survives kill -9 and power loss.
 All SQLite work runs in one dedicated thread. Concurrent `append()` calls
 that arrive while a commit is in progress are committed together in the next
 transaction (group commit): one fsync for many records.
+
+A damaged database is never abandoned: it is moved aside and its readable
+unconfirmed rows are copied into a fresh one (agent/station/salvage.py); what
+could not be read goes out as `lost_range` records. `last_seq` and `session`
+are also bounded by a side file (agent/station/counters.py), so even a garbage or
+missing database never reuses a seq. A full disk is a state (`disk_full`), not
+a crash: appends are refused, bookkeeping is retried with backoff.
 """
 
 from __future__ import annotations
@@ -17,21 +24,33 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from agent._aio import Backoff
 from agent.contract.records import Read, Record, iso_ms, uuid7
-from agent.errors import OutboxError, OutboxFull
+from agent.errors import OutboxDiskFull, OutboxError, OutboxFull
+from agent.station import counters
+from agent.station.salvage import COLUMNS, Salvaged, salvage
 from agent.station.sealing import Sealer
+
+if TYPE_CHECKING:  # cryptography is loaded only where personal data is stored
+    from agent.personal_seal import PersonalSealer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_TO_REGISTRY = "sealed_to_registry"
+"""At rest, a personal part already sealed to the registry is `{_TO_REGISTRY: envelope}`
+(under the outbox key too); a card's personal part never has that single key."""
 
 PENDING, SENT, CONFIRMED = 0, 1, 2
 
@@ -73,6 +92,12 @@ class OutboxStats:
     last_seq: int
     session: int
     recovered_from: str | None
+    disk_full: bool = False
+    salvaged: int = 0
+    """unconfirmed rows copied out of damaged databases into this one"""
+    lost_seqs: int = 0
+    """seqs that could not be read from a damaged database (sent as `lost_range` records)"""
+    lost_ranges: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,11 +120,27 @@ class Outbox:
         max_bytes: int = 2_000_000_000,
         sealer: Sealer | None = None,
         clock: Callable[[], float] = time.time,
+        integrity_check_interval_s: float | None = None,
+        personal_sealer: PersonalSealer | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.integrity_check_interval_s = integrity_check_interval_s
         self.recovered_from: Path | None = None
+        #: the last write failed for want of space; cleared by the next write that succeeds
+        self.disk_full = False
+        self.integrity_checks = 0
+        self._counters_path = counters.side_path(path)
+        self._unconfirmed_from = 0
+        self._reserved = 0  # counters.Counters.seq_reserved as last written
+        self._starting = False
+        self._salvaged = self._lost_seqs = self._lost_ranges = 0
+        self._checker: asyncio.Task[None] | None = None
+        self._alerts: list[dict[str, Any]] = []
         self._sealer = sealer
+        # seals `personal` to the registry's key once, at the commit (the record id is
+        # its associated data): every re-send carries the same ciphertext
+        self._personal_sealer = personal_sealer
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -121,6 +162,8 @@ class Outbox:
             self._executor.shutdown(wait=True)
             raise
         self._committer = asyncio.create_task(self._commit_loop(), name="outbox-committer")
+        if self.integrity_check_interval_s:
+            self._checker = asyncio.create_task(self._check_loop(), name="outbox-integrity")
         return self
 
     async def __aexit__(
@@ -131,6 +174,10 @@ class Outbox:
     ) -> None:
         self._closing = True
         self._wake.set()
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
         if self._committer is not None:
             await asyncio.shield(self._committer)
         await self._run(self._close)
@@ -144,33 +191,102 @@ class Outbox:
         return await loop.run_in_executor(self._executor, self._guarded, fn, *args)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on the outbox thread; a database found corrupt while running is moved
-        aside and replaced, as at start, so the station keeps taking scans."""
+        """Run `fn` on the outbox thread. A database found corrupt while running is moved
+        aside and salvaged, as at start, and `fn` runs again in the fresh one; every
+        SQLite error leaves as an `OutboxError` (`OutboxDiskFull` for want of space)."""
+        try:
+            try:
+                result = self._translated(fn, *args)
+            except OutboxError as e:
+                if self._db is None or not _is_corruption(e.__cause__):
+                    raise
+                self._recover(f"found corrupt while running: {e.__cause__}")
+                result = self._translated(fn, *args)
+        except OutboxDiskFull:
+            if not self.disk_full:
+                log.error("outbox %s: DISK FULL: scans are refused until space returns", self.path)
+            self.disk_full = True
+            raise
+        if self.disk_full and fn in (self._commit, self._bump_session_db):
+            log.warning("outbox %s: disk space is back, storing scans again", self.path)
+            self.disk_full = False
+        return result
+
+    def _translated(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
-        except (sqlite3.DatabaseError, OutboxError) as e:
-            cause = e if isinstance(e, sqlite3.DatabaseError) else e.__cause__
-            if self._db is None or not _is_corruption(cause):
-                raise
-            self._db.close()
+        except sqlite3.Error as e:
+            raise _translate(e, f"{self.path}: {getattr(fn, '__name__', '?').strip('_')}") from e
+        except UnicodeDecodeError as e:  # a damaged page that still parses as a row
+            raise OutboxError(f"{self.path}: undecodable text in a row: {e}") from e
+        except OutboxDiskFull:
+            raise
+        except OutboxError as e:
+            cause = e.__cause__
+            io = isinstance(cause, sqlite3.Error) and _code(cause) == _SQLITE_IOERR
+            if io and _space_low(self.path):
+                raise OutboxDiskFull(f"{self.path}: disk full ({cause})") from cause
+            raise
+
+    def _recover(self, reason: str) -> None:
+        """Close the damaged database, move it aside with salvage, continue in a fresh one."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
             self._db = None
-            self._move_aside(f"found corrupt while running: {cause}")
-            self._db = self._connect(check=False)
-            if fn == self._commit:
-                return fn(*args)  # the reads in hand go into the fresh database
-            raise OutboxError(f"{self.path}: {cause}; continuing in a fresh database") from e
+        self._move_aside(reason)
+        self._db = self._connect(check=False)
+        self._reserved = max(self._reserved, self._last_seq)
+        self._write_counters()
 
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutboxError(f"{self.path.parent}: cannot create data directory: {e}") from e
+        side = counters.load(self._counters_path)
+        self._reserved = side.seq_reserved
+        self._session = max(self._session, side.session)
+        self._unconfirmed_from = side.unconfirmed_from
+        self._starting = True
+        try:
+            self._open_db(side)
+        finally:
+            self._starting = False
+        self._reserved = max(self._reserved, self._last_seq)
+        self._write_counters()
+
+    def _open_db(self, side: counters.Counters) -> None:
+        fresh = _salvage_path(self.path)
+        if fresh.exists():
+            if self.path.exists():
+                _unlink_db(fresh)  # a salvage cut short: the damaged file is still in place
+            else:
+                # cut short between moving the damaged file aside and this rename
+                log.warning("outbox %s: finishing an interrupted salvage", self.path)
+                os.replace(fresh, self.path)
+                _fsync_dir(self.path.parent)
+        existed = self.path.exists()
         clean = _take_clean_mark(self.path)
         try:
             self._db = self._connect(check=not clean)
         except sqlite3.DatabaseError as e:
+            if not (_is_corruption(e) or _code(e) == 0):  # locked, full, I/O: not damage
+                raise _translate(e, f"{self.path}: cannot open the outbox") from e
             self._move_aside(str(e))
             self._db = self._connect(check=False)
+        if not existed and side.seq_reserved and self.recovered_from is None:
+            # the database is gone but the side file says records were stored
+            first = max(1, side.unconfirmed_from)
+            self._last_seq = max(self._last_seq, side.seq_reserved)
+            log.error(
+                "outbox %s is missing; the counters say seq %d..%d may not have been "
+                "confirmed: reported as lost",
+                self.path,
+                first,
+                side.seq_reserved,
+            )
+            self._insert_lost(self._db, [(first, side.seq_reserved)], "database missing", None)
 
     def _connect(self, *, check: bool) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -199,44 +315,191 @@ class Outbox:
                 " coalesce((SELECT max(seq) FROM records), 0))"
             ).fetchone()
             self._last_seq = max(self._last_seq, int(row[0]))
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            self._session = max(self._session, int(meta.get("session", 0)))
+            self._salvaged = int(meta.get("salvaged", 0))
+            self._lost_seqs = int(meta.get("lost_seqs", 0))
+            self._lost_ranges = int(meta.get("lost_ranges", 0))
         except BaseException:
             db.close()
             raise
         return db
 
     def _move_aside(self, reason: str) -> None:
-        """Keep a broken database for forensics, carry its counters over, start fresh."""
+        """Keep a broken database for forensics (never deleted), copy its readable
+        unconfirmed rows into a fresh one, report the seqs that could not be read.
+
+        Crash-safe in this order: the fresh database is filled and committed under
+        `outbox.db.salvage` while the damaged file is still in place; then the damaged
+        file is renamed aside and the fresh one into place. A crash before the first
+        rename salvages again at the next start; between the two, `_open` finishes it.
+        """
         salvaged_seq, session = _salvage_counters(self.path)
         self._last_seq = max(self._last_seq, salvaged_seq)  # at run time we know it already
-        session = max(session, self._session)
+        self._session = max(session, self._session)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
         target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        fresh = _salvage_path(self.path)
+        _unlink_db(fresh)  # a partial one from a crash during an earlier salvage
+        # running, we know the last seq handed out; at start only the reservation bounds it
+        known = max(self._last_seq, self._reserved) if self._starting else self._last_seq
+        got = self._fill_fresh(fresh, target, known)
+        log.error(
+            "outbox %s could not be used (%s): moved aside to %s; %d unconfirmed record(s) "
+            "salvaged, %d seq(s) lost in %d range(s); continuing in a fresh database from seq %d",
+            self.path,
+            reason,
+            target,
+            got.count,
+            got.lost_count,
+            len(got.lost),
+            self._last_seq + 1,
+        )
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
                 os.replace(src, Path(str(target) + suffix))
+        os.replace(fresh, self.path)
+        _fsync_dir(self.path.parent)
         self.recovered_from = target
-        log.error(
-            "outbox %s could not be used (%s): moved aside to %s; continuing in a fresh "
-            "database from seq %d",
-            self.path,
-            reason,
-            target,
-            self._last_seq + 1,
+        self._alerts.append(
+            {
+                "type": "outbox_recovered",
+                "moved_aside": str(target),
+                "salvaged": got.count,
+                "lost_seqs": got.lost_count,
+            }
         )
-        if self._last_seq or session:
-            db = sqlite3.connect(self.path, isolation_level=None)
-            try:
-                db.executescript(_SCHEMA)
+
+    def _fill_fresh(self, fresh: Path, target: Path, known_last_seq: int) -> Salvaged:
+        """The fresh database at `fresh`: schema, counters, the salvaged rows (to be sent
+        again) and one `lost_range` record per range, in one durable transaction, with a
+        rollback journal (no WAL left beside it when it is renamed into place)."""
+        db = sqlite3.connect(fresh, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")
+
+            def sink(rows: list[tuple[Any, ...]]) -> None:
                 db.executemany(
-                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                    [("last_seq", self._last_seq), ("session", session)],
+                    f"INSERT OR IGNORE INTO records ({COLUMNS}) VALUES ({','.join('?' * 15)})",
+                    [(*r[:11], PENDING, r[12], None, None) for r in rows],
                 )
-            finally:
-                db.close()
+
+            got = salvage(
+                self.path,
+                known_last_seq=known_last_seq,
+                unconfirmed_from=self._unconfirmed_from,
+                sink=sink,
+            )
+            self._last_seq = max(self._last_seq, got.last_seq)
+            self._session = max(self._session, got.session)
+            self._salvaged += got.count
+            db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [
+                    ("last_seq", self._last_seq),
+                    ("session", self._session),
+                    ("salvaged", self._salvaged),
+                ],
+            )
+            self._insert_lost(db, got.lost, "unreadable", target, transaction=False)
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise _translate(e, f"{fresh}: cannot fill the fresh database") from e
+        finally:
+            db.close()
+        return got
+
+    def _insert_lost(
+        self,
+        db: sqlite3.Connection,
+        ranges: list[tuple[int, int]],
+        reason: str,
+        moved_aside: Path | None,
+        *,
+        transaction: bool = True,
+    ) -> None:
+        """One `lost_range` record per range (docs/CONTRACT.md "lost-range record")."""
+        if not ranges:
+            return
+        now = self._clock()
+        captured = iso_ms(datetime.fromtimestamp(now, UTC))
+        rows = []
+        for first, last in ranges:
+            self._last_seq += 1
+            data = json.dumps(
+                {
+                    "first_seq": first,
+                    "last_seq": last,
+                    "count": last - first + 1,
+                    "reason": reason,
+                    "moved_aside": None if moved_aside is None else moved_aside.name,
+                },
+                separators=(",", ":"),
+            )
+            rows.append(
+                (
+                    self._last_seq,
+                    str(uuid7(int(now * 1000))),
+                    captured,
+                    "outbox",
+                    "lost_range",
+                    "agent",
+                    None,
+                    None,
+                    data,
+                    None,
+                    len(data) + 200,
+                    now,
+                )
+            )
+            self._lost_seqs += last - first + 1
+        self._lost_ranges += len(ranges)
+        if transaction:
+            db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "INSERT INTO records (seq, id, captured_at, device, kind, source, operator,"
+            " clock_synced, data, sealed, bytes, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [
+                ("last_seq", self._last_seq),
+                ("lost_seqs", self._lost_seqs),
+                ("lost_ranges", self._lost_ranges),
+            ],
+        )
+        if transaction:
+            db.execute("COMMIT")
+
+    def _write_counters(self, *, strict: bool = False) -> None:
+        """The side file. `strict` (a new seq reservation) raises on failure, so the
+        commit that needed it is refused; otherwise a failure is logged: the database
+        still holds the same counters."""
+        try:
+            counters.store(
+                self._counters_path,
+                counters.Counters(self._reserved, self._session, self._unconfirmed_from),
+            )
+        except OutboxError as e:
+            if strict:
+                raise
+            log.warning("outbox %s: %s (the database still holds them)", self.path, e)
 
     def _close(self) -> None:
         if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                low = self._db.execute("SELECT min(seq) FROM records WHERE state < 2").fetchone()
+                self._unconfirmed_from = int(low[0] or self._last_seq + 1)
+                self._write_counters()
             self._db.close()
             self._db = None
             _leave_clean_mark(self.path)
@@ -311,8 +574,13 @@ class Outbox:
             used += size
             seq += 1
             rid = str(uuid7(int(now * 1000)))
+            to_registry: dict[str, Any] | None = None
             if read.personal is not None and self._sealer is not None:
-                plain = json.dumps(read.personal, ensure_ascii=False).encode()
+                at_rest: Any = read.personal
+                if self._personal_sealer is not None:
+                    to_registry = self._personal_sealer.seal(rid, read.personal)
+                    at_rest = {_TO_REGISTRY: to_registry}
+                plain = json.dumps(at_rest, ensure_ascii=False).encode()
                 sealed = self._sealer.seal(plain, aad=rid.encode())
             captured = iso_ms(read.captured_at)
             rows.append(
@@ -340,14 +608,25 @@ class Outbox:
                     read.kind,
                     read.source,
                     read.data,
-                    read.personal,
+                    read.personal if to_registry is None else None,
                     item.operator,
                     read.clock_synced,
                     data_json=data,
+                    personal_sealed=to_registry,
                 )
             )
         if not rows:
             return results
+        if seq > self._reserved:  # durable before any seq above the old reservation is used
+            low = db.execute("SELECT min(seq) FROM records WHERE state < 2").fetchone()[0]
+            self._unconfirmed_from = int(low or self._last_seq + 1)
+            before = self._reserved
+            self._reserved = seq + counters.RESERVE
+            try:
+                self._write_counters(strict=True)
+            except OutboxError:
+                self._reserved = before
+                raise
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
@@ -360,8 +639,9 @@ class Outbox:
             db.execute("COMMIT")
         except sqlite3.Error as e:
             if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise OutboxError(f"{self.path}: commit failed: {e}") from e
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise _translate(e, f"{self.path}: commit failed") from e
         self._last_seq = seq
         return results
 
@@ -397,6 +677,9 @@ class Outbox:
                     "outbox.key_file is configured"
                 )
             personal = json.loads(self._sealer.open(sealed, aad=rid.encode()))
+        to_registry = None
+        if isinstance(personal, dict) and list(personal) == [_TO_REGISTRY]:
+            to_registry, personal = personal[_TO_REGISTRY], None
         return Record(
             rid,
             seq,
@@ -409,10 +692,21 @@ class Outbox:
             operator,
             None if synced is None else bool(synced),
             data_json=data,
+            personal_sealed=to_registry,
         )
 
+    async def _bookkeeping(self, fn: Callable[..., T], *args: Any) -> T:
+        """A delivery-state write, retried with backoff while the disk is full: the
+        station stays up and the write lands when space returns (cancel to give up)."""
+        backoff = Backoff(first=0.2, cap=5.0)
+        while True:
+            try:
+                return await self._run(fn, *args)
+            except OutboxDiskFull:
+                await asyncio.sleep(backoff.next())
+
     async def mark_sent(self, seqs: Iterable[int]) -> None:
-        await self._run(self._mark_sent, list(seqs))
+        await self._bookkeeping(self._mark_sent, list(seqs))
 
     def _mark_sent(self, seqs: list[int]) -> None:
         now = self._clock()
@@ -424,7 +718,7 @@ class Outbox:
 
     async def confirm(self, ids: Iterable[str]) -> int:
         """Mark records confirmed by the registry; drop their personal data now."""
-        return await self._run(self._confirm, list(ids))
+        return await self._bookkeeping(self._confirm, list(ids))
 
     def _confirm(self, ids: list[str]) -> int:
         now = self._clock()
@@ -449,7 +743,11 @@ class Outbox:
 
     async def reset_sent(self) -> int:
         """After a reconnect every unconfirmed record is sent again."""
-        return await self._run(self._reset_sent)
+        try:
+            return await self._run(self._reset_sent)
+        except OutboxDiskFull:  # not needed: sent records are due again after resend_after_s
+            log.warning("outbox %s: reset of sent records skipped: disk full", self.path)
+            return 0
 
     def _reset_sent(self) -> int:
         with _transaction(self.db, durable=False):
@@ -467,7 +765,11 @@ class Outbox:
         """Delete confirmed records older than the retention, in slices."""
         total = 0
         while True:
-            n = await self._run(self._purge_slice, retention_days)
+            try:
+                n = await self._run(self._purge_slice, retention_days)
+            except OutboxDiskFull:
+                log.warning("outbox %s: purge postponed: disk full", self.path)
+                return total
             total += n
             if n < 2000:
                 return total
@@ -482,19 +784,76 @@ class Outbox:
             ).rowcount
 
     async def bump_session(self) -> int:
-        """The status session counter, incremented and persisted before every connect."""
-        return await self._run(self._bump_session)
+        """The status session counter, incremented and persisted before every connect.
 
-    def _bump_session(self) -> int:
-        with _transaction(self.db):
-            self.db.execute(
-                "INSERT INTO meta VALUES ('session', 1)"
-                " ON CONFLICT(key) DO UPDATE SET value = value + 1"
-            )
-            self._session = int(
-                self.db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()[0]
-            )
+        On a full disk the new session is used from memory (higher than every one
+        persisted) and written with the next commit that succeeds: a full disk must
+        not keep the uplink from connecting.
+        """
+        try:
+            return await self._run(self._bump_session_db)
+        except OutboxDiskFull:
+            self._session += 1
+            log.warning("outbox %s: session %d kept in memory: disk full", self.path, self._session)
             return self._session
+
+    def _bump_session_db(self) -> int:
+        with _transaction(self.db):
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
+            self._session = max(self._session, 0 if row is None else int(row[0])) + 1
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('session', ?), ('last_seq', ?)",
+                (self._session, self._last_seq),
+            )
+        self._write_counters()
+        return self._session
+
+    def take_alerts(self) -> list[dict[str, Any]]:
+        """`outbox_recovered` alerts since the last call (at start or while running),
+        for the next telemetry."""
+        alerts, self._alerts = self._alerts, []
+        return alerts
+
+    async def find_repeat(self, device: str, text: str, within_s: float) -> bool:
+        """True if the last record of `device` is the barcode `text`, committed less than
+        `within_s` ago: the repeat window across a restart (a rescan of a read whose ACK
+        never went out)."""
+        return await self._run(self._find_repeat, device, text, within_s)
+
+    def _find_repeat(self, device: str, text: str, within_s: float) -> bool:
+        row = self.db.execute(
+            "SELECT kind, data, created_at FROM records WHERE device = ? AND seq > ?"
+            " ORDER BY seq DESC LIMIT 1",
+            (device, self._last_seq - 10_000),
+        ).fetchone()
+        if row is None or row[0] != "barcode" or row[2] < self._clock() - within_s:
+            return False
+        try:
+            data = json.loads(row[1])
+        except ValueError:
+            return False
+        return isinstance(data, dict) and data.get("text") == text
+
+    # -- the periodic integrity check ----------------------------------------------
+
+    async def _check_loop(self) -> None:
+        """`PRAGMA quick_check` every `integrity_check_interval_s` on a read connection of
+        its own, in a thread of its own: WAL readers do not block the committer, so
+        scans are not stalled. A failure moves the database aside with salvage."""
+        assert self.integrity_check_interval_s
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-check") as pool:
+            while True:
+                await asyncio.sleep(self.integrity_check_interval_s)
+                problem = await loop.run_in_executor(pool, _quick_check, self.path)
+                self.integrity_checks += 1
+                if problem is not None:
+                    await self._run(self._recover_if_damaged, problem)
+
+    def _recover_if_damaged(self, problem: str) -> None:
+        # on the outbox thread: the database may have been replaced meanwhile
+        if _quick_check(self.path) is not None:
+            self._recover(f"periodic integrity check: {problem}")
 
     async def stats(self) -> OutboxStats:
         return await self._run(self._stats)
@@ -507,6 +866,10 @@ class Outbox:
             max_bytes=self.max_bytes,
             last_seq=self._last_seq,
             recovered_from=None if self.recovered_from is None else str(self.recovered_from),
+            disk_full=self.disk_full,
+            salvaged=self._salvaged,
+            lost_seqs=self._lost_seqs,
+            lost_ranges=self._lost_ranges,
         )
 
 
@@ -537,15 +900,37 @@ class _transaction:
     ) -> None:
         try:
             if exc is None:
-                self.db.execute("COMMIT")
-                return
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except sqlite3.Error as e:
+                    exc = e
             if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise OutboxError(f"outbox: {exc}") from exc
+                raise _translate(exc, "outbox") from exc
         finally:
             if not self.durable:
                 self.db.execute("PRAGMA synchronous=FULL")
+
+
+def _salvage_path(path: Path) -> Path:
+    return Path(str(path) + ".salvage")
+
+
+def _unlink_db(path: Path) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(path) + suffix)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _file_bytes(path: Path) -> int:
@@ -557,14 +942,49 @@ def _file_bytes(path: Path) -> int:
 
 
 _CLEAN_SUFFIX = ".clean"
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 10, 11, 13, 26
+
+
+def _code(e: BaseException) -> int:
+    return int(getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _translate(e: sqlite3.Error, what: str) -> OutboxError:
+    """The outbox boundary: an SQLite error as one of the project's errors. An I/O error
+    is a full disk when the filesystem says so (`_translated` checks with the path)."""
+    if _code(e) == _SQLITE_FULL:
+        return OutboxDiskFull(f"{what}: disk full ({e})")
+    return OutboxError(f"{what}: {e}")
+
+
+def _space_low(path: Path) -> bool:
+    """Less than 1 MiB free beside the outbox: an I/O error there is ENOSPC."""
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(path.parent).free < 1 << 20
+    return False
+
+
+def _quick_check(path: Path) -> str | None:
+    """None if `PRAGMA quick_check` says ok on a fresh read-only connection, else why not."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        return str(e) if _is_corruption(e) else None
+    if rows and rows[0][0] == "ok":
+        return None
+    return f"quick_check: {rows[0][0] if rows else 'no answer'}"
 
 
 def _is_corruption(e: BaseException | None) -> bool:
+    if isinstance(e, UnicodeDecodeError):
+        return True
     if not isinstance(e, sqlite3.DatabaseError):
         return False
-    code = getattr(e, "sqlite_errorcode", None) or 0
-    return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return _code(e) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 def _fingerprint(path: Path) -> dict[str, int] | None:
@@ -693,14 +1113,22 @@ def read_stats(path: Path) -> dict[str, Any]:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             stats = _query_stats(db, time.time())
-            row = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         finally:
             db.close()
     except sqlite3.Error as e:
         raise OutboxError(f"{path}: cannot read the outbox: {e}") from e
+    side = counters.load(counters.side_path(path))
+    moved = sorted(p.name for p in path.parent.glob(f"{path.name}.corrupt-*"))
     return {
         "path": str(path),
         **stats,
         "db_bytes": _file_bytes(path),
-        "last_seq": 0 if row is None else int(row[0]),
+        "last_seq": int(meta.get("last_seq", 0)),
+        "side_seq_reserved": side.seq_reserved,
+        "side_session": side.session,
+        "salvaged": int(meta.get("salvaged", 0)),
+        "lost_seqs": int(meta.get("lost_seqs", 0)),
+        "lost_ranges": int(meta.get("lost_ranges", 0)),
+        "moved_aside": [m for m in moved if not m.endswith(("-wal", "-shm"))],
     }

@@ -34,6 +34,7 @@ from agent.errors import (
     DeviceError,
     DeviceUnavailable,
     DriverMissing,
+    OutboxDiskFull,
     OutboxError,
     OutboxFull,
 )
@@ -141,6 +142,8 @@ class Station:
 
     def take_alerts(self) -> list[dict[str, Any]]:
         alerts, self._alerts = self._alerts, []
+        if self.outbox is not None:  # a database moved aside and salvaged, at start or since
+            alerts += self.outbox.take_alerts()
         return alerts
 
     def alert(self, body: dict[str, Any]) -> None:
@@ -240,7 +243,10 @@ class Station:
             text = read.data["text"]
             last = self._last_text.get(read.device)
             now = time.monotonic()
-            if last is not None and last[0] == text and now - last[1] < dev.repeat_window_s:
+            if (last is not None and last[0] == text and now - last[1] < dev.repeat_window_s) or (
+                last is None and await self._committed_before_restart(dev, text)
+            ):
+                self._last_text[read.device] = (text, now) if last is None else last
                 st.duplicates_suppressed += 1
                 return Outcome(
                     accepted=True, duplicate=True, interpretation=read.data["interpretation"]
@@ -257,6 +263,8 @@ class Station:
             log.error("%s: read NOT stored, operator gets a NAK: %s", read.device, e)
             if isinstance(e, OutboxFull):
                 self.emit("outbox_full", {"device": read.device})
+            if isinstance(e, OutboxDiskFull):
+                self.emit("disk_full", {"device": read.device})
             self.emit("read_rejected", {"device": read.device, "reason": "not_stored"})
             return Outcome(accepted=False, error=str(e), interpretation=interpretation)
         if read.kind == "barcode" and "text" in read.data:
@@ -278,6 +286,18 @@ class Station:
             },
         )
         return Outcome(accepted=ok, record=record, interpretation=interpretation)
+
+    async def _committed_before_restart(self, dev: DeviceConfig, text: str) -> bool:
+        """The repeat window across a restart: the first scan of a device after start is a
+        rescan if the outbox's last record of the device is this text, committed within
+        `repeat_window_s` (its ACK may never have gone out before a crash)."""
+        if dev.repeat_window_s <= 0 or self.outbox is None:
+            return False
+        try:
+            return await self.outbox.find_repeat(dev.name, text, dev.repeat_window_s)
+        except OutboxError as e:
+            log.warning("%s: repeat window lookup failed: %s", dev.name, e)
+            return False
 
     def _with_operator(self, read: Read) -> tuple[Read, str | None]:
         """A staff badge tap starts or ends the operator session; every record carries

@@ -529,6 +529,7 @@ class Uplink:
             "outbox": stats.as_dict(),
             **self.station.describe(),
             "uplink": self.describe(),
+            "madoguchi": _version("madoguchi"),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "aiomqtt": _version("aiomqtt"),

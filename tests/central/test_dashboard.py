@@ -12,10 +12,17 @@ from typing import Any
 
 import pytest
 
+from agent.central.audit import AuditLog
 from agent.central.dashboard import Dashboard, Fleet, Thresholds
 from agent.central.store import AgentSummary, Gap
 from agent.testing import Broker, Pty, free_port, running_station, write_config
-from tests.support.central import running_dashboard
+from tests.support.central import (
+    DESK_TOKEN,
+    DESK_USER,
+    authorized,
+    desk_guard,
+    running_dashboard,
+)
 
 S, A = "toda-city-hall-1f", "station-03"
 
@@ -90,7 +97,9 @@ def test_stations_are_grouped_by_site() -> None:
 
 def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers=authorized({"content-type": "application/json"})
+    )
     with urllib.request.urlopen(req, timeout=20) as res:
         return json.loads(res.read())
 
@@ -101,7 +110,10 @@ async def test_api_shows_a_live_station_and_runs_a_command(
     broker: Broker, pty_port: Pty, tmp_path: Path
 ) -> None:
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
-    dash = Dashboard("127.0.0.1", broker.port, http_port=free_port())
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    dash = Dashboard(
+        "127.0.0.1", broker.port, http_port=free_port(), guard=desk_guard(), audit=audit
+    )
     async with running_dashboard(dash), running_station(cfg):
         base = f"http://127.0.0.1:{dash.http_port}"
         while True:
@@ -117,6 +129,14 @@ async def test_api_shows_a_live_station_and_runs_a_command(
             http_json, f"{base}/api/command", {"site": S, "agent": A, "name": "diagnostics"}
         )
         assert result["ok"] is True and "python" in result
+        entries = audit.tail()
+        assert [(e["who"], e["site"], e["agent"], e["command"], e["outcome"]) for e in entries] == [
+            (DESK_USER, S, A, "diagnostics", "sent"),
+            (DESK_USER, S, A, "diagnostics", "ok"),
+        ]
+        assert entries[0]["request_id"] == entries[1]["request_id"]
+        shown = await asyncio.to_thread(http_json, f"{base}/api/audit")
+        assert shown["entries"] == entries
         with pytest.raises(urllib.error.HTTPError) as e:
             await asyncio.to_thread(
                 http_json, f"{base}/api/command", {"site": S, "agent": A, "name": "shutdown"}
@@ -135,6 +155,8 @@ def test_dashboard_command_serves_and_stops_on_sigterm(broker: Broker, tmp_path:
 
     http_port = free_port()
     log = tmp_path / "dashboard.log"
+    token_file = tmp_path / "dashboard-token"
+    token_file.write_text(f"{DESK_USER} {DESK_TOKEN}\n")
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -148,6 +170,10 @@ def test_dashboard_command_serves_and_stops_on_sigterm(broker: Broker, tmp_path:
                 str(tmp_path / "registry.db"),
                 "--http-port",
                 str(http_port),
+                "--token-file",
+                str(token_file),
+                "--audit-file",
+                str(tmp_path / "audit.jsonl"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -181,6 +207,8 @@ def test_dashboard_command_serves_and_stops_on_sigterm(broker: Broker, tmp_path:
                 str(broker.port),
                 "--http-port",
                 str(taken),
+                "--token-file",
+                str(token_file),
             ],
             capture_output=True,
             text=True,

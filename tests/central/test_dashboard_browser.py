@@ -6,13 +6,19 @@ downloads one. Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent import __version__ as VERSION
+from agent.central.audit import AuditLog
 from agent.central.dashboard import Dashboard, Thresholds
 from agent.testing import (
     AgentProcess,
@@ -24,7 +30,7 @@ from agent.testing import (
     write_config,
 )
 from tests.support.browser import ARTIFACTS
-from tests.support.central import running_dashboard
+from tests.support.central import DESK_TOKEN, DESK_USER, desk_guard, running_dashboard
 
 pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("contract_spy")]
 
@@ -51,13 +57,18 @@ async def test_station_killed_turns_red_and_comes_back(
 
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
     dash = Dashboard(
-        "127.0.0.1", broker.port, db=tmp_path / "registry.db", http_port=free_port(), db_poll_s=0.5
+        "127.0.0.1",
+        broker.port,
+        db=tmp_path / "registry.db",
+        http_port=free_port(),
+        db_poll_s=0.5,
+        guard=desk_guard(),
     )
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     async with running_dashboard(dash):
         try:
             agent.start()
-            await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+            await page.goto(f"http://127.0.0.1:{dash.http_port}/#token={DESK_TOKEN}")
             row = page.locator(f'tr[data-station="{KEY}"]')
             await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
             await expect(row.locator("td.state")).to_have_text("オンライン / Online")
@@ -95,9 +106,11 @@ async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
         broker.port,
         http_port=free_port(),
         thresholds=Thresholds(stuck_after_s=3.0),
+        guard=desk_guard(),
+        audit=AuditLog(tmp_path / "audit.jsonl"),
     )
     async with running_dashboard(dash), running_station(cfg):
-        await page.goto(f"http://127.0.0.1:{dash.http_port}/")
+        await page.goto(f"http://127.0.0.1:{dash.http_port}/#token={DESK_TOKEN}")
         row = page.locator(f'tr[data-station="{KEY}"]')
         await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
         pty_port.scan("111122410000012345")
@@ -113,9 +126,68 @@ async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
         await row.locator('button[data-command="diagnostics"]').click()
         result = row.locator(f'[data-result="{KEY}"]')
         await expect(result).to_contain_text("diagnostics: 成功 OK", timeout=20_000)
-        await expect(result).to_contain_text('"python"')
+        await expect(result).to_contain_text(f"madoguchi {VERSION}")
         await expect(result).to_have_class(re.compile(r"\bok\b"))
+        await check_diagnostics(page, dash.http_port)
 
         await row.locator('button[data-command="resend"]').click()
         await expect(result).to_contain_text(re.compile(r'resend: 成功 OK .*"requeued": ?1'))
+        # every command is in the audit table: who, which station, what, how it went
+        audit_rows = page.locator("#audit tbody tr")
+        await expect(audit_rows.first).to_contain_text("resend", timeout=10_000)
+        await expect(audit_rows.first).to_contain_text(DESK_USER)
+        await expect(audit_rows.first).to_contain_text(KEY)
+        await expect(audit_rows).to_have_count(4)  # two commands, sent + ok each
+        assert "token" not in page.url  # the fragment was dropped from the address bar
         await page.screenshot(path=str(ARTIFACTS / "dashboard-stuck-command.png"), full_page=True)
+
+
+async def check_diagnostics(page: Any, http_port: int) -> None:
+    """Readable (a panel of tables, not JSON in a cell) and downloadable, with the version."""
+    from playwright.async_api import expect
+
+    panel = page.locator(f'details[data-diagnostics="{KEY}"]')
+    await expect(panel).to_be_visible()
+    await expect(panel.locator('[data-version="madoguchi"]')).to_have_text(f"madoguchi: {VERSION}")
+    await expect(panel.locator('[data-version="python"]')).to_contain_text("Python: 3.")
+    devices = panel.locator("table.diag-devices")
+    await expect(devices).to_contain_text("ticket-scanner")
+    await expect(devices.locator("tr", has_text="ticket-scanner")).to_contain_text("connected")
+    assert "{" not in await panel.inner_text()  # no raw JSON on screen
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-diagnostics.png"), full_page=True)
+
+    async with page.expect_download() as info:
+        await panel.locator(f'button[data-download="{KEY}"]').click()
+    download = await info.value
+    saved = json.loads(Path(await download.path()).read_text())
+    assert saved["madoguchi"] == VERSION and saved["agent"] == "station-03"
+    assert saved["devices"]["ticket-scanner"]["state"] == "connected"
+    assert "request_id" not in saved
+
+    # the same file from the endpoint, for scripts and curl (the dashboard runs in this loop)
+    base = f"http://127.0.0.1:{http_port}"
+
+    def get(path: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            req = urllib.request.Request(base + path)
+            if path.startswith("/api/"):  # the API wants the desk's token; the icon does not
+                req.add_header("Authorization", f"Bearer {DESK_TOKEN}")
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    status, headers, raw = await asyncio.to_thread(get, f"/api/diagnostics/{KEY}")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    assert headers["content-disposition"].startswith(
+        'attachment; filename="diagnostics-toda-city-hall-1f-station-03-'
+    )
+    body = json.loads(raw)
+    assert body["madoguchi"] == VERSION and "python" in body and "request_id" not in body
+    status, _, _ = await asyncio.to_thread(get, "/api/diagnostics/nowhere/none")
+    assert status == 404
+    status, headers, raw = await asyncio.to_thread(get, "/favicon.svg")
+    assert status == 200 and headers["content-type"].startswith("image/svg+xml")
+    assert raw.startswith(b"<svg")
+    icon = await page.locator('link[rel="icon"]').get_attribute("href")
+    assert icon == "/favicon.svg"

@@ -152,3 +152,143 @@ def test_thousands_of_open_gaps_stay_cheap(tmp_path: Path) -> None:
         store.store(SITE, AGENT, [r])
     assert store.gaps() == []
     store.close()
+
+
+# -- conflicts, dead letters, private files (issue #16) -----------------------------------
+
+
+async def test_same_id_other_content_is_a_conflict_and_the_first_stays(
+    store: RecordStore,
+) -> None:
+    from agent.central.store import canonical
+
+    first = record(1)
+    other = {**first, "data": {"text": "something else", "symbology": None}}
+    [a] = await store.store([Batch(SITE, AGENT, [first])])
+    assert (a.new, a.conflict) == (True, False)
+    [dup, clash] = await store.store([Batch(SITE, AGENT, [dict(first), other])])
+    assert (dup.new, dup.conflict) == (False, False)  # identical content: a plain duplicate
+    assert (clash.new, clash.conflict) == (False, True)
+    # the same id from another station is a conflict too, even with the same content
+    [stolen] = await store.store([Batch(SITE, "station-99", [first])])
+    assert stolen.conflict
+    # a conflict inside one commit: the first of the commit is stored, the second kept apart
+    fresh = record(2)
+    [n, c] = await store.store([Batch(SITE, AGENT, [fresh, {**fresh, "seq": 3}])])
+    assert (n.new, c.conflict) == (True, True)
+    again = await store.store([Batch(SITE, AGENT, [other])])  # re-sent conflict: kept once
+    assert again[0].conflict
+    problems = await store.problems()
+    assert problems.conflicts == 3
+    assert await store.count() == 2
+    kept = {(c.record_id, c.agent, c.first_agent, c.body) for c in problems.recent_conflicts}
+    assert (first["id"], AGENT, AGENT, canonical(other)) in kept
+    assert (first["id"], "station-99", AGENT, canonical(first)) in kept
+    [summary] = [s for s in await store.agents() if s.agent == AGENT]
+    assert summary.max_seq == 2  # the conflicting seq 3 opened no gap bookkeeping
+
+
+async def test_dead_letters_are_kept_truncated_and_bounded(
+    store: RecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.central.store_pg
+    import agent.central.store_sqlite
+    from agent.central.store import DEAD_LETTER_PAYLOAD_BYTES, DeadLetter
+
+    for mod in (agent.central.store_sqlite, agent.central.store_pg):
+        monkeypatch.setattr(mod, "DEAD_LETTER_ROWS", 5)
+    topic = f"madoguchi/v1/{SITE}/{AGENT}/records"
+    await store.dead_letter(
+        [DeadLetter(topic, f"reason {i}", b"[" * 5000, float(i), SITE, AGENT) for i in range(8)]
+    )
+    await store.dead_letter([DeadLetter("bad\x00topic", "r", b"\xff", 9.0)])
+    problems = await store.problems(recent=100)
+    assert problems.dead_letters == 9  # counted, all of them
+    assert len(problems.recent_dead_letters) == 5  # kept: the newest only
+    newest = problems.recent_dead_letters[0]
+    assert (newest.reason, newest.payload, newest.site) == ("r", b"\xff", "")
+    assert all(len(d.payload) <= DEAD_LETTER_PAYLOAD_BYTES for d in problems.recent_dead_letters)
+    assert [d.reason for d in problems.recent_dead_letters[1:]] == [
+        f"reason {i}" for i in (7, 6, 5, 4)
+    ]
+
+
+def test_registry_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from agent.central.blobs import BlobAssembler
+
+    old = os.umask(0o022)
+    try:
+        db = tmp_path / "central" / "registry.db"
+        reg = RegistryStore(db)
+        reg.open()
+        reg.store(SITE, AGENT, [record(1)])
+        files = [db, db.with_name("registry.db-wal"), db.with_name("registry.db-shm")]
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        reg.close()
+        # a database an older registry left 0644 is made private at the next open
+        os.chmod(db, 0o644)
+        reg.open()
+        reg.close()
+        reopened = stat.S_IMODE(db.stat().st_mode)
+        blobs = BlobAssembler(tmp_path / "blobs")
+        rid = str(record(1)["id"])
+        blobs.manifest(
+            SITE,
+            AGENT,
+            rid,
+            {
+                "schema": "madoguchi.blob/1",
+                "record_id": rid,
+                "content_type": "image/jpeg",
+                "bytes": 3,
+                "chunk_bytes": 3,
+                "chunks": 1,
+                "sha256": hashlib.sha256(b"abc").hexdigest(),
+            },
+        )
+        blobs.chunk(SITE, AGENT, rid, 0, b"abc")
+    finally:
+        os.umask(old)
+    assert modes == {"registry.db": 0o600, "registry.db-wal": 0o600, "registry.db-shm": 0o600}
+    assert reopened == 0o600
+    dirs = [p for p in (tmp_path / "blobs").rglob("*") if p.is_dir()] + [tmp_path / "blobs"]
+    assert len(dirs) >= 3
+    assert {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in dirs} == {
+        p.relative_to(tmp_path).as_posix(): 0o700 for p in dirs
+    }
+    assert blobs.final_path(SITE, AGENT, rid).read_bytes() == b"abc"
+
+
+async def test_a_conflict_keeps_no_personal_part(store: RecordStore) -> None:
+    """The conflicts table is compared and kept without `data.personal`: never in the clear."""
+    first = {**record(1), "data": {"text": "a", "personal": {"name": "山田太郎"}}}
+    second = {**first, "data": {"text": "b", "personal": {"name": "山田花子"}}}
+    await store.store([Batch(SITE, AGENT, [first])])
+    [dup] = await store.store([Batch(SITE, AGENT, [{**first, "data": {"text": "a"}}])])
+    assert not dup.conflict  # the same record without the personal part: a duplicate
+    [clash] = await store.store([Batch(SITE, AGENT, [second])])
+    assert clash.conflict
+    [kept] = (await store.problems()).recent_conflicts
+    assert "山田" not in kept.body and "personal" not in kept.body
+
+
+async def test_a_lost_range_record_closes_the_gap_it_names(store: RecordStore) -> None:
+    """docs/CONTRACT.md "lost-range record": the seqs a station says are gone are
+    accounted for (their alert is the lost range's own), the rest of a gap stays open."""
+    await store.store([Batch(SITE, AGENT, [record(1), record(2), record(9)])])
+    assert [(g.first, g.last) for g in await store.open_gaps()] == [(3, 8)]
+    lost = {
+        **record(10),
+        "device": "outbox",
+        "kind": "lost_range",
+        "source": "agent",
+        "data": {"first_seq": 3, "last_seq": 6, "count": 4, "reason": "unreadable"},
+    }
+    [stored] = await store.store([Batch(SITE, AGENT, [lost])])
+    assert stored.new
+    assert [(g.first, g.last) for g in await store.open_gaps()] == [(7, 8)]
+    [summary] = await store.agents()
+    assert (summary.max_seq, summary.records) == (10, 4)  # the lost seqs are not records

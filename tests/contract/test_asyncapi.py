@@ -28,6 +28,7 @@ def test_document_is_consistent() -> None:
     assert {n for n, _, _ in contract.channels} == {
         "records",
         "ack",
+        "registryStatus",
         "status",
         "telemetry",
         "command",
@@ -121,6 +122,7 @@ async def test_every_message_of_an_end_to_end_run_fits_the_contract(
     assert kinds == {
         "records/records",
         "ack/ack",
+        "registryStatus/online",
         "status/birth",
         "status/offline",
         "status/will",

@@ -7,9 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.contract.topics import COMMAND, DEFAULT_PREFIX, NAME, Topic, Topics
+from agent.contract.topics import (
+    COMMAND,
+    DEFAULT_PREFIX,
+    NAME,
+    REGISTRY_SITE,
+    Topic,
+    Topics,
+    registry_name,
+)
 
-names = st.from_regex(NAME, fullmatch=True).filter(lambda s: "\n" not in s)
+# `_registry` is the registry consumers' own site level (REGISTRY_SITE), never a station's
+names = st.from_regex(NAME, fullmatch=True).filter(lambda s: "\n" not in s and s != REGISTRY_SITE)
 commands = st.from_regex(COMMAND, fullmatch=True).filter(lambda s: "\n" not in s)
 record_ids = st.text(st.characters(exclude_characters="/"), min_size=1, max_size=40)
 prefixes = st.sampled_from([DEFAULT_PREFIX, "city", "a/b/c"])
@@ -33,6 +42,8 @@ def build(topics: Topics, t: Topic) -> str:
         case "blob_chunk":
             assert t.chunk is not None
             return s.blob_chunk(str(t.record_id), t.chunk)
+        case "registry_status":
+            return topics.registry_status(t.agent)
     raise AssertionError(t.kind)
 
 
@@ -155,3 +166,25 @@ def test_parse_accepts_only_what_a_station_builds(prefix: str, data: st.DataObje
 
 def test_parse_of_something_that_is_not_text_is_none() -> None:
     assert Topics().parse(b"madoguchi/v1/s/a/records") is None  # type: ignore[arg-type]
+
+
+@given(prefixes, names, st.text(max_size=80))
+def test_registry_status_round_trips_and_is_never_a_station_s(
+    prefix: str, station: str, client_id: str
+) -> None:
+    topics = Topics(prefix)
+    name = registry_name(client_id)
+    assert NAME.fullmatch(name)
+    assert topics.parse(topics.registry_status(name)) == Topic(
+        REGISTRY_SITE, name, "registry_status"
+    )
+    assert topics.parse(f"{prefix}/{REGISTRY_SITE}/{station}/records") is None
+    assert topics.all_registry_status == f"{prefix}/{REGISTRY_SITE}/+/status"
+
+
+def test_registry_name_of_the_default_client_ids() -> None:
+    assert registry_name("madoguchi-registry") == "madoguchi-registry"
+    assert registry_name("madoguchi-registry-grp-Host.example-42") == (
+        "madoguchi-registry-grp-host-example-42"
+    )
+    assert registry_name("") == "registry"

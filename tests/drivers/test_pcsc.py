@@ -37,6 +37,7 @@ from agent.drivers.card import (
 from agent.drivers.pcsc import PcscDriver
 from agent.drivers.scard import read_card_info, read_card_now
 from agent.errors import CardError, ConfigError, DeviceUnavailable, PinRefused
+from agent.personal_seal import PersonalOpener, generate_keypair
 from agent.station.app import StationApp
 from agent.station.outbox import Outbox
 from agent.station.sealing import Sealer
@@ -460,11 +461,12 @@ async def test_no_personal_data_in_logs_or_in_the_outbox_file(
     caplog.set_level(logging.DEBUG)
     key = tmp_path / "outbox.key"
     Sealer.create_key_file(key)
+    generate_keypair(tmp_path / "registry.key", tmp_path / "registry.pub")
     with pcsc_stack(tmp_path / "pcsc") as st:
         cfg_path = write_config(
             tmp_path,
             broker.port,
-            outbox=f'key_file = "{key}"',
+            outbox=f'key_file = "{key}"\nregistry_public_key = "{tmp_path / "registry.pub"}"',
             devices=f"""
 [[devices]]
 name = "card-reader"
@@ -493,12 +495,18 @@ store_card_info = true
             stop.set()
             await asyncio.wait_for(task, 20)
 
-    # the personal data is there, sealed: the outbox gives it back with the key
+    # the personal data is there, sealed twice: the outbox key opens the at-rest layer,
+    # and only the registry's private key the part that goes on the wire
     async with Outbox(config.outbox_path, sealer=Sealer.from_file(key)) as outbox:
         records = await outbox.next_batch(10, 0)
     info_records = [r for r in records if r.kind == "card_info"]
     assert len(info_records) == 1
-    assert info_records[0].personal == {
+    assert info_records[0].personal is None
+    sealed = info_records[0].personal_sealed
+    assert sealed is not None and "personal" not in info_records[0].wire()["data"]
+    assert info_records[0].wire()["data"]["personal_sealed"] == sealed
+    opener = PersonalOpener.from_file(tmp_path / "registry.key")
+    assert opener.open(info_records[0].id, sealed) == {
         "name": TEST_NAME,
         "address": TEST_ADDRESS,
         "birth_date": "1985-04-12",
@@ -644,7 +652,9 @@ store_card_info = true
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert err.value.problems == [
-        f"{path}: devices[0].store_card_info: personal data needs outbox.key_file to encrypt it"
+        f"{path}: devices[0].store_card_info: personal data needs outbox.key_file to encrypt it",
+        f"{path}: devices[0].store_card_info: personal data needs "
+        "outbox.registry_public_key to seal it for the registry",
     ]
 
 

@@ -142,10 +142,46 @@ def test_check_config_opens_no_device(tmp_path: Path) -> None:
 
 def test_configuration_reference_is_current() -> None:
     """docs/configuration.md is generated from the models: a new key must show up there."""
+    from agent.central.config import reference_markdown as central_reference
     from agent.config import reference_markdown
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-    assert doc.read_text() == reference_markdown(), (
-        "regenerate: python -c 'import agent.config as c; print(c.reference_markdown(), end=\"\")'"
+    assert doc.read_text() == reference_markdown() + "\n" + central_reference(), (
+        "regenerate: python -c 'import agent.config as c, agent.central.config as k; "
+        'print(c.reference_markdown() + chr(10) + k.reference_markdown(), end="")\''
         " > docs/configuration.md"
     )
+
+
+def test_kiosk_label_and_role(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        GOOD.replace('host_ack = "\\u0006"', 'host_ack = "\\u0006"\nlabel = "接種券スキャナ"')
+        + '\n[api]\nrole = "mynumber"\n',
+        encoding="utf-8",
+    )
+    cfg = load_config(path)
+    assert cfg.devices[0].label == "接種券スキャナ"
+    assert cfg.api is not None and cfg.api.role == "mynumber"
+    for bad, key in (('role = "pharmacy"', "role"), ('role = "general"\nextra = 1', "extra")):
+        path.write_text(GOOD + f"\n[api]\n{bad}\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert key in str(e.value)
+    path.write_text(
+        GOOD.replace('host_ack = "\\u0006"', 'host_ack = "\\u0006"\nlabel = "a\\u001bb"'),
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "label" in str(e.value)
+
+
+def test_the_registry_s_site_level_is_no_station_s(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(GOOD.replace('site = "toda-city-hall-1f"', 'site = "_registry"'))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == [
+        f"{p}: agent.site: Value error, '_registry' is reserved for the registry's own topics"
+    ]

@@ -113,3 +113,12 @@ def test_unwritable_directory_is_an_error_not_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith("madoguchi enroll: ")
     assert "not-a-dir" in err
+
+
+def test_the_registry_s_site_level_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "creds"
+    assert enroll(out, "_registry", "station-01") != 0
+    assert "reserved for the registry" in capsys.readouterr().err
+    assert not (out / "tls.key").exists()

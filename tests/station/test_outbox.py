@@ -175,13 +175,21 @@ async def test_corruption_found_while_running_moves_aside_and_keeps_taking_scans
         raw[4096:] = b"\xa5" * (len(raw) - 4096)
         db.write_bytes(bytes(raw))
         rec = await ob.append(scan("after"))
-        assert rec.seq == first[-1].seq + 1  # never reused
+        # never reused; seq 201 says that 1..200 could not be read (salvage found none)
+        assert rec.seq == first[-1].seq + 2
         assert ob.recovered_from is not None
         assert ob.recovered_from.name.startswith("outbox.db.corrupt-")
         stats = await ob.stats()
         assert stats.recovered_from == str(ob.recovered_from)
-        assert stats.unconfirmed == 1
-        [again] = await ob.next_batch(10, 30)
+        assert stats.unconfirmed == 2
+        assert (stats.lost_seqs, stats.lost_ranges) == (200, 1)
+        lost, again = await ob.next_batch(10, 30)
+        assert (lost.kind, lost.seq, lost.data["first_seq"], lost.data["last_seq"]) == (
+            "lost_range",
+            201,
+            1,
+            200,
+        )
         assert again.id == rec.id
     async with Outbox(db) as ob:
         assert (await ob.append(scan("next start"))).seq == rec.seq + 1

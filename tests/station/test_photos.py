@@ -178,7 +178,9 @@ name = "id-camera"
 profile = "generic-uvc-webcam"
 device = "/dev/null-camera"
 """
-    return write_config(tmp_path, port, devices=devices, outbox=outbox)
+    return write_config(
+        tmp_path, port, devices=devices, outbox=outbox, extra_agent="remote_photo = true"
+    )
 
 
 async def until(predicate: Any, timeout: float = 30) -> None:
@@ -318,6 +320,23 @@ async def test_no_photo_without_an_outbox_key(tmp_path: Path, broker256: Broker)
         assert "outbox.key_file" in result["error"]
         result = await command(broker256.port, "capture_photo", {"request_id": "q", "device": "x"})
         assert result["ok"] is False and "no such camera" in result["error"]
+        assert station.outbox is not None
+        assert (await station.outbox.stats()).last_seq == 0
+    assert not list((tmp_path / "data-station-03").glob("blobs/*"))
+
+
+@pytest.mark.broker
+async def test_remote_photo_is_refused_unless_the_station_opts_in(
+    tmp_path: Path, broker256: Broker
+) -> None:
+    """[agent] remote_photo is off by default: cmd/capture_photo takes no picture."""
+    camera = FakeCamera([], frame_dt=0.05, still=photo_scene(320, 240))
+    config = camera_station_config(tmp_path, broker256.port)
+    config.write_text(config.read_text().replace("remote_photo = true", ""))
+    async with camera_station(config, camera) as station:
+        result = await command(broker256.port, "capture_photo", {"request_id": "r"})
+        assert result["ok"] is False
+        assert "[agent] remote_photo" in result["error"]
         assert station.outbox is not None
         assert (await station.outbox.stats()).last_seq == 0
     assert not list((tmp_path / "data-station-03").glob("blobs/*"))

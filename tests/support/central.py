@@ -253,3 +253,20 @@ class ContractSpy:
             self.seen.append(self.contract.check_raw(topic, bytes(payload)))
         except (AssertionError, ValueError) as e:
             self.problems.append(f"{topic}: {e}")
+
+
+# -- the dashboard's credentials (agent/central/dashboard_guard.py) ---------------------
+
+DESK_TOKEN = "desk-token-" + "0123456789abcdef" * 3  # >= 32 characters
+DESK_USER = "desk-1"
+
+
+def desk_guard(**kwargs: Any) -> Any:
+    """A DashboardGuard that knows DESK_TOKEN as DESK_USER."""
+    from agent.central.dashboard_guard import DashboardGuard
+
+    return DashboardGuard(tokens={DESK_TOKEN: DESK_USER}, **kwargs)
+
+
+def authorized(headers: dict[str, str] | None = None) -> dict[str, str]:
+    return {"authorization": f"Bearer {DESK_TOKEN}", **(headers or {})}

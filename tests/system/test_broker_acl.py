@@ -429,13 +429,17 @@ async def test_client_ids_become_the_certificate_cn(fleet: Fleet) -> None:
     assert fleet.connected_as() == ["site1/a", "registry"]
 
 
-async def test_station_cannot_take_the_registrys_persistent_session(fleet: Fleet) -> None:
+# the id `madoguchi registry` asks for, and the one the broker gives it (its CN)
+@pytest.mark.parametrize("stolen_id", ["madoguchi-registry", "registry"])
+async def test_station_cannot_take_the_registrys_persistent_session(
+    fleet: Fleet, stolen_id: str
+) -> None:
     """A station connecting with the registry's client id (clean_start false, as the
     registry does) gets a session of its own: the 3 records queued for the registry
     while it was away still reach it."""
     registry_id = fleet.role("registry")
     station = fleet.client(fleet.enroll_station("site1", "a"), "madoguchi-site1-a")
-    evil = fleet.persistent(fleet.enroll_station("site1", "evil"), "madoguchi-registry")
+    evil = fleet.persistent(fleet.enroll_station("site1", "evil"), stolen_id)
     dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
 
     async with fleet.persistent(registry_id, "madoguchi-registry") as registry:
@@ -494,6 +498,39 @@ async def test_station_cannot_kick_another_station_off(fleet: Fleet) -> None:
     assert seen_by_victim == [(f"{P}/site1/b/cmd/ping", b"ping-victim")]
     assert seen_after == [(victim_status, b"after-attacker-left")]
     assert fleet.connected_as() == ["site1/b", "dashboard", "site1/a"]
+
+
+async def test_each_central_role_does_only_its_part(fleet: Fleet) -> None:
+    """The identity is the certificate for the central side too: the dashboard's CN
+    cannot read records or forge acks (a station would purge unstored records), the
+    registry's cannot send commands, and neither can take the other's session."""
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    dashboard = fleet.client(fleet.role("dashboard"), "registry")  # asks for the registry's id
+    async with connected(a, registry, dashboard):
+        await dashboard.subscribe(f"{P}/+/+/records", qos=1)
+        await dashboard.subscribe(f"{P}/+/+/ack", qos=1)
+        await a.subscribe(f"{P}/site1/a/ack", qos=1)
+        await a.subscribe(f"{P}/site1/a/cmd/#", qos=1)
+        await registry.subscribe(f"{P}/+/+/records", qos=1)
+        await dashboard.publish(f"{P}/site1/a/ack", b"forged-by-dashboard", qos=1)
+        await registry.publish(f"{P}/site1/a/cmd/resend", b"forged-by-registry", qos=1)
+        await a.publish(f"{P}/site1/a/records", b"records-of-a", qos=1)
+        assert await collect_until(registry, b"records-of-a") == [
+            (f"{P}/site1/a/records", b"records-of-a")
+        ]
+        await registry.publish(f"{P}/site1/a/ack", b"real-ack", qos=1)
+        await dashboard.publish(f"{P}/site1/a/cmd/ping", b"real-cmd", qos=1)
+        seen_by_a = await collect_until(a, b"real-cmd")
+        await a.publish(f"{P}/site1/a/status", b"marker", qos=1)
+        await dashboard.subscribe(f"{P}/+/+/status", qos=1)
+        await a.publish(f"{P}/site1/a/status", b"marker-2", qos=1)
+        seen_by_dashboard = await collect_until(dashboard, b"marker-2")
+    assert seen_by_a == [(f"{P}/site1/a/ack", b"real-ack"), (f"{P}/site1/a/cmd/ping", b"real-cmd")]
+    assert seen_by_dashboard == [(f"{P}/site1/a/status", b"marker-2")]  # no records, no acks
+    assert fleet.connected_as() == ["site1/a", "registry", "dashboard"]
+    log = fleet.broker.log.read_text()
+    assert "Denied PUBLISH from dashboard" in log and "Denied PUBLISH from registry" in log
 
 
 async def test_station_cannot_command_any_station_itself_included(fleet: Fleet) -> None:

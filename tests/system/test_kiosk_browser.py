@@ -5,6 +5,7 @@ Screenshots at 800x480 go to test-artifacts/."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,202 @@ async def test_every_interpretation_verdict_renders(
         await expect(page.locator("#verdict-title")).to_have_text("記録できませんでした")
         k.station.emit("outbox_full", {"device": "ticket-scanner"})
         await expect(page.locator("#banner")).to_contain_text("保存領域がいっぱい")
+
+
+# -- the page reads right: every device, the backlog, the role, two languages --------
+
+# Each line of a Japanese text as the browser laid it out: no line of one character
+# (a lone 「す」), and none that overflows its box.
+LINES_JS = """el => {
+  const lines = new Map();
+  const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    for (let i = 0; i < n.data.length; i++) {
+      const r = document.createRange();
+      r.setStart(n, i); r.setEnd(n, i + 1);
+      const rect = r.getClientRects()[0];
+      if (!rect || !n.data[i].trim()) continue;
+      const top = Math.round(rect.top);
+      lines.set(top, (lines.get(top) || "") + n.data[i]);
+    }
+  }
+  return [...lines.values()];
+}"""
+
+
+async def assert_clean_lines(page: Page, selector: str) -> list[str]:
+    lines: list[str] = await page.locator(selector).evaluate(LINES_JS)
+    assert lines, selector
+    for line in lines:
+        assert len(line) > 1, (selector, lines)  # no lone character on a line of its own
+    return lines
+
+
+def labelled(name: str, port: Path, label: str) -> str:
+    return f"""
+[[devices]]
+name = "{name}"
+profile = "generic-serial-scanner"
+port = "{port}"
+host_ack = "\\u0006"
+label = "{label}"
+"""
+
+
+async def test_every_device_is_shown_and_each_stays_named_until_it_is_back(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    desk2 = Pty(tmp_path / "ttyDesk2")
+    spare = Pty(tmp_path / "ttySpare")
+    cfg, _ = kiosk_config(
+        tmp_path,
+        broker.port,
+        pty_port.link,
+        card_reader=False,
+        api='role = "general"',
+        scanner_extra='label = "接種券スキャナ"',
+        extra_devices=labelled("desk-2", desk2.link, "2番窓口スキャナ")
+        + labelled("spare", spare.link, "予備スキャナ"),
+    )
+    replug: Pty | None = None
+    try:
+        async with running_kiosk(cfg) as k:  # no registry: what is stored waits to be sent
+            spare.close()  # unplugged before the page loads
+            while k.station.devices["spare"].state == "connected":
+                await asyncio.sleep(0.05)
+            page = await open_kiosk(browser, k)
+            dev = page.locator("#devices li")
+            await expect(dev).to_have_count(3)
+            await expect(page.locator('#devices li[data-device="spare"]')).to_have_class("dev-bad")
+            await expect(page.locator('#devices li[data-device="spare"]')).to_have_text(
+                "予備スキャナ未接続"
+            )
+            ticket = page.locator('#devices li[data-device="ticket-scanner"]')
+            await expect(ticket).to_have_class("dev-ok")
+            await expect(ticket).to_have_text("接種券スキャナ")  # the label, not the config name
+            await expect(page.locator("#station")).to_contain_text("総合窓口")
+            await expect(page.locator("#verdict-detail")).to_have_text(
+                "書類のバーコードをかざすか、番号を入力してください"
+            )
+            await expect(page.locator("#waiting")).to_have_text("送信待ち 0件")
+
+            desk2.close()  # a second one goes: both are named
+            bad = page.locator("#devices li.dev-bad")
+            await expect(bad).to_have_count(2, timeout=10_000)
+            await expect(bad.nth(0)).to_contain_text("2番窓口スキャナ")
+            await expect(bad.nth(1)).to_contain_text("予備スキャナ")
+
+            pty_port.scan("111122410000012345")  # an accepted read clears no device
+            assert await pty_port.aread(1) == ACK
+            await expect(page.locator("#verdict-title")).to_have_text("受付完了")
+            await expect(page.locator("#waiting")).to_have_text("送信待ち 1件")
+            await expect(bad).to_have_count(2)
+            await page.screenshot(path=shot("kiosk-devices-down-ja-800x480.png"))
+
+            replug = Pty(desk2.link)  # desk-2 comes back: spare is still down
+            await expect(page.locator('#devices li[data-device="desk-2"]')).to_have_class(
+                "dev-ok", timeout=15_000
+            )
+            await expect(bad).to_have_count(1)
+            await expect(bad).to_contain_text("予備スキャナ")
+
+            await page.click("#lang")
+            await expect(page.locator("html")).to_have_attribute("lang", "en")
+            await expect(page.locator("#verdict-title")).to_have_text("Accepted")
+            await expect(bad).to_have_text("予備スキャナnot connected")
+            await expect(page.locator("#waiting")).to_have_text("1 waiting to send")
+            await expect(page.locator("#station")).to_contain_text("General counter")
+            await page.screenshot(path=shot("kiosk-devices-down-en-800x480.png"))
+            await page.click("#lang")
+            await expect(page.locator("#verdict-title")).to_have_text("受付完了")
+            assert page.errors == []  # type: ignore[attr-defined]
+    finally:
+        for p in (desk2, spare, replug):
+            if p is not None:
+                p.close()
+
+
+async def test_the_agent_unreachable_turns_the_keypad_off(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        await expect(page.locator('#pad [data-key="5"]')).to_be_enabled()
+        await expect(page.locator("#verdict-title")).to_have_text("読み取ってください")
+        icon = await page.locator('link[rel="icon"]').get_attribute("href")
+        assert icon == "/kiosk/favicon.svg"
+        async with k.client() as c:  # public, like the page: it holds no secret
+            r = await c.get(icon)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    # the station has stopped: its API is gone
+    title = page.locator("#verdict-title")
+    await expect(page.locator("#online")).to_have_class("state-lost", timeout=10_000)
+    await expect(title).to_have_text("端末と接続できません")
+    for key in ("1", "5", "0", "clear", "back"):
+        await expect(page.locator(f'#pad [data-key="{key}"]')).to_be_disabled()
+    await expect(page.locator("#pad-send")).to_be_disabled()
+    assert "読み取ってください" not in await page.locator("main").inner_text()
+    await assert_clean_lines(page, "#verdict-detail")
+    await page.screenshot(path=shot("kiosk-unreachable-ja-800x480.png"))
+    await page.click("#lang")
+    await expect(title).to_have_text("The stationis not reachable")
+    await page.screenshot(path=shot("kiosk-unreachable-en-800x480.png"))
+    async with running_kiosk(cfg):  # the agent is back (same port, same token): so is the pad
+        await expect(page.locator('#pad [data-key="5"]')).to_be_enabled(timeout=15_000)
+        await expect(title).to_have_text("Please scan")
+        await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
+
+
+async def test_mynumber_desk_prompt_keypads_and_both_languages(
+    browser: Browser, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, api='role = "mynumber"')
+    async with running_kiosk(cfg) as k:
+        page = await open_kiosk(browser, k)
+        detail = page.locator("#verdict-detail")
+        await expect(detail).to_contain_text("マイナンバーカードを置いてください")
+        await expect(page.locator("#station")).to_contain_text("マイナンバーカード窓口")
+        lines = await assert_clean_lines(page, "#verdict-detail")
+        assert len(lines) >= 2  # it did wrap, at phrase ends
+        await page.screenshot(path=shot("kiosk-mynumber-ja-800x480.png"))
+        # the same phone layout on both pads: 1-2-3 on top
+        pad = await page.locator("#pad .keys button").all_inner_texts()
+        pin = await page.locator("#pin-dialog .keys button").all_inner_texts()
+        assert pad[:9] == pin[:9] == [str(d) for d in range(1, 10)]
+        assert pad[10] == pin[10] == "0"
+
+        for code in ("expired", "unexpected", "not_stored"):
+            k.station.emit("read_rejected", {"device": "ticket-scanner", "reason": code})
+            await expect(page.locator("#verdict")).not_to_have_class("verdict-idle")
+            await assert_clean_lines(page, "#verdict-detail")
+            await assert_clean_lines(page, "#verdict-title")
+        k.station.emit(
+            "read_accepted",
+            {
+                "device": "ticket-scanner",
+                "id": "id-x",
+                "interpretation": {"type": "gs1", "valid": False, "problems": ["expired"]},
+                "verdict": "expired",
+            },
+        )
+        await expect(page.locator("#verdict-title")).to_have_text("有効期限切れのワクチンです")
+        await assert_clean_lines(page, "#verdict-detail")
+        await page.screenshot(path=shot("kiosk-expired-ja-800x480.png"))
+
+        await page.click("#lang")
+        await expect(page.locator("#verdict-title")).to_have_text("This vaccinehas expired")
+        await page.screenshot(path=shot("kiosk-expired-en-800x480.png"))
+        await page.click("#card-button")
+        await expect(page.locator("#pin-title")).to_have_text("Enter your 4-digit PIN")
+        for d in "7390":
+            await page.click(f'#pin-dialog [data-pin="{d}"]')
+        await page.click("#pin-ok")
+        await expect(page.locator("#pin-message")).to_have_text("Wrong PIN (2 tries left)")
+        await page.screenshot(path=shot("kiosk-pin-en-800x480.png"))
+        await page.click("#pin-cancel")
+        await page.reload()  # the choice survives a reload
+        await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
+        await expect(page.locator("#verdict-detail")).to_contain_text("My Number Card")
+        await page.screenshot(path=shot("kiosk-mynumber-en-800x480.png"))
+        assert page.errors == []  # type: ignore[attr-defined]

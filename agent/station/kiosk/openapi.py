@@ -99,7 +99,7 @@ def openapi_document() -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/StoredRead"}}},
     }
     kinds = (
-        "hello, read_accepted, read_rejected, device_state, uplink, outbox_full, "
+        "hello, read_accepted, read_rejected, device_state, uplink, outbox_full, disk_full, "
         "card_inserted, card_removed, operator_session"
     )
     paths: dict[str, Any] = {

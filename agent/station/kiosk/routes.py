@@ -174,6 +174,15 @@ class Routes:
             ),
             "cameras": self._cameras(),
             "events": {"run": self.hub.run, "last_id": self.hub.event_id(self.hub.last)},
+            **self._page_fields(outbox),
+        }
+
+    def _page_fields(self, outbox: dict[str, Any]) -> dict[str, Any]:
+        """What the page shows beside the devices: their labels, the desk's role, the backlog."""
+        return {
+            "role": self.config.role,
+            "labels": {d.name: d.label or d.name for d in self.station.config.devices},
+            "waiting": outbox.get("unconfirmed"),
         }
 
     @property

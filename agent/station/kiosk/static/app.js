@@ -4,51 +4,151 @@
 // and removed from the address bar at once. See docs/kiosk.md.
 "use strict";
 
-// Verdict codes come from the agent (agent/api.py VERDICTS); tests check this table.
-// "|" marks where a long title may break into its second line on the 800x480 screen.
+// Every text the page shows is in two languages: [日本語, English]. In the text,
+// "|" starts a new line of a big title and "^" marks where a Japanese line may
+// break (a <wbr>; the CSS keeps the other characters together, so no lone 「す」).
+//
+// Verdict codes come from the agent (agent/station/feedback.py); tests check this table.
 const VERDICTS = {
-  ok: { title: "受付完了", detail: "ありがとうございました", tone: "ok" },
+  ok: {
+    tone: "ok",
+    ja: { title: "受付完了", detail: "ありがとう^ございました" },
+    en: { title: "Accepted", detail: "Thank you" },
+  },
   invalid_ticket: {
-    title: "接種券の番号が|正しくありません",
-    detail: "職員にお声がけください",
     tone: "error",
+    ja: { title: "接種券の番号が|正しくありません", detail: "職員に^お声がけください" },
+    en: { title: "The ticket number|is not valid", detail: "Please ask a member of staff" },
   },
   invalid_code: {
-    title: "バーコードが正しくありません",
-    detail: "もう一度読み取るか、番号を入力してください",
     tone: "error",
+    ja: { title: "バーコードが|正しくありません", detail: "もう一度^読み取るか、^番号を^入力してください" },
+    en: { title: "The barcode|is not valid", detail: "Scan it again or type the number" },
   },
   expired: {
-    title: "有効期限切れの|ワクチンです",
-    detail: "使用しないでください。すぐに職員へ連絡してください",
     tone: "danger",
+    ja: {
+      title: "有効期限切れの|ワクチンです",
+      detail: "使用しないで^ください。^すぐに^職員へ^連絡してください",
+    },
+    en: { title: "This vaccine|has expired", detail: "Do not use it. Tell a member of staff at once" },
   },
   unexpected: {
-    title: "この窓口では|受け付けできない書類です",
-    detail: "書類をお確かめください",
     tone: "warn",
+    ja: { title: "この窓口では|受け付けできない書類です", detail: "書類を^お確かめください" },
+    en: { title: "This desk does not|take this document", detail: "Please check your documents" },
   },
-  read_error: { title: "読み取りエラー", detail: "もう一度読み取ってください", tone: "error" },
-  not_stored: {
-    title: "記録できませんでした",
-    detail: "職員を呼んでください（もう一度読み取ってください）",
+  read_error: {
     tone: "error",
+    ja: { title: "読み取りエラー", detail: "もう一度^読み取って^ください" },
+    en: { title: "Could not read", detail: "Please scan again" },
+  },
+  not_stored: {
+    tone: "error",
+    ja: {
+      title: "記録できませんでした",
+      detail: "職員を^呼んでください^（もう一度^読み取って^ください）",
+    },
+    en: { title: "Could not record this", detail: "Please call staff (and scan again)" },
   },
 };
 
 const TYPE_LABELS = {
-  vaccination_ticket: "接種券",
-  vaccination_ticket_number: "接種券番号",
-  gs1: "ワクチン（GS1）",
-  gtin: "商品コード",
-  mynumber_application_id: "交付申請書",
+  vaccination_ticket: ["接種券", "vaccination ticket"],
+  vaccination_ticket_number: ["接種券番号", "ticket number"],
+  gs1: ["ワクチン（GS1）", "vaccine (GS1)"],
+  gtin: ["商品コード", "product code"],
+  mynumber_application_id: ["交付申請書", "application form"],
 };
 
-const IDLE = {
-  title: "読み取ってください",
-  detail: "接種券のバーコードをかざすか、番号を入力してください",
+const TEXT = {
+  // the desk's role ([api] role) names the station and picks the prompt
+  role_vaccination: ["接種受付", "Vaccination desk"],
+  role_mynumber: ["マイナンバーカード窓口", "My Number Card desk"],
+  role_general: ["総合窓口", "General counter"],
+  prompt: ["読み取ってください", "Please scan"],
+  prompt_vaccination: [
+    "接種券の^バーコードを^かざすか、^番号を^入力してください",
+    "Hold the vaccination ticket's barcode to the scanner, or type its number",
+  ],
+  prompt_mynumber: [
+    "交付申請書の^バーコードを^かざすか、^マイナンバーカードを^置いてください",
+    "Hold the application form's barcode to the scanner, or place your My Number Card on the reader",
+  ],
+  prompt_general: [
+    "書類の^バーコードを^かざすか、^番号を^入力してください",
+    "Hold your document's barcode to the scanner, or type its number",
+  ],
+  connecting: ["接続中…", "Connecting…"],
+  unreachable_title: ["端末と|接続できません", "The station|is not reachable"],
+  unreachable_detail: [
+    "職員に^お声がけください。^番号入力は^使えません",
+    "Please ask a member of staff. The keypad is off until the station is back",
+  ],
+  online: ["オンライン", "Online"],
+  offline: ["オフライン^（記録は^端末内に^安全に^保存されています）", "Offline (records are kept safely here)"],
+  lost: ["端末と^接続できません", "Station not reachable"],
+  waiting: ["送信待ち {n}件", "{n} waiting to send"],
+  operator: ["担当 {name}", "Staff: {name}"],
+  dev_connected: ["正常", "OK"],
+  dev_disconnected: ["未接続", "not connected"],
+  dev_error: ["エラー", "error"],
+  dev_starting: ["起動中", "starting"],
+  outbox_full: [
+    "端末の^保存領域が^いっぱいです。^職員を^呼んでください",
+    "The station's storage is full. Please call staff",
+  ],
+  duplicate: ["受付済み", "already accepted"],
+  manual: ["手入力", "typed in"],
+  card_checking: ["カードを|確認しています", "Checking|the card"],
+  card_wait: ["カードを^置いたまま^お待ちください", "Leave the card on the reader and wait"],
+  photo_taking: ["撮影します", "Taking a photo"],
+  photo_look: ["カメラを^見てください", "Please look at the camera"],
+  photo_done: ["撮影しました", "Photo taken"],
+  photo_failed: ["撮影できませんでした", "Could not take the photo"],
+  thanks: ["ありがとう^ございました", "Thank you"],
+  send_failed: ["送信できませんでした", "Could not send"],
+  clear: ["クリア", "Clear"],
+  send: ["送信", "Send"],
+  ok: ["確定", "OK"],
+  cancel: ["キャンセル", "Cancel"],
+  pad_placeholder: ["番号入力", "Number"],
+  card_button: ["マイナンバーカード読取", "Read My Number Card"],
+  photo_button: ["顔写真撮影", "Take ID photo"],
+  card_check: ["カードの内容を^確認してください", "Please check the card's details"],
+  name: ["氏名", "Name"],
+  address: ["住所", "Address"],
+  birth: ["生年月日", "Date of birth"],
+  sex: ["性別", "Sex"],
+  close: ["閉じる", "Close"],
+  sex_male: ["男性", "Male"],
+  sex_female: ["女性", "Female"],
+  sex_not_applicable: ["適用不能", "Not applicable"],
+  pin_title: ["暗証番号（数字4桁）を^入力してください", "Enter your 4-digit PIN"],
+  pin_reading: ["読み取り中…", "Reading…"],
+  pin_locked: [
+    "カードが^ロックされました。^窓口で^ロック解除の^手続きを^してください",
+    "The card is now locked. Ask at the counter to unlock it",
+  ],
+  pin_low: [
+    "残り回数が^少ないため^読み取りを^中止しました。^職員に^お声がけください",
+    "Few tries are left, so the card was not read. Please ask staff",
+  ],
+  pin_wrong: ["暗証番号が違います（残り{n}回）", "Wrong PIN ({n} tries left)"],
+  pin_card_error: [
+    "カードを^読み取れませんでした。^置き直してください",
+    "Could not read the card. Place it again",
+  ],
+  pin_unreachable: ["端末と^接続できません", "Station not reachable"],
+  unpaired: [
+    "この画面は^端末と^接続されていません。|キオスクを^起動し直してください。",
+    "This screen is not paired with the station.|Restart the kiosk.",
+  ],
 };
+
+const LANGS = ["ja", "en"];
 const VERDICT_HOLD_MS = 10000;
+const STATUS_REFRESH_MS = 5000; // the waiting count drops on registry acks, which send no event
 const PAD_MAX = 32;
 
 const $ = (id) => document.getElementById(id);
@@ -71,7 +171,73 @@ function takeToken() {
 }
 
 const { token, base } = takeToken();
-const state = { status: null, lastId: null, shownIds: new Set(), idleTimer: null, pin: "" };
+const state = {
+  status: null,
+  lastId: null,
+  shownIds: new Set(),
+  idleTimer: null,
+  pin: "",
+  lang: LANGS.includes(sessionStorage.getItem("madoguchi-lang"))
+    ? sessionStorage.getItem("madoguchi-lang")
+    : "ja",
+  reachable: null, // null: not yet known, then true/false
+  online: undefined, // the uplink: true, false, or null when the agent is unreachable
+  devices: new Map(), // name -> state, from /v1/status and device_state events
+  labels: {},
+  view: null, // what the verdict area shows, re-rendered when the language changes
+  pinMessage: null,
+  full: false,
+};
+
+// -- the two languages -----------------------------------------------------------------
+
+function tr(key, vars) {
+  const pair = TEXT[key];
+  let text = pair ? pair[LANGS.indexOf(state.lang)] : key;
+  for (const [k, v] of Object.entries(vars || {})) text = text.replace(`{${k}}`, v);
+  return text;
+}
+
+// Text with "^" break points: text nodes with <wbr> between them.
+function fillText(el, text) {
+  const nodes = [];
+  text.split("^").forEach((piece, i) => {
+    if (i) nodes.push(document.createElement("wbr"));
+    nodes.push(document.createTextNode(piece));
+  });
+  el.replaceChildren(...nodes);
+}
+
+function applyLang() {
+  document.documentElement.lang = state.lang;
+  for (const el of document.querySelectorAll("[data-t]")) fillText(el, tr(el.dataset.t));
+  $("pad-display").dataset.placeholder = tr("pad_placeholder");
+  for (const span of $("lang").children) {
+    span.classList.toggle("active", span.lang === state.lang);
+  }
+  const u = $("unpaired-text");
+  u.replaceChildren();
+  tr("unpaired")
+    .split("|")
+    .forEach((line, i) => {
+      if (i) u.append(document.createElement("br"));
+      const span = document.createElement("span");
+      fillText(span, line);
+      u.append(span);
+    });
+  renderStation();
+  renderDevices();
+  renderOnline();
+  if (state.view) renderView();
+  if (state.pinMessage !== null) renderPin();
+  tick();
+}
+
+function switchLang() {
+  state.lang = state.lang === "ja" ? "en" : "ja";
+  sessionStorage.setItem("madoguchi-lang", state.lang);
+  applyLang();
+}
 
 async function api(method, path, body) {
   const headers = { Authorization: `Bearer ${token}` };
@@ -97,25 +263,56 @@ function unpaired() {
 
 // -- the big verdict ---------------------------------------------------------------
 
+// view: {tone, title, detail}; title and detail are functions of the language, so
+// the 日本語 / English switch re-renders what is on screen without a new read.
 function show(tone, title, detail) {
-  const v = $("verdict");
-  v.className = `verdict-${tone}`;
+  state.view = { tone, title, detail };
+  renderView();
+  clearTimeout(state.idleTimer);
+  if (tone !== "idle" && state.reachable) state.idleTimer = setTimeout(idle, VERDICT_HOLD_MS);
+}
+
+function renderView() {
+  const { tone, title, detail } = state.view;
+  $("verdict").className = `verdict-${tone}`;
   const t = $("verdict-title");
+  const text = title();
   t.replaceChildren(
-    ...title.split("|").map((line) => {
+    ...text.split("|").map((line) => {
       const span = document.createElement("span");
-      span.textContent = line;
+      fillText(span, line);
       return span;
     }),
   );
-  t.classList.toggle("short", title.length <= 6);
-  $("verdict-detail").textContent = detail;
-  clearTimeout(state.idleTimer);
-  if (tone !== "idle") state.idleTimer = setTimeout(idle, VERDICT_HOLD_MS);
+  t.classList.toggle("short", text.length <= (state.lang === "ja" ? 6 : 10));
+  fillText($("verdict-detail"), detail());
 }
 
 function idle() {
-  show("idle", IDLE.title, IDLE.detail);
+  if (!state.reachable) return unreachable();
+  const role = (state.status && state.status.role) || "vaccination";
+  show(
+    "idle",
+    () => tr("prompt"),
+    () => tr(`prompt_${role}`),
+  );
+  return undefined;
+}
+
+function unreachable() {
+  if (state.reachable === null) {
+    show(
+      "busy",
+      () => tr("connecting"),
+      () => "",
+    );
+  } else {
+    show(
+      "error",
+      () => tr("unreachable_title"),
+      () => tr("unreachable_detail"),
+    );
+  }
 }
 
 function showVerdict(code, body) {
@@ -125,49 +322,125 @@ function showVerdict(code, body) {
     if (state.shownIds.size > 50) state.shownIds.delete(state.shownIds.values().next().value);
   }
   const v = VERDICTS[code] || VERDICTS.read_error;
-  const parts = [v.detail];
   const interp = body && body.interpretation;
-  if (interp && TYPE_LABELS[interp.type]) parts.push(TYPE_LABELS[interp.type]);
-  if (body && body.duplicate) parts.push("受付済み");
-  if (body && body.source === "manual") parts.push("手入力");
-  show(v.tone, v.title, parts.join(" ・ "));
+  const detail = () => {
+    const i = LANGS.indexOf(state.lang);
+    const parts = [v[state.lang].detail];
+    if (interp && TYPE_LABELS[interp.type]) parts.push(TYPE_LABELS[interp.type][i]);
+    if (body && body.duplicate) parts.push(tr("duplicate"));
+    if (body && body.source === "manual") parts.push(tr("manual"));
+    return parts.join(state.lang === "ja" ? "・^" : " · ");
+  };
+  show(v.tone, () => v[state.lang].title, detail);
 }
 
-// -- station state: online, banners, buttons -----------------------------------------
+// -- station state: reachable, online, devices, waiting, buttons -------------------------
 
-function setOnline(online) {
-  const el = $("online");
-  if (online === null) {
-    el.className = "state-lost";
-    el.textContent = "端末と接続できません";
-  } else if (online) {
-    el.className = "state-online";
-    el.textContent = "オンライン";
-  } else {
-    el.className = "state-offline";
-    el.textContent = "オフライン（記録は端末内に安全に保存されています）";
+// Unreachable: no working keypad, no "please scan" (a read could not be stored).
+function setReachable(reachable) {
+  const was = state.reachable;
+  state.reachable = reachable;
+  document.body.classList.toggle("unreachable", !reachable);
+  for (const b of document.querySelectorAll("#pad button, footer button")) {
+    b.disabled = !reachable;
+  }
+  if (!reachable) {
+    state.online = null;
+    renderOnline();
+    if (was !== false) unreachable();
+  } else if (was !== true) {
+    idle();
   }
 }
 
-function banner(text, danger) {
+function setOnline(online) {
+  state.online = online;
+  renderOnline();
+}
+
+function renderOnline() {
+  const el = $("online");
+  const online = state.online;
+  if (online === undefined) {
+    el.className = "state-unknown";
+    fillText(el, tr("connecting"));
+  } else if (online === null) {
+    el.className = "state-lost";
+    fillText(el, tr("lost"));
+  } else if (online) {
+    el.className = "state-online";
+    fillText(el, tr("online"));
+  } else {
+    el.className = "state-offline";
+    fillText(el, tr("offline"));
+  }
+}
+
+function renderStation() {
+  const s = state.status;
+  const role = (s && s.role) || "vaccination";
+  $("station").textContent = s ? `${tr(`role_${role}`)}  ${s.agent}` : tr(`role_${role}`);
+  $("station").title = s ? `${s.site} / ${s.agent}` : "";
+  const w = $("waiting");
+  const n = s && s.waiting;
+  w.hidden = n === null || n === undefined;
+  w.textContent = w.hidden ? "" : tr("waiting", { n: String(n) });
+  w.classList.toggle("some", Boolean(n));
+  const op = s && s.operator;
+  $("operator").hidden = !op;
+  $("operator").textContent = op ? tr("operator", { name: op }) : "";
+}
+
+// One line per device, named by its label: every device that is down stays named
+// until it comes back itself (a read or another device's return does not clear it).
+function renderDevices() {
+  const list = $("devices");
+  const items = [];
+  for (const [name, st] of state.devices) {
+    const li = document.createElement("li");
+    const ok = st === "connected";
+    li.className = ok ? "dev-ok" : st === "starting" ? "dev-starting" : "dev-bad";
+    li.dataset.device = name;
+    li.dataset.state = st;
+    const label = document.createElement("span");
+    label.className = "dev-label";
+    label.textContent = state.labels[name] || name;
+    li.append(label);
+    if (!ok) {
+      const what = document.createElement("span");
+      what.className = "dev-state";
+      what.textContent = TEXT[`dev_${st}`] ? tr(`dev_${st}`) : st;
+      li.append(what);
+    }
+    items.push(li);
+  }
+  list.replaceChildren(...items);
   const b = $("banner");
-  b.hidden = !text;
-  b.textContent = text || "";
-  b.className = danger ? "banner-danger" : "";
+  b.hidden = !state.full;
+  if (state.full) fillText(b, tr("outbox_full"));
+  b.className = state.full ? "banner-danger" : "";
 }
 
 async function refreshStatus() {
-  const r = await api("GET", "/v1/status");
+  let r;
+  try {
+    r = await api("GET", "/v1/status");
+  } catch (e) {
+    setReachable(false);
+    return;
+  }
   if (!r.ok || !r.data) return;
   const s = r.data;
   state.status = s;
-  $("station").textContent = `受付 ${s.site} / ${s.agent}`;
+  state.labels = s.labels || {};
+  state.devices = new Map(Object.entries(s.devices || {}).map(([n, d]) => [n, d.state]));
+  state.full = Boolean(s.outbox && s.outbox.full);
+  setReachable(true);
   setOnline(s.online);
+  renderStation();
+  renderDevices();
   $("card-button").hidden = !(s.card_readers && s.card_readers.length);
   $("photo-button").hidden = !(s.cameras && s.cameras.length);
-  if (s.outbox && s.outbox.full) {
-    banner("端末の保存領域がいっぱいです。職員を呼んでください", true);
-  }
 }
 
 // -- live events (SSE over fetch, so the token travels in a header) ----------------
@@ -180,28 +453,35 @@ function handle(kind, body) {
     case "read_accepted":
     case "read_rejected":
       showVerdict(body.verdict, body);
-      if (kind === "read_accepted") banner("");
+      refreshStatus(); // the waiting count
       break;
     case "uplink":
       setOnline(body.connected);
+      refreshStatus();
       break;
     case "outbox_full":
-      banner("端末の保存領域がいっぱいです。職員を呼んでください", true);
+    case "disk_full":
+      state.full = true;
+      renderDevices();
       break;
     case "device_state":
+      state.devices.set(body.device, body.state);
+      renderDevices();
       refreshStatus();
-      if (body.state !== "connected") banner(`機器「${body.device}」が接続されていません`);
-      else banner("");
       break;
     case "card_inserted":
-      show("busy", "カードを確認しています", "カードを置いたままお待ちください");
+      show(
+        "busy",
+        () => tr("card_checking"),
+        () => tr("card_wait"),
+      );
       break;
     case "card_removed":
       idle();
       break;
     case "operator_session":
-      $("operator").hidden = !body.operator;
-      $("operator").textContent = body.operator ? `担当 ${body.operator}` : "";
+      if (state.status) state.status.operator = body.operator;
+      renderStation();
       break;
     default:
       break;
@@ -259,7 +539,7 @@ async function follow() {
     } catch (e) {
       /* the agent restarts or the network blips: retry below */
     }
-    setOnline(null);
+    setReachable(false);
     await new Promise((r) => setTimeout(r, 2000));
   }
 }
@@ -277,7 +557,7 @@ async function padSend() {
   const d = $("pad-display");
   const text = d.textContent;
   const device = state.status && state.status.manual_device;
-  if (!text || !device) return;
+  if (!text || !device || !state.reachable) return;
   $("pad-send").disabled = true;
   try {
     const r = await api("POST", "/v1/manual", { device, text });
@@ -285,31 +565,47 @@ async function padSend() {
       showVerdict(r.data.verdict, r.data);
       if (r.ok) d.textContent = "";
     } else {
-      show("error", "送信できませんでした", (r.data && r.data.detail) || `HTTP ${r.status}`);
+      const why = (r.data && r.data.detail) || `HTTP ${r.status}`;
+      show(
+        "error",
+        () => tr("send_failed"),
+        () => why,
+      );
     }
   } catch (e) {
-    show("error", "送信できませんでした", "端末と接続できません");
+    show(
+      "error",
+      () => tr("send_failed"),
+      () => tr("lost"),
+    );
   } finally {
-    $("pad-send").disabled = false;
+    $("pad-send").disabled = !state.reachable;
   }
 }
 
 // -- the PIN dialog (card info) ------------------------------------------------------
 
+// message: a function of the language (or null for none)
 function pinShow(message) {
+  state.pinMessage = message || (() => "");
+  renderPin();
+}
+
+function renderPin() {
   $("pin-display").textContent = "●".repeat(state.pin.length) + "○".repeat(4 - state.pin.length);
-  $("pin-message").textContent = message || "";
+  fillText($("pin-message"), state.pinMessage());
   $("pin-ok").disabled = state.pin.length !== 4;
 }
 
 function pinOpen() {
   state.pin = "";
-  pinShow("");
+  pinShow(null);
   $("pin-dialog").hidden = false;
 }
 
 function pinClose() {
   state.pin = "";
+  state.pinMessage = null;
   $("pin-dialog").hidden = true;
 }
 
@@ -317,31 +613,30 @@ function pinKey(key) {
   if (key === "back") state.pin = state.pin.slice(0, -1);
   else if (key === "ok") return pinSubmit();
   else if (state.pin.length < 4) state.pin += key;
-  pinShow("");
+  pinShow(null);
+  return undefined;
 }
 
 function pinRefusedMessage(d) {
-  if (d.locked || d.tries_left === 0) {
-    return "カードがロックされました。窓口でロック解除の手続きをしてください";
-  }
+  if (d.locked || d.tries_left === 0) return () => tr("pin_locked");
   if (d.tries_left !== null && d.tries_left !== undefined && d.tries_left < 2) {
-    return "残り回数が少ないため読み取りを中止しました。職員にお声がけください";
+    return () => tr("pin_low");
   }
-  return `暗証番号が違います（残り${d.tries_left}回）`;
+  return () => tr("pin_wrong", { n: String(d.tries_left) });
 }
 
 async function pinSubmit() {
   const reader = state.status && state.status.card_readers && state.status.card_readers[0];
   const pin = state.pin;
   state.pin = ""; // never kept: one attempt per entry, never retried by the page
-  if (!reader || pin.length !== 4) return pinShow("");
-  pinShow("読み取り中…");
+  if (!reader || pin.length !== 4) return pinShow(null);
+  pinShow(() => tr("pin_reading"));
   $("pin-ok").disabled = true;
   let r;
   try {
     r = await api("POST", `/v1/cards/${encodeURIComponent(reader)}/info`, { pin });
   } catch (e) {
-    return pinShow("端末と接続できません");
+    return pinShow(() => tr("pin_unreachable"));
   }
   if (r.ok && r.data) {
     pinClose();
@@ -349,14 +644,15 @@ async function pinSubmit() {
     $("card-name").textContent = i.name || "";
     $("card-address").textContent = i.address || "";
     $("card-birth").textContent = i.birth_date || "";
-    $("card-sex").textContent = { male: "男性", female: "女性", not_applicable: "適用不能" }[i.sex] || "";
+    $("card-sex").textContent = TEXT[`sex_${i.sex}`] ? tr(`sex_${i.sex}`) : "";
     $("card-result").hidden = false;
     return undefined;
   }
   const d = r.data || {};
   if (d.error === "pin_refused") return pinShow(pinRefusedMessage(d));
-  if (d.error === "card_error") return pinShow("カードを読み取れませんでした。置き直してください");
-  return pinShow(d.detail || `エラー（HTTP ${r.status}）`);
+  if (d.error === "card_error") return pinShow(() => tr("pin_card_error"));
+  const why = d.detail || `HTTP ${r.status}`;
+  return pinShow(() => why);
 }
 
 function cardResultClose() {
@@ -369,17 +665,34 @@ function cardResultClose() {
 async function takePhoto() {
   const camera = state.status && state.status.cameras && state.status.cameras[0];
   if (!camera) return;
-  show("busy", "撮影します", "カメラを見てください");
+  show(
+    "busy",
+    () => tr("photo_taking"),
+    () => tr("photo_look"),
+  );
   const r = await api("POST", "/v1/photos", { camera });
-  if (r.ok) show("ok", "撮影しました", "ありがとうございました");
-  else show("error", "撮影できませんでした", (r.data && r.data.detail) || `HTTP ${r.status}`);
+  if (r.ok) {
+    show(
+      "ok",
+      () => tr("photo_done"),
+      () => tr("thanks"),
+    );
+  } else {
+    const why = (r.data && r.data.detail) || `HTTP ${r.status}`;
+    show(
+      "error",
+      () => tr("photo_failed"),
+      () => why,
+    );
+  }
 }
 
 // -- start ------------------------------------------------------------------------------
 
 function tick() {
   const now = new Date();
-  $("clock").textContent = now.toLocaleTimeString("ja-JP", { hour: "2-digit", minute: "2-digit" });
+  const locale = state.lang === "ja" ? "ja-JP" : "en-GB";
+  $("clock").textContent = now.toLocaleTimeString(locale, { hour: "2-digit", minute: "2-digit" });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -394,12 +707,16 @@ document.addEventListener("DOMContentLoaded", () => {
   $("card-button").addEventListener("click", pinOpen);
   $("card-close").addEventListener("click", cardResultClose);
   $("photo-button").addEventListener("click", takePhoto);
-  tick();
+  $("lang").addEventListener("click", switchLang);
+  applyLang();
+  unreachable();
   setInterval(tick, 10000);
-  idle();
   if (!token) {
     unpaired();
     return;
   }
+  setInterval(() => {
+    if (state.reachable) refreshStatus();
+  }, STATUS_REFRESH_MS);
   follow();
 });
