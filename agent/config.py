@@ -117,6 +117,13 @@ class MqttSection(Strict):
     backoff_max_s: float = Field(
         default=30.0, gt=0, description="Longest wait between reconnect attempts."
     )
+    max_inbound_bytes: int = Field(
+        default=1_048_576,
+        ge=1_024,
+        le=64 * 1_048_576,
+        description="Largest ack, command or blob request accepted; larger ones are dropped "
+        "unread and counted in telemetry (uplink.inbound.oversize).",
+    )
 
 
 class OutboxSection(Strict):
@@ -199,6 +206,31 @@ class ApiSection(Strict):
         description="What this desk does; picks the kiosk page's prompt: vaccination (接種券), "
         "mynumber (マイナンバーカード窓口) or general (総合窓口).",
     )
+    max_connections: int = Field(
+        default=128,
+        ge=4,
+        le=4096,
+        description="Open connections at most; at the cap a new one closes the oldest idle "
+        "or slow-header connection, never one with a request in flight.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A connection must send a request's whole header within this; else closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="A request's whole body must arrive within this of its header; else closed.",
+    )
+    idle_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="A keep-alive connection idle this long after a response is closed.",
+    )
 
     @model_validator(mode="after")
     def _loopback_only(self) -> ApiSection:
@@ -269,6 +301,30 @@ class SerialDevice(DeviceBase):
     )
     host_ack: str = Field(default="", description="Written back once the record is durable.")
     host_nak: str = Field(default="", description="Written back when it could not be stored.")
+
+    @field_validator("terminator", "host_ack", "host_nak")
+    @classmethod
+    def _single_bytes(cls, v: str) -> str:
+        """These are bytes on the wire, one per character (write "\\u0006" for ACK)."""
+        bad = [c for c in v if ord(c) > 0xFF]
+        if bad:
+            raise ValueError(
+                f"{bad[0]!r} is not a single byte; write bytes as \\u0000-\\u00ff escapes"
+            )
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _text_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            info = codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding '{v[:40]}'") from None
+        if not getattr(info, "_is_text_encoding", True):
+            raise ValueError(f"'{v[:40]}' is not a text encoding")
+        return v
 
 
 class HidDevice(DeviceBase):
@@ -606,6 +662,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: (syntax): {e}"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: (file): is a directory, not a file"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: (file): not UTF-8 text (byte {e.start})"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: (syntax): nested too deeply"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: (file): {e.strerror}"]) from None
 
@@ -683,6 +743,8 @@ def load_config(path: str | Path) -> Config:
     extra_dirs = (
         raw.get("agent", {}).get("profile_dirs", []) if isinstance(raw.get("agent"), dict) else []
     )
+    if not isinstance(extra_dirs, list):
+        extra_dirs = []  # the model reports the wrong type below
     dirs = profile_dirs(path, [path.parent / Path(d) for d in extra_dirs if isinstance(d, str)])
     devices: list[DeviceConfig] = []
     for i, entry in enumerate(devices_raw):
@@ -704,7 +766,7 @@ def load_config(path: str | Path) -> Config:
             seen[name] = i
     api_raw = raw.get("api")
     manual = api_raw.get("manual_device") if isinstance(api_raw, dict) else None
-    if manual is not None and manual not in seen:
+    if isinstance(manual, str) and manual not in seen:  # other types: the model says so
         problems.append(f"{file}: api.manual_device: no device named '{manual}'")
     try:
         config = Config.model_validate({**raw, "devices": [], "source": path})

@@ -16,6 +16,7 @@ message names the file, key, device or server so the person reading it can act.
     │   └── CardError          a card operation failed
     │       └── PinRefused     a PIN was not tried or was wrong; .tries_left
     ├── EnrollError            enrolment: bad names, unreadable key, certificate mismatch
+    ├── DataDirLocked          another agent holds the data_dir's lock; .pid
     ├── CaptureError           (also ValueError) an evtest capture line evtest never prints
     ├── ApiError               a kiosk API answer other than 2xx, with a machine code
     ├── RegistryStoreError     the registry database failed; nothing was committed
@@ -165,3 +166,14 @@ class PersonalSealError(MadoguchiError, ValueError):
     """A sealed personal part (`data["personal_sealed"]`) is malformed, or cannot be
     opened: wrong private key, tampered ciphertext, or sealed for another record id.
     The message names the record and the reason, never the content."""
+
+
+# -- station: one agent per data_dir (agent/station/lock.py) -------------------------------
+
+
+class DataDirLocked(MadoguchiError):
+    """Another agent holds the data_dir's lock; `pid` is its process id when known."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid

@@ -541,12 +541,18 @@ def decode(events: Iterable[KeyEvent], decoder: Decoder) -> Iterator[Result]:
 
 # -- evtest captures -------------------------------------------------------------
 
+# Bounded, ASCII-only fields: a 400-digit timestamp or a 1,000-character value is not
+# something evtest prints (and would overflow a float), so it is a malformed line.
 _EVENT = re.compile(
-    r"^Event: time (?P<sec>\d+)\.(?P<usec>\d+), "
-    r"type (?P<type>\d+) \([^)]*\), code (?P<code>\d+) \([^)]*\), value (?P<value>-?[0-9a-fA-F]+)$"
+    r"^Event: time (?P<sec>[0-9]{1,12})\.(?P<usec>[0-9]{1,9}), "
+    r"type (?P<type>[0-9]{1,5}) \([^)]{0,64}\), code (?P<code>[0-9]{1,5}) \([^)]{0,64}\), "
+    r"value (?P<value>-?[0-9a-fA-F]{1,16})$",
+    re.ASCII,
 )
 _SYN = re.compile(
-    r"^Event: time (?P<sec>\d+)\.(?P<usec>\d+), [-+>]{14} (?P<what>[A-Za-z_ ]+?) [-+<]{12}$"
+    r"^Event: time (?P<sec>[0-9]{1,12})\.(?P<usec>[0-9]{1,9}), [-+>]{14} "
+    r"(?P<what>[A-Za-z_ ]{1,32}?) [-+<]{12}$",
+    re.ASCII,
 )
 _SYN_CODES = {
     "SYN_REPORT": 0,
@@ -589,7 +595,10 @@ def _event_line(line: str) -> KeyEvent | None:
     if m is not None:
         etype, code = int(m["type"]), int(m["code"])
         hexa = etype == EV_MSC and code in (3, 4)  # MSC_RAW, MSC_SCAN
-        value = int(m["value"], 16 if hexa else 10)
+        try:
+            value = int(m["value"], 16 if hexa else 10)
+        except ValueError:
+            return None  # hex digits where evtest prints decimal, e.g. EV_KEY value 1b6
         return KeyEvent(_time(m["sec"], m["usec"]), etype, code, value)
     s = _SYN.match(line)
     if s is not None and s["what"].strip() in _SYN_CODES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from agent.config import Config, config_warnings, load_config
 from agent.errors import ConfigError, EnrollError, MadoguchiError
 from agent.logsetup import error_line
 from agent.station.enroll import DEFAULT_DIR, install_cert, make_key_and_csr
+from agent.station.lock import PRIVATE_UMASK
 
 
 def _load(path: str) -> Config | None:
@@ -37,6 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problems:
         return 1
     setup_logging(config.agent.log_level, config.agent.log_format)
+    # every file the agent creates is its own alone, whatever umask the shell had
+    os.umask(PRIVATE_UMASK)
     for w in config_warnings(config):
         logging.getLogger("agent").warning("%s", w)
     from agent.station.app import StationApp

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.records import Read, ReadFault
@@ -28,6 +28,41 @@ log = logging.getLogger(__name__)
 def _to_bytes(s: str) -> bytes:
     """Profile strings like "\\u0006" are single bytes (latin-1), not UTF-8."""
     return s.encode("latin-1")
+
+
+class LineFramer:
+    """Bytes from the port -> lines without their terminator, in bounded memory.
+
+    `feed()` yields each complete line, or None for a line that grew past `max_line_bytes`
+    (dropped; framing resyncs at the next terminator). Any bytes at all: it raises nothing.
+    """
+
+    def __init__(self, terminator: bytes, max_line_bytes: int) -> None:
+        if not terminator:
+            raise ValueError("terminator must not be empty")
+        self.terminator = terminator
+        self.max_line_bytes = max_line_bytes
+        self._buf = bytearray()
+        self._overlong = False
+
+    def feed(self, chunk: bytes) -> Iterator[bytes | None]:
+        buf, term = self._buf, self.terminator
+        buf += chunk
+        while True:
+            end = buf.find(term)
+            if end < 0:
+                if len(buf) > self.max_line_bytes + len(term):
+                    self._overlong = True
+                    # keep a tail that may be the start of a multi-byte terminator
+                    del buf[: len(buf) - (len(term) - 1)]
+                break
+            line = bytes(buf[:end])
+            del buf[: end + len(term)]
+            if self._overlong or len(line) > self.max_line_bytes:
+                self._overlong = False
+                yield None
+                continue
+            yield line
 
 
 class SerialDriver(Driver):
@@ -75,9 +110,7 @@ class SerialDriver(Driver):
         reader = self._reader
         if reader is None:
             raise DeviceUnavailable(self.name, "not open")
-        term = _to_bytes(cfg.terminator)
-        buf = bytearray()
-        overlong = False
+        framer = LineFramer(_to_bytes(cfg.terminator), cfg.max_line_bytes)
         while True:
             try:
                 chunk = await reader.read(4096)
@@ -85,18 +118,8 @@ class SerialDriver(Driver):
                 raise DeviceUnavailable(self.name, f"{cfg.port}: {_why(e)}") from None
             if not chunk:
                 raise DeviceUnavailable(self.name, f"{cfg.port}: port closed (unplugged?)")
-            buf += chunk
-            while True:
-                end = buf.find(term)
-                if end < 0:
-                    if len(buf) > cfg.max_line_bytes:
-                        overlong = True
-                        buf.clear()
-                    break
-                line = bytes(buf[:end])
-                del buf[: end + len(term)]
-                if overlong or len(line) > cfg.max_line_bytes:
-                    overlong = False
+            for line in framer.feed(chunk):
+                if line is None:
                     yield ReadFault(
                         self.name,
                         f"line longer than max_line_bytes={cfg.max_line_bytes}: dropped",
@@ -113,7 +136,7 @@ class SerialDriver(Driver):
             return None
         try:
             text = line.decode(self.config.encoding)
-        except UnicodeDecodeError:
+        except (UnicodeError, ValueError):  # UnicodeDecodeError, and idna & co's UnicodeError
             return ReadFault(
                 self.name, f"{len(line)} bytes that are not {self.config.encoding} text"
             )

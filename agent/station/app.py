@@ -26,6 +26,7 @@ from agent.config import Config, DeviceConfig
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.station.blobs import BlobStore
+from agent.station.lock import DataDirLock, make_private
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
 from agent.station.sealing import Sealer
@@ -119,6 +120,12 @@ class StationApp:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        # one agent per data_dir, held until the process ends (agent/station/lock.py)
+        with DataDirLock(cfg.agent.data_dir):
+            await self._run_locked(stop)
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
+        cfg = self.config
         station = self.station
         sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
         key = cfg.outbox.registry_public_key
@@ -134,6 +141,9 @@ class StationApp:
             integrity_check_interval_s=cfg.outbox.integrity_check_interval_s or None,
             personal_sealer=to_registry,
         ) as outbox:
+            # whatever umask made them: outbox, WAL, SHM, side files, token, keys, blobs
+            if n := make_private(cfg.agent.data_dir):
+                log.info("made %d file(s) in %s private (0600/0700)", n, cfg.agent.data_dir)
             self.outbox = station.outbox = outbox
             self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
             uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
@@ -185,9 +195,11 @@ class StationApp:
         link = "connected" if self.uplink is not None and self.uplink.connected else "offline"
         disk = "DISK FULL, scans refused; " if st.disk_full else ""
         lost = f"; {st.lost_seqs} seq(s) lost" if st.lost_seqs else ""
+        degraded = None if self.uplink is None else self.uplink.degraded
         return (
             f"{disk}outbox {st.unconfirmed} unconfirmed ({st.pending} unsent){age}; "
             f"uplink {link}; devices {connected}/{len(devices)} connected{lost}"
+            + (f"; degraded: {degraded}" if degraded else "")
         )
 
     async def _status_loop(self, stop: asyncio.Event) -> None:

@@ -42,6 +42,7 @@ from agent.contract.blobs import (
     is_sha256,
     manifest,
 )
+from agent.contract.messages import load_object
 from agent.contract.topics import Topics
 from agent.errors import OutboxError
 from agent.station.sealing import Sealer
@@ -221,7 +222,7 @@ class BlobSender:
             return
         rid = t.record_id
         try:
-            body = json.loads(payload)
+            body = load_object(payload)  # any bytes: depth, encoding, size
             missing = body["missing"]
             sha = body["sha256"]
             if not isinstance(missing, list) or not all(isinstance(i, int) for i in missing):

@@ -11,6 +11,7 @@ Topics and payloads are the MQTT contract v1 (docs/CONTRACT.md).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -26,7 +27,7 @@ from agent.config import Config
 from agent.contract.messages import MessageError, command_result, parse_ack, parse_command
 from agent.contract.records import Record, envelope_of, iso_ms, utc_now
 from agent.contract.topics import Topics
-from agent.errors import UplinkError
+from agent.errors import MadoguchiError, UplinkError
 from agent.logrepeat import Repeats
 from agent.station.blobs import BlobSender, BlobStore
 from agent.station.outbox import Outbox
@@ -71,8 +72,79 @@ def read_password(config: Config) -> str | None:
         raise UplinkError(f"{pf}: mqtt.password_file: {e.strerror}") from e
 
 
+class InboundFaults:
+    """What went wrong with inbound messages: counts by kind, the last reason, and whether
+    faults keep coming (`degraded`). Logged at WARNING once per change of kind or after a
+    quiet minute, never one line per hostile message; the rest goes to DEBUG."""
+
+    window_s = 300.0  # faults within this window count towards `degraded`
+    degraded_after = 5  # this many within the window: the station says it is degraded
+    quiet_s = 60.0  # a fault of the same kind after this long is logged again
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.counts: dict[str, int] = {"oversize": 0, "malformed": 0, "failed": 0}
+        self.last: str | None = None
+        # times of the faults within the window, bounded: a flood costs O(1) per message
+        self._recent: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._logged: tuple[str, float] | None = None
+        self._unlogged = 0
+
+    def fault(self, kind: str, reason: str) -> None:
+        now = self.clock()
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.last = f"{kind}: {reason[:200]}"
+        self._expire(now)
+        self._recent.append(now)
+        logged = self._logged
+        if logged is None or logged[0] != kind or now - logged[1] >= self.quiet_s:
+            more = f" ({self._unlogged} more inbound fault(s) since the last line)"
+            log.warning(
+                "inbound message dropped: %s%s; %s so far",
+                self.last,
+                more if self._unlogged else "",
+                self._total(),
+            )
+            self._logged = (kind, now)
+            self._unlogged = 0
+        else:
+            self._unlogged += 1
+            log.debug("inbound message dropped: %s", self.last)
+
+    def _expire(self, now: float) -> None:
+        while self._recent and now - self._recent[0] >= self.window_s:
+            self._recent.popleft()
+
+    def _total(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.counts.items())
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the station is degraded, or None: repeated faults say so, they never restart."""
+        self._expire(self.clock())
+        recent = len(self._recent)
+        if recent < self.degraded_after:
+            return None
+        return f"{recent} inbound faults in {self.window_s:.0f} s; last {self.last}"
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.counts, "last_fault": self.last, "degraded": self.degraded}
+
+
+def _kind(topic: str, topics: Any) -> str:
+    """A topic as it may be logged: its kind, never what a sender put in it."""
+    if topic == topics.ack:
+        return "ack"
+    if (name := topics.command_name(topic)) is not None:
+        return f"cmd/{name[:40]!r}"
+    return "blob request"
+
+
 class Uplink:
     """Connects, publishes batches in seq order, applies acks, answers commands."""
+
+    offline_timeout_s = 1.5  # the offline status at shutdown: a frozen broker never answers
+    shutdown_grace_s = 3.0  # stop -> connection closed, whatever the broker does
 
     def __init__(
         self,
@@ -101,6 +173,9 @@ class Uplink:
         }
         self._client: aiomqtt.Client | None = None
         self._started = time.monotonic()
+        self.inbound = InboundFaults()
+        self.fault: str | None = None  # the last failure that was not the broker's
+        self._fault_logged: str | None = None
         # photos: chunked blob transfer beside the records (agent/station/blobs.py)
         self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
 
@@ -127,53 +202,109 @@ class Uplink:
             "published_records": self.published_records,
             "connect_failures": self.connect_failures,
             "last_error": self.last_error,
+            "inbound": self.inbound.describe(),
+            "degraded": self.degraded,
             **({} if self.blobs is None else self.blobs.describe()),
         }
 
     # -- the connection loop ---------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected until `stop` is set; then say offline and disconnect."""
+        """Stay connected until `stop` is set; then say offline and disconnect, in bounded time.
+
+        Whatever the broker does (frozen, half-open, slow to CONNACK), the connection gets
+        `shutdown_grace_s` after `stop` to say offline and close; then it is cancelled and the
+        broker publishes our will (offline) whenever it answers again.
+        """
+        conn = asyncio.create_task(self._run(stop), name="uplink-connection")
+        stopping = asyncio.create_task(stop.wait(), name="uplink-stopping")
+        try:
+            await asyncio.wait({conn, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not conn.done():
+                await asyncio.wait({conn}, timeout=self.shutdown_grace_s)
+            if not conn.done():
+                log.warning(
+                    "broker %s:%d did not let us close within %.1f s; closing the connection",
+                    self.config.mqtt.host,
+                    self.config.mqtt.port,
+                    self.shutdown_grace_s,
+                )
+                conn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await conn
+                return
+            await conn
+        finally:
+            stopping.cancel()
+            conn.cancel()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(cap=self.config.mqtt.backoff_max_s)
         # an unreachable broker is logged once per change, then summarised (agent/logrepeat.py)
         repeats = Repeats(log, f"broker {self.config.mqtt.host}:{self.config.mqtt.port}")
-        tls = tls_context(self.config)
-        password = read_password(self.config)
         while not stop.is_set():
-            self.session = await self.outbox.bump_session()
-            client = self._client_for(self.session, tls, password)
             try:
-                async with client:
-                    self._client = client
-                    self._set_connected(True)
-                    self.last_error = None
-                    backoff.reset()
-                    repeats.ok("reachable again")
-                    log.info(
-                        "connected to %s:%d (session %d)",
-                        self.config.mqtt.host,
-                        self.config.mqtt.port,
-                        self.session,
-                    )
-                    stopping = False
-                    try:
-                        await self._connected(client, stop)
-                    except* _Stop:
-                        stopping = True
-                    if stopping:
-                        await self._say_offline(client)
-                        return
-            except* aiomqtt.MqttError as group:
-                self.last_error = str(group.exceptions[0])
-                self.connect_failures += 1
-                repeats.failed("unreachable", self.last_error)
-            finally:
-                self._set_connected(False)
-                self._client = None
+                # read each attempt: a key or password file fixed in place heals the uplink
+                tls = tls_context(self.config)
+                password = read_password(self.config)
+                self.session = await self.outbox.bump_session()
+            except MadoguchiError as e:  # a bad key file, a failing outbox: say so, retry
+                self._fault(str(e))
+            else:
+                client = self._client_for(self.session, tls, password)
+                try:
+                    async with client:
+                        self._client = client
+                        self._set_connected(True)
+                        self.last_error = None
+                        self.fault = self._fault_logged = None
+                        backoff.reset()
+                        repeats.ok("reachable again")
+                        log.info(
+                            "connected to %s:%d (session %d)",
+                            self.config.mqtt.host,
+                            self.config.mqtt.port,
+                            self.session,
+                        )
+                        stopping = False
+                        try:
+                            await self._connected(client, stop)
+                        except* _Stop:
+                            stopping = True
+                        if stopping:
+                            await self._say_offline(client)
+                            return
+                except* aiomqtt.MqttError as group:
+                    self.last_error = str(group.exceptions[0])
+                    self.connect_failures += 1
+                    repeats.failed("unreachable", self.last_error)
+                except* MadoguchiError as group:  # the outbox failing under a batch or an ack
+                    self._fault(str(group.exceptions[0]))
+                except* Exception as group:  # a bug: logged with its traceback, never a restart
+                    bug = group.exceptions[0]
+                    self._fault(f"{type(bug).__name__}: {bug}", bug)
+                finally:
+                    self._set_connected(False)
+                    self._client = None
             delay = backoff.next()
             log.debug("reconnecting in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _fault(self, reason: str, bug: BaseException | None = None) -> None:
+        """A failure that is not the broker's: the uplink stays, retries, and says why."""
+        self.last_error = self.fault = reason[:300]
+        self.connect_failures += 1
+        if self.fault != self._fault_logged:
+            log.error("uplink: %s; retrying with backoff", self.fault, exc_info=bug)
+            self._fault_logged = self.fault
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the uplink is not doing its whole job, or None (status, telemetry, STATUS=)."""
+        if self.fault is not None and not self.connected:
+            return f"uplink: {self.fault}"
+        return self.inbound.degraded
 
     def _client_for(
         self, session: int, tls: ssl.SSLContext | None, password: str | None
@@ -242,7 +373,13 @@ class Uplink:
             "reason": "shutdown",
         }
         try:
-            await client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
+            await client.publish(
+                self.topics.status,
+                json.dumps(body),
+                qos=1,
+                retain=True,
+                timeout=self.offline_timeout_s,
+            )
         except aiomqtt.MqttError as e:
             log.warning("could not publish offline status: %s", e)
 
@@ -296,21 +433,44 @@ class Uplink:
     # -- acks and commands in ------------------------------------------------------------
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        topics = self.topics
+        """Every inbound message, whatever its bytes: one that is too big, malformed or whose
+        handler fails is counted and logged once per change, and the loop goes on. Only the
+        connection's own errors (aiomqtt.MqttError) and cancellation end it."""
         async for message in client.messages:
             topic = message.topic.value
-            if topic == topics.ack:
-                await self._apply_ack(message.payload)
-            elif (name := topics.command_name(topic)) is not None:
-                await self._command(client, name, message.payload)
-            elif self.blobs is not None:
-                self.blobs.handle(topic, message.payload)
+            payload = message.payload
+            size = len(payload) if isinstance(payload, bytes | bytearray | str) else 0
+            if size > self.config.mqtt.max_inbound_bytes:
+                self.inbound.fault(
+                    "oversize",
+                    f"{_kind(topic, self.topics)}: {size} bytes over the "
+                    f"mqtt.max_inbound_bytes cap of {self.config.mqtt.max_inbound_bytes}",
+                )
+                continue
+            try:
+                await self._dispatch(client, topic, payload)
+            except aiomqtt.MqttError:
+                raise
+            except Exception as e:  # no input may end the station
+                self.inbound.fault(
+                    "failed", f"{_kind(topic, self.topics)} handler: {type(e).__name__}: {e}"
+                )
+            raise_if_cancelling()
+
+    async def _dispatch(self, client: aiomqtt.Client, topic: str, payload: Any) -> None:
+        topics = self.topics
+        if topic == topics.ack:
+            await self._apply_ack(payload)
+        elif (name := topics.command_name(topic)) is not None:
+            await self._command(client, name, payload)
+        elif self.blobs is not None:
+            self.blobs.handle(topic, payload)
 
     async def _apply_ack(self, payload: Any) -> None:
         try:
-            ids = parse_ack(payload).ids
+            ids = parse_ack(payload, self.config.mqtt.max_inbound_bytes).ids
         except MessageError as e:
-            log.warning("ignored a malformed ack: %s", e)
+            self.inbound.fault("malformed", f"ack: {e}")
             return
         n = await self.outbox.confirm(ids)
         log.debug("registry confirmed %d of %d ids", n, len(ids))
@@ -320,7 +480,7 @@ class Uplink:
     async def _command(self, client: aiomqtt.Client, name: str, payload: Any) -> None:
         request_id = None
         try:
-            command = parse_command(name, payload)
+            command = parse_command(name, payload, self.config.mqtt.max_inbound_bytes)
             request_id, body = command.request_id, command.args
             handler = self._commands.get(name)
             if handler is None:
@@ -330,11 +490,16 @@ class Uplink:
                 }
             else:
                 result = {"ok": True, **await handler(body)}
-        except ValueError as e:
+        except MessageError as e:
+            self.inbound.fault("malformed", f"cmd/{name}: {e}")
             result = {"ok": False, "error": f"bad command payload: {e}"}
-        except Exception as e:
-            log.exception("command %s failed", name)
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        except ValueError as e:
+            result = {"ok": False, "error": f"bad command payload: {str(e)[:200]}"}
+        except aiomqtt.MqttError:
+            raise
+        except Exception as e:  # answered, counted; never ends the connection
+            self.inbound.fault("failed", f"cmd/{name}: {type(e).__name__}: {e}")
+            result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         await client.publish(
             self.topics.command_result(name), command_result(request_id, result), qos=1
         )

@@ -30,6 +30,7 @@ from starlette.responses import Response
 from agent._aio import Backoff, asgi_server
 from agent.config import ApiSection
 from agent.errors import ApiError, MadoguchiError
+from agent.station.kiosk.bounded import ACCEPT_BACKLOG, BoundedHttp
 from agent.station.kiosk.events import EventHub
 from agent.station.kiosk.guard import Guard, GuardMiddleware, error_response, load_token
 from agent.station.kiosk.openapi import openapi_document
@@ -52,6 +53,7 @@ class LocalApi:
         self.guard = Guard(cfg)
         self.routes = Routes(station, cfg, self.hub, openapi_document)
         self.app = self._build_app()
+        self.bounds = BoundedHttp(cfg)
         station.subscribe(self.hub.publish)
 
     @property
@@ -119,12 +121,27 @@ class LocalApi:
         return sockets
 
     async def _serve(self, sockets: list[socket.socket], stop: asyncio.Event) -> None:
+        # bounded.py: connection cap, header/body deadlines, descriptor errors logged once
+        cfg = self.config
+        self.bounds.fit_descriptors()
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        loop.set_exception_handler(self.bounds.exception_handler(previous))
         try:
-            async with asgi_server(self.app, sockets, limit_concurrency=64):
+            async with asgi_server(
+                self.app,
+                sockets,
+                http=self.bounds.protocol_class(),
+                backlog=ACCEPT_BACKLOG,
+                limit_concurrency=self.bounds.max_connections + 16,  # ours closes idle first
+                timeout_keep_alive=cfg.idle_timeout_s,
+                timeout_graceful_shutdown=2,  # SIGTERM ends within 5 s (issue #15)
+            ):
                 log.info("api: serving the kiosk on %s", self.origin)
                 self.ready.set()
                 await stop.wait()
         finally:
+            loop.set_exception_handler(previous)
             self.hub.close()
             for s in sockets:
                 s.close()
