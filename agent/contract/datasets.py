@@ -235,7 +235,8 @@ def parse_manifest(payload: object) -> Manifest:
     kind = m.get("kind")
     if not isinstance(kind, str) or _KIND.fullmatch(kind) is None:
         raise MessageError("manifest: kind: not a kind name")
-    if m.get("scope") not in SCOPES:
+    scope = m.get("scope")
+    if not isinstance(scope, str) or scope not in SCOPES:
         raise MessageError("manifest: scope: not a known scope")
     if not _int(m.get("version"), 1, 2**53):
         raise MessageError("manifest: version: not a positive integer")
