@@ -318,6 +318,8 @@ class DatasetTopic:
 
 
 _CHUNK = re.compile(r"0|[1-9][0-9]{0,8}")
+#: a version: 1..2**53 (the central side uses the publish time in ms)
+_VERSION = re.compile(r"[1-9][0-9]{0,15}")
 
 
 def parse_topic(prefix: str, topic: str) -> DatasetTopic | None:
@@ -331,6 +333,6 @@ def parse_topic(prefix: str, topic: str) -> DatasetTopic | None:
     match levels[2:]:
         case ["manifest"]:
             return DatasetTopic(levels[1], levels[0], None, None)
-        case [version, index] if _CHUNK.fullmatch(version) and _CHUNK.fullmatch(index):
+        case [version, index] if _VERSION.fullmatch(version) and _CHUNK.fullmatch(index):
             return DatasetTopic(levels[1], levels[0], int(version), int(index))
     return None

@@ -95,9 +95,9 @@ def test_topics_round_trip_and_foreign_topics_are_none() -> None:
     assert ds.parse_topic(p, ds.manifest_topic(p, "used_tickets")) == ds.DatasetTopic(
         "used_tickets", "fleet", None, None
     )
-    assert ds.parse_topic(p, ds.chunk_topic(p, "used_tickets", 12, 3)) == ds.DatasetTopic(
-        "used_tickets", "fleet", 12, 3
-    )
+    assert ds.parse_topic(
+        p, ds.chunk_topic(p, "used_tickets", 1796186607755, 3)
+    ) == ds.DatasetTopic("used_tickets", "fleet", 1796186607755, 3)
     for t in (
         f"{p}/site/agent/records",
         f"{p}/_datasets/fleet/x/01/2",

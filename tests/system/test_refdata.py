@@ -1,0 +1,180 @@
+"""Reference datasets end to end (issue #20, first slice): real mosquitto, the registry in
+this loop keeping `used_tickets`, two stations at two sites with pty scanners, and the
+`publish-dataset` path for `recalled_lots`. Every verdict is read back from the record
+the station stored, and the scanner's NAK byte."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.central.datasets import UsedTicketsFeed, public_hex, publish_dataset
+from agent.testing import (
+    Broker,
+    Pty,
+    running_registry,
+    running_station,
+    serial_scanner,
+    write_config,
+)
+
+TICKET = "111122410000012345"
+GS1 = "]C101049123451234591725123110AB"
+ACK, NAK = b"\x06", b"\x15"
+LOT = {"gtin": "04912345123459", "lot": "AB", "reason": "contamination"}
+
+
+def station_config(tmp: Path, port: int, pty: Pty, site: str, name: str, key: str) -> Path:
+    devices = serial_scanner(pty.link, extra="nak_invalid = true\n")
+    devices += f'\n[datasets]\npublic_key = "{key}"\nmax_age_s = 3600\n'
+    return write_config(tmp, port, devices=devices, site=site, name=name)
+
+
+class Verdicts:
+    """The read_accepted events of one station, in order."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def __call__(self, kind: str, body: dict[str, Any]) -> None:
+        if kind == "read_accepted":
+            self.queue.put_nowait(body)
+
+    async def next(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self.queue.get(), 10)
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    async def wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+@pytest.mark.timeout(60)
+async def test_ticket_used_at_site_a_is_already_used_at_site_b_and_offline(
+    broker: Broker, tmp_path: Path
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    pub = public_hex(key)
+    a_pty, b_pty = Pty(tmp_path / "ttyA"), Pty(tmp_path / "ttyB")
+    feed = UsedTicketsFeed(tmp_path / "registry-datasets.db", key, "madoguchi/v1", debounce_s=0.05)
+    try:
+        async with (
+            running_registry(broker.port, tmp_path / "registry.db", datasets=feed) as registry,
+            running_station(
+                station_config(tmp_path, broker.port, a_pty, "toda-1f", "st-a", pub)
+            ) as a,
+            running_station(
+                station_config(tmp_path, broker.port, b_pty, "goka-2f", "st-b", pub)
+            ) as b,
+        ):
+            a_events, b_events = Verdicts(), Verdicts()
+            a.station.subscribe(a_events)
+            b.station.subscribe(b_events)
+            b_data = b.station.station.datasets
+            assert b_data is not None
+            await until(lambda: b.station.uplink is not None and b.station.uplink.connected)
+
+            # site A: the first use; no used_tickets yet (or it does not hold this ticket)
+            t0 = time.monotonic()
+            a_pty.scan(TICKET)
+            assert await a_pty.aread(1) == ACK
+            first = await a_events.next()
+            assert first["verdict"] is None or first["verdict"]["verdict"] == "not_used"
+            await registry.wait_for(1)
+
+            # site B knows within 2 s (registry -> signed used_tickets -> station B)
+            def b_knows() -> bool:
+                v = b_data.verdict(
+                    {
+                        "type": "vaccination_ticket",
+                        "valid": True,
+                        "fields": {
+                            "municipality_code": "112241",
+                            "ticket_number": "0000012345",
+                            "round_code": "1",
+                        },
+                    }
+                )
+                return v is not None and v["verdict"] == "already_used"
+
+            await until(b_knows, 5)
+            spread = time.monotonic() - t0
+            assert spread < 2.0, f"site B learned of the ticket after {spread:.2f} s"
+            b_pty.scan(TICKET)
+            assert await b_pty.aread(1) == NAK  # stored, and the operator is told
+            used = (await b_events.next())["verdict"]
+            assert used["verdict"] == "already_used"
+            assert (used["site"], used["agent"], used["dataset"]) == (
+                "toda-1f",
+                "st-a",
+                "used_tickets",
+            )
+            assert used["stale"] is False and used["version"] == feed.version
+            stored = await registry.wait_for(2)
+            assert stored[1]["data"]["verdict"]["verdict"] == "already_used"  # the record says it
+
+            # the central desk publishes a recall; both stations get it retained
+            v = await publish_dataset(
+                "127.0.0.1", broker.port, "madoguchi/v1", key, "recalled_lots", [LOT]
+            )
+            await until(
+                lambda: (
+                    "recalled_lots" in b_data.held
+                    and "recalled_lots" in a.station.station.datasets.held
+                )
+            )  # type: ignore[union-attr]
+            b_pty.scan(GS1)
+            assert await b_pty.aread(1) == NAK
+            recalled = (await b_events.next())["verdict"]
+            assert (recalled["verdict"], recalled["reason"], recalled["version"]) == (
+                "recalled",
+                "contamination",
+                v,
+            )
+
+            # broker gone: verdicts keep coming from the stored versions
+            broker.kill()
+            await until(lambda: not b.station.uplink.connected)  # type: ignore[union-attr]
+            a_pty.scan(GS1)
+            assert await a_pty.aread(1) == NAK
+            assert (await a_events.next())["verdict"]["verdict"] == "recalled"
+            b_pty.scan("A0000012345B")  # the NW-7 ticket number alone
+            assert await b_pty.aread(1) == NAK
+            offline = (await b_events.next())["verdict"]
+            assert offline["verdict"] == "already_used" and offline["site"] == "toda-1f"
+            print(f"site A -> site B: {spread * 1000:.0f} ms")
+    finally:
+        a_pty.close()
+        b_pty.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_station_that_starts_later_gets_the_newest_version_retained(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Three versions published while a station was away: it comes up with the newest."""
+    key = Ed25519PrivateKey.generate()
+    for n in range(1, 4):
+        rows = [{**LOT, "lot": f"L{i}"} for i in range(n)]
+        last = await publish_dataset(
+            "127.0.0.1", broker.port, "madoguchi/v1", key, "recalled_lots", rows
+        )
+    pty = Pty(tmp_path / "tty")
+    try:
+        cfg = station_config(tmp_path, broker.port, pty, "toda-1f", "late", public_hex(key))
+        async with running_station(cfg) as s:
+            data = s.station.station.datasets
+            assert data is not None
+            await until(lambda: "recalled_lots" in data.held)
+            assert data.held["recalled_lots"].version == last
+            assert data.held["recalled_lots"].rows == 3
+    finally:
+        pty.close()
