@@ -36,13 +36,16 @@ from agent.central.store import Stored
 from agent.contract.datasets import (
     CHUNK_BYTES,
     SCHEMAS,
+    Manifest,
     build_manifest,
     canonical_body,
     check_rows,
     chunk_topic,
     manifest_topic,
+    parse_manifest,
     signed_bytes,
 )
+from agent.contract.messages import MessageError
 from agent.contract.records import iso_ms, utc_now
 from agent.errors import ConfigError, DatasetKeyError
 
@@ -175,14 +178,43 @@ async def publish_dataset(
     username: str | None = None,
     password: str | None = None,
 ) -> int:
-    """`madoguchi registry publish-dataset`: one version, retained; returns the version."""
-    version = next_version()
-    messages = signed_messages(key, prefix, kind, version, rows, expires_at=expires_at)
+    """`madoguchi registry publish-dataset`: one version, retained; returns the version.
+    The version held on the broker (its retained manifest) is read first: the new one is
+    newer than it, and its chunks are cleared after."""
     async with aiomqtt.Client(
         host, port, tls_context=tls_context, username=username, password=password
     ) as client:
-        await publish(client, messages)
+        previous = await _retained_manifest(client, manifest_topic(prefix, kind))
+        old = 0 if previous is None else previous.version
+        version = next_version(old)
+        messages = signed_messages(key, prefix, kind, version, rows, expires_at=expires_at)
+        clear = (
+            []
+            if previous is None
+            else [chunk_topic(prefix, kind, old, i) for i in range(previous.chunks)]
+        )
+        await publish(client, messages, clear)
     return version
+
+
+async def _retained_manifest(
+    client: aiomqtt.Client, topic: str, wait_s: float = 1.0
+) -> Manifest | None:
+    """The retained manifest on `topic`, if the broker has one (it comes at subscribe)."""
+    await client.subscribe(topic, qos=1)
+    try:
+        async with asyncio.timeout(wait_s):
+            async for m in client.messages:
+                if isinstance(m.payload, bytes | bytearray) and m.payload:
+                    try:
+                        return parse_manifest(bytes(m.payload))
+                    except MessageError:
+                        return None
+    except TimeoutError:
+        return None
+    finally:
+        await client.unsubscribe(topic)
+    return None
 
 
 # -- the registry's used_tickets --------------------------------------------------------

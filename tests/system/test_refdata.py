@@ -17,6 +17,7 @@ from agent.central.datasets import UsedTicketsFeed, public_hex, publish_dataset
 from agent.testing import (
     Broker,
     Pty,
+    mqtt_collect,
     running_registry,
     running_station,
     serial_scanner,
@@ -167,6 +168,16 @@ async def test_a_station_that_starts_later_gets_the_newest_version_retained(
         last = await publish_dataset(
             "127.0.0.1", broker.port, "madoguchi/v1", key, "recalled_lots", rows
         )
+    # what stays retained on the broker fits docs/asyncapi.yaml: 3 manifests' last + chunks
+    from tests.support.central import Contract
+
+    contract = Contract()
+    retained = await mqtt_collect(broker.port, "madoguchi/v1/_datasets/#", 1.0)
+    kinds = [contract.check_raw(m.topic.value, bytes(m.payload)) for m in retained if m.payload]  # type: ignore[arg-type]
+    assert sorted(set(kinds)) == ["datasetChunk/datasetChunk", "datasetManifest/datasetManifest"]
+    assert kinds.count("datasetManifest/datasetManifest") == 1
+    chunks = [m.topic.value for m in retained if m.payload and "manifest" not in m.topic.value]
+    assert {t.split("/")[-2] for t in chunks} == {str(last)}  # older versions' chunks cleared
     pty = Pty(tmp_path / "tty")
     try:
         cfg = station_config(tmp_path, broker.port, pty, "toda-1f", "late", public_hex(key))
