@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.contract.datasets import DATASETS_SITE
 from agent.contract.topics import DEFAULT_PREFIX, REGISTRY_SITE
 from agent.errors import ConfigError
 
@@ -86,6 +87,8 @@ class AgentSection(Strict):
         """`_registry` is the site level of the registry consumers' own status topics."""
         if v == REGISTRY_SITE:
             raise ValueError(f"{v!r} is reserved for the registry's own topics")
+        if v == DATASETS_SITE:
+            raise ValueError(f"{v!r} is reserved for the reference datasets' topics")
         return v
 
 
