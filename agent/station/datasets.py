@@ -168,6 +168,8 @@ class DatasetStore:
                 ),
             )
             db.execute("COMMIT")
+            # the WAL held the whole new version: fold it in now, not at some later reader
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             if db.in_transaction:
                 db.execute("ROLLBACK")
