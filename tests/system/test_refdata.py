@@ -126,12 +126,9 @@ async def test_ticket_used_at_site_a_is_already_used_at_site_b_and_offline(
             v = await publish_dataset(
                 "127.0.0.1", broker.port, "madoguchi/v1", key, "recalled_lots", [LOT]
             )
-            await until(
-                lambda: (
-                    "recalled_lots" in b_data.held
-                    and "recalled_lots" in a.station.station.datasets.held
-                )
-            )  # type: ignore[union-attr]
+            a_data = a.station.station.datasets
+            assert a_data is not None
+            await until(lambda: "recalled_lots" in b_data.held and "recalled_lots" in a_data.held)
             b_pty.scan(GS1)
             assert await b_pty.aread(1) == NAK
             recalled = (await b_events.next())["verdict"]
@@ -173,7 +170,7 @@ async def test_a_station_that_starts_later_gets_the_newest_version_retained(
 
     contract = Contract()
     retained = await mqtt_collect(broker.port, "madoguchi/v1/_datasets/#", 1.0)
-    kinds = [contract.check_raw(m.topic.value, bytes(m.payload)) for m in retained if m.payload]  # type: ignore[arg-type]
+    kinds = [contract.check_raw(m.topic.value, bytes(m.payload)) for m in retained if m.payload]
     assert sorted(set(kinds)) == ["datasetChunk/datasetChunk", "datasetManifest/datasetManifest"]
     assert kinds.count("datasetManifest/datasetManifest") == 1
     chunks = [m.topic.value for m in retained if m.payload and "manifest" not in m.topic.value]
