@@ -206,3 +206,26 @@ async def test_kill_9_while_a_big_version_is_applied_leaves_the_old_one(tmp_path
     assert v is not None and v["verdict"] == "already_used"
     count = again.store.db.execute("SELECT count(*) FROM used_tickets").fetchone()[0]
     assert count == 1
+
+
+async def test_a_full_disk_refuses_the_new_version_and_keeps_the_old(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        r = receiver(small)
+        await feed(r, msgs("used_tickets", 1, [USED]))
+        big = [{**USED, "ticket_number": f"{i:010d}"} for i in range(40_000)]  # ~4 MB of rows
+        await feed(r, msgs("used_tickets", 2, big))
+        assert "not stored" in r.refused["used_tickets"]["reason"]
+        assert r.held["used_tickets"].version == 1
+        v = r.verdict(interpret(TICKET))
+        assert v is not None and (v["verdict"], v["version"]) == ("already_used", 1)
+        r.store.close()
+        again = receiver(small)  # and the file is still good after the failed write
+        assert again.held["used_tickets"].version == 1
+        again.store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

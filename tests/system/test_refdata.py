@@ -6,6 +6,9 @@ the station stored, and the scanner's NAK byte."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -184,5 +187,76 @@ async def test_a_station_that_starts_later_gets_the_newest_version_retained(
             await until(lambda: "recalled_lots" in data.held)
             assert data.held["recalled_lots"].version == last
             assert data.held["recalled_lots"].rows == 3
+    finally:
+        pty.close()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
+    broker: Broker, tmp_path: Path
+) -> None:
+    made = _cli(
+        "registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub", cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    pub = (tmp_path / "k.pub").read_text().strip()
+    assert pub in made.stdout and (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
+    again = _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "x", cwd=tmp_path)
+    assert again.returncode == 1 and "never overwritten" in again.stderr
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("gtin,lot,reason\n123,AB,x\n04912345123459,,\n")
+    refused = _cli(
+        "registry", "publish-dataset", "recalled_lots", str(bad), "--key", "k.pem",
+        "--port", str(broker.port), cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"{bad}: row 1: gtin: not a valid value",
+        f"{bad}: row 2: lot: missing",
+        f"{bad}: row 2: reason: missing",
+    ]
+
+    pty = Pty(tmp_path / "tty")
+    try:
+        cfg = station_config(tmp_path, broker.port, pty, "toda-1f", "desk", pub)
+        async with running_station(cfg) as s:
+            data = s.station.station.datasets
+            assert data is not None
+            good = tmp_path / "recalls.csv"
+            good.write_text("gtin,lot,reason\n04912345123459,AB,contamination\n")
+            ok = _cli(
+                "registry", "publish-dataset", "recalled_lots", str(good), "--key", "k.pem",
+                "--port", str(broker.port), cwd=tmp_path,
+            )  # fmt: skip
+            assert ok.returncode == 0, ok.stderr
+            await until(lambda: "recalled_lots" in data.held)
+            held = data.held["recalled_lots"].version
+            assert f"v{held}: 1 row(s) published" in ok.stdout
+
+            # someone else's key on the broker: refused, the desk's version keeps serving
+            await publish_dataset(
+                "127.0.0.1", broker.port, "madoguchi/v1", Ed25519PrivateKey.generate(),
+                "recalled_lots", [],
+            )  # fmt: skip
+            await until(lambda: "recalled_lots" in data.refused)
+            status = s.station.describe()["datasets"]
+            assert "signature" in status["refused"]["recalled_lots"]["reason"]
+            assert status["held"]["recalled_lots"]["version"] == held
+            pty.scan(GS1)
+            assert await pty.aread(1) == NAK
     finally:
         pty.close()
