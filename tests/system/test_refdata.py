@@ -253,7 +253,12 @@ async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
                 "recalled_lots", [],
             )  # fmt: skip
             await until(lambda: "recalled_lots" in data.refused)
-            status = s.station.describe()["datasets"]
+            from tests.support.central import Contract
+
+            telemetry = await s.station.uplink.telemetry()  # type: ignore[union-attr]
+            base = "madoguchi/v1/toda-1f/desk"
+            assert Contract().check(f"{base}/telemetry", telemetry) == "telemetry/telemetry"
+            status = telemetry["datasets"]
             assert "signature" in status["refused"]["recalled_lots"]["reason"]
             assert status["held"]["recalled_lots"]["version"] == held
             pty.scan(GS1)
