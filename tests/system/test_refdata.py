@@ -30,6 +30,7 @@ from agent.testing import (
 TICKET = "111122410000012345"
 GS1 = "]C101049123451234591725123110AB"
 ACK, NAK = b"\x06", b"\x15"
+MANIFEST = "madoguchi/v1/_datasets/fleet/used_tickets/manifest"
 LOT = {"gtin": "04912345123459", "lot": "AB", "reason": "contamination"}
 
 
@@ -265,3 +266,40 @@ async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
             assert await pty.aread(1) == NAK
     finally:
         pty.close()
+
+
+@pytest.mark.timeout(60)
+async def test_madoguchi_registry_with_a_dataset_key_publishes_used_tickets(
+    broker: Broker, tmp_path: Path
+) -> None:
+    (tmp_path / "bad.pem").write_text("not a key\n")
+    args = ["registry", "--db", "reg.db", "--port", str(broker.port), "--quiet"]
+    bad = _cli(*args, "--dataset-key", "bad.pem", cwd=tmp_path)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().endswith("bad.pem: not an unencrypted PEM private key")
+    assert _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
+                cwd=tmp_path).returncode == 0  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", *args, "--dataset-key", "k.pem"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        got: list[Any] = []
+        deadline = time.monotonic() + 15
+        while not got and time.monotonic() < deadline:  # the registry publishes at start
+            got = await mqtt_collect(
+                broker.port, "madoguchi/v1/_datasets/fleet/used_tickets/manifest", 0.5
+            )
+        assert got, "no used_tickets manifest from `madoguchi registry --dataset-key`"
+        from agent.contract.datasets import parse_manifest
+
+        m = parse_manifest(bytes(got[0].payload))  # type: ignore[arg-type]
+        assert (m.kind, m.rows) == ("used_tickets", 0)
+        assert (tmp_path / "reg-datasets.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
