@@ -168,6 +168,14 @@ def cmd_registry(args: argparse.Namespace) -> int:
         password = config.mqtt_password("registry")
         db = config.database_target("registry")
         assert db is not None
+        if reg.dataset_key is not None and reg.shared is not None:
+            raise ConfigError(
+                [
+                    f"{config.source}: registry.dataset_key: not with shared = {reg.shared!r}:"
+                    " each member sees a share of the records; give the key to one"
+                    " unshared registry"
+                ]
+            )
         feed = _used_tickets_feed(reg.dataset_key, db, config.broker.topic_prefix)
     except ConfigError as e:
         for problem in e.problems:

@@ -32,7 +32,15 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.contract.datasets import Manifest, parse_body, parse_manifest, parse_topic
+from agent.contract.datasets import (
+    CHUNK_BYTES,
+    KINDS,
+    MAX_BODY_BYTES,
+    Manifest,
+    parse_body,
+    parse_manifest,
+    parse_topic,
+)
 from agent.contract.messages import MessageError
 from agent.errors import DatasetRefused, DatasetStoreError
 
@@ -220,6 +228,7 @@ class DatasetReceiver:
         self._pending: dict[str, dict[int, Manifest]] = {}  # kind -> version -> manifest
         self._chunks: dict[tuple[str, int], dict[int, bytes]] = {}
         self.refused: dict[str, dict[str, Any]] = {}  # kind -> last refusal
+        self._unknown: set[str] = set()
         self.applied = asyncio.Event()  # set at every version applied (tests, kiosk)
 
     def load(self) -> None:
@@ -260,6 +269,11 @@ class DatasetReceiver:
             return False
         if not isinstance(payload, bytes | bytearray) or not payload:
             return True  # a retained message cleared by the publisher
+        if t.kind not in KINDS:  # a kind of a later version: nothing here could use it
+            if t.version is None and t.kind not in self._unknown:
+                self._unknown.add(t.kind)
+                log.warning("dataset %s ignored: not a kind this station knows", t.kind[:64])
+            return True
         if t.version is None:
             self._manifest(t.kind, bytes(payload))
         else:
@@ -312,6 +326,11 @@ class DatasetReceiver:
             self._refuse(kind, version, f"chunk {index} of {m.chunks}")
             return
         chunks = self._chunks.setdefault((kind, version), {})
+        buffered = sum(len(c) for cs in self._chunks.values() for c in cs.values())
+        if len(data) > CHUNK_BYTES * 4 or buffered + len(data) > MAX_BODY_BYTES:
+            self._refuse(kind, version, "chunks over the buffer cap: dropped")
+            self._chunks.pop((kind, version), None)
+            return
         chunks[index] = data
         if m is None:  # before its manifest: keep a bounded number of versions
             waiting = sorted(v for k, v in self._chunks if k == kind)

@@ -229,3 +229,18 @@ async def test_a_full_disk_refuses_the_new_version_and_keeps_the_old(tmp_path: P
         again.store.close()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def test_an_unknown_kind_is_ignored_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = receiver(tmp_path)
+    m = msgs("recalled_lots", 3, [LOT])
+    renamed = [(t.replace("/recalled_lots/", "/reservations/"), p) for t, p in m]
+    with caplog.at_level(logging.WARNING, "agent.station.datasets"):
+        await feed(r, renamed)
+        await feed(r, renamed)
+    assert not r.held and not r.refused
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "dataset reservations ignored: not a kind this station knows"
+    ]

@@ -277,6 +277,8 @@ async def test_madoguchi_registry_with_a_dataset_key_publishes_used_tickets(
     bad = _cli(*args, "--dataset-key", "bad.pem", cwd=tmp_path)
     assert bad.returncode == 1
     assert bad.stderr.strip().endswith("bad.pem: not an unencrypted PEM private key")
+    shared = _cli(*args, "--shared", "g", "--dataset-key", "bad.pem", cwd=tmp_path)
+    assert shared.returncode == 1 and "not with shared = 'g'" in shared.stderr
     assert _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
                 cwd=tmp_path).returncode == 0  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
