@@ -9,7 +9,7 @@ gets it at once:
     {prefix}/_datasets/{scope}/{kind}/manifest            retained, signed
     {prefix}/_datasets/{scope}/{kind}/{version}/{index}   retained, the body in chunks
 
-The body is `canonical_body(rows)` (compact, sorted JSON); the manifest carries its
+The body is `canonical_body(rows)` (JSON Lines of compact, sorted JSON); the manifest carries its
 sha256 and size, and an Ed25519 signature over `signed_bytes(manifest)` (the
 manifest without its signature, canonical). The signature therefore covers every
 row. This module is pure and standard library only: the signing (central) and the
@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -141,7 +142,9 @@ def canonical(obj: Any) -> bytes:
 
 
 def canonical_body(rows: list[dict[str, Any]]) -> bytes:
-    return canonical(rows)
+    """JSON Lines: one canonical row per line, `\\n` between them (none after the last),
+    so that a station can check and store a million rows one line at a time."""
+    return b"\n".join(canonical(r) for r in rows)
 
 
 def chunk_count(size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -284,16 +287,44 @@ def parse_body(manifest: Manifest, body: bytes) -> list[dict[str, Any]]:
     hash to the manifest's sha256, are not JSON rows, or a row breaks the kind's schema."""
     if len(body) != manifest.size or hashlib.sha256(body).hexdigest() != manifest.sha256:
         raise MessageError(f"{manifest.kind} v{manifest.version}: body does not match its sha256")
+    return list(iter_rows(manifest, [body]))
+
+
+def iter_rows(manifest: Manifest, pieces: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The rows of a body given in pieces (its chunks, in order), one line at a time:
+    memory is one piece and one line, whatever the size. `MessageError` as `parse_body`
+    (the caller has checked the sha256: this checks lines, schema and count)."""
+    where = f"{manifest.kind} v{manifest.version}"
     if manifest.kind not in SCHEMAS:
         raise MessageError(f"{manifest.kind}: not a dataset kind this station knows")
-    rows = _load(body, MAX_BODY_BYTES)
-    problems = check_rows(manifest.kind, rows)
-    if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise MessageError(f"{manifest.kind} v{manifest.version}: {problems[0]}{more}")
-    if len(rows) != manifest.rows:
-        raise MessageError(f"{manifest.kind} v{manifest.version}: row count is not the manifest's")
-    return list(rows)
+    if manifest.size == 0:
+        if manifest.rows != 0:
+            raise MessageError(f"{where}: row count is not the manifest's")
+        return
+    n = 0
+    for line in _lines(pieces):
+        n += 1
+        if n > manifest.rows:
+            raise MessageError(f"{where}: row count is not the manifest's")
+        row = _load(line, MAX_MANIFEST_BYTES)
+        problems = check_row(manifest.kind, row, f"row {n}")
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise MessageError(f"{where}: {problems[0]}{more}")
+        yield row
+    if n != manifest.rows:
+        raise MessageError(f"{where}: row count is not the manifest's")
+
+
+def _lines(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for piece in pieces:
+        rest += piece
+        *lines, rest = rest.split(b"\n")
+        yield from lines
+        if len(rest) > MAX_MANIFEST_BYTES:
+            raise MessageError("a row longer than its cap")
+    yield rest
 
 
 def manifest_topic(prefix: str, kind: str, scope: str = "fleet") -> str:

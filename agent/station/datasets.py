@@ -21,9 +21,12 @@ Offline it keeps deciding from what is stored. Ticket numbers are never logged.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import shutil
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +40,7 @@ from agent.contract.datasets import (
     KINDS,
     MAX_BODY_BYTES,
     Manifest,
-    parse_body,
+    iter_rows,
     parse_manifest,
     parse_topic,
 )
@@ -142,9 +145,10 @@ class DatasetStore:
             raise DatasetStoreError(f"{self.path}: {e}") from e
         return {r[0]: Held(*r) for r in rows}
 
-    def apply(self, manifest: Manifest, rows: list[dict[str, Any]]) -> None:
+    def apply(self, manifest: Manifest, rows: Iterable[dict[str, Any]]) -> None:
         """Replace `manifest.kind` by this version, all or nothing (its own connection:
-        this runs in a worker thread while the loop keeps reading the old version)."""
+        this runs in a worker thread while the loop keeps reading the old version).
+        `rows` may be a generator that raises (a bad line): then nothing changes."""
         cols = _COLUMNS[manifest.kind]
         db = self._connect()
         try:
@@ -182,6 +186,10 @@ class DatasetStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise DatasetStoreError(f"{self.path}: {manifest.kind}: {e}") from e
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         finally:
             db.close()
 
@@ -218,21 +226,48 @@ class DatasetReceiver:
     """Takes the retained dataset messages (through the uplink) and applies verified versions."""
 
     def __init__(
-        self, store: DatasetStore, public_key: bytes, prefix: str, *, max_age_s: float
+        self,
+        store: DatasetStore,
+        public_key: bytes,
+        prefix: str,
+        *,
+        max_age_s: float,
+        spool: Path | None = None,
     ) -> None:
         self.store = store
+        # chunks wait on disk, not in memory: a million rows cost a chunk of RSS, not 140 MB
+        self.spool = spool or store.path.with_name("datasets-incoming")
         self.prefix = prefix
         self.max_age_s = max_age_s
         self._key = Ed25519PublicKey.from_public_bytes(public_key)
         self._held: dict[str, Held] = {}
         self._pending: dict[str, dict[int, Manifest]] = {}  # kind -> version -> manifest
-        self._chunks: dict[tuple[str, int], dict[int, bytes]] = {}
+        self._chunks: dict[tuple[str, int], dict[int, int]] = {}  # -> index -> size on disk
         self.refused: dict[str, dict[str, Any]] = {}  # kind -> last refusal
         self._unknown: set[str] = set()
+        self._dead: list[tuple[str, int]] = []  # versions refused on their chunks
         self.applied = asyncio.Event()  # set at every version applied (tests, kiosk)
 
     def load(self) -> None:
+        """What is stored; chunks left from before a restart are dropped (they are retained
+        on the broker and come again)."""
         self._held = self.store.held()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def _dir(self, kind: str, version: int) -> Path:
+        return self.spool / kind / str(version)
+
+    def _give_up(self, kind: str, version: int) -> None:
+        """A version refused on its chunks: its other chunks and its manifest, which keep
+        coming, are ignored (one refusal line, not one per chunk)."""
+        self._drop(kind, version)
+        self._pending.get(kind, {}).pop(version, None)
+        self._dead.append((kind, version))
+        del self._dead[:-16]
+
+    def _drop(self, kind: str, version: int) -> None:
+        self._chunks.pop((kind, version), None)
+        shutil.rmtree(self._dir(kind, version), ignore_errors=True)
 
     @property
     def held(self) -> dict[str, Held]:
@@ -288,6 +323,8 @@ class DatasetReceiver:
         except MessageError as e:
             self._refuse(kind, None, str(e))
             return
+        if (kind, m.version) in self._dead:
+            return
         try:
             if not self._verify(kind, m):
                 return  # the version held, seen again (a retained manifest at reconnect)
@@ -298,7 +335,7 @@ class DatasetReceiver:
         pending[m.version] = m
         for old in sorted(pending)[:-MAX_PENDING_VERSIONS]:
             del pending[old]
-            self._chunks.pop((kind, old), None)
+            self._drop(kind, old)
 
     def _verify(self, kind: str, m: Manifest) -> bool:
         """True: a new version to collect; False: the one held; DatasetRefused: neither."""
@@ -319,23 +356,30 @@ class DatasetReceiver:
 
     def _chunk(self, kind: str, version: int, index: int, data: bytes) -> None:
         held = self._held.get(kind)
-        if held is not None and version <= held.version:
+        if (held is not None and version <= held.version) or (kind, version) in self._dead:
             return
         m = self._pending.get(kind, {}).get(version)
         if m is not None and index >= m.chunks:
             self._refuse(kind, version, f"chunk {index} of {m.chunks}")
             return
         chunks = self._chunks.setdefault((kind, version), {})
-        buffered = sum(len(c) for cs in self._chunks.values() for c in cs.values())
+        buffered = sum(sum(cs.values()) for cs in self._chunks.values())
         if len(data) > CHUNK_BYTES * 4 or buffered + len(data) > MAX_BODY_BYTES:
             self._refuse(kind, version, "chunks over the buffer cap: dropped")
-            self._chunks.pop((kind, version), None)
+            self._give_up(kind, version)
             return
-        chunks[index] = data
+        try:
+            self._dir(kind, version).mkdir(parents=True, exist_ok=True)
+            (self._dir(kind, version) / str(index)).write_bytes(data)
+        except OSError as e:  # ENOSPC among them: the version held keeps serving
+            self._refuse(kind, version, f"chunk not kept in {self.spool}: {e.strerror}")
+            self._give_up(kind, version)
+            return
+        chunks[index] = len(data)
         if m is None:  # before its manifest: keep a bounded number of versions
             waiting = sorted(v for k, v in self._chunks if k == kind)
             for old in waiting[:-MAX_PENDING_VERSIONS]:
-                self._chunks.pop((kind, old), None)
+                self._drop(kind, old)
 
     async def _complete(self, kind: str) -> None:
         pending = self._pending.get(kind, {})
@@ -344,13 +388,16 @@ class DatasetReceiver:
             chunks = self._chunks.get((kind, version), {})
             if len(chunks) < m.chunks or any(i not in chunks for i in range(m.chunks)):
                 continue
-            body = b"".join(chunks[i] for i in range(m.chunks))
-            for v in [v for v in pending if v <= version]:
+            files = [self._dir(kind, version) / str(i) for i in range(m.chunks)]
+            for v in [v for v in pending if v < version]:
                 del pending[v]
-                self._chunks.pop((kind, v), None)
+                self._drop(kind, v)
+            del pending[version]
             try:
-                rows = parse_body(m, body)
-                await asyncio.to_thread(self.store.apply, m, rows)
+                await asyncio.to_thread(self._assemble, m, files)
+            except OSError as e:
+                self._refuse(kind, version, f"chunks not readable in {self.spool}: {e.strerror}")
+                return
             except MessageError as e:
                 self._refuse(kind, version, str(e))
                 return
@@ -360,12 +407,26 @@ class DatasetReceiver:
             except DatasetStoreError as e:
                 self._refuse(kind, version, f"not stored: {e}")
                 return
+            finally:
+                self._drop(kind, version)
             self._held = self.store.held()
             self.refused.pop(kind, None)
             log.info("dataset %s v%d applied (%d rows)", kind, version, m.rows)
             self.applied.set()
             self.applied.clear()
             return
+
+    def _assemble(self, m: Manifest, files: list[Path]) -> None:
+        """Check the body's sha256, then store its rows line by line (a worker thread)."""
+        digest = hashlib.sha256()
+        size = 0
+        for f in files:
+            data = f.read_bytes()
+            digest.update(data)
+            size += len(data)
+        if size != m.size or digest.hexdigest() != m.sha256:
+            raise MessageError(f"{m.kind} v{m.version}: body does not match its sha256")
+        self.store.apply(m, iter_rows(m, (f.read_bytes() for f in files)))
 
     # -- verdicts ------------------------------------------------------------------------
 

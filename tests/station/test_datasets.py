@@ -208,7 +208,10 @@ async def test_kill_9_while_a_big_version_is_applied_leaves_the_old_one(tmp_path
     assert count == 1
 
 
-async def test_a_full_disk_refuses_the_new_version_and_keeps_the_old(tmp_path: Path) -> None:
+@pytest.mark.parametrize("full", ["spool", "database"])
+async def test_a_full_disk_refuses_the_new_version_and_keeps_the_old(
+    tmp_path: Path, full: str, caplog: pytest.LogCaptureFixture
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     small = tmp_path / "small"
@@ -216,10 +219,16 @@ async def test_a_full_disk_refuses_the_new_version_and_keeps_the_old(tmp_path: P
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
         r = receiver(small)
+        if full == "database":  # the chunks fit elsewhere, the SQLite file does not
+            r.spool = tmp_path / "spool"
         await feed(r, msgs("used_tickets", 1, [USED]))
         big = [{**USED, "ticket_number": f"{i:010d}"} for i in range(40_000)]  # ~4 MB of rows
-        await feed(r, msgs("used_tickets", 2, big))
-        assert "not stored" in r.refused["used_tickets"]["reason"]
+        with caplog.at_level(logging.WARNING, "agent.station.datasets"):
+            await feed(r, msgs("used_tickets", 2, big))
+        assert len(caplog.records) == 1, [rec.getMessage() for rec in caplog.records]
+        reason = r.refused["used_tickets"]["reason"]
+        assert ("not stored" if full == "database" else "chunk not kept") in reason
+        assert not list(r.spool.rglob("*/*/*")), "the refused version's chunks are left"
         assert r.held["used_tickets"].version == 1
         v = r.verdict(interpret(TICKET))
         assert v is not None and (v["verdict"], v["version"]) == ("already_used", 1)
