@@ -23,6 +23,8 @@ class Outcome:
     duplicate: bool = False
     error: str | None = None
     interpretation: dict[str, Any] | None = None
+    #: the record's `data.verdict` from the station's reference datasets, if any
+    reference: dict[str, Any] | None = None
 
 
 def acknowledged(interpretation: dict[str, Any] | None, *, nak_invalid: bool) -> bool:
@@ -44,11 +46,19 @@ VERDICTS = {
     "unexpected": "a kind of code this station does not take",
     "read_error": "the device could not read it: scan again",
     "not_stored": "the record could not be stored: call staff",
+    "already_used": "a vaccination ticket the city already recorded as used (reference data)",
+    "recalled": "a vaccine lot the city recalled (reference data): a safety problem",
 }
 
+#: reference-data verdicts (agent/station/datasets.py) that the page shows over the rest
+REFERENCE_ALARMS = ("recalled", "already_used")
 
-def verdict(interpretation: dict[str, Any] | None) -> str:
-    """One code per read for the page's big message (the page maps codes to Japanese)."""
+
+def verdict(interpretation: dict[str, Any] | None, reference: dict[str, Any] | None = None) -> str:
+    """One code per read for the page's big message (the page maps codes to Japanese).
+    `reference` is the record's `data.verdict`: what the city knows comes first."""
+    if isinstance(reference, dict) and reference.get("verdict") in REFERENCE_ALARMS:
+        return str(reference["verdict"])
     if interpretation is None:
         return "ok"
     problems = set(interpretation.get("problems") or [])

@@ -310,7 +310,7 @@ class Station:
                 "verdict": verdict,
             },
         )
-        return Outcome(accepted=ok, record=record, interpretation=interpretation)
+        return Outcome(accepted=ok, record=record, interpretation=interpretation, reference=verdict)
 
     async def _committed_before_restart(self, dev: DeviceConfig, text: str) -> bool:
         """The repeat window across a restart: the first scan of a device after start is a

@@ -253,3 +253,19 @@ async def test_an_unknown_kind_is_ignored_with_one_line(
     assert [rec.getMessage() for rec in caplog.records] == [
         "dataset reservations ignored: not a kind this station knows"
     ]
+
+
+def test_the_kiosk_shows_what_the_city_knows_first() -> None:
+    from agent.station.kiosk.events import event_body
+
+    fact = {"verdict": "already_used", "dataset": "used_tickets", "version": 5, "stale": True}
+    body = event_body("read_accepted", {"interpretation": interpret(TICKET), "verdict": fact})
+    assert (body["verdict"], body["reference"]) == ("already_used", fact)
+    clear = {**fact, "verdict": "not_used"}
+    body = event_body("read_accepted", {"interpretation": interpret(TICKET), "verdict": clear})
+    assert (body["verdict"], body["reference"]) == ("ok", clear)
+    lot = {"verdict": "recalled", "reason": "r", "dataset": "recalled_lots", "version": 1}
+    expired = interpret("01049123451234591720010110AB", symbology="]C1")
+    assert event_body("read_accepted", {"interpretation": expired, "verdict": lot})["verdict"] == (
+        "recalled"
+    )
