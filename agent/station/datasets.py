@@ -21,12 +21,13 @@ Offline it keeps deciding from what is stored. Ticket numbers are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,6 +195,24 @@ class DatasetStore:
             db.close()
 
     # -- look-ups (the loop's connection: WAL readers see the last committed version) --
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: the version and the rows it reports are the same version,
+        even while a worker thread commits the next one (WAL readers see one snapshot)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
+    def held_kind(self, kind: str) -> Held | None:
+        row = self.db.execute(
+            "SELECT kind, version, issued_at, expires_at, sha256, rows, applied_at"
+            " FROM datasets WHERE kind = ?",
+            (kind,),
+        ).fetchone()
+        return None if row is None else Held(*row)
 
     def used_ticket(self, municipality: str | None, number: str, dose: str | None) -> Any:
         if municipality is None:
@@ -438,45 +457,64 @@ class DatasetReceiver:
             return None
         now = time.time() if now is None else now
         try:
-            return _decide(self.store, self._held, interpretation, now, self.max_age_s)
+            return _decide(self.store, interpretation, now, self.max_age_s)
         except sqlite3.Error as e:  # a verdict never stops a record being stored
             log.error("dataset look-up failed in %s: %s", self.store.path, e)
             return None
 
 
 def _decide(
-    store: DatasetStore,
-    held: dict[str, Held],
-    interp: dict[str, Any],
-    now: float,
-    max_age_s: float,
+    store: DatasetStore, interp: dict[str, Any], now: float, max_age_s: float
 ) -> dict[str, Any] | None:
     kind = interp.get("type")
     fields = interp.get("fields") or {}
     if kind in ("vaccination_ticket", "vaccination_ticket_number") and interp.get("valid", True):
-        h = held.get("used_tickets")
         number = fields.get("ticket_number")
-        if h is None or not isinstance(number, str):
+        if not isinstance(number, str):
             return None
-        base = {"dataset": "used_tickets", "version": h.version, "stale": h.stale(now, max_age_s)}
-        full = kind == "vaccination_ticket"
-        hit = store.used_ticket(
-            fields.get("municipality_code") if full else None,
-            number,
-            fields.get("round_code") if full else None,
-        )
-        if hit is None:
-            return {"verdict": "not_used", **base}
-        return {"verdict": "already_used", "site": hit[0], "agent": hit[1], "at": hit[2], **base}
+        with store.snapshot():
+            return _used(store, store.held_kind("used_tickets"), kind, fields, now, max_age_s)
     if kind == "gs1":
-        h = held.get("recalled_lots")
         gtin, lot = fields.get("gtin"), fields.get("lot")
-        if h is None or not isinstance(gtin, str) or not isinstance(lot, str):
+        if not isinstance(gtin, str) or not isinstance(lot, str):
             return None
-        base = {"dataset": "recalled_lots", "version": h.version, "stale": h.stale(now, max_age_s)}
-        expiry = fields.get("expiry")
-        reason = store.recalled(gtin, lot, expiry if isinstance(expiry, str) else None)
-        if reason is None:
-            return {"verdict": "not_recalled", **base}
-        return {"verdict": "recalled", "reason": reason, **base}
+        with store.snapshot():
+            return _recalled(store, store.held_kind("recalled_lots"), fields, now, max_age_s)
     return None
+
+
+def _used(
+    store: DatasetStore,
+    h: Held | None,
+    kind: str,
+    fields: dict[str, Any],
+    now: float,
+    max_age_s: float,
+) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    number = fields["ticket_number"]
+    base = {"dataset": "used_tickets", "version": h.version, "stale": h.stale(now, max_age_s)}
+    full = kind == "vaccination_ticket"
+    hit = store.used_ticket(
+        fields.get("municipality_code") if full else None,
+        number,
+        fields.get("round_code") if full else None,
+    )
+    if hit is None:
+        return {"verdict": "not_used", **base}
+    return {"verdict": "already_used", "site": hit[0], "agent": hit[1], "at": hit[2], **base}
+
+
+def _recalled(
+    store: DatasetStore, h: Held | None, fields: dict[str, Any], now: float, max_age_s: float
+) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    gtin, lot = fields["gtin"], fields["lot"]
+    base = {"dataset": "recalled_lots", "version": h.version, "stale": h.stale(now, max_age_s)}
+    expiry = fields.get("expiry")
+    reason = store.recalled(gtin, lot, expiry if isinstance(expiry, str) else None)
+    if reason is None:
+        return {"verdict": "not_recalled", **base}
+    return {"verdict": "recalled", "reason": reason, **base}
