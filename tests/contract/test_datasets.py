@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 
 import pytest
@@ -139,3 +140,16 @@ def test_parse_body_raises_only_message_error(kind: str, body: bytes) -> None:
     except MessageError:
         return
     assert ds.check_rows(kind, rows) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 400), max_size=8), st.integers(0, 5))
+def test_rows_in_pieces_are_the_rows_whole(cuts: list[int], n: int) -> None:
+    """Chunks cut anywhere (inside a row, on a newline) give the same rows, one line at
+    a time: what the station's streaming load relies on."""
+    rows = [{**ROW, "lot": f"L{i}"} for i in range(n)]
+    m, body = manifest(rows)
+    parsed = ds.parse_manifest(json.dumps(m).encode())
+    bounds = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
+    pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    assert list(ds.iter_rows(parsed, pieces)) == ds.parse_body(parsed, body) == rows
