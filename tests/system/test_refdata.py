@@ -305,3 +305,53 @@ async def test_madoguchi_registry_with_a_dataset_key_publishes_used_tickets(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(90)
+async def test_the_kiosk_page_shows_already_used_and_recalled(
+    browser: Any, broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    """Real Chromium at 800x480: the page's big message for the two reference verdicts."""
+    from playwright.async_api import expect
+
+    from tests.support.browser import ARTIFACTS
+    from tests.support.kiosk import kiosk_config, running_kiosk
+
+    key = Ed25519PrivateKey.generate()
+    used = {
+        "municipality_code": "112241",
+        "ticket_number": "0000012345",
+        "dose": "1",
+        "site": "goka-2f",
+        "agent": "st-b",
+        "at": "2026-12-02T01:02:03.000Z",
+    }
+    for kind, rows in (("used_tickets", [used]), ("recalled_lots", [LOT])):
+        await publish_dataset("127.0.0.1", broker.port, "madoguchi/v1", key, kind, rows)
+    cfg, _ = kiosk_config(
+        tmp_path,
+        broker.port,
+        pty_port.link,
+        card_reader=False,
+        extra_devices=f'\n[datasets]\npublic_key = "{public_hex(key)}"\n',
+    )
+    async with running_kiosk(cfg) as k:
+        data = k.station.station.datasets
+        assert data is not None
+        await until(lambda: {"used_tickets", "recalled_lots"} <= set(data.held))
+        page = await browser.new_page(viewport={"width": 800, "height": 480})
+        await page.goto(f"{k.base}/#token={k.token}")
+        await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
+        title, verdict = page.locator("#verdict-title"), page.locator("#verdict")
+        pty_port.scan(TICKET)
+        assert await pty_port.aread(1) == ACK  # this desk does not NAK: the page tells
+        await expect(title).to_have_text("この接種券は使用済みです")
+        await expect(verdict).to_have_class("verdict-danger")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "kiosk-already-used.png"))
+        pty_port.scan(GS1)
+        assert await pty_port.aread(1) == ACK
+        await expect(title).to_have_text("回収対象のワクチンです")
+        await page.screenshot(path=str(ARTIFACTS / "kiosk-recalled.png"))
+        await page.close()
