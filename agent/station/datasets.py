@@ -124,7 +124,26 @@ class DatasetStore:
         return db
 
     def open(self) -> None:
-        self._db = self._connect()
+        """Open, or move a damaged file aside and start empty: reference data come again
+        from the broker (retained), and a station must record without them."""
+        try:
+            self._db = self._connect()
+            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise DatasetStoreError(f"{self.path}: quick_check failed")
+            self._db.execute("SELECT count(*) FROM datasets").fetchone()
+        except (DatasetStoreError, sqlite3.DatabaseError) as e:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                src = self.path.with_name(self.path.name + suffix)
+                if src.exists():
+                    src.rename(aside.with_name(aside.name + suffix))
+            log.error(
+                "%s is damaged (%s): moved to %s, starting with no datasets", self.path, e, aside
+            )
+            self._db = self._connect()
 
     def close(self) -> None:
         if self._db is not None:

@@ -269,3 +269,22 @@ def test_the_kiosk_shows_what_the_city_knows_first() -> None:
     assert event_body("read_accepted", {"interpretation": expired, "verdict": lot})["verdict"] == (
         "recalled"
     )
+
+
+async def test_a_damaged_datasets_file_is_moved_aside_and_the_station_starts_empty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = receiver(tmp_path)
+    await feed(r, msgs("used_tickets", 3, [USED]))
+    r.store.close()
+    db = tmp_path / "datasets.db"
+    raw = bytearray(db.read_bytes())
+    raw[100:4096] = os.urandom(3996)  # the header's tail and the first page: garbage
+    db.write_bytes(bytes(raw))
+    with caplog.at_level(logging.ERROR, "agent.station.datasets"):
+        again = receiver(tmp_path)
+    assert not again.held
+    assert any("damaged" in rec.getMessage() for rec in caplog.records)
+    assert list(tmp_path.glob("datasets.db.damaged-*"))
+    await feed(again, msgs("used_tickets", 4, [USED]))  # and the next version applies
+    assert again.held["used_tickets"].version == 4
