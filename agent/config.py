@@ -662,8 +662,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: (syntax): {e}"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: (file): is a directory, not a file"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: (file): not UTF-8 text (byte {e.start})"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: (syntax): nested too deeply"]) from None
     except OSError as e:
