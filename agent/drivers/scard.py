@@ -145,14 +145,25 @@ class CardLink:
         sc.SCardDisconnect(self.card, how)
 
 
-def read_card_now(reader_pattern: str, *, device: str = "card-info") -> dict[str, Any]:
-    """Blocking, for the CLI: what card is in the reader now (no PIN)."""
+def read_card_now(
+    reader_pattern: str, *, device: str = "card-info", anchors: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """Blocking, for the CLI: what card is in the reader now (no PIN); with `anchors`
+    also the chain check (`card_auth`) by the station clock."""
+    from agent.drivers import jpki
+
     session = PcscSession(device)
     try:
         reader = _require_reader(session, reader_pattern, device)
         link = session.connect(reader)
         try:
-            data, problems = identify_card(link.transmit, link.atr, device, datetime.now(UTC))
+            now = datetime.now(UTC)
+            data, problems = identify_card(link.transmit, link.atr, device, now)
+            if anchors is not None and data["card_type"] in ("mynumber", "unknown"):
+                result, _ = jpki.read_and_check(
+                    link.transmit, device, anchors, now, jpki.kernel_clock_synced()
+                )
+                data["card_auth"] = result.record()
         finally:
             link.close(reset=False)
         data["reader"] = reader
@@ -177,6 +188,28 @@ def read_card_info(
             return card_info(link.transmit, pin, read_my_number=read_my_number, device=device)
         finally:
             link.close(reset=True)
+    except NoService as e:
+        raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
+    finally:
+        session.release()
+
+
+def prove_possession_now(
+    reader: str, pin: str, anchors: frozenset[str], *, device: str = "card-info"
+) -> dict[str, Any]:
+    """Blocking, for `card-info --prove`: the possession proof. Raises PinRefused."""
+    from agent.drivers import jpki
+
+    session = PcscSession(device)
+    try:
+        name = _require_reader(session, reader, device)
+        link = session.connect(name)
+        try:
+            return jpki.prove_possession(
+                link.transmit, pin, device, anchors, datetime.now(UTC), jpki.kernel_clock_synced()
+            )
+        finally:
+            link.close(reset=True)  # the card forgets the PIN it accepted
     except NoService as e:
         raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
     finally:
