@@ -131,10 +131,10 @@ async def test_a_profile_without_prove_possession_refuses(
 ) -> None:
     card = MyNumberCard()
     stack.slot.insert(card, wait=True)
-    async with running_kiosk(config(tmp_path, broker, pty_port, stack, prove=False)) as k:
-        async with k.client() as c:
-            r = await c.post(URL, headers=k.auth(), json={"pin": TEST_AUTH_PIN})
-            assert r.status_code == 403 and r.json()["error"] == "not_enabled", r.text
-            bad = await c.post(URL, headers=k.auth(), json={"pin": "12a4"})
-            assert bad.status_code == 422
+    cfg = config(tmp_path, broker, pty_port, stack, prove=False)
+    async with running_kiosk(cfg) as k, k.client() as c:
+        r = await c.post(URL, headers=k.auth(), json={"pin": TEST_AUTH_PIN})
+        assert r.status_code == 403 and r.json()["error"] == "not_enabled", r.text
+        bad = await c.post(URL, headers=k.auth(), json={"pin": "12a4"})
+        assert bad.status_code == 422
     assert pins_sent(card) == []
