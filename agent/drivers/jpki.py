@@ -215,13 +215,16 @@ def read_and_check(
     anchors: frozenset[str],
     now: datetime,
     clock_synced: bool | None,
+    cert: bytes | None = None,
 ) -> tuple[ChainResult, bytes | None]:
-    """Probe, read EF 000A and the candidate CA EF 000B, check. No PIN."""
-    probe = probe_generation(tx)
-    if probe is not None:
-        reason = "no known My Number application answers" if probe == "" else "unknown layout"
-        return ChainResult(MALFORMED, UNSUPPORTED, reason=reason), None
-    cert = _read_cert_ef(tx, EF_AUTH_CERT, device)
+    """Probe, read EF 000A and the candidate CA EF 000B, check. No PIN.
+    With `cert` (already read by `identify_card`, JPKI AP still selected) only EF 000B."""
+    if cert is None:
+        probe = probe_generation(tx)
+        if probe is not None:
+            reason = "no known My Number application answers" if probe == "" else "unknown layout"
+            return ChainResult(MALFORMED, UNSUPPORTED, reason=reason), None
+        cert = _read_cert_ef(tx, EF_AUTH_CERT, device)
     if cert is None:
         return ChainResult(MALFORMED, GEN_RSA, reason="no auth certificate EF"), None
     ca = _read_cert_ef(tx, EF_AUTH_CA, device)

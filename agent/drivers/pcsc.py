@@ -288,9 +288,12 @@ class PcscDriver(Driver):
         except CardError as e:
             return ReadFault(self.name, e.reason)
         try:
-            data, problems = identify_card(link.transmit, link.atr or atr, self.name, captured)
+            certs: list[bytes] = []
+            data, problems = identify_card(
+                link.transmit, link.atr or atr, self.name, captured, certs.append
+            )
             if data["card_type"] in ("mynumber", "unknown"):
-                self._check_chain(link, data, captured)
+                self._check_chain(link, data, captured, certs[0] if certs else None)
         except CardError as e:
             log.warning("%s: %s", self.name, e.reason)
             return ReadFault(self.name, e.reason)
@@ -304,7 +307,9 @@ class PcscDriver(Driver):
         log.debug("%s: %s card read", self.name, data["card_type"])
         return Read(device=self.name, kind="card", data=data, captured_at=captured)
 
-    def _check_chain(self, link: CardLink, data: dict[str, Any], now: datetime) -> None:
+    def _check_chain(
+        self, link: CardLink, data: dict[str, Any], now: datetime, cert: bytes | None
+    ) -> None:
         """The offline chain check (no PIN) onto the record as `card_auth`."""
         if data["card_type"] == "unknown" and jpki.probe_generation(link.transmit) == "":
             return  # not a My Number card at all: nothing to judge
@@ -314,6 +319,7 @@ class PcscDriver(Driver):
             frozenset(self.config.jpki_anchors),
             now,
             self.clock_synced(),
+            cert,
         )
         data["card_auth"] = result.record()
         if result.verdict != jpki.GENUINE:

@@ -158,10 +158,16 @@ def read_card_now(
         link = session.connect(reader)
         try:
             now = datetime.now(UTC)
-            data, problems = identify_card(link.transmit, link.atr, device, now)
+            certs: list[bytes] = []
+            data, problems = identify_card(link.transmit, link.atr, device, now, certs.append)
             if anchors is not None and data["card_type"] in ("mynumber", "unknown"):
                 result, _ = jpki.read_and_check(
-                    link.transmit, device, anchors, now, jpki.kernel_clock_synced()
+                    link.transmit,
+                    device,
+                    anchors,
+                    now,
+                    jpki.kernel_clock_synced(),
+                    certs[0] if certs else None,
                 )
                 data["card_auth"] = result.record()
         finally:
