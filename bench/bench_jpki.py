@@ -30,6 +30,7 @@ from agent.drivers.scard import PcscSession
 from tests.support.pcsc import (
     TEST_AUTH_PIN,
     MyNumberCard,
+    PcscStack,
     anchor_fingerprint,
     ca_der,
     pcsc_stack,
@@ -54,6 +55,42 @@ def timed(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
+def bench_card(st: PcscStack, key: str, n: int, anchors: frozenset[str]) -> None:
+    card = MyNumberCard(key=key)
+    ca = ca_der(card.ca)
+    figures(
+        f"{key}: chain check alone (no card I/O)",
+        timed(lambda: jpki.check_chain(card.cert, ca, anchors, datetime.now(UTC), True), n),
+    )
+    st.slot.insert(card, wait=True)
+    session = PcscSession("bench")
+
+    def chain_on_reader() -> None:
+        link = session.connect(st.reader)
+        try:
+            r, _ = jpki.read_and_check(link.transmit, "bench", anchors, datetime.now(UTC), True)
+            assert r.verdict == jpki.GENUINE, r
+        finally:
+            link.close(reset=False)
+
+    def proof_on_reader() -> None:
+        link = session.connect(st.reader)
+        try:
+            r = jpki.prove_possession(
+                link.transmit, TEST_AUTH_PIN, "bench", anchors, datetime.now(UTC), True
+            )
+            assert r["possession"] == "proven", r
+        finally:
+            link.close(reset=True)
+
+    try:
+        figures(f"{key}: chain check on the emulated reader", timed(chain_on_reader, n))
+        figures(f"{key}: possession proof on the emulated reader", timed(proof_on_reader, n))
+    finally:
+        session.release()
+    st.slot.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
@@ -62,43 +99,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.node()} python {platform.python_version()}")
     with pcsc_stack(Path(tempfile.mkdtemp(prefix="bench-jpki-"))) as st:
         for key in ("rsa", "p384"):
-            card = MyNumberCard(key=key)
-            ca = ca_der(card.ca)
-            figures(
-                f"{key}: chain check alone (no card I/O)",
-                timed(lambda: jpki.check_chain(card.cert, ca, anchors, datetime.now(UTC), True), n),
-            )
-            st.slot.insert(card, wait=True)
-            session = PcscSession("bench")
-            try:
-
-                def chain_on_reader() -> None:
-                    link = session.connect(st.reader)
-                    try:
-                        r, _ = jpki.read_and_check(
-                            link.transmit, "bench", anchors, datetime.now(UTC), True
-                        )
-                        assert r.verdict == jpki.GENUINE, r
-                    finally:
-                        link.close(reset=False)
-
-                def proof_on_reader() -> None:
-                    link = session.connect(st.reader)
-                    try:
-                        r = jpki.prove_possession(
-                            link.transmit, TEST_AUTH_PIN, "bench", anchors, datetime.now(UTC), True
-                        )
-                        assert r["possession"] == "proven", r
-                    finally:
-                        link.close(reset=True)
-
-                figures(f"{key}: chain check on the emulated reader", timed(chain_on_reader, n))
-                figures(
-                    f"{key}: possession proof on the emulated reader", timed(proof_on_reader, n)
-                )
-            finally:
-                session.release()
-            st.slot.remove()
+            bench_card(st, key, n, anchors)
 
 
 if __name__ == "__main__":
