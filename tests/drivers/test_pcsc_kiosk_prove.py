@@ -8,6 +8,7 @@ a chip without the certificate's key fails, and the proof is stored.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from agent.config import load_config
 from agent.drivers import jpki
+from agent.station.kiosk.events import event_body
 from agent.testing import Broker, Pty
 from tests.support.kiosk import kiosk_config, running_kiosk
 from tests.support.pcsc import (
@@ -138,3 +140,34 @@ async def test_a_profile_without_prove_possession_refuses(
         bad = await c.post(URL, headers=k.auth(), json={"pin": "12a4"})
         assert bad.status_code == 422
     assert pins_sent(card) == []
+
+
+def test_a_card_that_is_not_genuine_is_an_alarm_on_the_page() -> None:
+    def page(card_auth: str | None) -> str:
+        body = {"device": READER, "kind": "card", "interpretation": None}
+        if card_auth is not None:
+            body["card_auth"] = card_auth
+        return str(event_body("read_accepted", body)["verdict"])
+
+    assert page(None) == page("genuine") == page("clock_unsynced") == "ok"
+    for bad in ("untrusted_chain", "expired", "malformed", "possession_failed"):
+        assert page(bad) == "card_not_genuine"
+
+
+async def test_a_forged_card_insert_reaches_the_page_as_an_alarm(
+    broker: Broker, pty_port: Pty, stack: PcscStack, tmp_path: Path
+) -> None:
+    async with running_kiosk(config(tmp_path, broker, pty_port, stack)) as k:
+        seen: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        k.station.subscribe(
+            lambda kind, body: (
+                seen.put_nowait(event_body(kind, body)) if kind == "read_accepted" else None
+            )
+        )
+        stack.slot.insert(MyNumberCard(forged=True), wait=True)
+        event = await asyncio.wait_for(seen.get(), 15)
+        assert (event["kind"], event["card_auth"], event["verdict"]) == (
+            "card",
+            "untrusted_chain",
+            "card_not_genuine",
+        )
