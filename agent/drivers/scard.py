@@ -112,6 +112,7 @@ class CardLink:
         sc = session.sc
         self.pci = sc.SCARD_PCI_T0 if proto == sc.SCARD_PROTOCOL_T0 else sc.SCARD_PCI_T1
         self.atr = b""
+        self.gone = False  # the card left mid-transaction: nothing to reset
         hr = sc.SCardBeginTransaction(card)
         if hr != 0:
             self.close(reset=False)
@@ -126,6 +127,7 @@ class CardLink:
         if hr != 0:
             if hr in (0x80100069, 0x8010000C, 0x80100068, 0x8010002F, 0x80100066, 0x80100067):
                 # removed, no card, reset, comm error, unresponsive, unpowered
+                self.gone = True
                 raise CardError(self.session.device, "card removed during the read")
             if hr in PcscSession.NO_SERVICE:
                 raise NoService(self.session._msg(hr))
@@ -134,13 +136,16 @@ class CardLink:
         if len(resp) < 2:
             # every card answer ends in a status word: nothing at all means the card went
             # (vpcd says so this way; CCID readers with SCARD_W_REMOVED_CARD above)
+            self.gone = True
             raise CardError(self.session.device, "card removed during the read (no answer)")
         return resp[:-2], int.from_bytes(resp[-2:], "big")
 
     def close(self, *, reset: bool) -> None:
-        """End the transaction; `reset` drops a verified PIN state on the card."""
+        """End the transaction; `reset` drops a verified PIN state on the card. A card
+        that already left is not reset: resetting an absent card wedged the reader
+        (pcscd + vpcd: the next card went unseen), and a removed card kept no state."""
         sc = self.session.sc
-        how = sc.SCARD_RESET_CARD if reset else sc.SCARD_LEAVE_CARD
+        how = sc.SCARD_RESET_CARD if reset and not self.gone else sc.SCARD_LEAVE_CARD
         sc.SCardEndTransaction(self.card, how)
         sc.SCardDisconnect(self.card, how)
 

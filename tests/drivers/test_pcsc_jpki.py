@@ -26,7 +26,7 @@ from agent.config import PcscDevice
 from agent.contract.records import Read, ReadFault
 from agent.drivers import jpki
 from agent.drivers.pcsc import PcscDriver
-from agent.errors import PinRefused
+from agent.errors import CardError, PinRefused
 from tests.support.pcsc import (
     TEST_AUTH_PIN,
     TEST_PIN,
@@ -143,7 +143,7 @@ async def driver(stack: PcscStack) -> AsyncIterator[PcscDriver]:
 
 
 async def inserted(driver: PcscDriver, stack: PcscStack, card: object) -> Read:
-    stack.slot.insert(card, wait=True)  # type: ignore[arg-type]
+    stack.slot.insert(card)  # type: ignore[arg-type]
     read: Read | ReadFault = await asyncio.wait_for(anext(driver.reads()), 15)
     assert isinstance(read, Read), read
     return read
@@ -300,3 +300,53 @@ def test_cli_shows_the_verdict_and_generation_and_proves(stack: PcscStack) -> No
     human = card_info_cli("--reader", stack.reader, *anchor)
     assert "unsupported card generation" in human.stdout
     assert TEST_PIN not in human.stdout
+
+
+# -- hostile cards: whatever a card answers, the PIN rules hold ----------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=40), st.integers(0, 0xFFFF)), max_size=40))
+def test_a_hostile_card_never_gets_the_pin_against_the_rules(
+    answers: list[tuple[bytes, int]],
+) -> None:
+    sent: list[tuple[bytes, tuple[bytes, int]]] = []
+    script = iter(answers)
+
+    def tx(apdu: bytes) -> tuple[bytes, int]:
+        reply = next(script, (b"", 0x6A82))
+        sent.append((apdu, reply))
+        return reply
+
+    try:
+        result = jpki.prove_possession(tx, TEST_AUTH_PIN, "hostile", anchors(), NOW, True)
+    except (PinRefused, CardError):
+        result = None
+    with_pin = [i for i, (a, _) in enumerate(sent) if a[:4] == VERIFY and len(a) > 4]
+    assert len(with_pin) <= 1  # VERIFY once, never retried
+    for i in with_pin:
+        counter_apdu, (_, counter_sw) = sent[i - 1]
+        assert counter_apdu == VERIFY  # the counter was read just before, for free
+        assert counter_sw & 0xFFF0 == 0x63C0 and counter_sw & 0x0F >= 2
+    assert result is None or result["possession"] != "proven"
+
+
+@pcscd
+@pytest.mark.parametrize("flow", ["prove", "info"])
+async def test_a_card_pulled_out_mid_pin_flow_is_a_card_error_and_the_reader_keeps_working(
+    driver: PcscDriver, stack: PcscStack, flow: str
+) -> None:
+    """Pulled during the signature / the 4-attribute VERIFY. Resetting the absent card
+    used to wedge the reader: the next card went unseen (scard.CardLink.gone)."""
+    card = MyNumberCard()
+    pull = bytes.fromhex("802A0080") if flow == "prove" else VERIFY + b"\x04" + TEST_PIN.encode()
+    card.pull_when = lambda apdu: apdu[: len(pull)] == pull
+    await inserted(driver, stack, card)
+    with pytest.raises(CardError, match="removed"):
+        if flow == "prove":
+            await driver.prove_possession(TEST_AUTH_PIN)
+        else:
+            await driver.read_card_info(TEST_PIN)
+    stack.slot.remove()
+    read = await inserted(driver, stack, MyNumberCard())  # the reader keeps working
+    assert read.data["card_auth"]["verdict"] == "genuine"
