@@ -77,6 +77,12 @@ async def test_genuine_card_is_proven_and_the_proof_is_stored(
     path = config(tmp_path, broker, pty_port, stack)
     db = load_config(path).outbox_path
     async with running_kiosk(path) as k, k.client() as c:
+        stored_kinds: asyncio.Queue[object] = asyncio.Queue()
+        k.station.subscribe(
+            lambda kind, body: (
+                stored_kinds.put_nowait(body["kind"]) if kind == "read_accepted" else None
+            )
+        )
         r = await c.post(URL, headers=k.auth(), json={"pin": TEST_AUTH_PIN})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -88,6 +94,8 @@ async def test_genuine_card_is_proven_and_the_proof_is_stored(
         )
         assert body["generation"] == jpki.GEN_P384 and body["revocation"] == "not_checked"
         assert "signature" not in body and TEST_AUTH_PIN not in r.text
+        while await asyncio.wait_for(stored_kinds.get(), 15) != "card_auth":
+            pass  # the insertion's `card` record comes first; wait for the proof's commit
     assert len(pins_sent(card)) == 1
     stored = b"".join(f.read_bytes() for f in db.parent.iterdir() if f.is_file())
     assert b"card_auth" in stored and card.cert.hex().encode() in stored
