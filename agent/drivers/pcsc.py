@@ -3,7 +3,10 @@
 On every card insertion the driver records the card type, ATR and UID and, for
 a My Number card, the user-authentication certificate's serial and issuer
 (readable without a PIN): that pair identifies the holder's current
-certificate. The signature certificate is never read.
+certificate, and `card_auth`, the offline chain check of that certificate
+against the pinned `jpki_anchors` (agent/drivers/jpki.py). With the resident's
+auth PIN, `prove_possession` has the card sign a station nonce. The signature
+certificate is never read.
 
 Three modules: the card protocol (agent/drivers/card.py: APDUs, TLV, PIN
 rules, pure), the pyscard boundary (agent/drivers/scard.py) and, here, the

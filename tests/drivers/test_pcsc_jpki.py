@@ -200,6 +200,7 @@ async def test_possession_is_proven_and_an_auditor_can_verify_it_again(
     logged = caplog.text
     assert TEST_AUTH_PIN not in logged
     assert result["nonce"] not in logged and result["signature"] not in logged
+    assert card.signed and all(data.hex() not in logged for data in card.signed)
 
 
 @pcscd
