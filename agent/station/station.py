@@ -285,6 +285,7 @@ class Station:
                 "kind": record.kind,
                 "source": record.source,
                 "interpretation": interpretation,
+                **_card_auth_verdict(read),
             },
         )
         return Outcome(accepted=ok, record=record, interpretation=interpretation)
@@ -345,3 +346,9 @@ class Station:
             token=read.token,
             clock_synced=read.clock_synced,
         )
+
+
+def _card_auth_verdict(read: Read) -> dict[str, Any]:
+    """`card_auth`: the authenticity verdict of a card read, for the kiosk's alarm (#21)."""
+    auth = read.data.get("card_auth") if read.kind in ("card", "card_auth") else None
+    return {"card_auth": auth["verdict"]} if isinstance(auth, dict) and "verdict" in auth else {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.contract.records import iso_ms, utc_now
-from agent.station.feedback import rejected_verdict, verdict
+from agent.station.feedback import card_verdict, rejected_verdict, verdict
 
 KEEPALIVE_S = 15.0
 CLIENT_QUEUE = 1000  # events a slow SSE client may lag before it is cut off (it resumes)
@@ -27,7 +27,7 @@ def event_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     """What the page gets of a station event: no personal data, a verdict, a time."""
     out = {k: v for k, v in body.items() if k != "personal"}
     if kind == "read_accepted":
-        out["verdict"] = verdict(body.get("interpretation"))
+        out["verdict"] = card_verdict(body.get("card_auth")) or verdict(body.get("interpretation"))
     elif kind == "read_rejected":
         out["verdict"] = rejected_verdict(body.get("reason"))
     out["at"] = iso_ms(utc_now())
