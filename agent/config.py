@@ -454,6 +454,30 @@ class PcscDevice(DeviceBase):
     operator_timeout_s: float = Field(
         default=1800.0, gt=0, description="An operator session ends after this idle time."
     )
+    jpki_anchors: list[str] = Field(
+        default_factory=lambda: [
+            "4dcfc4ca0aaf9fb2a3081b3f0c991c320b3acc008667a341eeaec5af1d58ca7d",
+            "64114f29620c24ed2631d46476a040e7ee740d956089c00b036a6a8118c322b5",
+        ],
+        description="SHA-256 fingerprints (hex) of the JPKI user-auth CA certificates a "
+        "My Number card's auth certificate must chain to (default: J-LIS 2015 and 2023 CAs).",
+    )
+    prove_possession: TomlBool = Field(
+        default=False,
+        description="Offer the possession proof: with the resident's auth PIN the card signs "
+        "a station nonce (docs/pcsc.md). For procedures such as benefit payments.",
+    )
+
+    @field_validator("jpki_anchors")
+    @classmethod
+    def _anchors_are_sha256(cls, value: list[str]) -> list[str]:
+        out = []
+        for fp in value:
+            norm = fp.strip().lower().replace(":", "")
+            if len(norm) != 64 or any(c not in "0123456789abcdef" for c in norm):
+                raise ValueError(f"anchor {fp!r} is not a SHA-256 fingerprint (64 hex digits)")
+            out.append(norm)
+        return out
 
     @field_validator("operators")
     @classmethod
@@ -689,8 +713,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: (syntax): {e}"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: (file): is a directory, not a file"]) from None
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: (file): not UTF-8 text (byte {e.start})"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: (syntax): nested too deeply"]) from None
     except OSError as e:

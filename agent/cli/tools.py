@@ -274,6 +274,18 @@ def add_card_info_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
         action="store_true",
         help="like pcsc_scan: print every reader and card change until Ctrl-C (no PIN)",
     )
+    p.add_argument(
+        "--prove",
+        action="store_true",
+        help="ask for the 4-digit auth PIN (no echo) and run the possession proof",
+    )
+    p.add_argument(
+        "--anchor",
+        action="append",
+        default=None,
+        help="SHA-256 fingerprint of a trusted JPKI auth CA (repeatable; default: the "
+        "--device's jpki_anchors, else the J-LIS CAs)",
+    )
     p.set_defaults(func=run_card_info)
 
 
@@ -301,15 +313,31 @@ def _read_pin() -> str:
     return sys.stdin.readline().strip()
 
 
+def _anchors(args: argparse.Namespace) -> frozenset[str]:
+    """--anchor, else the configured device's `jpki_anchors`, else the J-LIS defaults."""
+    from agent.config import PcscDevice, load_config
+
+    if args.anchor:
+        return frozenset(a.strip().lower().replace(":", "") for a in args.anchor)
+    if args.config:
+        for d in load_config(args.config).devices:
+            if isinstance(d, PcscDevice) and (not args.device or d.name == args.device):
+                return frozenset(d.jpki_anchors)
+    return frozenset(PcscDevice.model_fields["jpki_anchors"].get_default(call_default_factory=True))
+
+
 def run_card_info(args: argparse.Namespace) -> int:
-    from agent.drivers.scard import read_card_info, read_card_now
+    from agent.drivers.scard import prove_possession_now, read_card_info, read_card_now
 
     if args.wait:
         return _watch_cards(args)
     try:
         reader, read_my_number = _settings(args)
-        card = read_card_now(reader)
+        anchors = _anchors(args)
+        card = read_card_now(reader, anchors=anchors)
         out: dict[str, Any] = {"card": card}
+        if args.prove:
+            out["card_auth"] = prove_possession_now(card["reader"], _read_pin(), anchors)
         if args.with_pin:
             info = read_card_info(card["reader"], _read_pin(), read_my_number=read_my_number)
             out["card_info"] = info.personal()
@@ -399,6 +427,18 @@ def _card_human(out: dict[str, Any]) -> str:
         ]
     for p in card.get("problems", []):
         lines.append(f"PROBLEM:    {p}")
+    auth = out.get("card_auth") or card.get("card_auth")
+    if auth:
+        lines += [
+            f"verdict:    {auth['verdict']}",
+            f"  chain:      {auth['chain']}" + (f" ({auth['reason']})" if "reason" in auth else ""),
+            f"  generation: {auth['generation']}",
+            f"  revocation: {auth['revocation']}",
+        ]
+        if "possession" in auth:
+            lines.append(f"  possession: {auth['possession']}")
+    elif card["card_type"] == "unknown":
+        lines.append("generation: unsupported card generation (no known application answers)")
     info = out.get("card_info")
     if info:
         lines += [

@@ -14,7 +14,7 @@ same by signature at run time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the driver modules import this one to declare what they offer
     from agent.drivers.camera import Still
@@ -34,6 +34,19 @@ class CardInfoProvider(Protocol):
     """
 
     async def read_card_info(self, pin: str) -> CardInfo: ...
+
+
+@runtime_checkable
+class PossessionProver(Protocol):
+    """A card reader that proves the card holds the key of its auth certificate.
+
+    `prove_possession` checks the chain, then with the resident's 4-digit auth
+    PIN (same PIN rules as `read_card_info`) has the card sign a fresh nonce and
+    verifies it. Returns the `card_auth` result (docs/CONTRACT.md); raises
+    `PinRefused`, `CardError`, `DeviceUnavailable` like `read_card_info`.
+    """
+
+    async def prove_possession(self, pin: str) -> dict[str, Any]: ...
 
 
 @runtime_checkable

@@ -226,9 +226,14 @@ def _uid(tx: Transmit) -> str | None:
 
 
 def identify_card(
-    tx: Transmit, atr: bytes, device: str, now: datetime
+    tx: Transmit,
+    atr: bytes,
+    device: str,
+    now: datetime,
+    on_cert: Callable[[bytes], None] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """What a freshly inserted card is: `data` for the record, and its problems."""
+    """What a freshly inserted card is: `data` for the record, and its problems.
+    `on_cert` gets the auth certificate's DER (the chain check reuses it)."""
     data: dict[str, Any] = {"card_type": "unknown", "atr": atr.hex(), "uid": _uid(tx)}
     problems: list[str] = []
     storage = storage_card_type(atr)
@@ -252,6 +257,8 @@ def identify_card(
         problems.append("auth_cert_missing")
         return data, problems
     der = _read_der(tx, device)
+    if on_cert is not None:
+        on_cert(der)
     try:
         fields, cert_problems = certificate_fields(der, now)
     except ValueError as e:

@@ -3,7 +3,10 @@
 On every card insertion the driver records the card type, ATR and UID and, for
 a My Number card, the user-authentication certificate's serial and issuer
 (readable without a PIN): that pair identifies the holder's current
-certificate. The signature certificate is never read.
+certificate, and `card_auth`, the offline chain check of that certificate
+against the pinned `jpki_anchors` (agent/drivers/jpki.py). With the resident's
+auth PIN, `prove_possession` has the card sign a station nonce. The signature
+certificate is never read.
 
 Three modules: the card protocol (agent/drivers/card.py: APDUs, TLV, PIN
 rules, pure), the pyscard boundary (agent/drivers/scard.py) and, here, the
@@ -33,8 +36,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.records import Read, ReadFault
+from agent.drivers import jpki
 from agent.drivers.base import Driver
-from agent.drivers.capabilities import CardInfoProvider
+from agent.drivers.capabilities import CardInfoProvider, PossessionProver
 from agent.drivers.card import CardInfo, card_info, identify_card
 from agent.drivers.scard import CardLink, NoService, PcscSession, require_pyscard
 from agent.errors import CardError, DeviceUnavailable
@@ -76,6 +80,8 @@ class PcscDriver(Driver):
         self._session: PcscSession | None = None
         self._stop = threading.Event()
         self._last_card: dict[str, Any] | None = None
+        #: the station clock's sync state, asked before validity is judged (tests replace it)
+        self.clock_synced: Callable[[], bool | None] = jpki.kernel_clock_synced
 
     # asyncio side
 
@@ -145,6 +151,37 @@ class PcscDriver(Driver):
                 Read(device=self.name, kind="card_info", data=data, personal=info.personal())
             )
         return info
+
+    async def prove_possession(self, pin: str) -> dict[str, Any]:
+        """Chain check and the PIN-safe possession proof on the card in this reader.
+
+        Raises PinRefused / CardError like `read_card_info`. The result (verdict,
+        chain, possession, nonce, signature, certificate) is also yielded as a
+        `card_auth` record, so the registry can verify the signature again.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            raise CardError(self.name, "the reader is not open")
+        anchors = frozenset(self.config.jpki_anchors)
+        synced = self.clock_synced()
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._jobs.put(
+            _Job(
+                lambda link: jpki.prove_possession(
+                    link.transmit, pin, self.name, anchors, datetime.now(UTC), synced
+                ),
+                future,
+            )
+        )
+        session = self._session
+        if session is not None:
+            session.cancel()
+        result = await asyncio.wrap_future(future)
+        card = self._last_card or {}
+        data: dict[str, Any] = {k: card[k] for k in ("card_type", "uid", "auth_cert") if k in card}
+        data["card_auth"] = result
+        self._post(Read(device=self.name, kind="card_auth", data=data))
+        log.info("%s: possession proof: %s", self.name, result["verdict"])
+        return result
 
     # thread side
 
@@ -254,7 +291,12 @@ class PcscDriver(Driver):
         except CardError as e:
             return ReadFault(self.name, e.reason)
         try:
-            data, problems = identify_card(link.transmit, link.atr or atr, self.name, captured)
+            certs: list[bytes] = []
+            data, problems = identify_card(
+                link.transmit, link.atr or atr, self.name, captured, certs.append
+            )
+            if data["card_type"] in ("mynumber", "unknown"):
+                self._check_chain(link, data, captured, certs[0] if certs else None)
         except CardError as e:
             log.warning("%s: %s", self.name, e.reason)
             return ReadFault(self.name, e.reason)
@@ -267,6 +309,24 @@ class PcscDriver(Driver):
         self._last_card = data
         log.debug("%s: %s card read", self.name, data["card_type"])
         return Read(device=self.name, kind="card", data=data, captured_at=captured)
+
+    def _check_chain(
+        self, link: CardLink, data: dict[str, Any], now: datetime, cert: bytes | None
+    ) -> None:
+        """The offline chain check (no PIN) onto the record as `card_auth`."""
+        if data["card_type"] == "unknown" and jpki.probe_generation(link.transmit) == "":
+            return  # not a My Number card at all: nothing to judge
+        result, _ = jpki.read_and_check(
+            link.transmit,
+            self.name,
+            frozenset(self.config.jpki_anchors),
+            now,
+            self.clock_synced(),
+            cert,
+        )
+        data["card_auth"] = result.record()
+        if result.verdict != jpki.GENUINE:
+            log.warning("%s: card check: %s", self.name, result.verdict)
 
     def _run_jobs(self, session: PcscSession, reader: str) -> None:
         while True:
@@ -303,3 +363,4 @@ class PcscDriver(Driver):
 
 #: mypy --strict fails here when the driver and the capability it offers drift apart
 _offers_card_info: type[CardInfoProvider] = PcscDriver
+_offers_possession: type[PossessionProver] = PcscDriver

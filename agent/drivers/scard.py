@@ -112,6 +112,7 @@ class CardLink:
         sc = session.sc
         self.pci = sc.SCARD_PCI_T0 if proto == sc.SCARD_PROTOCOL_T0 else sc.SCARD_PCI_T1
         self.atr = b""
+        self.gone = False  # the card left mid-transaction: nothing to reset
         hr = sc.SCardBeginTransaction(card)
         if hr != 0:
             self.close(reset=False)
@@ -126,6 +127,7 @@ class CardLink:
         if hr != 0:
             if hr in (0x80100069, 0x8010000C, 0x80100068, 0x8010002F, 0x80100066, 0x80100067):
                 # removed, no card, reset, comm error, unresponsive, unpowered
+                self.gone = True
                 raise CardError(self.session.device, "card removed during the read")
             if hr in PcscSession.NO_SERVICE:
                 raise NoService(self.session._msg(hr))
@@ -134,25 +136,45 @@ class CardLink:
         if len(resp) < 2:
             # every card answer ends in a status word: nothing at all means the card went
             # (vpcd says so this way; CCID readers with SCARD_W_REMOVED_CARD above)
+            self.gone = True
             raise CardError(self.session.device, "card removed during the read (no answer)")
         return resp[:-2], int.from_bytes(resp[-2:], "big")
 
     def close(self, *, reset: bool) -> None:
-        """End the transaction; `reset` drops a verified PIN state on the card."""
+        """End the transaction; `reset` drops a verified PIN state on the card. A card
+        that already left is not reset: resetting an absent card wedged the reader
+        (pcscd + vpcd: the next card went unseen), and a removed card kept no state."""
         sc = self.session.sc
-        how = sc.SCARD_RESET_CARD if reset else sc.SCARD_LEAVE_CARD
+        how = sc.SCARD_RESET_CARD if reset and not self.gone else sc.SCARD_LEAVE_CARD
         sc.SCardEndTransaction(self.card, how)
         sc.SCardDisconnect(self.card, how)
 
 
-def read_card_now(reader_pattern: str, *, device: str = "card-info") -> dict[str, Any]:
-    """Blocking, for the CLI: what card is in the reader now (no PIN)."""
+def read_card_now(
+    reader_pattern: str, *, device: str = "card-info", anchors: frozenset[str] | None = None
+) -> dict[str, Any]:
+    """Blocking, for the CLI: what card is in the reader now (no PIN); with `anchors`
+    also the chain check (`card_auth`) by the station clock."""
+    from agent.drivers import jpki
+
     session = PcscSession(device)
     try:
         reader = _require_reader(session, reader_pattern, device)
         link = session.connect(reader)
         try:
-            data, problems = identify_card(link.transmit, link.atr, device, datetime.now(UTC))
+            now = datetime.now(UTC)
+            certs: list[bytes] = []
+            data, problems = identify_card(link.transmit, link.atr, device, now, certs.append)
+            if anchors is not None and data["card_type"] in ("mynumber", "unknown"):
+                result, _ = jpki.read_and_check(
+                    link.transmit,
+                    device,
+                    anchors,
+                    now,
+                    jpki.kernel_clock_synced(),
+                    certs[0] if certs else None,
+                )
+                data["card_auth"] = result.record()
         finally:
             link.close(reset=False)
         data["reader"] = reader
@@ -177,6 +199,28 @@ def read_card_info(
             return card_info(link.transmit, pin, read_my_number=read_my_number, device=device)
         finally:
             link.close(reset=True)
+    except NoService as e:
+        raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
+    finally:
+        session.release()
+
+
+def prove_possession_now(
+    reader: str, pin: str, anchors: frozenset[str], *, device: str = "card-info"
+) -> dict[str, Any]:
+    """Blocking, for `card-info --prove`: the possession proof. Raises PinRefused."""
+    from agent.drivers import jpki
+
+    session = PcscSession(device)
+    try:
+        name = _require_reader(session, reader, device)
+        link = session.connect(name)
+        try:
+            return jpki.prove_possession(
+                link.transmit, pin, device, anchors, datetime.now(UTC), jpki.kernel_clock_synced()
+            )
+        finally:
+            link.close(reset=True)  # the card forgets the PIN it accepted
     except NoService as e:
         raise DeviceUnavailable(device, f"pcscd went away: {e}") from None
     finally:

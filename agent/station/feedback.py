@@ -46,12 +46,23 @@ VERDICTS = {
     "unexpected": "a kind of code this station does not take",
     "read_error": "the device could not read it: scan again",
     "not_stored": "the record could not be stored: call staff",
+    "card_not_genuine": "a My Number card that failed the authenticity check: call staff",
     "already_used": "a vaccination ticket the city already recorded as used (reference data)",
     "recalled": "a vaccine lot the city recalled (reference data): a safety problem",
 }
 
 #: reference-data verdicts (agent/station/datasets.py) that the page shows over the rest
 REFERENCE_ALARMS = ("recalled", "already_used")
+
+#: card_auth verdicts (docs/CONTRACT.md) that are not an alarm: genuine, or not judged
+CARD_OK = {"genuine", "clock_unsynced"}
+
+
+def card_verdict(card_auth: str | None) -> str | None:
+    """The alarm for a card read whose authenticity check failed (issue #21), else None."""
+    if card_auth is None or card_auth in CARD_OK:
+        return None
+    return "card_not_genuine"
 
 
 def verdict(interpretation: dict[str, Any] | None, reference: dict[str, Any] | None = None) -> str:

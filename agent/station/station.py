@@ -308,6 +308,7 @@ class Station:
                 "source": record.source,
                 "interpretation": interpretation,
                 "verdict": verdict,
+                **_card_auth_verdict(read),
             },
         )
         return Outcome(accepted=ok, record=record, interpretation=interpretation, reference=verdict)
@@ -368,3 +369,9 @@ class Station:
             token=read.token,
             clock_synced=read.clock_synced,
         )
+
+
+def _card_auth_verdict(read: Read) -> dict[str, Any]:
+    """`card_auth`: the authenticity verdict of a card read, for the kiosk's alarm (#21)."""
+    auth = read.data.get("card_auth") if read.kind in ("card", "card_auth") else None
+    return {"card_auth": auth["verdict"]} if isinstance(auth, dict) and "verdict" in auth else {}

@@ -148,6 +148,8 @@ async def test_my_number_card_gives_the_auth_cert_serial(
     assert read.kind == "card"
     assert read.personal is None
     cert = x509.load_der_x509_certificate(card.cert)
+    # the chain check (tests/drivers/test_pcsc_jpki.py): the test CA is not a J-LIS anchor
+    assert read.data.pop("card_auth")["verdict"] == "untrusted_chain"
     assert read.data == {
         "card_type": "mynumber",
         "atr": card.atr.hex(),

@@ -38,10 +38,10 @@ port = "/dev/ttyX"
         ('profile_dirs = "dir"', "", "agent.profile_dirs"),
         ("", "[api]\nmanual_device = [1]", "api.manual_device"),
         ("", "[api]\nmanual_device = {a = 1}", "api.manual_device"),
-        ("", SCANNER.format(extra='terminator = "あ"'), "devices[0].terminator"),
-        ("", SCANNER.format(extra='host_ack = "\\u3042"'), "devices[0].host_ack"),
-        ("", SCANNER.format(extra='encoding = "rot13"'), "devices[0].encoding"),
-        ("", SCANNER.format(extra='encoding = "no-such-codec"'), "devices[0].encoding"),
+        ("", SCANNER.format(extra='terminator = "あ"'), 'devices["x"].terminator'),
+        ("", SCANNER.format(extra='host_ack = "\\u3042"'), 'devices["x"].host_ack'),
+        ("", SCANNER.format(extra='encoding = "rot13"'), 'devices["x"].encoding'),
+        ("", SCANNER.format(extra='encoding = "no-such-codec"'), 'devices["x"].encoding'),
     ],
 )
 def test_wrong_types_are_config_errors(tmp_path: Path, agent: str, rest: str, key: str) -> None:
@@ -57,7 +57,7 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     path.write_bytes(b'[agent]\nsite = "\xff"\n')
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert err.value.problems == [f"{path}: (file): not UTF-8 text (byte 16)"]
+    assert err.value.problems == [f"{path}: not UTF-8 (byte 0xff at offset 16): save it as UTF-8"]
 
 
 def test_check_config_prints_the_problem_not_a_traceback(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +57,7 @@ TEST_BIRTH = "19850412"
 TEST_SEX = "2"
 TEST_MY_NUMBER = "123456789018"  # valid check digit (stdnum.jp.in_)
 TEST_PIN = "1234"
+TEST_AUTH_PIN = "4321"  # the JPKI auth PIN (EF 0018); the leak test greps for it too
 
 
 def pcscd_binary() -> str:
@@ -411,26 +413,91 @@ def test_ca() -> TestCa:
     return _CA
 
 
-def auth_certificate(serial: int, *, expired: bool = False) -> bytes:
-    """A user-authentication certificate (DER) issued by the test CA."""
+def make_ca(*, forged: bool = False) -> TestCa:
+    """The test anchor (`test_ca()`), or with `forged` a self-made CA with the same DN."""
+    if not forged:
+        return test_ca()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    real = test_ca()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(real.cert.subject)  # type: ignore[attr-defined]
+        .issuer_name(real.cert.subject)  # type: ignore[attr-defined]
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=3650))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return TestCa(key, cert)
+
+
+def anchor_fingerprint(ca: TestCa | None = None) -> str:
+    """SHA-256 of the test anchor's DER: what a test config puts in `jpki_anchors`."""
+    from cryptography.hazmat.primitives import hashes
+
+    return bytes((ca or test_ca()).cert.fingerprint(hashes.SHA256())).hex()  # type: ignore[attr-defined]
+
+
+def ca_der(ca: TestCa) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(ca.cert.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
+
+
+def holder_key(kind: str = "rsa") -> object:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if kind == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def auth_certificate(
+    serial: int,
+    *,
+    expired: bool = False,
+    key: object | None = None,
+    ca: TestCa | None = None,
+) -> bytes:
+    """A user-authentication certificate (DER) for `key`, issued by `ca` (the test anchor)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
-    ca = test_ca()
-    holder = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca = ca or test_ca()
+    holder = key if key is not None else holder_key()
     now = dt.datetime.now(dt.UTC)
     start = now - dt.timedelta(days=(6 * 365 if expired else 30))
     end = now - dt.timedelta(days=30) if expired else now + dt.timedelta(days=5 * 365)
+    usage = dict.fromkeys(
+        [
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ],
+        False,
+    )
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "JP")]))
         .issuer_name(ca.cert.subject)  # type: ignore[attr-defined]
-        .public_key(holder.public_key())
+        .public_key(holder.public_key())  # type: ignore[attr-defined]
         .serial_number(serial)
         .not_valid_before(start)
         .not_valid_after(end)
+        .add_extension(x509.KeyUsage(digital_signature=True, **usage), critical=True)
         .sign(ca.key, hashes.SHA256())  # type: ignore[arg-type]
     )
     return cert.public_bytes(serialization.Encoding.DER)
@@ -471,11 +538,23 @@ class MyNumberCard(IsoCard):
         uid: bytes = bytes.fromhex("8a6b1c2d"),
         name: str = TEST_NAME,
         my_number: str = TEST_MY_NUMBER,
+        key: str = "rsa",
+        forged: bool = False,
+        wrong_key: bool = False,
+        auth_tries: int = 3,
+        auth_pin: str = TEST_AUTH_PIN,
     ) -> None:
-        self.cert = auth_certificate(serial, expired=expired)
+        self.auth_key: Any = holder_key(key)
+        self.ca = make_ca(forged=forged)
+        self.cert = auth_certificate(serial, expired=expired, key=self.auth_key, ca=self.ca)
+        if wrong_key:  # the chip holds another key than the certificate says
+            self.auth_key = holder_key(key)
+        self.signed: list[bytes] = []  # what the card was asked to sign
         jpki = {
             0x0006: Ef(b"JPKIAPICCTOKEN2".ljust(32, b" ")),
             0x000A: Ef(self.cert + b"\xff" * 64),
+            0x000B: Ef(ca_der(self.ca) + b"\xff" * 32),
+            0x0017: Ef(b"", needs_pin=True),  # the auth private key: select only, never read
             0x0001: Ef(b"\x30\x82\x00\x10" + b"\x00" * 16, needs_pin=True),  # signature
         }
         support = {
@@ -489,8 +568,39 @@ class MyNumberCard(IsoCard):
         )
         self.pins[(SUPPORT_AID, 0x0011)] = pin
         self.tries[(SUPPORT_AID, 0x0011)] = tries
-        self.pins[(JPKI_AID, 0x0018)] = "9999"
-        self.tries[(JPKI_AID, 0x0018)] = 3
+        self.pins[(JPKI_AID, 0x0018)] = auth_pin
+        self.tries[(JPKI_AID, 0x0018)] = auth_tries
+
+    @property
+    def auth_tries(self) -> int:
+        return self.tries[(JPKI_AID, 0x0018)]
+
+    def handle(self, apdu: bytes) -> bytes:
+        if apdu[:4] == bytes.fromhex("802A0080"):
+            return self._sign(apdu[5 : 5 + apdu[4]] if len(apdu) > 5 else b"")
+        return super().handle(apdu)
+
+    def _sign(self, data: bytes) -> bytes:
+        """JPKI COMPUTE DIGITAL SIGNATURE on the auth key (EF 0017), after the auth PIN."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+        if self.app != JPKI_AID or self.ef != 0x0017:
+            return b"\x69\x86"
+        if JPKI_AID not in self.verified:
+            return SW_SECURITY
+        self.signed.append(data)
+        if isinstance(self.auth_key, ec.EllipticCurvePrivateKey):
+            if len(data) != 48:
+                return b"\x67\x00"
+            der = self.auth_key.sign(data, ec.ECDSA(utils.Prehashed(hashes.SHA384())))
+            r, s = utils.decode_dss_signature(der)
+            return r.to_bytes(48, "big") + s.to_bytes(48, "big") + SW_OK
+        prefix = bytes.fromhex("3031300d060960864801650304020105000420")
+        if len(data) != 51 or not data.startswith(prefix):
+            return b"\x6a\x80"
+        sig = self.auth_key.sign(data[19:], padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        return bytes(sig) + SW_OK
 
     @property
     def support_tries(self) -> int:
@@ -505,6 +615,17 @@ class MyNumberCard(IsoCard):
             elif app == JPKI_AID and a[:7] == bytes.fromhex("00A4020C020001"):
                 return True
         return False
+
+
+class UnknownIsoCard(IsoCard):
+    """An ISO 14443 card (a bank or a future card) that answers none of the known AIDs."""
+
+    def __init__(self, uid: bytes = bytes.fromhex("0badcafe")) -> None:
+        super().__init__(
+            atr=iso14443b_atr(bytes.fromhex("0000000000000000")),
+            uid=uid,
+            apps={bytes.fromhex("A0000000041010"): {0x0001: Ef(b"\x00" * 16)}},
+        )
 
 
 class JukiCard(IsoCard):

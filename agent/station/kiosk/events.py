@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.contract.records import iso_ms, utc_now
-from agent.station.feedback import rejected_verdict, verdict
+from agent.station.feedback import card_verdict, rejected_verdict, verdict
 
 KEEPALIVE_S = 15.0
 CLIENT_QUEUE = 1000  # events a slow SSE client may lag before it is cut off (it resumes)
@@ -29,7 +29,9 @@ def event_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     if kind == "read_accepted":
         reference = body.get("verdict")  # the reference-data fact, kept beside the code
         out["reference"] = reference if isinstance(reference, dict) else None
-        out["verdict"] = verdict(body.get("interpretation"), out["reference"])
+        out["verdict"] = card_verdict(body.get("card_auth")) or verdict(
+            body.get("interpretation"), out["reference"]
+        )
     elif kind == "read_rejected":
         out["verdict"] = rejected_verdict(body.get("reason"))
     out["at"] = iso_ms(utc_now())

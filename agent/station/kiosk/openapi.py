@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.station.feedback import VERDICTS
-from agent.station.kiosk.routes import CardInfoRequest, ManualEntry, PhotoRequest
+from agent.station.kiosk.routes import CardInfoRequest, ManualEntry, PhotoRequest, ProveRequest
 
 
 def _err(description: str) -> dict[str, Any]:
@@ -34,9 +34,10 @@ def openapi_document() -> dict[str, Any]:
     ref = "#/components/schemas/{model}"
     schemas: dict[str, Any] = {
         m.__name__: m.model_json_schema(ref_template=ref)
-        for m in (ManualEntry, CardInfoRequest, PhotoRequest)
+        for m in (ManualEntry, CardInfoRequest, PhotoRequest, ProveRequest)
     }
     schemas["CardInfoRequest"]["properties"]["pin"]["pattern"] = "^[0-9]{4}$"
+    schemas["ProveRequest"]["properties"]["pin"]["pattern"] = "^[0-9]{4}$"
     schemas["Error"] = {
         "type": "object",
         "required": ["error", "detail"],
@@ -148,6 +149,35 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "{reader, info: {name, address, birth_date, sex}}"},
                     "403": _err("pin_refused: wrong PIN or not tried; tries_left, locked."),
+                    "404": _err("No card reader of that name."),
+                    "409": _err("busy (another read in progress) or card_error (no card ...)."),
+                    "503": _err("The reader is not connected."),
+                    **{k: v for k, v in common.items() if k != "403"},
+                    **body_errors,
+                },
+            }
+        },
+        "/v1/cards/{reader}/prove": {
+            "post": {
+                "summary": "Is the card genuine: chain check and possession proof (auth PIN)",
+                "description": "Checks the auth certificate chain to the pinned anchors, then, "
+                "under the same PIN rules as /info (counter first, refuse below 2 tries, once), "
+                "has the card sign a fresh nonce and verifies it. A card with an untrusted chain "
+                "never gets the PIN. The proof (nonce, signature, certificate) is stored as a "
+                "card_auth record. Verdicts: docs/CONTRACT.md.",
+                "parameters": [
+                    {"name": "reader", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "requestBody": _json_body("ProveRequest"),
+                "responses": {
+                    "200": {
+                        "description": "{reader, verdict, chain, generation, possession, "
+                        "revocation, reason?}"
+                    },
+                    "403": _err(
+                        "pin_refused (tries_left, locked), or not_enabled (the profile does not "
+                        "set prove_possession)."
+                    ),
                     "404": _err("No card reader of that name."),
                     "409": _err("busy (another read in progress) or card_error (no card ...)."),
                     "503": _err("The reader is not connected."),

@@ -28,7 +28,7 @@ from agent.config import DEVICE_NAME_PATTERN, ApiSection, Config
 from agent.contract.records import Read
 from agent.contract.text import TYPED_CONTROL, forbidden_controls
 from agent.drivers import DRIVERS
-from agent.drivers.capabilities import CardInfoProvider
+from agent.drivers.capabilities import CardInfoProvider, PossessionProver
 from agent.errors import (
     ApiError,
     CardError,
@@ -108,6 +108,12 @@ class CardInfoRequest(_Body):
     pin: str = Field(description="Exactly 4 ASCII digits. Never logged, never stored.")
 
 
+class ProveRequest(_Body):
+    """The resident's 4-digit JPKI auth PIN (利用者証明用電子証明書) for the possession proof."""
+
+    pin: str = Field(description="Exactly 4 ASCII digits. Never logged, never stored.")
+
+
 class PhotoRequest(_Body):
     """Which camera takes the ID photo."""
 
@@ -139,6 +145,7 @@ class Routes:
             Route("/v1/events", self.events, methods=["GET"]),
             Route("/v1/manual", self.manual, methods=["POST"]),
             Route("/v1/cards/{reader}/info", self.card_info, methods=["POST"]),
+            Route("/v1/cards/{reader}/prove", self.prove, methods=["POST"]),
             Route("/v1/photos", self.photos, methods=["POST"]),
             Route("/v1/status", self.status, methods=["GET"]),
             Route("/v1/openapi.json", self.openapi, methods=["GET"]),
@@ -248,6 +255,41 @@ class Routes:
             except CardError as e:
                 raise ApiError(409, "card_error", e.reason) from None
         return JSONResponse({"reader": reader, "info": info.attributes()})
+
+    async def prove(self, request: Request) -> Response:
+        """Chain check and possession proof (the card signs a station nonce), with the auth
+        PIN, on a reader whose profile says `prove_possession`. One attempt at a time."""
+        reader = request.path_params["reader"]
+        body = _parse(ProveRequest, await self._json(request))
+        if len(body.pin) != 4 or not all("0" <= c <= "9" for c in body.pin):
+            raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
+        driver = self.station.running_drivers().get(reader)
+        if driver is None or not isinstance(driver, PossessionProver):
+            if driver is None and _driver_can(self.station, reader, "prove_possession"):
+                raise ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
+            raise ApiError(404, "no_card_reader", f"no card reader named {reader}")
+        if not getattr(self.station.config.device(reader), "prove_possession", False):
+            raise ApiError(403, "not_enabled", f"{reader}: the profile does not ask for it")
+        lock = self._card_locks.setdefault(reader, asyncio.Lock())
+        if lock.locked():
+            raise ApiError(409, "busy", f"{reader} is already reading a card")
+        async with lock:
+            try:
+                result = await driver.prove_possession(body.pin)
+            except PinRefused as e:
+                raise ApiError(
+                    403,
+                    "pin_refused",
+                    e.reason,
+                    tries_left=e.tries_left,
+                    locked=e.tries_left == 0,
+                ) from None
+            except DeviceUnavailable as e:
+                raise ApiError(503, "reader_unavailable", e.reason) from None
+            except CardError as e:
+                raise ApiError(409, "card_error", e.reason) from None
+        keys = ("verdict", "chain", "generation", "possession", "revocation", "reason")
+        return JSONResponse({"reader": reader, **{k: result[k] for k in keys if k in result}})
 
     # -- photos ------------------------------------------------------------------------
 

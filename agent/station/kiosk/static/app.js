@@ -51,6 +51,11 @@ const VERDICTS = {
     },
     en: { title: "Could not record this", detail: "Please call staff (and scan again)" },
   },
+  card_not_genuine: {
+    tone: "danger",
+    ja: { title: "カードを|確認できませんでした", detail: "職員が^確認します。^お待ち^ください" },
+    en: { title: "This card could not|be verified", detail: "A member of staff will check it" },
+  },
   already_used: {
     tone: "danger",
     ja: { title: "この接種券は|使用済みです", detail: "職員に^お声がけください" },
