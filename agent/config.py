@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.contract.datasets import DATASETS_SITE
 from agent.contract.topics import DEFAULT_PREFIX, REGISTRY_SITE
 from agent.errors import ConfigError
 
@@ -86,6 +87,8 @@ class AgentSection(Strict):
         """`_registry` is the site level of the registry consumers' own status topics."""
         if v == REGISTRY_SITE:
             raise ValueError(f"{v!r} is reserved for the registry's own topics")
+        if v == DATASETS_SITE:
+            raise ValueError(f"{v!r} is reserved for the reference datasets' topics")
         return v
 
 
@@ -593,6 +596,23 @@ DeviceConfig = Annotated[
 _DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
 
 
+class DatasetsSection(Strict):
+    """Reference datasets from the registry (agent/station/datasets.py, docs/CONTRACT.md)."""
+
+    public_key: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="The central side's Ed25519 dataset public key, 64 hex digits "
+        "(`madoguchi registry dataset-keygen` prints it); a dataset signed by any other "
+        "key is refused.",
+    )
+    max_age_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Seconds after its issue time a dataset version is stale: it still "
+        "decides verdicts, and every verdict from it says `stale`.",
+    )
+
+
 class Config(Strict):
     agent: AgentSection = Field(description="Who this station is.")
     mqtt: MqttSection = Field(description="The broker.")
@@ -600,6 +620,9 @@ class Config(Strict):
     devices: list[DeviceConfig] = Field(default_factory=list, description="Devices to drive.")
     api: ApiSection | None = Field(
         default=None, description="The kiosk's local HTTP API; off when the section is absent."
+    )
+    datasets: DatasetsSection | None = Field(
+        default=None, description="Reference datasets for verdicts; off when absent."
     )
     source: Path | None = Field(default=None, description="File this was loaded from.")
 
@@ -610,6 +633,10 @@ class Config(Strict):
     @property
     def outbox_path(self) -> Path:
         return self.agent.data_dir / "outbox.db"
+
+    @property
+    def datasets_path(self) -> Path:
+        return self.agent.data_dir / "datasets.db"
 
     def device(self, name: str) -> DeviceConfig:
         for dev in self.devices:
@@ -870,6 +897,7 @@ def reference_markdown() -> str:
         ('driver = "hid"', HidDevice, "Scanner in USB keyboard mode (evdev), see docs/hid.md."),
         ('driver = "pcsc"', PcscDevice, "IC card reader through pcscd, see docs/pcsc.md."),
         ('driver = "camera"', CameraDevice, "Camera for codes and ID photos, docs/camera.md."),
+        ("[datasets]", DatasetsSection, "Signed reference datasets from the registry (optional)."),
     ]
     base = set(DeviceBase.model_fields)
     out = [

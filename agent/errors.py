@@ -25,7 +25,10 @@ message names the file, key, device or server so the person reading it can act.
     ├── DashboardAuthError     the dashboard's token file is missing, empty or weak
     ├── AuditError             the dashboard's audit log could not be written or read
     ├── PersonalSealError      (also ValueError) a sealed personal part that cannot be opened
-    └── HarnessError           agent.testing could not start a part (mosquitto, registry)
+    ├── HarnessError           agent.testing could not start a part (mosquitto, registry)
+    ├── DatasetRefused         a reference dataset version not applied (signature, version, expiry)
+    ├── DatasetStoreError      the station's datasets.db could not be read or written
+    └── DatasetKeyError        a dataset signing or pinned public key is missing or unreadable
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
 (a ValueError), because the contract imports nothing but the standard library; the
@@ -177,3 +180,24 @@ class DataDirLocked(MadoguchiError):
     def __init__(self, message: str, pid: int | None) -> None:
         super().__init__(message)
         self.pid = pid
+
+
+# -- reference datasets (agent/station/datasets.py, agent/central/datasets.py) -------------
+
+
+class DatasetRefused(MadoguchiError):
+    """A dataset version that is not applied; the version held keeps serving."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"dataset {kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+class DatasetStoreError(MadoguchiError):
+    """The station's datasets.db failed; the message names the file."""
+
+
+class DatasetKeyError(MadoguchiError):
+    """A dataset key file (Ed25519 private on the central side, public on a station) is
+    missing, unreadable or not a key; the message names the file."""

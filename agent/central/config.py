@@ -130,6 +130,11 @@ class RegistrySection(_Identity):
         description="Hours a record's sealed personal part is kept, then purged "
         "(0: kept until `madoguchi registry purge-personal`).",
     )
+    dataset_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM, `madoguchi registry dataset-keygen`): the "
+        "registry keeps and publishes the signed `used_tickets` dataset. Off when unset.",
+    )
 
 
 class DashboardSection(_Identity):

@@ -55,6 +55,7 @@ from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff
 from agent.central.blobs import BlobAssembler, BlobState
+from agent.central.datasets import UsedTicketsFeed
 from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
 from agent.contract.blobs import missing_request
@@ -122,8 +123,11 @@ class Registry:
         username: str | None = None,
         password: str | None = None,
         personal_retention_hours: float | None = 72.0,
+        datasets: UsedTicketsFeed | None = None,
     ) -> None:
         self.host = host
+        #: keeps and publishes `used_tickets` from the records stored (agent/central/datasets.py)
+        self.datasets = datasets
         # sealed personal parts are purged this long after they were stored (None: never)
         self.personal_retention_hours = personal_retention_hours
         self.personal_purged = 0
@@ -188,6 +192,8 @@ class Registry:
     async def __aenter__(self) -> Self:
         self._blob_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-blobs")
         await self.store.open()
+        if self.datasets is not None:
+            self.datasets.open()
         return self
 
     async def __aexit__(
@@ -196,6 +202,8 @@ class Registry:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self.datasets is not None:
+            self.datasets.close()
         try:
             await self.store.close()
         finally:
@@ -282,6 +290,11 @@ class Registry:
             tg.create_task(self._heartbeat(), name="registry-heartbeat")
             if self.personal_retention_hours is not None:
                 tg.create_task(self._purge_personal(), name="registry-personal-retention")
+            if self.datasets is not None:
+                tg.create_task(
+                    self.datasets.run(self.connected, lambda: self._client_now),
+                    name="registry-datasets",
+                )
             while True:
                 try:
                     async with self._client() as client:
@@ -462,6 +475,8 @@ class Registry:
                 self.duplicates += 1
             if self.on_stored is not None:
                 self.on_stored(s)
+            if self.datasets is not None:
+                self.datasets.note(s)
             if s.conflict or await self._blob_ready(s):
                 ids.setdefault((s.site, s.agent), []).append(s.record["id"])
         # one ack per agent, all in flight together: a broker far away costs one
@@ -736,6 +751,7 @@ async def run_registry(
     password: str | None = None,
     personal_retention_hours: float | None = 72.0,
     show_data: bool = False,
+    datasets: UsedTicketsFeed | None = None,
 ) -> None:
     """The `madoguchi registry` command body: print each stored record until stopped.
 
@@ -766,6 +782,7 @@ async def run_registry(
         username=username,
         password=password,
         personal_retention_hours=personal_retention_hours,
+        datasets=datasets,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         stopped = asyncio.create_task(stop.wait(), name="registry-stop")

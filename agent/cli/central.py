@@ -154,6 +154,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
         section["shared"] = args.shared
     if args.personal_retention_hours is not None:
         section["personal_retention_hours"] = args.personal_retention_hours
+    if args.dataset_key is not None:
+        section["dataset_key"] = args.dataset_key
     config = _config(args, "registry", section)
     if config is None:
         return 1
@@ -166,6 +168,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
         password = config.mqtt_password("registry")
         db = config.database_target("registry")
         assert db is not None
+        if reg.dataset_key is not None and reg.shared is not None:
+            raise ConfigError(
+                [
+                    f"{config.source}: registry.dataset_key: not with shared = {reg.shared!r}:"
+                    " each member sees a share of the records; give the key to one"
+                    " unshared registry"
+                ]
+            )
+        feed = _used_tickets_feed(reg.dataset_key, db, config.broker.topic_prefix)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -188,8 +199,25 @@ def cmd_registry(args: argparse.Namespace) -> int:
             password=password,
             personal_retention_hours=reg.personal_retention_hours or None,
             show_data=args.show_data,
+            datasets=feed,
         )
     )
+
+
+def _used_tickets_feed(key: Path | None, db: Any, prefix: str) -> Any:
+    """The registry's `used_tickets` publisher, its state beside a SQLite database."""
+    if key is None:
+        return None
+    from agent.central.datasets import UsedTicketsFeed, load_key
+    from agent.errors import DatasetKeyError
+
+    try:
+        signing = load_key(key)
+    except DatasetKeyError as e:
+        raise ConfigError([f"dataset_key: {e}"]) from e
+    path = Path(db) if isinstance(db, Path | str) and "://" not in str(db) else None
+    state = path.with_name(path.stem + "-datasets.db") if path else Path("registry-datasets.db")
+    return UsedTicketsFeed(state, signing, prefix)
 
 
 def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -325,6 +353,12 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         action="store_true",
         help="print scanned identifiers in full (masked as 1111-****-2345 by default)",
     )
+    p.add_argument(
+        "--dataset-key",
+        type=Path,
+        default=None,
+        help="Ed25519 private key (PEM): keep and publish the signed used_tickets dataset",
+    )
     p.set_defaults(func=cmd_registry, registry_parser=p)
     _add_personal_parsers(p)
 
@@ -410,6 +444,21 @@ def _add_personal_parsers(registry: argparse.ArgumentParser) -> None:
     g.add_argument("--who", default=None, help="who purges (default user@host)")
     g.set_defaults(func=cmd_purge_personal)
 
+    d = sub.add_parser("dataset-keygen", help="new Ed25519 key pair for signing datasets")
+    d.add_argument("--private", type=Path, required=True, help="private key (central, 0600)")
+    d.add_argument("--public", type=Path, required=True, help="public key hex (stations pin it)")
+    d.set_defaults(func=cmd_dataset_keygen)
+
+    pd = sub.add_parser(
+        "publish-dataset", help="sign and publish a reference dataset (CSV or JSON) retained"
+    )
+    pd.add_argument("kind", help="recalled_lots, jpki_anchors or used_tickets")
+    pd.add_argument("file", type=Path, help="CSV with a header row, or a JSON list of objects")
+    pd.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM)")
+    pd.add_argument("--expires-at", default=None, help="ISO 8601 time the version expires")
+    _add_connection_flags(pd)
+    pd.set_defaults(func=cmd_publish_dataset, db=None)
+
 
 def _db(value: str) -> str | Path:
     from agent.central.stores import is_dsn
@@ -472,3 +521,69 @@ def cmd_purge_personal(args: argparse.Namespace) -> int:
         return _fail(e)
     print(f"purged the sealed personal part of {len(ids)} record(s)", file=sys.stderr)
     return 0
+
+
+def cmd_dataset_keygen(args: argparse.Namespace) -> int:
+    from agent.central.datasets import generate_key
+
+    try:
+        pub = generate_key(args.private, args.public)
+    except FileExistsError as e:
+        return _fail(Exception(f"{e.filename}: exists; a key is never overwritten"))
+    except OSError as e:
+        return _fail(Exception(f"{e.filename}: {e.strerror}"))
+    print(f'dataset key: private {args.private}; stations pin [datasets] public_key = "{pub}"')
+    return 0
+
+
+def cmd_publish_dataset(args: argparse.Namespace) -> int:
+    """Validate every row (all problems at once), sign, publish retained, print the version."""
+    from agent.central.datasets import load_key, publish_dataset, read_rows
+    from agent.errors import MadoguchiError
+
+    try:
+        rows = read_rows(args.kind, args.file)
+        key = load_key(args.key)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except MadoguchiError as e:
+        return _fail(e)
+    from agent.central.config import load_central_config, validate_central
+
+    try:
+        if args.config is not None:  # the broker and the registry's identity, no database
+            config = load_central_config(args.config)
+        else:
+            raw = {"broker": _broker_from_args(args), "registry": _identity_from_args(args)}
+            config = validate_central(raw, Path.cwd() / "(command line)")
+        reg = config.registry  # its broker identity, if the file has one
+        version = asyncio.run(
+            publish_dataset(
+                config.broker.host,
+                config.broker.port,
+                config.broker.topic_prefix,
+                key,
+                args.kind,
+                rows,
+                expires_at=args.expires_at,
+                tls_context=config.tls_context("registry") if reg else None,
+                username=reg.username if reg else None,
+                password=config.mqtt_password("registry") if reg else None,
+            )
+        )
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except aiomqtt_error() as e:
+        return _fail(Exception(f"broker {config.broker.host}:{config.broker.port}: {e}"))
+    print(f"{args.kind} v{version}: {len(rows)} row(s) published")
+    return 0
+
+
+def aiomqtt_error() -> type[Exception]:
+    import aiomqtt
+
+    return aiomqtt.MqttError

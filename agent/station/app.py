@@ -23,9 +23,11 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, DeviceConfig
+from agent.contract.datasets import subscription
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.station.blobs import BlobStore
+from agent.station.datasets import DatasetReceiver, DatasetStore
 from agent.station.lock import DataDirLock, make_private
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
@@ -153,6 +155,7 @@ class StationApp:
                 "uplink", {"connected": up, "error": uplink.last_error}
             )
             station.on_stored = uplink.wake
+            datasets = self._datasets(uplink)
             async with asyncio.TaskGroup() as tg:
                 device_tasks = [
                     tg.create_task(station.device_loop(dev, stop), name=f"device:{dev.name}")
@@ -181,8 +184,29 @@ class StationApp:
                 await asyncio.gather(*device_tasks, return_exceptions=True)
                 await uplink_task
                 watchdog.cancel()
+            if datasets is not None:
+                datasets.store.close()
         self.outbox = station.outbox = None
         self.notifier.close()
+
+    def _datasets(self, uplink: Uplink) -> DatasetReceiver | None:
+        """Reference datasets (agent/station/datasets.py): what is stored serves at once,
+        offline included; new versions come in through the uplink."""
+        cfg = self.config.datasets
+        if cfg is None:
+            return None
+        store = DatasetStore(self.config.datasets_path)
+        store.open()
+        receiver = DatasetReceiver(
+            store,
+            bytes.fromhex(cfg.public_key),
+            self.config.mqtt.topic_prefix,
+            max_age_s=cfg.max_age_s,
+        )
+        receiver.load()
+        self.station.datasets = receiver
+        uplink.add_subscription(subscription(self.config.mqtt.topic_prefix), receiver.handle)
+        return receiver
 
     async def _status_line(self) -> str:
         """One line for `systemctl status`: outbox depth, uplink, devices."""

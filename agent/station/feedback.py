@@ -23,6 +23,8 @@ class Outcome:
     duplicate: bool = False
     error: str | None = None
     interpretation: dict[str, Any] | None = None
+    #: the record's `data.verdict` from the station's reference datasets, if any
+    reference: dict[str, Any] | None = None
 
 
 def acknowledged(interpretation: dict[str, Any] | None, *, nak_invalid: bool) -> bool:
@@ -45,7 +47,12 @@ VERDICTS = {
     "read_error": "the device could not read it: scan again",
     "not_stored": "the record could not be stored: call staff",
     "card_not_genuine": "a My Number card that failed the authenticity check: call staff",
+    "already_used": "a vaccination ticket the city already recorded as used (reference data)",
+    "recalled": "a vaccine lot the city recalled (reference data): a safety problem",
 }
+
+#: reference-data verdicts (agent/station/datasets.py) that the page shows over the rest
+REFERENCE_ALARMS = ("recalled", "already_used")
 
 #: card_auth verdicts (docs/CONTRACT.md) that are not an alarm: genuine, or not judged
 CARD_OK = {"genuine", "clock_unsynced"}
@@ -58,8 +65,11 @@ def card_verdict(card_auth: str | None) -> str | None:
     return "card_not_genuine"
 
 
-def verdict(interpretation: dict[str, Any] | None) -> str:
-    """One code per read for the page's big message (the page maps codes to Japanese)."""
+def verdict(interpretation: dict[str, Any] | None, reference: dict[str, Any] | None = None) -> str:
+    """One code per read for the page's big message (the page maps codes to Japanese).
+    `reference` is the record's `data.verdict`: what the city knows comes first."""
+    if isinstance(reference, dict) and reference.get("verdict") in REFERENCE_ALARMS:
+        return str(reference["verdict"])
     if interpretation is None:
         return "ok"
     problems = set(interpretation.get("problems") or [])

@@ -45,7 +45,11 @@ from agent.station.feedback import Outcome, acknowledged
 from agent.station.operators import operator_sessions
 
 if TYPE_CHECKING:
+    from agent.station.datasets import DatasetReceiver
     from agent.station.outbox import Outbox
+
+#: dataset verdicts the operator must act on: a NAK on a device with nak_invalid, an alert
+ALARM_VERDICTS = frozenset({"already_used", "recalled"})
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ class Station:
         self.config = config
         self.devices = {d.name: DeviceState() for d in config.devices}
         self.outbox: Outbox | None = None
+        #: reference datasets for verdicts (set by the app when [datasets] is configured)
+        self.datasets: DatasetReceiver | None = None
         #: called after every commit: new records are in the outbox (the uplink's wake-up)
         self.on_stored: Callable[[], None] | None = None
         self._drivers: dict[str, Driver] = {}
@@ -112,6 +118,7 @@ class Station:
                 for name, st in self.devices.items()
             },
             "operator": self.operator,
+            **({} if self.datasets is None else {"datasets": self.datasets.describe()}),
         }
 
     async def read_card_info(self, device: str, pin: str) -> CardInfo:
@@ -254,6 +261,19 @@ class Station:
                     accepted=True, duplicate=True, interpretation=read.data["interpretation"]
                 )
         interpretation = read.data.get("interpretation")
+        verdict = None if self.datasets is None else self.datasets.verdict(interpretation)
+        if verdict is not None:  # what the city knows: stored with the record, never a refusal
+            read = replace(read, data={**read.data, "verdict": verdict})
+            if verdict["verdict"] in ALARM_VERDICTS:
+                log.warning(
+                    "%s: %s (%s v%d%s)",
+                    read.device,
+                    verdict["verdict"].upper(),
+                    verdict["dataset"],
+                    verdict["version"],
+                    ", stale" if verdict["stale"] else "",
+                )
+                self._alerts.append({"type": verdict["verdict"], "device": read.device})
         if read.clock_synced is None:  # lets the registry tell a 1970 timestamp from a real one
             read = dataclasses.replace(read, clock_synced=clock_synced())
         read, operator = self._with_operator(read)
@@ -273,7 +293,9 @@ class Station:
             self._last_text[read.device] = (read.data["text"], time.monotonic())
         if self.on_stored is not None:
             self.on_stored()
-        ok = acknowledged(interpretation, nak_invalid=dev.nak_invalid)
+        ok = acknowledged(interpretation, nak_invalid=dev.nak_invalid) and not (
+            dev.nak_invalid and verdict is not None and verdict["verdict"] in ALARM_VERDICTS
+        )
         if not ok:
             st.naks += 1
         self.emit(
@@ -285,10 +307,11 @@ class Station:
                 "kind": record.kind,
                 "source": record.source,
                 "interpretation": interpretation,
+                "verdict": verdict,
                 **_card_auth_verdict(read),
             },
         )
-        return Outcome(accepted=ok, record=record, interpretation=interpretation)
+        return Outcome(accepted=ok, record=record, interpretation=interpretation, reference=verdict)
 
     async def _committed_before_restart(self, dev: DeviceConfig, text: str) -> bool:
         """The repeat window across a restart: the first scan of a device after start is a

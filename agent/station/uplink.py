@@ -35,6 +35,7 @@ from agent.station.outbox import Outbox
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+InboundHandler = Callable[[str, Any], Awaitable[bool]]
 
 
 class StationView(Protocol):
@@ -172,6 +173,7 @@ class Uplink:
             "diagnostics": self._cmd_diagnostics,
         }
         self._client: aiomqtt.Client | None = None
+        self._subscriptions: list[tuple[str, InboundHandler]] = []
         self._started = time.monotonic()
         self.inbound = InboundFaults()
         self.fault: str | None = None  # the last failure that was not the broker's
@@ -184,6 +186,11 @@ class Uplink:
     def wake(self) -> None:
         """New records are in the outbox."""
         self._wake.set()
+
+    def add_subscription(self, topic_filter: str, handler: InboundHandler) -> None:
+        """Other parts of the agent take their own inbound topics (e.g. reference datasets):
+        subscribed at every connection; `handler(topic, payload)` says True when it was its."""
+        self._subscriptions.append((topic_filter, handler))
 
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
@@ -338,6 +345,8 @@ class Uplink:
         await client.subscribe(self.topics.commands, qos=1)
         if self.blobs is not None:
             await client.subscribe(self.topics.blobs_missing, qos=1)
+        for topic_filter, _ in self._subscriptions:
+            await client.subscribe(topic_filter, qos=1)
         await self._birth(client)
         await self.outbox.reset_sent()
         self._wake.set()
@@ -463,8 +472,16 @@ class Uplink:
             await self._apply_ack(payload)
         elif (name := topics.command_name(topic)) is not None:
             await self._command(client, name, payload)
+        elif await self._subscribed(topic, payload):
+            pass
         elif self.blobs is not None:
             self.blobs.handle(topic, payload)
+
+    async def _subscribed(self, topic: str, payload: Any) -> bool:
+        for _, handler in self._subscriptions:
+            if await handler(topic, payload):
+                return True
+        return False
 
     async def _apply_ack(self, payload: Any) -> None:
         try:

@@ -36,6 +36,8 @@ def test_document_is_consistent() -> None:
         "blobManifest",
         "blobMissing",
         "blobChunk",
+        "datasetManifest",
+        "datasetChunk",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])

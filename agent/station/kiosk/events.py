@@ -27,7 +27,11 @@ def event_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     """What the page gets of a station event: no personal data, a verdict, a time."""
     out = {k: v for k, v in body.items() if k != "personal"}
     if kind == "read_accepted":
-        out["verdict"] = card_verdict(body.get("card_auth")) or verdict(body.get("interpretation"))
+        reference = body.get("verdict")  # the reference-data fact, kept beside the code
+        out["reference"] = reference if isinstance(reference, dict) else None
+        out["verdict"] = card_verdict(body.get("card_auth")) or verdict(
+            body.get("interpretation"), out["reference"]
+        )
     elif kind == "read_rejected":
         out["verdict"] = rejected_verdict(body.get("reason"))
     out["at"] = iso_ms(utc_now())

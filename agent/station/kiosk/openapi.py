@@ -67,6 +67,11 @@ def openapi_document() -> dict[str, Any]:
             "source": {"type": "string", "enum": ["manual", "device"]},
             "interpretation": {"type": ["object", "null"]},
             "verdict": {"type": "string", "enum": list(VERDICTS)},
+            "reference": {
+                "type": ["object", "null"],
+                "description": "the record's data.verdict from reference datasets "
+                '(dataset, version, stale, ...), docs/CONTRACT.md "Datasets"',
+            },
         },
     }
     schemas["Photo"] = {

@@ -394,7 +394,8 @@ def _outcome_response(device: str, outcome: Outcome) -> JSONResponse:
         "accepted": outcome.accepted,
         "duplicate": outcome.duplicate,
         "interpretation": interp,
-        "verdict": verdict(interp),
+        "verdict": verdict(interp, outcome.reference),
+        "reference": outcome.reference,
     }
     if outcome.record is not None:
         body |= {"seq": outcome.record.seq, "id": outcome.record.id}

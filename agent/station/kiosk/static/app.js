@@ -56,6 +56,19 @@ const VERDICTS = {
     ja: { title: "カードを|確認できませんでした", detail: "職員が^確認します。^お待ち^ください" },
     en: { title: "This card could not|be verified", detail: "A member of staff will check it" },
   },
+  already_used: {
+    tone: "danger",
+    ja: { title: "この接種券は|使用済みです", detail: "職員に^お声がけください" },
+    en: { title: "This ticket has|already been used", detail: "Please ask a member of staff" },
+  },
+  recalled: {
+    tone: "danger",
+    ja: {
+      title: "回収対象の|ワクチンです",
+      detail: "使用しないで^ください。^すぐに^職員へ^連絡してください",
+    },
+    en: { title: "This vaccine lot|has been recalled", detail: "Do not use it. Tell a member of staff at once" },
+  },
 };
 
 const TYPE_LABELS = {
