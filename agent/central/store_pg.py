@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
@@ -155,7 +154,6 @@ def _locked(
 ) -> Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _T]]:
     """Run `method` holding the store's connection lock (see `PostgresStore`)."""
 
-    @wraps(method)
     async def run(self: PostgresStore, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         async with self._lock:
             return await method(self, *args, **kwargs)
