@@ -154,7 +154,7 @@ def _locked(
 ) -> Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _T]]:
     """Run `method` holding the store's connection lock (see `PostgresStore`)."""
 
-    async def run(self: PostgresStore, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def run(self: PostgresStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         async with self._lock:
             return await method(self, *args, **kwargs)
 
