@@ -130,6 +130,13 @@ class RegistrySection(_Identity):
         description="Hours a record's sealed personal part is kept, then purged "
         "(0: kept until `madoguchi registry purge-personal`).",
     )
+    heartbeat_s: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=3600,
+        description="Seconds between the registry's retained status heartbeats; the dashboard "
+        "calls the registry down after 3 missed.",
+    )
 
 
 class DashboardSection(_Identity):

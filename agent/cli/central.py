@@ -33,6 +33,7 @@ _QUICK = (
     "token_file",
     "allowed_origin",
     "personal_retention_hours",
+    "heartbeat",
 )
 
 
@@ -154,6 +155,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
         section["shared"] = args.shared
     if args.personal_retention_hours is not None:
         section["personal_retention_hours"] = args.personal_retention_hours
+    if args.heartbeat is not None:
+        section["heartbeat_s"] = args.heartbeat
     config = _config(args, "registry", section)
     if config is None:
         return 1
@@ -188,6 +191,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             password=password,
             personal_retention_hours=reg.personal_retention_hours or None,
             show_data=args.show_data,
+            heartbeat_s=reg.heartbeat_s,
         )
     )
 
@@ -324,6 +328,13 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         "--show-data",
         action="store_true",
         help="print scanned identifiers in full (masked as 1111-****-2345 by default)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between retained status heartbeats (default 10)",
     )
     p.set_defaults(func=cmd_registry, registry_parser=p)
     _add_personal_parsers(p)
