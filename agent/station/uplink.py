@@ -387,8 +387,10 @@ class Uplink:
         state. The outbox has no event for its state, so it is also looked at every
         `status_check_s` (two attribute reads)."""
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel at stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._recheck.wait(), self.status_check_s)
+                async with asyncio.timeout(self.status_check_s):
+                    await self._recheck.wait()
             self._recheck.clear()
             if self._status_state() == self._status_said:
                 continue
