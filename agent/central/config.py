@@ -135,6 +135,13 @@ class RegistrySection(_Identity):
         description="Ed25519 private key (PEM, `madoguchi registry dataset-keygen`): the "
         "registry keeps and publishes the signed `used_tickets` dataset. Off when unset.",
     )
+    heartbeat_s: float = Field(
+        default=10.0,
+        ge=0.1,
+        le=3600,
+        description="Seconds between the registry's retained status heartbeats; the dashboard "
+        "calls the registry down after 3 missed.",
+    )
 
 
 class DashboardSection(_Identity):

@@ -78,6 +78,7 @@ class Thresholds:
     gap_timeout_s: float = 300.0  # a seq gap open longer than this
     keep_events_s: float = 3600.0  # agent-raised alerts (expired lot ...) stay this long
     registry_missed_beats: float = 3.0  # registry down: no heartbeat for this many periods
+    registry_grace_s: float = 30.0  # no registry status at all this long after start: down
 
 
 @dataclass(slots=True)
@@ -101,6 +102,9 @@ class Fleet:
         self.per_minute: list[int] = []
         self.registries: dict[str, RegistryView] = {}
         self.problems: Problems | None = None
+        #: when the dashboard began listening (`Dashboard.run`): a registry never heard of
+        #: within `registry_grace_s` of it is down too, not "nothing to judge"
+        self.started_at: float | None = None
 
     def on_registry_status(self, name: str, body: dict[str, Any], now: float) -> None:
         """A consumer's status: a will older than its last online session is stale."""
@@ -137,6 +141,12 @@ class Fleet:
             down = [r for r in self.registries.values() if r.state == "offline"]
             detail = str(down[0].status.get("reason", "offline")) if down else "no heartbeat"
             out.append({"type": "registry_down", "level": "error", "detail": detail})
+        elif (
+            not self.registries
+            and self.started_at is not None
+            and now - self.started_at > self.t.registry_grace_s
+        ):
+            out.append({"type": "registry_down", "level": "error", "detail": "never seen"})
         lag = max(
             (float(v) for r in live if isinstance(v := r.status.get("lag_s"), int | float)),
             default=0.0,
@@ -689,6 +699,7 @@ class Dashboard:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
+        self.fleet.started_at = time.time()
         async with asyncio.TaskGroup() as tg:
             background = [
                 tg.create_task(self._mqtt(), name="dashboard-mqtt"),

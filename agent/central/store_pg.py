@@ -16,13 +16,14 @@ sent; `jsonb` refuses `\\u0000`, and a record must never be refused for that).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 
@@ -144,17 +145,39 @@ def _dsn_for_log(dsn: str) -> str:
         return "<dsn>"
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _locked(
+    method: Callable[Concatenate[PostgresStore, _P], Awaitable[_T]],
+) -> Callable[Concatenate[PostgresStore, _P], Coroutine[Any, Any, _T]]:
+    """Run `method` holding the store's connection lock (see `PostgresStore`)."""
+
+    async def run(self: PostgresStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        async with self._lock:
+            return await method(self, *args, **kwargs)
+
+    return run
+
+
 def _text(v: str) -> str:
     """PostgreSQL text holds neither NUL nor lone surrogates: a topic from anyone may."""
     return v.replace("\x00", "\ufffd").encode("utf-8", "replace").decode()
 
 
 class PostgresStore:
-    """`RecordStore` on PostgreSQL; one connection, used by one task at a time."""
+    """`RecordStore` on PostgreSQL; one connection, used by one task at a time.
+
+    The registry's consumer, gap watcher and status tasks share the store: psycopg
+    serialises single statements but not transactions, so a watcher statement could
+    run inside (and be rolled back with) a store transaction. `_lock` holds the
+    connection for a whole operation."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         """The open connection, reconnecting after a broken one."""
@@ -172,6 +195,10 @@ class PostgresStore:
         return self._conn
 
     async def open(self) -> None:
+        async with self._lock:
+            await self._open()
+
+    async def _open(self) -> None:
         conn = await self._connection()
         try:
             async with conn.transaction():
@@ -182,16 +209,18 @@ class PostgresStore:
             raise RegistryStoreError(f"PostgreSQL schema: {e}") from e
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        async with self._lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
 
     async def store(self, batches: Sequence[Batch]) -> list[Stored]:
         now = time.time()
-        conn = await self._connection()
         try:
-            async with conn.transaction():
-                out = await self._store_all(conn, group_batches(batches), now)
+            async with self._lock:
+                conn = await self._connection()
+                async with conn.transaction():
+                    out = await self._store_all(conn, group_batches(batches), now)
         except (psycopg.Error, ValueError, TypeError, OverflowError) as e:
             # ValueError ...: what psycopg raises adapting a value it cannot send
             raise RegistryStoreError(f"PostgreSQL: {type(e).__name__}: {e}") from e
@@ -385,6 +414,7 @@ class PostgresStore:
         )
         return {str(i): (str(s), str(a), str(b)) for i, s, a, b in await cur.fetchall()}
 
+    @_locked
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
@@ -435,6 +465,7 @@ class PostgresStore:
         ]
         return Problems(int(dead), int(conflicts), letters, rows)
 
+    @_locked
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         conn = await self._connection()
         try:
@@ -492,6 +523,7 @@ class PostgresStore:
             for s, a, m, n, t, c in rows
         ]
 
+    @_locked
     async def store_blob(
         self,
         *,
@@ -561,6 +593,7 @@ class PostgresStore:
             (time.time(), who, action, json.dumps(list(ids)), detail),
         )
 
+    @_locked
     async def mark_handed_off(self, record_ids: Sequence[str], who: str, detail: str) -> None:
         conn = await self._connection()
         try:

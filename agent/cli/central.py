@@ -33,6 +33,8 @@ _QUICK = (
     "token_file",
     "allowed_origin",
     "personal_retention_hours",
+    "heartbeat",
+    "dataset_key",
 )
 
 
@@ -156,6 +158,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
         section["personal_retention_hours"] = args.personal_retention_hours
     if args.dataset_key is not None:
         section["dataset_key"] = args.dataset_key
+    if args.heartbeat is not None:
+        section["heartbeat_s"] = args.heartbeat
     config = _config(args, "registry", section)
     if config is None:
         return 1
@@ -200,6 +204,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             personal_retention_hours=reg.personal_retention_hours or None,
             show_data=args.show_data,
             datasets=feed,
+            heartbeat_s=reg.heartbeat_s,
         )
     )
 
@@ -358,6 +363,13 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         type=Path,
         default=None,
         help="Ed25519 private key (PEM): keep and publish the signed used_tickets dataset",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between retained status heartbeats (default 10)",
     )
     p.set_defaults(func=cmd_registry, registry_parser=p)
     _add_personal_parsers(p)

@@ -24,6 +24,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(loop=args.loop, scans=args.scans)
 
 
+def _positive(text: str) -> int:
+    """--scans: a whole number of 1 or more (0 used to mean one set, -2 ran none)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="madoguchi",
@@ -35,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_central_parsers(sub)
     p = sub.add_parser("demo", help="broker + registry + agent + simulated scanner, end to end")
     p.add_argument("--loop", action="store_true", help="keep scanning until Ctrl-C")
-    p.add_argument("--scans", type=int, default=0, help="how many scans (default: one set)")
+    p.add_argument(
+        "--scans", type=_positive, default=0, help="how many scans, 1 or more (default: one set)"
+    )
     p.set_defaults(func=cmd_demo)
     add_tool_parsers(sub)
     return parser

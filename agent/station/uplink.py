@@ -146,6 +146,8 @@ class Uplink:
 
     offline_timeout_s = 1.5  # the offline status at shutdown: a frozen broker never answers
     shutdown_grace_s = 3.0  # stop -> connection closed, whatever the broker does
+    status_check_s = 1.0  # how soon a disk_full / degraded change is noticed
+    status_min_interval_s = 5.0  # a flapping state republishes the retained status this often
 
     def __init__(
         self,
@@ -166,6 +168,9 @@ class Uplink:
         self.connect_failures = 0
         self.last_error: str | None = None
         self._wake = asyncio.Event()
+        self._recheck = asyncio.Event()  # something may have changed disk_full / degraded
+        self._status_said: tuple[bool, str | None] | None = None  # in the retained status
+        self._status_at = 0.0  # monotonic time of the last retained status
         self._commands: dict[str, CommandHandler] = {
             "ping": self._cmd_ping,
             "rebirth": self._cmd_rebirth,
@@ -186,6 +191,7 @@ class Uplink:
     def wake(self) -> None:
         """New records are in the outbox."""
         self._wake.set()
+        self._recheck.set()
 
     def add_subscription(self, topic_filter: str, handler: InboundHandler) -> None:
         """Other parts of the agent take their own inbound topics (e.g. reference datasets):
@@ -301,6 +307,7 @@ class Uplink:
     def _fault(self, reason: str, bug: BaseException | None = None) -> None:
         """A failure that is not the broker's: the uplink stays, retries, and says why."""
         self.last_error = self.fault = reason[:300]
+        self._recheck.set()
         self.connect_failures += 1
         if self.fault != self._fault_logged:
             log.error("uplink: %s; retrying with backoff", self.fault, exc_info=bug)
@@ -359,11 +366,17 @@ class Uplink:
             tg.create_task(self._receive(client), name="uplink-receive")
             tg.create_task(self._send(client), name="uplink-send")
             tg.create_task(self._telemetry(client), name="uplink-telemetry")
+            tg.create_task(self._status_on_change(client), name="uplink-status")
             tg.create_task(until_stop(), name="uplink-stop")
             if self.blobs is not None:
                 tg.create_task(self.blobs.run(client, self.outbox), name="uplink-blobs")
 
+    def _status_state(self) -> tuple[bool, str | None]:
+        """What the retained status says beyond the birth itself: full disk, degraded."""
+        return self.outbox.disk_full, self.degraded
+
     async def _birth(self, client: aiomqtt.Client) -> None:
+        said = self._status_state()
         stats = await self.outbox.stats()
         body = {
             "state": "online",
@@ -371,8 +384,30 @@ class Uplink:
             "ts": iso_ms(utc_now()),
             **self.station.describe(),
             "outbox": stats.as_dict(),
+            "degraded": said[1],
         }
         await client.publish(self.topics.status, json.dumps(body), qos=1, retain=True)
+        self._status_said, self._status_at = said, time.monotonic()
+
+    async def _status_on_change(self, client: aiomqtt.Client) -> None:
+        """Republish the retained status when disk_full or degraded changes, so that a
+        dashboard (or anyone reading the retained message) learns of a disk that filled
+        after the connect; at most every `status_min_interval_s`, then with the latest
+        state. The outbox has no event for its state, so it is also looked at every
+        `status_check_s` (two attribute reads)."""
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancel at stop
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.status_check_s):
+                    await self._recheck.wait()
+            self._recheck.clear()
+            if self._status_state() == self._status_said:
+                continue
+            pause = self._status_at + self.status_min_interval_s - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)  # rate limit
+            if self._status_state() != self._status_said:
+                await self._birth(client)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         body = {
@@ -464,6 +499,7 @@ class Uplink:
                 self.inbound.fault(
                     "failed", f"{_kind(topic, self.topics)} handler: {type(e).__name__}: {e}"
                 )
+            self._recheck.set()  # an ack may have written (disk back), a fault may degrade
             raise_if_cancelling()
 
     async def _dispatch(self, client: aiomqtt.Client, topic: str, payload: Any) -> None:

@@ -3,6 +3,7 @@ named, passwords only from files; `madoguchi check-config` knows a central file.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from agent.central.config import load_central_config
 from agent.cli.main import main as cli
 from agent.errors import ConfigError
+from agent.testing import Broker, LoggedProcess
 from tests.support import ROOT
 from tests.support.central import DESK_TOKEN
 from tests.support.pki import TestCA
@@ -286,3 +288,58 @@ def test_personal_retention_in_the_file_and_refused_beside_it(
     assert any("registry.personal_retention_hours" in p for p in problems(bad))
     assert cli(["registry", "--config", str(path), "--personal-retention-hours", "5"]) == 1
     assert "--personal-retention-hours with --config" in capsys.readouterr().err
+
+
+def test_heartbeat_in_the_file_bounded_and_refused_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = '[broker]\nhost = "h"\n[database]\ndsn = "r.db"\n[registry]\n'
+    assert load_central_config(write(tmp_path, base)).registry.heartbeat_s == 10.0
+    path = write(tmp_path, base + "heartbeat_s = 2.5\n")
+    assert load_central_config(path).registry.heartbeat_s == 2.5
+    for bad in ("0", "-1", "86400", '"often"'):
+        wrong = write(tmp_path, base + f"heartbeat_s = {bad}\n")
+        assert any(p.startswith(f"{wrong}: registry.heartbeat_s: ") for p in problems(wrong)), bad
+    assert cli(["registry", "--config", str(path), "--heartbeat", "5"]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}: (command line): --heartbeat with --config: put them in the file\n"
+    )
+
+
+async def test_the_heartbeat_flag_reaches_the_running_registry(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """`madoguchi registry --heartbeat 0.3` publishes its retained status that often."""
+    import json
+    import time
+
+    import aiomqtt
+
+    from agent.contract.topics import DEFAULT_PREFIX, Topics
+
+    registry = LoggedProcess(
+        [
+            *(sys.executable, "-m", "agent", "registry", "--port", str(broker.port), "--quiet"),
+            *("--db", str(tmp_path / "r.db"), "--heartbeat", "0.3"),
+        ],
+        tmp_path / "registry.log",
+        cwd=ROOT,
+    )
+    registry.start()
+    beats: list[float] = []
+    try:
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.subscribe(Topics(DEFAULT_PREFIX).all_registry_status)
+            async with asyncio.timeout(20):
+                async for message in client.messages:
+                    body = json.loads(bytes(message.payload))  # type: ignore[arg-type,unused-ignore]
+                    if body.get("state") == "online":
+                        assert body["heartbeat_s"] == 0.3
+                        beats.append(time.monotonic())
+                    if len(beats) >= 4:
+                        break
+    finally:
+        registry.stop()
+        registry.close()
+    spacing = (beats[-1] - beats[1]) / (len(beats) - 2)
+    assert 0.2 < spacing < 1.0, beats  # 0.3 s apart, not the default 10 s

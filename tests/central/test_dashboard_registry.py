@@ -158,3 +158,50 @@ def test_consumers_that_came_and_went_are_forgotten_while_another_is_online() ->
     snap = fleet.registry_snapshot(101.0)
     assert [c["name"] for c in snap["consumers"]] == ["new-2"]
     assert snap["alerts"] == []
+
+
+def test_a_registry_never_seen_after_the_grace_is_down() -> None:
+    now = 1_000_000.0
+    fleet = Fleet(Thresholds(registry_grace_s=30))
+    assert fleet.registry_alerts(now + 3600) == []  # not started: nothing to judge yet
+    fleet.started_at = now
+    assert fleet.registry_alerts(now + 29) == []  # within the grace
+    [down] = fleet.registry_alerts(now + 31)
+    assert (down["type"], down["detail"]) == ("registry_down", "never seen")
+    online = {"state": "online", "client_id": "r", "session": 1, "heartbeat_s": 10}
+    fleet.on_registry_status("r", online, now + 32)
+    assert fleet.registry_alerts(now + 33) == []
+
+
+@pytest.mark.broker
+async def test_api_says_registry_never_seen_then_clears_when_one_starts(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """No registry status at all within the grace after the dashboard's start: down."""
+    grace = 1.5
+    dash = Dashboard(
+        "127.0.0.1",
+        broker.port,
+        http_port=free_port(),
+        thresholds=Thresholds(registry_grace_s=grace),
+        guard=desk_guard(),
+    )
+    reg = RegistryProcess(broker.port, tmp_path / "registry.db", tmp_path / "registry.log")
+    try:
+        async with running_dashboard(dash):
+            url = f"http://127.0.0.1:{dash.http_port}/api/fleet"
+            asked = time.time()
+            first = await asyncio.to_thread(http_json, url)
+            assert dash.fleet.started_at is not None
+            if asked - dash.fleet.started_at < grace:
+                assert first["registry"]["alerts"] == []  # still within the grace
+            fleet = await _until(url, lambda r: "registry_down" in types(r["alerts"]))
+            down = fleet["registry"]["alerts"][0]
+            assert (down["type"], down["detail"]) == ("registry_down", "never seen")
+            assert fleet["registry"]["consumers"] == []
+            reg.start()
+            await asyncio.to_thread(reg.wait_ready)
+            fleet = await _until(url, lambda r: r["consumers"] and r["alerts"] == [])
+            assert fleet["registry"]["consumers"][0]["state"] == "online"
+    finally:
+        reg.stop()

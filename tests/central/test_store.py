@@ -16,7 +16,7 @@ from agent.central.store import Batch, RecordStore, plan_gaps
 from agent.central.store_pg import PostgresStore
 from agent.central.store_sqlite import RegistryStore, SqliteStore
 from agent.central.stores import open_store
-from agent.errors import BlobMismatch
+from agent.errors import BlobMismatch, RegistryStoreError
 from tests.support.central import PgCluster, record
 
 SITE, AGENT = "toda-city-hall-1f", "station-03"
@@ -292,3 +292,45 @@ async def test_a_lost_range_record_closes_the_gap_it_names(store: RecordStore) -
     assert [(g.first, g.last) for g in await store.open_gaps()] == [(7, 8)]
     [summary] = await store.agents()
     assert (summary.max_seq, summary.records) == (10, 4)  # the lost seqs are not records
+
+
+async def test_the_gap_watcher_and_store_share_the_connection_safely(
+    pg_dsn: str, pg_cluster: PgCluster
+) -> None:
+    """The watcher's alert mark must not run inside a store transaction that then rolls
+    back: the gap would be alerted twice. A second backend holds the agent row so that
+    `store()` is parked inside its transaction when the watcher asks; the stored batch
+    then fails on the server (a seq beyond bigint), rolling its transaction back."""
+    import psycopg
+
+    s = PostgresStore(pg_dsn)
+    await s.open()
+    blocker = await psycopg.AsyncConnection.connect(pg_dsn)
+    try:
+        await s.store([Batch(SITE, AGENT, [record(1), record(3)])])  # gap 2..2
+        await blocker.execute("INSERT INTO agents (site, agent) VALUES (%s, 'parked')", (SITE,))
+        storing = asyncio.create_task(
+            s.store([Batch(SITE, "parked", [record(2**70)])]), name="store"
+        )
+        async with asyncio.timeout(10):
+            while not pg_cluster.query(
+                pg_dsn,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND application_name LIKE 'madoguchi-registry-%%'",
+            ):
+                await asyncio.sleep(0.02)  # the store's backend is waiting on the row lock
+        watching = asyncio.create_task(s.overdue_gaps(0.0), name="watcher")
+        await asyncio.sleep(0.1)  # the watcher is queued behind the parked statement
+        await blocker.rollback()
+        with pytest.raises(RegistryStoreError):
+            await storing
+        alerted = await watching
+        assert [(g.first, g.last) for g in alerted] == [(2, 2)]
+        assert await s.overdue_gaps(0.0) == []  # the mark survived: alerted once
+        assert pg_cluster.query(
+            pg_dsn, "SELECT count(*) FROM gaps WHERE alerted_at IS NOT NULL"
+        ) == [(1,)]
+        assert await s.count() == 2  # the connection is usable after the rolled-back store
+    finally:
+        await blocker.close()
+        await s.close()

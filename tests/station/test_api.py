@@ -15,6 +15,7 @@ import sqlite3
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -713,3 +714,53 @@ def test_event_hub_resume_boundaries_and_slow_followers() -> None:
     hub.close()
     assert client.closed
     hub.publish("read_accepted", {})  # after close: ignored, nothing raised
+
+
+async def test_status_shows_the_api_connection_counters_as_documented(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    """Open connections, evictions and descriptor (EMFILE) episodes, through the real
+    server: idle sockets past max_connections, then accept()'s error as asyncio reports it."""
+    import errno
+
+    schema = openapi_document()["components"]["schemas"]
+    counters = schema["ApiConnections"]
+    cfg, port = kiosk_config(tmp_path, broker.port, pty_port.link, api="max_connections = 4")
+    idle: list[socket.socket] = []
+    async with running_kiosk(cfg) as k:
+
+        async def status() -> dict[str, Any]:
+            async with k.client() as c:  # a fresh connection: an idle kept-alive one is evicted
+                body: dict[str, Any] = (await c.get("/v1/status", headers=k.auth())).json()
+                return body
+
+        first = (await status())["api_connections"]
+        assert set(first) == set(counters["properties"]) == set(counters["required"])
+        assert first["max_connections"] == 4 and first["open"] >= 1
+        assert (first["evicted"], first["resource_episodes"]) == (0, 0)
+        try:
+            for _ in range(10):  # idle: connect, send nothing; each past the cap evicts one
+                idle.append(socket.create_connection(("127.0.0.1", port)))
+            async with asyncio.timeout(10):
+                while True:
+                    now = (await status())["api_connections"]
+                    if now["evicted"] >= 7:
+                        break
+                    await asyncio.sleep(0.05)
+            assert now["open"] <= 4
+            loop = asyncio.get_running_loop()
+            for _ in range(3):  # one episode of three accept() failures
+                loop.call_exception_handler(
+                    {"message": "accept", "exception": OSError(errno.EMFILE, "Too many open files")}
+                )
+            s = await status()
+        finally:
+            for sock in idle:
+                sock.close()
+    conns = s["api_connections"]
+    assert (conns["resource_errors"], conns["resource_episodes"]) == (3, 1)
+    assert conns["out_of_descriptors"] is True
+    for key, value in conns.items():  # the types the document states
+        want = bool if counters["properties"][key]["type"] == "boolean" else int
+        assert type(value) is want, key
+    assert set(schema["Status"]["required"]) <= set(s)

@@ -122,3 +122,65 @@ def test_demo_says_ack_means_stored_and_shows_validity_apart() -> None:
     )
     assert "ACK = stored in the outbox; validity is shown separately" in r.stdout
     assert "scanner got ACK" not in r.stdout
+
+
+def _processes_under(workdir: str) -> list[str]:
+    """Command lines of running processes that name `workdir` (the demo's broker config)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if workdir in cmdline:
+            out.append(f"{proc.name}: {cmdline}")
+    return out
+
+
+def test_demo_loop_stops_on_ctrl_c_honestly_and_leaves_no_broker() -> None:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "agent", "demo", "--loop"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert p.stdout is not None
+    lines: list[str] = []
+    try:
+        while sum(x.startswith("registry ") for x in lines) < 3:
+            line = p.stdout.readline()
+            assert line, "".join(lines) + (p.stderr.read() if p.stderr else "")
+            lines.append(line)
+        workdir = next(x.split()[1] for x in lines if x.startswith("outbox ")).split("/data/")[0]
+        assert _processes_under(workdir), "the demo's broker runs under its work directory"
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    summary = [x for x in rest.splitlines() if " scans" in x]
+    assert p.returncode == 0, rest + err
+    assert summary and (
+        "every one stored by the registry once" in summary[0] or "ACKed" in summary[0]
+    )
+    assert "Traceback" not in err, err
+    assert _processes_under(workdir) == []  # no mosquitto (or anything) left behind
+    assert not Path(workdir).exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "x"])
+def test_demo_scans_must_be_one_or_more(bad: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", f"--scans={bad}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "argument --scans:" in r.stderr.splitlines()[-1], r.stderr
+    assert "broker" not in r.stdout  # refused before anything started

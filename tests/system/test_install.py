@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -462,3 +463,50 @@ def test_makefile_station_packages_leave_out_the_dev_tools() -> None:
     pkgs = r.stdout.split()
     assert {"pcscd", "libccid", "python3-venv", "chromium", "fonts-ipafont-gothic"} <= set(pkgs)
     assert not {"shellcheck", "postgresql", "vsmartcard-vpcd", "mosquitto"} & set(pkgs)
+
+
+def _files_table() -> dict[str, int]:
+    """docs/provisioning.md "Files, owners and modes": path -> mode (`…/` is /etc/madoguchi/)."""
+    text = (ROOT / "docs" / "provisioning.md").read_text()
+    table = text.split("### Files, owners and modes", 1)[1].split("\n### ", 1)[0]
+    out: dict[str, int] = {}
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[0].startswith("`"):
+            continue
+        paths = [p.replace("…/", "/etc/madoguchi/") for p in re.findall(r"`([^`]+)`", cells[0])]
+        modes = [int(m, 8) for m in re.findall(r"\b0[0-7]{3}\b", cells[2])]
+        if len(paths) > 1 and len(modes) == 1:
+            modes *= len(paths)
+        for named, mode in zip(paths, modes, strict=True):
+            # `tls.csr` beside `…/credentials/tls.crt`: the first path's directory
+            path = named if named.startswith("/") else str(Path(paths[0]).parent / named)
+            out[path.rstrip("/")] = mode
+    return out
+
+
+def test_the_files_table_of_the_doc_is_what_install_makes(tmp_path: Path, station: Path) -> None:
+    """Every file install.sh --kiosk puts outside the venv, the docs and the profiles is
+    in docs/provisioning.md's table with the mode it gets, and every path the table
+    promises (but what only enrolment or systemd make) is there."""
+    station.write_text(STATION + KIOSK_API)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n(test)\n-----END CERTIFICATE-----\n")
+    root = tmp_path / "root"
+    install(root, "--config", str(station), "--ca", str(ca), "--kiosk")
+    table = _files_table()
+    subtrees = ("opt/madoguchi/venv/", "usr/share/doc/madoguchi/", "etc/madoguchi/device_profiles/")
+    for rel, (mode, _, _, what) in snapshot(root).items():
+        if what == "dir" or rel.startswith(subtrees):
+            continue
+        assert "/" + rel in table, f"/{rel} is installed but not in the doc's table"
+        assert table["/" + rel] == mode, f"/{rel}: mode {mode:o}, the doc says {table['/' + rel]:o}"
+    made_later = {"/var/lib/madoguchi"} | {
+        p for p in table if p.startswith("/etc/madoguchi/credentials/tls.")
+    }
+    for path, mode in table.items():
+        if path in made_later:
+            continue
+        p = root / path.lstrip("/")
+        assert p.exists(), f"{path}: in the doc's table, not installed"
+        assert stat.S_IMODE(p.stat().st_mode) == mode, f"{path}: {p.stat().st_mode:o} vs {mode:o}"

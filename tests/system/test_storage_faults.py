@@ -12,7 +12,8 @@ import random
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,20 @@ def fill_up(mnt: Path) -> Path:
     return ballast
 
 
+async def retained_disk_full(port: int, topic: str) -> bool | None:
+    """`outbox.disk_full` of the retained status on `topic` (None: no retained status)."""
+    got = await mqtt_collect(port, topic, 0.3)
+    return bool(payload(got[-1])["outbox"]["disk_full"]) if got else None
+
+
+async def wait_until_async(
+    probe: Callable[[], Awaitable[object]], want: object, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := await probe()) != want:
+        assert time.monotonic() < deadline, f"{seen!r}, not {want!r}, after {timeout} s"
+
+
 async def test_disk_full_naks_while_full_stays_up_and_recovers(
     broker: Broker, registry: RegistryProbe, pty_port: Pty, small_fs: Path, tmp_path: Path
 ) -> None:
@@ -320,6 +335,9 @@ async def test_disk_full_naks_while_full_stays_up_and_recovers(
         agent.wait_log("DISK FULL", timeout=5)
         got = await mqtt_collect(broker.port, telemetry, 2.5)
         assert any(payload(m)["outbox"]["disk_full"] for m in got), "telemetry shows disk_full"
+        # the retained status (what a dashboard started now reads) says so too
+        status = Topics(c.mqtt.topic_prefix).station(c.agent.site, c.agent.name).status
+        await wait_until_async(lambda: retained_disk_full(broker.port, status), True, 12)
         await asyncio.sleep(1.5)  # bookkeeping retries while full; the station stays up
         agent.check_running()
         ballast.unlink()
@@ -332,6 +350,7 @@ async def test_disk_full_naks_while_full_stays_up_and_recovers(
         await wait_until(lambda: set(acked) <= {r["data"].get("text") for r in registry.new}, 30)
         got = await mqtt_collect(broker.port, telemetry, 2.5)
         assert got and not payload(got[-1])["outbox"]["disk_full"]
+        await wait_until_async(lambda: retained_disk_full(broker.port, status), False, 12)
         await asyncio.sleep(0.5)
         agent.check_running()
     finally:

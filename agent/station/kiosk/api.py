@@ -51,9 +51,11 @@ class LocalApi:
         self.hub = EventHub(cfg.event_buffer)
         self.ready = asyncio.Event()
         self.guard = Guard(cfg)
-        self.routes = Routes(station, cfg, self.hub, openapi_document)
-        self.app = self._build_app()
         self.bounds = BoundedHttp(cfg)
+        self.routes = Routes(
+            station, cfg, self.hub, openapi_document, connections=self.bounds.describe
+        )
+        self.app = self._build_app()
         station.subscribe(self.hub.publish)
 
     @property

@@ -62,6 +62,7 @@ class BoundedHttp:
         self.refused = 0
         self.timed_out = 0
         self.resource_errors = 0  # accept() failing for want of descriptors, in all
+        self.resource_episodes = 0  # runs of those errors (each logged once when it began)
         self._resource_since: int | None = None  # resource_errors when this episode began
         self._resource_last = 0.0  # monotonic time of the last one
 
@@ -77,6 +78,7 @@ class BoundedHttp:
             "refused": self.refused,
             "timed_out": self.timed_out,
             "resource_errors": self.resource_errors,
+            "resource_episodes": self.resource_episodes,
             "out_of_descriptors": self._resource_since is not None,
         }
 
@@ -156,6 +158,7 @@ class BoundedHttp:
                 self._resource_last = time.monotonic()
                 if self._resource_since is None:
                     self._resource_since = self.resource_errors - 1
+                    self.resource_episodes += 1
                     log.error(
                         "api: cannot accept connections: %s (%d open connections, "
                         "api.max_connections=%d); retrying each second",

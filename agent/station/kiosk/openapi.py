@@ -14,6 +14,18 @@ from typing import Any
 from agent.station.feedback import VERDICTS
 from agent.station.kiosk.routes import CardInfoRequest, ManualEntry, PhotoRequest, ProveRequest
 
+#: `BoundedHttp.describe()`, field by field: what /v1/status shows as api_connections
+API_CONNECTION_COUNTERS = {
+    "open": "Connections open now.",
+    "max_connections": "The cap in force (lowered to fit the descriptor limit).",
+    "evicted": "Idle connections closed to make room, since start.",
+    "refused": "New connections closed because every open one was busy, since start.",
+    "timed_out": "Connections closed for an incomplete header or body in time, since start.",
+    "resource_errors": "accept() failures for want of descriptors (EMFILE/ENFILE), in all.",
+    "resource_episodes": "Runs of such failures (each logged once), since start.",
+    "out_of_descriptors": "accept() is failing for want of descriptors right now.",
+}
+
 
 def _err(description: str) -> dict[str, Any]:
     return {
@@ -47,6 +59,29 @@ def openapi_document() -> dict[str, Any]:
             "tries_left": {"type": ["integer", "null"], "description": "pin_refused only."},
             "locked": {"type": "boolean", "description": "pin_refused only: card is locked."},
             "verdict": {"type": "string", "description": "not_stored only."},
+        },
+    }
+    schemas["ApiConnections"] = {
+        "type": "object",
+        "description": "The kiosk API server's own connections (api.max_connections, "
+        "header_timeout_s, idle_timeout_s): how hard it is being pushed.",
+        "required": list(API_CONNECTION_COUNTERS),
+        "properties": {
+            k: {"type": "boolean" if k == "out_of_descriptors" else "integer", "description": d}
+            for k, d in API_CONNECTION_COUNTERS.items()
+        },
+    }
+    schemas["Status"] = {
+        "type": "object",
+        "description": "Agent, devices, uplink and outbox health (more fields than listed).",
+        "required": ["site", "agent", "devices", "online", "outbox", "api_connections"],
+        "properties": {
+            "site": {"type": "string"},
+            "agent": {"type": "string"},
+            "devices": {"type": "object"},
+            "online": {"type": "boolean", "description": "Connected to the broker."},
+            "outbox": {"type": "object"},
+            "api_connections": {"$ref": "#/components/schemas/ApiConnections"},
         },
     }
     schemas["StoredRead"] = {
@@ -209,7 +244,15 @@ def openapi_document() -> dict[str, Any]:
         "/v1/status": {
             "get": {
                 "summary": "Agent, devices, uplink and outbox health",
-                "responses": {"200": {"description": "status object"}, **common},
+                "responses": {
+                    "200": {
+                        "description": "status object",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Status"}}
+                        },
+                    },
+                    **common,
+                },
             }
         },
         "/v1/openapi.json": {

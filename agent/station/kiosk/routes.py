@@ -132,11 +132,14 @@ class Routes:
         config: ApiSection,
         hub: events.EventHub,
         document: Callable[[], dict[str, Any]],
+        *,
+        connections: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.station = station
         self.config = config
         self.hub = hub
         self._document = document
+        self._connections = connections  # the server's own counters (bounded.py)
         self._card_locks: dict[str, asyncio.Lock] = {}
 
     def table(self) -> list[BaseRoute]:
@@ -181,6 +184,7 @@ class Routes:
             ),
             "cameras": self._cameras(),
             "events": {"run": self.hub.run, "last_id": self.hub.event_id(self.hub.last)},
+            "api_connections": None if self._connections is None else self._connections(),
             **self._page_fields(outbox),
         }
 
