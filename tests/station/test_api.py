@@ -355,19 +355,21 @@ async def test_api_disabled_listens_nowhere(broker: Broker, pty_port: Pty, tmp_p
 async def test_uplink_state_is_an_event(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
     cfg, _ = kiosk_config(tmp_path, broker.port, pty_port.link, card_reader=False)
     async with running_kiosk(cfg) as k, k.client() as c:
-        for _ in range(200):  # wait for the first connection (it may precede the API)
+        for _ in range(600):  # wait for the first connection (it may precede the API)
             if (await c.get("/v1/status", headers=k.auth())).json()["online"]:
                 break
             await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the station never connected to the broker in 30 s")
         async with sse(c, k.auth()) as events:
             await events.next()
             broker.stop()
-            ev = await events.until(lambda e: e["event"] == "uplink")
+            ev = await events.until(lambda e: e["event"] == "uplink", timeout=30)
             assert ev["data"]["connected"] is False
             status = (await c.get("/v1/status", headers=k.auth())).json()
             assert status["online"] is False
             broker.start()
-            ev = await events.until(lambda e: e["event"] == "uplink", timeout=20)
+            ev = await events.until(lambda e: e["event"] == "uplink", timeout=30)
             assert ev["data"]["connected"] is True
 
 
