@@ -53,7 +53,12 @@ DATA = json.dumps(
     {
         "text": "111122410000000001",
         "symbology": None,
-        "interpretation": {"type": "vaccination_ticket", "valid": True, "fields": {}, "problems": []},
+        "interpretation": {
+            "type": "vaccination_ticket",
+            "valid": True,
+            "fields": {},
+            "problems": [],
+        },
     },
     separators=(",", ":"),
 )
@@ -77,8 +82,20 @@ def fill_sql(db: Path, n: int, *, start: int = 1) -> None:
             " clock_synced, data, sealed, bytes, created_at)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
-                (s, str(uuid7()), captured, "ticket-scanner", "barcode", "device", None, None,
-                 DATA.replace("00000001", f"{s:08d}"), None, len(DATA) + 200, now)
+                (
+                    s,
+                    str(uuid7()),
+                    captured,
+                    "ticket-scanner",
+                    "barcode",
+                    "device",
+                    None,
+                    None,
+                    DATA.replace("00000001", f"{s:08d}"),
+                    None,
+                    len(DATA) + 200,
+                    now,
+                )
                 for s in range(start, start + n)
             ),
         )
@@ -241,8 +258,11 @@ def main() -> int:
                     print(name, {k: round(v, 1) for k, v in r.items()}, flush=True)
                     runs.append(r)
                 out[name] = {
-                    k: {"median": median([r[k] for r in runs]), "min": min(r[k] for r in runs),
-                        "max": max(r[k] for r in runs)}
+                    k: {
+                        "median": median([r[k] for r in runs]),
+                        "min": min(r[k] for r in runs),
+                        "max": max(r[k] for r in runs),
+                    }
                     for k in runs[0]
                 }
         for n in (args.records, args.big):
@@ -255,7 +275,9 @@ def main() -> int:
         for mode in ("none", "stats", "count"):
             p99 = asyncio.run(append_p99(db, mode, args.p99_seconds))
             out[f"append_p99_ms_{mode}"] = p99
-            print(f"append p99 with {mode} every 0.5 s at {args.big} queued: {p99:.1f} ms", flush=True)
+            print(
+                f"append p99 with {mode} every 0.5 s at {args.big} queued: {p99:.1f} ms", flush=True
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -105,6 +105,25 @@ CREATE TABLE IF NOT EXISTS personal_access (
 _FILES = ("", "-wal", "-shm", "-journal")
 
 
+# ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation, and a record
+# never stored would be acked as a duplicate. `WHERE true`: SQLite's parser needs it
+# between a SELECT and ON CONFLICT.
+_INSERT_MESSAGE = """
+INSERT INTO records
+SELECT value ->> '$.id', ?1, ?2, value ->> '$.seq', value ->> '$.captured_at',
+       value ->> '$.device', value ->> '$.kind',
+       coalesce(nullif(value ->> '$.source', ''), 'device'), value, ?3
+FROM json_each(?4) WHERE true
+ON CONFLICT(id) DO NOTHING
+RETURNING id
+"""
+
+
+def _records_json(split: list[tuple[dict[str, Any], Any]]) -> str:
+    """The records to store as one JSON array (each element becomes a row's body)."""
+    return json.dumps([r for r, _ in split], ensure_ascii=False, separators=(",", ":"))
+
+
 class RegistryStore:
     """SQLite storage of the reference registry; used from one thread only.
 
@@ -196,26 +215,17 @@ class RegistryStore:
         new_seqs = []
         accounted: list[int] = []  # seqs named by lost_range records
         clock: int | None = None
-        for sent in records:
-            r, sealed = split_personal(sent)
-            cur = db.execute(
-                # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation,
-                # and a record never stored would be acked as a duplicate
-                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
-                (
-                    r["id"],
-                    site,
-                    agent,
-                    int(r["seq"]),
-                    r["captured_at"],
-                    r["device"],
-                    r["kind"],
-                    r.get("source") or "device",
-                    json.dumps(r, ensure_ascii=False),
-                    now,
-                ),
-            )
-            new = cur.rowcount == 1
+        split = [split_personal(sent) for sent in records]
+        # the whole message in one statement: SQLite walks the records (json_each), stores
+        # each one's text and says which ids were new (RETURNING); one Python call per
+        # message, not one INSERT and one json.dumps per record (issue #18)
+        inserted = {
+            str(i) for (i,) in db.execute(_INSERT_MESSAGE, (site, agent, now, _records_json(split)))
+        }
+        for r, sealed in split:
+            new = r["id"] in inserted
+            if new:
+                inserted.discard(r["id"])  # the same id twice in one message: once new
             conflict = not new and self._conflict(site, agent, r, now)
             out.append(Stored(site, agent, r, new, conflict))
             if new and sealed is not None:

@@ -34,7 +34,7 @@ _data = st.dictionaries(
 _reads = st.builds(
     Read,
     device=st.text(min_size=1, max_size=12),
-    kind=st.sampled_from(["barcode", "card", "photo", "x\"\\\n\u3042"]),
+    kind=st.sampled_from(["barcode", "card", "photo", 'x"\\\n\u3042']),
     data=_data,
     source=st.text(max_size=8),
     clock_synced=st.none() | st.booleans(),
