@@ -106,22 +106,8 @@ _FILES = ("", "-wal", "-shm", "-journal")
 
 
 # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation, and a record
-# never stored would be acked as a duplicate. `WHERE true`: SQLite's parser needs it
-# between a SELECT and ON CONFLICT.
-_INSERT_MESSAGE = """
-INSERT INTO records
-SELECT value ->> '$.id', ?1, ?2, value ->> '$.seq', value ->> '$.captured_at',
-       value ->> '$.device', value ->> '$.kind',
-       coalesce(nullif(value ->> '$.source', ''), 'device'), value, ?3
-FROM json_each(?4) WHERE true
-ON CONFLICT(id) DO NOTHING
-RETURNING id
-"""
-
-
-def _records_json(split: list[tuple[dict[str, Any], Any]]) -> str:
-    """The records to store as one JSON array (each element becomes a row's body)."""
-    return json.dumps([r for r, _ in split], ensure_ascii=False, separators=(",", ":"))
+# never stored would be acked as a duplicate
+_INSERT_RECORD = "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING"
 
 
 class RegistryStore:
@@ -216,12 +202,7 @@ class RegistryStore:
         accounted: list[int] = []  # seqs named by lost_range records
         clock: int | None = None
         split = [split_personal(sent) for sent in records]
-        # the whole message in one statement: SQLite walks the records (json_each), stores
-        # each one's text and says which ids were new (RETURNING); one Python call per
-        # message, not one INSERT and one json.dumps per record (issue #18)
-        inserted = {
-            str(i) for (i,) in db.execute(_INSERT_MESSAGE, (site, agent, now, _records_json(split)))
-        }
+        inserted = self._insert_new(site, agent, split, now)
         for r, sealed in split:
             new = r["id"] in inserted
             if new:
@@ -273,6 +254,37 @@ class RegistryStore:
             (site, agent, max_seq, len(new_seqs), now, clock),
         )
         return out
+
+    def _insert_new(
+        self, site: str, agent: str, split: list[tuple[dict[str, Any], Any]], now: float
+    ) -> set[str]:
+        """Insert the records, return the ids that were new. One `executemany` for the
+        whole message (the common case, every record new); when some were known already
+        (a re-send), that is undone to a savepoint and each record is inserted on its own
+        to learn which (issue #18: one INSERT call per record was a quarter of the CPU)."""
+        db = self.db
+        rows = [
+            (
+                r["id"],
+                site,
+                agent,
+                int(r["seq"]),
+                r["captured_at"],
+                r["device"],
+                r["kind"],
+                r.get("source") or "device",
+                json.dumps(r, ensure_ascii=False, separators=(",", ":")),
+                now,
+            )
+            for r, _ in split
+        ]
+        db.execute("SAVEPOINT message")
+        if db.executemany(_INSERT_RECORD, rows).rowcount == len(rows):
+            db.execute("RELEASE message")
+            return {row[0] for row in rows}
+        db.execute("ROLLBACK TO message")
+        db.execute("RELEASE message")
+        return {row[0] for row in rows if db.execute(_INSERT_RECORD, row).rowcount == 1}
 
     def _conflict(self, site: str, agent: str, r: dict[str, Any], now: float) -> bool:
         """A known id: a duplicate if the content is the same, else kept as a conflict."""

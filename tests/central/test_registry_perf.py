@@ -1,4 +1,4 @@
-"""The registry's per-message insert (one statement per message) and its bounded acks
+"""The registry's per-message insert (one executemany per message) and its bounded acks
 (issue #18): the same answers as one INSERT per record, and no ack a station drops."""
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def test_one_message_with_an_id_twice_is_one_new_and_one_duplicate(tmp_path: Pat
 
 
 _text = st.text(max_size=30)
-# the columns hold what agent/contract/validate.py lets through (no control characters:
-# SQLite's ->> would cut a text at a NUL); `data` may hold anything
+# the columns hold what agent/contract/validate.py lets through (no control characters);
+# `data` may hold anything
 _name = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
 
 
