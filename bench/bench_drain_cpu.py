@@ -29,6 +29,7 @@ import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -182,6 +183,53 @@ async def one_drain(tree: Path, seed: Path, records: int, workdir: Path) -> dict
     }
 
 
+_OUTBOX_PATH = """
+import asyncio, json, shutil, sys, tempfile, time
+from pathlib import Path
+from agent.contract.records import envelope_of
+from agent.station.outbox import Outbox
+async def main(db):
+    cpu = 0.0
+    n = 0
+    async with Outbox(db) as ob:
+        while True:
+            t = time.process_time()
+            if hasattr(ob, "next_wire_batch"):
+                batch = await ob.next_wire_batch(500, 60)
+                parts = [o.wire for o in batch]
+            else:
+                batch = await ob.next_batch(500, 60)
+                parts = [r.wire_json().encode() for r in batch]
+            if not batch:
+                break
+            envelope_of("bench-site", "drain", parts)
+            await ob.mark_sent([r.seq for r in batch])
+            await ob.confirm([r.id for r in batch])
+            cpu += time.process_time() - t
+            n += len(batch)
+    print(json.dumps({"outbox_path_us_per_record": cpu / n * 1e6}))
+work = Path(tempfile.mkdtemp(prefix="madoguchi-bench-path-"))
+shutil.copy(sys.argv[1], work / "outbox.db")
+try:
+    asyncio.run(main(work / "outbox.db"))
+finally:
+    shutil.rmtree(work)
+"""
+
+
+def outbox_path(tree: Path, seed: Path) -> dict[str, float]:
+    """The outbox side of the drain in one process of `tree`'s code, no MQTT: read the next
+    500, build the envelope, mark sent, confirm; process CPU per record."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OUTBOX_PATH, str(seed)],
+        cwd=tree,
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
+    return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+
+
 async def stats_cost(db: Path, calls: int = 20) -> dict[str, float]:
     """Milliseconds per stats() call (this tree) and per COUNT query set (the old stats)."""
     async with Outbox(db) as ob:
@@ -251,19 +299,22 @@ def main() -> int:
         if args.base is not None:
             trees["base"] = args.base.resolve()
         if not args.skip_drain:
-            for name, tree in trees.items():
-                runs = []
-                for i in range(args.runs):
+            # interleaved (this, base, this, base, ...): the machine's load drifts
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+            for i in range(args.runs):
+                for name, tree in trees.items():
                     r = asyncio.run(one_drain(tree, seed, args.records, work / f"{name}-{i}"))
+                    r.update(outbox_path(tree, seed))
                     print(name, {k: round(v, 1) for k, v in r.items()}, flush=True)
-                    runs.append(r)
+                    runs[name].append(r)
+            for name, rs in runs.items():
                 out[name] = {
                     k: {
-                        "median": median([r[k] for r in runs]),
-                        "min": min(r[k] for r in runs),
-                        "max": max(r[k] for r in runs),
+                        "median": median([r[k] for r in rs]),
+                        "min": min(r[k] for r in rs),
+                        "max": max(r[k] for r in rs),
                     }
-                    for k in runs[0]
+                    for k in rs[0]
                 }
         for n in (args.records, args.big):
             db = work / f"stats-{n}" / "outbox.db"
