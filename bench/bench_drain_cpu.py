@@ -113,7 +113,9 @@ async def _touch(db: Path) -> None:
         pass
 
 
-async def one_drain(tree: Path, seed: Path, records: int, workdir: Path) -> dict[str, float]:
+async def one_drain(
+    tree: Path, seed: Path, records: int, workdir: Path, registry_tree: Path | None = None
+) -> dict[str, float]:
     workdir.mkdir(parents=True)
     broker = Broker(workdir, persistence=False, log=False)
     broker.start()
@@ -135,7 +137,7 @@ async def one_drain(tree: Path, seed: Path, records: int, workdir: Path) -> dict
         outbox="resend_after_s = 60",
     )
     registry = RegistryProcess(broker.port, workdir / "registry.db", workdir / "registry.log")
-    registry.cwd = tree
+    registry.cwd = registry_tree or tree
     registry.start()
     agent: AgentProcess | None = None
     try:
