@@ -323,6 +323,9 @@ def main() -> int:
             db.parent.mkdir()
             fill_sql(db, n)
             out[f"stats_{n}"] = asyncio.run(stats_cost(db))
+            for name, tree in trees.items():  # flat under backlog: the outbox side at n
+                out[f"outbox_path_{n}_{name}"] = outbox_path(tree, db)["outbox_path_us_per_record"]
+                print(f"outbox side at {n} queued, {name}:", out[f"outbox_path_{n}_{name}"])
             print(f"stats at {n}", out[f"stats_{n}"], flush=True)
         db = work / f"stats-{args.big}" / "outbox.db"
         for mode in ("none", "stats", "count"):
