@@ -66,6 +66,7 @@ fuzz: venv
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS),bench]'
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/bench_drain_cpu.py $(if $(BENCH_BASE),--base $(BENCH_BASE))
 
 # The offline bundle (docs/provisioning.md): dist/madoguchi-bundle-VERSION.tar.gz
 bundle: venv

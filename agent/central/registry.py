@@ -95,6 +95,11 @@ MAX_KEPT_PAYLOAD = 1024
 # -- the MQTT loop ------------------------------------------------------------------------
 
 
+ACK_MAX_IDS = 4096
+"""Ids per ack message at most (about 160 kB): under the station's default 1 MiB
+`mqtt.max_inbound_bytes` with room to spare, whatever one commit covered."""
+
+
 class Registry:
     """`madoguchi registry`: store idempotently, commit, then ack. Open with `async with`.
 
@@ -481,10 +486,17 @@ class Registry:
                 ids.setdefault((s.site, s.agent), []).append(s.record["id"])
         # one ack per agent, all in flight together: a broker far away costs one
         # round trip per commit, not one per agent
+        # and at most ACK_MAX_IDS ids per ack: a commit of many big messages must not make
+        # an ack the station drops as over its mqtt.max_inbound_bytes (issue #18)
         await asyncio.gather(
             *(
-                client.publish(self.topics.station(site, agent).ack, Ack(agent_ids).encode(), qos=1)
+                client.publish(
+                    self.topics.station(site, agent).ack,
+                    Ack(agent_ids[i : i + ACK_MAX_IDS]).encode(),
+                    qos=1,
+                )
                 for (site, agent), agent_ids in ids.items()
+                for i in range(0, len(agent_ids), ACK_MAX_IDS)
             )
         )
 

@@ -105,6 +105,11 @@ CREATE TABLE IF NOT EXISTS personal_access (
 _FILES = ("", "-wal", "-shm", "-journal")
 
 
+# ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation, and a record
+# never stored would be acked as a duplicate
+_INSERT_RECORD = "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING"
+
+
 class RegistryStore:
     """SQLite storage of the reference registry; used from one thread only.
 
@@ -196,26 +201,12 @@ class RegistryStore:
         new_seqs = []
         accounted: list[int] = []  # seqs named by lost_range records
         clock: int | None = None
-        for sent in records:
-            r, sealed = split_personal(sent)
-            cur = db.execute(
-                # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation,
-                # and a record never stored would be acked as a duplicate
-                "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
-                (
-                    r["id"],
-                    site,
-                    agent,
-                    int(r["seq"]),
-                    r["captured_at"],
-                    r["device"],
-                    r["kind"],
-                    r.get("source") or "device",
-                    json.dumps(r, ensure_ascii=False),
-                    now,
-                ),
-            )
-            new = cur.rowcount == 1
+        split = [split_personal(sent) for sent in records]
+        inserted = self._insert_new(site, agent, split, now)
+        for r, sealed in split:
+            new = r["id"] in inserted
+            if new:
+                inserted.discard(r["id"])  # the same id twice in one message: once new
             conflict = not new and self._conflict(site, agent, r, now)
             out.append(Stored(site, agent, r, new, conflict))
             if new and sealed is not None:
@@ -263,6 +254,37 @@ class RegistryStore:
             (site, agent, max_seq, len(new_seqs), now, clock),
         )
         return out
+
+    def _insert_new(
+        self, site: str, agent: str, split: list[tuple[dict[str, Any], Any]], now: float
+    ) -> set[str]:
+        """Insert the records, return the ids that were new. One `executemany` for the
+        whole message (the common case, every record new); when some were known already
+        (a re-send), that is undone to a savepoint and each record is inserted on its own
+        to learn which (issue #18: one INSERT call per record was a quarter of the CPU)."""
+        db = self.db
+        rows = [
+            (
+                r["id"],
+                site,
+                agent,
+                int(r["seq"]),
+                r["captured_at"],
+                r["device"],
+                r["kind"],
+                r.get("source") or "device",
+                json.dumps(r, ensure_ascii=False, separators=(",", ":")),
+                now,
+            )
+            for r, _ in split
+        ]
+        db.execute("SAVEPOINT message")
+        if db.executemany(_INSERT_RECORD, rows).rowcount == len(rows):
+            db.execute("RELEASE message")
+            return {row[0] for row in rows}
+        db.execute("ROLLBACK TO message")
+        db.execute("RELEASE message")
+        return {row[0] for row in rows if db.execute(_INSERT_RECORD, row).rowcount == 1}
 
     def _conflict(self, site: str, agent: str, r: dict[str, Any], now: float) -> bool:
         """A known id: a duplicate if the content is the same, else kept as a conflict."""

@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from agent._aio import Backoff
+from agent.contract.blobs import PHOTO_KIND
 from agent.contract.records import Read, Record, iso_ms, uuid7
 from agent.errors import OutboxDiskFull, OutboxError, OutboxFull
 from agent.station import counters
@@ -103,6 +104,35 @@ class OutboxStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A record as the uplink sends it: its seq, id and wire JSON (UTF-8), and the whole
+    `Record` only for the kinds that need more than the bytes (see `next_wire_batch`)."""
+
+    seq: int
+    id: str
+    wire: bytes
+    record: Record | None = None
+
+
+_KINDS_WITH_RECORD = frozenset({PHOTO_KIND})
+"""Kinds whose sent records the uplink hands on (agent/station/blobs.py PHOTO_KIND)."""
+
+# The wire form of `Record.wire_json()` built by SQLite from the stored columns: `data` is
+# spliced in as the text the outbox stored (compact JSON), the strings quoted by json_quote.
+_WIRE_SQL = (
+    "CAST('{\"id\":' || json_quote(id) || ',\"seq\":' || seq"
+    " || ',\"captured_at\":' || json_quote(captured_at)"
+    " || ',\"device\":' || json_quote(device)"
+    " || ',\"kind\":' || json_quote(kind)"
+    " || ',\"source\":' || json_quote(source)"
+    " || CASE WHEN operator IS NULL THEN '' ELSE ',\"operator\":' || json_quote(operator) END"
+    " || CASE clock_synced WHEN 1 THEN ',\"clock_synced\":true'"
+    " WHEN 0 THEN ',\"clock_synced\":false' ELSE '' END"
+    " || ',\"data\":' || data || '}' AS BLOB)"
+)
+
+
 @dataclass(slots=True)
 class _Pending:
     read: Read
@@ -151,6 +181,9 @@ class Outbox:
         self._last_seq = 0
         self._session = 0
         self._page_size = 4096
+        # rows by state, kept as rows change state (rebuilt once per connection): stats()
+        # runs on the committing thread and must not count a million rows (issue #18)
+        self._n_pending = self._n_sent = self._n_confirmed = 0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -320,10 +353,19 @@ class Outbox:
             self._salvaged = int(meta.get("salvaged", 0))
             self._lost_seqs = int(meta.get("lost_seqs", 0))
             self._lost_ranges = int(meta.get("lost_ranges", 0))
+            self._count_states(db)
         except BaseException:
             db.close()
             raise
         return db
+
+    def _count_states(self, db: sqlite3.Connection) -> None:
+        """The state counters from the rows: once per connection, never per status call."""
+        total = db.execute("SELECT count(*) FROM records").fetchone()[0]
+        unconfirmed = db.execute("SELECT count(*) FROM records WHERE state < 2").fetchone()[0]
+        sent = db.execute("SELECT count(*) FROM records WHERE state = 1").fetchone()[0]
+        self._n_pending, self._n_sent = unconfirmed - sent, sent
+        self._n_confirmed = total - unconfirmed
 
     def _move_aside(self, reason: str) -> None:
         """Keep a broken database for forensics (never deleted), copy its readable
@@ -479,6 +521,8 @@ class Outbox:
         )
         if transaction:
             db.execute("COMMIT")
+        if db is self._db:  # a fresh database is counted when it is connected
+            self._n_pending += len(rows)
 
     def _write_counters(self, *, strict: bool = False) -> None:
         """The side file. `strict` (a new seq reservation) raises on failure, so the
@@ -643,6 +687,7 @@ class Outbox:
                     db.execute("ROLLBACK")
             raise _translate(e, f"{self.path}: commit failed") from e
         self._last_seq = seq
+        self._n_pending += len(rows)
         return results
 
     def _used_bytes(self) -> int:
@@ -666,6 +711,37 @@ class Outbox:
             (due, max_records),
         ).fetchall()
         return [self._record(row) for row in rows]
+
+    async def next_wire_batch(self, max_records: int, resend_after_s: float) -> list[Outgoing]:
+        """`next_batch` for the uplink: each record's wire JSON built by SQLite from the
+        stored text (`data` is never parsed); a full `Record` only where the uplink needs
+        one besides the bytes (photos, for their blobs) or the personal part must be opened."""
+        return await self._run(self._next_wire_batch, max_records, resend_after_s)
+
+    def _next_wire_batch(self, max_records: int, resend_after_s: float) -> list[Outgoing]:
+        due = self._clock() - resend_after_s
+        rows = self.db.execute(
+            f"SELECT seq, id, kind, sealed IS NOT NULL, {_WIRE_SQL}"
+            " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?)"
+            " ORDER BY seq LIMIT ?",
+            (due, max_records),
+        ).fetchall()
+        out: list[Outgoing] = []
+        for seq, rid, kind, sealed, wire in rows:
+            if sealed or kind in _KINDS_WITH_RECORD:
+                record = self._record_at(seq)
+                out.append(Outgoing(seq, rid, record.wire_json().encode(), record))
+            else:
+                out.append(Outgoing(seq, rid, wire, None))
+        return out
+
+    def _record_at(self, seq: int) -> Record:
+        row = self.db.execute(
+            "SELECT id, seq, captured_at, device, kind, source, data, sealed, operator,"
+            " clock_synced FROM records WHERE seq = ?",
+            (seq,),
+        ).fetchone()
+        return self._record(row)
 
     def _record(self, row: tuple[Any, ...]) -> Record:
         rid, seq, captured, device, kind, source, data, sealed, operator, synced = row
@@ -709,26 +785,94 @@ class Outbox:
         await self._bookkeeping(self._mark_sent, list(seqs))
 
     def _mark_sent(self, seqs: list[int]) -> None:
+        """By seq range when the seqs are one ascending run (a batch as `next_batch` read
+        it), by seq otherwise. Two statements, so the pending -> sent moves are counted."""
+        if not seqs:
+            return
         now = self._clock()
-        with _transaction(self.db, durable=False):
-            self.db.executemany(
-                "UPDATE records SET state = 1, sent_at = ? WHERE seq = ? AND state < 2",
-                [(now, s) for s in seqs],
-            )
+        db = self.db
+        run = _as_run(seqs)
+        with _transaction(db, durable=False):
+            if run is not None:
+                db.execute(
+                    "UPDATE records SET sent_at = ? WHERE seq BETWEEN ? AND ? AND state = 1",
+                    (now, *run),
+                )
+                moved = db.execute(
+                    "UPDATE records SET state = 1, sent_at = ? WHERE seq BETWEEN ? AND ?"
+                    " AND state = 0",
+                    (now, *run),
+                ).rowcount
+            else:
+                pairs = [(now, s) for s in seqs]
+                db.executemany("UPDATE records SET sent_at = ? WHERE seq = ? AND state = 1", pairs)
+                moved = db.executemany(
+                    "UPDATE records SET state = 1, sent_at = ? WHERE seq = ? AND state = 0", pairs
+                ).rowcount
+        self._n_pending -= moved
+        self._n_sent += moved
 
     async def confirm(self, ids: Iterable[str]) -> int:
         """Mark records confirmed by the registry; drop their personal data now."""
         return await self._bookkeeping(self._confirm, list(ids))
 
     def _confirm(self, ids: list[str]) -> int:
+        """By seq range when the ids are exactly the rows of one seq run (an ack of one
+        message: two index lookups and a read of the run's ids instead of one unique-index
+        lookup per id), by id otherwise (`_confirm_by_ids`, the same result)."""
+        run = self._run_of_ids(ids)
+        if run is None:
+            return self._confirm_by_ids(ids)
         now = self._clock()
-        with _transaction(self.db, durable=False):
-            cur = self.db.executemany(
+        db = self.db
+        with _transaction(db, durable=False):
+            sql = (
                 "UPDATE records SET state = 2, confirmed_at = ?, sealed = NULL"
-                " WHERE id = ? AND state < 2",
-                [(now, i) for i in ids],
+                " WHERE seq BETWEEN ? AND ? AND state = ?"
             )
-        return cur.rowcount
+            from_sent = db.execute(sql, (now, *run, SENT)).rowcount
+            from_pending = db.execute(sql, (now, *run, PENDING)).rowcount
+        self._confirmed_counts(from_sent, from_pending)
+        return from_sent + from_pending
+
+    def _run_of_ids(self, ids: list[str]) -> tuple[int, int] | None:
+        """(first, last) seq if `ids` are the ids of every row from first to last."""
+        if not ids:
+            return None
+        db = self.db
+        ends = [
+            db.execute("SELECT seq FROM records WHERE id = ?", (ids[i],)).fetchone()
+            for i in (0, -1)
+        ]
+        if ends[0] is None or ends[1] is None:
+            return None
+        first, last = sorted((int(ends[0][0]), int(ends[1][0])))
+        if last - first + 1 != len(ids):
+            return None
+        stored = db.execute(
+            "SELECT id FROM records WHERE seq BETWEEN ? AND ?", (first, last)
+        ).fetchall()
+        if len(stored) != len(ids) or {r[0] for r in stored} != set(ids):
+            return None
+        return first, last
+
+    def _confirm_by_ids(self, ids: list[str]) -> int:
+        now = self._clock()
+        db = self.db
+        with _transaction(db, durable=False):
+            sql = (
+                "UPDATE records SET state = 2, confirmed_at = ?, sealed = NULL"
+                " WHERE id = ? AND state = ?"
+            )
+            from_sent = db.executemany(sql, [(now, i, SENT) for i in ids]).rowcount
+            from_pending = db.executemany(sql, [(now, i, PENDING) for i in ids]).rowcount
+        self._confirmed_counts(from_sent, from_pending)
+        return from_sent + from_pending
+
+    def _confirmed_counts(self, from_sent: int, from_pending: int) -> None:
+        self._n_sent -= from_sent
+        self._n_pending -= from_pending
+        self._n_confirmed += from_sent + from_pending
 
     async def unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """(id, data) of the records of `kind` not yet confirmed: e.g. the photos whose
@@ -751,7 +895,10 @@ class Outbox:
 
     def _reset_sent(self) -> int:
         with _transaction(self.db, durable=False):
-            return self.db.execute("UPDATE records SET state = 0 WHERE state = 1").rowcount
+            n = self.db.execute("UPDATE records SET state = 0 WHERE state = 1").rowcount
+        self._n_sent -= n
+        self._n_pending += n
+        return n
 
     async def next_resend_at(self, resend_after_s: float) -> float | None:
         """Wall-clock time when the oldest sent-but-unconfirmed record is due again."""
@@ -777,11 +924,13 @@ class Outbox:
     def _purge_slice(self, retention_days: float) -> int:
         cutoff = self._clock() - retention_days * 86400
         with _transaction(self.db):
-            return self.db.execute(
+            n = self.db.execute(
                 "DELETE FROM records WHERE seq IN (SELECT seq FROM records"
                 " WHERE state = 2 AND confirmed_at <= ? ORDER BY seq LIMIT 2000)",
                 (cutoff,),
             ).rowcount
+        self._n_confirmed -= n
+        return n
 
     async def bump_session(self) -> int:
         """The status session counter, incremented and persisted before every connect.
@@ -859,9 +1008,21 @@ class Outbox:
         return await self._run(self._stats)
 
     def _stats(self) -> OutboxStats:
-        q = _query_stats(self.db, self._clock())
+        """O(1): the counters, one seek of the unconfirmed index, one meta row, two stats."""
+        db = self.db
+        oldest = db.execute(
+            "SELECT created_at FROM records WHERE state < 2 ORDER BY seq LIMIT 1"
+        ).fetchone()
+        session = db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
         return OutboxStats(
-            **q,
+            pending=self._n_pending,
+            sent=self._n_sent,
+            unconfirmed=self._n_pending + self._n_sent,
+            confirmed=self._n_confirmed,
+            oldest_unconfirmed_age_s=(
+                None if oldest is None else round(self._clock() - oldest[0], 3)
+            ),
+            session=0 if session is None else int(session[0]),
             db_bytes=_file_bytes(self.path),
             max_bytes=self.max_bytes,
             last_seq=self._last_seq,
@@ -871,6 +1032,17 @@ class Outbox:
             lost_seqs=self._lost_seqs,
             lost_ranges=self._lost_ranges,
         )
+
+
+def _as_run(seqs: list[int]) -> tuple[int, int] | None:
+    """(first, last) if `seqs` is first, first + 1, ..., last."""
+    first, last = seqs[0], seqs[-1]
+    if last - first + 1 != len(seqs):
+        return None
+    for want, got in enumerate(seqs, first):
+        if want != got:
+            return None
+    return first, last
 
 
 class _transaction:

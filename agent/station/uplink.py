@@ -25,12 +25,12 @@ import aiomqtt
 from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
 from agent.config import Config
 from agent.contract.messages import MessageError, command_result, parse_ack, parse_command
-from agent.contract.records import Record, envelope_of, iso_ms, utc_now
+from agent.contract.records import envelope_of, iso_ms, utc_now
 from agent.contract.topics import Topics
 from agent.errors import MadoguchiError, UplinkError
 from agent.logrepeat import Repeats
 from agent.station.blobs import BlobSender, BlobStore
-from agent.station.outbox import Outbox
+from agent.station.outbox import Outbox, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -436,14 +436,14 @@ class Uplink:
         while True:
             raise_if_cancelling()
             self._wake.clear()
-            batch = await self.outbox.next_batch(m.batch_max_records, resend_after)
+            batch = await self.outbox.next_wire_batch(m.batch_max_records, resend_after)
             if batch:
                 for chunk, payload in self._split(batch):
                     await client.publish(topic, payload, qos=1, timeout=m.publish_timeout_s)
-                    await self.outbox.mark_sent(r.seq for r in chunk)
+                    await self.outbox.mark_sent([o.seq for o in chunk])
                     self.published_records += len(chunk)
                     if self.blobs is not None:
-                        self.blobs.records_sent(chunk)
+                        self.blobs.records_sent(o.record for o in chunk if o.record is not None)
                 continue
             due = await self.outbox.next_resend_at(resend_after)
             timeout = None if due is None else max(0.0, due - time.time()) + 0.01
@@ -453,16 +453,16 @@ class Uplink:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    def _split(self, batch: list[Record]) -> list[tuple[list[Record], bytes]]:
+    def _split(self, batch: list[Outgoing]) -> list[tuple[list[Outgoing], bytes]]:
         """Cut a batch into messages of at most `batch_max_bytes` (one record at the least)."""
         site, name = self.config.agent.site, self.config.agent.name
         limit = self.config.mqtt.batch_max_bytes
-        out: list[tuple[list[Record], bytes]] = []
-        chunk: list[Record] = []
+        out: list[tuple[list[Outgoing], bytes]] = []
+        chunk: list[Outgoing] = []
         parts: list[bytes] = []
         size = 120
         for record in batch:
-            part = record.wire_json().encode()
+            part = record.wire
             rsize = len(part) + 1
             if chunk and size + rsize > limit:
                 out.append((chunk, envelope_of(site, name, parts)))

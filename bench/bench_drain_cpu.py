@@ -1,0 +1,343 @@
+"""Drain CPU per record and status cost under backlog (issue #18 points 1 and 2).
+
+Real processes on loopback: a mosquitto, `python -m agent registry` (SQLite) and
+`python -m agent run` draining a backlog from its outbox. Process CPU time
+(/proc/PID/stat, user + system) per drained record for the agent and the
+registry, for this tree and, with `--base DIR` (a checkout of the merge-base), for
+the old code in the same run: each process is started with DIR as its working
+directory, so `python -m agent` imports DIR's package.
+
+The agent's figure runs from the first ack it receives to the moment its outbox is
+all confirmed (its start-up and imports excluded); the registry's from before the
+agent starts to the last ack, over every record.
+
+Then, in this process: `Outbox.stats()` cost at 100,000 and 1,000,000 queued (this
+tree's counters against the COUNT queries it replaced, `_query_stats`), and append
+p99 at 100 scans/s with 1,000,000 queued, without stats, with stats every 0.5 s, and
+with the old COUNT every 0.5 s.
+
+    python bench/bench_drain_cpu.py [--records 100000] [--runs 3] [--base DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from agent.contract.records import Read, iso_ms, utc_now, uuid7  # noqa: E402
+from agent.station.outbox import Outbox, _query_stats  # noqa: E402
+from agent.testing import (  # noqa: E402
+    LOOPBACK,
+    AgentProcess,
+    Broker,
+    RegistryProcess,
+    write_config,
+)
+
+DATA = json.dumps(
+    {
+        "text": "111122410000000001",
+        "symbology": None,
+        "interpretation": {
+            "type": "vaccination_ticket",
+            "valid": True,
+            "fields": {},
+            "problems": [],
+        },
+    },
+    separators=(",", ":"),
+)
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fill_sql(db: Path, n: int, *, start: int = 1) -> None:
+    """`n` pending barcode records written straight into the outbox schema (fast, for big
+    backlogs); the outbox is opened once first so the schema and meta are its own."""
+    asyncio.run(_touch(db))
+    con = sqlite3.connect(db)
+    now = time.time()
+    captured = iso_ms(utc_now())
+    with con:
+        con.executemany(
+            "INSERT INTO records (seq, id, captured_at, device, kind, source, operator,"
+            " clock_synced, data, sealed, bytes, created_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                (
+                    s,
+                    str(uuid7()),
+                    captured,
+                    "ticket-scanner",
+                    "barcode",
+                    "device",
+                    None,
+                    None,
+                    DATA.replace("00000001", f"{s:08d}"),
+                    None,
+                    len(DATA) + 200,
+                    now,
+                )
+                for s in range(start, start + n)
+            ),
+        )
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (start + n - 1,))
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    # written behind the outbox's back: its next open must not trust a clean-close mark
+    with contextlib.suppress(FileNotFoundError):
+        Path(str(db) + ".clean").unlink()
+
+
+async def _touch(db: Path) -> None:
+    async with Outbox(db):
+        pass
+
+
+async def one_drain(
+    tree: Path, seed: Path, records: int, workdir: Path, registry_tree: Path | None = None
+) -> dict[str, float]:
+    workdir.mkdir(parents=True)
+    broker = Broker(workdir, persistence=False, log=False)
+    broker.start()
+    data_dir = workdir / "station"
+    data_dir.mkdir()
+    for suffix in ("", ".counters"):
+        if Path(str(seed) + suffix).exists():
+            shutil.copy(str(seed) + suffix, str(data_dir / "outbox.db") + suffix)
+    cfg = write_config(
+        workdir,
+        broker.port,
+        devices="",
+        site="bench-site",
+        name="drain",
+        data_dir=data_dir,
+        extra_agent='log_level = "WARNING"',
+        telemetry_interval_s=None,
+        mqtt="",
+        outbox="resend_after_s = 60",
+    )
+    registry = RegistryProcess(broker.port, workdir / "registry.db", workdir / "registry.log")
+    registry.cwd = registry_tree or tree
+    registry.start()
+    agent: AgentProcess | None = None
+    try:
+        registry.wait_ready(30)
+        acked = 0
+        first: tuple[int, float] | None = None
+        async with aiomqtt.Client(LOOPBACK, broker.port) as sub:
+            await sub.subscribe("madoguchi/v1/bench-site/drain/ack", qos=1)
+            reg_cpu0 = cpu_s(registry.proc.pid)  # type: ignore[union-attr]
+            t0 = time.perf_counter()
+            agent = AgentProcess(cfg, workdir / "agent.log", cwd=tree)
+            agent.start()
+            pid = agent.proc.pid  # type: ignore[union-attr]
+            async with asyncio.timeout(600):
+                async for m in sub.messages:
+                    acked += len(json.loads(m.payload)["ids"])  # type: ignore[arg-type]
+                    if first is None:
+                        first = (acked, cpu_s(pid))
+                    if acked >= records:
+                        break
+            reg_cpu = cpu_s(registry.proc.pid) - reg_cpu0  # type: ignore[union-attr]
+            stored_s = time.perf_counter() - t0
+        db = data_dir / "outbox.db"
+        # the last confirm lands a moment after the last ack: wait for it (read-only reader)
+        while True:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            left = con.execute("SELECT count(*) FROM records WHERE state < 2").fetchone()[0]
+            con.close()
+            if not left:
+                break
+            await asyncio.sleep(0.005)
+        assert first is not None
+        agent_cpu = cpu_s(pid) - first[1]
+        confirmed_s = time.perf_counter() - t0
+    finally:
+        if agent is not None:
+            agent.stop()
+        registry.stop()
+        broker.stop()
+    return {
+        "agent_us_per_record": agent_cpu / (records - first[0]) * 1e6,
+        "registry_us_per_record": reg_cpu / records * 1e6,
+        "rate_confirmed": records / confirmed_s,
+        "rate_stored": records / stored_s,
+    }
+
+
+_OUTBOX_PATH = """
+import asyncio, json, shutil, sys, tempfile, time
+from pathlib import Path
+from agent.contract.records import envelope_of
+from agent.station.outbox import Outbox
+async def main(db):
+    cpu = 0.0
+    n = 0
+    async with Outbox(db) as ob:
+        while True:
+            t = time.process_time()
+            if hasattr(ob, "next_wire_batch"):
+                batch = await ob.next_wire_batch(500, 60)
+                parts = [o.wire for o in batch]
+            else:
+                batch = await ob.next_batch(500, 60)
+                parts = [r.wire_json().encode() for r in batch]
+            if not batch:
+                break
+            envelope_of("bench-site", "drain", parts)
+            await ob.mark_sent([r.seq for r in batch])
+            await ob.confirm([r.id for r in batch])
+            cpu += time.process_time() - t
+            n += len(batch)
+    print(json.dumps({"outbox_path_us_per_record": cpu / n * 1e6}))
+work = Path(tempfile.mkdtemp(prefix="madoguchi-bench-path-"))
+shutil.copy(sys.argv[1], work / "outbox.db")
+try:
+    asyncio.run(main(work / "outbox.db"))
+finally:
+    shutil.rmtree(work)
+"""
+
+
+def outbox_path(tree: Path, seed: Path) -> dict[str, float]:
+    """The outbox side of the drain in one process of `tree`'s code, no MQTT: read the next
+    500, build the envelope, mark sent, confirm; process CPU per record."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OUTBOX_PATH, str(seed)],
+        cwd=tree,
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
+    return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+
+
+async def stats_cost(db: Path, calls: int = 20) -> dict[str, float]:
+    """Milliseconds per stats() call (this tree) and per COUNT query set (the old stats)."""
+    async with Outbox(db) as ob:
+        t = time.perf_counter()
+        for _ in range(calls):
+            await ob.stats()
+        new = (time.perf_counter() - t) / calls
+        t = time.perf_counter()
+        for _ in range(calls):
+            await ob._run(lambda: _query_stats(ob.db, time.time()))
+        old = (time.perf_counter() - t) / calls
+    return {"stats_ms": new * 1e3, "count_ms": old * 1e3}
+
+
+async def append_p99(db: Path, mode: str, seconds: float, rate: float = 100.0) -> float:
+    """p99 of append latency (ms) at `rate` scans/s while `mode` runs every 0.5 s."""
+    async with Outbox(db) as ob:
+        lat: list[float] = []
+
+        async def status() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                if mode == "stats":
+                    await ob.stats()
+                elif mode == "count":
+                    await ob._run(lambda: _query_stats(ob.db, time.time()))
+
+        async def scans() -> None:
+            n = int(seconds * rate)
+            t_next = time.perf_counter()
+            for i in range(n):
+                t_next += 1 / rate
+                t = time.perf_counter()
+                await ob.append(Read("ticket-scanner", "barcode", {"text": f"P{i}"}))
+                lat.append(time.perf_counter() - t)
+                await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+
+        async with asyncio.TaskGroup() as tg:
+            side = tg.create_task(status(), name="bench-status")
+            await tg.create_task(scans(), name="bench-scans")
+            side.cancel()
+    lat.sort()
+    return lat[int(len(lat) * 0.99)] * 1e3
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--base", type=Path, default=None, help="a checkout of the old code")
+    ap.add_argument("--big", type=int, default=1_000_000, help="backlog for the stats figures")
+    ap.add_argument("--p99-seconds", type=float, default=10.0)
+    ap.add_argument("--skip-drain", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    out: dict[str, Any] = {"records": args.records}
+    with tempfile.TemporaryDirectory(prefix="madoguchi-bench-cpu-") as tmp:
+        work = Path(tmp)
+        seed = work / "seed" / "outbox.db"
+        seed.parent.mkdir()
+        fill_sql(seed, args.records)
+        trees = {"this tree": ROOT}
+        if args.base is not None:
+            trees["base"] = args.base.resolve()
+        if not args.skip_drain:
+            # interleaved (this, base, this, base, ...): the machine's load drifts
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+            for i in range(args.runs):
+                for name, tree in trees.items():
+                    r = asyncio.run(one_drain(tree, seed, args.records, work / f"{name}-{i}"))
+                    r.update(outbox_path(tree, seed))
+                    print(name, {k: round(v, 1) for k, v in r.items()}, flush=True)
+                    runs[name].append(r)
+            for name, rs in runs.items():
+                out[name] = {
+                    k: {
+                        "median": median([r[k] for r in rs]),
+                        "min": min(r[k] for r in rs),
+                        "max": max(r[k] for r in rs),
+                    }
+                    for k in rs[0]
+                }
+        for n in (args.records, args.big):
+            db = work / f"stats-{n}" / "outbox.db"
+            db.parent.mkdir()
+            fill_sql(db, n)
+            out[f"stats_{n}"] = asyncio.run(stats_cost(db))
+            for name, tree in trees.items():  # flat under backlog: the outbox side at n
+                out[f"outbox_path_{n}_{name}"] = outbox_path(tree, db)["outbox_path_us_per_record"]
+                print(f"outbox side at {n} queued, {name}:", out[f"outbox_path_{n}_{name}"])
+            print(f"stats at {n}", out[f"stats_{n}"], flush=True)
+        db = work / f"stats-{args.big}" / "outbox.db"
+        for mode in ("none", "stats", "count"):
+            p99 = asyncio.run(append_p99(db, mode, args.p99_seconds))
+            out[f"append_p99_ms_{mode}"] = p99
+            print(
+                f"append p99 with {mode} every 0.5 s at {args.big} queued: {p99:.1f} ms", flush=True
+            )
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

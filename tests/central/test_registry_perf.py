@@ -1,0 +1,126 @@
+"""The registry's per-message insert (one executemany per message) and its bounded acks
+(issue #18): the same answers as one INSERT per record, and no ack a station drops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.central import registry as registry_module
+from agent.central.registry import Registry
+from agent.central.store import Batch
+from agent.central.store_sqlite import RegistryStore
+from agent.testing import Broker
+from tests.support.central import envelope, record
+
+SITE, AGENT = "toda-city-hall-1f", "station-01"
+
+
+def test_one_message_with_an_id_twice_is_one_new_and_one_duplicate(tmp_path: Path) -> None:
+    store = RegistryStore(tmp_path / "registry.db")
+    store.open()
+    try:
+        r = record(1)
+        other = {**record(2), "id": r["id"], "seq": 2}
+        got = store.store_many([Batch(SITE, AGENT, [r, r, record(3), other])])
+        assert [(s.new, s.conflict) for s in got] == [
+            (True, False),
+            (False, False),
+            (True, False),
+            (False, True),
+        ]
+        again = store.store_many([Batch(SITE, AGENT, [r])])
+        assert [(s.new, s.conflict) for s in again] == [(False, False)]
+        assert store.count() == 2
+    finally:
+        store.close()
+
+
+_text = st.text(max_size=30)
+# the columns hold what agent/contract/validate.py lets through (no control characters);
+# `data` may hold anything
+_name = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    fields=st.lists(
+        st.tuples(_name, _name, st.sampled_from(["", "device", "manual\u3042"]), _text),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_hostile_text_is_stored_as_it_was_parsed(
+    tmp_path: Path, fields: list[tuple[str, str, str, str]]
+) -> None:
+    """Quotes, backslashes, control characters, any Unicode: each body reads back as the
+    record, the columns are the record's fields, source '' stored as 'device' as before."""
+    records: list[dict[str, Any]] = []
+    for i, (device, kind, source, text) in enumerate(fields, 1):
+        records.append(
+            {**record(i, text=text), "device": device or "d", "kind": kind or "k", "source": source}
+        )
+    path = tmp_path / f"r-{uuid.uuid4()}.db"
+    store = RegistryStore(path)
+    store.open()
+    try:
+        got = store.store_many([Batch(SITE, AGENT, records)])
+        assert all(s.new for s in got)
+        rows = store.db.execute(
+            "SELECT id, seq, device, kind, source, body FROM records ORDER BY seq"
+        ).fetchall()
+    finally:
+        store.close()
+    assert len(rows) == len(records)
+    for (rid, seq, device, kind, source, body), r in zip(rows, records, strict=True):
+        assert (rid, seq, device, kind) == (r["id"], r["seq"], r["device"], r["kind"])
+        assert source == (r["source"] or "device")
+        assert json.loads(body) == r
+
+
+@pytest.mark.broker
+async def test_a_commit_of_many_ids_is_acked_in_bounded_acks(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "ACK_MAX_IDS", 3)
+    records = [record(i) for i in range(1, 11)]
+    acks: list[list[str]] = []
+    done = asyncio.Event()
+    reg = Registry("127.0.0.1", broker.port, tmp_path / "registry.db")
+    async with reg:
+        task = asyncio.create_task(reg.run(), name="test-registry")
+        try:
+            await asyncio.wait_for(reg.connected.wait(), 10)
+            async with (
+                aiomqtt.Client("127.0.0.1", broker.port) as spy,
+                aiomqtt.Client("127.0.0.1", broker.port) as station,
+            ):
+                await spy.subscribe(f"madoguchi/v1/{SITE}/{AGENT}/ack", qos=1)
+
+                async def listen() -> None:
+                    async for m in spy.messages:
+                        acks.append(json.loads(m.payload)["ids"])  # type: ignore[arg-type]
+                        if sum(map(len, acks)) >= len(records):
+                            done.set()
+
+                listener = asyncio.create_task(listen(), name="test-ack-listener")
+                topic = f"madoguchi/v1/{SITE}/{AGENT}/records"
+                await station.publish(topic, envelope(SITE, AGENT, records), qos=1)
+                await asyncio.wait_for(done.wait(), 10)
+                listener.cancel()
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert [len(a) for a in acks] == [3, 3, 3, 1]
+    assert [i for a in acks for i in a] == [r["id"] for r in records]
