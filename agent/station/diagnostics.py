@@ -234,4 +234,3 @@ class CertWatch:
             else datetime.fromtimestamp(self.not_after, UTC).isoformat().replace("+00:00", "Z"),
             "cert_lifetime_used": None if used is None else round(used, 4),
         }
-

@@ -7,8 +7,8 @@ downloads one. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import re
 import urllib.error
 import urllib.request

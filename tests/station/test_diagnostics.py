@@ -40,7 +40,11 @@ def test_throttled_bits_are_named() -> None:
 def test_thermal_prefers_vcgencmd_then_sysfs_then_says_not_available(tmp_path: Path) -> None:
     answers = {"measure_temp": "temp=61.2'C", "get_throttled": "throttled=0x0"}
     vc = thermal(run=lambda cmd: answers[cmd], root=tmp_path)
-    assert vc == {"source": "vcgencmd", "temperature_c": 61.2, "throttled": {"raw": "0x0", "flags": []}}
+    assert vc == {
+        "source": "vcgencmd",
+        "temperature_c": 61.2,
+        "throttled": {"raw": "0x0", "flags": []},
+    }
     zone = tmp_path / "thermal_zone0"
     zone.mkdir()
     (zone / "temp").write_text("47125\n")
@@ -86,7 +90,9 @@ def test_a_certificate_at_95_percent_alerts_once_then_again_when_expired(
     with caplog.at_level(logging.WARNING, "agent.station.diagnostics"):
         status = watch.describe()
         assert status["cert_lifetime_used"] == pytest.approx(0.95, abs=1e-3)
-        assert status["cert_expires_at"] == (now + timedelta(days=5)).isoformat().replace("+00:00", "Z")
+        assert status["cert_expires_at"] == (now + timedelta(days=5)).isoformat().replace(
+            "+00:00", "Z"
+        )
         [alert] = watch.take_alerts()
         assert alert["type"] == "cert_expiring"
         for _ in range(5):  # every telemetry looks; nothing new is said

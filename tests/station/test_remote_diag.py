@@ -31,7 +31,9 @@ async def ask(dash: aiomqtt.Client, name: str, body: Any, request_id: str) -> di
 
 @pytest.mark.broker
 @pytest.mark.usefixtures("contract_spy")
-async def test_logs_and_diagnostics_over_mqtt(broker: Broker, pty_port: Pty, tmp_path: Path) -> None:
+async def test_logs_and_diagnostics_over_mqtt(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
     async with running_station(cfg), aiomqtt.Client("127.0.0.1", broker.port) as dash:
         await dash.subscribe(f"{BASE}/cmd/+/result", qos=1)
