@@ -161,19 +161,35 @@ class CertWatch:
         self.error: str | None = None
         self._state: str | None = None  # ok / expiring / expired / unreadable, as last seen
         self._alerts: list[dict[str, Any]] = []
+        self._mtime: int | None = None
+        self._said = False  # a warning about the certificate is standing
         if path is not None:
             self._load(path)
 
     def _load(self, path: Path) -> None:
         from cryptography import x509  # only on stations with a client certificate
 
+        self.not_before = self.not_after = None
         try:
+            self._mtime = path.stat().st_mtime_ns
             cert = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError) as e:
             self.error = f"{path}: cannot read the certificate: {type(e).__name__}"
             return
+        self.error = None
         self.not_before = cert.not_valid_before_utc.timestamp()
         self.not_after = cert.not_valid_after_utc.timestamp()
+
+    def _reload_if_replaced(self) -> None:
+        """A certificate renewed in place (enroll --install) is read again: one stat."""
+        if self.path is None:
+            return
+        try:
+            mtime: int | None = self.path.stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime != self._mtime:
+            self._load(self.path)
 
     def lifetime_used(self) -> float | None:
         if self.not_before is None or self.not_after is None:
@@ -207,12 +223,17 @@ class CertWatch:
 
     def _check(self) -> None:
         """Log and alert once per change of state (not at every telemetry)."""
+        self._reload_if_replaced()
         state = self.state()
         if state == self._state:
             return
         self._state = state
         if state in (None, "ok"):
+            if state == "ok" and self._said:
+                log.info("client certificate %s is valid again", self.path)
+            self._said = False
             return
+        self._said = True
         info = self.describe_plain()
         if state == "unreadable":
             log.error("%s", self.error)

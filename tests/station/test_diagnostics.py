@@ -132,3 +132,35 @@ def test_the_ring_never_answers_more_than_its_bounds(lines: list[str], n: int) -
     assert all(len(x) <= 500 + len(" …[cut]") for x in got)
     if not cut and n > 0:
         assert len(got) == min(n, len(lines), 20)
+
+
+def test_a_renewed_certificate_is_read_again(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    path = cert_with(tmp_path, now - timedelta(days=95), now + timedelta(days=5))
+    watch = CertWatch(path)
+    assert [a["type"] for a in watch.take_alerts()] == ["cert_expiring"]
+    (tmp_path / "new").mkdir()
+    fresh = cert_with(tmp_path / "new", now - timedelta(days=1), now + timedelta(days=99))
+    fresh.replace(path)  # as enroll --install renews it in place
+    assert watch.describe()["cert_lifetime_used"] < 0.1
+    assert watch.take_alerts() == []
+
+
+def test_disk_of_a_full_filesystem(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        with pytest.raises(OSError), open(mnt / "fill", "wb") as f:  # noqa: PT012
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        got = diagnostics.disk(mnt)
+        assert got["free_bytes"] == 0 and got["total_bytes"] == 256 * 1024
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
