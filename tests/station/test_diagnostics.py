@@ -156,7 +156,7 @@ def test_disk_of_a_full_filesystem(tmp_path: Path) -> None:
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
     try:
-        with pytest.raises(OSError), open(mnt / "fill", "wb") as f:  # noqa: PT012
+        with pytest.raises(OSError), open(mnt / "fill", "wb") as f:
             while True:
                 f.write(b"x" * 65536)
                 f.flush()
