@@ -4,9 +4,9 @@ A station is rarely reachable by ssh, so the dashboard asks for its recent log o
 MQTT. The ring holds the agent's own formatted records and nothing else: it sits on
 the root logger beside the journald/stderr handler and formats with the same
 formatter, so it can hold nothing the journal does not (personal data is never
-logged at any level). Bounded twice, by line count and by line length, so a burst
-of errors cannot grow the process; an answer is bounded again in bytes so it fits
-well inside an MQTT message.
+logged at any level). Bounded by line count, line length and characters in all, so
+a burst of errors cannot grow the process; an answer is bounded again in bytes so it
+fits well inside an MQTT message.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from agent.logsetup import HANDLER_NAME
 
 MAX_LINES = 1000  # what the ring keeps
 MAX_LINE_CHARS = 2000  # a longer line is cut, with a marker
+MAX_RING_CHARS = 512 * 1024  # and the whole ring, whatever the lines (about 0.5-2 MB)
 MAX_ANSWER_LINES = 500  # the most `cmd/logs` returns
 MAX_ANSWER_BYTES = 64 * 1024  # the most UTF-8 bytes of lines in one answer
 DEFAULT_LINES = 100
@@ -29,10 +30,18 @@ RING_NAME = "madoguchi-ring"
 class LogRing(logging.Handler):
     """A logging handler keeping the last `max_lines` formatted lines."""
 
-    def __init__(self, max_lines: int = MAX_LINES, max_line_chars: int = MAX_LINE_CHARS) -> None:
+    def __init__(
+        self,
+        max_lines: int = MAX_LINES,
+        max_line_chars: int = MAX_LINE_CHARS,
+        max_chars: int = MAX_RING_CHARS,
+    ) -> None:
         super().__init__()
         self.max_line_chars = max_line_chars
-        self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self.max_chars = max_chars
+        self._chars = 0
+        self._lines: collections.deque[str] = collections.deque()
+        self._max_lines = max_lines
         self._guard = threading.Lock()  # records arrive from driver threads too
         self.dropped = 0  # lines pushed out of the ring since the start
         self.set_name(RING_NAME)
@@ -46,9 +55,11 @@ class LogRing(logging.Handler):
         if len(line) > self.max_line_chars:
             line = line[: self.max_line_chars] + " …[cut]"
         with self._guard:
-            if len(self._lines) == self._lines.maxlen:
-                self.dropped += 1
             self._lines.append(line)
+            self._chars += len(line)
+            while len(self._lines) > self._max_lines or self._chars > self.max_chars:
+                self._chars -= len(self._lines.popleft())
+                self.dropped += 1
 
     def tail(self, n: int, max_bytes: int = MAX_ANSWER_BYTES) -> tuple[list[str], bool]:
         """The last `n` lines, oldest first, at most `max_bytes` of UTF-8; and whether

@@ -122,16 +122,18 @@ def test_a_young_certificate_is_quiet_and_a_broken_one_is_reported(tmp_path: Pat
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(max_size=3000), max_size=40), st.integers(-5, 600))
 def test_the_ring_never_answers_more_than_its_bounds(lines: list[str], n: int) -> None:
-    ring = logring.LogRing(max_lines=20, max_line_chars=500)
+    ring = logring.LogRing(max_lines=20, max_line_chars=500, max_chars=3000)
     ring.setFormatter(logging.Formatter("%(message)s"))
     for text in lines:
         ring.emit(logging.makeLogRecord({"msg": text, "levelno": logging.WARNING}))
     got, cut = ring.tail(n, max_bytes=4096)
     assert len(got) <= min(max(n, 0), 20)
+    kept, _ = ring.tail(20, max_bytes=10**9)
+    assert sum(map(len, kept)) <= 3000 and ring.dropped == len(lines) - len(kept)
     assert sum(len(x.encode("utf-8", "replace")) + 1 for x in got) <= 4096
     assert all(len(x) <= 500 + len(" …[cut]") for x in got)
     if not cut and n > 0:
-        assert len(got) == min(n, len(lines), 20)
+        assert len(got) == min(n, len(kept))
 
 
 def test_a_renewed_certificate_is_read_again(tmp_path: Path) -> None:
