@@ -46,7 +46,7 @@ from agent.errors import AuditError, MadoguchiError, RegistryStoreError
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "dashboard_static"
-COMMANDS = ("rebirth", "resend", "diagnostics", "ping")
+COMMANDS = ("rebirth", "resend", "diagnostics", "ping", "logs")
 # a remote camera trigger: offered only with remote_photo, and the station must opt in too
 PHOTO_COMMAND = "capture_photo"
 
@@ -291,9 +291,10 @@ class Fleet:
         for name, dev in sorted(devices.items()):
             if st.state == "online" and dev.get("state") in ("error", "disconnected"):
                 out.append({"type": "device", "level": "warn", "detail": f"{name}: {dev['state']}"})
+        out += cert_alerts(st)
         for e in st.events:
-            if now - e["at"] > self.t.keep_events_s:
-                continue
+            if now - e["at"] > self.t.keep_events_s or str(e.get("type")).startswith("cert_"):
+                continue  # (the certificate's state comes from its status fields above)
             kind = str(e.get("type", "alert"))
             detail = e.get("device")
             if kind == "expired_lot":
@@ -348,7 +349,9 @@ class Fleet:
                         "open_gaps": len(st.gaps),
                     },
                     "alerts": self.alerts(st, now),
-                    "results": st.results,
+                    # log lines are shown to who asked, not repeated in every snapshot
+                    "results": {k: v for k, v in st.results.items() if k != "logs"},
+                    **station_columns(st),
                 }
             )
         return {
@@ -357,6 +360,25 @@ class Fleet:
             "per_minute": self.per_minute,
             "registry": self.registry_snapshot(now),
         }
+
+
+def station_columns(st: StationView) -> dict[str, Any]:
+    """Version and certificate expiry (issue #22): from the birth, or newer telemetry."""
+    src = {**st.status, **st.telemetry}
+    return {k: src.get(k) for k in ("madoguchi", "cert_expires_at", "cert_lifetime_used")}
+
+
+def cert_alerts(st: StationView) -> list[dict[str, Any]]:
+    """A certificate past 90 % of its lifetime is an alert for as long as it lasts."""
+    cols = station_columns(st)
+    used, expires = cols["cert_lifetime_used"], cols["cert_expires_at"]
+    if "cert_expires_at" in {**st.status, **st.telemetry} and expires is None:
+        return [{"type": "cert_unreadable", "level": "error", "detail": None}]
+    if not isinstance(used, (int, float)) or used < 0.9:
+        return []
+    kind = "cert_expired" if used >= 1.0 else "cert_expiring"
+    level = "error" if kind == "cert_expired" else "warn"
+    return [{"type": kind, "level": level, "detail": f"{used:.0%}, {expires}"}]
 
 
 def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,9 @@ from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.station.blobs import BlobStore
 from agent.station.datasets import DatasetReceiver, DatasetStore
+from agent.station.diagnostics import CertWatch, agent_version
 from agent.station.lock import DataDirLock, make_private
+from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
 from agent.station.sealing import Sealer
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from agent.station.kiosk.api import LocalApi
 
 log = logging.getLogger(__name__)
+VERSION = agent_version()
 
 
 class StationApp:
@@ -66,6 +69,8 @@ class StationApp:
         self.uplink: Uplink | None = None
         self.blobs: BlobStore | None = None
         self.api: LocalApi | None = None  # once the API task has started
+        self.logs = LogRing()  # the last log lines for cmd/logs (installed while running)
+        self.cert = CertWatch(config.mqtt.tls_cert)  # notAfter, lifetime used, alerts
 
     # -- the station's surface, for the uplink, the kiosk API, the CLI and tests ----------
 
@@ -78,10 +83,11 @@ class StationApp:
         return self.station.operator
 
     def describe(self) -> dict[str, Any]:
-        return self.station.describe()
+        # the version and the certificate's age for the dashboard's columns (issue #22)
+        return {**self.station.describe(), "madoguchi": VERSION, **self.cert.describe()}
 
     def take_alerts(self) -> list[dict[str, Any]]:
-        return self.station.take_alerts()
+        return self.station.take_alerts() + self.cert.take_alerts()
 
     def subscribe(self, listener: Listener) -> None:
         self.station.subscribe(listener)
@@ -124,7 +130,11 @@ class StationApp:
         cfg = self.config
         # one agent per data_dir, held until the process ends (agent/station/lock.py)
         with DataDirLock(cfg.agent.data_dir):
-            await self._run_locked(stop)
+            self.logs.install()
+            try:
+                await self._run_locked(stop)
+            finally:
+                self.logs.uninstall()
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -150,6 +160,7 @@ class StationApp:
             self.blobs = BlobStore(cfg.agent.data_dir / "blobs", sealer)
             uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
             uplink.add_command("capture_photo", self._cmd_capture_photo)
+            uplink.add_command("logs", self.logs.command)
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(
                 "uplink", {"connected": up, "error": uplink.last_error}

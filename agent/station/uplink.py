@@ -30,6 +30,7 @@ from agent.contract.topics import Topics
 from agent.errors import MadoguchiError, UplinkError
 from agent.logrepeat import Repeats
 from agent.station.blobs import BlobSender, BlobStore
+from agent.station.diagnostics import collect
 from agent.station.outbox import Outbox, Outgoing
 
 log = logging.getLogger(__name__)
@@ -586,6 +587,8 @@ class Uplink:
             "platform": platform.platform(),
             "aiomqtt": _version("aiomqtt"),
             "paho-mqtt": _version("paho-mqtt"),
+            # versions, disk, temperature / throttling, clock (issue #22)
+            **await asyncio.to_thread(collect, self.config.agent.data_dir),
         }
 
     # -- telemetry -----------------------------------------------------------------

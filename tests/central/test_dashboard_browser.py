@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import urllib.error
 import urllib.request
@@ -140,6 +141,16 @@ async def test_stuck_outbox_shows_its_age_and_a_command_round_trips(
         await expect(audit_rows).to_have_count(4)  # two commands, sent + ok each
         assert "token" not in page.url  # the fragment was dropped from the address bar
         await page.screenshot(path=str(ARTIFACTS / "dashboard-stuck-command.png"), full_page=True)
+
+        # issue #22: the version column, no client certificate, and the logs panel
+        await expect(row.locator("td.version")).to_have_text(str(VERSION))
+        await expect(row.locator("td.cert")).to_have_text("—")
+        logging.getLogger("agent.test").warning("a <b>line</b> & another")  # text, not HTML
+        await row.locator('button[data-command="logs"]').click()
+        await expect(result).to_contain_text("logs: 成功 OK", timeout=20_000)
+        panel = page.locator(f'details[data-logs="{KEY}"] pre.logs')
+        await expect(panel).to_contain_text("WARNING agent.test: a <b>line</b> & another")
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-logs.png"), full_page=True)
 
 
 async def check_diagnostics(page: Any, http_port: int) -> None:
