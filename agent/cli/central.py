@@ -464,10 +464,15 @@ def _add_personal_parsers(registry: argparse.ArgumentParser) -> None:
     pd = sub.add_parser(
         "publish-dataset", help="sign and publish a reference dataset (CSV or JSON) retained"
     )
-    pd.add_argument("kind", help="recalled_lots, jpki_anchors or used_tickets")
+    pd.add_argument(
+        "kind", help="recalled_lots, jpki_anchors, used_tickets, reservations or staff"
+    )
     pd.add_argument("file", type=Path, help="CSV with a header row, or a JSON list of objects")
     pd.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM)")
     pd.add_argument("--expires-at", default=None, help="ISO 8601 time the version expires")
+    pd.add_argument(
+        "--site", default=None, help="publish for this site's stations only (site scope)"
+    )
     _add_connection_flags(pd)
     pd.set_defaults(func=cmd_publish_dataset, db=None)
 
@@ -580,6 +585,7 @@ def cmd_publish_dataset(args: argparse.Namespace) -> int:
                 args.kind,
                 rows,
                 expires_at=args.expires_at,
+                site=args.site,
                 tls_context=config.tls_context("registry") if reg else None,
                 username=reg.username if reg else None,
                 password=config.mqtt_password("registry") if reg else None,
@@ -591,7 +597,8 @@ def cmd_publish_dataset(args: argparse.Namespace) -> int:
         return 1
     except aiomqtt_error() as e:
         return _fail(Exception(f"broker {config.broker.host}:{config.broker.port}: {e}"))
-    print(f"{args.kind} v{version}: {len(rows)} row(s) published")
+    where = "" if args.site is None else f" for site {args.site}"
+    print(f"{args.kind} v{version}: {len(rows)} row(s) published{where}")
     return 0
 
 

@@ -245,13 +245,13 @@ async def test_an_unknown_kind_is_ignored_with_one_line(
 ) -> None:
     r = receiver(tmp_path)
     m = msgs("recalled_lots", 3, [LOT])
-    renamed = [(t.replace("/recalled_lots/", "/reservations/"), p) for t, p in m]
+    renamed = [(t.replace("/recalled_lots/", "/queue_tickets/"), p) for t, p in m]
     with caplog.at_level(logging.WARNING, "agent.station.datasets"):
         await feed(r, renamed)
         await feed(r, renamed)
     assert not r.held and not r.refused
     assert [rec.getMessage() for rec in caplog.records] == [
-        "dataset reservations ignored: not a kind this station knows"
+        "dataset queue_tickets ignored: not a kind this station knows"
     ]
 
 
