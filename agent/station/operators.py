@@ -64,8 +64,8 @@ def operator_sessions(config: Config) -> OperatorSessions | None:
     """One station-wide session book from every card reader's badge mapping."""
     readers = [d for d in config.devices if isinstance(d, PcscDevice) and d.operators]
     if not readers:
-        if config.datasets is not None and any(isinstance(d, PcscDevice) for d in config.devices):
-            return OperatorSessions({}, DEFAULT_TIMEOUT_S)  # the `staff` dataset may map them
+        if config.datasets is not None:  # the `staff` dataset may map badges of any card read
+            return OperatorSessions({}, DEFAULT_TIMEOUT_S)
         return None
     operators: dict[str, str] = {}
     for dev in readers:

@@ -355,3 +355,78 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         await expect(title).to_have_text("回収対象のワクチンです")
         await page.screenshot(path=str(ARTIFACTS / "kiosk-recalled.png"))
         await page.close()
+
+
+@pytest.mark.timeout(60)
+async def test_site_reservations_and_staff_reach_only_their_site(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Second slice: `reservations` and `staff` published for site A (site scope): a
+    reservation QR at A is `reserved`, an unknown one `no_reservation`, a staff badge puts
+    its operator id on the records; station B at another site never holds A's data."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.contract.records import Read
+
+    key = Ed25519PrivateKey.generate()
+    pub = public_hex(key)
+    now = datetime.now(UTC)
+    slot = {
+        "id": "R-2026-000123",
+        "id_type": "qr",
+        "slot_start": (now - timedelta(minutes=10)).isoformat(),
+        "slot_end": (now + timedelta(minutes=10)).isoformat(),
+        "purpose": "vaccination dose 1",
+    }
+    a_pty, b_pty = Pty(tmp_path / "ttyA"), Pty(tmp_path / "ttyB")
+    try:
+        async with (
+            running_registry(broker.port, tmp_path / "registry.db") as registry,
+            running_station(
+                station_config(tmp_path, broker.port, a_pty, "toda-1f", "st-a", pub)
+            ) as a,
+            running_station(
+                station_config(tmp_path, broker.port, b_pty, "goka-2f", "st-b", pub)
+            ) as b,
+        ):
+            a_data, b_data = a.station.station.datasets, b.station.station.datasets
+            assert a_data is not None and b_data is not None
+            P = "madoguchi/v1"
+            await publish_dataset("127.0.0.1", broker.port, P, key, "reservations", [slot],
+                                  site="toda-1f")  # fmt: skip
+            staff = [{"uid": "01010601CB095703", "operator": "staff-014"}]
+            await publish_dataset("127.0.0.1", broker.port, P, key, "staff", staff, site="toda-1f")
+            # a fleet dataset after them: once B holds it, B has seen all it will see
+            await publish_dataset("127.0.0.1", broker.port, P, key, "recalled_lots", [LOT])
+            await until(lambda: {"reservations", "staff", "recalled_lots"} <= set(a_data.held))
+            await until(lambda: "recalled_lots" in b_data.held)
+            assert "reservations" not in b_data.held and "staff" not in b_data.held
+            assert not b_data.refused  # not refused either: it never came to B
+
+            # the staff badge tap (a card read) starts staff-014's session at A
+            badge = Read(device="ticket-scanner", kind="card", data={"uid": "01010601cb095703"})
+            assert (await a.station.station.accept(badge)).accepted
+            a_pty.scan(slot["id"])
+            await a_pty.aread(1)
+            a_pty.scan("R-2026-999999")
+            await a_pty.aread(1)
+            b_pty.scan(slot["id"])  # the same QR at site B: B holds no reservations
+            await b_pty.aread(1)
+            records = await registry.wait_for(4)
+            by = {(r["data"].get("text"), r["kind"], r.get("operator")): r for r in records}
+            tap = by[(None, "card", "staff-014")]
+            assert tap["data"]["operator_session"] == {"event": "start", "operator": "staff-014"}
+            reserved = by[(slot["id"], "barcode", "staff-014")]["data"]["reservation"]
+            assert (reserved["verdict"], reserved["timing"], reserved["purpose"]) == (
+                "reserved",
+                "on_time",
+                "vaccination dose 1",
+            )
+            assert reserved["dataset"] == "reservations" and reserved["stale"] is False
+            unknown = by[("R-2026-999999", "barcode", "staff-014")]["data"]["reservation"]
+            assert unknown["verdict"] == "no_reservation"
+            at_b = by[(slot["id"], "barcode", None)]["data"]
+            assert "reservation" not in at_b
+    finally:
+        a_pty.close()
+        b_pty.close()
