@@ -402,6 +402,16 @@ async def test_site_reservations_and_staff_reach_only_their_site(
             await until(lambda: "recalled_lots" in b_data.held)
             assert "reservations" not in b_data.held and "staff" not in b_data.held
             assert not b_data.refused  # not refused either: it never came to B
+            from tests.support.central import Contract
+
+            retained = await mqtt_collect(broker.port, "madoguchi/v1/_datasets/site/#", 1.0)
+            site_kinds = {
+                Contract().check_raw(m.topic.value, bytes(m.payload)) for m in retained if m.payload
+            }
+            assert site_kinds == {
+                "datasetSiteManifest/datasetManifest",
+                "datasetSiteChunk/datasetChunk",
+            }
 
             # the staff badge tap (a card read) starts staff-014's session at A
             badge = Read(device="ticket-scanner", kind="card", data={"uid": "01010601cb095703"})
