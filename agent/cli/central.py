@@ -556,8 +556,12 @@ def cmd_dataset_keygen(args: argparse.Namespace) -> int:
 def cmd_publish_dataset(args: argparse.Namespace) -> int:
     """Validate every row (all problems at once), sign, publish retained, print the version."""
     from agent.central.datasets import load_key, publish_dataset, read_rows
+    from agent.contract.datasets import valid_site
     from agent.errors import MadoguchiError
 
+    if args.site is not None and not valid_site(args.site):
+        print(f"--site: {args.site[:64]!r} is not a site name ([a-z0-9_-], 1-64)", file=sys.stderr)
+        return 1
     try:
         rows = read_rows(args.kind, args.file)
         key = load_key(args.key)

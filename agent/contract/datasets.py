@@ -2,7 +2,8 @@
 
 A dataset is reference data the central side publishes and every station keeps:
 a kind (`used_tickets`, `recalled_lots`, `jpki_anchors`, `reservations`, `staff`), a
-scope (`fleet`, or `site` with its site named in the signed manifest), a version that only grows, an issue time, an optional expiry, and rows.
+scope (`fleet`, or `site` with its site named in the signed manifest), a version that
+only grows, an issue time, an optional expiry, and rows.
 It travels like a photo blob, but retained so that a station that connects later
 gets it at once:
 
@@ -58,6 +59,11 @@ def _text(most: int) -> Any:
 
 def _name(v: object) -> bool:
     return isinstance(v, str) and _NAME.fullmatch(v) is not None
+
+
+def valid_site(v: object) -> bool:
+    """A site name a site-scoped dataset may carry (one topic level, `[a-z0-9_-]`)."""
+    return _name(v)
 
 
 def _instant(v: object) -> bool:

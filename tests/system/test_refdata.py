@@ -440,3 +440,41 @@ async def test_site_reservations_and_staff_reach_only_their_site(
     finally:
         a_pty.close()
         b_pty.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_cli_publishes_staff_and_reservations_for_one_site(
+    broker: Broker, tmp_path: Path
+) -> None:
+    made = _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
+                cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    pub = (tmp_path / "k.pub").read_text().strip()
+    staff = tmp_path / "staff.csv"
+    staff.write_text("uid,operator\n01010601CB095703,staff-014\n")
+    bad_site = _cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
+                    "--site", "Toda 1F", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
+    assert bad_site.returncode == 1 and "--site: 'Toda 1F' is not a site name" in bad_site.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "R-1", "slot_start": "10:30", "purpose": "x"}]')
+    refused = _cli("registry", "publish-dataset", "reservations", str(bad), "--key", "k.pem",
+                   "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"{bad}: row 1: slot_start: not a valid value",
+        f"{bad}: row 1: slot_end: missing",
+    ]
+    pty = Pty(tmp_path / "tty")
+    try:
+        cfg = station_config(tmp_path, broker.port, pty, "toda-1f", "desk", pub)
+        async with running_station(cfg) as s:
+            data = s.station.station.datasets
+            assert data is not None
+            ok = _cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
+                      "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
+            assert ok.returncode == 0, ok.stderr
+            assert "1 row(s) published for site toda-1f" in ok.stdout
+            await until(lambda: "staff" in data.held)
+            assert data.staff("01010601cb095703") == "staff-014"
+    finally:
+        pty.close()
