@@ -464,9 +464,7 @@ def _add_personal_parsers(registry: argparse.ArgumentParser) -> None:
     pd = sub.add_parser(
         "publish-dataset", help="sign and publish a reference dataset (CSV or JSON) retained"
     )
-    pd.add_argument(
-        "kind", help="recalled_lots, jpki_anchors, used_tickets, reservations or staff"
-    )
+    pd.add_argument("kind", help="recalled_lots, jpki_anchors, used_tickets, reservations or staff")
     pd.add_argument("file", type=Path, help="CSV with a header row, or a JSON list of objects")
     pd.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM)")
     pd.add_argument("--expires-at", default=None, help="ISO 8601 time the version expires")
