@@ -106,8 +106,11 @@ def signed_messages(
     *,
     expires_at: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    site: str | None = None,
 ) -> list[tuple[str, bytes]]:
-    """(topic, payload) to publish retained, in order: the chunks, then the manifest."""
+    """(topic, payload) to publish retained, in order: the chunks, then the manifest.
+    With `site`, the version is scoped to that site's stations (topics and signed manifest)."""
+    scope = "fleet" if site is None else "site"
     body = canonical_body(rows)
     manifest = build_manifest(
         kind,
@@ -117,13 +120,18 @@ def signed_messages(
         issued_at=iso_ms(utc_now()),
         expires_at=expires_at,
         chunk_bytes=chunk_bytes,
+        scope=scope,
+        site=site,
     )
     manifest["signature"] = base64.b64encode(key.sign(signed_bytes(manifest))).decode()
     out = [
-        (chunk_topic(prefix, kind, version, i), body[i * chunk_bytes : (i + 1) * chunk_bytes])
+        (
+            chunk_topic(prefix, kind, version, i, scope, site),
+            body[i * chunk_bytes : (i + 1) * chunk_bytes],
+        )
         for i in range(manifest["chunks"])
     ]
-    out.append((manifest_topic(prefix, kind), json.dumps(manifest).encode()))
+    out.append((manifest_topic(prefix, kind, scope, site), json.dumps(manifest).encode()))
     return out
 
 
@@ -177,6 +185,7 @@ async def publish_dataset(
     tls_context: Any = None,
     username: str | None = None,
     password: str | None = None,
+    site: str | None = None,
 ) -> int:
     """`madoguchi registry publish-dataset`: one version, retained; returns the version.
     The version held on the broker (its retained manifest) is read first: the new one is
@@ -184,14 +193,17 @@ async def publish_dataset(
     async with aiomqtt.Client(
         host, port, tls_context=tls_context, username=username, password=password
     ) as client:
-        previous = await _retained_manifest(client, manifest_topic(prefix, kind))
+        scope = "fleet" if site is None else "site"
+        previous = await _retained_manifest(client, manifest_topic(prefix, kind, scope, site))
         old = 0 if previous is None else previous.version
         version = next_version(old)
-        messages = signed_messages(key, prefix, kind, version, rows, expires_at=expires_at)
+        messages = signed_messages(
+            key, prefix, kind, version, rows, expires_at=expires_at, site=site
+        )
         clear = (
             []
             if previous is None
-            else [chunk_topic(prefix, kind, old, i) for i in range(previous.chunks)]
+            else [chunk_topic(prefix, kind, old, i, scope, site) for i in range(previous.chunks)]
         )
         await publish(client, messages, clear)
     return version

@@ -464,10 +464,13 @@ def _add_personal_parsers(registry: argparse.ArgumentParser) -> None:
     pd = sub.add_parser(
         "publish-dataset", help="sign and publish a reference dataset (CSV or JSON) retained"
     )
-    pd.add_argument("kind", help="recalled_lots, jpki_anchors or used_tickets")
+    pd.add_argument("kind", help="recalled_lots, jpki_anchors, used_tickets, reservations or staff")
     pd.add_argument("file", type=Path, help="CSV with a header row, or a JSON list of objects")
     pd.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM)")
     pd.add_argument("--expires-at", default=None, help="ISO 8601 time the version expires")
+    pd.add_argument(
+        "--site", default=None, help="publish for this site's stations only (site scope)"
+    )
     _add_connection_flags(pd)
     pd.set_defaults(func=cmd_publish_dataset, db=None)
 
@@ -551,8 +554,12 @@ def cmd_dataset_keygen(args: argparse.Namespace) -> int:
 def cmd_publish_dataset(args: argparse.Namespace) -> int:
     """Validate every row (all problems at once), sign, publish retained, print the version."""
     from agent.central.datasets import load_key, publish_dataset, read_rows
+    from agent.contract.datasets import valid_site
     from agent.errors import MadoguchiError
 
+    if args.site is not None and not valid_site(args.site):
+        print(f"--site: {args.site[:64]!r} is not a site name ([a-z0-9_-], 1-64)", file=sys.stderr)
+        return 1
     try:
         rows = read_rows(args.kind, args.file)
         key = load_key(args.key)
@@ -580,6 +587,7 @@ def cmd_publish_dataset(args: argparse.Namespace) -> int:
                 args.kind,
                 rows,
                 expires_at=args.expires_at,
+                site=args.site,
                 tls_context=config.tls_context("registry") if reg else None,
                 username=reg.username if reg else None,
                 password=config.mqtt_password("registry") if reg else None,
@@ -591,7 +599,8 @@ def cmd_publish_dataset(args: argparse.Namespace) -> int:
         return 1
     except aiomqtt_error() as e:
         return _fail(Exception(f"broker {config.broker.host}:{config.broker.port}: {e}"))
-    print(f"{args.kind} v{version}: {len(rows)} row(s) published")
+    where = "" if args.site is None else f" for site {args.site}"
+    print(f"{args.kind} v{version}: {len(rows)} row(s) published{where}")
     return 0
 
 

@@ -1,13 +1,15 @@
 """The wire half of reference datasets (docs/CONTRACT.md, "Datasets"): shared by both sides.
 
 A dataset is reference data the central side publishes and every station keeps:
-a kind (`used_tickets`, `recalled_lots`, `jpki_anchors`), a scope (`fleet` in this
-slice), a version that only grows, an issue time, an optional expiry, and rows.
+a kind (`used_tickets`, `recalled_lots`, `jpki_anchors`, `reservations`, `staff`), a
+scope (`fleet`, or `site` with its site named in the signed manifest), a version that
+only grows, an issue time, an optional expiry, and rows.
 It travels like a photo blob, but retained so that a station that connects later
 gets it at once:
 
     {prefix}/_datasets/{scope}/{kind}/manifest            retained, signed
     {prefix}/_datasets/{scope}/{kind}/{version}/{index}   retained, the body in chunks
+    ({scope} is `fleet` or `site/{site}`)
 
 The body is `canonical_body(rows)` (JSON Lines of compact, sorted JSON); the manifest carries its
 sha256 and size, and an Ed25519 signature over `signed_bytes(manifest)` (the
@@ -34,7 +36,7 @@ from agent.contract.messages import MessageError
 SCHEMA = "madoguchi.dataset/1"
 #: the site level of dataset topics: never a station's name
 DATASETS_SITE = "_datasets"
-SCOPES = frozenset({"fleet"})
+SCOPES = frozenset({"fleet", "site"})
 #: body bytes per chunk: well under the station's default 1 MiB inbound cap
 CHUNK_BYTES = 256_000
 #: the largest body either side accepts
@@ -57,6 +59,11 @@ def _text(most: int) -> Any:
 
 def _name(v: object) -> bool:
     return isinstance(v, str) and _NAME.fullmatch(v) is not None
+
+
+def valid_site(v: object) -> bool:
+    """A site name a site-scoped dataset may carry (one topic level, `[a-z0-9_-]`)."""
+    return _name(v)
 
 
 def _instant(v: object) -> bool:
@@ -83,6 +90,18 @@ def _sha(v: object) -> bool:
     return isinstance(v, str) and _SHA256.fullmatch(v) is not None
 
 
+_UID = re.compile(r"[0-9a-fA-F]{2,40}")
+ID_TYPES = frozenset({"ticket_number", "qr", "form_id", "cert_serial"})
+
+
+def _uid(v: object) -> bool:
+    return isinstance(v, str) and _UID.fullmatch(v) is not None
+
+
+def _id_type(v: object) -> bool:
+    return v in ID_TYPES
+
+
 #: kind -> field -> (required, check): a new kind is a schema here and a rule in
 #: agent/station/datasets.py, not a new transport
 SCHEMAS: dict[str, dict[str, tuple[bool, Any]]] = {
@@ -104,6 +123,20 @@ SCHEMAS: dict[str, dict[str, tuple[bool, Any]]] = {
     "jpki_anchors": {
         "sha256": (True, _sha),
         "name": (True, _text(200)),
+    },
+    # what the station can scan or read (ticket number, reservation QR payload, form ID,
+    # auth-cert serial) -> a time slot and a purpose; published per site
+    "reservations": {
+        "id": (True, _text(200)),
+        "id_type": (False, _id_type),
+        "slot_start": (True, _instant),
+        "slot_end": (True, _instant),
+        "purpose": (True, _text(200)),
+    },
+    # staff badge UIDs (hex) -> operator ids; the hand-edited `operators` map is the fallback
+    "staff": {
+        "uid": (True, _uid),
+        "operator": (True, _name),
     },
 }
 KINDS = frozenset(SCHEMAS)
@@ -165,10 +198,17 @@ def build_manifest(
     issued_at: str,
     expires_at: str | None = None,
     scope: str = "fleet",
+    site: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> dict[str, Any]:
-    """The manifest of a body, not yet signed (the central side adds `signature`)."""
+    """The manifest of a body, not yet signed (the central side adds `signature`).
+    A `site` scope names its site in the signed manifest, so a station can refuse a
+    version meant for another site whatever topic it came on."""
+    if (scope == "site") != (site is not None):
+        raise ValueError("a site scope needs a site, and only it")
+    extra = {} if site is None else {"site": site}
     return {
+        **extra,
         "schema": SCHEMA,
         "kind": kind,
         "scope": scope,
@@ -199,6 +239,7 @@ class Manifest:
     rows: int
     signature: bytes
     raw: dict[str, Any]
+    site: str | None = None
 
     @property
     def signed(self) -> bytes:
@@ -257,6 +298,9 @@ def parse_manifest(payload: object) -> Manifest:
     scope = m.get("scope")
     if not isinstance(scope, str) or scope not in SCOPES:
         raise MessageError("manifest: scope: not a known scope")
+    site = m.get("site")
+    if (scope == "site") != (site is not None) or (site is not None and not _name(site)):
+        raise MessageError("manifest: site: a site scope names one site, no other scope does")
     if not _int(m.get("version"), 1, 2**53):
         raise MessageError("manifest: version: not a positive integer")
     if not _instant(m.get("issued_at")):
@@ -295,6 +339,7 @@ def parse_manifest(payload: object) -> Manifest:
         rows=m["rows"],
         signature=signature,
         raw=m,
+        site=site,
     )
 
 
@@ -343,17 +388,23 @@ def _lines(pieces: Iterable[bytes]) -> Iterator[bytes]:
     yield rest
 
 
-def manifest_topic(prefix: str, kind: str, scope: str = "fleet") -> str:
-    return f"{prefix}/{DATASETS_SITE}/{scope}/{kind}/manifest"
+def _scope_levels(scope: str, site: str | None) -> str:
+    return "site/" + str(site) if scope == "site" else scope
 
 
-def chunk_topic(prefix: str, kind: str, version: int, index: int, scope: str = "fleet") -> str:
-    return f"{prefix}/{DATASETS_SITE}/{scope}/{kind}/{version}/{index}"
+def manifest_topic(prefix: str, kind: str, scope: str = "fleet", site: str | None = None) -> str:
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site)}/{kind}/manifest"
 
 
-def subscription(prefix: str, scope: str = "fleet") -> str:
-    """What a station subscribes to for every dataset of a scope."""
-    return f"{prefix}/{DATASETS_SITE}/{scope}/#"
+def chunk_topic(
+    prefix: str, kind: str, version: int, index: int, scope: str = "fleet", site: str | None = None
+) -> str:
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site)}/{kind}/{version}/{index}"
+
+
+def subscription(prefix: str, scope: str = "fleet", site: str | None = None) -> str:
+    """What a station subscribes to for every dataset of a scope (a site scope: its own)."""
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site)}/#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +413,7 @@ class DatasetTopic:
     scope: str
     version: int | None  # None: the manifest
     index: int | None
+    site: str | None = None
 
 
 _CHUNK = re.compile(r"0|[1-9][0-9]{0,8}")
@@ -375,11 +427,16 @@ def parse_topic(prefix: str, topic: str) -> DatasetTopic | None:
     if not isinstance(topic, str) or not topic.startswith(head):
         return None
     levels = topic[len(head) :].split("/")
+    site = None
+    if levels[0] == "site":
+        if len(levels) < 2 or not _name(levels[1]):
+            return None
+        site = levels.pop(1)
     if len(levels) < 3 or levels[0] not in SCOPES or _KIND.fullmatch(levels[1]) is None:
         return None
     match levels[2:]:
         case ["manifest"]:
-            return DatasetTopic(levels[1], levels[0], None, None)
+            return DatasetTopic(levels[1], levels[0], None, None, site)
         case [version, index] if _VERSION.fullmatch(version) and _CHUNK.fullmatch(index):
-            return DatasetTopic(levels[1], levels[0], int(version), int(index))
+            return DatasetTopic(levels[1], levels[0], int(version), int(index), site)
     return None

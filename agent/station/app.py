@@ -213,10 +213,15 @@ class StationApp:
             bytes.fromhex(cfg.public_key),
             self.config.mqtt.topic_prefix,
             max_age_s=cfg.max_age_s,
+            site=self.config.agent.site,
         )
         receiver.load()
         self.station.datasets = receiver
-        uplink.add_subscription(subscription(self.config.mqtt.topic_prefix), receiver.handle)
+        prefix = self.config.mqtt.topic_prefix
+        uplink.add_subscription(subscription(prefix), receiver.handle)
+        uplink.add_subscription(
+            subscription(prefix, "site", self.config.agent.site), receiver.handle
+        )
         return receiver
 
     async def _status_line(self) -> str:

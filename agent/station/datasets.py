@@ -70,13 +70,29 @@ CREATE TABLE IF NOT EXISTS recalled_lots (
 CREATE TABLE IF NOT EXISTS jpki_anchors (
     sha256 TEXT PRIMARY KEY, name TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    id TEXT NOT NULL, id_type TEXT, slot_start TEXT NOT NULL, slot_end TEXT NOT NULL,
+    purpose TEXT NOT NULL, PRIMARY KEY (id, slot_start, purpose)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staff (
+    uid TEXT PRIMARY KEY, operator TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _COLUMNS: dict[str, tuple[str, ...]] = {
     "used_tickets": ("municipality_code", "ticket_number", "dose", "site", "agent", "at"),
     "recalled_lots": ("gtin", "lot", "reason", "expiry_from", "expiry_to"),
     "jpki_anchors": ("sha256", "name"),
+    "reservations": ("id", "id_type", "slot_start", "slot_end", "purpose"),
+    "staff": ("uid", "operator"),
 }
+
+
+def _normal(kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Badge UIDs are stored lower case: the reader may report either."""
+    if kind == "staff":
+        return {**row, "uid": str(row["uid"]).lower()}
+    return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +201,7 @@ class DatasetStore:
             db.executemany(
                 f"INSERT OR IGNORE INTO {manifest.kind} ({', '.join(cols)})"
                 f" VALUES ({', '.join('?' * len(cols))})",
-                ([r.get(c) for c in cols] for r in rows),
+                ([_normal(manifest.kind, r).get(c) for c in cols] for r in rows),
             )
             db.execute(
                 "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -255,6 +271,23 @@ class DatasetStore:
                 return str(reason)
         return None
 
+    def reservation(self, ids: Iterable[str]) -> Any:
+        """The first reservation (slot_start, slot_end, purpose, id_type) of any of `ids`,
+        the earliest slot first."""
+        keys = list(dict.fromkeys(ids))
+        if not keys:
+            return None
+        q = (
+            "SELECT slot_start, slot_end, purpose, id_type FROM reservations"
+            f" WHERE id IN ({', '.join('?' * len(keys))}) ORDER BY slot_start LIMIT 1"
+        )
+        return self.db.execute(q, keys).fetchone()
+
+    def staff(self, uid: str) -> str | None:
+        """The operator id of a staff badge, if the `staff` dataset names it."""
+        row = self.db.execute("SELECT operator FROM staff WHERE uid = ?", (uid.lower(),)).fetchone()
+        return None if row is None else str(row[0])
+
     def anchors(self) -> dict[str, str]:
         """The pinned JPKI CA fingerprints (sha256 hex -> name), for the card check."""
         return dict(self.db.execute("SELECT sha256, name FROM jpki_anchors").fetchall())
@@ -271,8 +304,11 @@ class DatasetReceiver:
         *,
         max_age_s: float,
         spool: Path | None = None,
+        site: str | None = None,
     ) -> None:
         self.store = store
+        #: the station's site: a site-scoped version for another site is refused
+        self.site = site
         # chunks wait on disk, not in memory: a million rows cost a chunk of RSS, not 140 MB
         self.spool = spool or store.path.with_name("datasets-incoming")
         self.prefix = prefix
@@ -347,6 +383,8 @@ class DatasetReceiver:
                 self._unknown.add(t.kind)
                 log.warning("dataset %s ignored: not a kind this station knows", t.kind[:64])
             return True
+        if t.site is not None and t.site != self.site:
+            return True  # another site's data (a wide subscription): not this station's
         if t.version is None:
             self._manifest(t.kind, bytes(payload))
         else:
@@ -379,6 +417,8 @@ class DatasetReceiver:
         """True: a new version to collect; False: the one held; DatasetRefused: neither."""
         if m.kind != kind:
             raise DatasetRefused(kind, f"manifest names kind {m.kind!r}")
+        if m.site is not None and m.site != self.site:
+            raise DatasetRefused(kind, f"manifest is for site {m.site!r}, not this one")
         try:
             self._key.verify(m.signature, m.signed)
         except InvalidSignature:
@@ -468,6 +508,28 @@ class DatasetReceiver:
 
     # -- verdicts ------------------------------------------------------------------------
 
+    def staff(self, uid: str) -> str | None:
+        """The operator of a badge from the `staff` dataset (None: not held, or not in it)."""
+        if "staff" not in self._held:
+            return None
+        try:
+            return self.store.staff(uid)
+        except sqlite3.Error as e:
+            log.error("dataset look-up failed in %s: %s", self.store.path, e)
+            return None
+
+    def reservation(
+        self, read_data: dict[str, Any], now: float | None = None
+    ) -> dict[str, Any] | None:
+        """The `data.reservation` of a read, or None (no `reservations` held, or nothing
+        in the read that could identify a reservation)."""
+        now = time.time() if now is None else now
+        try:
+            return _reservation(self.store, read_data, now, self.max_age_s)
+        except sqlite3.Error as e:
+            log.error("dataset look-up failed in %s: %s", self.store.path, e)
+            return None
+
     def verdict(
         self, interpretation: dict[str, Any] | None, now: float | None = None
     ) -> dict[str, Any] | None:
@@ -537,3 +599,56 @@ def _recalled(
     if reason is None:
         return {"verdict": "not_recalled", **base}
     return {"verdict": "recalled", "reason": reason, **base}
+
+
+#: interpretations that are goods, not people: they never identify a reservation
+_NOT_IDENTIFIERS = frozenset({"gs1", "jan", "ean", "isbn", "issn", "upc"})
+
+
+def reservation_ids(read_data: dict[str, Any]) -> list[str]:
+    """What in a read could be a reservation's `id`: a ticket number, the scanned text
+    (reservation QR payload, form ID), a card's auth-cert serial."""
+    ids: list[str] = []
+    interp = read_data.get("interpretation")
+    if isinstance(interp, dict):
+        if interp.get("type") in _NOT_IDENTIFIERS:
+            return []
+        fields = interp.get("fields") or {}
+        for key in ("ticket_number", "form_id"):
+            v = fields.get(key) if isinstance(fields, dict) else None
+            if isinstance(v, str):
+                ids.append(v)
+    text = read_data.get("text")
+    if isinstance(text, str) and 0 < len(text) <= 200:
+        ids.append(text)
+    cert = read_data.get("auth_cert")
+    serial = cert.get("serial") if isinstance(cert, dict) else None
+    if isinstance(serial, str):  # hex, lower case (agent/drivers/card.py)
+        ids.append(serial.lower())
+    return ids
+
+
+def _reservation(
+    store: DatasetStore, read_data: dict[str, Any], now: float, max_age_s: float
+) -> dict[str, Any] | None:
+    ids = reservation_ids(read_data)
+    if not ids:
+        return None
+    with store.snapshot():
+        h = store.held_kind("reservations")
+        if h is None:
+            return None
+        hit = store.reservation(ids)
+    base = {"dataset": "reservations", "version": h.version, "stale": h.stale(now, max_age_s)}
+    if hit is None:
+        return {"verdict": "no_reservation", **base}
+    start, end, purpose, _ = hit
+    timing = "early" if now < _epoch(start) else "late" if now > _epoch(end) else "on_time"
+    return {
+        "verdict": "reserved",
+        "slot_start": start,
+        "slot_end": end,
+        "purpose": purpose,
+        "timing": timing,
+        **base,
+    }

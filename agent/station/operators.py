@@ -7,7 +7,12 @@ but applies to the whole station (every record carries the operator on duty).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from agent.config import Config, PcscDevice
+
+#: a session's idle timeout when only the `staff` dataset maps badges
+DEFAULT_TIMEOUT_S = 8 * 3600.0
 
 
 class OperatorSessions:
@@ -27,9 +32,13 @@ class OperatorSessions:
         self._current: str | None = None
         self._last = 0.0
 
-    def tap(self, uid: str, now: float) -> tuple[str, str] | None:
-        """A badge with `uid` was tapped: ("start"|"end", operator id), or None if unmapped."""
-        op = self.operators.get(uid.lower())
+    def tap(
+        self, uid: str, now: float, staff: Callable[[str], str | None] | None = None
+    ) -> tuple[str, str] | None:
+        """A badge with `uid` was tapped: ("start"|"end", operator id), or None if unmapped.
+        `staff` (the `staff` dataset) decides first; the hand-edited map is the fallback."""
+        op = staff(uid) if staff is not None else None
+        op = op or self.operators.get(uid.lower())
         if op is None:
             return None
         if self.current(now) == op:
@@ -55,6 +64,8 @@ def operator_sessions(config: Config) -> OperatorSessions | None:
     """One station-wide session book from every card reader's badge mapping."""
     readers = [d for d in config.devices if isinstance(d, PcscDevice) and d.operators]
     if not readers:
+        if config.datasets is not None:  # the `staff` dataset may map badges of any card read
+            return OperatorSessions({}, DEFAULT_TIMEOUT_S)
         return None
     operators: dict[str, str] = {}
     for dev in readers:

@@ -274,6 +274,9 @@ class Station:
                     ", stale" if verdict["stale"] else "",
                 )
                 self._alerts.append({"type": verdict["verdict"], "device": read.device})
+        booked = None if self.datasets is None else self.datasets.reservation(read.data)
+        if booked is not None:  # a separate fact: a ticket can be both used and reserved
+            read = replace(read, data={**read.data, "reservation": booked})
         if read.clock_synced is None:  # lets the registry tell a 1970 timestamp from a real one
             read = dataclasses.replace(read, clock_synced=clock_synced())
         read, operator = self._with_operator(read)
@@ -333,7 +336,8 @@ class Station:
             return read, None
         now = time.monotonic()
         uid = read.data.get("uid") if read.kind == "card" else None
-        change = sessions.tap(uid, now) if isinstance(uid, str) else None
+        staff = None if self.datasets is None else self.datasets.staff
+        change = sessions.tap(uid, now, staff) if isinstance(uid, str) else None
         if change is None:
             return read, sessions.touch(now)
         event, operator = change

@@ -38,6 +38,8 @@ def test_document_is_consistent() -> None:
         "blobChunk",
         "datasetManifest",
         "datasetChunk",
+        "datasetSiteManifest",
+        "datasetSiteChunk",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])

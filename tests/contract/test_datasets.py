@@ -7,6 +7,7 @@ import base64
 import contextlib
 import itertools
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -153,3 +154,81 @@ def test_rows_in_pieces_are_the_rows_whole(cuts: list[int], n: int) -> None:
     bounds = sorted({min(c, len(body)) for c in cuts} | {0, len(body)})
     pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
     assert list(ds.iter_rows(parsed, pieces)) == ds.parse_body(parsed, body) == rows
+
+
+# -- reservations, staff, site scope (issue #20, second slice) ---------------------------
+
+RESERVATION = {
+    "id": "R-2026-000123",
+    "id_type": "qr",
+    "slot_start": "2026-12-02T01:30:00Z",
+    "slot_end": "2026-12-02T01:45:00Z",
+    "purpose": "vaccination dose 1",
+}
+
+
+def test_reservation_and_staff_rows_are_checked_by_field() -> None:
+    assert ds.check_rows("reservations", [RESERVATION]) == []
+    assert ds.check_rows("staff", [{"uid": "01010601CB095703", "operator": "staff-014"}]) == []
+    bad = ds.check_rows(
+        "reservations", [{**RESERVATION, "id_type": "passport", "slot_start": "10:30"}]
+    )
+    assert bad == ["row 1: id_type: not a valid value", "row 1: slot_start: not a valid value"]
+    assert ds.check_rows("staff", [{"uid": "zz", "operator": "Staff 14"}]) == [
+        "row 1: uid: not a valid value",
+        "row 1: operator: not a valid value",
+    ]
+
+
+@settings(max_examples=50)
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "id_type", "slot_start", "slot_end", "purpose", "uid", "x"]),
+        st.one_of(st.text(max_size=30), st.integers(), st.none(), st.sampled_from(["qr"])),
+    ),
+    st.sampled_from(["reservations", "staff"]),
+)
+def test_new_row_schemas_never_raise_and_name_no_values(row: dict[str, object], kind: str) -> None:
+    problems = ds.check_row(kind, row)
+    body = ds.canonical_body([row])
+    m = ds.parse_manifest(
+        json.dumps(
+            {
+                **ds.build_manifest(kind, 1, body, 1, issued_at="2026-12-02T00:00:00Z"),
+                "signature": base64.b64encode(b"\0" * 64).decode(),
+            }
+        ).encode()
+    )
+    if problems:
+        with pytest.raises(MessageError):
+            ds.parse_body(m, body)
+    else:
+        assert ds.parse_body(m, body) == [row]
+    for p in problems:  # names fields, never the values it was given
+        assert re.fullmatch(r"row: (unknown field '\w+'|\w+: (missing|not a valid value))", p), p
+
+
+def test_a_site_scope_names_its_site_in_topics_and_signed_manifest() -> None:
+    body = ds.canonical_body([RESERVATION])
+    m = ds.build_manifest(
+        "reservations", 9, body, 1, issued_at="2026-12-02T00:00:00Z", scope="site", site="toda-1f"
+    )
+    assert m["site"] == "toda-1f" and b'"site":"toda-1f"' in ds.signed_bytes(m)
+    m["signature"] = base64.b64encode(b"\0" * 64).decode()
+    parsed = ds.parse_manifest(json.dumps(m).encode())
+    assert (parsed.scope, parsed.site) == ("site", "toda-1f")
+    topic = ds.manifest_topic("p", "reservations", "site", "toda-1f")
+    assert topic == "p/_datasets/site/toda-1f/reservations/manifest"
+    assert ds.parse_topic("p", topic) == ds.DatasetTopic(
+        "reservations", "site", None, None, "toda-1f"
+    )
+    chunk = ds.chunk_topic("p", "staff", 5, 2, "site", "goka-2f")
+    assert ds.parse_topic("p", chunk) == ds.DatasetTopic("staff", "site", 5, 2, "goka-2f")
+    assert ds.subscription("p", "site", "goka-2f") == "p/_datasets/site/goka-2f/#"
+    for bad_topic in ("p/_datasets/site/Bad Site/staff/manifest", "p/_datasets/site/x/manifest"):
+        assert ds.parse_topic("p", bad_topic) is None
+    for over in ({"site": None}, {"site": "Bad Site"}, {"scope": "fleet"}):
+        with pytest.raises(MessageError, match="site"):
+            ds.parse_manifest(json.dumps({**m, **over}).encode())
+    with pytest.raises(ValueError):
+        ds.build_manifest("staff", 1, b"", 0, issued_at="2026-12-02T00:00:00Z", scope="site")

@@ -36,11 +36,11 @@ GS1 = "01049123451234591725123110AB"
 
 
 def receiver(
-    tmp: Path, *, key: Ed25519PrivateKey = KEY, max_age_s: float = 3600
+    tmp: Path, *, key: Ed25519PrivateKey = KEY, max_age_s: float = 3600, site: str | None = None
 ) -> DatasetReceiver:
     store = DatasetStore(tmp / "datasets.db")
     store.open()
-    r = DatasetReceiver(store, bytes.fromhex(public_hex(key)), P, max_age_s=max_age_s)
+    r = DatasetReceiver(store, bytes.fromhex(public_hex(key)), P, max_age_s=max_age_s, site=site)
     r.load()
     return r
 
@@ -245,13 +245,13 @@ async def test_an_unknown_kind_is_ignored_with_one_line(
 ) -> None:
     r = receiver(tmp_path)
     m = msgs("recalled_lots", 3, [LOT])
-    renamed = [(t.replace("/recalled_lots/", "/reservations/"), p) for t, p in m]
+    renamed = [(t.replace("/recalled_lots/", "/queue_tickets/"), p) for t, p in m]
     with caplog.at_level(logging.WARNING, "agent.station.datasets"):
         await feed(r, renamed)
         await feed(r, renamed)
     assert not r.held and not r.refused
     assert [rec.getMessage() for rec in caplog.records] == [
-        "dataset reservations ignored: not a kind this station knows"
+        "dataset queue_tickets ignored: not a kind this station knows"
     ]
 
 
@@ -288,3 +288,86 @@ async def test_a_damaged_datasets_file_is_moved_aside_and_the_station_starts_emp
     assert list(tmp_path.glob("datasets.db.damaged-*"))
     await feed(again, msgs("used_tickets", 4, [USED]))  # and the next version applies
     assert again.held["used_tickets"].version == 4
+
+
+# -- reservations, staff, site scope (issue #20, second slice) ---------------------------
+
+SLOT = {
+    "id": "R-2026-000123",
+    "id_type": "qr",
+    "slot_start": "2026-12-02T01:30:00Z",
+    "slot_end": "2026-12-02T01:45:00Z",
+    "purpose": "vaccination dose 1",
+}
+TICKET_SLOT = {**SLOT, "id": "0000012345", "id_type": "ticket_number", "purpose": "dose 2"}
+
+
+def at(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).timestamp()
+
+
+async def test_a_reservation_is_reserved_on_time_early_or_late_else_none(tmp_path: Path) -> None:
+    r = receiver(tmp_path, max_age_s=10**9)
+    qr = {"text": SLOT["id"], "interpretation": {"type": "text", "fields": {}}}
+    assert r.reservation(qr) is None  # nothing held: no verdict
+    await feed(r, msgs("reservations", 4, [SLOT, TICKET_SLOT]))
+    v = r.reservation(qr, now=at("2026-12-02T01:35:00Z"))
+    assert v == {
+        "verdict": "reserved",
+        "slot_start": SLOT["slot_start"],
+        "slot_end": SLOT["slot_end"],
+        "purpose": SLOT["purpose"],
+        "timing": "on_time",
+        "dataset": "reservations",
+        "version": 4,
+        "stale": False,
+    }
+    early = r.reservation(qr, now=at("2026-12-02T01:00:00Z"))
+    late = r.reservation(qr, now=at("2026-12-02T02:00:00Z"))
+    assert early is not None and early["timing"] == "early"
+    assert late is not None and late["timing"] == "late"
+    ticket = r.reservation({"text": TICKET, "interpretation": interpret(TICKET)})
+    assert ticket is not None and (ticket["verdict"], ticket["purpose"]) == ("reserved", "dose 2")
+    card = {"uid": "aa", "auth_cert": {"serial": "0000012345"}}
+    assert (r.reservation(card) or {}).get("verdict") == "reserved"
+    unknown = r.reservation({"text": "R-2026-999999"})
+    assert unknown is not None and unknown["verdict"] == "no_reservation"
+    goods = {"text": GS1, "interpretation": interpret(GS1, symbology="]C1")}
+    assert r.reservation(goods) is None  # a vaccine box is nobody's reservation
+
+
+async def test_staff_maps_badges_case_blind_and_the_hand_map_is_the_fallback(
+    tmp_path: Path,
+) -> None:
+    from agent.station.operators import OperatorSessions
+
+    r = receiver(tmp_path)
+    assert r.staff("01010601cb095703") is None
+    await feed(r, msgs("staff", 2, [{"uid": "01010601CB095703", "operator": "staff-014"}]))
+    assert r.staff("01010601cb095703") == "staff-014"
+    sessions = OperatorSessions({"aa": "staff-002", "01010601cb095703": "old-id"}, 60)
+    assert sessions.tap("01010601CB095703", 0, r.staff) == ("start", "staff-014")
+    assert sessions.tap("AA", 1, r.staff) == ("start", "staff-002")  # not in the dataset
+    assert sessions.tap("bb", 2, r.staff) is None
+
+
+async def test_a_site_dataset_applies_only_at_its_site(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = receiver(tmp_path / "a", site="toda-1f")
+    b = receiver(tmp_path / "b", site="goka-2f")
+    for_a = msgs("reservations", 6, [SLOT], site="toda-1f")
+    assert all("/_datasets/site/toda-1f/reservations/" in t for t, _ in for_a)
+    await feed(a, for_a)
+    await feed(b, for_a)  # a wide subscription: ignored by topic
+    assert a.held["reservations"].version == 6 and "reservations" not in b.held
+    # the same signed manifest replayed on site B's topics: refused by its signed site
+    replay = [(t.replace("/site/toda-1f/", "/site/goka-2f/"), p) for t, p in for_a]
+    with caplog.at_level(logging.WARNING, "agent.station.datasets"):
+        await feed(b, replay)
+    assert "reservations" not in b.held
+    assert "is for site 'toda-1f'" in b.refused["reservations"]["reason"]

@@ -355,3 +355,126 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         await expect(title).to_have_text("回収対象のワクチンです")
         await page.screenshot(path=str(ARTIFACTS / "kiosk-recalled.png"))
         await page.close()
+
+
+@pytest.mark.timeout(60)
+async def test_site_reservations_and_staff_reach_only_their_site(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Second slice: `reservations` and `staff` published for site A (site scope): a
+    reservation QR at A is `reserved`, an unknown one `no_reservation`, a staff badge puts
+    its operator id on the records; station B at another site never holds A's data."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent.contract.records import Read
+
+    key = Ed25519PrivateKey.generate()
+    pub = public_hex(key)
+    now = datetime.now(UTC)
+    slot = {
+        "id": "R-2026-000123",
+        "id_type": "qr",
+        "slot_start": (now - timedelta(minutes=10)).isoformat(),
+        "slot_end": (now + timedelta(minutes=10)).isoformat(),
+        "purpose": "vaccination dose 1",
+    }
+    a_pty, b_pty = Pty(tmp_path / "ttyA"), Pty(tmp_path / "ttyB")
+    try:
+        async with (
+            running_registry(broker.port, tmp_path / "registry.db") as registry,
+            running_station(
+                station_config(tmp_path, broker.port, a_pty, "toda-1f", "st-a", pub)
+            ) as a,
+            running_station(
+                station_config(tmp_path, broker.port, b_pty, "goka-2f", "st-b", pub)
+            ) as b,
+        ):
+            a_data, b_data = a.station.station.datasets, b.station.station.datasets
+            assert a_data is not None and b_data is not None
+            P = "madoguchi/v1"
+            await publish_dataset("127.0.0.1", broker.port, P, key, "reservations", [slot],
+                                  site="toda-1f")  # fmt: skip
+            staff = [{"uid": "01010601CB095703", "operator": "staff-014"}]
+            await publish_dataset("127.0.0.1", broker.port, P, key, "staff", staff, site="toda-1f")
+            # a fleet dataset after them: once B holds it, B has seen all it will see
+            await publish_dataset("127.0.0.1", broker.port, P, key, "recalled_lots", [LOT])
+            await until(lambda: {"reservations", "staff", "recalled_lots"} <= set(a_data.held))
+            await until(lambda: "recalled_lots" in b_data.held)
+            assert "reservations" not in b_data.held and "staff" not in b_data.held
+            assert not b_data.refused  # not refused either: it never came to B
+            from tests.support.central import Contract
+
+            retained = await mqtt_collect(broker.port, "madoguchi/v1/_datasets/site/#", 1.0)
+            site_kinds = {
+                Contract().check_raw(m.topic.value, bytes(m.payload)) for m in retained if m.payload
+            }
+            assert site_kinds == {
+                "datasetSiteManifest/datasetManifest",
+                "datasetSiteChunk/datasetChunk",
+            }
+
+            # the staff badge tap (a card read) starts staff-014's session at A
+            badge = Read(device="ticket-scanner", kind="card", data={"uid": "01010601cb095703"})
+            assert (await a.station.station.accept(badge)).accepted
+            a_pty.scan(slot["id"])
+            await a_pty.aread(1)
+            a_pty.scan("R-2026-999999")
+            await a_pty.aread(1)
+            b_pty.scan(slot["id"])  # the same QR at site B: B holds no reservations
+            await b_pty.aread(1)
+            records = await registry.wait_for(4)
+            by = {(r["data"].get("text"), r["kind"], r.get("operator")): r for r in records}
+            tap = by[(None, "card", "staff-014")]
+            assert tap["data"]["operator_session"] == {"event": "start", "operator": "staff-014"}
+            reserved = by[(slot["id"], "barcode", "staff-014")]["data"]["reservation"]
+            assert (reserved["verdict"], reserved["timing"], reserved["purpose"]) == (
+                "reserved",
+                "on_time",
+                "vaccination dose 1",
+            )
+            assert reserved["dataset"] == "reservations" and reserved["stale"] is False
+            unknown = by[("R-2026-999999", "barcode", "staff-014")]["data"]["reservation"]
+            assert unknown["verdict"] == "no_reservation"
+            at_b = by[(slot["id"], "barcode", None)]["data"]
+            assert "reservation" not in at_b
+    finally:
+        a_pty.close()
+        b_pty.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_cli_publishes_staff_and_reservations_for_one_site(
+    broker: Broker, tmp_path: Path
+) -> None:
+    made = _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
+                cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    pub = (tmp_path / "k.pub").read_text().strip()
+    staff = tmp_path / "staff.csv"
+    staff.write_text("uid,operator\n01010601CB095703,staff-014\n")
+    bad_site = _cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
+                    "--site", "Toda 1F", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
+    assert bad_site.returncode == 1 and "--site: 'Toda 1F' is not a site name" in bad_site.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "R-1", "slot_start": "10:30", "purpose": "x"}]')
+    refused = _cli("registry", "publish-dataset", "reservations", str(bad), "--key", "k.pem",
+                   "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        f"{bad}: row 1: slot_start: not a valid value",
+        f"{bad}: row 1: slot_end: missing",
+    ]
+    pty = Pty(tmp_path / "tty")
+    try:
+        cfg = station_config(tmp_path, broker.port, pty, "toda-1f", "desk", pub)
+        async with running_station(cfg) as s:
+            data = s.station.station.datasets
+            assert data is not None
+            ok = _cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
+                      "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
+            assert ok.returncode == 0, ok.stderr
+            assert "1 row(s) published for site toda-1f" in ok.stdout
+            await until(lambda: "staff" in data.held)
+            assert data.staff("01010601cb095703") == "staff-014"
+    finally:
+        pty.close()
