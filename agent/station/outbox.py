@@ -319,7 +319,9 @@ class Outbox:
         if not existed:
             log.info("outbox %s: new database, quick_check skipped", self.path)
         elif clean:
-            log.info("outbox %s: closed cleanly and unchanged since, quick_check skipped", self.path)
+            log.info(
+                "outbox %s: closed cleanly and unchanged since, quick_check skipped", self.path
+            )
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as e:
