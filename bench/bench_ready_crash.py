@@ -107,12 +107,16 @@ async def main() -> None:
             t = time.perf_counter()
             await fill(seed, args.records)
             print(f"filled {args.records} records in {time.perf_counter() - t:.0f} s")
+        (workdir / "broker").mkdir()
         broker = Broker(workdir / "broker")
         broker.start()
         try:
-            res = [await one_round(broker, workdir, seed, args.root, i) for i in range(args.rounds)]
+            res = []
+            for i in range(args.rounds):
+                res.append(await one_round(broker, workdir, seed, args.root, i))
+                print(f"round {i}: {res[-1]}", flush=True)
         finally:
-            broker.close()
+            broker.stop()
     for key in ("ready_s", "check_after_ready_s"):
         vals = [r[key] for r in res]
         print(
