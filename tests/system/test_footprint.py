@@ -38,6 +38,33 @@ def test_agent_run_imports_no_library_it_does_not_use() -> None:
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
+def test_run_builds_only_the_station_parsers_and_help_still_lists_every_command() -> None:
+    # issue #18: the central and tool commands' modules cost a running agent 1.6 MB
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, agent.cli.main as m\nm.build_parser('run')\n"
+            "print(' '.join(n for n in sys.modules if n.startswith('agent.')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split()
+    assert "agent.cli.central" not in out and "agent.cli.tools" not in out, out
+    assert "agent.interpret" not in out and "agent.keymap" not in out, out
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    for command in ("run", "check-config", "outbox", "registry", "dashboard", "decode", "demo"):
+        assert command in help_text
+
+
 def test_biip_is_loaded_by_the_first_gs1_string_only() -> None:
     code = "from agent.interpret import interpret\n"
     code += "for t in ('111122410000012345', '4901234567894', 'https://x.jp', 'hello'):\n"
