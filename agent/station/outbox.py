@@ -14,7 +14,9 @@ unconfirmed rows are copied into a fresh one (agent/station/salvage.py); what
 could not be read goes out as `lost_range` records. `last_seq` and `session`
 are also bounded by a side file (agent/station/counters.py), so even a garbage or
 missing database never reuses a seq. A full disk is a state (`disk_full`), not
-a crash: appends are refused, bookkeeping is retried with backoff.
+a crash: appends are refused, bookkeeping is retried with backoff. After a crash
+the start-up `quick_check` runs after READY, in the background; records are handed
+out for sending only once it has passed or its salvage is done.
 """
 
 from __future__ import annotations
