@@ -81,7 +81,8 @@ async def main() -> None:
             broker.stop()
     vals = [float(r["rss_mb"]) for r in res]  # type: ignore[arg-type]
     print(
-        f"idle RSS: median {statistics.median(vals):.1f} MB (min {min(vals):.1f}, max {max(vals):.1f})"
+        f"idle RSS: median {statistics.median(vals):.1f} MB"
+        f" (min {min(vals):.1f}, max {max(vals):.1f})"
     )
 
 
