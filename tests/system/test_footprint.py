@@ -98,3 +98,18 @@ async def test_mqtt_sockets_of_agent_and_registry_send_without_nagle(
         assert nodelay(uplink._client._client.socket()) == 1  # type: ignore[arg-type]
     # the registry's client is made per connection: its options are what it connects with
     assert NO_DELAY[0] in registry.registry._client()._socket_options
+
+
+def test_evdev_is_not_imported_for_a_hid_scanner_that_is_absent() -> None:
+    # issue #18: a station whose scanner is unplugged does not carry python-evdev
+    code = (
+        "from agent.drivers.hid import EvdevBackend\n"
+        "b = EvdevBackend()\n"
+        "try:\n"
+        "    b.open('/dev/input/by-id/usb-absent-event-kbd')\n"
+        "except FileNotFoundError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('opened an absent device')\n"
+    )
+    assert "evdev" not in modules_after(code)
