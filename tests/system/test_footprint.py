@@ -113,3 +113,20 @@ def test_evdev_is_not_imported_for_a_hid_scanner_that_is_absent() -> None:
         "    raise SystemExit('opened an absent device')\n"
     )
     assert "evdev" not in modules_after(code)
+
+
+def test_linuxpy_is_not_imported_for_a_camera_that_is_absent() -> None:
+    code = (
+        "from agent.config import CameraDevice\n"
+        "from agent.drivers.camera import V4L2Source\n"
+        "from agent.errors import DeviceUnavailable\n"
+        "cfg = CameraDevice.model_validate({'name': 'cam', 'profile': 'p', 'driver': 'camera',"
+        " 'source': 'v4l2', 'device': '/dev/video-absent'})\n"
+        "try:\n"
+        "    V4L2Source(cfg).open()\n"
+        "except DeviceUnavailable as e:\n"
+        "    assert 'cannot open /dev/video-absent' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('opened an absent camera')\n"
+    )
+    assert "linuxpy" not in modules_after(code)
