@@ -11,9 +11,7 @@ import argparse
 import sys
 
 from agent import __version__
-from agent.cli.central import add_central_parsers
 from agent.cli.station import add_station_parsers
-from agent.cli.tools import add_tool_parsers
 from agent.errors import ConfigError, MadoguchiError
 from agent.logsetup import error_line
 
@@ -35,7 +33,13 @@ def _positive(text: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: the commands `agent/cli/station.py` parses: for these the central and tool modules
+#: are not imported nor their parsers built (1.6 MB of a running agent, issue #18)
+STATION_COMMANDS = frozenset({"run", "check-config", "outbox", "enroll"})
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser; only the station's when `command` is one of them."""
     parser = argparse.ArgumentParser(
         prog="madoguchi",
         description="Edge agent of municipal reception stations: scans -> durable outbox -> MQTT.",
@@ -43,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"madoguchi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_station_parsers(sub)
+    if command in STATION_COMMANDS:
+        return parser
+    from agent.cli.central import add_central_parsers
+    from agent.cli.tools import add_tool_parsers
+
     add_central_parsers(sub)
     p = sub.add_parser("demo", help="broker + registry + agent + simulated scanner, end to end")
     p.add_argument("--loop", action="store_true", help="keep scanning until Ctrl-C")
@@ -104,7 +113,9 @@ def user_error(exc: BaseException, command: str) -> list[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; an error a user can cause is one line per problem and exit 1."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    first = argv[0] if argv and not argv[0].startswith("-") else None
+    args = build_parser(first).parse_args(argv)
     try:
         result: int = args.func(args)
     except KeyboardInterrupt:

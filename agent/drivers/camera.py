@@ -34,8 +34,10 @@ import hashlib
 import importlib.util
 import io
 import logging
+import os
 import queue
 import select
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -252,6 +254,13 @@ class V4L2Source:
 
     def open(self) -> None:
         cfg = self.config
+        if "linuxpy.video.device" not in sys.modules and not os.path.exists(cfg.device):
+            # linuxpy costs 1.7 MB: not for a camera that is not plugged in (issue #18)
+            if importlib.util.find_spec("linuxpy") is None:
+                raise DriverMissing(
+                    cfg.name, "linuxpy is not installed (pip install 'madoguchi[camera]')"
+                )
+            raise DeviceUnavailable(cfg.name, f"cannot open {cfg.device}: no such device")
         try:
             from linuxpy.video.device import Device
         except ImportError:

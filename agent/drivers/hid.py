@@ -24,7 +24,11 @@ import asyncio
 import contextlib
 import errno
 import fnmatch
+import glob
+import importlib.util
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -82,21 +86,41 @@ class Backend(Protocol):
 
 
 class EvdevBackend:
-    """python-evdev itself, imported only when a HID scanner is opened."""
+    """python-evdev itself, imported only when there is an input device to open: a
+    station whose scanner is unplugged does not carry it (issue #18, idle RSS)."""
 
     def __init__(self) -> None:
-        try:
+        if not _installed("evdev"):
+            raise ImportError("python-evdev is not installed")
+        self._evdev: Any = None
+
+    def _lib(self) -> Any:
+        if self._evdev is None:
             import evdev
-        except ImportError:
-            raise ImportError("python-evdev is not installed") from None
-        self._evdev = evdev
+
+            self._evdev = evdev
+        return self._evdev
 
     def list_devices(self) -> list[str]:
-        return list(self._evdev.list_devices())
+        if not glob.glob("/dev/input/event*"):  # where evdev would look
+            return []
+        return list(self._lib().list_devices())
 
     def open(self, path: str) -> InputDeviceLike:
-        device: Any = self._evdev.InputDevice(path)  # its path is typed str | bytes
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        device: Any = self._lib().InputDevice(path)  # its path is typed str | bytes
         return device  # type: ignore[no-any-return]
+
+
+def _installed(name: str) -> bool:
+    """Whether `import name` would find it, without importing it."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class HotplugWatch(Protocol):

@@ -14,7 +14,9 @@ unconfirmed rows are copied into a fresh one (agent/station/salvage.py); what
 could not be read goes out as `lost_range` records. `last_seq` and `session`
 are also bounded by a side file (agent/station/counters.py), so even a garbage or
 missing database never reuses a seq. A full disk is a state (`disk_full`), not
-a crash: appends are refused, bookkeeping is retried with backoff.
+a crash: appends are refused, bookkeeping is retried with backoff. After a crash
+the start-up `quick_check` runs after READY, in the background; records are handed
+out for sending only once it has passed or its salvage is done.
 """
 
 from __future__ import annotations
@@ -166,6 +168,11 @@ class Outbox:
         self._starting = False
         self._salvaged = self._lost_seqs = self._lost_ranges = 0
         self._checker: asyncio.Task[None] | None = None
+        # after a crash the start-up quick_check runs after READY, in the background;
+        # nothing is handed out for sending until it has passed (or salvaged the file)
+        self._check_at_start = False
+        self._checked = asyncio.Event()
+        self._start_check: asyncio.Task[None] | None = None
         self._alerts: list[dict[str, Any]] = []
         self._sealer = sealer
         # seals `personal` to the registry's key once, at the commit (the record id is
@@ -195,6 +202,12 @@ class Outbox:
             self._executor.shutdown(wait=True)
             raise
         self._committer = asyncio.create_task(self._commit_loop(), name="outbox-committer")
+        if self._check_at_start:
+            self._start_check = asyncio.create_task(
+                self._check_at_start_task(), name="outbox-start-check"
+            )
+        else:
+            self._checked.set()
         if self.integrity_check_interval_s:
             self._checker = asyncio.create_task(self._check_loop(), name="outbox-integrity")
         return self
@@ -207,10 +220,11 @@ class Outbox:
     ) -> None:
         self._closing = True
         self._wake.set()
-        if self._checker is not None:
-            self._checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
+        for task in (self._start_check, self._checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._committer is not None:
             await asyncio.shield(self._committer)
         await self._run(self._close)
@@ -268,7 +282,7 @@ class Outbox:
                 self._db.close()
             self._db = None
         self._move_aside(reason)
-        self._db = self._connect(check=False)
+        self._db = self._connect()
         self._reserved = max(self._reserved, self._last_seq)
         self._write_counters()
 
@@ -301,13 +315,23 @@ class Outbox:
                 _fsync_dir(self.path.parent)
         existed = self.path.exists()
         clean = _take_clean_mark(self.path)
+        # quick_check reads every page (60 % of READY with 1M queued, issue #18): it
+        # runs after READY, before the first send (`integrity_checked`)
+        self._check_at_start = existed and not clean
+        if not existed:
+            log.info("outbox %s: new database, quick_check skipped", self.path)
+        elif clean:
+            log.info(
+                "outbox %s: closed cleanly and unchanged since, quick_check skipped", self.path
+            )
         try:
-            self._db = self._connect(check=not clean)
+            self._db = self._connect()
         except sqlite3.DatabaseError as e:
             if not (_is_corruption(e) or _code(e) == 0):  # locked, full, I/O: not damage
                 raise _translate(e, f"{self.path}: cannot open the outbox") from e
             self._move_aside(str(e))
-            self._db = self._connect(check=False)
+            self._check_at_start = False
+            self._db = self._connect()
         if not existed and side.seq_reserved and self.recovered_from is None:
             # the database is gone but the side file says records were stored
             first = max(1, side.unconfirmed_from)
@@ -321,21 +345,9 @@ class Outbox:
             )
             self._insert_lost(self._db, [(first, side.seq_reserved)], "database missing", None)
 
-    def _connect(self, *, check: bool) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         try:
-            if check:
-                t0 = time.perf_counter()
-                answer = db.execute("PRAGMA quick_check").fetchone()
-                if answer is None or answer[0] != "ok":
-                    raise sqlite3.DatabaseError(
-                        f"quick_check: {answer[0] if answer else 'no answer'}"
-                    )
-                log.info("outbox %s: quick_check ok in %.2f s", self.path, time.perf_counter() - t0)
-            else:
-                log.info(
-                    "outbox %s: closed cleanly and unchanged since, quick_check skipped", self.path
-                )
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise sqlite3.DatabaseError(f"cannot switch to WAL (journal_mode={mode})")
@@ -546,7 +558,8 @@ class Outbox:
                 self._write_counters()
             self._db.close()
             self._db = None
-            _leave_clean_mark(self.path)
+            if self._checked.is_set():  # never vouch for a file whose check did not finish
+                _leave_clean_mark(self.path)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -699,6 +712,7 @@ class Outbox:
 
     async def next_batch(self, max_records: int, resend_after_s: float) -> list[Record]:
         """Unconfirmed records due for (re)sending, in seq order."""
+        await self.integrity_checked()
         return await self._run(self._next_batch, max_records, resend_after_s)
 
     def _next_batch(self, max_records: int, resend_after_s: float) -> list[Record]:
@@ -716,6 +730,7 @@ class Outbox:
         """`next_batch` for the uplink: each record's wire JSON built by SQLite from the
         stored text (`data` is never parsed); a full `Record` only where the uplink needs
         one besides the bytes (photos, for their blobs) or the personal part must be opened."""
+        await self.integrity_checked()
         return await self._run(self._next_wire_batch, max_records, resend_after_s)
 
     def _next_wire_batch(self, max_records: int, resend_after_s: float) -> list[Outgoing]:
@@ -999,10 +1014,34 @@ class Outbox:
                 if problem is not None:
                     await self._run(self._recover_if_damaged, problem)
 
-    def _recover_if_damaged(self, problem: str) -> None:
+    def _recover_if_damaged(self, problem: str, what: str = "periodic integrity check") -> None:
         # on the outbox thread: the database may have been replaced meanwhile
         if _quick_check(self.path) is not None:
-            self._recover(f"periodic integrity check: {problem}")
+            self._recover(f"{what}: {problem}")
+
+    async def integrity_checked(self) -> None:
+        """Return once the start-up check has passed or its salvage is done: the uplink
+        sends nothing before (scans are taken meanwhile and salvaged with the rest)."""
+        await self._checked.wait()
+
+    async def _check_at_start_task(self) -> None:
+        """The start-up `quick_check` after a crash, on a read connection in a thread of
+        its own, as the periodic check: appends go on meanwhile."""
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-start-check")
+        try:
+            t0 = time.perf_counter()
+            problem = await loop.run_in_executor(pool, _quick_check, self.path)
+            if problem is None:
+                log.info("outbox %s: quick_check ok in %.2f s", self.path, time.perf_counter() - t0)
+            else:
+                log.error("outbox %s: start-up integrity check: %s", self.path, problem)
+                await self._run(self._recover_if_damaged, problem, "start-up integrity check")
+        except OutboxError as e:  # salvage failed (disk full...): damage found later is
+            log.error("outbox %s: start-up integrity check: %s", self.path, e)  # still recovered
+        finally:
+            pool.shutdown(wait=False)
+        self._checked.set()
 
     async def stats(self) -> OutboxStats:
         return await self._run(self._stats)

@@ -411,3 +411,59 @@ async def test_a_salvage_cut_short_by_a_crash_is_redone_or_finished(tmp_path: Pa
         again, lost_again = covered(await drain(ob))
     assert (again, lost_again) == (texts, lost)
     assert not fresh.exists()
+
+
+async def test_damage_found_after_ready_salvages_the_scans_taken_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a crash the start-up check runs in the background (issue #18): scans are
+    taken before it answers, nothing is sent before it, and when it finds damage the
+    salvage carries the scans taken meanwhile with the rest."""
+    import threading
+
+    from agent.station import outbox as outbox_mod
+
+    db = tmp_path / "outbox.db"
+    async with Outbox(db) as ob:
+        recs = [await ob.append(scan(f"B{i:04d}" + "y" * 80)) for i in range(800)]
+        await ob._run(lambda: ob.db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    (tmp_path / "outbox.db.clean").unlink()  # as after kill -9: no clean-close mark
+    # table leaf pages only: what opening reads (meta, indexes) is intact, so only
+    # the check can tell
+    con = sqlite3.connect(db)
+    leaves = [
+        p - 1  # dbstat counts pages from 1
+        for (p,) in con.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'records' AND pagetype = 'leaf' ORDER BY pageno"
+        )
+    ]
+    con.close()
+    overwrite_pages(db, leaves[len(leaves) // 3 : len(leaves) // 3 + 3])
+    gate = threading.Event()
+    real = outbox_mod._quick_check
+    calls: list[str | None] = []
+
+    def held_check(path: Path) -> str | None:
+        gate.wait(10)  # the check answers only once the scans below are stored
+        calls.append(real(path))
+        return calls[-1]
+
+    monkeypatch.setattr(outbox_mod, "_quick_check", held_check)
+    async with Outbox(db) as ob:
+        assert ob.recovered_from is None, "opened without reading every page"
+        meanwhile = [await ob.append(scan(f"M{i}")) for i in range(20)]
+        sending = asyncio.create_task(drain(ob))
+        await asyncio.sleep(0.1)
+        assert not sending.done(), "nothing is handed out for sending before the check"
+        gate.set()
+        out = await sending
+        assert calls and calls[0] is not None, "the check found the damage"
+        assert ob.recovered_from is not None and ob.recovered_from.exists()
+        texts, lost = covered(out)
+    assert meanwhile[0].seq > recs[-1].seq
+    by_seq = {r.seq: r for r in [*recs, *meanwhile]}
+    for seq, text in texts.items():
+        assert by_seq[seq].data["text"] == text
+    assert {m.seq for m in meanwhile} <= set(texts), "every scan taken meanwhile is salvaged"
+    assert set(texts) | lost >= set(range(1, meanwhile[-1].seq + 1))
+    assert lost and not set(texts) & lost

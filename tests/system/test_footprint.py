@@ -38,6 +38,33 @@ def test_agent_run_imports_no_library_it_does_not_use() -> None:
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
+def test_run_builds_only_the_station_parsers_and_help_still_lists_every_command() -> None:
+    # issue #18: the central and tool commands' modules cost a running agent 1.6 MB
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, agent.cli.main as m\nm.build_parser('run')\n"
+            "print(' '.join(n for n in sys.modules if n.startswith('agent.')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split()
+    assert "agent.cli.central" not in out and "agent.cli.tools" not in out, out
+    assert "agent.interpret" not in out and "agent.keymap" not in out, out
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout
+    for command in ("run", "check-config", "outbox", "registry", "dashboard", "decode", "demo"):
+        assert command in help_text
+
+
 def test_biip_is_loaded_by_the_first_gs1_string_only() -> None:
     code = "from agent.interpret import interpret\n"
     code += "for t in ('111122410000012345', '4901234567894', 'https://x.jp', 'hello'):\n"
@@ -71,3 +98,35 @@ async def test_mqtt_sockets_of_agent_and_registry_send_without_nagle(
         assert nodelay(uplink._client._client.socket()) == 1  # type: ignore[arg-type]
     # the registry's client is made per connection: its options are what it connects with
     assert NO_DELAY[0] in registry.registry._client()._socket_options
+
+
+def test_evdev_is_not_imported_for_a_hid_scanner_that_is_absent() -> None:
+    # issue #18: a station whose scanner is unplugged does not carry python-evdev
+    code = (
+        "from agent.drivers.hid import EvdevBackend\n"
+        "b = EvdevBackend()\n"
+        "try:\n"
+        "    b.open('/dev/input/by-id/usb-absent-event-kbd')\n"
+        "except FileNotFoundError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('opened an absent device')\n"
+    )
+    assert "evdev" not in modules_after(code)
+
+
+def test_linuxpy_is_not_imported_for_a_camera_that_is_absent() -> None:
+    code = (
+        "from agent.config import CameraDevice\n"
+        "from agent.drivers.camera import V4L2Source\n"
+        "from agent.errors import DeviceUnavailable\n"
+        "cfg = CameraDevice.model_validate({'name': 'cam', 'profile': 'p', 'driver': 'camera',"
+        " 'source': 'v4l2', 'device': '/dev/video-absent'})\n"
+        "try:\n"
+        "    V4L2Source(cfg).open()\n"
+        "except DeviceUnavailable as e:\n"
+        "    assert 'cannot open /dev/video-absent' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('opened an absent camera')\n"
+    )
+    assert "linuxpy" not in modules_after(code)

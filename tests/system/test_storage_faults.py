@@ -261,6 +261,94 @@ async def test_pages_overwritten_under_a_backlog_readable_delivered_rest_reporte
     assert cli["lost_seqs"] == len(lost) and cli["salvaged"] >= len(scans) - 1
 
 
+def damage_table_leaves(db: Path, count: int) -> list[int]:
+    """Overwrite `count` leaf pages of the records table from its middle: what opening
+    reads (meta, indexes) stays intact, so only the start-up quick_check finds it."""
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    leaves = [
+        p - 1  # dbstat counts pages from 1
+        for (p,) in con.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'records' AND pagetype = 'leaf' ORDER BY pageno"
+        )
+    ]
+    con.close()
+    damaged = leaves[len(leaves) // 2 : len(leaves) // 2 + count]
+    with open(db, "r+b") as f:
+        for p in damaged:
+            f.seek(p * PAGE)
+            f.write(b"\xa5" * PAGE)
+        os.fsync(f.fileno())
+    return damaged
+
+
+async def test_damage_found_after_ready_scans_taken_meanwhile_and_salvaged_all_arrive(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    """Issue #18: after kill -9 the start-up check runs after READY. Scans taken at once,
+    before it has answered, are salvaged with the backlog when it finds damage; every
+    unconfirmed seq reaches the registry as its record or inside a lost_range."""
+    cfg = config(tmp_path, broker, pty_port, outbox="resend_after_s = 2")
+    db = load_config(cfg).outbox_path
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    backlog: list[str] = []
+    try:
+        agent.start()
+        agent.wait_log("running with 1 device", timeout=15)
+        await asyncio.sleep(0.2)
+        for i in range(400):  # no registry yet: all unconfirmed
+            text = f"bk-{i:04d}-" + "q" * 150
+            pty_port.scan(text)
+            assert await pty_port.aread(1, timeout=5) == ACK
+            backlog.append(text)
+        agent.kill9()
+        assert not db.with_name("outbox.db.clean").exists()
+        damaged = damage_table_leaves(db, 3)
+        async with running_registry(broker.port, tmp_path / "registry.db") as registry:
+            agent.start()
+            agent.wait_log("running with 1 device", timeout=15, this_run=True)
+            meanwhile = [f"now-{i}" for i in range(5)]
+            for text in meanwhile:  # at once: the check may not have answered yet
+                pty_port.scan(text)
+                assert await pty_port.aread(1, timeout=5) == ACK
+
+            def lost_seqs() -> set[int]:
+                return {
+                    s
+                    for r in registry.new
+                    if r["kind"] == "lost_range"
+                    for s in range(lost_range(r)[0], lost_range(r)[1] + 1)
+                }
+
+            def settled() -> bool:
+                got = {r["data"].get("text") for r in registry.new}
+                lost = lost_seqs()
+                return set(meanwhile) <= got and all(
+                    t in got or i + 1 in lost for i, t in enumerate(backlog)
+                )
+
+            await wait_until(settled, 30)
+            await asyncio.sleep(0.5)
+            stored = list(registry.new)
+            lost = lost_seqs()
+        agent.check_running()
+        log = agent.text()
+    finally:
+        agent.close()
+    assert damaged
+    assert "start-up integrity check" in log and "moved aside to" in log
+    ledger(stored, meanwhile, [])  # no duplicates, no reused seq; the backlog below
+    scans = {r["data"]["text"]: r["seq"] for r in stored if r["kind"] == "barcode"}
+    assert set(meanwhile) <= set(scans), "the scans taken before the check answered arrive"
+    for i, text in enumerate(backlog):
+        assert text in scans or i + 1 in lost
+        if text in scans:
+            assert scans[text] == i + 1, "a salvaged record keeps its id and seq"
+    assert lost, "the overwritten pages held unconfirmed rows"
+    assert len(lost) < len(backlog) // 3
+    assert min(scans[t] for t in meanwhile) > len(backlog)
+
+
 # -- disk full on a real small tmpfs ------------------------------------------------------------
 
 
