@@ -239,7 +239,10 @@ async def test_photo_travels_in_chunks_and_its_blob_goes_once_confirmed(
         asks = probe.registry.blob_requests
         assert asks[0] == (result["record_id"], list(range(chunk_count(size))))
         assert st.uplink is not None
-        uplink = st.uplink.describe()
+        up = st.uplink
+        # the file goes in a worker thread; the counter moves when that thread hands back
+        await until(lambda: up.describe()["blobs_deleted"] == 1)
+        uplink = up.describe()
         assert uplink["blob_bytes_sent"] >= size and uplink["blobs_deleted"] == 1
     spy_task.cancel()
     assert camera.stills_taken == 1
