@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent._configdoc import field_row
 from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError
 
@@ -429,21 +430,5 @@ def reference_markdown() -> str:
         out += ["", f"## {title}", "", blurb, "", "| key | type | default | meaning |"]
         out.append("|---|---|---|---|")
         for key, field in model.model_fields.items():
-            ann = field.annotation
-            kind = (
-                ann.__name__
-                if isinstance(ann, type) and not getattr(ann, "__args__", None)
-                else str(ann)
-            )
-            kind = kind.replace("typing.", "").replace("pathlib.", "").replace("|", "\\|")
-            if field.is_required():
-                default = "required"
-            elif field.default_factory is not None:
-                default = f"`{field.default_factory()!r}`"  # type: ignore[call-arg]
-            else:
-                value = field.default
-                default = f"`{str(value) if isinstance(value, Path) else repr(value)}`"
-            default = default.replace("|", "\\|")
-            desc = (field.description or "").replace("|", "\\|").replace("\n", " ")
-            out.append(f"| `{key}` | {kind} | {default} | {desc} |")
+            out.append(field_row(key, field))
     return "\n".join(out) + "\n"
