@@ -11,10 +11,11 @@ The PIN and card contents are never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -233,31 +234,12 @@ class Routes:
         """The card's 4 attributes with the resident's PIN. One attempt at a time."""
         reader = request.path_params["reader"]
         body = _parse(CardInfoRequest, await self._json(request))
-        if len(body.pin) != 4 or not all("0" <= c <= "9" for c in body.pin):
-            raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
+        _check_pin(body.pin)
         driver = self.station.running_drivers().get(reader)
         if driver is None or not isinstance(driver, CardInfoProvider):
-            if driver is None and _driver_can(self.station, reader, "read_card_info"):
-                raise ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
-            raise ApiError(404, "no_card_reader", f"no card reader named {reader}")
-        lock = self._card_locks.setdefault(reader, asyncio.Lock())
-        if lock.locked():
-            raise ApiError(409, "busy", f"{reader} is already reading a card")
-        async with lock:
-            try:
-                info = await driver.read_card_info(body.pin)
-            except PinRefused as e:
-                raise ApiError(
-                    403,
-                    "pin_refused",
-                    e.reason,
-                    tries_left=e.tries_left,
-                    locked=e.tries_left == 0,
-                ) from None
-            except DeviceUnavailable as e:
-                raise ApiError(503, "reader_unavailable", e.reason) from None
-            except CardError as e:
-                raise ApiError(409, "card_error", e.reason) from None
+            raise self._no_card_reader(reader, driver, "read_card_info")
+        async with self._card_turn(reader):
+            info = await driver.read_card_info(body.pin)
         return JSONResponse({"reader": reader, "info": info.attributes()})
 
     async def prove(self, request: Request) -> Response:
@@ -265,21 +247,33 @@ class Routes:
         PIN, on a reader whose profile says `prove_possession`. One attempt at a time."""
         reader = request.path_params["reader"]
         body = _parse(ProveRequest, await self._json(request))
-        if len(body.pin) != 4 or not all("0" <= c <= "9" for c in body.pin):
-            raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
+        _check_pin(body.pin)
         driver = self.station.running_drivers().get(reader)
         if driver is None or not isinstance(driver, PossessionProver):
-            if driver is None and _driver_can(self.station, reader, "prove_possession"):
-                raise ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
-            raise ApiError(404, "no_card_reader", f"no card reader named {reader}")
+            raise self._no_card_reader(reader, driver, "prove_possession")
         if not getattr(self.station.config.device(reader), "prove_possession", False):
             raise ApiError(403, "not_enabled", f"{reader}: the profile does not ask for it")
+        async with self._card_turn(reader):
+            result = await driver.prove_possession(body.pin)
+        keys = ("verdict", "chain", "generation", "possession", "revocation", "reason")
+        return JSONResponse({"reader": reader, **{k: result[k] for k in keys if k in result}})
+
+    def _no_card_reader(self, reader: str, driver: object, method: str) -> ApiError:
+        """503 while a reader that could do `method` is not connected, else 404."""
+        if driver is None and _driver_can(self.station, reader, method):
+            return ApiError(503, "reader_unavailable", f"card reader {reader} is not connected")
+        return ApiError(404, "no_card_reader", f"no card reader named {reader}")
+
+    @contextlib.asynccontextmanager
+    async def _card_turn(self, reader: str) -> AsyncIterator[None]:
+        """One card operation at a time per reader (409 to a second); the card's refusals
+        as API answers."""
         lock = self._card_locks.setdefault(reader, asyncio.Lock())
         if lock.locked():
             raise ApiError(409, "busy", f"{reader} is already reading a card")
         async with lock:
             try:
-                result = await driver.prove_possession(body.pin)
+                yield
             except PinRefused as e:
                 raise ApiError(
                     403,
@@ -292,8 +286,6 @@ class Routes:
                 raise ApiError(503, "reader_unavailable", e.reason) from None
             except CardError as e:
                 raise ApiError(409, "card_error", e.reason) from None
-        keys = ("verdict", "chain", "generation", "possession", "revocation", "reason")
-        return JSONResponse({"reader": reader, **{k: result[k] for k in keys if k in result}})
 
     # -- photos ------------------------------------------------------------------------
 
@@ -366,6 +358,11 @@ def _driver_can(station: KioskStation, device: str, method: str) -> bool:
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _check_pin(pin: str) -> None:
+    if len(pin) != 4 or not all("0" <= c <= "9" for c in pin):
+        raise ApiError(422, "bad_pin_format", "the PIN is 4 digits")
 
 
 def _parse(model: type[M], value: Any) -> M:
