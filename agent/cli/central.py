@@ -486,15 +486,20 @@ def _fail(e: Exception) -> int:
     return 1
 
 
+def _key_file_error(e: OSError) -> int:
+    """A key pair could not be written: one line naming the file (never overwritten)."""
+    if isinstance(e, FileExistsError):
+        return _fail(Exception(f"{e.filename}: exists; a key is never overwritten"))
+    return _fail(Exception(f"{e.filename}: {e.strerror}"))
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from agent.personal_seal import generate_keypair
 
     try:
         kid = generate_keypair(args.private, args.public)
-    except FileExistsError as e:
-        return _fail(Exception(f"{e.filename}: exists; a key is never overwritten"))
     except OSError as e:
-        return _fail(Exception(f"{e.filename}: {e.strerror}"))
+        return _key_file_error(e)
     print(f"key {kid}: private {args.private} (keep it in the back office), public {args.public}")
     return 0
 
@@ -543,10 +548,8 @@ def cmd_dataset_keygen(args: argparse.Namespace) -> int:
 
     try:
         pub = generate_key(args.private, args.public)
-    except FileExistsError as e:
-        return _fail(Exception(f"{e.filename}: exists; a key is never overwritten"))
     except OSError as e:
-        return _fail(Exception(f"{e.filename}: {e.strerror}"))
+        return _key_file_error(e)
     print(f'dataset key: private {args.private}; stations pin [datasets] public_key = "{pub}"')
     return 0
 
