@@ -37,6 +37,7 @@ class PcscSession:
     """One PC/SC context (one thread) and the card operations on one reader."""
 
     NO_SERVICE = (0x8010001D, 0x8010001E, 0x80100003)  # no service, stopped, bad handle
+    NO_READERS = 0x8010002E
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -58,18 +59,25 @@ class PcscSession:
 
     def _daemon_gone(self) -> bool:
         """After an odd error: is it pcscd that went? (libpcsclite reports a daemon
-        that died mid-call with varying codes; 0x8010006A was seen on 1.9.9)."""
+        that died mid-call with varying codes; 0x8010006A was seen on 1.9.9, on a
+        plain listing too, where it cannot be told from a polkit refusal.) A fresh
+        context is not tried: behind a socket-activation listener it waits for a
+        daemon that may never come."""
         hr, _ = self.sc.SCardListReaders(self.ctx, [])
-        return hr in self.NO_SERVICE or hr == 0x80100003  # invalid handle
+        return hr in self.NO_SERVICE
 
     def readers(self) -> list[str]:
         hr, names = self.sc.SCardListReaders(self.ctx, [])
-        if hr == 0x8010002E:  # no readers available
+        if hr == self.NO_READERS:
             return []
         if hr in self.NO_SERVICE:
             raise NoService(self._msg(hr))
         if hr != 0:
-            raise DeviceUnavailable(self.device, f"listing readers: {self._msg(hr)}")
+            if self._daemon_gone():
+                raise NoService(self._msg(hr))
+            raise DeviceUnavailable(
+                self.device, f"pcscd refused to list readers (stopped, or polkit): {self._msg(hr)}"
+            )
         return list(names)
 
     def find(self, pattern: str) -> str | None:
@@ -88,7 +96,7 @@ class PcscSession:
         if hr in self.NO_SERVICE or self._daemon_gone():
             raise NoService(self._msg(hr))
         if hr != 0:
-            raise DeviceUnavailable(self.device, f"status change: {self._msg(hr)}")
+            raise DeviceUnavailable(self.device, f"pcscd: status change: {self._msg(hr)}")
         return [(n, int(s), bytes(a)) for n, s, a in new]
 
     def connect(self, reader: str) -> CardLink:
