@@ -30,7 +30,7 @@ from starlette.responses import Response
 from agent._aio import Backoff, asgi_server
 from agent.config import ApiSection
 from agent.errors import ApiError, MadoguchiError
-from agent.station.kiosk.bounded import ACCEPT_BACKLOG, BoundedHttp
+from agent.station.kiosk.bounded import ACCEPT_BACKLOG, LISTEN_QUEUE, BoundedHttp
 from agent.station.kiosk.events import EventHub
 from agent.station.kiosk.guard import Guard, GuardMiddleware, error_response, load_token
 from agent.station.kiosk.openapi import openapi_document
@@ -139,10 +139,14 @@ class LocalApi:
                 timeout_keep_alive=cfg.idle_timeout_s,
                 timeout_graceful_shutdown=2,  # SIGTERM ends within 5 s (issue #15)
             ):
+                for s in sockets:
+                    s.listen(LISTEN_QUEUE)  # a longer kernel queue than one accept burst
+                self.bounds.watch_listeners(loop, sockets)
                 log.info("api: serving the kiosk on %s", self.origin)
                 self.ready.set()
                 await stop.wait()
         finally:
+            self.bounds.stop_watching()
             loop.set_exception_handler(previous)
             self.hub.close()
             for s in sockets:

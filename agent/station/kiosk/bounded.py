@@ -15,6 +15,12 @@ reconnect). Here, per connection:
 - the cap is brought under the process's descriptor limit at start (what
   LimitNOFILE= allows, minus the rest of the agent and one accept burst), so the
   cap closes connections before accept() can fail;
+- the cap alone cannot bound descriptors: asyncio accepts a whole burst before
+  any connection is counted, and a closed connection's descriptor is released a
+  loop turn later. So when the process comes within one burst of the limit,
+  accepting is paused (the listening sockets leave the selector; new clients wait
+  in the kernel's backlog) and idle connections are closed until a burst fits
+  again; it resumes when one closes, or within a second at the latest;
 - if accept() fails anyway (EMFILE / ENFILE: descriptors taken elsewhere), the
   oldest idle connection is closed so that the retry gets in, and it is logged
   once when it starts and once when it ends, with the count, never a line per try.
@@ -26,6 +32,7 @@ is handed to uvicorn as its `http` class.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -42,13 +49,25 @@ from agent.config import ApiSection
 log = logging.getLogger(__name__)
 
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: listen backlog, and so the most connections one accept burst takes: asyncio on 3.11
-#: accepts up to `backlog` per wake-up and, on EMFILE, goes on trying (and reporting) for
-#: the rest of the burst; uvicorn's default of 2048 made that thousands of log lines
-ACCEPT_BACKLOG = 64
+#: the most connections one accept burst takes: asyncio on 3.11 accepts up to its `backlog`
+#: per wake-up, before any of them is counted here, and on EMFILE goes on trying (and
+#: reporting) for the rest of the burst (uvicorn's default of 2048 made that thousands of
+#: log lines). Small, so that pausing near the descriptor limit has little to outrun.
+ACCEPT_BACKLOG = 16
+#: the kernel's queue of connections waiting for accept() (set after asyncio's listen())
+LISTEN_QUEUE = 64
 #: descriptors the rest of the agent may hold: outbox (db, WAL, SHM, side files), the MQTT
 #: socket, devices, blobs, the event loop's own, logging, pcscd, udev
 RESERVED_FDS = 64
+#: kept free under the limit by the cap fitted at start: the loop can take a second burst
+#: before the first one's connections are counted, and closed connections release their
+#: descriptors a loop turn later (the 128 is from when bursts were 64; kept as headroom)
+BURST_RESERVE = 128
+#: accepting pauses when no more than this many descriptors are left (two bursts and a
+#: margin) and resumes above it; while paused, idle connections are closed to make
+#: _EVICT_TO_ROOM
+_PAUSE_ROOM = 2 * ACCEPT_BACKLOG + 16
+_EVICT_TO_ROOM = _PAUSE_ROOM + 16
 
 
 def _fds_in_use() -> int:
@@ -74,6 +93,13 @@ class BoundedHttp:
         self.resource_episodes = 0  # runs of those errors (each logged once when it began)
         self._resource_since: int | None = None  # resource_errors when this episode began
         self._resource_last = 0.0  # monotonic time of the last one
+        self.pauses = 0  # times accepting was paused near the descriptor limit
+        self._fd_limit: int | None = None  # RLIMIT_NOFILE's soft limit, when finite
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[int] = []
+        self._paused: dict[int, tuple[Callable[..., object], tuple[Any, ...]]] = {}
+        # listening fd -> its accept callback and arguments, while paused
+        self._resume_timer: asyncio.TimerHandle | None = None
 
     def protocol_class(self) -> type[BoundedH11Protocol]:
         """A protocol class bound to this state, for uvicorn's `http=`."""
@@ -89,6 +115,8 @@ class BoundedHttp:
             "resource_errors": self.resource_errors,
             "resource_episodes": self.resource_episodes,
             "out_of_descriptors": self._resource_since is not None,
+            "accept_paused": bool(self._paused),
+            "accept_pauses": self.pauses,
         }
 
     # -- the connections -----------------------------------------------------------
@@ -120,6 +148,7 @@ class BoundedHttp:
                 )
             self.close(victim)
         self.open[proto] = None
+        self._guard_descriptors()
         return True
 
     def close(self, proto: BoundedH11Protocol) -> None:
@@ -128,6 +157,8 @@ class BoundedHttp:
 
     def gone(self, proto: BoundedH11Protocol) -> None:
         self.open.pop(proto, None)
+        if self._paused:
+            self._try_resume()
 
     def timeout(self, proto: BoundedH11Protocol, phase: str) -> None:
         self.timed_out += 1
@@ -143,9 +174,7 @@ class BoundedHttp:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return
-        # room for two accept bursts: on a loaded machine the loop can take a second burst
-        # before the first one's connections are counted (seen once in a clean-clone run)
-        fits = max(4, soft - max(RESERVED_FDS, _fds_in_use() + 16) - 2 * ACCEPT_BACKLOG)
+        fits = max(4, soft - max(RESERVED_FDS, _fds_in_use() + 16) - BURST_RESERVE)
         if fits < self.max_connections:
             log.warning(
                 "api: max_connections=%d does not fit the descriptor limit %d; using %d "
@@ -155,6 +184,83 @@ class BoundedHttp:
                 fits,
             )
             self.max_connections = fits
+
+    # -- pausing accept() near the limit ----------------------------------------------
+
+    def watch_listeners(self, loop: asyncio.AbstractEventLoop, sockets: list[Any]) -> None:
+        """Let the server pause these listening sockets near the descriptor limit."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._fd_limit = None if soft == resource.RLIM_INFINITY else soft
+        self._loop = loop
+        self._listeners = [s.fileno() for s in sockets]
+
+    def _room(self) -> int:
+        """Descriptors left under the limit (a large number where there is no limit)."""
+        if self._fd_limit is None:
+            return 1 << 30
+        return self._fd_limit - _fds_in_use()
+
+    def _guard_descriptors(self) -> None:
+        """Within one accept burst (and a margin) of the limit: stop accepting."""
+        if self._paused or self._loop is None or self._fd_limit is None:
+            return
+        if self._room() > _PAUSE_ROOM:
+            return
+        selector = getattr(self._loop, "_selector", None)  # asyncio's selector loops
+        if selector is None:
+            return  # another loop: the cap and the EMFILE handler below still hold
+        for fd in self._listeners:
+            try:
+                handle = selector.get_key(fd).data[0]
+                # copied before remove_reader(), which cancels the handle and clears them
+                callback, args = handle._callback, handle._args
+            except (KeyError, ValueError, IndexError, AttributeError):
+                continue
+            if callback is None or not self._loop.remove_reader(fd):
+                continue
+            self._paused[fd] = (callback, args)
+        if not self._paused:
+            return
+        self.pauses += 1
+        if self.pauses == 1 or self.pauses % 1000 == 0:
+            log.warning(
+                "api: near the descriptor limit %d with %d connections: accepting paused "
+                "(%d time(s) so far; see LimitNOFILE= and api.max_connections)",
+                self._fd_limit,
+                len(self.open),
+                self.pauses,
+            )
+        self._try_resume()
+
+    def _try_resume(self) -> None:
+        """Accept again once a burst fits; until then close idle connections (the
+        oldest first, never the newest) and look again when one is gone, or in a
+        second. Where closing cannot make room (descriptors held elsewhere), accept
+        again as soon as one burst fits: a deaf kiosk is worse than a short one."""
+        if self._loop is None or not self._paused:
+            return
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        room = self._room()
+        idle = [p for p in self.open if not p.busy][:-1]
+        if room > _PAUSE_ROOM or (room > 2 * ACCEPT_BACKLOG and not idle):
+            for fd, (callback, args) in self._paused.items():
+                with contextlib.suppress(OSError, ValueError):  # closed while paused
+                    self._loop.add_reader(fd, callback, *args)
+            self._paused.clear()
+            return
+        for victim in idle[: _EVICT_TO_ROOM - room]:
+            self.evicted += 1
+            self.close(victim)
+        self._resume_timer = self._loop.call_later(1.0, self._try_resume)
+
+    def stop_watching(self) -> None:
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        self._paused.clear()  # the listening sockets are being closed
+        self._loop = None
 
     def exception_handler(
         self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None

@@ -24,6 +24,8 @@ API_CONNECTION_COUNTERS = {
     "resource_errors": "accept() failures for want of descriptors (EMFILE/ENFILE), in all.",
     "resource_episodes": "Runs of such failures (each logged once), since start.",
     "out_of_descriptors": "accept() is failing for want of descriptors right now.",
+    "accept_paused": "Accepting is paused right now, near the descriptor limit.",
+    "accept_pauses": "Times accepting was paused near the descriptor limit, since start.",
 }
 
 
@@ -67,7 +69,10 @@ def openapi_document() -> dict[str, Any]:
         "header_timeout_s, idle_timeout_s): how hard it is being pushed.",
         "required": list(API_CONNECTION_COUNTERS),
         "properties": {
-            k: {"type": "boolean" if k == "out_of_descriptors" else "integer", "description": d}
+            k: {
+                "type": "boolean" if k in ("out_of_descriptors", "accept_paused") else "integer",
+                "description": d,
+            }
             for k, d in API_CONNECTION_COUNTERS.items()
         },
     }
