@@ -14,6 +14,7 @@ same by signature at run time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the driver modules import this one to declare what they offer
@@ -47,6 +48,18 @@ class PossessionProver(Protocol):
     """
 
     async def prove_possession(self, pin: str) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class TrustAnchorTaker(Protocol):
+    """A card reader whose chain check also trusts anchors from elsewhere than its config.
+
+    The station hands it the `jpki_anchors` reference dataset (agent/station/datasets.py)
+    as a callable the reader's thread can call at each card: it returns an immutable
+    set that is swapped whole when a new version is applied, so no lock is needed.
+    """
+
+    def add_anchor_source(self, source: Callable[[], frozenset[str]]) -> None: ...
 
 
 @runtime_checkable

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from agent.contract.records import Read, ReadFault
 from agent.drivers import jpki
 from agent.drivers.base import Driver
-from agent.drivers.capabilities import CardInfoProvider, PossessionProver
+from agent.drivers.capabilities import CardInfoProvider, PossessionProver, TrustAnchorTaker
 from agent.drivers.card import CardInfo, card_info, identify_card
 from agent.drivers.scard import CardLink, NoService, PcscSession, require_pyscard
 from agent.errors import CardError, DeviceUnavailable
@@ -82,6 +82,18 @@ class PcscDriver(Driver):
         self._last_card: dict[str, Any] | None = None
         #: the station clock's sync state, asked before validity is judged (tests replace it)
         self.clock_synced: Callable[[], bool | None] = jpki.kernel_clock_synced
+        self._anchor_sources: list[Callable[[], frozenset[str]]] = []
+
+    def add_anchor_source(self, source: Callable[[], frozenset[str]]) -> None:
+        """More trust anchors than `jpki_anchors` in the config (the station's dataset)."""
+        self._anchor_sources.append(source)
+
+    def anchors(self) -> frozenset[str]:
+        """The config's `jpki_anchors` and every added source's, at this moment."""
+        found = frozenset(self.config.jpki_anchors)
+        for source in self._anchor_sources:
+            found |= source()
+        return found
 
     # asyncio side
 
@@ -161,7 +173,7 @@ class PcscDriver(Driver):
         """
         if self._thread is None or not self._thread.is_alive():
             raise CardError(self.name, "the reader is not open")
-        anchors = frozenset(self.config.jpki_anchors)
+        anchors = self.anchors()
         synced = self.clock_synced()
         future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         self._jobs.put(
@@ -319,7 +331,7 @@ class PcscDriver(Driver):
         result, _ = jpki.read_and_check(
             link.transmit,
             self.name,
-            frozenset(self.config.jpki_anchors),
+            self.anchors(),
             now,
             self.clock_synced(),
             cert,
@@ -364,3 +376,4 @@ class PcscDriver(Driver):
 #: mypy --strict fails here when the driver and the capability it offers drift apart
 _offers_card_info: type[CardInfoProvider] = PcscDriver
 _offers_possession: type[PossessionProver] = PcscDriver
+_offers_anchors: type[TrustAnchorTaker] = PcscDriver

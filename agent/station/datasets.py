@@ -321,12 +321,19 @@ class DatasetReceiver:
         self._unknown: set[str] = set()
         self._dead: list[tuple[str, int]] = []  # versions refused on their chunks
         self.applied = asyncio.Event()  # set at every version applied (tests, kiosk)
+        self._anchors: frozenset[str] = frozenset()
 
     def load(self) -> None:
         """What is stored; chunks left from before a restart are dropped (they are retained
         on the broker and come again)."""
         self._held = self.store.held()
+        self._anchors = frozenset(self.store.anchors())
         shutil.rmtree(self.spool, ignore_errors=True)
+
+    def jpki_anchors(self) -> frozenset[str]:
+        """The `jpki_anchors` held now (sha256 hex), for the card readers' chain check.
+        Safe from a reader's thread: a new version swaps the whole set."""
+        return self._anchors
 
     def _dir(self, kind: str, version: int) -> Path:
         return self.spool / kind / str(version)
@@ -488,6 +495,8 @@ class DatasetReceiver:
             finally:
                 self._drop(kind, version)
             self._held = self.store.held()
+            if kind == "jpki_anchors":
+                self._anchors = frozenset(self.store.anchors())
             self.refused.pop(kind, None)
             log.info("dataset %s v%d applied (%d rows)", kind, version, m.rows)
             self.applied.set()

@@ -27,7 +27,7 @@ from agent._aio import Backoff
 from agent.config import Config, DeviceConfig
 from agent.contract.records import Read, ReadFault
 from agent.drivers import Driver, create_driver
-from agent.drivers.capabilities import CardInfoProvider
+from agent.drivers.capabilities import CardInfoProvider, TrustAnchorTaker
 from agent.drivers.card import CardInfo
 from agent.errors import (
     CardError,
@@ -183,6 +183,8 @@ class Station:
         repeats = Repeats(log, dev.name)  # once per state change, then a summary
         while not stop.is_set():
             driver = self._driver_factory(dev)
+            if self.datasets is not None and isinstance(driver, TrustAnchorTaker):
+                driver.add_anchor_source(self.datasets.jpki_anchors)  # the jpki_anchors dataset
             try:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
