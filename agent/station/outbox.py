@@ -891,7 +891,10 @@ class Outbox:
 
     async def unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """(id, data) of the records of `kind` not yet confirmed: e.g. the photos whose
-        blobs must be kept (agent/station/blobs.py). `data` only, never the sealed personal part."""
+        blobs must be kept (agent/station/blobs.py). `data` only, never the sealed personal part.
+        Waits for the start-up check: before a salvage is done, records still in the
+        moved-aside file would be missing here, and their blobs taken for garbage."""
+        await self.integrity_checked()
         return await self._run(self._unconfirmed_data, kind)
 
     def _unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
