@@ -163,9 +163,11 @@ def parse_my_number(ef: bytes) -> str:
 
 
 # -- card protocol over any transmit function -------------------------------------------
+# APDU primitives (ISO 7816-4), public: jpki.py's authenticity checks use them too
 
 
-def _apdu(cla: int, ins: int, p1: int, p2: int, data: bytes = b"", le: int | None = None) -> bytes:
+def apdu(cla: int, ins: int, p1: int, p2: int, data: bytes = b"", le: int | None = None) -> bytes:
+    """One short APDU: header, Lc + data when there is data, Le when one is asked."""
     out = bytes([cla, ins, p1, p2])
     if data:
         out += bytes([len(data)]) + data
@@ -174,21 +176,24 @@ def _apdu(cla: int, ins: int, p1: int, p2: int, data: bytes = b"", le: int | Non
     return out
 
 
-def _select_ap(tx: Transmit, aid: bytes) -> int:
-    return tx(_apdu(0x00, 0xA4, 0x04, 0x0C, aid))[1]
+def select_ap(tx: Transmit, aid: bytes) -> int:
+    """SELECT an application by AID (no answer data asked); its status word."""
+    return tx(apdu(0x00, 0xA4, 0x04, 0x0C, aid))[1]
 
 
-def _select_ef(tx: Transmit, fid: int) -> int:
-    return tx(_apdu(0x00, 0xA4, 0x02, 0x0C, fid.to_bytes(2, "big")))[1]
+def select_ef(tx: Transmit, fid: int) -> int:
+    """SELECT an elementary file of the current application; its status word."""
+    return tx(apdu(0x00, 0xA4, 0x02, 0x0C, fid.to_bytes(2, "big")))[1]
 
 
-def _read_binary(tx: Transmit, offset: int, length: int) -> tuple[bytes, int]:
-    return tx(_apdu(0x00, 0xB0, (offset >> 8) & 0x7F, offset & 0xFF, le=length))
+def read_binary(tx: Transmit, offset: int, length: int) -> tuple[bytes, int]:
+    """READ BINARY of `length` bytes at `offset` of the selected EF."""
+    return tx(apdu(0x00, 0xB0, (offset >> 8) & 0x7F, offset & 0xFF, le=length))
 
 
-def _read_der(tx: Transmit, device: str) -> bytes:
+def read_der(tx: Transmit, device: str) -> bytes:
     """Read the selected EF as one DER object: 7-byte head, then <= 256-byte chunks."""
-    head, sw = _read_binary(tx, 0, 7)
+    head, sw = read_binary(tx, 0, 7)
     if sw != 0x9000:
         raise CardError(device, f"reading the certificate header: SW {sw:04X}")
     try:
@@ -198,7 +203,7 @@ def _read_der(tx: Transmit, device: str) -> bytes:
     buf = bytearray(head[:total])
     while len(buf) < total:
         n = min(CHUNK, total - len(buf))
-        chunk, sw = _read_binary(tx, len(buf), n)
+        chunk, sw = read_binary(tx, len(buf), n)
         if sw != 0x9000 or not chunk:
             raise CardError(device, f"reading the certificate at {len(buf)}: SW {sw:04X}")
         buf += chunk[:n]
@@ -209,7 +214,7 @@ def _read_ef(tx: Transmit, device: str, what: str) -> bytes:
     """Read a small EF whole (the 4 attributes are well under 256 bytes, but be safe)."""
     data = bytearray()
     while True:
-        chunk, sw = _read_binary(tx, len(data), 0)  # Le 00: up to 256
+        chunk, sw = read_binary(tx, len(data), 0)  # Le 00: up to 256
         if sw == 0x6B00 and data:
             break
         if sw not in (0x9000, 0x6282):
@@ -240,11 +245,11 @@ def identify_card(
     if storage is not None:
         data["card_type"] = storage
         return data, problems
-    if _select_ap(tx, JPKI_AID) != 0x9000:
+    if select_ap(tx, JPKI_AID) != 0x9000:
         return data, problems
     token = b""
-    if _select_ef(tx, EF_TOKEN) == 0x9000:
-        raw, sw = _read_binary(tx, 0, 0x20)
+    if select_ef(tx, EF_TOKEN) == 0x9000:
+        raw, sw = read_binary(tx, 0, 0x20)
         token = raw.rstrip(b" \x00") if sw == 0x9000 else b""
     if token == b"JPKIAPICCTOKEN2":
         data["card_type"] = "mynumber"
@@ -253,10 +258,10 @@ def identify_card(
         return data, problems
     else:
         return data, problems
-    if _select_ef(tx, EF_AUTH_CERT) != 0x9000:
+    if select_ef(tx, EF_AUTH_CERT) != 0x9000:
         problems.append("auth_cert_missing")
         return data, problems
-    der = _read_der(tx, device)
+    der = read_der(tx, device)
     if on_cert is not None:
         on_cert(der)
     try:
@@ -298,9 +303,9 @@ class CardInfo:
 
 def support_tries(tx: Transmit, device: str) -> int:
     """Select the 入力補助AP and its PIN EF, and read the retry counter (spends nothing)."""
-    if _select_ap(tx, SUPPORT_AID) != 0x9000:
+    if select_ap(tx, SUPPORT_AID) != 0x9000:
         raise CardError(device, "not a My Number card (no 券面事項入力補助AP)")
-    if _select_ef(tx, EF_SUPPORT_PIN) != 0x9000:
+    if select_ef(tx, EF_SUPPORT_PIN) != 0x9000:
         raise CardError(device, "the 入力補助AP has no PIN EF")
     _, sw = tx(bytes.fromhex("00200080"))
     if sw in (0x6983, 0x6984):
@@ -323,7 +328,7 @@ def card_info(tx: Transmit, pin: str, *, read_my_number: bool, device: str) -> C
             f"only {tries} PIN try left: not trying (reset at the municipal counter)",
             tries,
         )
-    _, sw = tx(_apdu(0x00, 0x20, 0x00, 0x80, pin.encode("ascii")))
+    _, sw = tx(apdu(0x00, 0x20, 0x00, 0x80, pin.encode("ascii")))
     if sw & 0xFFF0 == 0x63C0:
         left = sw & 0x0F
         raise PinRefused(device, f"wrong PIN: {left} tries left; not retried", left)
@@ -331,7 +336,7 @@ def card_info(tx: Transmit, pin: str, *, read_my_number: bool, device: str) -> C
         raise PinRefused(device, "the card's PIN is locked", 0)
     if sw != 0x9000:
         raise CardError(device, f"VERIFY: unexpected SW {sw:04X}")
-    if _select_ef(tx, EF_ATTRIBUTES) != 0x9000:
+    if select_ef(tx, EF_ATTRIBUTES) != 0x9000:
         raise CardError(device, "no 4-attribute EF")
     try:
         attrs = parse_four_attributes(_read_ef(tx, device, "the 4 attributes"))
@@ -339,7 +344,7 @@ def card_info(tx: Transmit, pin: str, *, read_my_number: bool, device: str) -> C
         raise CardError(device, f"4-attribute EF does not parse: {e}") from None
     number = None
     if read_my_number:
-        if _select_ef(tx, EF_MY_NUMBER) != 0x9000:
+        if select_ef(tx, EF_MY_NUMBER) != 0x9000:
             raise CardError(device, "no My Number EF")
         try:
             number = parse_my_number(_read_ef(tx, device, "the My Number EF"))

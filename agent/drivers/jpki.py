@@ -39,11 +39,11 @@ from agent.drivers.card import (
     MIN_TRIES,
     SUPPORT_AID,
     Transmit,
-    _apdu,
-    _read_binary,
-    _read_der,
-    _select_ap,
-    _select_ef,
+    apdu,
+    read_binary,
+    read_der,
+    select_ap,
+    select_ef,
 )
 from agent.errors import CardError, PinRefused
 
@@ -190,21 +190,21 @@ def check_chain(
 
 
 def _read_cert_ef(tx: Transmit, fid: int, device: str) -> bytes | None:
-    if _select_ef(tx, fid) != 0x9000:
+    if select_ef(tx, fid) != 0x9000:
         return None
-    return _read_der(tx, device)
+    return read_der(tx, device)
 
 
 def probe_generation(tx: Transmit) -> str | None:
     """None for a card of the documented JPKI layout, else UNSUPPORTED (it answers
     a My Number AID but not the layout we know) or "" (no known application)."""
-    if _select_ap(tx, JPKI_AID) == 0x9000:
-        if _select_ef(tx, 0x0006) == 0x9000:
-            raw, sw = _read_binary(tx, 0, 0x20)
+    if select_ap(tx, JPKI_AID) == 0x9000:
+        if select_ef(tx, 0x0006) == 0x9000:
+            raw, sw = read_binary(tx, 0, 0x20)
             if sw == 0x9000 and raw.rstrip(b" \x00") == TOKEN_MYNUMBER:
                 return None
         return UNSUPPORTED
-    if _select_ap(tx, SUPPORT_AID) == 0x9000:
+    if select_ap(tx, SUPPORT_AID) == 0x9000:
         return UNSUPPORTED
     return ""
 
@@ -233,7 +233,7 @@ def read_and_check(
 
 def auth_tries(tx: Transmit, device: str) -> int:
     """The auth PIN's retry counter (JPKI AP selected), read without spending a try."""
-    if _select_ef(tx, EF_AUTH_PIN) != 0x9000:
+    if select_ef(tx, EF_AUTH_PIN) != 0x9000:
         raise CardError(device, "the JPKI AP has no auth PIN EF")
     _, sw = tx(bytes.fromhex("00200080"))
     if sw in (0x6983, 0x6984):
@@ -296,7 +296,7 @@ def prove_possession(
     if cert is None or chain.verdict == UNSUPPORTED or chain.chain not in (VALID, CLOCK_UNSYNCED):
         out["possession"] = "not_attempted"  # a forged card must not see the resident's PIN
         return out
-    if _select_ap(tx, JPKI_AID) != 0x9000:
+    if select_ap(tx, JPKI_AID) != 0x9000:
         raise CardError(device, "the JPKI AP went away")
     tries = auth_tries(tx, device)
     if tries == 0:
@@ -307,7 +307,7 @@ def prove_possession(
             f"only {tries} auth PIN try left: not trying (reset at the municipal counter)",
             tries,
         )
-    _, sw = tx(_apdu(0x00, 0x20, 0x00, 0x80, pin.encode("ascii")))
+    _, sw = tx(apdu(0x00, 0x20, 0x00, 0x80, pin.encode("ascii")))
     if sw & 0xFFF0 == 0x63C0:
         left = sw & 0x0F
         raise PinRefused(device, f"wrong auth PIN: {left} tries left; not retried", left)
@@ -316,9 +316,9 @@ def prove_possession(
     if sw != 0x9000:
         raise CardError(device, f"VERIFY: unexpected SW {sw:04X}")
     nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_BYTES)
-    if _select_ef(tx, EF_AUTH_KEY) != 0x9000:
+    if select_ef(tx, EF_AUTH_KEY) != 0x9000:
         raise CardError(device, "the JPKI AP has no auth key EF")
-    signature, sw = tx(_apdu(0x80, 0x2A, 0x00, 0x80, signing_input(chain.key, nonce), le=0))
+    signature, sw = tx(apdu(0x80, 0x2A, 0x00, 0x80, signing_input(chain.key, nonce), le=0))
     proven = sw == 0x9000 and verify_possession(cert, nonce, signature)
     out["possession"] = "proven" if proven else "failed"
     if not proven:
