@@ -118,6 +118,14 @@ class MqttSection(Strict):
     publish_timeout_s: float = Field(
         default=10.0, gt=0, description="Wait this long for a PUBACK before reconnecting."
     )
+    inflight_messages: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Records messages published and not yet PUBACKed at once (the window "
+        "that keeps a WAN link busy: one message in flight caps a drain at "
+        "batch_max_records / round trip). Order on the wire is seq order whatever the value.",
+    )
     backoff_max_s: float = Field(
         default=30.0, gt=0, description="Longest wait between reconnect attempts."
     )

@@ -45,7 +45,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
 import aiomqtt
 
@@ -745,6 +745,91 @@ class RegistryProbe:
 
         await asyncio.wait_for(until(), timeout)
         return self.new
+
+
+class LatencyLink:
+    """A TCP link with a one-way delay, between a client and `target_port` on loopback:
+    a WAN round trip where the kernel has no netem (CONFIG_NET_SCH_NETEM off here).
+    Every chunk read is written to the other side `delay_s` later, in order. It counts
+    client->server chunks and the most bytes in flight at once, so a test can see a
+    window of messages on the link. `async with` listens on `port`."""
+
+    def __init__(self, target_port: int, delay_s: float, *, host: str = LOOPBACK) -> None:
+        self.target_port = target_port
+        self.delay_s = delay_s
+        self.host = host
+        self.port = 0
+        self.bytes_up = 0  # client -> server bytes, in all
+        self.in_flight_up = 0  # client -> server bytes read and not yet written on
+        self.max_in_flight_up = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        pumps = [
+            asyncio.create_task(self._pump(reader, up_w, up=True), name="link-up"),
+            asyncio.create_task(self._pump(up_r, writer, up=False), name="link-down"),
+        ]
+        self._tasks.update(pumps)
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in pumps:
+                t.cancel()
+                self._tasks.discard(t)
+            writer.close()
+            up_w.close()
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if chunk == b"":
+                    writer.write_eof()
+                    return
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                writer.write(chunk)
+                if up:
+                    self.in_flight_up -= len(chunk)
+                await writer.drain()
+
+        sender = asyncio.create_task(deliver(), name="link-deliver")
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if up and chunk:
+                    self.bytes_up += len(chunk)
+                    self.in_flight_up += len(chunk)
+                    self.max_in_flight_up = max(self.max_in_flight_up, self.in_flight_up)
+                queue.put_nowait((loop.time() + self.delay_s, chunk))
+                if not chunk:
+                    break
+            await sender
+        finally:
+            sender.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -726,20 +726,25 @@ class Outbox:
         ).fetchall()
         return [self._record(row) for row in rows]
 
-    async def next_wire_batch(self, max_records: int, resend_after_s: float) -> list[Outgoing]:
+    async def next_wire_batch(
+        self, max_records: int, resend_after_s: float, after_seq: int = 0
+    ) -> list[Outgoing]:
         """`next_batch` for the uplink: each record's wire JSON built by SQLite from the
         stored text (`data` is never parsed); a full `Record` only where the uplink needs
-        one besides the bytes (photos, for their blobs) or the personal part must be opened."""
+        one besides the bytes (photos, for their blobs) or the personal part must be opened.
+        `after_seq`: only records above it (those up to it are in flight, not yet sent)."""
         await self.integrity_checked()
-        return await self._run(self._next_wire_batch, max_records, resend_after_s)
+        return await self._run(self._next_wire_batch, max_records, resend_after_s, after_seq)
 
-    def _next_wire_batch(self, max_records: int, resend_after_s: float) -> list[Outgoing]:
+    def _next_wire_batch(
+        self, max_records: int, resend_after_s: float, after_seq: int = 0
+    ) -> list[Outgoing]:
         due = self._clock() - resend_after_s
         rows = self.db.execute(
             f"SELECT seq, id, kind, sealed IS NOT NULL, {_WIRE_SQL}"
-            " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?)"
+            " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?) AND seq > ?"
             " ORDER BY seq LIMIT ?",
-            (due, max_records),
+            (due, after_seq, max_records),
         ).fetchall()
         out: list[Outgoing] = []
         for seq, rid, kind, sealed, wire in rows:

@@ -431,28 +431,54 @@ class Uplink:
     # -- records out -------------------------------------------------------------------
 
     async def _send(self, client: aiomqtt.Client) -> None:
+        """Publish what the outbox holds, in seq order, with up to `inflight_messages`
+        messages awaiting their PUBACK; a message's records are marked sent at its PUBACK.
+        Records in flight are not read again (`after_seq`); resends wait for an empty window."""
         m = self.config.mqtt
         resend_after = self.config.outbox.resend_after_s
-        topic = self.topics.records
-        while True:
-            raise_if_cancelling()
-            self._wake.clear()
-            batch = await self.outbox.next_wire_batch(m.batch_max_records, resend_after)
-            if batch:
-                for chunk, payload in self._split(batch):
-                    await client.publish(topic, payload, qos=1, timeout=m.publish_timeout_s)
-                    await self.outbox.mark_sent([o.seq for o in chunk])
-                    self.published_records += len(chunk)
-                    if self.blobs is not None:
-                        self.blobs.records_sent(o.record for o in chunk if o.record is not None)
-                continue
-            due = await self.outbox.next_resend_at(resend_after)
-            timeout = None if due is None else max(0.0, due - time.time()) + 0.01
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
-            # coincides with its timeout, and this loop would then never end (shutdown hang)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+        window: collections.deque[tuple[list[Outgoing], asyncio.Task[None]]] = collections.deque()
+        try:
+            while True:
+                raise_if_cancelling()
+                self._wake.clear()
+                after = window[-1][0][-1].seq if window else 0
+                batch = await self.outbox.next_wire_batch(
+                    m.batch_max_records, resend_after, after_seq=after
+                )
+                if batch:
+                    for chunk, payload in self._split(batch):
+                        publish = client.publish(
+                            self.topics.records, payload, qos=1, timeout=m.publish_timeout_s
+                        )
+                        # tasks start in creation order: the wire order is seq order
+                        window.append((chunk, asyncio.create_task(publish, name="publish")))
+                        while len(window) >= m.inflight_messages:
+                            await self._settle(*window.popleft())
+                    continue
+                if window:
+                    while window:
+                        await self._settle(*window.popleft())
+                    continue  # the window is empty: resends are due again
+                due = await self.outbox.next_resend_at(resend_after)
+                timeout = None if due is None else max(0.0, due - time.time()) + 0.01
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # coincides with its timeout, and this loop would then never end (shutdown hang)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+        finally:
+            for _, task in window:  # the connection is going: all is sent again on the next
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the failure that ends it is already raised
+                task.cancel()
+
+    async def _settle(self, chunk: list[Outgoing], publish: asyncio.Task[None]) -> None:
+        """A message's PUBACK (or its failure, which ends the connection): its records are sent."""
+        await publish
+        await self.outbox.mark_sent([o.seq for o in chunk])
+        self.published_records += len(chunk)
+        if self.blobs is not None:
+            self.blobs.records_sent(o.record for o in chunk if o.record is not None)
 
     def _split(self, batch: list[Outgoing]) -> list[tuple[list[Outgoing], bytes]]:
         """Cut a batch into messages of at most `batch_max_bytes` (one record at the least)."""
