@@ -163,6 +163,8 @@ class Uplink:
         self.outbox = outbox
         self.station = station
         self.connected = False
+        self.up = asyncio.Event()  # set while connected (the release health check waits on it)
+        self.acked = asyncio.Event()  # set by the first registry ack of this process
         self.on_connection: Callable[[bool], None] | None = None  # the station's events
         self.session = 0
         self.published_records = 0
@@ -206,6 +208,10 @@ class Uplink:
     def _set_connected(self, connected: bool) -> None:
         changed = connected != self.connected
         self.connected = connected
+        if connected:
+            self.up.set()
+        else:
+            self.up.clear()
         if changed and self.on_connection is not None:
             self.on_connection(connected)
 
@@ -553,6 +559,7 @@ class Uplink:
             self.inbound.fault("malformed", f"ack: {e}")
             return
         n = await self.outbox.confirm(ids)
+        self.acked.set()
         log.debug("registry confirmed %d of %d ids", n, len(ids))
         if self.blobs is not None:
             await self.blobs.confirmed(ids)

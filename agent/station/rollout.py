@@ -1,0 +1,128 @@
+"""The running agent's half of a rollout (docs/fleet.md): `cmd/update` and the health check.
+
+`cmd/update` verifies the signed manifest against `[agent] release_public_key`, checks
+the staged bundle against it, installs it beside the running release, switches
+`current` and ends this process so that systemd (or the supervisor) starts the new one.
+The new one, finding an unconfirmed switch to its own version, runs the health check:
+READY, broker connected, first registry ack (when the outbox holds records to ack). It
+confirms the switch when every step passed; past the deadline it is rolled back by the
+supervisor, or by its own start-up. Each step it waits on is written to `health.json`,
+so the rollback can say why. States go out in telemetry (`release`) and on the dashboard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from agent.config import Config
+from agent.errors import ReleaseRefused
+from agent.station.releases import Releases, _write_atomic, running_version, verify
+
+log = logging.getLogger(__name__)
+
+HEALTH = "health.json"
+#: after the result of cmd/update is out, the agent stops so the new release starts
+RESTART_DELAY_S = 0.5
+
+
+class Rollout:
+    def __init__(self, config: Config, stop: asyncio.Event) -> None:
+        self.config = config
+        self.releases = Releases(config.agent.releases_dir)
+        self.stop = stop
+        self.version = running_version()
+        self.state: dict[str, Any] = {}
+        s = self.releases.switch_state()
+        if s is not None:
+            self.state = {"target": s.to, "state": s.state, "reason": s.reason}
+
+    def describe(self) -> dict[str, Any]:
+        return {"release": {"version": self.version, **self.state}}
+
+    def _set(self, target: str, state: str, reason: str | None = None) -> None:
+        self.state = {"target": target, "state": state, "reason": reason}
+        log.info("release %s: %s%s", target, state, f" ({reason})" if reason else "")
+
+    def _note(self, step: str) -> None:
+        """What the health check is waiting on now (the rollback reason if it never passes)."""
+        root = self.releases.root
+        _write_atomic(
+            root / HEALTH, json.dumps({"version": self.version, "waiting": step}).encode()
+        )
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def rolled_back_at_start(self) -> bool:
+        """An unconfirmed switch past its deadline: flip back now and say so (the caller
+        exits so the previous release starts)."""
+        if not self.releases.root.exists():
+            return False
+        s = self.releases.rollback_if_overdue()
+        if s is None:
+            return False
+        self._set(s.to, "rolled_back", s.reason)
+        return True
+
+    def health_pending(self) -> bool:
+        s = self.releases.switch_state()
+        return s is not None and s.unconfirmed and s.to == self.version
+
+    async def health_check(
+        self,
+        ready: asyncio.Event,
+        connected: asyncio.Event,
+        acked: asyncio.Event,
+        unconfirmed: Callable[[], Awaitable[int]],
+    ) -> None:
+        """Confirm the switch once READY, connected and (records waiting) acked."""
+        if not self.health_pending():
+            return
+        self._set(self.version, "switched")
+        self._note("READY")
+        await ready.wait()
+        self._note("broker connection")
+        await connected.wait()
+        if await unconfirmed() > 0 and not acked.is_set():
+            self._note("first registry ack")
+            await acked.wait()
+        if self.releases.confirm(self.version):
+            self._set(self.version, "healthy")
+            (self.releases.root / HEALTH).unlink(missing_ok=True)
+
+    # -- cmd/update --------------------------------------------------------------------
+
+    async def cmd_update(self, body: dict[str, Any]) -> dict[str, Any]:
+        key = self.config.agent.release_public_key
+        manifest = body.get("manifest")
+        target = str(manifest.get("version", "?"))[:64] if isinstance(manifest, dict) else "?"
+        self._set(target, "offered")
+        if key is None:
+            return self._refused(target, "agent.release_public_key is not set on this station")
+        bundle = body.get("bundle")
+        if not isinstance(bundle, str) or not bundle.startswith("/"):
+            return self._refused(target, "bundle: not an absolute path on the station")
+        try:
+            m = verify(manifest, key)
+            self._set(m.version, "downloading")
+            await asyncio.to_thread(self.releases.install, m, Path(bundle))
+            self._set(m.version, "installed")
+            if body.get("switch", True) is False:
+                return {"state": "installed", "version": m.version}
+            deadline = float(body.get("deadline_s") or self.config.agent.release_health_deadline_s)
+            self.releases.switch(m.version, deadline)
+        except ReleaseRefused as e:
+            return self._refused(target, e.reason)
+        self._set(m.version, "switched")
+        # the result is published when this returns; then this process ends and the
+        # service manager starts `current`, the new release
+        asyncio.get_running_loop().call_later(RESTART_DELAY_S, self.stop.set)
+        return {"state": "switched", "version": m.version, "deadline_s": deadline}
+
+    def _refused(self, target: str, reason: str) -> dict[str, Any]:
+        self._set(target, "refused", reason)
+        return {"ok": False, "state": "refused", "error": reason}
