@@ -112,10 +112,13 @@ def cmd_update(args: argparse.Namespace) -> int:
         )
         for a in agents:
             r = results.get(a)
-            state = "no answer" if r is None else r.get("state") or r.get("error")
-            print(
-                f"{args.site}/{a}: {state}{'' if r is None or r.get('ok') else ': ' + str(r.get('error'))}"
-            )
+            if r is None:
+                line = "no answer"
+            elif r.get("ok"):
+                line = str(r.get("state"))
+            else:
+                line = f"refused: {r.get('error')}"
+            print(f"{args.site}/{a}: {line}")
         return {a: results.get(a, {}) for a in agents}
 
     try:

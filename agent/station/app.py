@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, DeviceConfig
 from agent.contract.datasets import subscription
+from agent.contract.records import Read
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.station.blobs import BlobStore
@@ -33,14 +34,13 @@ from agent.station.lock import DataDirLock, make_private
 from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
-from agent.station.rollout import Rollout
+from agent.station.rollout import RELEASE_SWITCH, Rollout
 from agent.station.sealing import Sealer
 from agent.station.station import DeviceState, Listener, Station
 from agent.station.systemd import Notifier
 from agent.station.uplink import Uplink
 
 if TYPE_CHECKING:
-    from agent.contract.records import Read
     from agent.drivers.card import CardInfo
     from agent.station.feedback import Outcome
     from agent.station.kiosk.api import LocalApi
@@ -192,11 +192,14 @@ class StationApp:
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
                 watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
 
-                async def unconfirmed() -> int:
-                    return (await outbox.stats()).unconfirmed
+                async def mark(data: dict[str, Any]) -> None:
+                    await outbox.append(
+                        Read(device="agent", kind=RELEASE_SWITCH, data=data, source="agent")
+                    )
+                    uplink.wake()
 
                 health = tg.create_task(
-                    rollout.health_check(self.ready, uplink.up, uplink.acked, unconfirmed),
+                    rollout.health_check(self.ready, uplink.up, uplink.acked, mark),
                     name="release-health",
                 )
                 tg.create_task(self._status_loop(stop), name="sd-status")

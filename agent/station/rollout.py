@@ -4,10 +4,10 @@
 the staged bundle against it, installs it beside the running release, switches
 `current` and ends this process so that systemd (or the supervisor) starts the new one.
 The new one, finding an unconfirmed switch to its own version, runs the health check:
-READY, broker connected, first registry ack (when the outbox holds records to ack). It
-confirms the switch when every step passed; past the deadline it is rolled back by the
-supervisor, or by its own start-up. Each step it waits on is written to `health.json`,
-so the rollback can say why. States go out in telemetry (`release`) and on the dashboard.
+READY, broker connected, first registry ack (of the `release_switch` record it
+appends, or of any record). It confirms the switch when every step passed; past the
+deadline it is rolled back by the supervisor, or by its own start-up. Each step it
+waits on is written to `health.json`, so the rollback can say why. States go out in telemetry (`release`) and on the dashboard.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from agent.station.releases import Releases, _write_atomic, running_version, ver
 log = logging.getLogger(__name__)
 
 HEALTH = "health.json"
+#: the record kind a switched-to release appends (docs/CONTRACT.md)
+RELEASE_SWITCH = "release_switch"
 #: after the result of cmd/update is out, the agent stops so the new release starts
 RESTART_DELAY_S = 0.5
 
@@ -77,19 +79,22 @@ class Rollout:
         ready: asyncio.Event,
         connected: asyncio.Event,
         acked: asyncio.Event,
-        unconfirmed: Callable[[], Awaitable[int]],
+        mark: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
-        """Confirm the switch once READY, connected and (records waiting) acked."""
-        if not self.health_pending():
+        """Confirm the switch once READY, connected and acked by the registry. `mark`
+        appends a `release_switch` record (from, to) to the outbox: the registry keeps
+        the switch on file, and an idle station has something for it to ack."""
+        s = self.releases.switch_state()
+        if s is None or not s.unconfirmed or s.to != self.version:
             return
         self._set(self.version, "switched")
         self._note("READY")
         await ready.wait()
+        await mark({"from": s.previous, "to": s.to})
         self._note("broker connection")
         await connected.wait()
-        if await unconfirmed() > 0 and not acked.is_set():
-            self._note("first registry ack")
-            await acked.wait()
+        self._note("first registry ack")
+        await acked.wait()
         if self.releases.confirm(self.version):
             self._set(self.version, "healthy")
             (self.releases.root / HEALTH).unlink(missing_ok=True)
