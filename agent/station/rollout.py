@@ -7,7 +7,8 @@ The new one, finding an unconfirmed switch to its own version, runs the health c
 READY, broker connected, first registry ack (of the `release_switch` record it
 appends, or of any record). It confirms the switch when every step passed; past the
 deadline it is rolled back by the supervisor, or by its own start-up. Each step it
-waits on is written to `health.json`, so the rollback can say why. States go out in telemetry (`release`) and on the dashboard.
+waits on is written to `health.json`, so the rollback can say why. States go out in
+telemetry (`release`) and on the dashboard.
 """
 
 from __future__ import annotations
