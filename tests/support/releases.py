@@ -30,7 +30,9 @@ def broken(version: str) -> str:
 def with_config(version: str, config: Path) -> str:
     """The agent, but on `config` (not the one it is given)."""
     py = shlex.quote(sys.executable)
-    return f"MADOGUCHI_RELEASE={version} exec {py} -m agent run --config {shlex.quote(str(config))}\n"
+    return (
+        f"MADOGUCHI_RELEASE={version} exec {py} -m agent run --config {shlex.quote(str(config))}\n"
+    )
 
 
 def tree(root: Path, body: str) -> Path:
