@@ -83,7 +83,7 @@ async def supervised(fleet: Fleet) -> AsyncIterator[asyncio.Task[None]]:
 async def telemetry_until(
     port: int,
     pred: Any,
-    timeout: float = 30,  # noqa: ASYNC109
+    timeout: float = 30,
     prefix: str = "madoguchi/v1",
 ) -> dict[str, Any]:
     """The first telemetry message `pred` accepts (event-driven: MQTT, every 1 s)."""
@@ -106,7 +106,7 @@ async def running(
     port: int,
     version: str,
     state: str | None = None,
-    timeout: float = 30,  # noqa: ASYNC109
+    timeout: float = 30,
     prefix: str = "madoguchi/v1",
 ) -> dict[str, Any]:
     """The `release` of the first telemetry from `version` with its scanner connected
