@@ -33,6 +33,8 @@ def test_document_is_consistent() -> None:
         "telemetry",
         "command",
         "commandResult",
+        "updateCommand",
+        "updateResult",
         "blobManifest",
         "blobMissing",
         "blobChunk",

@@ -23,11 +23,13 @@ from agent.station.releases import Releases
 from agent.station.supervisor import Supervisor
 from agent.testing import LOOPBACK, Broker, Pty, RegistryProbe, free_port, write_config
 from tests.support import releases
+from tests.support.central import Contract
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 SITE, NAME = "toda-city-hall-1f", "station-03"
 ACK = b"\x06"
 DEADLINE_S = 6.0
+CONTRACT = Contract()
 
 
 class Fleet:
@@ -66,6 +68,11 @@ class Fleet:
         manifest = releases.signed(self.key, b, version)
         fb = FleetBroker(LOOPBACK, self.broker.port, "madoguchi/v1")
         results = await offer(fb, SITE, [NAME], manifest, str(b), answer_s=20)
+        # both messages as docs/asyncapi.yaml says
+        base = f"madoguchi/v1/{SITE}/{NAME}/cmd/update"
+        body = {"request_id": "r", "manifest": manifest, "bundle": str(b)}
+        assert CONTRACT.check(base, body) == "updateCommand/update"
+        assert CONTRACT.check(base + "/result", results[NAME]) == "updateResult/result"
         return results[NAME]
 
 
@@ -148,6 +155,12 @@ async def test_a_healthy_release_stays(fleet: Fleet, registry: RegistryProbe) ->
         rel = await running(fleet.broker.port, "1.1", "healthy")
         took = time.monotonic() - t0
         assert rel["version"] == "1.1" and rel["target"] == "1.1"
+        CONTRACT.check(
+            f"madoguchi/v1/{SITE}/{NAME}/telemetry",
+            await telemetry_until(
+                fleet.broker.port, lambda b: b.get("release", {}).get("state") == "healthy"
+            ),
+        )
         await scan(fleet.pty, "111122410000012341")
         await registry.wait_for(3)  # two scans and the release_switch record
     assert fleet.releases.current() == "1.1"
