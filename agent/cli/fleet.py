@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,8 @@ def cmd_release_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from agent.central.fleet import Broker, canary, offer, parse_share, site_stations
-    from agent.cli.central import _broker_from_args, _identity_from_args, aiomqtt_error
+    from agent.central.fleet import canary, offer, parse_share, site_stations
+    from agent.cli.central import aiomqtt_error
     from agent.contract.messages import MessageError
     from agent.contract.releases import parse_manifest
 
@@ -71,27 +72,19 @@ def cmd_update(args: argparse.Namespace) -> int:
     if m.version != args.to:
         print(f"{manifest_path}: is release {m.version}, not --to {args.to}", file=sys.stderr)
         return 1
-    from agent.central.config import load_central_config, validate_central
     from agent.errors import ConfigError
 
     try:
-        if args.config is not None:
-            config = load_central_config(args.config)
-        else:
-            raw = {"broker": _broker_from_args(args), "dashboard": _identity_from_args(args)}
-            config = validate_central(raw, Path.cwd() / "(command line)")
-        ident = config.dashboard
-        broker = Broker(
-            config.broker.host,
-            config.broker.port,
-            config.broker.topic_prefix,
-            tls_context=config.tls_context("dashboard") if ident else None,
-            username=ident.username if ident else None,
-            password=config.mqtt_password("dashboard") if ident else None,
-        )
+        broker = _fleet_broker(args)
     except ConfigError as e:
         for p in e.problems:
             print(p, file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    except ssl.SSLError as e:
+        print(f"TLS files: {e}", file=sys.stderr)
         return 1
 
     async def go() -> dict[str, dict[str, Any]]:
@@ -130,6 +123,42 @@ def cmd_update(args: argparse.Namespace) -> int:
         print(f"site {args.site}: no station with a retained status", file=sys.stderr)
         return 1
     return 0 if all(r.get("ok") for r in results.values()) else 1
+
+
+def _fleet_broker(args: argparse.Namespace) -> Any:
+    """The broker and the dashboard's identity (it may write cmd/+): from central.toml's
+    [broker] and [dashboard], or from the connection flags."""
+    from agent.central.fleet import Broker
+
+    if args.config is not None:
+        from agent.central.config import load_central_config
+
+        config = load_central_config(args.config)
+        ident = config.dashboard
+        return Broker(
+            config.broker.host,
+            config.broker.port,
+            config.broker.topic_prefix,
+            tls_context=config.tls_context("dashboard") if ident else None,
+            username=ident.username if ident else None,
+            password=config.mqtt_password("dashboard") if ident else None,
+        )
+    context = None
+    if args.tls_ca is not None:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert is not None:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+    password = None
+    if args.password_file is not None:
+        password = Path(args.password_file).read_text().splitlines()[0].strip()
+    return Broker(
+        args.host or "127.0.0.1",
+        args.port or 1883,
+        args.topic_prefix,
+        tls_context=context,
+        username=args.username,
+        password=password,
+    )
 
 
 def add_fleet_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
