@@ -230,14 +230,20 @@ async def test_a_release_never_acked_rolls_back_and_its_scans_arrive_once(
         await running(fleet.broker.port, "1.0")
         await scan(fleet.pty, "111122410000012340")
         await registry.wait_for(1)
+        t0 = time.monotonic()
         answer = await fleet.update("1.1", releases.with_config("1.1", wrong))
         assert answer["state"] == "switched", answer
         await running(fleet.broker.port, "1.1", prefix="elsewhere/v1")  # the new one runs
         await scan(fleet.pty, "111122410000012342")  # taken by the release that will fail
         rel = await running(fleet.broker.port, "1.0", "rolled_back", timeout=DEADLINE_S + 20)
         assert "first registry ack" in rel["reason"], rel
+        took = time.monotonic() - t0
         await scan(fleet.pty, "111122410000012343")
         await registry.wait_for(4)
     assert fleet.releases.current() == "1.0"
     got = scans(registry)
     assert sorted(got) == ["111122410000012340", "111122410000012342", "111122410000012343"]
+    assert DEADLINE_S <= took < DEADLINE_S + 10
+    print(
+        f"\nrollback of a release the registry never acks: {took:.2f} s (deadline {DEADLINE_S} s)"
+    )
