@@ -23,7 +23,14 @@ from typing import Any
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.contract.releases import build_manifest, manifest_bytes, signed_bytes
+from agent.contract.blobs import CHUNK_BYTES, chunk_count
+from agent.contract.releases import (
+    build_manifest,
+    chunk_topic,
+    manifest_bytes,
+    missing_topic,
+    signed_bytes,
+)
 from agent.contract.topics import Topics
 
 
@@ -101,38 +108,82 @@ async def offer(
     site: str,
     agents: list[str],
     manifest: dict[str, Any],
-    bundle_on_station: str,
+    bundle_on_station: str | None,
     *,
+    bundle: Path | None = None,
     deadline_s: float | None = None,
     answer_s: float = 120.0,
 ) -> dict[str, dict[str, Any]]:
-    """cmd/update to each agent; their results by agent (missing: no answer in time)."""
+    """cmd/update to each agent; their results by agent (missing: no answer in time).
+
+    With `bundle_on_station` the stations install a file already staged there. Without
+    it, `bundle` (the tarball here) is served over MQTT in chunks (agent/contract/
+    releases.py): each station asks with `release/{version}/missing`, gets the chunks,
+    and says `missing: []` when it holds them all; its result then has `downloaded`."""
     topics = Topics(broker.prefix)
+    version = str(manifest["version"])
     request = uuid.uuid4().hex
-    body: dict[str, Any] = {
-        "request_id": request,
-        "manifest": manifest,
-        "bundle": bundle_on_station,
-    }
+    body: dict[str, Any] = {"request_id": request, "manifest": manifest}
+    if bundle_on_station is not None:
+        body["bundle"] = bundle_on_station
+    elif bundle is None:
+        raise ValueError("offer: a bundle path on the stations, or the bundle to serve")
     if deadline_s is not None:
         body["deadline_s"] = deadline_s
+    serving = bundle_on_station is None
     results: dict[str, dict[str, Any]] = {}
+    done: set[str] = set()
     async with broker.client() as client:
         for agent in agents:
-            await client.subscribe(topics.station(site, agent).command_result("update"), qos=1)
+            station = topics.station(site, agent)
+            await client.subscribe(station.command_result("update"), qos=1)
+            if serving:
+                await client.subscribe(missing_topic(station.base, version), qos=1)
         payload = json.dumps(body).encode()
         for agent in agents:
             await client.publish(topics.station(site, agent).command("update"), payload, qos=1)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(answer_s):
                 async for m in client.messages:
+                    topic = m.topic.value
+                    agent = topic.split("/")[-4]
                     try:
                         answer = json.loads(m.payload if isinstance(m.payload, bytes) else b"")
                     except ValueError:
                         continue
-                    if not isinstance(answer, dict) or answer.get("request_id") != request:
+                    if not isinstance(answer, dict) or agent not in agents:
                         continue
-                    results[m.topic.value.split("/")[-4]] = answer
-                    if len(results) == len(agents):
+                    if topic.endswith("/result"):
+                        if answer.get("request_id") != request:
+                            continue
+                        results[agent] = answer
+                        if not serving or not answer.get("ok"):
+                            done.add(agent)
+                    elif answer.get("sha256") == manifest["bundle_sha256"]:
+                        wanted = answer.get("missing")
+                        if wanted == []:
+                            results.setdefault(agent, {})["downloaded"] = True
+                            done.add(agent)
+                        elif isinstance(wanted, list) and bundle is not None:
+                            base = topics.station(site, agent).base
+                            await _serve(client, bundle, base, version, wanted, manifest)
+                    if done >= set(agents):
                         break
     return results
+
+
+async def _serve(
+    client: aiomqtt.Client,
+    bundle: Path,
+    base: str,
+    version: str,
+    wanted: list[Any],
+    manifest: dict[str, Any],
+) -> None:
+    total = chunk_count(int(manifest["bundle_bytes"]))
+    with bundle.open("rb") as f:
+        for i in wanted:
+            if not isinstance(i, int) or not 0 <= i < total:
+                continue
+            f.seek(i * CHUNK_BYTES)
+            await client.publish(chunk_topic(base, version, i), f.read(CHUNK_BYTES), qos=1)

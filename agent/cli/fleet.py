@@ -58,7 +58,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     from agent.contract.messages import MessageError
     from agent.contract.releases import parse_manifest
 
-    manifest_path = args.manifest or Path(args.bundle + ".release.json")
+    manifest_path = args.manifest or Path(str(args.bundle) + ".release.json")
     try:
         manifest: dict[str, Any] = json.loads(Path(manifest_path).read_bytes())
         m = parse_manifest(manifest)
@@ -99,7 +99,8 @@ def cmd_update(args: argparse.Namespace) -> int:
             args.site,
             agents,
             manifest,
-            args.bundle,
+            args.staged,
+            bundle=Path(args.bundle),
             deadline_s=args.deadline,
             answer_s=args.wait,
         )
@@ -107,8 +108,10 @@ def cmd_update(args: argparse.Namespace) -> int:
             r = results.get(a)
             if r is None:
                 line = "no answer"
+            elif r.get("ok") and args.staged is None and not r.get("downloaded"):
+                line = "download not finished (offer again to resume)"
             elif r.get("ok"):
-                line = str(r.get("state"))
+                line = "downloaded, switching" if r.get("downloaded") else str(r.get("state"))
             else:
                 line = f"refused: {r.get('error')}"
             print(f"{args.site}/{a}: {line}")
@@ -122,6 +125,8 @@ def cmd_update(args: argparse.Namespace) -> int:
     if not results:
         print(f"site {args.site}: no station with a retained status", file=sys.stderr)
         return 1
+    if args.staged is None:
+        return 0 if all(r.get("ok") and r.get("downloaded") for r in results.values()) else 1
     return 0 if all(r.get("ok") for r in results.values()) else 1
 
 
@@ -188,13 +193,20 @@ def add_fleet_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     u = fsub.add_parser("update", help="offer a signed release (cmd/update) to stations")
     u.add_argument("--to", required=True, help="the release version")
     u.add_argument(
-        "--bundle", required=True, help="where the bundle is staged on the stations (a path)"
+        "--bundle", required=True, help="the bundle tarball; served to the stations over MQTT"
+    )
+    u.add_argument(
+        "--staged",
+        default=None,
+        help="instead: the path where the bundle is already staged on every station",
     )
     u.add_argument("--manifest", type=Path, default=None, help="(default BUNDLE.release.json)")
     u.add_argument("--site", required=True, help="the site")
     u.add_argument("--agent", default=None, help="one station of the site (default: all)")
     u.add_argument("--canary", default=None, help="a share of the site's stations, e.g. 10%%")
     u.add_argument("--deadline", type=float, default=None, help="health-check seconds")
-    u.add_argument("--wait", type=float, default=120.0, help="seconds to wait for answers")
+    u.add_argument(
+        "--wait", type=float, default=600.0, help="seconds to wait for answers and downloads"
+    )
     _add_connection_flags(u)
     u.set_defaults(func=cmd_update)

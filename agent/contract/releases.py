@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from agent.contract.blobs import CHUNK_BYTES, chunk_count
 from agent.contract.datasets import canonical
 from agent.contract.messages import MessageError
 
@@ -48,12 +49,13 @@ MAX_FILES = 20_000
 #: the rollout states a station reports (telemetry `release.state`, dashboard)
 STATES = ("offered", "downloading", "installed", "switched", "healthy", "rolled_back", "refused")
 
-_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}")
+_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def valid_version(v: object) -> bool:
-    """A release version: one path component (it names `releases/{version}`)."""
+    """A release version: one path component (it names `releases/{version}`) and one
+    topic level (no `+`: it names `release/{version}/...`)."""
     return isinstance(v, str) and _VERSION.fullmatch(v) is not None and ".." not in v
 
 
@@ -238,6 +240,32 @@ def check_bundle(m: ReleaseManifest, data: IO[bytes]) -> list[str]:
             problems.append(f"bundle: {name[:200]!r}: sha256 differs")
     problems += [f"bundle: {n[:200]!r}: not in the manifest" for n in seen if n not in m.files]
     return problems
+
+
+# -- the bundle over MQTT: the photo blob protocol's chunks and `missing`, reversed -------
+#
+#   {station}/release/{version}/{index}    central -> station, raw bytes, QoS 1
+#   {station}/release/{version}/missing    station -> central, `blobs.missing_request`
+#
+# Chunk `i` is bytes [i*CHUNK_BYTES, min((i+1)*CHUNK_BYTES, bundle_bytes)) of the tarball
+# (agent/contract/blobs.py: the same chunk size and `missing` body as photos). The station
+# asks for what it lacks; `"missing": []` says it has every chunk. The whole tarball is
+# then checked against the signed manifest.
+
+
+def chunk_topic(station_base: str, version: str, index: int) -> str:
+    return f"{station_base}/release/{version}/{index}"
+
+
+def missing_topic(station_base: str, version: str) -> str:
+    return f"{station_base}/release/{version}/missing"
+
+
+def chunk_size(m: ReleaseManifest, index: int) -> int:
+    """The exact length chunk `index` of this bundle has (0: no such chunk)."""
+    if not 0 <= index < chunk_count(m.bundle_bytes):
+        return 0
+    return min(CHUNK_BYTES, m.bundle_bytes - index * CHUNK_BYTES)
 
 
 def encode_signature(signature: bytes) -> str:

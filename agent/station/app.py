@@ -177,6 +177,8 @@ class StationApp:
             uplink.add_command("capture_photo", self._cmd_capture_photo)
             uplink.add_command("logs", self.logs.command)
             uplink.add_command("update", rollout.cmd_update)
+            uplink.add_subscription(rollout.subscription, rollout.handle)
+            rollout.publish = uplink.publish
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(
                 "uplink", {"connected": up, "error": uplink.last_error}
@@ -202,6 +204,7 @@ class StationApp:
                     rollout.health_check(self.ready, uplink.up, uplink.acked, mark),
                     name="release-health",
                 )
+                downloads = tg.create_task(rollout.run(), name="release-download")
                 tg.create_task(self._status_loop(stop), name="sd-status")
                 if cfg.api is not None and cfg.api.enabled:
                     tg.create_task(self._api(stop), name="api")
@@ -223,6 +226,7 @@ class StationApp:
                 await uplink_task
                 watchdog.cancel()
                 health.cancel()
+                downloads.cancel()
             if datasets is not None:
                 datasets.store.close()
         self.outbox = station.outbox = None

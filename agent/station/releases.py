@@ -13,6 +13,7 @@ dir: the outbox stays where it is, whichever version runs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.contract.blobs import CHUNK_BYTES, chunk_count
 from agent.contract.messages import MessageError
 from agent.contract.releases import (
     ReleaseManifest,
     check_bundle,
+    chunk_size,
     parse_manifest,
     refusal,
     valid_version,
@@ -260,3 +263,56 @@ def _venv_from_wheelhouse(unpacked: Path, venv: Path, python: str) -> None:
     for d in links:
         argv += ["--find-links", d]
     subprocess.run([*argv, str(own[0])], check=True, capture_output=True)
+
+
+class Download:
+    """A release bundle arriving in chunks (agent/contract/releases.py): a file written at
+    each chunk's offset and the indices held, both under `releases_dir/.incoming`, so an
+    offer of the same version again resumes where the last one stopped."""
+
+    def __init__(self, root: Path, m: ReleaseManifest) -> None:
+        self.manifest = m
+        incoming = root / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        stem = f"{m.version}-{m.bundle_sha256[:16]}"
+        self.path = incoming / f"{stem}.tar.gz"
+        self._have_path = incoming / f"{stem}.have"
+        self.chunks = chunk_count(m.bundle_bytes)
+        self.have: set[int] = set()
+        try:
+            self.have = {int(i) for i in json.loads(self._have_path.read_bytes())}
+        except (OSError, ValueError, TypeError):
+            self.have = set()
+        if not self.path.exists():
+            self.have = set()
+            with self.path.open("wb") as f:
+                f.truncate(m.bundle_bytes)
+        self.progress = asyncio.Event()  # set at every new chunk
+        self.complete = asyncio.Event()
+        if not self.missing():
+            self.complete.set()
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.chunks) if i not in self.have]
+
+    def put(self, index: int, data: bytes) -> bool:
+        """Write chunk `index`; False (ignored) if its index or length is not the manifest's."""
+        if index in self.have or len(data) != chunk_size(self.manifest, index) or not data:
+            return False
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, index * CHUNK_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.have.add(index)
+        _write_atomic(self._have_path, json.dumps(sorted(self.have)).encode())
+        self.progress.set()
+        if not self.missing():
+            self.complete.set()
+        return True
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._have_path.unlink(missing_ok=True)
+        self.have = set()

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config
+from agent.contract.blobs import missing_request
+from agent.contract.releases import ReleaseManifest, missing_topic, refusal
+from agent.contract.topics import Topics
 from agent.errors import ReleaseRefused
-from agent.station.releases import Releases, _write_atomic, running_version, verify
+from agent.station.releases import Download, Releases, _write_atomic, running_version, verify
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,27 @@ RELEASE_SWITCH = "release_switch"
 RESTART_DELAY_S = 0.5
 
 
+Publish = Callable[[str, bytes], Awaitable[bool]]
+
+
 class Rollout:
+    #: seconds between `missing` requests while chunks do not come
+    ask_again_s = 5.0
+    #: a download with no new chunk for this long is given up (an offer again resumes it)
+    stall_s = 300.0
+
     def __init__(self, config: Config, stop: asyncio.Event) -> None:
         self.config = config
         self.releases = Releases(config.agent.releases_dir)
         self.stop = stop
         self.version = running_version()
         self.state: dict[str, Any] = {}
+        self.base = (
+            Topics(config.mqtt.topic_prefix).station(config.agent.site, config.agent.name).base
+        )
+        self.publish: Publish | None = None  # the uplink's, once it exists
+        self._download: Download | None = None
+        self._offers: asyncio.Queue[tuple[Download, float]] = asyncio.Queue()
         s = self.releases.switch_state()
         if s is not None:
             self.state = {"target": s.to, "state": s.state, "reason": s.reason}
@@ -110,12 +127,25 @@ class Rollout:
         if key is None:
             return self._refused(target, "agent.release_public_key is not set on this station")
         bundle = body.get("bundle")
-        if not isinstance(bundle, str) or not bundle.startswith("/"):
+        over_mqtt = bundle is None
+        if not over_mqtt and (not isinstance(bundle, str) or not bundle.startswith("/")):
             return self._refused(target, "bundle: not an absolute path on the station")
         try:
             m = verify(manifest, key)
+            if over_mqtt:
+                if (why := refusal(m)) is not None:
+                    raise ReleaseRefused(m.version, why)
+                if self.releases.current() == m.version:
+                    raise ReleaseRefused(m.version, "already the current release")
+                if self._download is not None:
+                    raise ReleaseRefused(m.version, "another release is downloading")
+                deadline = float(
+                    body.get("deadline_s") or self.config.agent.release_health_deadline_s
+                )
+                self._set(m.version, "downloading")
+                return self._offer_download(m, deadline)
             self._set(m.version, "downloading")
-            await asyncio.to_thread(self.releases.install, m, Path(bundle))
+            await asyncio.to_thread(self.releases.install, m, Path(str(bundle)))
             self._set(m.version, "installed")
             if body.get("switch", True) is False:
                 return {"state": "installed", "version": m.version}
@@ -128,6 +158,76 @@ class Rollout:
         # service manager starts `current`, the new release
         asyncio.get_running_loop().call_later(RESTART_DELAY_S, self.stop.set)
         return {"state": "switched", "version": m.version, "deadline_s": deadline}
+
+    # -- the bundle over MQTT (agent/contract/releases.py) -----------------------------
+
+    @property
+    def subscription(self) -> str:
+        return f"{self.base}/release/+/+"
+
+    async def handle(self, topic: str, payload: Any) -> bool:
+        """An inbound `release/{version}/{index}` chunk; True when the topic was one."""
+        prefix = f"{self.base}/release/"
+        if not topic.startswith(prefix):
+            return False
+        version, _, index = topic[len(prefix) :].partition("/")
+        d = self._download
+        if d is None or version != d.manifest.version or not index.isdigit():
+            return True  # not asked for (or our own `missing`): dropped
+        data = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
+        await asyncio.to_thread(d.put, int(index), data)
+        return True
+
+    def _offer_download(self, m: ReleaseManifest, deadline: float) -> dict[str, Any]:
+        d = Download(self.releases.root, m)
+        self._download = d
+        self._offers.put_nowait((d, deadline))
+        return {"state": "downloading", "version": m.version, "missing": len(d.missing())}
+
+    async def run(self) -> None:
+        """Downloads offered by cmd/update, one at a time: fetch, verify, install, switch."""
+        while True:
+            d, deadline = await self._offers.get()
+            m = d.manifest
+            try:
+                await self._fetch(d)
+                await asyncio.to_thread(self.releases.install, m, d.path)
+                self._set(m.version, "installed")
+                self.releases.switch(m.version, deadline)
+            except ReleaseRefused as e:
+                d.discard()  # a bundle that does not match is not resumed
+                self._set(m.version, "refused", e.reason)
+                continue
+            except TimeoutError:
+                self._set(m.version, "refused", "download stalled; offer it again to resume")
+                continue
+            finally:
+                self._download = None
+            d.discard()
+            self._set(m.version, "switched")
+            self.stop.set()  # the service manager starts `current`, the new release
+            return
+
+    async def _fetch(self, d: Download) -> None:
+        """Ask for the missing chunks; ask again whenever they pause for `ask_again_s`;
+        TimeoutError after `stall_s` without a new chunk."""
+        topic = missing_topic(self.base, d.manifest.version)
+        loop = asyncio.get_running_loop()
+        last_chunk = loop.time()
+        while not d.complete.is_set():
+            if self.publish is not None:
+                await self.publish(topic, missing_request(d.manifest.bundle_sha256, d.missing()))
+            while not d.complete.is_set():  # while chunks keep coming
+                d.progress.clear()
+                try:
+                    await asyncio.wait_for(d.progress.wait(), self.ask_again_s)
+                except TimeoutError:
+                    break  # a pause: ask again
+                last_chunk = loop.time()
+            if not d.complete.is_set() and loop.time() - last_chunk > self.stall_s:
+                raise TimeoutError
+        if self.publish is not None:  # `missing: []`: every chunk is here
+            await self.publish(topic, missing_request(d.manifest.bundle_sha256, []))
 
     def _refused(self, target: str, reason: str) -> dict[str, Any]:
         self._set(target, "refused", reason)

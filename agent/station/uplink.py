@@ -201,6 +201,18 @@ class Uplink:
         subscribed at every connection; `handler(topic, payload)` says True when it was its."""
         self._subscriptions.append((topic_filter, handler))
 
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """For other parts of the agent (a release download's `missing`): False when
+        not connected (the caller asks again later)."""
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos)
+        except aiomqtt.MqttError:
+            return False
+        return True
+
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler

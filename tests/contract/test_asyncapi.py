@@ -35,6 +35,8 @@ def test_document_is_consistent() -> None:
         "commandResult",
         "updateCommand",
         "updateResult",
+        "releaseMissing",
+        "releaseChunk",
         "blobManifest",
         "blobMissing",
         "blobChunk",

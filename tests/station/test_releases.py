@@ -103,3 +103,30 @@ def test_an_irreversible_outbox_schema_is_refused(
     with pytest.raises(ReleaseRefused, match="cannot go back from"):
         r.install(m, b)
     assert not (r.root / "2.0").exists()
+
+
+def test_a_download_resumes_and_refuses_wrong_chunks(tmp_path: Path) -> None:
+    """The bundle in chunks (agent/contract/releases.py): each chunk at its offset, the
+    indices held survive a new Download of the same release (a restart, an offer again)."""
+    from agent.contract.blobs import CHUNK_BYTES
+    from agent.contract.releases import check_bundle
+    from agent.station.releases import Download
+
+    key, pub = releases.keypair(tmp_path)
+    b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"), pad_bytes=500_000)
+    m = verify(releases.signed(key, b, "1.1"), pub)
+    data = b.read_bytes()
+    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    assert len(chunks) >= 3
+    d = Download(tmp_path / "releases", m)
+    assert d.missing() == list(range(len(chunks)))
+    assert not d.put(0, chunks[0][:-1])  # the wrong length for chunk 0
+    assert not d.put(len(chunks), b"x")  # no such chunk
+    assert d.put(1, chunks[1]) and not d.put(1, chunks[1])  # once
+    again = Download(tmp_path / "releases", m)  # as after a restart
+    assert again.missing() == [i for i in range(len(chunks)) if i != 1]
+    for i in again.missing():
+        assert again.put(i, chunks[i])
+    assert again.complete.is_set()
+    with again.path.open("rb") as f:
+        assert check_bundle(m, f) == []

@@ -9,6 +9,7 @@ health-checks and rolls back for real."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import tarfile
@@ -45,9 +46,12 @@ def tree(root: Path, body: str) -> Path:
     return root
 
 
-def bundle(directory: Path, version: str, body: str) -> Path:
-    """`madoguchi-bundle-{version}.tar.gz` holding `release/` (the test shortcut)."""
+def bundle(directory: Path, version: str, body: str, pad_bytes: int = 0) -> Path:
+    """`madoguchi-bundle-{version}.tar.gz` holding `release/` (the test shortcut); with
+    `pad_bytes` of random data in it, so that it travels in several chunks."""
     src = tree(directory / f"src-{version}" / "release", body)
+    if pad_bytes:
+        (src / "padding.bin").write_bytes(os.urandom(pad_bytes))
     out = directory / f"madoguchi-bundle-{version}.tar.gz"
     with tarfile.open(out, "w:gz") as t:
         t.add(src, arcname="release")

@@ -64,6 +64,7 @@ async def test_update_reports_a_station_that_refuses(
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link)
     argv = [sys.executable, "-m", "agent", "fleet", "update", "--to", "1.1", "--bundle", str(b)]
     argv += ["--site", "toda-city-hall-1f", "--canary", "50%", "--port", str(broker.port)]
+    argv += ["--staged", str(b)]
     async with running_station(cfg):
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE

@@ -63,16 +63,25 @@ class Fleet:
             data_dir=self.tmp / "data",
         )
 
-    async def update(self, version: str, body: str) -> dict[str, Any]:
-        b = releases.bundle(self.tmp, version, body)
+    async def update(
+        self, version: str, body: str, *, staged: bool = False, pad_bytes: int = 0
+    ) -> dict[str, Any]:
+        """Offer `version`: the bundle over MQTT in chunks, or staged on the station."""
+        b = releases.bundle(self.tmp, version, body, pad_bytes)
         manifest = releases.signed(self.key, b, version)
         fb = FleetBroker(LOOPBACK, self.broker.port, "madoguchi/v1")
-        results = await offer(fb, SITE, [NAME], manifest, str(b), answer_s=20)
+        on_station = str(b) if staged else None
+        results = await offer(fb, SITE, [NAME], manifest, on_station, bundle=b, answer_s=30)
         # both messages as docs/asyncapi.yaml says
         base = f"madoguchi/v1/{SITE}/{NAME}/cmd/update"
-        body = {"request_id": "r", "manifest": manifest, "bundle": str(b)}
-        assert CONTRACT.check(base, body) == "updateCommand/update"
-        assert CONTRACT.check(base + "/result", results[NAME]) == "updateResult/result"
+        cmd: dict[str, Any] = {"request_id": "r", "manifest": manifest}
+        if staged:
+            cmd["bundle"] = str(b)
+        assert CONTRACT.check(base, cmd) == "updateCommand/update"
+        answer = {k: v for k, v in results[NAME].items() if k != "downloaded"}
+        assert CONTRACT.check(base + "/result", answer) == "updateResult/result"
+        if not staged:
+            assert results[NAME].get("downloaded"), results[NAME]
         return results[NAME]
 
 
@@ -150,8 +159,9 @@ async def test_a_healthy_release_stays(fleet: Fleet, registry: RegistryProbe) ->
         await scan(fleet.pty, "111122410000012340")
         await registry.wait_for(1)
         t0 = time.monotonic()
-        answer = await fleet.update("1.1", releases.healthy("1.1"))
-        assert answer["ok"] and answer["state"] == "switched", answer
+        # ~1 MB of random padding: six chunks of the blob size over MQTT
+        answer = await fleet.update("1.1", releases.healthy("1.1"), pad_bytes=1_000_000)
+        assert answer["ok"] and answer["state"] == "downloading", answer
         rel = await running(fleet.broker.port, "1.1", "healthy")
         took = time.monotonic() - t0
         assert rel["version"] == "1.1" and rel["target"] == "1.1"
@@ -180,7 +190,7 @@ async def test_a_release_that_cannot_start_rolls_back(
         await scan(fleet.pty, "111122410000012340")
         await registry.wait_for(1)
         t0 = time.monotonic()
-        answer = await fleet.update("1.1", releases.broken("1.1"))
+        answer = await fleet.update("1.1", releases.broken("1.1"), staged=True)
         assert answer["state"] == "switched", answer
         rel = await running(fleet.broker.port, "1.0", "rolled_back")
         took = time.monotonic() - t0
@@ -204,7 +214,7 @@ async def test_a_release_that_cannot_reach_the_broker_rolls_back(
         await registry.wait_for(1)
         t0 = time.monotonic()
         answer = await fleet.update("1.1", releases.with_config("1.1", wrong))
-        assert answer["state"] == "switched", answer
+        assert answer["state"] == "downloading", answer
         rel = await running(fleet.broker.port, "1.0", "rolled_back", timeout=DEADLINE_S + 20)
         took = time.monotonic() - t0
         assert rel["version"] == "1.0"
@@ -231,7 +241,7 @@ async def test_a_release_never_acked_rolls_back_and_its_scans_arrive_once(
         await scan(fleet.pty, "111122410000012340")
         await registry.wait_for(1)
         t0 = time.monotonic()
-        answer = await fleet.update("1.1", releases.with_config("1.1", wrong))
+        answer = await fleet.update("1.1", releases.with_config("1.1", wrong), staged=True)
         assert answer["state"] == "switched", answer
         await running(fleet.broker.port, "1.1", prefix="elsewhere/v1")  # the new one runs
         await scan(fleet.pty, "111122410000012342")  # taken by the release that will fail
