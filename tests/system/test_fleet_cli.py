@@ -73,3 +73,31 @@ async def test_update_reports_a_station_that_refuses(
     assert proc.returncode == 1, (out, err)
     assert "offering 1.1 to toda-city-hall-1f: station-03" in out.decode(), err
     assert "refused: agent.release_public_key is not set" in out.decode()
+
+
+@pytest.mark.broker
+async def test_update_serves_the_bundle_over_mqtt(
+    broker: Broker, pty_port: Pty, tmp_path: Path
+) -> None:
+    """The default: the command serves the bundle in chunks; the station installs it
+    beside, switches and stops (here nobody restarts it: no supervisor)."""
+    key, pub = releases.keypair(tmp_path)
+    b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"), pad_bytes=450_000)
+    assert main(["fleet", "release", "sign", "--key", str(key), "--version", "1.1", str(b)]) == 0
+    rel = tmp_path / "releases"
+    extra = f'release_public_key = "{pub}"\nreleases_dir = "{rel}"'
+    cfg = write_config(tmp_path, broker.port, scanner=pty_port.link, extra_agent=extra)
+    argv = [sys.executable, "-m", "agent", "fleet", "update", "--to", "1.1", "--bundle", str(b)]
+    argv += ["--site", "toda-city-hall-1f", "--agent", "station-03", "--port", str(broker.port)]
+    async with running_station(cfg) as station:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        await asyncio.wait_for(station.task, 20)  # it ended itself, to be restarted
+    assert proc.returncode == 0, (out, err)
+    assert "toda-city-hall-1f/station-03: downloaded, switching" in out.decode()
+    assert (rel / "current").readlink() == Path("1.1")
+    assert (rel / "1.1" / "release" / "padding.bin").exists() is False  # the tree is the release
+    assert (rel / "1.1" / "padding.bin").stat().st_size == 450_000
+    assert not list((rel / ".incoming").iterdir())  # the download is cleaned up
