@@ -178,6 +178,7 @@ class StationApp:
             uplink.add_command("logs", self.logs.command)
             uplink.add_command("update", rollout.cmd_update)
             uplink.add_subscription(rollout.subscription, rollout.handle)
+            station.subscribe(rollout.device_state)
             rollout.publish = uplink.publish
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(

@@ -80,6 +80,8 @@ class Switch:
     state: str
     reason: str | None = None
     at: float = 0.0
+    #: the devices connected when the switch was made: the new release must bring them back
+    devices: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,7 +91,11 @@ class Switch:
             "state": self.state,
             "reason": self.reason,
             "at": self.at,
+            "devices": list(self.devices),
         }
+
+    def but(self, state: str, reason: str | None, at: float) -> Switch:
+        return Switch(self.previous, self.to, self.deadline, state, reason, at, self.devices)
 
     @property
     def unconfirmed(self) -> bool:
@@ -154,6 +160,7 @@ class Releases:
                 state=d["state"],
                 reason=d.get("reason"),
                 at=float(d.get("at", 0.0)),
+                devices=tuple(str(x) for x in d.get("devices") or ()),
             )
         except FileNotFoundError:
             return None
@@ -165,15 +172,18 @@ class Releases:
         _write_atomic(self.root / SWITCH, json.dumps(s.as_dict()).encode())
         return s
 
-    def switch(self, version: str, deadline_s: float) -> Switch:
-        """Point `current` at an installed `version`, unconfirmed until `confirm`."""
+    def switch(self, version: str, deadline_s: float, devices: list[str] | None = None) -> Switch:
+        """Point `current` at an installed `version`, unconfirmed until `confirm`;
+        `devices`: those the new release must have connected again to be healthy."""
         if not self.installed(version):
             raise ReleaseRefused(version, f"not installed under {self.root}")
         previous = self.current()
         if previous == version:
             raise ReleaseRefused(version, "already the current release")
         now = self.clock()
-        s = self._record(Switch(previous, version, now + deadline_s, "switched", None, now))
+        s = self._record(
+            Switch(previous, version, now + deadline_s, "switched", None, now, tuple(devices or ()))
+        )
         self.point(version)
         log.warning(
             "releases: switched %s -> %s; health check due in %.0f s", previous, version, deadline_s
@@ -187,7 +197,7 @@ class Releases:
             return False
         if self.clock() > s.deadline:
             return False  # too late: the rollback wins, whoever does it
-        self._record(Switch(s.previous, s.to, s.deadline, "healthy", None, self.clock()))
+        self._record(s.but("healthy", None, self.clock()))
         log.warning("releases: %s healthy; switch confirmed", version)
         return True
 
@@ -198,9 +208,7 @@ class Releases:
             return None
         if s.previous is not None:
             self.point(s.previous)
-        out = self._record(
-            Switch(s.previous, s.to, s.deadline, "rolled_back", reason[:300], self.clock())
-        )
+        out = self._record(s.but("rolled_back", reason[:300], self.clock()))
         log.error("releases: rolled back %s -> %s: %s", s.to, s.previous, reason)
         return out
 

@@ -57,9 +57,28 @@ class Rollout:
         self.publish: Publish | None = None  # the uplink's, once it exists
         self._download: Download | None = None
         self._offers: asyncio.Queue[tuple[Download, float]] = asyncio.Queue()
+        # device name -> state, kept by `device_state` (the app subscribes it to the station)
+        self.devices: dict[str, str] = {}
+        self._devices_changed = asyncio.Event()
         s = self.releases.switch_state()
         if s is not None:
             self.state = {"target": s.to, "state": s.state, "reason": s.reason}
+
+    def device_state(self, kind: str, body: dict[str, Any]) -> None:
+        """A station event listener: device states for the switch and the health check."""
+        if kind == "device_state":
+            self.devices[str(body.get("device"))] = str(body.get("state"))
+            self._devices_changed.set()
+
+    def _connected(self) -> list[str]:
+        return sorted(n for n, st in self.devices.items() if st == "connected")
+
+    async def _devices_back(self, names: tuple[str, ...]) -> None:
+        while True:
+            self._devices_changed.clear()
+            if all(self.devices.get(n) == "connected" for n in names):
+                return
+            await self._devices_changed.wait()
 
     def describe(self) -> dict[str, Any]:
         return {"release": {"version": self.version, **self.state}}
@@ -109,6 +128,9 @@ class Rollout:
         self._note("READY")
         await ready.wait()
         await mark({"from": s.previous, "to": s.to})
+        if s.devices:
+            self._note(f"devices back: {', '.join(s.devices)}"[:200])
+            await self._devices_back(s.devices)
         self._note("broker connection")
         await connected.wait()
         self._note("first registry ack")
@@ -150,7 +172,7 @@ class Rollout:
             if body.get("switch", True) is False:
                 return {"state": "installed", "version": m.version}
             deadline = float(body.get("deadline_s") or self.config.agent.release_health_deadline_s)
-            self.releases.switch(m.version, deadline)
+            self.releases.switch(m.version, deadline, self._connected())
         except ReleaseRefused as e:
             return self._refused(target, e.reason)
         self._set(m.version, "switched")
@@ -193,7 +215,7 @@ class Rollout:
                 await self._fetch(d)
                 await asyncio.to_thread(self.releases.install, m, d.path)
                 self._set(m.version, "installed")
-                self.releases.switch(m.version, deadline)
+                self.releases.switch(m.version, deadline, self._connected())
             except ReleaseRefused as e:
                 d.discard()  # a bundle that does not match is not resumed
                 self._set(m.version, "refused", e.reason)
