@@ -1,14 +1,15 @@
 """The running agent's half of a rollout (docs/fleet.md): `cmd/update` and the health check.
 
-`cmd/update` verifies the signed manifest against `[agent] release_public_key`, checks
-the staged bundle against it, installs it beside the running release, switches
-`current` and ends this process so that systemd (or the supervisor) starts the new one.
-The new one, finding an unconfirmed switch to its own version, runs the health check:
-READY, broker connected, first registry ack (of the `release_switch` record it
-appends, or of any record). It confirms the switch when every step passed; past the
-deadline it is rolled back by the supervisor, or by its own start-up. Each step it
-waits on is written to `health.json`, so the rollback can say why. States go out in
-telemetry (`release`) and on the dashboard.
+`cmd/update` verifies the signed manifest against `[agent] release_public_key`, fetches
+the bundle over MQTT (or takes a staged one), checks it against the manifest, installs
+it beside the running release, switches `current` and ends this process so that
+systemd (or the supervisor) starts the new one. The new one, finding an unconfirmed
+switch to its own version, runs the health check: READY, the devices connected at the
+switch connected again, broker connected, first registry ack (of the `release_switch`
+record it appends, or of any record). It confirms the switch when every step passed;
+past the deadline it is rolled back by the supervisor, or by its own start-up. Each
+step it waits on is written to `health.json`, so the rollback can say why. States go
+out in telemetry (`release`) and on the dashboard.
 """
 
 from __future__ import annotations
