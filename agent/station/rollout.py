@@ -108,10 +108,6 @@ class Rollout:
         self._set(s.to, "rolled_back", s.reason)
         return True
 
-    def health_pending(self) -> bool:
-        s = self.releases.switch_state()
-        return s is not None and s.unconfirmed and s.to == self.version
-
     async def health_check(
         self,
         ready: asyncio.Event,

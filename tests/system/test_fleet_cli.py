@@ -101,3 +101,40 @@ async def test_update_serves_the_bundle_over_mqtt(
     assert (rel / "1.1" / "release" / "padding.bin").exists() is False  # the tree is the release
     assert (rel / "1.1" / "padding.bin").stat().st_size == 450_000
     assert not list((rel / ".incoming").iterdir())  # the download is cleaned up
+
+
+async def test_supervise_starts_current_with_the_arguments_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """`madoguchi supervise --releases DIR -- ARGS`: `DIR/current/bin/madoguchi ARGS`,
+    started again when it ends; SIGTERM ends both."""
+    import signal
+
+    from agent.station.releases import Releases
+
+    rel = Releases(tmp_path / "releases")
+    releases.tree(rel.root / "1.0", 'echo "args: $*"\nexec sleep 30\n')
+    rel.point("1.0")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        "supervise",
+        "--releases",
+        str(rel.root),
+        "--",
+        "run",
+        "--config",
+        "x.toml",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    seen: list[bytes] = []
+    async with asyncio.timeout(20):  # both lines, in either order (two processes)
+        while b"args: run --config x.toml\n" not in seen or not any(
+            b"started release 1.0" in line for line in seen
+        ):
+            seen.append(await proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
