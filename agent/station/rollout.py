@@ -151,6 +151,9 @@ class Rollout:
             return self._refused(target, "bundle: not an absolute path on the station")
         try:
             m = verify(manifest, key)
+            pending = self.releases.switch_state()
+            if pending is not None and pending.unconfirmed:
+                raise ReleaseRefused(m.version, f"the switch to {pending.to} is not confirmed yet")
             if over_mqtt:
                 if (why := refusal(m)) is not None:
                     raise ReleaseRefused(m.version, why)
