@@ -82,6 +82,24 @@ class AgentSection(Strict):
         "dashboard). Off: refused; the kiosk's own photo button works either way.",
     )
 
+    release_public_key: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The release key's Ed25519 public key, 64 hex digits (`madoguchi fleet "
+        "release-keygen` prints it). Unset: cmd/update is refused.",
+    )
+    releases_dir: Path = Field(
+        default=Path("/opt/madoguchi/releases"),
+        description="A/B release directory: one venv per version and the `current` symlink "
+        "the service starts from (docs/fleet.md).",
+    )
+    release_health_deadline_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds a switched-to release has to pass its health check (READY, "
+        "broker connected, first registry ack) before the previous one comes back.",
+    )
+
     @field_validator("site")
     @classmethod
     def _not_the_registry_s(cls, v: str) -> str:

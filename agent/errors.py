@@ -201,3 +201,15 @@ class DatasetStoreError(MadoguchiError):
 class DatasetKeyError(MadoguchiError):
     """A dataset key file (Ed25519 private on the central side, public on a station) is
     missing, unreadable or not a key; the message names the file."""
+
+
+# -- releases (agent/station/releases.py, agent/contract/releases.py) -----------------------
+
+
+class ReleaseRefused(MadoguchiError):
+    """A release that is not installed or switched to; the running one keeps running."""
+
+    def __init__(self, version: str, reason: str) -> None:
+        super().__init__(f"release {version}: {reason}")
+        self.version = version
+        self.reason = reason

@@ -292,6 +292,7 @@ class Fleet:
             if st.state == "online" and dev.get("state") in ("error", "disconnected"):
                 out.append({"type": "device", "level": "warn", "detail": f"{name}: {dev['state']}"})
         out += cert_alerts(st)
+        out += release_alerts(st)
         for e in st.events:
             if now - e["at"] > self.t.keep_events_s or str(e.get("type")).startswith("cert_"):
                 continue  # (the certificate's state comes from its status fields above)
@@ -363,9 +364,12 @@ class Fleet:
 
 
 def station_columns(st: StationView) -> dict[str, Any]:
-    """Version and certificate expiry (issue #22): from the birth, or newer telemetry."""
+    """Version, rollout state and certificate expiry (issue #22): from the birth, or newer
+    telemetry. `release`: the running release and the last rollout's target, state
+    (offered ... healthy, rolled_back, refused) and reason (docs/CONTRACT.md "Releases")."""
     src = {**st.status, **st.telemetry}
-    return {k: src.get(k) for k in ("madoguchi", "cert_expires_at", "cert_lifetime_used")}
+    keys = ("madoguchi", "release", "cert_expires_at", "cert_lifetime_used")
+    return {k: src.get(k) for k in keys}
 
 
 def cert_alerts(st: StationView) -> list[dict[str, Any]]:
@@ -379,6 +383,15 @@ def cert_alerts(st: StationView) -> list[dict[str, Any]]:
     kind = "cert_expired" if used >= 1.0 else "cert_expiring"
     level = "error" if kind == "cert_expired" else "warn"
     return [{"type": kind, "level": level, "detail": f"{used:.0%}, {expires}"}]
+
+
+def release_alerts(st: StationView) -> list[dict[str, Any]]:
+    """The last rollout rolled back or was refused: an alert until the next rollout."""
+    rel = station_columns(st)["release"]
+    if not isinstance(rel, dict) or rel.get("state") not in ("rolled_back", "refused"):
+        return []
+    detail = f"{rel.get('target')}: {rel.get('reason')}"[:300]
+    return [{"type": f"release_{rel['state']}", "level": "warn", "detail": detail}]
 
 
 def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def _positive(text: str) -> int:
 
 #: the commands `agent/cli/station.py` parses: for these the central and tool modules
 #: are not imported nor their parsers built (1.6 MB of a running agent, issue #18)
-STATION_COMMANDS = frozenset({"run", "check-config", "outbox", "enroll"})
+STATION_COMMANDS = frozenset({"run", "check-config", "outbox", "enroll", "supervise"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -53,6 +53,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from agent.cli.tools import add_tool_parsers
 
     add_central_parsers(sub)
+    from agent.cli.fleet import add_fleet_parsers
+
+    add_fleet_parsers(sub)
     p = sub.add_parser("demo", help="broker + registry + agent + simulated scanner, end to end")
     p.add_argument("--loop", action="store_true", help="keep scanning until Ctrl-C")
     p.add_argument(

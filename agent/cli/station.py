@@ -116,6 +116,16 @@ def run_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.station.supervisor import supervise
+
+    setup_logging("INFO", "text")
+    rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    return asyncio.run(supervise(args.releases, rest or ["run"]))
+
+
 def _add_enroll_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "enroll",
@@ -159,3 +169,13 @@ def add_station_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     s.set_defaults(func=cmd_outbox_stats)
 
     _add_enroll_parser(sub)
+
+    p = sub.add_parser(
+        "supervise",
+        help="start the agent from RELEASES/current, restart it, undo unconfirmed release switches",
+    )
+    p.add_argument(
+        "--releases", required=True, help="the releases directory ([agent] releases_dir)"
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the agent's arguments, after --")
+    p.set_defaults(func=cmd_supervise)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, DeviceConfig
 from agent.contract.datasets import subscription
+from agent.contract.records import Read
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.station.blobs import BlobStore
@@ -33,13 +34,13 @@ from agent.station.lock import DataDirLock, make_private
 from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
+from agent.station.rollout import RELEASE_SWITCH, Rollout
 from agent.station.sealing import Sealer
 from agent.station.station import DeviceState, Listener, Station
 from agent.station.systemd import Notifier
 from agent.station.uplink import Uplink
 
 if TYPE_CHECKING:
-    from agent.contract.records import Read
     from agent.drivers.card import CardInfo
     from agent.station.feedback import Outcome
     from agent.station.kiosk.api import LocalApi
@@ -70,6 +71,7 @@ class StationApp:
         self.blobs: BlobStore | None = None
         self.api: LocalApi | None = None  # once the API task has started
         self.logs = LogRing()  # the last log lines for cmd/logs (installed while running)
+        self.rollout: Rollout | None = None  # cmd/update and the release health check
         self.cert = CertWatch(config.mqtt.tls_cert)  # notAfter, lifetime used, alerts
 
     # -- the station's surface, for the uplink, the kiosk API, the CLI and tests ----------
@@ -84,7 +86,13 @@ class StationApp:
 
     def describe(self) -> dict[str, Any]:
         # the version and the certificate's age for the dashboard's columns (issue #22)
-        return {**self.station.describe(), "madoguchi": VERSION, **self.cert.describe()}
+        release = {} if self.rollout is None else self.rollout.describe()
+        return {
+            **self.station.describe(),
+            "madoguchi": VERSION,
+            **self.cert.describe(),
+            **release,
+        }
 
     def take_alerts(self) -> list[dict[str, Any]]:
         return self.station.take_alerts() + self.cert.take_alerts()
@@ -139,6 +147,13 @@ class StationApp:
     async def _run_locked(self, stop: asyncio.Event) -> None:
         cfg = self.config
         station = self.station
+        rollout = self.rollout = Rollout(cfg, stop)
+        if rollout.rolled_back_at_start():
+            log.error(
+                "release %s: switch overdue; rolled back, exiting to start the previous",
+                rollout.version,
+            )
+            return
         sealer = Sealer.from_file(cfg.outbox.key_file) if cfg.outbox.key_file else None
         key = cfg.outbox.registry_public_key
         to_registry = None
@@ -161,6 +176,10 @@ class StationApp:
             uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
             uplink.add_command("capture_photo", self._cmd_capture_photo)
             uplink.add_command("logs", self.logs.command)
+            uplink.add_command("update", rollout.cmd_update)
+            uplink.add_subscription(rollout.subscription, rollout.handle)
+            station.subscribe(rollout.device_state)
+            rollout.publish = uplink.publish
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(
                 "uplink", {"connected": up, "error": uplink.last_error}
@@ -175,6 +194,18 @@ class StationApp:
                 uplink_task = tg.create_task(uplink.run(stop), name="uplink")
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
                 watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+
+                async def mark(data: dict[str, Any]) -> None:
+                    await outbox.append(
+                        Read(device="agent", kind=RELEASE_SWITCH, data=data, source="agent")
+                    )
+                    uplink.wake()
+
+                health = tg.create_task(
+                    rollout.health_check(self.ready, uplink.up, uplink.acked, mark),
+                    name="release-health",
+                )
+                downloads = tg.create_task(rollout.run(), name="release-download")
                 tg.create_task(self._status_loop(stop), name="sd-status")
                 if cfg.api is not None and cfg.api.enabled:
                     tg.create_task(self._api(stop), name="api")
@@ -195,6 +226,8 @@ class StationApp:
                 await asyncio.gather(*device_tasks, return_exceptions=True)
                 await uplink_task
                 watchdog.cancel()
+                health.cancel()
+                downloads.cancel()
             if datasets is not None:
                 datasets.store.close()
         self.outbox = station.outbox = None

@@ -163,6 +163,8 @@ class Uplink:
         self.outbox = outbox
         self.station = station
         self.connected = False
+        self.up = asyncio.Event()  # set while connected (the release health check waits on it)
+        self.acked = asyncio.Event()  # set by the first registry ack of this process
         self.on_connection: Callable[[bool], None] | None = None  # the station's events
         self.session = 0
         self.published_records = 0
@@ -199,6 +201,18 @@ class Uplink:
         subscribed at every connection; `handler(topic, payload)` says True when it was its."""
         self._subscriptions.append((topic_filter, handler))
 
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """For other parts of the agent (a release download's `missing`): False when
+        not connected (the caller asks again later)."""
+        client = self._client
+        if client is None or not self.connected:
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos)
+        except aiomqtt.MqttError:
+            return False
+        return True
+
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
@@ -206,6 +220,10 @@ class Uplink:
     def _set_connected(self, connected: bool) -> None:
         changed = connected != self.connected
         self.connected = connected
+        if connected:
+            self.up.set()
+        else:
+            self.up.clear()
         if changed and self.on_connection is not None:
             self.on_connection(connected)
 
@@ -553,6 +571,7 @@ class Uplink:
             self.inbound.fault("malformed", f"ack: {e}")
             return
         n = await self.outbox.confirm(ids)
+        self.acked.set()
         log.debug("registry confirmed %d of %d ids", n, len(ids))
         if self.blobs is not None:
             await self.blobs.confirmed(ids)

@@ -228,3 +228,20 @@ def socket_bound() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         s.listen()
         yield int(s.getsockname()[1])
+
+
+def test_release_state_per_station_and_a_rollback_alert() -> None:
+    """issue #22: the running release and the last rollout's state per station."""
+    f = Fleet()
+    healthy = {"version": "1.1", "target": "1.1", "state": "healthy", "reason": None}
+    f.on_status(S, A, {"state": "online", "session": 1, "release": healthy}, now=0.0)
+    f.on_status("b-site", "s1", {"state": "online", "session": 1}, now=0.0)
+    assert rows(f, 1.0)[f"{S}/{A}"]["release"] == healthy
+    assert rows(f, 1.0)["b-site/s1"]["release"] is None
+    assert "release_rolled_back" not in alert_types(f, 1.0)
+    back = {"version": "1.1", "target": "1.2", "state": "rolled_back", "reason": "exited 1"}
+    f.on_telemetry(S, A, {"session": 1, "outbox": {}, "release": back}, now=2.0)
+    row = rows(f, 3.0)[f"{S}/{A}"]
+    assert row["release"] == back
+    (alert,) = [a for a in row["alerts"] if a["type"] == "release_rolled_back"]
+    assert alert["detail"] == "1.2: exited 1"

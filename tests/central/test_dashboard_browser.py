@@ -202,3 +202,33 @@ async def check_diagnostics(page: Any, http_port: int) -> None:
     assert raw.startswith(b"<svg")
     icon = await page.locator('link[rel="icon"]').get_attribute("href")
     assert icon == "/favicon.svg"
+
+
+async def test_rollout_column_shows_a_rolled_back_release(
+    broker: Broker, pty_port: Pty, tmp_path: Path, page: Any
+) -> None:
+    """issue #22: a station whose last switch was rolled back says so in its row, with
+    the reason (the switch record is the one agent/station/releases.py writes)."""
+    from playwright.async_api import expect
+
+    from agent.station.releases import Releases
+    from tests.support import releases
+
+    rel = Releases(tmp_path / "releases")
+    for v in (VERSION, "9.9"):
+        releases.tree(rel.root / v, releases.healthy(v))
+    rel.point(VERSION)
+    rel.switch("9.9", 30)
+    rel.rollback("release 9.9 exited with code 1 before its health check passed")
+    cfg = write_config(
+        tmp_path, broker.port, scanner=pty_port.link, extra_agent=f'releases_dir = "{rel.root}"'
+    )
+    dash = Dashboard("127.0.0.1", broker.port, http_port=free_port(), guard=desk_guard())
+    async with running_dashboard(dash), running_station(cfg):
+        await page.goto(f"http://127.0.0.1:{dash.http_port}/#token={DESK_TOKEN}")
+        row = page.locator(f'tr[data-station="{KEY}"]')
+        await expect(row.locator("td.rollout")).to_have_text("9.9: rolled_back", timeout=20_000)
+        await expect(row.locator("td.rollout")).to_have_attribute("title", re.compile("code 1"))
+        await expect(row.locator("td.version")).to_have_text(str(VERSION))
+        await expect(row.locator('[data-alert="release_rolled_back"]')).to_be_visible()
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-rollout.png"), full_page=True)

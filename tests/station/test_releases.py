@@ -1,0 +1,132 @@
+"""The A/B releases directory (agent/station/releases.py): verify, install, switch,
+confirm, roll back; never in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ReleaseRefused
+from agent.station.releases import Releases, verify
+from tests.support import releases
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rel(tmp_path: Path) -> tuple[Releases, Clock]:
+    clock = Clock()
+    r = Releases(tmp_path / "releases", clock=clock)
+    releases.tree(r.root / "1.0", releases.healthy("1.0"))
+    r.point("1.0")
+    return r, clock
+
+
+def test_wrong_key_and_tampering_are_refused(tmp_path: Path) -> None:
+    key, pub = releases.keypair(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_pub = releases.keypair(tmp_path / "other")
+    b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"))
+    manifest = releases.signed(key, b, "1.1")
+    assert verify(manifest, pub).version == "1.1"
+    with pytest.raises(ReleaseRefused, match="signature does not verify"):
+        verify(manifest, other_pub)
+    with pytest.raises(ReleaseRefused, match="signature does not verify"):
+        verify({**manifest, "min_config_schema": 0}, pub)
+
+
+def test_install_beside_switch_confirm(rel: tuple[Releases, Clock], tmp_path: Path) -> None:
+    r, clock = rel
+    key, pub = releases.keypair(tmp_path)
+    b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"))
+    m = verify(releases.signed(key, b, "1.1"), pub)
+    before = (r.root / "1.0" / "bin" / "madoguchi").read_bytes()
+    dest = r.install(m, b)
+    assert dest == r.root / "1.1" and os.access(dest / "bin" / "madoguchi", os.X_OK)
+    assert (r.root / "1.0" / "bin" / "madoguchi").read_bytes() == before  # not in place
+    assert r.current() == "1.0"  # installing does not switch
+    s = r.switch("1.1", 30)
+    assert (s.previous, s.to, s.state) == ("1.0", "1.1", "switched")
+    assert r.current() == "1.1"
+    clock.now += 10
+    assert r.confirm("1.1")
+    assert r.rollback_if_overdue() is None
+    clock.now += 100
+    assert r.rollback_if_overdue() is None  # confirmed: stays
+    assert r.current() == "1.1"
+
+
+def test_an_unconfirmed_switch_past_its_deadline_flips_back(
+    rel: tuple[Releases, Clock], tmp_path: Path
+) -> None:
+    r, clock = rel
+    releases.tree(r.root / "1.1", releases.healthy("1.1"))
+    r.switch("1.1", 30)
+    clock.now += 29
+    assert r.rollback_if_overdue() is None
+    clock.now += 2
+    assert not r.confirm("1.1")  # too late to confirm
+    s = r.rollback_if_overdue()
+    assert s is not None and s.state == "rolled_back" and "deadline" in (s.reason or "")
+    assert r.current() == "1.0"
+    assert r.rollback_if_overdue() is None  # once: no flapping on every start
+
+
+def test_a_bundle_that_differs_from_its_manifest_is_not_installed(
+    rel: tuple[Releases, Clock], tmp_path: Path
+) -> None:
+    r, _ = rel
+    key, pub = releases.keypair(tmp_path)
+    b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"))
+    m = verify(releases.signed(key, b, "1.1"), pub)
+    other = releases.bundle(tmp_path / "x", "1.1", releases.broken("1.1"))
+    with pytest.raises(ReleaseRefused, match="sha256"):
+        r.install(m, other)
+    assert not (r.root / "1.1").exists()
+
+
+def test_an_irreversible_outbox_schema_is_refused(
+    rel: tuple[Releases, Clock], tmp_path: Path
+) -> None:
+    r, _ = rel
+    key, pub = releases.keypair(tmp_path)
+    b = releases.bundle(tmp_path, "2.0", releases.healthy("2.0"))
+    m = verify(releases.signed(key, b, "2.0", outbox_schema=2), pub)
+    with pytest.raises(ReleaseRefused, match="cannot go back from"):
+        r.install(m, b)
+    assert not (r.root / "2.0").exists()
+
+
+def test_a_download_resumes_and_refuses_wrong_chunks(tmp_path: Path) -> None:
+    """The bundle in chunks (agent/contract/releases.py): each chunk at its offset, the
+    indices held survive a new Download of the same release (a restart, an offer again)."""
+    from agent.contract.blobs import CHUNK_BYTES
+    from agent.contract.releases import check_bundle
+    from agent.station.releases import Download
+
+    key, pub = releases.keypair(tmp_path)
+    b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"), pad_bytes=500_000)
+    m = verify(releases.signed(key, b, "1.1"), pub)
+    data = b.read_bytes()
+    chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    assert len(chunks) >= 3
+    d = Download(tmp_path / "releases", m)
+    assert d.missing() == list(range(len(chunks)))
+    assert not d.put(0, chunks[0][:-1])  # the wrong length for chunk 0
+    assert not d.put(len(chunks), b"x")  # no such chunk
+    assert d.put(1, chunks[1]) and not d.put(1, chunks[1])  # once
+    again = Download(tmp_path / "releases", m)  # as after a restart
+    assert again.missing() == [i for i in range(len(chunks)) if i != 1]
+    for i in again.missing():
+        assert again.put(i, chunks[i])
+    assert again.complete.is_set()
+    with again.path.open("rb") as f:
+        assert check_bundle(m, f) == []
