@@ -305,10 +305,13 @@ class DatasetReceiver:
         max_age_s: float,
         spool: Path | None = None,
         site: str | None = None,
+        agent: str | None = None,
     ) -> None:
         self.store = store
-        #: the station's site: a site-scoped version for another site is refused
+        #: the station's site (and name): a version scoped to another site or station is
+        #: refused
         self.site = site
+        self.agent = agent
         # chunks wait on disk, not in memory: a million rows cost a chunk of RSS, not 140 MB
         self.spool = spool or store.path.with_name("datasets-incoming")
         self.prefix = prefix
@@ -390,8 +393,10 @@ class DatasetReceiver:
                 self._unknown.add(t.kind)
                 log.warning("dataset %s ignored: not a kind this station knows", t.kind[:64])
             return True
-        if t.site is not None and t.site != self.site:
-            return True  # another site's data (a wide subscription): not this station's
+        if (t.site is not None and t.site != self.site) or (
+            t.agent is not None and t.agent != self.agent
+        ):
+            return True  # another site's or station's data (a wide subscription)
         if t.version is None:
             self._manifest(t.kind, bytes(payload))
         else:
@@ -426,6 +431,8 @@ class DatasetReceiver:
             raise DatasetRefused(kind, f"manifest names kind {m.kind!r}")
         if m.site is not None and m.site != self.site:
             raise DatasetRefused(kind, f"manifest is for site {m.site!r}, not this one")
+        if m.agent is not None and m.agent != self.agent:
+            raise DatasetRefused(kind, f"manifest is for station {m.agent!r}, not this one")
         try:
             self._key.verify(m.signature, m.signed)
         except InvalidSignature:

@@ -226,9 +226,9 @@ async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
     )  # fmt: skip
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
-        f"{bad}: row 1: gtin: not a valid value",
-        f"{bad}: row 2: lot: missing",
-        f"{bad}: row 2: reason: missing",
+        f"{bad}:2:1: gtin: not a valid value",
+        f"{bad}:3:2: lot: missing",
+        f"{bad}:3:3: reason: missing",
     ]
 
     pty = Pty(tmp_path / "tty")
@@ -461,8 +461,8 @@ async def test_the_cli_publishes_staff_and_reservations_for_one_site(
                    "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
-        f"{bad}: row 1: slot_start: not a valid value",
-        f"{bad}: row 1: slot_end: missing",
+        f"{bad}:1:slot_start: not a valid value",
+        f"{bad}:1:slot_end: missing",
     ]
     pty = Pty(tmp_path / "tty")
     try:
