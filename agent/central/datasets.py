@@ -9,8 +9,10 @@ station that sees the manifest finds the body already there; one that connects l
 gets the newest at once. The previous version's chunks are cleared after.
 
 `UsedTicketsFeed` is the registry's hook: every new valid 18-digit vaccination ticket
-record goes into its own SQLite table (`{db}-datasets.db`), and a new full version
-is published within `debounce_s` (a delta protocol is the next step, issue #20).
+record goes into its own SQLite table (`{db}-datasets.db`); within `debounce_s` the
+tickets added since the last version go out as a signed delta chained to it, and every
+`compact_every` deltas (and at start) the whole set goes out as a new full version,
+which clears the deltas it absorbed from the broker.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from agent.contract.datasets import (
     build_manifest,
     canonical_body,
     chunk_topic,
+    delta_topic,
     field_problems,
     manifest_topic,
     parse_manifest,
@@ -113,10 +116,12 @@ def signed_messages(
     chunk_bytes: int = CHUNK_BYTES,
     site: str | None = None,
     agent: str | None = None,
+    base: int | None = None,
 ) -> list[tuple[str, bytes]]:
     """(topic, payload) to publish retained, in order: the chunks, then the manifest.
     With `site`, the version is scoped to that site's stations (topics and signed manifest);
-    with `site` and `agent`, to that one station."""
+    with `site` and `agent`, to that one station. With `base`, a delta: `rows` are added
+    to version `base`, and the manifest goes to its own delta topic."""
     scope = "fleet" if site is None else "site" if agent is None else "station"
     body = canonical_body(rows)
     manifest = build_manifest(
@@ -130,6 +135,7 @@ def signed_messages(
         scope=scope,
         site=site,
         agent=agent,
+        base=base,
     )
     manifest["signature"] = base64.b64encode(key.sign(signed_bytes(manifest))).decode()
     out = [
@@ -139,7 +145,12 @@ def signed_messages(
         )
         for i in range(manifest["chunks"])
     ]
-    out.append((manifest_topic(prefix, kind, scope, site, agent), json.dumps(manifest).encode()))
+    where = (
+        manifest_topic(prefix, kind, scope, site, agent)
+        if base is None
+        else delta_topic(prefix, kind, version, scope, site, agent)
+    )
+    out.append((where, json.dumps(manifest).encode()))
     return out
 
 
@@ -311,17 +322,28 @@ class UsedTicketsFeed:
     kind = "used_tickets"
 
     def __init__(
-        self, path: Path, key: Ed25519PrivateKey, prefix: str, *, debounce_s: float = 0.2
+        self,
+        path: Path,
+        key: Ed25519PrivateKey,
+        prefix: str,
+        *,
+        debounce_s: float = 0.2,
+        compact_every: int = 100,
     ) -> None:
         self.path = path
         self.key = key
         self.prefix = prefix
         self.debounce_s = debounce_s
+        #: deltas between two full versions
+        self.compact_every = compact_every
         self.version = 0
         self.published = 0
+        self.deltas = 0  # deltas published since the last full version
         self._dirty = asyncio.Event()
         self._db: sqlite3.Connection | None = None
-        self._last_chunks: list[str] = []
+        self._last_chunks: list[str] = []  # retained topics of the full version and deltas
+        self._new: list[dict[str, Any]] = []  # tickets added since the last version
+        self._full_due = True  # at start: the broker may hold nothing, or an older chain
 
     def open(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None)
@@ -363,6 +385,8 @@ class UsedTicketsFeed:
         )
         cur = self._db.execute("INSERT OR IGNORE INTO used_tickets VALUES (?, ?, ?, ?, ?, ?)", row)
         if cur.rowcount:
+            cols = ("municipality_code", "ticket_number", "dose", "site", "agent", "at")
+            self._new.append(dict(zip(cols, row, strict=True)))
             self._dirty.set()
 
     def rows(self) -> list[dict[str, Any]]:
@@ -384,20 +408,38 @@ class UsedTicketsFeed:
                 await asyncio.sleep(self.debounce_s)
                 continue
             self._dirty.clear()
-            version = next_version(self.version)
-            messages = signed_messages(self.key, self.prefix, self.kind, version, self.rows())
+            base = self.version
+            version = next_version(base)
+            full = self._full_due or self.version == 0 or self.deltas >= self.compact_every
+            new, self._new = self._new, []
+            if full:
+                messages = signed_messages(self.key, self.prefix, self.kind, version, self.rows())
+                clear = self._last_chunks
+            else:
+                messages = signed_messages(
+                    self.key, self.prefix, self.kind, version, new, base=base
+                )
+                clear = []
             try:
-                await publish(client, messages, self._last_chunks)
+                await publish(client, messages, clear)
             except aiomqtt.MqttError as e:
                 log.warning("used_tickets v%d not published: %s", version, e)
+                self._new = new + self._new
                 self._dirty.set()
                 continue
             assert self._db is not None
             self._db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?)", (self.kind, version))
             self.version = version
             self.published += 1
-            self._last_chunks = [t for t, _ in messages[:-1]]
-            log.info("used_tickets v%d published (%d chunk(s))", version, len(messages) - 1)
+            topics = [t for t, _ in messages]
+            if full:
+                self._full_due, self.deltas = False, 0
+                self._last_chunks = topics[:-1]  # the full manifest is replaced, not cleared
+            else:
+                self.deltas += 1
+                self._last_chunks += topics  # cleared by the next full version
+            what = "full" if full else f"delta of {len(new)} on v{base}"
+            log.info("used_tickets v%d published, %s (%d chunk(s))", version, what, len(topics) - 1)
 
 
 # -- what the stations hold: `madoguchi refdata status` ---------------------------------

@@ -10,7 +10,13 @@ gets it at once:
 
     {prefix}/_datasets/{scope}/{kind}/manifest            retained, signed
     {prefix}/_datasets/{scope}/{kind}/{version}/{index}   retained, the body in chunks
+    {prefix}/_datasets/{scope}/{kind}/delta/{version}      retained, signed (a delta)
     ({scope} is `fleet`, `site/{site}` or `station/{site}/{agent}`)
+
+A delta is a version whose signed manifest names the version it applies to (`base`):
+its rows are added to that version (`used_tickets` grows all day: one delta per
+registry commit, compacted into a new full version now and then). Its chunks use the
+same chunk topics; a full version clears the deltas it absorbed.
 
 The body is `canonical_body(rows)` (JSON Lines of compact, sorted JSON); the manifest carries its
 sha256 and size, and an Ed25519 signature over `signed_bytes(manifest)` (the
@@ -241,6 +247,7 @@ def build_manifest(
     site: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     agent: str | None = None,
+    base: int | None = None,
 ) -> dict[str, Any]:
     """The manifest of a body, not yet signed (the central side adds `signature`).
     A `site` scope names its site (a `station` scope its site and agent) in the signed
@@ -250,9 +257,13 @@ def build_manifest(
         agent is not None
     ):
         raise ValueError("a site scope needs a site, a station scope a site and an agent")
-    extra: dict[str, str] = {} if site is None else {"site": site}
+    extra: dict[str, Any] = {} if site is None else {"site": site}
     if agent is not None:
         extra["agent"] = agent
+    if base is not None:
+        if not 0 < base < version:
+            raise ValueError("a delta's base is an older version")
+        extra["base"] = base
     return {
         **extra,
         "schema": SCHEMA,
@@ -287,6 +298,8 @@ class Manifest:
     raw: dict[str, Any]
     site: str | None = None
     agent: str | None = None
+    #: a delta: the version whose rows these are added to (None: a full version)
+    base: int | None = None
 
     @property
     def signed(self) -> bytes:
@@ -371,6 +384,9 @@ def parse_manifest(payload: object) -> Manifest:
         raise MessageError("manifest: chunks: does not match bytes / chunk_bytes")
     if not _int(m.get("rows"), 0, 2**53):
         raise MessageError("manifest: rows: not a count")
+    base = m.get("base")
+    if base is not None and not (_int(base, 1, 2**53) and base < m["version"]):
+        raise MessageError("manifest: base: not a version older than this one")
     sig = m.get("signature")
     if not isinstance(sig, str) or len(sig) > 200:
         raise MessageError("manifest: signature: missing")
@@ -395,6 +411,7 @@ def parse_manifest(payload: object) -> Manifest:
         raw=m,
         site=site,
         agent=agent,
+        base=base,
     )
 
 
@@ -474,6 +491,18 @@ def chunk_topic(
     return f"{prefix}/{DATASETS_SITE}/{levels}/{kind}/{version}/{index}"
 
 
+def delta_topic(
+    prefix: str,
+    kind: str,
+    version: int,
+    scope: str = "fleet",
+    site: str | None = None,
+    agent: str | None = None,
+) -> str:
+    """Where a delta's manifest is retained (one topic per delta, cleared at compaction)."""
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site, agent)}/{kind}/delta/{version}"
+
+
 def subscription(
     prefix: str, scope: str = "fleet", site: str | None = None, agent: str | None = None
 ) -> str:
@@ -490,6 +519,8 @@ class DatasetTopic:
     index: int | None
     site: str | None = None
     agent: str | None = None
+    #: a delta's manifest (`version` is the delta's, `index` None)
+    delta: bool = False
 
 
 _CHUNK = re.compile(r"0|[1-9][0-9]{0,8}")
@@ -517,6 +548,8 @@ def parse_topic(prefix: str, topic: str) -> DatasetTopic | None:
     match levels[2:]:
         case ["manifest"]:
             return DatasetTopic(levels[1], levels[0], None, None, site, agent)
+        case ["delta", version] if _VERSION.fullmatch(version):
+            return DatasetTopic(levels[1], levels[0], int(version), None, site, agent, True)
         case [version, index] if _VERSION.fullmatch(version) and _CHUNK.fullmatch(index):
             return DatasetTopic(levels[1], levels[0], int(version), int(index), site, agent)
     return None

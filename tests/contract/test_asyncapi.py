@@ -42,6 +42,7 @@ def test_document_is_consistent() -> None:
         "datasetSiteChunk",
         "datasetStationManifest",
         "datasetStationChunk",
+        "datasetDelta",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])

@@ -478,3 +478,54 @@ async def test_the_cli_publishes_staff_and_reservations_for_one_site(
             assert data.staff("01010601cb095703") == "staff-014"
     finally:
         pty.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_station_offline_through_three_deltas_catches_up_to_the_newest(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Deltas end to end (~10 s): the registry publishes a full `used_tickets`, then one
+    signed delta per stored ticket; station B, down while three deltas went out, applies
+    the retained chain when it comes back and holds the registry's newest version."""
+    key = Ed25519PrivateKey.generate()
+    pub = public_hex(key)
+    feed = UsedTicketsFeed(tmp_path / "registry-datasets.db", key, "madoguchi/v1", debounce_s=0.05)
+    a_pty, b_pty = Pty(tmp_path / "ttyA"), Pty(tmp_path / "ttyB")
+    b_cfg = station_config(tmp_path, broker.port, b_pty, "goka-2f", "st-b", pub)
+    good = [TICKET, "111122410000022226", "111122410000033337", "111122410000044448"]
+    try:
+        async with (
+            running_registry(broker.port, tmp_path / "registry.db", datasets=feed) as registry,
+            running_station(station_config(tmp_path, broker.port, a_pty, "toda-1f", "st-a", pub)),
+        ):
+            async with running_station(b_cfg) as b:
+                b_data = b.station.station.datasets
+                assert b_data is not None
+                await until(lambda: "used_tickets" in b_data.held)
+                a_pty.scan(good[0])
+                assert await a_pty.aread(1) == ACK
+                await until(lambda: b_data.held["used_tickets"].rows == 1)
+                assert feed.deltas == 1  # the ticket came as a delta, not a full version
+            full_then = feed.version
+            for n, t in enumerate(good[1:], 2):  # B is down: three deltas, one per ticket
+                a_pty.scan(t)
+                assert await a_pty.aread(1) == ACK
+                await registry.wait_for(n)
+                await until(lambda n=n: feed.deltas == n)
+            assert feed.version > full_then
+            retained = await mqtt_collect(broker.port, "madoguchi/v1/_datasets/fleet/#", 1.0)
+            from tests.support.central import Contract
+
+            kinds = {Contract().check_raw(m.topic.value, bytes(m.payload)) for m in retained
+                     if m.payload}  # fmt: skip
+            assert "datasetDelta/datasetManifest" in kinds
+            async with running_station(b_cfg) as b:
+                b_data = b.station.station.datasets
+                assert b_data is not None
+                await until(lambda: b_data.held["used_tickets"].version == feed.version)
+                assert b_data.held["used_tickets"].rows == 4 and not b_data.refused
+                b_pty.scan(good[3])
+                assert await b_pty.aread(1) == NAK  # the newest delta's ticket: already used
+    finally:
+        a_pty.close()
+        b_pty.close()
