@@ -676,6 +676,20 @@ class DatasetReceiver:
             log.error("dataset look-up failed in %s: %s", self.store.path, e)
             return None
 
+    def unknown_staff(self, now: float | None = None) -> dict[str, Any] | None:
+        """The `data.verdict` of a badge tap that no staff list names (the `staff` dataset
+        held, the hand-edited map without it either), or None when `staff` is not held."""
+        h = self._held.get("staff")
+        if h is None:
+            return None
+        now = time.time() if now is None else now
+        return {
+            "verdict": "unknown_staff",
+            "dataset": "staff",
+            "version": h.version,
+            "stale": h.stale(now, self.max_age_s),
+        }
+
     def reservation(
         self, read_data: dict[str, Any], now: float | None = None
     ) -> dict[str, Any] | None:

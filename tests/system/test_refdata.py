@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -327,8 +328,13 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         "agent": "st-b",
         "at": "2026-12-02T01:02:03.000Z",
     }
-    for kind, rows in (("used_tickets", [used]), ("recalled_lots", [LOT])):
-        await publish_dataset("127.0.0.1", broker.port, "madoguchi/v1", key, kind, rows)
+    from datetime import UTC, datetime, timedelta
+
+    soon = (datetime.now(UTC) + timedelta(seconds=4)).isoformat()  # stale while on screen
+    for kind, rows, expires in (("used_tickets", [used], None), ("recalled_lots", [LOT], soon)):
+        await publish_dataset(
+            "127.0.0.1", broker.port, "madoguchi/v1", key, kind, rows, expires_at=expires
+        )
     cfg, _ = kiosk_config(
         tmp_path,
         broker.port,
@@ -354,6 +360,20 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         assert await pty_port.aread(1) == ACK
         await expect(title).to_have_text("回収対象のワクチンです")
         await page.screenshot(path=str(ARTIFACTS / "kiosk-recalled.png"))
+        # each dataset's age in the footer; past its expiry the recall list says stale
+        # (and still decides: the verdict above came from it)
+        ages = page.locator("#datasets li")
+        await expect(ages).to_have_count(2)
+        used_age = page.locator('#datasets li[data-kind="used_tickets"]')
+        await expect(used_age).to_have_text(re.compile(r"^使用済券 \d+秒前$"))
+        await expect(used_age).to_have_class("ds-ok")
+        recalls = page.locator('#datasets li[data-kind="recalled_lots"]')
+        await expect(recalls).to_have_class("ds-stale", timeout=20_000)
+        await expect(recalls).to_have_text(re.compile(r"^回収ロット \d+秒前 古い$"))
+        pty_port.scan(GS1)
+        assert await pty_port.aread(1) == ACK
+        await expect(title).to_have_text("回収対象のワクチンです")
+        await page.screenshot(path=str(ARTIFACTS / "kiosk-dataset-ages-800x480.png"))
         await page.close()
 
 

@@ -46,7 +46,7 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
 
 
 async def retained_versions(port: int, name: str) -> dict[str, int]:
-    (m,) = await mqtt_collect(port, f"madoguchi/v1/toda-1f/{name}/status", 0.3)
+    *_, m = await mqtt_collect(port, f"madoguchi/v1/toda-1f/{name}/status", 0.3)  # the last
     held = json.loads(m.payload).get("datasets", {}).get("held", {})  # type: ignore[arg-type]
     return {k: v["version"] for k, v in held.items()}
 
@@ -130,6 +130,25 @@ async def test_refdata_publish_per_station_and_status_says_who_holds_what(
                 ("toda-1f/desk-1", "staff", "current"),
                 ("toda-1f/desk-2", "recalled_lots", "current"),
             }
+
+            # a badge tap no staff list names: `unknown_staff` from the version held, stored
+            from agent.contract.records import Read
+
+            stranger = Read(device="ticket-scanner", kind="card", data={"uid": "deadbeef01"})
+            at_1 = await s1.station.station.accept(stranger)
+            assert at_1.accepted and at_1.record is not None
+            assert at_1.reference == {
+                "verdict": "unknown_staff",
+                "dataset": "staff",
+                "version": v_staff,
+                "stale": False,
+            }
+            at_2 = await s2.station.station.accept(stranger)  # desk-2 holds no staff list
+            assert at_2.accepted and at_2.reference is None
+            known = Read(device="ticket-scanner", kind="card", data={"uid": "01010601CB095703"})
+            tap = await s1.station.station.accept(known)
+            assert tap.reference is None and tap.record is not None
+            assert tap.record.operator == "staff-014"
     finally:
         p1.close()
         p2.close()
