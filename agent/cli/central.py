@@ -405,6 +405,12 @@ def _add_refdata_parsers(sub: argparse._SubParsersAction) -> None:  # type: igno
     st.add_argument("--json", action="store_true", help="one JSON object per line")
     _add_connection_flags(st)
     st.set_defaults(func=cmd_refdata_status, db=None)
+    acl = rsub.add_parser(
+        "acl", help="broker acl stanzas: each station reads its own site's datasets only"
+    )
+    acl.add_argument("stations", nargs="+", metavar="SITE/NAME", help="station CNs")
+    acl.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    acl.set_defaults(func=cmd_refdata_acl)
 
 
 def looks_central(path: str) -> bool:
@@ -662,6 +668,23 @@ def _publish(args: argparse.Namespace, site: str | None, agent: str | None) -> i
     label = scope_label("fleet" if site is None else "site" if agent is None else "station",
                         site, agent)  # fmt: skip
     print(f"{args.kind} v{version}: {len(rows)} row(s) published{where} (scope {label})")
+    return 0
+
+
+def cmd_refdata_acl(args: argparse.Namespace) -> int:
+    """`madoguchi refdata acl SITE/NAME ...`: the lines to append to the broker's acl file
+    (provisioning/broker/acl) so that each station reads its own site's datasets."""
+    from agent.contract.datasets import DATASETS_SITE, valid_site
+
+    bad = [s for s in args.stations if len(s.split("/")) != 2 or not all(
+        valid_site(part) for part in s.split("/"))]  # fmt: skip
+    for s in bad:
+        print(f"{s[:80]!r}: not a station CN SITE/NAME ([a-z0-9_-], 1-64 each)", file=sys.stderr)
+    if bad:
+        return 1
+    for cn in args.stations:
+        site = cn.split("/")[0]
+        print(f"user {cn}\ntopic read {args.topic_prefix}/{DATASETS_SITE}/site/{site}/#\n")
     return 0
 
 
