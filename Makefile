@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS),bench]'
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/bench_drain_cpu.py $(if $(BENCH_BASE),--base $(BENCH_BASE))
+	$(BIN)/python bench/bench_datasets.py 1000000
 
 # The offline bundle (docs/provisioning.md): dist/madoguchi-bundle-VERSION.tar.gz
 bundle: venv
