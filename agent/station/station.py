@@ -239,7 +239,11 @@ class Station:
             await driver.feedback(event, accepted=False)
             return Outcome(accepted=False, error=event.reason)
         outcome = await self.accept(event)
-        await driver.feedback(event, accepted=outcome.accepted)
+        ref = outcome.reference
+        alarm = (
+            outcome.record is not None and ref is not None and ref.get("verdict") in ALARM_VERDICTS
+        )
+        await driver.feedback(event, accepted=outcome.accepted, alarm=alarm)
         return outcome
 
     async def accept(self, read: Read) -> Outcome:

@@ -549,3 +549,37 @@ async def test_a_station_offline_through_three_deltas_catches_up_to_the_newest(
     finally:
         a_pty.close()
         b_pty.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_profile_alarm_pattern_sounds_for_a_recalled_lot_and_the_record_is_stored(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`host_alarm` (device profile / config): a stored read the city flags gets its own
+    bytes back (a distinct beep pattern), not the plain NAK; other reads keep ACK."""
+    key = Ed25519PrivateKey.generate()
+    pty = Pty(tmp_path / "tty")
+    alarm = b"\x07\x07\x07"
+    devices = serial_scanner(
+        pty.link, extra='nak_invalid = true\nhost_alarm = "\\u0007\\u0007\\u0007"\n'
+    )
+    devices += f'\n[datasets]\npublic_key = "{public_hex(key)}"\n'
+    cfg = write_config(tmp_path, broker.port, devices=devices, site="toda-1f", name="desk")
+    try:
+        async with running_station(cfg) as s:
+            events = Verdicts()
+            s.station.subscribe(events)
+            data = s.station.station.datasets
+            assert data is not None
+            await publish_dataset(
+                "127.0.0.1", broker.port, "madoguchi/v1", key, "recalled_lots", [LOT]
+            )
+            await until(lambda: "recalled_lots" in data.held)
+            pty.scan(GS1)
+            assert await pty.aread(3) == alarm
+            stored = await events.next()
+            assert stored["verdict"]["verdict"] == "recalled" and stored["seq"] >= 1
+            pty.scan(TICKET)  # no dataset speaks to it here: the usual ACK
+            assert await pty.aread(1) == ACK
+    finally:
+        pty.close()
