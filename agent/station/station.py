@@ -319,6 +319,7 @@ class Station:
                 "source": record.source,
                 "interpretation": interpretation,
                 "verdict": verdict,
+                "reservation": booked,
                 **_card_auth_verdict(read),
             },
         )

@@ -330,8 +330,20 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
     }
     from datetime import UTC, datetime, timedelta
 
-    soon = (datetime.now(UTC) + timedelta(seconds=4)).isoformat()  # stale while on screen
-    for kind, rows, expires in (("used_tickets", [used], None), ("recalled_lots", [LOT], soon)):
+    now = datetime.now(UTC)
+    soon = (now + timedelta(seconds=4)).isoformat()  # stale while on screen
+    booked = {
+        "id": "0000012345",  # the ticket's number: this resident has a slot now
+        "id_type": "ticket_number",
+        "slot_start": (now - timedelta(minutes=10)).isoformat(),
+        "slot_end": (now + timedelta(minutes=10)).isoformat(),
+        "purpose": "dose 1",
+    }
+    for kind, rows, expires in (
+        ("used_tickets", [used], None),
+        ("recalled_lots", [LOT], soon),
+        ("reservations", [booked], None),
+    ):
         await publish_dataset(
             "127.0.0.1", broker.port, "madoguchi/v1", key, kind, rows, expires_at=expires
         )
@@ -345,7 +357,7 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
     async with running_kiosk(cfg) as k:
         data = k.station.station.datasets
         assert data is not None
-        await until(lambda: {"used_tickets", "recalled_lots"} <= set(data.held))
+        await until(lambda: {"used_tickets", "recalled_lots", "reservations"} <= set(data.held))
         page = await browser.new_page(viewport={"width": 800, "height": 480})
         await page.goto(f"{k.base}/#token={k.token}")
         await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
@@ -354,6 +366,10 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         assert await pty_port.aread(1) == ACK  # this desk does not NAK: the page tells
         await expect(title).to_have_text("この接種券は使用済みです")
         await expect(verdict).to_have_class("verdict-danger")
+        # the reservation beside it: the slot and that the resident is on time
+        await expect(page.locator("#verdict-detail")).to_contain_text(
+            re.compile(r"予約 \d\d:\d\d–\d\d:\d\d（時間どおり）")
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "kiosk-already-used.png"))
         pty_port.scan(GS1)
@@ -363,7 +379,7 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         # each dataset's age in the footer; past its expiry the recall list says stale
         # (and still decides: the verdict above came from it)
         ages = page.locator("#datasets li")
-        await expect(ages).to_have_count(2)
+        await expect(ages).to_have_count(3)
         used_age = page.locator('#datasets li[data-kind="used_tickets"]')
         await expect(used_age).to_have_text(re.compile(r"^使用済券 \d+秒前$"))
         await expect(used_age).to_have_class("ds-ok")

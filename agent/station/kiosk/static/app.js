@@ -112,6 +112,11 @@ const TEXT = {
   dev_disconnected: ["未接続", "not connected"],
   dev_error: ["エラー", "error"],
   dev_starting: ["起動中", "starting"],
+  reserved: ["予約 {slot}（{timing}）", "Booked {slot} ({timing})"],
+  no_reservation: ["本日の予約なし", "No booking today"],
+  timing_on_time: ["時間どおり", "on time"],
+  timing_early: ["早めの来庁", "early"],
+  timing_late: ["予約時間を過ぎています", "late"],
   ds_used_tickets: ["使用済券", "Used tickets"],
   ds_recalled_lots: ["回収ロット", "Recalls"],
   ds_reservations: ["予約", "Bookings"],
@@ -344,6 +349,19 @@ function unreachable() {
   }
 }
 
+// The reservation a read matched (data.reservation): its slot and whether the person is
+// early, on time or late; or that there is none today.
+function hhmm(iso) {
+  const t = new Date(iso);
+  return Number.isNaN(t.getTime()) ? "?" : t.toTimeString().slice(0, 5);
+}
+
+function reservationText(r) {
+  if (r.verdict !== "reserved") return tr("no_reservation");
+  const slot = `${hhmm(r.slot_start)}–${hhmm(r.slot_end)}`;
+  return tr("reserved", { slot, timing: tr(`timing_${r.timing}`) });
+}
+
 function showVerdict(code, body) {
   if (body && body.id) {
     if (state.shownIds.has(body.id)) return; // the POST answer and its event
@@ -356,6 +374,7 @@ function showVerdict(code, body) {
     const i = LANGS.indexOf(state.lang);
     const parts = [v[state.lang].detail];
     if (interp && TYPE_LABELS[interp.type]) parts.push(TYPE_LABELS[interp.type][i]);
+    if (body && body.reservation) parts.push(reservationText(body.reservation));
     if (body && body.duplicate) parts.push(tr("duplicate"));
     if (body && body.source === "manual") parts.push(tr("manual"));
     return parts.join(state.lang === "ja" ? "・^" : " · ");
