@@ -331,8 +331,14 @@ class SerialDevice(DeviceBase):
     )
     host_ack: str = Field(default="", description="Written back once the record is durable.")
     host_nak: str = Field(default="", description="Written back when it could not be stored.")
+    host_alarm: str = Field(
+        default="",
+        description="Written back instead of host_ack / host_nak for a stored read whose"
+        " reference-data verdict is an alarm (already_used, recalled), e.g. a"
+        " distinct beep pattern command; empty: host_ack / host_nak as usual.",
+    )
 
-    @field_validator("terminator", "host_ack", "host_nak")
+    @field_validator("terminator", "host_ack", "host_nak", "host_alarm")
     @classmethod
     def _single_bytes(cls, v: str) -> str:
         """These are bytes on the wire, one per character (write "\\u0006" for ACK)."""

@@ -7,7 +7,9 @@ then fed, in a fresh process, to a `DatasetReceiver` as the chunk and manifest
 messages the station gets (read one at a time from a file): load time
 (first message to applied, verify + parse + one SQLite transaction), bytes per
 entry of datasets.db, the station process's RSS before and at its peak, and the verdict
-cost per scan (hit and miss), median of many. One process, this machine.
+cost per scan (hit and miss), median of many; then one `used_tickets` delta of
+DELTA new tickets on top (what the registry sends per commit), first message to
+applied. One process, this machine.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from agent.station.datasets import DatasetReceiver, DatasetStore
 from agent.station.uplink import rss_bytes
 
 P = "madoguchi/v1"
+DELTA = 100
 
 
-def rows(n: int) -> list[dict[str, str]]:
+def rows(n: int, start: int = 0) -> list[dict[str, str]]:
     return [
         {
             "municipality_code": "112241",
@@ -44,7 +47,7 @@ def rows(n: int) -> list[dict[str, str]]:
             "agent": f"station-{i % 7:02d}",
             "at": "2026-12-02T04:00:00.000Z",
         }
-        for i in range(n)
+        for i in range(start, start + n)
     ]
 
 
@@ -52,10 +55,12 @@ def central(n: int, out: Path) -> tuple[str, int]:
     """The central side's part: sign N tickets; the messages go to `out`, length-prefixed."""
     key = Ed25519PrivateKey.generate()
     messages = signed_messages(key, P, "used_tickets", 1, rows(n))
-    with out.open("wb") as f:
-        for topic, payload in messages:
-            t = topic.encode()
-            f.write(struct.pack(">II", len(t), len(payload)) + t + payload)
+    delta = signed_messages(key, P, "used_tickets", 2, rows(DELTA, n), base=1)
+    for path, msgs in ((out, messages), (out.with_suffix(".delta"), delta)):
+        with path.open("wb") as f:
+            for topic, payload in msgs:
+                t = topic.encode()
+                f.write(struct.pack(">II", len(t), len(payload)) + t + payload)
     return public_hex(key), sum(len(p) for _, p in messages[:-1])
 
 
@@ -100,6 +105,11 @@ async def station(n: int, pub: str, path: Path, tmp: Path) -> dict[str, float]:
             times[name].append((time.perf_counter() - t) / 1000 * 1e6)
     v = r.verdict(hit)
     assert v is not None and v["verdict"] == "already_used"
+    t0 = time.perf_counter()
+    for topic, payload in _messages(path.with_suffix(".delta")):
+        await r.handle(topic, payload)
+    delta_s = time.perf_counter() - t0
+    assert (r.held["used_tickets"].version, r.held["used_tickets"].rows) == (2, n + DELTA)
     return {
         "tickets": n,
         "load_s": round(load_s, 2),
@@ -109,6 +119,7 @@ async def station(n: int, pub: str, path: Path, tmp: Path) -> dict[str, float]:
         "rss_growth_peak_mb": round((peak - rss_before) / 1e6, 1),
         "verdict_hit_us": round(statistics.median(times["hit"]), 1),
         "verdict_miss_us": round(statistics.median(times["miss"]), 1),
+        f"delta_of_{DELTA}_apply_ms": round(delta_s * 1000, 1),
     }
 
 

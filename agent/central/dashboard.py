@@ -293,6 +293,7 @@ class Fleet:
                 out.append({"type": "device", "level": "warn", "detail": f"{name}: {dev['state']}"})
         out += cert_alerts(st)
         out += release_alerts(st)
+        out += dataset_alerts(st, now)
         for e in st.events:
             if now - e["at"] > self.t.keep_events_s or str(e.get("type")).startswith("cert_"):
                 continue  # (the certificate's state comes from its status fields above)
@@ -349,6 +350,7 @@ class Fleet:
                         "per_minute": reg.per_minute,
                         "open_gaps": len(st.gaps),
                     },
+                    "datasets": station_datasets(st, now),
                     "alerts": self.alerts(st, now),
                     # log lines are shown to who asked, not repeated in every snapshot
                     "results": {k: v for k, v in st.results.items() if k != "logs"},
@@ -370,6 +372,65 @@ def station_columns(st: StationView) -> dict[str, Any]:
     src = {**st.status, **st.telemetry}
     keys = ("madoguchi", "release", "cert_expires_at", "cert_lifetime_used")
     return {k: src.get(k) for k in keys}
+
+
+def station_datasets(st: StationView, now: float) -> dict[str, dict[str, Any]]:
+    """The reference datasets a station says it holds (issue #20), from its newer report:
+    version, rows, age since issue (by the dashboard's clock), stale; and the last
+    refusal of a kind, if any."""
+    reports = [r for r in (st.status, st.telemetry) if "datasets" in r]  # the newer one
+    src = max(reports, key=lambda r: str(r.get("ts", "")), default={})
+    sets = _dict(src.get("datasets"))
+    held, refused = _dict(sets.get("held")), _dict(sets.get("refused"))
+    out: dict[str, dict[str, Any]] = {}
+    for kind, h in sorted(held.items()):
+        if not isinstance(h, dict):
+            continue
+        expires = _epoch_or_none(h.get("expires_at"))
+        issued = _epoch_or_none(h.get("issued_at"))
+        out[str(kind)] = {
+            "version": h.get("version"),
+            "rows": h.get("rows"),
+            "age_s": h.get("age_s") if issued is None else round(now - issued, 1),
+            "stale": bool(h.get("stale")) or (expires is not None and now > expires),
+        }
+    for kind, r in sorted(refused.items()):
+        if isinstance(r, dict):
+            out.setdefault(str(kind), {"version": None, "rows": None, "age_s": None,
+                                       "stale": False})  # fmt: skip
+            out[str(kind)]["refused"] = str(r.get("reason"))[:200]
+    return out
+
+
+def dataset_alerts(st: StationView, now: float) -> list[dict[str, Any]]:
+    """A stale dataset (still deciding) and a refused version are warnings."""
+    out: list[dict[str, Any]] = []
+    for kind, d in station_datasets(st, now).items():
+        if d["stale"]:
+            out.append(
+                {"type": "dataset_stale", "level": "warn", "detail": f"{kind} v{d['version']}"}
+            )
+        if "refused" in d:
+            out.append(
+                {"type": "dataset_refused", "level": "warn", "detail": f"{kind}: {d['refused']}"}
+            )
+    return out
+
+
+def _dict(v: object) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _epoch_or_none(iso: object) -> float | None:
+    from datetime import UTC, datetime
+
+    if not isinstance(iso, str):
+        return None
+    try:
+        t = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def cert_alerts(st: StationView) -> list[dict[str, Any]]:

@@ -375,6 +375,42 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     _add_personal_parsers(p)
 
     _add_dashboard_parser(sub)
+    _add_refdata_parsers(sub)
+
+
+def _add_refdata_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`madoguchi refdata publish|status` (issue #20): the desk's reference-data commands."""
+    r = sub.add_parser("refdata", help="reference datasets: publish a version, see who holds what")
+    rsub = r.add_subparsers(dest="refdata_action", required=True, metavar="{publish,status}")
+    pd = rsub.add_parser(
+        "publish", help="validate, sign and publish a reference dataset (CSV or JSON) retained"
+    )
+    pd.add_argument("kind", help="recalled_lots, jpki_anchors, used_tickets, reservations or staff")
+    pd.add_argument("file", type=Path, help="CSV with a header row, or a JSON list of objects")
+    pd.add_argument(
+        "--scope",
+        default="fleet",
+        help="fleet (default), site:SITE (that site's stations) or station:SITE/AGENT",
+    )
+    pd.add_argument("--key", type=Path, required=True, help="the Ed25519 private key (PEM)")
+    pd.add_argument("--expires-at", default=None, help="ISO 8601 time the version expires")
+    _add_connection_flags(pd)
+    pd.set_defaults(func=cmd_refdata_publish, db=None, site=None)
+    st = rsub.add_parser(
+        "status", help="which station holds which version (from their retained status)"
+    )
+    st.add_argument(
+        "--wait", type=float, default=1.0, help="seconds of quiet that end the gathering"
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_connection_flags(st)
+    st.set_defaults(func=cmd_refdata_status, db=None)
+    acl = rsub.add_parser(
+        "acl", help="broker acl stanzas: each station reads its own site's datasets only"
+    )
+    acl.add_argument("stations", nargs="+", metavar="SITE/NAME", help="station CNs")
+    acl.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    acl.set_defaults(func=cmd_refdata_acl)
 
 
 def looks_central(path: str) -> bool:
@@ -554,15 +590,34 @@ def cmd_dataset_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refdata_publish(args: argparse.Namespace) -> int:
+    """`madoguchi refdata publish KIND FILE --scope ...`: the same code as publish-dataset."""
+    from agent.contract.datasets import parse_scope
+
+    try:
+        _, site, agent = parse_scope(args.scope)
+    except ValueError as e:
+        print(f"--scope: {e}", file=sys.stderr)
+        return 1
+    return _publish(args, site, agent)
+
+
 def cmd_publish_dataset(args: argparse.Namespace) -> int:
-    """Validate every row (all problems at once), sign, publish retained, print the version."""
-    from agent.central.datasets import load_key, publish_dataset, read_rows
+    """`madoguchi registry publish-dataset KIND FILE [--site S]` (kept: `refdata publish`)."""
     from agent.contract.datasets import valid_site
-    from agent.errors import MadoguchiError
 
     if args.site is not None and not valid_site(args.site):
         print(f"--site: {args.site[:64]!r} is not a site name ([a-z0-9_-], 1-64)", file=sys.stderr)
         return 1
+    return _publish(args, args.site, None)
+
+
+def _publish(args: argparse.Namespace, site: str | None, agent: str | None) -> int:
+    """Validate every row (all problems at once), sign, publish retained, print the version."""
+    from agent.central.datasets import load_key, publish_dataset, read_rows
+    from agent.contract.datasets import scope_label
+    from agent.errors import MadoguchiError
+
     try:
         rows = read_rows(args.kind, args.file)
         key = load_key(args.key)
@@ -590,7 +645,8 @@ def cmd_publish_dataset(args: argparse.Namespace) -> int:
                 args.kind,
                 rows,
                 expires_at=args.expires_at,
-                site=args.site,
+                site=site,
+                agent=agent,
                 tls_context=config.tls_context("registry") if reg else None,
                 username=reg.username if reg else None,
                 password=config.mqtt_password("registry") if reg else None,
@@ -602,8 +658,84 @@ def cmd_publish_dataset(args: argparse.Namespace) -> int:
         return 1
     except aiomqtt_error() as e:
         return _fail(Exception(f"broker {config.broker.host}:{config.broker.port}: {e}"))
-    where = "" if args.site is None else f" for site {args.site}"
-    print(f"{args.kind} v{version}: {len(rows)} row(s) published{where}")
+    where = (
+        ""
+        if site is None
+        else f" for site {site}"
+        if agent is None
+        else f" for station {site}/{agent}"
+    )
+    label = scope_label("fleet" if site is None else "site" if agent is None else "station",
+                        site, agent)  # fmt: skip
+    print(f"{args.kind} v{version}: {len(rows)} row(s) published{where} (scope {label})")
+    return 0
+
+
+def cmd_refdata_acl(args: argparse.Namespace) -> int:
+    """`madoguchi refdata acl SITE/NAME ...`: the lines to append to the broker's acl file
+    (provisioning/broker/acl) so that each station reads its own site's datasets."""
+    from agent.contract.datasets import DATASETS_SITE, valid_site
+
+    bad = [s for s in args.stations if len(s.split("/")) != 2 or not all(
+        valid_site(part) for part in s.split("/"))]  # fmt: skip
+    for s in bad:
+        print(f"{s[:80]!r}: not a station CN SITE/NAME ([a-z0-9_-], 1-64 each)", file=sys.stderr)
+    if bad:
+        return 1
+    for cn in args.stations:
+        site = cn.split("/")[0]
+        print(f"user {cn}\ntopic read {args.topic_prefix}/{DATASETS_SITE}/site/{site}/#\n")
+    return 0
+
+
+def cmd_refdata_status(args: argparse.Namespace) -> int:
+    """`madoguchi refdata status`: per station and kind, the version held and its state."""
+    import json
+
+    from agent.central.config import load_central_config, validate_central
+    from agent.central.datasets import fleet_status, status_rows
+
+    try:
+        if args.config is not None:
+            config = load_central_config(args.config)
+        else:
+            raw = {"broker": _broker_from_args(args), "registry": _identity_from_args(args)}
+            config = validate_central(raw, Path.cwd() / "(command line)")
+        reg = config.registry
+        report = asyncio.run(
+            fleet_status(
+                config.broker.host,
+                config.broker.port,
+                config.broker.topic_prefix,
+                wait_s=args.wait,
+                tls_context=config.tls_context("registry") if reg else None,
+                username=reg.username if reg else None,
+                password=config.mqtt_password("registry") if reg else None,
+            )
+        )
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except aiomqtt_error() as e:
+        return _fail(Exception(f"broker {config.broker.host}:{config.broker.port}: {e}"))
+    rows = status_rows(report)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return 0
+    for (kind, label), p in sorted(report["published"].items()):
+        print(f"published {kind} {label} v{p['version']} ({p['rows']} rows)")
+    for row in rows:
+        if row["kind"] is None:
+            print(f"{row['station']} offline")
+            continue
+        held = "-" if row["version"] is None else f"v{row['version']}"
+        age = "" if row["age_s"] is None else f" age {row['age_s']:.0f}s"
+        why = f": {row['reason']}" if "reason" in row else ""
+        print(f"{row['station']} {row['kind']} {held}{age} {row['state']}{why}")
+    if not rows:
+        print("no station status on the broker", file=sys.stderr)
     return 0
 
 

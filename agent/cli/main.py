@@ -84,7 +84,7 @@ MODULE_EXTRAS = {
     "stdnum": "interpret",
 }
 #: the central commands get their web stack from the central extra
-CENTRAL_COMMANDS = frozenset({"registry", "dashboard"})
+CENTRAL_COMMANDS = frozenset({"registry", "dashboard", "refdata"})
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

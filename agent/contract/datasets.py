@@ -2,14 +2,21 @@
 
 A dataset is reference data the central side publishes and every station keeps:
 a kind (`used_tickets`, `recalled_lots`, `jpki_anchors`, `reservations`, `staff`), a
-scope (`fleet`, or `site` with its site named in the signed manifest), a version that
+scope (`fleet`; `site` with its site, or `station` with its site and agent, named in the
+signed manifest), a version that
 only grows, an issue time, an optional expiry, and rows.
 It travels like a photo blob, but retained so that a station that connects later
 gets it at once:
 
     {prefix}/_datasets/{scope}/{kind}/manifest            retained, signed
     {prefix}/_datasets/{scope}/{kind}/{version}/{index}   retained, the body in chunks
-    ({scope} is `fleet` or `site/{site}`)
+    {prefix}/_datasets/{scope}/{kind}/delta/{version}      retained, signed (a delta)
+    ({scope} is `fleet`, `site/{site}` or `station/{site}/{agent}`)
+
+A delta is a version whose signed manifest names the version it applies to (`base`):
+its rows are added to that version (`used_tickets` grows all day: one delta per
+registry commit, compacted into a new full version now and then). Its chunks use the
+same chunk topics; a full version clears the deltas it absorbed.
 
 The body is `canonical_body(rows)` (JSON Lines of compact, sorted JSON); the manifest carries its
 sha256 and size, and an Ed25519 signature over `signed_bytes(manifest)` (the
@@ -36,7 +43,7 @@ from agent.contract.messages import MessageError
 SCHEMA = "madoguchi.dataset/1"
 #: the site level of dataset topics: never a station's name
 DATASETS_SITE = "_datasets"
-SCOPES = frozenset({"fleet", "site"})
+SCOPES = frozenset({"fleet", "site", "station"})
 #: body bytes per chunk: well under the station's default 1 MiB inbound cap
 CHUNK_BYTES = 256_000
 #: the largest body either side accepts
@@ -142,19 +149,58 @@ SCHEMAS: dict[str, dict[str, tuple[bool, Any]]] = {
 KINDS = frozenset(SCHEMAS)
 
 
-def check_row(kind: str, row: object, where: str = "row") -> list[str]:
-    """Every problem of one row of `kind` (empty: the row is good). Names fields, never values."""
+def field_problems(kind: str, row: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every problem of one row of `kind` as (field, reason), in schema order after the
+    unknown fields. Names fields, never values."""
     schema = SCHEMAS[kind]
-    if not isinstance(row, dict):
-        return [f"{where}: not an object"]
-    problems = [f"{where}: unknown field {k!r}"[:120] for k in row if k not in schema]
+    problems = [(str(k)[:64], "unknown field") for k in row if k not in schema]
     for key, (required, check) in schema.items():
         if key not in row:
             if required:
-                problems.append(f"{where}: {key}: missing")
+                problems.append((key, "missing"))
         elif not check(row[key]):
-            problems.append(f"{where}: {key}: not a valid value")
+            problems.append((key, "not a valid value"))
     return problems
+
+
+def check_row(kind: str, row: object, where: str = "row") -> list[str]:
+    """Every problem of one row of `kind` (empty: the row is good). Names fields, never values."""
+    if not isinstance(row, dict):
+        return [f"{where}: not an object"]
+    out = []
+    for key, reason in field_problems(kind, row):
+        out.append(
+            f"{where}: unknown field {key!r}"[:120]
+            if reason == "unknown field"
+            else f"{where}: {key}: {reason}"
+        )
+    return out
+
+
+def parse_scope(text: str) -> tuple[str, str | None, str | None]:
+    """`fleet`, `site:S` or `station:S/A` (the CLI's --scope) -> (scope, site, agent);
+    ValueError with a one-line reason."""
+    if text == "fleet":
+        return "fleet", None, None
+    head, sep, rest = text.partition(":")
+    if sep and head == "site" and _name(rest):
+        return "site", rest, None
+    if sep and head == "station":
+        site, slash, agent = rest.partition("/")
+        if slash and _name(site) and _name(agent):
+            return "station", site, agent
+    raise ValueError(
+        f"{text[:80]!r} is not fleet, site:SITE or station:SITE/AGENT (names [a-z0-9_-], 1-64)"
+    )
+
+
+def scope_label(scope: str, site: str | None = None, agent: str | None = None) -> str:
+    """The --scope text of a scope (the inverse of `parse_scope`)."""
+    if scope == "site":
+        return f"site:{site}"
+    if scope == "station":
+        return f"station:{site}/{agent}"
+    return "fleet"
 
 
 def check_rows(kind: str, rows: object) -> list[str]:
@@ -200,13 +246,24 @@ def build_manifest(
     scope: str = "fleet",
     site: str | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    agent: str | None = None,
+    base: int | None = None,
 ) -> dict[str, Any]:
     """The manifest of a body, not yet signed (the central side adds `signature`).
-    A `site` scope names its site in the signed manifest, so a station can refuse a
-    version meant for another site whatever topic it came on."""
-    if (scope == "site") != (site is not None):
-        raise ValueError("a site scope needs a site, and only it")
-    extra = {} if site is None else {"site": site}
+    A `site` scope names its site (a `station` scope its site and agent) in the signed
+    manifest, so a station can refuse a version meant for another whatever topic it
+    came on."""
+    if (scope in ("site", "station")) != (site is not None) or (scope == "station") != (
+        agent is not None
+    ):
+        raise ValueError("a site scope needs a site, a station scope a site and an agent")
+    extra: dict[str, Any] = {} if site is None else {"site": site}
+    if agent is not None:
+        extra["agent"] = agent
+    if base is not None:
+        if not 0 < base < version:
+            raise ValueError("a delta's base is an older version")
+        extra["base"] = base
     return {
         **extra,
         "schema": SCHEMA,
@@ -240,6 +297,9 @@ class Manifest:
     signature: bytes
     raw: dict[str, Any]
     site: str | None = None
+    agent: str | None = None
+    #: a delta: the version whose rows these are added to (None: a full version)
+    base: int | None = None
 
     @property
     def signed(self) -> bytes:
@@ -299,8 +359,15 @@ def parse_manifest(payload: object) -> Manifest:
     if not isinstance(scope, str) or scope not in SCOPES:
         raise MessageError("manifest: scope: not a known scope")
     site = m.get("site")
-    if (scope == "site") != (site is not None) or (site is not None and not _name(site)):
-        raise MessageError("manifest: site: a site scope names one site, no other scope does")
+    if (scope in ("site", "station")) != (site is not None) or (
+        site is not None and not _name(site)
+    ):
+        raise MessageError(
+            "manifest: site: a site or station scope names one site, no other scope does"
+        )
+    agent = m.get("agent")
+    if (scope == "station") != (agent is not None) or (agent is not None and not _name(agent)):
+        raise MessageError("manifest: agent: a station scope names one agent, no other does")
     if not _int(m.get("version"), 1, 2**53):
         raise MessageError("manifest: version: not a positive integer")
     if not _instant(m.get("issued_at")):
@@ -317,6 +384,9 @@ def parse_manifest(payload: object) -> Manifest:
         raise MessageError("manifest: chunks: does not match bytes / chunk_bytes")
     if not _int(m.get("rows"), 0, 2**53):
         raise MessageError("manifest: rows: not a count")
+    base = m.get("base")
+    if base is not None and not (_int(base, 1, 2**53) and base < m["version"]):
+        raise MessageError("manifest: base: not a version older than this one")
     sig = m.get("signature")
     if not isinstance(sig, str) or len(sig) > 200:
         raise MessageError("manifest: signature: missing")
@@ -340,6 +410,8 @@ def parse_manifest(payload: object) -> Manifest:
         signature=signature,
         raw=m,
         site=site,
+        agent=agent,
+        base=base,
     )
 
 
@@ -388,23 +460,55 @@ def _lines(pieces: Iterable[bytes]) -> Iterator[bytes]:
     yield rest
 
 
-def _scope_levels(scope: str, site: str | None) -> str:
-    return "site/" + str(site) if scope == "site" else scope
+def _scope_levels(scope: str, site: str | None, agent: str | None = None) -> str:
+    if scope == "site":
+        return f"site/{site}"
+    if scope == "station":
+        return f"station/{site}/{agent}"
+    return scope
 
 
-def manifest_topic(prefix: str, kind: str, scope: str = "fleet", site: str | None = None) -> str:
-    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site)}/{kind}/manifest"
+def manifest_topic(
+    prefix: str,
+    kind: str,
+    scope: str = "fleet",
+    site: str | None = None,
+    agent: str | None = None,
+) -> str:
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site, agent)}/{kind}/manifest"
 
 
 def chunk_topic(
-    prefix: str, kind: str, version: int, index: int, scope: str = "fleet", site: str | None = None
+    prefix: str,
+    kind: str,
+    version: int,
+    index: int,
+    scope: str = "fleet",
+    site: str | None = None,
+    agent: str | None = None,
 ) -> str:
-    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site)}/{kind}/{version}/{index}"
+    levels = _scope_levels(scope, site, agent)
+    return f"{prefix}/{DATASETS_SITE}/{levels}/{kind}/{version}/{index}"
 
 
-def subscription(prefix: str, scope: str = "fleet", site: str | None = None) -> str:
-    """What a station subscribes to for every dataset of a scope (a site scope: its own)."""
-    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site)}/#"
+def delta_topic(
+    prefix: str,
+    kind: str,
+    version: int,
+    scope: str = "fleet",
+    site: str | None = None,
+    agent: str | None = None,
+) -> str:
+    """Where a delta's manifest is retained (one topic per delta, cleared at compaction)."""
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site, agent)}/{kind}/delta/{version}"
+
+
+def subscription(
+    prefix: str, scope: str = "fleet", site: str | None = None, agent: str | None = None
+) -> str:
+    """What a station subscribes to for every dataset of a scope (a site or station
+    scope: its own)."""
+    return f"{prefix}/{DATASETS_SITE}/{_scope_levels(scope, site, agent)}/#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +518,9 @@ class DatasetTopic:
     version: int | None  # None: the manifest
     index: int | None
     site: str | None = None
+    agent: str | None = None
+    #: a delta's manifest (`version` is the delta's, `index` None)
+    delta: bool = False
 
 
 _CHUNK = re.compile(r"0|[1-9][0-9]{0,8}")
@@ -427,16 +534,22 @@ def parse_topic(prefix: str, topic: str) -> DatasetTopic | None:
     if not isinstance(topic, str) or not topic.startswith(head):
         return None
     levels = topic[len(head) :].split("/")
-    site = None
-    if levels[0] == "site":
+    site = agent = None
+    if levels[0] in ("site", "station"):
         if len(levels) < 2 or not _name(levels[1]):
             return None
         site = levels.pop(1)
+    if levels[0] == "station":
+        if len(levels) < 2 or not _name(levels[1]):
+            return None
+        agent = levels.pop(1)
     if len(levels) < 3 or levels[0] not in SCOPES or _KIND.fullmatch(levels[1]) is None:
         return None
     match levels[2:]:
         case ["manifest"]:
-            return DatasetTopic(levels[1], levels[0], None, None, site)
+            return DatasetTopic(levels[1], levels[0], None, None, site, agent)
+        case ["delta", version] if _VERSION.fullmatch(version):
+            return DatasetTopic(levels[1], levels[0], int(version), None, site, agent, True)
         case [version, index] if _VERSION.fullmatch(version) and _CHUNK.fullmatch(index):
-            return DatasetTopic(levels[1], levels[0], int(version), int(index), site)
+            return DatasetTopic(levels[1], levels[0], int(version), int(index), site, agent)
     return None

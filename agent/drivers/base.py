@@ -50,5 +50,9 @@ class Driver(abc.ABC):
     def reads(self) -> AsyncIterator[Read | ReadFault]:
         """Yield reads until the device goes away (then raise `DeviceUnavailable`)."""
 
-    async def feedback(self, event: Read | ReadFault, accepted: bool) -> None:  # noqa: B027
-        """Tell the operator: `accepted` after the commit, or not (NAK). Default: no channel."""
+    async def feedback(  # noqa: B027
+        self, event: Read | ReadFault, accepted: bool, *, alarm: bool = False
+    ) -> None:
+        """Tell the operator: `accepted` after the commit, or not (NAK); `alarm`: the read
+        was stored but a reference dataset says already used / recalled (issue #20).
+        Default: no channel."""

@@ -388,7 +388,9 @@ class HidDriver(Driver):
             captured_at=datetime.fromtimestamp(result.ended, UTC),
         )
 
-    async def feedback(self, event: Read | ReadFault, accepted: bool) -> None:
+    async def feedback(
+        self, event: Read | ReadFault, accepted: bool, *, alarm: bool = False
+    ) -> None:
         """No back channel on a keyboard-mode scanner: the kiosk event is the feedback.
 
         The supervisor emits `read_accepted` / `read_rejected` to its listeners after

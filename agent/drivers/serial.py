@@ -144,8 +144,12 @@ class SerialDriver(Driver):
             return ReadFault(self.name, f"{len(line)} bytes with binary control characters")
         return Read(device=self.name, kind="barcode", data={"text": text})
 
-    async def feedback(self, event: Read | ReadFault, accepted: bool) -> None:
+    async def feedback(
+        self, event: Read | ReadFault, accepted: bool, *, alarm: bool = False
+    ) -> None:
         reply = self.config.host_ack if accepted else self.config.host_nak
+        if alarm and self.config.host_alarm:  # the profile's own pattern for an alarm
+            reply = self.config.host_alarm
         writer = self._writer
         if not reply or writer is None:
             return

@@ -247,14 +247,15 @@ class StationApp:
             self.config.mqtt.topic_prefix,
             max_age_s=cfg.max_age_s,
             site=self.config.agent.site,
+            agent=self.config.agent.name,
         )
         receiver.load()
         self.station.datasets = receiver
         prefix = self.config.mqtt.topic_prefix
         uplink.add_subscription(subscription(prefix), receiver.handle)
-        uplink.add_subscription(
-            subscription(prefix, "site", self.config.agent.site), receiver.handle
-        )
+        site, name = self.config.agent.site, self.config.agent.name
+        uplink.add_subscription(subscription(prefix, "site", site), receiver.handle)
+        uplink.add_subscription(subscription(prefix, "station", site, name), receiver.handle)
         return receiver
 
     async def _status_line(self) -> str:

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 #: chunk buffers of versions not yet complete, per kind (older ones are dropped)
 MAX_PENDING_VERSIONS = 2
+#: versions whose chunks came before their manifest, per kind (a chain of deltas)
+MAX_UNANNOUNCED_VERSIONS = 16
+#: deltas waiting for the version they apply to, per kind
+MAX_PENDING_DELTAS = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
@@ -229,6 +233,54 @@ class DatasetStore:
         finally:
             db.close()
 
+    def apply_delta(self, manifest: Manifest, rows: Iterable[dict[str, Any]]) -> None:
+        """Add a delta's rows to the version it names (`manifest.base`), all or nothing:
+        the held version must be exactly the base, else DatasetRefused and nothing
+        changes; `rows` may raise (a bad line) and then nothing changes either."""
+        cols = _COLUMNS[manifest.kind]
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            held = db.execute(
+                "SELECT version, rows FROM datasets WHERE kind = ?", (manifest.kind,)
+            ).fetchone()
+            if held is None or held[0] != manifest.base:
+                db.execute("ROLLBACK")
+                at = "none" if held is None else f"v{held[0]}"
+                raise DatasetRefused(
+                    manifest.kind, f"delta v{manifest.version} is for v{manifest.base}, held {at}"
+                )
+            before = db.total_changes
+            db.executemany(
+                f"INSERT OR IGNORE INTO {manifest.kind} ({', '.join(cols)})"
+                f" VALUES ({', '.join('?' * len(cols))})",
+                ([_normal(manifest.kind, r).get(c) for c in cols] for r in rows),
+            )
+            added = db.total_changes - before
+            db.execute(
+                "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    manifest.kind,
+                    manifest.version,
+                    manifest.issued_at,
+                    manifest.expires_at,
+                    manifest.sha256,
+                    held[1] + added,
+                    time.time(),
+                ),
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise DatasetStoreError(f"{self.path}: {manifest.kind}: {e}") from e
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
     # -- look-ups (the loop's connection: WAL readers see the last committed version) --
 
     @contextlib.contextmanager
@@ -305,10 +357,13 @@ class DatasetReceiver:
         max_age_s: float,
         spool: Path | None = None,
         site: str | None = None,
+        agent: str | None = None,
     ) -> None:
         self.store = store
-        #: the station's site: a site-scoped version for another site is refused
+        #: the station's site (and name): a version scoped to another site or station is
+        #: refused
         self.site = site
+        self.agent = agent
         # chunks wait on disk, not in memory: a million rows cost a chunk of RSS, not 140 MB
         self.spool = spool or store.path.with_name("datasets-incoming")
         self.prefix = prefix
@@ -316,6 +371,7 @@ class DatasetReceiver:
         self._key = Ed25519PublicKey.from_public_bytes(public_key)
         self._held: dict[str, Held] = {}
         self._pending: dict[str, dict[int, Manifest]] = {}  # kind -> version -> manifest
+        self._deltas: dict[str, dict[int, Manifest]] = {}  # kind -> delta version -> manifest
         self._chunks: dict[tuple[str, int], dict[int, int]] = {}  # -> index -> size on disk
         self.refused: dict[str, dict[str, Any]] = {}  # kind -> last refusal
         self._unknown: set[str] = set()
@@ -390,9 +446,14 @@ class DatasetReceiver:
                 self._unknown.add(t.kind)
                 log.warning("dataset %s ignored: not a kind this station knows", t.kind[:64])
             return True
-        if t.site is not None and t.site != self.site:
-            return True  # another site's data (a wide subscription): not this station's
-        if t.version is None:
+        if (t.site is not None and t.site != self.site) or (
+            t.agent is not None and t.agent != self.agent
+        ):
+            return True  # another site's or station's data (a wide subscription)
+        if t.delta:
+            assert t.version is not None
+            self._delta_manifest(t.kind, t.version, bytes(payload))
+        elif t.version is None:
             self._manifest(t.kind, bytes(payload))
         else:
             assert t.index is not None
@@ -409,6 +470,8 @@ class DatasetReceiver:
         if (kind, m.version) in self._dead:
             return
         try:
+            if m.base is not None:
+                raise DatasetRefused(kind, "a delta's manifest on the full version's topic")
             if not self._verify(kind, m):
                 return  # the version held, seen again (a retained manifest at reconnect)
         except DatasetRefused as e:
@@ -420,17 +483,45 @@ class DatasetReceiver:
             del pending[old]
             self._drop(kind, old)
 
-    def _verify(self, kind: str, m: Manifest) -> bool:
+    def _delta_manifest(self, kind: str, version: int, payload: bytes) -> None:
+        """A delta: kept until the version it applies to is held (deltas of a chain may
+        come in any order after a reconnect); one already absorbed is ignored."""
+        try:
+            m = parse_manifest(payload)
+        except MessageError as e:
+            self._refuse(kind, version, str(e))
+            return
+        if (kind, m.version) in self._dead:
+            return
+        try:
+            if m.base is None or m.version != version:
+                raise DatasetRefused(kind, "delta topic without a delta manifest of its version")
+            if not self._verify(kind, m, delta=True):
+                return
+        except DatasetRefused as e:
+            self._refuse(kind, m.version, e.reason)
+            return
+        deltas = self._deltas.setdefault(kind, {})
+        deltas[m.version] = m
+        for old in sorted(deltas)[:-MAX_PENDING_DELTAS]:
+            del deltas[old]
+            self._drop(kind, old)
+
+    def _verify(self, kind: str, m: Manifest, *, delta: bool = False) -> bool:
         """True: a new version to collect; False: the one held; DatasetRefused: neither."""
         if m.kind != kind:
             raise DatasetRefused(kind, f"manifest names kind {m.kind!r}")
         if m.site is not None and m.site != self.site:
             raise DatasetRefused(kind, f"manifest is for site {m.site!r}, not this one")
+        if m.agent is not None and m.agent != self.agent:
+            raise DatasetRefused(kind, f"manifest is for station {m.agent!r}, not this one")
         try:
             self._key.verify(m.signature, m.signed)
         except InvalidSignature:
             raise DatasetRefused(kind, "signature does not verify with the pinned key") from None
         held = self._held.get(kind)
+        if delta and held is not None and m.version <= held.version:
+            return False  # absorbed already (applied, or in a newer full version)
         if held is not None and m.version <= held.version:
             if m.version == held.version and m.sha256 == held.sha256:
                 return False
@@ -443,7 +534,7 @@ class DatasetReceiver:
         held = self._held.get(kind)
         if (held is not None and version <= held.version) or (kind, version) in self._dead:
             return
-        m = self._pending.get(kind, {}).get(version)
+        m = self._pending.get(kind, {}).get(version) or self._deltas.get(kind, {}).get(version)
         if m is not None and index >= m.chunks:
             self._refuse(kind, version, f"chunk {index} of {m.chunks}")
             return
@@ -462,18 +553,75 @@ class DatasetReceiver:
             return
         chunks[index] = len(data)
         if m is None:  # before its manifest: keep a bounded number of versions
-            waiting = sorted(v for k, v in self._chunks if k == kind)
-            for old in waiting[:-MAX_PENDING_VERSIONS]:
+            known = set(self._pending.get(kind, {})) | set(self._deltas.get(kind, {}))
+            waiting = sorted(v for k, v in self._chunks if k == kind and v not in known)
+            for old in waiting[:-MAX_UNANNOUNCED_VERSIONS]:
                 self._drop(kind, old)
 
     async def _complete(self, kind: str) -> None:
+        """Apply the newest complete full version, then every delta that chains on."""
+        await self._complete_full(kind)
+        await self._complete_deltas(kind)
+
+    async def _complete_deltas(self, kind: str) -> None:
+        deltas = self._deltas.get(kind, {})
+        while deltas:
+            held = self._held.get(kind)
+            if held is None:
+                return
+            for old in [v for v in deltas if v <= held.version]:
+                del deltas[old]
+                self._drop(kind, old)
+            m = next((d for d in deltas.values() if d.base == held.version), None)
+            if m is None:
+                return
+            chunks = self._chunks.get((kind, m.version), {})
+            if any(i not in chunks for i in range(_needed(m))):
+                return
+            del deltas[m.version]
+            files = [self._dir(kind, m.version) / str(i) for i in range(_needed(m))]
+            try:
+                await asyncio.to_thread(self._assemble, m, files)
+            except OSError as e:
+                self._refuse(kind, m.version, f"chunks not readable in {self.spool}: {e.strerror}")
+                self._give_up(kind, m.version)
+                return
+            except MessageError as e:
+                self._refuse(kind, m.version, str(e))
+                self._give_up(kind, m.version)
+                return
+            except DatasetRefused as e:
+                self._refuse(kind, m.version, e.reason)
+                self._give_up(kind, m.version)
+                return
+            except DatasetStoreError as e:
+                self._refuse(kind, m.version, f"not stored: {e}")
+                self._give_up(kind, m.version)
+                return
+            finally:
+                self._drop(kind, m.version)
+            self._held = self.store.held()
+            if kind == "jpki_anchors":
+                self._anchors = frozenset(self.store.anchors())
+            self.refused.pop(kind, None)
+            log.info(
+                "dataset %s delta v%d on v%d applied (%d rows)",
+                kind,
+                m.version,
+                held.version,
+                m.rows,
+            )
+            self.applied.set()
+            self.applied.clear()
+
+    async def _complete_full(self, kind: str) -> None:
         pending = self._pending.get(kind, {})
         for version in sorted(pending, reverse=True):  # the newest complete one wins
             m = pending[version]
             chunks = self._chunks.get((kind, version), {})
-            if len(chunks) < m.chunks or any(i not in chunks for i in range(m.chunks)):
+            if any(i not in chunks for i in range(_needed(m))):
                 continue
-            files = [self._dir(kind, version) / str(i) for i in range(m.chunks)]
+            files = [self._dir(kind, version) / str(i) for i in range(_needed(m))]
             for v in [v for v in pending if v < version]:
                 del pending[v]
                 self._drop(kind, v)
@@ -513,7 +661,8 @@ class DatasetReceiver:
             size += len(data)
         if size != m.size or digest.hexdigest() != m.sha256:
             raise MessageError(f"{m.kind} v{m.version}: body does not match its sha256")
-        self.store.apply(m, iter_rows(m, (f.read_bytes() for f in files)))
+        apply = self.store.apply if m.base is None else self.store.apply_delta
+        apply(m, iter_rows(m, (f.read_bytes() for f in files)))
 
     # -- verdicts ------------------------------------------------------------------------
 
@@ -526,6 +675,20 @@ class DatasetReceiver:
         except sqlite3.Error as e:
             log.error("dataset look-up failed in %s: %s", self.store.path, e)
             return None
+
+    def unknown_staff(self, now: float | None = None) -> dict[str, Any] | None:
+        """The `data.verdict` of a badge tap that no staff list names (the `staff` dataset
+        held, the hand-edited map without it either), or None when `staff` is not held."""
+        h = self._held.get("staff")
+        if h is None:
+            return None
+        now = time.time() if now is None else now
+        return {
+            "verdict": "unknown_staff",
+            "dataset": "staff",
+            "version": h.version,
+            "stale": h.stale(now, self.max_age_s),
+        }
 
     def reservation(
         self, read_data: dict[str, Any], now: float | None = None
@@ -551,6 +714,12 @@ class DatasetReceiver:
         except sqlite3.Error as e:  # a verdict never stops a record being stored
             log.error("dataset look-up failed in %s: %s", self.store.path, e)
             return None
+
+
+def _needed(m: Manifest) -> int:
+    """The chunks a version needs: none for an empty body (its one chunk would be an
+    empty retained payload, which MQTT takes for "clear" and never delivers)."""
+    return 0 if m.size == 0 else m.chunks
 
 
 def _decide(

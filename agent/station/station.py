@@ -239,7 +239,11 @@ class Station:
             await driver.feedback(event, accepted=False)
             return Outcome(accepted=False, error=event.reason)
         outcome = await self.accept(event)
-        await driver.feedback(event, accepted=outcome.accepted)
+        ref = outcome.reference
+        alarm = (
+            outcome.record is not None and ref is not None and ref.get("verdict") in ALARM_VERDICTS
+        )
+        await driver.feedback(event, accepted=outcome.accepted, alarm=alarm)
         return outcome
 
     async def accept(self, read: Read) -> Outcome:
@@ -282,6 +286,8 @@ class Station:
         if read.clock_synced is None:  # lets the registry tell a 1970 timestamp from a real one
             read = dataclasses.replace(read, clock_synced=clock_synced())
         read, operator = self._with_operator(read)
+        if verdict is None and isinstance(read.data.get("verdict"), dict):
+            verdict = read.data["verdict"]  # unknown_staff
         try:
             record = await self.outbox.append(read, operator=operator)
         except OutboxError as e:
@@ -313,6 +319,7 @@ class Station:
                 "source": record.source,
                 "interpretation": interpretation,
                 "verdict": verdict,
+                "reservation": booked,
                 **_card_auth_verdict(read),
             },
         )
@@ -341,12 +348,29 @@ class Station:
         staff = None if self.datasets is None else self.datasets.staff
         change = sessions.tap(uid, now, staff) if isinstance(uid, str) else None
         if change is None:
+            unknown = self._unknown_staff(read, uid)
+            if unknown is not None:
+                read = replace(read, data={**read.data, "verdict": unknown})
             return read, sessions.touch(now)
         event, operator = change
         log.info("%s: operator session %s (%s)", read.device, event, operator)
         self.emit("operator", {"device": read.device, "event": event, "operator": operator})
         data = {**read.data, "operator_session": {"event": event, "operator": operator}}
         return replace(read, data=data), operator
+
+    def _unknown_staff(self, read: Read, uid: object) -> dict[str, Any] | None:
+        """`unknown_staff` for a plain badge tap (a card UID, no My Number certificate)
+        that neither the `staff` dataset nor the hand map names; stored, not refused."""
+        if self.datasets is None or not isinstance(uid, str) or "auth_cert" in read.data:
+            return None
+        if "verdict" in read.data or "card_auth" in read.data:
+            return None
+        found = self.datasets.unknown_staff()
+        if found is not None:
+            log.warning(
+                "%s: badge not on the staff list (staff v%d)", read.device, found["version"]
+            )
+        return found
 
     def _interpreted(self, dev: DeviceConfig, read: Read) -> Read:
         text: str = read.data["text"]

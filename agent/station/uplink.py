@@ -172,7 +172,7 @@ class Uplink:
         self.last_error: str | None = None
         self._wake = asyncio.Event()
         self._recheck = asyncio.Event()  # something may have changed disk_full / degraded
-        self._status_said: tuple[bool, str | None] | None = None  # in the retained status
+        self._status_said: tuple[bool, str | None, str] | None = None  # in the retained status
         self._status_at = 0.0  # monotonic time of the last retained status
         self._commands: dict[str, CommandHandler] = {
             "ping": self._cmd_ping,
@@ -390,9 +390,14 @@ class Uplink:
             if self.blobs is not None:
                 tg.create_task(self.blobs.run(client, self.outbox), name="uplink-blobs")
 
-    def _status_state(self) -> tuple[bool, str | None]:
-        """What the retained status says beyond the birth itself: full disk, degraded."""
-        return self.outbox.disk_full, self.degraded
+    def _status_state(self) -> tuple[bool, str | None, str]:
+        """What the retained status says beyond the birth itself: full disk, degraded, and
+        the dataset versions held and refused (so `madoguchi refdata status` and the
+        dashboard see a version applied after the connect)."""
+        sets = self.station.describe().get("datasets") or {}
+        held = sorted((k, v.get("version")) for k, v in (sets.get("held") or {}).items())
+        refused = sorted((k, v.get("version")) for k, v in (sets.get("refused") or {}).items())
+        return self.outbox.disk_full, self.degraded, repr((held, refused))
 
     async def _birth(self, client: aiomqtt.Client) -> None:
         said = self._status_state()

@@ -44,6 +44,9 @@ def test_document_is_consistent() -> None:
         "datasetChunk",
         "datasetSiteManifest",
         "datasetSiteChunk",
+        "datasetStationManifest",
+        "datasetStationChunk",
+        "datasetDelta",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])

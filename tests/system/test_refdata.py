@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -226,9 +227,9 @@ async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
     )  # fmt: skip
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
-        f"{bad}: row 1: gtin: not a valid value",
-        f"{bad}: row 2: lot: missing",
-        f"{bad}: row 2: reason: missing",
+        f"{bad}:2:1: gtin: not a valid value",
+        f"{bad}:3:2: lot: missing",
+        f"{bad}:3:3: reason: missing",
     ]
 
     pty = Pty(tmp_path / "tty")
@@ -327,8 +328,25 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         "agent": "st-b",
         "at": "2026-12-02T01:02:03.000Z",
     }
-    for kind, rows in (("used_tickets", [used]), ("recalled_lots", [LOT])):
-        await publish_dataset("127.0.0.1", broker.port, "madoguchi/v1", key, kind, rows)
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    soon = (now + timedelta(seconds=4)).isoformat()  # stale while on screen
+    booked = {
+        "id": "0000012345",  # the ticket's number: this resident has a slot now
+        "id_type": "ticket_number",
+        "slot_start": (now - timedelta(minutes=10)).isoformat(),
+        "slot_end": (now + timedelta(minutes=10)).isoformat(),
+        "purpose": "dose 1",
+    }
+    for kind, rows, expires in (
+        ("used_tickets", [used], None),
+        ("recalled_lots", [LOT], soon),
+        ("reservations", [booked], None),
+    ):
+        await publish_dataset(
+            "127.0.0.1", broker.port, "madoguchi/v1", key, kind, rows, expires_at=expires
+        )
     cfg, _ = kiosk_config(
         tmp_path,
         broker.port,
@@ -339,7 +357,7 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
     async with running_kiosk(cfg) as k:
         data = k.station.station.datasets
         assert data is not None
-        await until(lambda: {"used_tickets", "recalled_lots"} <= set(data.held))
+        await until(lambda: {"used_tickets", "recalled_lots", "reservations"} <= set(data.held))
         page = await browser.new_page(viewport={"width": 800, "height": 480})
         await page.goto(f"{k.base}/#token={k.token}")
         await expect(page.locator("#online")).to_have_class("state-online", timeout=20_000)
@@ -348,12 +366,30 @@ async def test_the_kiosk_page_shows_already_used_and_recalled(
         assert await pty_port.aread(1) == ACK  # this desk does not NAK: the page tells
         await expect(title).to_have_text("この接種券は使用済みです")
         await expect(verdict).to_have_class("verdict-danger")
+        # the reservation beside it: the slot and that the resident is on time
+        await expect(page.locator("#verdict-detail")).to_contain_text(
+            re.compile(r"予約 \d\d:\d\d–\d\d:\d\d（時間どおり）")
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "kiosk-already-used.png"))
         pty_port.scan(GS1)
         assert await pty_port.aread(1) == ACK
         await expect(title).to_have_text("回収対象のワクチンです")
         await page.screenshot(path=str(ARTIFACTS / "kiosk-recalled.png"))
+        # each dataset's age in the footer; past its expiry the recall list says stale
+        # (and still decides: the verdict above came from it)
+        ages = page.locator("#datasets li")
+        await expect(ages).to_have_count(3)
+        used_age = page.locator('#datasets li[data-kind="used_tickets"]')
+        await expect(used_age).to_have_text(re.compile(r"^使用済券 \d+秒前$"))
+        await expect(used_age).to_have_class("ds-ok")
+        recalls = page.locator('#datasets li[data-kind="recalled_lots"]')
+        await expect(recalls).to_have_class("ds-stale", timeout=20_000)
+        await expect(recalls).to_have_text(re.compile(r"^回収ロット \d+秒前 古い$"))
+        pty_port.scan(GS1)
+        assert await pty_port.aread(1) == ACK
+        await expect(title).to_have_text("回収対象のワクチンです")
+        await page.screenshot(path=str(ARTIFACTS / "kiosk-dataset-ages-800x480.png"))
         await page.close()
 
 
@@ -461,8 +497,8 @@ async def test_the_cli_publishes_staff_and_reservations_for_one_site(
                    "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
-        f"{bad}: row 1: slot_start: not a valid value",
-        f"{bad}: row 1: slot_end: missing",
+        f"{bad}:1:slot_start: not a valid value",
+        f"{bad}:1:slot_end: missing",
     ]
     pty = Pty(tmp_path / "tty")
     try:
@@ -476,5 +512,90 @@ async def test_the_cli_publishes_staff_and_reservations_for_one_site(
             assert "1 row(s) published for site toda-1f" in ok.stdout
             await until(lambda: "staff" in data.held)
             assert data.staff("01010601cb095703") == "staff-014"
+    finally:
+        pty.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_station_offline_through_three_deltas_catches_up_to_the_newest(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Deltas end to end (~10 s): the registry publishes a full `used_tickets`, then one
+    signed delta per stored ticket; station B, down while three deltas went out, applies
+    the retained chain when it comes back and holds the registry's newest version."""
+    key = Ed25519PrivateKey.generate()
+    pub = public_hex(key)
+    feed = UsedTicketsFeed(tmp_path / "registry-datasets.db", key, "madoguchi/v1", debounce_s=0.05)
+    a_pty, b_pty = Pty(tmp_path / "ttyA"), Pty(tmp_path / "ttyB")
+    b_cfg = station_config(tmp_path, broker.port, b_pty, "goka-2f", "st-b", pub)
+    good = [TICKET, "111122410000022226", "111122410000033337", "111122410000044448"]
+    try:
+        async with (
+            running_registry(broker.port, tmp_path / "registry.db", datasets=feed) as registry,
+            running_station(station_config(tmp_path, broker.port, a_pty, "toda-1f", "st-a", pub)),
+        ):
+            async with running_station(b_cfg) as b:
+                b_data = b.station.station.datasets
+                assert b_data is not None
+                await until(lambda: "used_tickets" in b_data.held)
+                a_pty.scan(good[0])
+                assert await a_pty.aread(1) == ACK
+                await until(lambda: b_data.held["used_tickets"].rows == 1)
+                assert feed.deltas == 1  # the ticket came as a delta, not a full version
+            full_then = feed.version
+            for n, t in enumerate(good[1:], 2):  # B is down: three deltas, one per ticket
+                a_pty.scan(t)
+                assert await a_pty.aread(1) == ACK
+                await registry.wait_for(n)
+                await until(lambda n=n: feed.deltas == n)
+            assert feed.version > full_then
+            retained = await mqtt_collect(broker.port, "madoguchi/v1/_datasets/fleet/#", 1.0)
+            from tests.support.central import Contract
+
+            kinds = {Contract().check_raw(m.topic.value, bytes(m.payload)) for m in retained
+                     if m.payload}  # fmt: skip
+            assert "datasetDelta/datasetManifest" in kinds
+            async with running_station(b_cfg) as b:
+                b_data = b.station.station.datasets
+                assert b_data is not None
+                await until(lambda: b_data.held["used_tickets"].version == feed.version)
+                assert b_data.held["used_tickets"].rows == 4 and not b_data.refused
+                b_pty.scan(good[3])
+                assert await b_pty.aread(1) == NAK  # the newest delta's ticket: already used
+    finally:
+        a_pty.close()
+        b_pty.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_profile_alarm_pattern_sounds_for_a_recalled_lot_and_the_record_is_stored(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`host_alarm` (device profile / config): a stored read the city flags gets its own
+    bytes back (a distinct beep pattern), not the plain NAK; other reads keep ACK."""
+    key = Ed25519PrivateKey.generate()
+    pty = Pty(tmp_path / "tty")
+    alarm = b"\x07\x07\x07"
+    devices = serial_scanner(
+        pty.link, extra='nak_invalid = true\nhost_alarm = "\\u0007\\u0007\\u0007"\n'
+    )
+    devices += f'\n[datasets]\npublic_key = "{public_hex(key)}"\n'
+    cfg = write_config(tmp_path, broker.port, devices=devices, site="toda-1f", name="desk")
+    try:
+        async with running_station(cfg) as s:
+            events = Verdicts()
+            s.station.subscribe(events)
+            data = s.station.station.datasets
+            assert data is not None
+            await publish_dataset(
+                "127.0.0.1", broker.port, "madoguchi/v1", key, "recalled_lots", [LOT]
+            )
+            await until(lambda: "recalled_lots" in data.held)
+            pty.scan(GS1)
+            assert await pty.aread(3) == alarm
+            stored = await events.next()
+            assert stored["verdict"]["verdict"] == "recalled" and stored["seq"] >= 1
+            pty.scan(TICKET)  # no dataset speaks to it here: the usual ACK
+            assert await pty.aread(1) == ACK
     finally:
         pty.close()

@@ -112,6 +112,21 @@ const TEXT = {
   dev_disconnected: ["未接続", "not connected"],
   dev_error: ["エラー", "error"],
   dev_starting: ["起動中", "starting"],
+  reserved: ["予約 {slot}（{timing}）", "Booked {slot} ({timing})"],
+  no_reservation: ["本日の予約なし", "No booking today"],
+  timing_on_time: ["時間どおり", "on time"],
+  timing_early: ["早めの来庁", "early"],
+  timing_late: ["予約時間を過ぎています", "late"],
+  ds_used_tickets: ["使用済券", "Used tickets"],
+  ds_recalled_lots: ["回収ロット", "Recalls"],
+  ds_reservations: ["予約", "Bookings"],
+  ds_staff: ["職員", "Staff"],
+  ds_jpki_anchors: ["認証局", "Card CAs"],
+  ds_stale: ["古い", "stale"],
+  age_s: ["{n}秒前", "{n}s ago"],
+  age_min: ["{n}分前", "{n} min ago"],
+  age_h: ["{n}時間前", "{n} h ago"],
+  age_d: ["{n}日前", "{n} d ago"],
   outbox_full: [
     "端末の^保存領域が^いっぱいです。^職員を^呼んでください",
     "The station's storage is full. Please call staff",
@@ -245,6 +260,7 @@ function applyLang() {
     });
   renderStation();
   renderDevices();
+  renderDatasets();
   renderOnline();
   if (state.view) renderView();
   if (state.pinMessage !== null) renderPin();
@@ -333,6 +349,19 @@ function unreachable() {
   }
 }
 
+// The reservation a read matched (data.reservation): its slot and whether the person is
+// early, on time or late; or that there is none today.
+function hhmm(iso) {
+  const t = new Date(iso);
+  return Number.isNaN(t.getTime()) ? "?" : t.toTimeString().slice(0, 5);
+}
+
+function reservationText(r) {
+  if (r.verdict !== "reserved") return tr("no_reservation");
+  const slot = `${hhmm(r.slot_start)}–${hhmm(r.slot_end)}`;
+  return tr("reserved", { slot, timing: tr(`timing_${r.timing}`) });
+}
+
 function showVerdict(code, body) {
   if (body && body.id) {
     if (state.shownIds.has(body.id)) return; // the POST answer and its event
@@ -345,6 +374,7 @@ function showVerdict(code, body) {
     const i = LANGS.indexOf(state.lang);
     const parts = [v[state.lang].detail];
     if (interp && TYPE_LABELS[interp.type]) parts.push(TYPE_LABELS[interp.type][i]);
+    if (body && body.reservation) parts.push(reservationText(body.reservation));
     if (body && body.duplicate) parts.push(tr("duplicate"));
     if (body && body.source === "manual") parts.push(tr("manual"));
     return parts.join(state.lang === "ja" ? "・^" : " · ");
@@ -439,6 +469,35 @@ function renderDevices() {
   b.className = state.full ? "banner-danger" : "";
 }
 
+// The reference datasets the station holds, each with its age (from its issue time):
+// a stale one (past its expiry or max_age_s) still decides, and says so in yellow.
+function ageText(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return tr("age_s", { n: String(s) });
+  if (s < 3600) return tr("age_min", { n: String(Math.floor(s / 60)) });
+  if (s < 86400) return tr("age_h", { n: String(Math.floor(s / 3600)) });
+  return tr("age_d", { n: String(Math.floor(s / 86400)) });
+}
+
+function renderDatasets() {
+  const held = (state.status && state.status.datasets && state.status.datasets.held) || {};
+  const items = [];
+  for (const kind of Object.keys(held).sort()) {
+    const h = held[kind];
+    const li = document.createElement("li");
+    li.dataset.kind = kind;
+    li.className = h.stale ? "ds-stale" : "ds-ok";
+    const issued = Date.parse(h.issued_at);
+    const age = Number.isNaN(issued) ? h.age_s : (Date.now() - issued) / 1000;
+    const stale = h.stale ? ` ${tr("ds_stale")}` : "";
+    li.textContent = `${tr(`ds_${kind}`)} ${ageText(age)}${stale}`;
+    li.title = `${kind} v${h.version}`;
+    items.push(li);
+  }
+  $("datasets").replaceChildren(...items);
+  $("datasets").hidden = !items.length;
+}
+
 async function refreshStatus() {
   let r;
   try {
@@ -457,6 +516,7 @@ async function refreshStatus() {
   setOnline(s.online);
   renderStation();
   renderDevices();
+  renderDatasets();
   $("card-button").hidden = !(s.card_readers && s.card_readers.length);
   $("photo-button").hidden = !(s.cameras && s.cameras.length);
 }
@@ -481,10 +541,12 @@ function handle(kind, body) {
     case "disk_full":
       state.full = true;
       renderDevices();
+  renderDatasets();
       break;
     case "device_state":
       state.devices.set(body.device, body.state);
       renderDevices();
+  renderDatasets();
       refreshStatus();
       break;
     case "card_inserted":
