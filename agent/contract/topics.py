@@ -145,6 +145,10 @@ class Topics:
         return f"{self.prefix}/+/+/telemetry"
 
     @property
+    def all_acks(self) -> str:
+        return f"{self.prefix}/+/+/ack"
+
+    @property
     def all_command_results(self) -> str:
         return f"{self.prefix}/+/+/cmd/+/result"
 
