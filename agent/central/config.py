@@ -143,6 +143,14 @@ class RegistrySection(_Identity):
         description="Seconds between the registry's retained status heartbeats; the dashboard "
         "calls the registry down after 3 missed.",
     )
+    station_status_s: float | None = Field(
+        default=None,
+        ge=1,
+        le=3600,
+        description="Publish the station states the registry derives (online / offline / "
+        "unreachable, from status, telemetry, acks and stored records) every this many "
+        "seconds to `{prefix}/_registry/{consumer}/stations`, retained. Off when unset.",
+    )
 
 
 class DashboardSection(_Identity):
