@@ -362,7 +362,9 @@ class Uplink:
                             await self._say_offline(client)
                             return
                 except* aiomqtt.MqttError as group:
-                    self.last_error = f"{target.describe()}: {group.exceptions[0]}"
+                    # which of several: the log line's subject names them all
+                    where = f"{target.describe()}: " if len(targets) > 1 else ""
+                    self.last_error = f"{where}{group.exceptions[0]}"
                     self.connect_failures += 1
                     repeats.failed("unreachable", self.last_error)
                     # the next attempt goes to the next broker / address; once each has
