@@ -75,6 +75,9 @@ async def test_kill9_of_the_connected_broker_fails_over_and_stores_once(
             await until(lambda: len(r1.new) == 5)
             assert uplink.describe()["broker"] == f"{LOOPBACK}:{b1.port}"
             b1.kill()  # SIGKILL: no will, no goodbye, acks in flight lost
+            killed = time.monotonic()
+            await until(lambda: uplink.describe()["broker"] == f"{LOOPBACK}:{b2.port}")
+            print(f"on the other broker {time.monotonic() - killed:.3f} s after the kill")
             for i in range(5):
                 pty_port.scan(f"after-{i}")
                 assert await pty_port.aread(1) == ACK
