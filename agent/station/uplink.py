@@ -251,6 +251,7 @@ class Uplink:
         self.brokers = config.mqtt.brokers()
         self.broker: Target | None = None  # connected to, or None
         self._turn = 0  # which of the targets the next attempt goes to
+        self._attempt: Target | None = None  # the target of the attempt under way
         self._fault_logged: str | None = None
         # photos: chunked blob transfer beside the records (agent/station/blobs.py)
         self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
@@ -309,7 +310,7 @@ class Uplink:
             if not conn.done():
                 log.warning(
                     "broker %s did not let us close within %.1f s; closing the connection",
-                    "?" if self.broker is None else self.broker.describe(),
+                    "?" if self._attempt is None else self._attempt.describe(),
                     self.shutdown_grace_s,
                 )
                 conn.cancel()
@@ -329,7 +330,7 @@ class Uplink:
         failed_in_turn = 0  # targets that failed one after another since the last connection
         while not stop.is_set():
             targets = await self._targets()
-            target = targets[self._turn % len(targets)]
+            target = self._attempt = targets[self._turn % len(targets)]
             try:
                 # read each attempt: a key or password file fixed in place heals the uplink
                 tls = tls_context(self.config)
