@@ -1,10 +1,11 @@
 """The registry's derived station status: one message for consumers that want one source.
 
-`registry.station_status_s` (central.toml) turns it on. The feed has its own MQTT
-connection (the registry's record transport is not its business): it listens to
+A `[station_status]` section in central.toml turns it on. The feed has its own MQTT
+connection and identity (CN `registry-status` on the shipped broker, whose ACL lets
+it read no records; the registry's record transport is not its business): it listens to
 every station's `status`, `telemetry` and `ack`, hears of every record the registry
 stores, and publishes `{prefix}/_registry/{consumer}/stations` every
-`station_status_s` seconds, retained, QoS 1: each station's state as the dashboard
+`interval_s` seconds, retained, QoS 1: each station's state as the dashboard
 judges it (agent/central/liveness.py): `online`, `offline` (it said so, or its will),
 `unreachable` (said online, silent past 1.5 telemetry intervals). Re-published on a
 timer, not only on change, because retained messages are node-local on a RabbitMQ

@@ -182,22 +182,21 @@ def cmd_registry(args: argparse.Namespace) -> int:
             )
         feed = _used_tickets_feed(reg.dataset_key, db, config.broker.topic_prefix)
         station_status = None
-        if reg.station_status_s is not None:
+        if (ss := config.station_status) is not None:
             from agent.central.station_status import StationStatusFeed
             from agent.contract.topics import registry_name
 
             # members of a shared group publish one topic: each hears every station
             group = "madoguchi-registry" + ("" if reg.shared is None else f"-{reg.shared}")
-            consumer = registry_name(args.client_id or group)
             station_status = StationStatusFeed(
                 config.broker.host,
                 config.broker.port,
-                consumer,
-                interval_s=reg.station_status_s,
+                registry_name(args.client_id or group),
+                interval_s=ss.interval_s,
                 topic_prefix=config.broker.topic_prefix,
-                tls_context=tls,
-                username=reg.username,
-                password=password,
+                tls_context=config.tls_context("station_status"),
+                username=ss.username,
+                password=config.mqtt_password("station_status"),
             )
     except ConfigError as e:
         for problem in e.problems:

@@ -1,4 +1,4 @@
-"""The registry's derived station status (`registry.station_status_s`, issue #19): one
+"""The registry's derived station status (`[station_status]`, issue #19): one
 retained message with every station's state, `unreachable` when its broker node died."""
 
 from __future__ import annotations
@@ -98,3 +98,46 @@ async def test_the_registry_publishes_unreachable_for_a_station_whose_node_died(
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(registry, 10)
+
+
+async def test_madoguchi_registry_publishes_it_with_a_station_status_section(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """central.toml's `[station_status]` is the switch: the real `madoguchi registry`
+    process publishes the feed; without the section it does not. (About 4 s.)"""
+    import sys
+
+    from agent.testing import LoggedProcess
+
+    base = f'[broker]\nhost = "{LOOPBACK}"\nport = {broker.port}\n[database]\ndsn = "r.db"\n'
+    base += "[registry]\nquiet = true\n"
+    for section, expect in (("", False), ("[station_status]\ninterval_s = 1\n", True)):
+        config = tmp_path / "central.toml"
+        config.write_text(base + section)
+        proc = LoggedProcess(
+            [sys.executable, "-m", "agent", "registry", "--config", str(config)],
+            tmp_path / "registry.log",
+        )
+        proc.start()
+        try:
+            await asyncio.to_thread(proc.wait_log, "registry consuming", 20, this_run=True)
+            async with aiomqtt.Client(LOOPBACK, broker.port) as watcher:
+                await watcher.subscribe(Topics().registry_stations("+"), qos=1)
+                got: list[Any] = []
+
+                async def first() -> None:
+                    async for m in watcher.messages:
+                        assert isinstance(m.payload, bytes)
+                        got.append((m.topic.value, json.loads(m.payload)))
+                        return
+
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(first(), 2.5)
+        finally:
+            proc.stop()
+        if expect:
+            ((topic, body),) = got
+            assert topic == Topics().registry_stations("madoguchi-registry")
+            assert body["interval_s"] == 1 and body["stations"] == []
+        else:
+            assert got == []
