@@ -100,6 +100,13 @@ async def test_the_registry_publishes_unreachable_for_a_station_whose_node_died(
             await asyncio.wait_for(registry, 10)
 
 
+async def first_message(client: aiomqtt.Client) -> tuple[str, Any]:
+    async for m in client.messages:
+        assert isinstance(m.payload, bytes)
+        return m.topic.value, json.loads(m.payload)
+    raise AssertionError("subscription ended")
+
+
 async def test_madoguchi_registry_publishes_it_with_a_station_status_section(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -124,15 +131,8 @@ async def test_madoguchi_registry_publishes_it_with_a_station_status_section(
             async with aiomqtt.Client(LOOPBACK, broker.port) as watcher:
                 await watcher.subscribe(Topics().registry_stations("+"), qos=1)
                 got: list[Any] = []
-
-                async def first() -> None:
-                    async for m in watcher.messages:
-                        assert isinstance(m.payload, bytes)
-                        got.append((m.topic.value, json.loads(m.payload)))
-                        return
-
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(first(), 2.5)
+                    got.append(await asyncio.wait_for(first_message(watcher), 2.5))
         finally:
             proc.stop()
         if expect:
