@@ -111,9 +111,63 @@ class AgentSection(Strict):
         return v
 
 
+def split_broker(entry: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` as (host, port); ValueError says why not."""
+    text = entry.strip()
+    if not text or text != entry:
+        raise ValueError(f"{entry!r}: a broker is host or host:port, without spaces")
+    host, port_text = text, None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"{entry!r}: an IPv6 address is written [address]:port")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{entry!r}: after [address] only :port may follow")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"{entry!r}: write an IPv6 address as [address]:port")
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise ValueError(f"{entry!r}: not a host name or address")
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
 class MqttSection(Strict):
-    host: str = Field(description="Broker host name or address.")
+    hosts: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description='Several brokers (a cluster\'s nodes), `["b1:8883", "b2:8883"]`, tried '
+        "in turn; each is host or host:port (`port` when none), a name with several "
+        "addresses is tried address by address. Instead of `host`.",
+    )
+    host: str | None = Field(
+        default=None,
+        validate_default=True,
+        description="Broker host name or address (a name with several addresses is tried "
+        "address by address). Either this or `hosts`.",
+    )
     port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
+    persistent_session: TomlBool = Field(
+        default=False,
+        description="Keep the MQTT session on the broker while disconnected (3.1.1: "
+        "clean_session=false; 5: clean_start=false and `session_expiry_s`): acks sent "
+        "meanwhile are delivered at reconnect; on a RabbitMQ cluster the subscription "
+        "queue survives the node it was homed on (docs/central.md).",
+    )
+    session_expiry_s: int = Field(
+        default=86_400,
+        ge=1,
+        le=4_294_967_295,
+        description="MQTT 5 with persistent_session: how long the broker keeps the session "
+        "of a station that is away.",
+    )
     topic_prefix: str = Field(default=DEFAULT_PREFIX, description="First topic levels.")
     protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT version.")
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
@@ -154,6 +208,37 @@ class MqttSection(Strict):
         description="Largest ack, command or blob request accepted; larger ones are dropped "
         "unread and counted in telemetry (uplink.inbound.oversize).",
     )
+
+    @field_validator("hosts")
+    @classmethod
+    def _each_broker(cls, v: list[str] | None) -> list[str] | None:
+        for i, entry in enumerate(v or []):
+            try:
+                split_broker(entry, 1)
+            except ValueError as e:
+                raise ValueError(f"[{i}] {e}") from None
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host_or_hosts(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if "hosts" not in info.data:
+            return v  # hosts itself is wrong: reported there
+        hosts = info.data["hosts"]
+        if v is None and hosts is None:
+            raise ValueError("missing (required, or a list of brokers in mqtt.hosts)")
+        if v is not None and hosts is not None:
+            raise ValueError("set host or hosts, not both")
+        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
+            raise ValueError(f"{v!r}: not a host name or address")
+        return v
+
+    def brokers(self) -> list[tuple[str, int]]:
+        """Every broker to try, in order: (host, port)."""
+        if self.hosts is not None:
+            return [split_broker(h, self.port) for h in self.hosts]
+        assert self.host is not None  # the validator makes it so
+        return [(self.host, self.port)]
 
 
 class OutboxSection(Strict):
@@ -898,12 +983,13 @@ def config_warnings(config: Config) -> list[str]:
     """Valid but almost certainly not meant: the example's placeholders left in place."""
     file = str(config.source or "agent.toml")
     out = []
-    host = config.mqtt.host.lower().rstrip(".")
-    if host.endswith(PLACEHOLDER_HOST_SUFFIXES):
-        out.append(
-            f"{file}: mqtt.host: warning: '{config.mqtt.host}' is a placeholder "
-            "(example domain): put the registry broker's name"
-        )
+    key = "mqtt.host" if config.mqtt.hosts is None else "mqtt.hosts"
+    for name, _ in config.mqtt.brokers():
+        if name.lower().rstrip(".").endswith(PLACEHOLDER_HOST_SUFFIXES):
+            out.append(
+                f"{file}: {key}: warning: '{name}' is a placeholder "
+                "(example domain): put the registry broker's name"
+            )
     for dev in config.devices:
         if dev.usb_id in PLACEHOLDER_USB_IDS:
             out.append(

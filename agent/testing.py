@@ -60,6 +60,7 @@ from agent.drivers.hid import Backend, HotplugWatch, InputDeviceLike
 from agent.errors import CardError, DeviceUnavailable, HarnessError, PinRefused
 from agent.keymap import KEYS, KeyEvent
 from agent.station.app import StationApp
+from agent.station.uplink import Resolver
 
 if TYPE_CHECKING:
     import numpy as np
@@ -717,6 +718,34 @@ port = {port}
 {devices}
 """)
     return path
+
+
+class StaticResolver:
+    """A `Resolver` (agent/station/uplink.py) from a table: a broker name with several
+    addresses without touching /etc/hosts; names not in the table resolve to themselves.
+    Records every lookup in `asked`."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        return list(self.table.get(host, [host]))
+
+
+def _a_resolver(r: StaticResolver) -> Resolver:
+    return r  # mypy holds the fake to the uplink's Protocol
+
+
+def with_brokers(config: Path, brokers: list[str], extra: str = "") -> Path:
+    """A `write_config` file changed to `[mqtt] hosts = brokers` (and `extra` keys)."""
+    text = config.read_text()
+    start = text.index(f'host = "{LOOPBACK}"')
+    end = text.index("\n", text.index("port = ", start))
+    listed = ", ".join(f'"{b}"' for b in brokers)
+    config.write_text(text[:start] + f"hosts = [{listed}]\n{extra}" + text[end + 1 :])
+    return config
 
 
 class RegistryProbe:

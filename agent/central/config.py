@@ -26,7 +26,7 @@ from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError
 
 CENTRAL_SECTIONS = frozenset({"broker", "database", "registry", "dashboard"})
-Role = Literal["registry", "dashboard"]
+Role = Literal["registry", "dashboard", "station_status"]
 # under systemd the secrets exist only while their unit runs (LoadCredential=)
 CREDENTIALS_DIR = Path("/run/credentials")
 
@@ -208,6 +208,18 @@ class DashboardSection(_Identity):
         return self
 
 
+class StationStatusSection(_Identity):
+    """The station states the registry derives and publishes (issue #19, docs/CONTRACT.md)."""
+
+    interval_s: float = Field(
+        default=10.0,
+        ge=1,
+        le=3600,
+        description="Seconds between `{prefix}/_registry/{consumer}/stations` messages "
+        "(retained; online / offline / unreachable per station).",
+    )
+
+
 class CentralConfig(_Strict):
     """central.toml as a whole."""
 
@@ -217,6 +229,10 @@ class CentralConfig(_Strict):
     )
     registry: RegistrySection | None = Field(default=None, description="The registry consumer.")
     dashboard: DashboardSection | None = Field(default=None, description="The fleet dashboard.")
+    station_status: StationStatusSection | None = Field(
+        default=None,
+        description="The registry's derived station status; off without this section.",
+    )
     source: Path = Field(default=Path("central.toml"), description="The file this came from.")
 
     def identity(self, role: Role) -> _Identity:
@@ -336,6 +352,9 @@ FILE_KEYS = (
     ("dashboard", "password_file"),
     ("dashboard", "database_password_file"),
     ("dashboard", "token_file"),
+    ("station_status", "tls_cert"),
+    ("station_status", "tls_key"),
+    ("station_status", "password_file"),
 )
 
 
@@ -374,7 +393,7 @@ def validate_central(raw: dict[str, Any], path: Path, need: Role | None = None) 
         full = value if value.is_absolute() else path.parent / value
         # /run/credentials/<unit>/... exists only inside that unit: checked when it runs
         # (need == its section), not by check-config on the host
-        owner = "registry" if section == "database" else section
+        owner = "registry" if section in ("database", "station_status") else section
         later = full.is_relative_to(CREDENTIALS_DIR) and owner not in (need, "broker")
         if not later and not full.is_file():
             problems.append(f"{file}: {section}.{key}: {full}: no such file")
@@ -415,6 +434,13 @@ def reference_markdown() -> str:
             DashboardSection,
             "`madoguchi dashboard --config`: its identity (CN `dashboard`), its read-only "
             "database access, the page's login, Host/Origin checks and command audit.",
+        ),
+        (
+            "[station_status]",
+            StationStatusSection,
+            "Optional: `madoguchi registry --config` also publishes the station states it "
+            "derives, over a connection of its own (certificate CN `registry-status`: the "
+            "shipped broker makes the CN the client id, so it cannot share the registry's).",
         ),
     ]
     out = [

@@ -37,6 +37,7 @@ import aiomqtt
 from agent._aio import NO_DELAY, Backoff, asgi_server
 from agent.central.audit import AuditLog
 from agent.central.dashboard_guard import DashboardGuard, DashboardGuardMiddleware
+from agent.central.liveness import UNREACHABLE_AFTER, Heard, verdict
 from agent.central.store import AgentSummary, Gap, Problems, RecordStore
 from agent.central.stores import open_store
 from agent.contract.messages import Command
@@ -67,6 +68,7 @@ class StationView:
     registry: AgentSummary | None = None
     gaps: list[Gap] = field(default_factory=list)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # last result per command
+    heard: Heard = field(default_factory=Heard)  # telemetry, records, acks: unreachable or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class Thresholds:
     gap_timeout_s: float = 300.0  # a seq gap open longer than this
     keep_events_s: float = 3600.0  # agent-raised alerts (expired lot ...) stay this long
     registry_missed_beats: float = 3.0  # registry down: no heartbeat for this many periods
+    unreachable_after: float = UNREACHABLE_AFTER  # telemetry intervals of silence (liveness.py)
     registry_grace_s: float = 30.0  # no registry status at all this long after start: down
 
 
@@ -228,7 +231,8 @@ class Fleet:
             if session >= st.session:
                 st.state, st.session, st.offline_reason = "online", session, None
                 st.status = body
-                st.last_seen = now
+                st.last_seen = st.heard.telemetry = now
+                st.heard.said_interval(body.get("telemetry_interval_s"))
         elif body.get("state") == "offline":
             if session < st.session:
                 log.debug("stale will of %s/%s session %d ignored", site, agent, session)
@@ -245,11 +249,21 @@ class Fleet:
         if session > st.session or st.state != "online":
             st.state, st.session, st.offline_reason = "online", session, None
         st.telemetry = body
-        st.last_seen = now
+        st.last_seen = st.heard.telemetry = now
+        st.heard.said_interval(body.get("telemetry_interval_s"))
         for alert in body.get("alerts") or []:
             if isinstance(alert, dict):
                 st.events.append({**alert, "at": now})
         st.events = [e for e in st.events if now - e["at"] <= self.t.keep_events_s][-20:]
+
+    def on_ack(self, site: str, agent: str, now: float) -> None:
+        """The registry acked this station's records: it was sending a moment ago."""
+        if (site, agent) in self.stations:  # an ack alone never makes a station up
+            self.stations[(site, agent)].heard.ack = now
+
+    def shown_state(self, st: StationView, now: float) -> tuple[str, float | None]:
+        """The state for the page: `unreachable` for a silent station said to be online."""
+        return verdict(st.state, st.heard, now, self.t.unreachable_after)
 
     def on_result(self, site: str, agent: str, name: str, body: dict[str, Any]) -> None:
         self._station(site, agent).results[name] = body
@@ -260,7 +274,10 @@ class Fleet:
         for st in self.stations.values():
             st.registry, st.gaps = None, []
         for a in agents:
-            self._station(a.site, a.agent).registry = a
+            st = self._station(a.site, a.agent)
+            st.registry = a
+            if a.last_stored_at is not None:
+                st.heard.records = a.last_stored_at
         for g in gaps:
             self._station(g.site, g.agent).gaps.append(g)
 
@@ -268,6 +285,16 @@ class Fleet:
         out: list[dict[str, Any]] = []
         if st.state == "offline":
             out.append({"type": "offline", "level": "error", "detail": st.offline_reason})
+        shown, silent = self.shown_state(st, now)
+        if shown == "unreachable" and silent is not None:
+            out.append(
+                {
+                    "type": "unreachable",
+                    "level": "error",
+                    "detail": f"nothing heard for {silent:.0f} s "
+                    f"(telemetry every {st.heard.interval_s:g} s; its broker may be down)",
+                }
+            )
         outbox = (st.telemetry or st.status).get("outbox") or {}
         age = outbox.get("oldest_unconfirmed_age_s")
         if isinstance(age, (int, float)) and age >= self.t.stuck_after_s:
@@ -322,7 +349,7 @@ class Fleet:
                 {
                     "site": site,
                     "agent": agent,
-                    "state": st.state,
+                    "state": self.shown_state(st, now)[0],
                     "session": st.session,
                     "last_seen_age_s": None if st.last_seen is None else now - st.last_seen,
                     "outbox": {
@@ -531,6 +558,8 @@ class Dashboard:
                         self.topics.all_command_results,
                     ):
                         await client.subscribe(topic, qos=1)
+                    # the registry's acks: a station's records flowing (liveness.py), QoS 0
+                    await client.subscribe(self.topics.all_acks, qos=0)
                     self._client = client
                     self.connected.set()
                     backoff.reset()
@@ -546,6 +575,9 @@ class Dashboard:
 
     def on_message(self, topic: str, payload: Any, now: float) -> None:
         where = self.topics.parse(topic)
+        if where is not None and where.kind == "ack":
+            self.fleet.on_ack(where.site, where.agent, now)  # its body does not matter here
+            return
         if where is None or where.kind not in (
             "status",
             "telemetry",

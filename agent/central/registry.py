@@ -56,6 +56,7 @@ from paho.mqtt.properties import Properties
 from agent._aio import NO_DELAY, Backoff
 from agent.central.blobs import BlobAssembler, BlobState
 from agent.central.datasets import UsedTicketsFeed
+from agent.central.station_status import StationStatusFeed
 from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
 from agent.contract.blobs import missing_request
@@ -764,6 +765,7 @@ async def run_registry(
     personal_retention_hours: float | None = 72.0,
     show_data: bool = False,
     datasets: UsedTicketsFeed | None = None,
+    station_status: StationStatusFeed | None = None,
 ) -> None:
     """The `madoguchi registry` command body: print each stored record until stopped.
 
@@ -772,6 +774,10 @@ async def run_registry(
     """
 
     def printer(s: Stored) -> None:
+        if station_status is not None:  # the derived station status hears of every record
+            station_status.on_stored(s.site, s.agent, time.time())
+        if quiet:
+            return
         mark = "stored   " if s.new else "CONFLICT " if s.conflict else "duplicate"
         print(
             f"{mark} {s.site}/{s.agent} {describe_record(s.record, show_data=show_data)}",
@@ -785,7 +791,7 @@ async def run_registry(
         topic_prefix=prefix,
         client_id=client_id,
         shared=shared,
-        on_stored=None if quiet else printer,
+        on_stored=None if quiet and station_status is None else printer,
         tls_context=tls_context,
         gap_timeout_s=gap_timeout_s,
         batch_max_messages=batch_max_messages,
@@ -798,13 +804,25 @@ async def run_registry(
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         stopped = asyncio.create_task(stop.wait(), name="registry-stop")
-        # the consumer, not only `stop`: a registry whose consumer died must exit
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
+        feed = None  # its own connection (agent/central/station_status.py)
+        if station_status is not None:
+            feed = asyncio.create_task(station_status.run(), name="registry-station-status")
+        try:
+            # the consumer, not only `stop`: a registry whose consumer died must exit
+            waits = {task, stopped} if feed is None else {task, stopped, feed}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if feed is not None and feed.done():
+                log.critical("registry: the station status feed stopped: exiting for a restart")
+                feed.result()
+                raise RegistryStoreError("registry: the station status feed stopped")
+            if task.done():
+                log.critical("registry: the consumer stopped: exiting for a restart")
+                task.result()  # its exception, with its traceback
+                raise RegistryStoreError("registry: the consumer stopped without an error")
+        finally:
             stopped.cancel()
-            log.critical("registry: the consumer stopped: exiting for a restart")
-            task.result()  # its exception, with its traceback
-            raise RegistryStoreError("registry: the consumer stopped without an error")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            for t in (task, feed):
+                if t is not None and not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t

@@ -181,6 +181,23 @@ def cmd_registry(args: argparse.Namespace) -> int:
                 ]
             )
         feed = _used_tickets_feed(reg.dataset_key, db, config.broker.topic_prefix)
+        station_status = None
+        if (ss := config.station_status) is not None:
+            from agent.central.station_status import StationStatusFeed
+            from agent.contract.topics import registry_name
+
+            # members of a shared group publish one topic: each hears every station
+            group = "madoguchi-registry" + ("" if reg.shared is None else f"-{reg.shared}")
+            station_status = StationStatusFeed(
+                config.broker.host,
+                config.broker.port,
+                registry_name(args.client_id or group),
+                interval_s=ss.interval_s,
+                topic_prefix=config.broker.topic_prefix,
+                tls_context=config.tls_context("station_status"),
+                username=ss.username,
+                password=config.mqtt_password("station_status"),
+            )
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -205,6 +222,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             show_data=args.show_data,
             datasets=feed,
             heartbeat_s=reg.heartbeat_s,
+            station_status=station_status,
         )
     )
 

@@ -37,6 +37,7 @@ Kind = Literal[
     "blob_chunk",
     "blob_missing",
     "registry_status",
+    "registry_stations",
 ]
 
 #: the site level of the registry consumers' own topics: no station may use it
@@ -145,12 +146,20 @@ class Topics:
         return f"{self.prefix}/+/+/telemetry"
 
     @property
+    def all_acks(self) -> str:
+        return f"{self.prefix}/+/+/ack"
+
+    @property
     def all_command_results(self) -> str:
         return f"{self.prefix}/+/+/cmd/+/result"
 
     def registry_status(self, name: str) -> str:
         """A registry consumer's retained status (online + heartbeat, offline by will)."""
         return f"{self.prefix}/{REGISTRY_SITE}/{name}/status"
+
+    def registry_stations(self, name: str) -> str:
+        """The station states a registry consumer derived (agent/central/station_status.py)."""
+        return f"{self.prefix}/{REGISTRY_SITE}/{name}/stations"
 
     @property
     def all_registry_status(self) -> str:
@@ -175,6 +184,8 @@ class Topics:
         if not NAME.fullmatch(site) or not NAME.fullmatch(agent):
             return None
         if site == REGISTRY_SITE:  # never a station's: the registry's own topics
+            if rest == ["stations"]:
+                return Topic(site, agent, "registry_stations")
             return Topic(site, agent, "registry_status") if rest == ["status"] else None
         match rest:
             case ["records" | "ack" | "status" | "telemetry" as leaf]:

@@ -15,12 +15,16 @@ import collections
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
 from agent.config import Config
@@ -47,15 +51,74 @@ class StationView(Protocol):
     def take_alerts(self) -> list[dict[str, Any]]: ...
 
 
+class Resolver(Protocol):
+    """A broker name to the addresses to try, in order (`getaddrinfo` in real life)."""
+
+    async def __call__(self, host: str, port: int) -> list[str]: ...
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every TCP address of `host`, in the resolver's order, each once; the name itself
+    when it does not resolve (the connection attempt then says why)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return [host]
+    out: list[str] = []
+    for info in infos:
+        address = str(info[4][0])
+        if address not in out:
+            out.append(address)
+    return out or [host]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place to connect to: a configured broker and one of its addresses."""
+
+    host: str
+    port: int
+    address: str
+
+    @property
+    def name(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def describe(self) -> str:
+        return self.name if self.address == self.host else f"{self.name} ({self.address})"
+
+
 class _Stop(Exception):
     """Raised inside the connection's task group to end it for shutdown."""
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
+class BrokerTLS(ssl.SSLContext):
+    """A client TLS context that checks the certificate against `verify_name`, whatever
+    address the socket went to: a broker name with several addresses is connected to
+    address by address, and each must still prove it is that name."""
+
+    verify_name: str | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.verify_name is not None:
+            kwargs["server_hostname"] = self.verify_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def tls_context(config: Config) -> BrokerTLS | None:
     m = config.mqtt
     if m.tls_ca is None and m.tls_cert is None:
         return None
-    ctx = ssl.create_default_context(cafile=str(m.tls_ca) if m.tls_ca else None)
+    ctx = BrokerTLS(ssl.PROTOCOL_TLS_CLIENT)  # what ssl.create_default_context sets up
+    try:
+        if m.tls_ca is not None:
+            ctx.load_verify_locations(cafile=str(m.tls_ca))
+        else:
+            ctx.load_default_certs()
+    except (OSError, ssl.SSLError) as e:
+        raise UplinkError(f"mqtt.tls_ca: cannot load: {e}") from e
     if m.tls_cert is not None:
         try:
             ctx.load_cert_chain(str(m.tls_cert), str(m.tls_key) if m.tls_key else None)
@@ -185,6 +248,12 @@ class Uplink:
         self._started = time.monotonic()
         self.inbound = InboundFaults()
         self.fault: str | None = None  # the last failure that was not the broker's
+        #: where a name's addresses come from (a fake in tests: agent.testing.StaticResolver)
+        self.resolve: Resolver = resolve_addresses
+        self.brokers = config.mqtt.brokers()
+        self.broker: Target | None = None  # connected to, or None
+        self._turn = 0  # which of the targets the next attempt goes to
+        self._attempt: Target | None = None  # the target of the attempt under way
         self._fault_logged: str | None = None
         # photos: chunked blob transfer beside the records (agent/station/blobs.py)
         self.blobs = None if blobs is None else BlobSender(blobs, self.topics)
@@ -230,6 +299,8 @@ class Uplink:
     def describe(self) -> dict[str, Any]:
         return {
             "connected": self.connected,
+            "broker": None if self.broker is None else self.broker.name,
+            "broker_address": None if self.broker is None else self.broker.address,
             "session": self.session,
             "published_records": self.published_records,
             "connect_failures": self.connect_failures,
@@ -256,9 +327,8 @@ class Uplink:
                 await asyncio.wait({conn}, timeout=self.shutdown_grace_s)
             if not conn.done():
                 log.warning(
-                    "broker %s:%d did not let us close within %.1f s; closing the connection",
-                    self.config.mqtt.host,
-                    self.config.mqtt.port,
+                    "broker %s did not let us close within %.1f s; closing the connection",
+                    "?" if self._attempt is None else self._attempt.describe(),
                     self.shutdown_grace_s,
                 )
                 conn.cancel()
@@ -273,8 +343,12 @@ class Uplink:
     async def _run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(cap=self.config.mqtt.backoff_max_s)
         # an unreachable broker is logged once per change, then summarised (agent/logrepeat.py)
-        repeats = Repeats(log, f"broker {self.config.mqtt.host}:{self.config.mqtt.port}")
+        names = ", ".join(Target(h, p, h).name for h, p in self.brokers)
+        repeats = Repeats(log, f"broker{'s' if len(self.brokers) > 1 else ''} {names}")
+        failed_in_turn = 0  # targets that failed one after another since the last connection
         while not stop.is_set():
+            targets = await self._targets()
+            target = self._attempt = targets[self._turn % len(targets)]
             try:
                 # read each attempt: a key or password file fixed in place heals the uplink
                 tls = tls_context(self.config)
@@ -283,21 +357,21 @@ class Uplink:
             except MadoguchiError as e:  # a bad key file, a failing outbox: say so, retry
                 self._fault(str(e))
             else:
-                client = self._client_for(self.session, tls, password)
+                if tls is not None:
+                    tls.verify_name = target.host
+                client = self._client_for(self.session, tls, password, target)
+                next_now = False
                 try:
                     async with client:
                         self._client = client
+                        self.broker = target
+                        failed_in_turn = 0
                         self._set_connected(True)
                         self.last_error = None
                         self.fault = self._fault_logged = None
                         backoff.reset()
                         repeats.ok("reachable again")
-                        log.info(
-                            "connected to %s:%d (session %d)",
-                            self.config.mqtt.host,
-                            self.config.mqtt.port,
-                            self.session,
-                        )
+                        log.info("connected to %s (session %d)", target.describe(), self.session)
                         stopping = False
                         try:
                             await self._connected(client, stop)
@@ -307,9 +381,16 @@ class Uplink:
                             await self._say_offline(client)
                             return
                 except* aiomqtt.MqttError as group:
-                    self.last_error = str(group.exceptions[0])
+                    # which of several: the log line's subject names them all
+                    where = f"{target.describe()}: " if len(targets) > 1 else ""
+                    self.last_error = f"{where}{group.exceptions[0]}"
                     self.connect_failures += 1
                     repeats.failed("unreachable", self.last_error)
+                    # the next attempt goes to the next broker / address; once each has
+                    # failed in turn, the backoff below waits as it does for one broker
+                    self._turn += 1
+                    failed_in_turn += 1
+                    next_now = failed_in_turn % len(targets) != 0
                 except* MadoguchiError as group:  # the outbox failing under a batch or an ack
                     self._fault(str(group.exceptions[0]))
                 except* Exception as group:  # a bug: logged with its traceback, never a restart
@@ -318,10 +399,21 @@ class Uplink:
                 finally:
                     self._set_connected(False)
                     self._client = None
+                    self.broker = None
+                if next_now:
+                    continue
             delay = backoff.next()
             log.debug("reconnecting in %.1f s", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    async def _targets(self) -> list[Target]:
+        """Every broker's addresses, in the configured order, resolved again each time (a
+        cluster's DNS name may change its addresses while the station runs)."""
+        out: list[Target] = []
+        for host, port in self.brokers:
+            out += [Target(host, port, a) for a in await self.resolve(host, port)]
+        return out
 
     def _fault(self, reason: str, bug: BaseException | None = None) -> None:
         """A failure that is not the broker's: the uplink stays, retries, and says why."""
@@ -340,8 +432,11 @@ class Uplink:
         return self.inbound.degraded
 
     def _client_for(
-        self, session: int, tls: ssl.SSLContext | None, password: str | None
+        self, session: int, tls: ssl.SSLContext | None, password: str | None, target: Target
     ) -> aiomqtt.Client:
+        """The client of one attempt. A persistent session (`mqtt.persistent_session`) keeps
+        the subscriptions, and the acks sent to them while we are away, on the broker under
+        our stable client id: 3.1.1 clean_session=false, 5 clean_start=false with an expiry."""
         m = self.config.mqtt
         will = aiomqtt.Will(
             self.topics.status,
@@ -350,12 +445,19 @@ class Uplink:
             retain=True,
         )
         protocol = aiomqtt.ProtocolVersion.V5 if m.protocol == "5" else aiomqtt.ProtocolVersion.V311
+        v5 = m.protocol == "5"
+        options: dict[str, Any] = {}
+        if v5 and m.persistent_session:
+            expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            expiry.SessionExpiryInterval = m.session_expiry_s
+            options = {"clean_start": False, "properties": expiry}
         return aiomqtt.Client(
-            m.host,
-            m.port,
+            target.address,
+            target.port,
             identifier=f"madoguchi-{self.config.agent.site}-{self.config.agent.name}",
             protocol=protocol,
-            clean_session=True if m.protocol != "5" else None,
+            clean_session=None if v5 else not m.persistent_session,
+            **options,
             will=will,
             keepalive=m.keepalive_s,
             tls_context=tls,
@@ -406,6 +508,8 @@ class Uplink:
             "state": "online",
             "session": self.session,
             "ts": iso_ms(utc_now()),
+            "broker": None if self.broker is None else self.broker.name,
+            "telemetry_interval_s": self.config.agent.telemetry_interval_s,
             **self.station.describe(),
             "outbox": stats.as_dict(),
             "degraded": said[1],
@@ -655,6 +759,7 @@ class Uplink:
             "ts": iso_ms(utc_now()),
             "session": self.session,
             "uptime_s": round(time.monotonic() - self._started, 1),
+            "telemetry_interval_s": self.config.agent.telemetry_interval_s,
             "rss_bytes": rss_bytes(),
             "outbox": stats.as_dict(),
             "uplink": self.describe(),

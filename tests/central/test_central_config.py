@@ -343,3 +343,32 @@ async def test_the_heartbeat_flag_reaches_the_running_registry(
         registry.close()
     spacing = (beats[-1] - beats[1]) / (len(beats) - 2)
     assert 0.2 < spacing < 1.0, beats  # 0.3 s apart, not the default 10 s
+
+
+def test_station_status_section_has_its_own_identity(tmp_path: Path) -> None:
+    ca, cert, key = identity(tmp_path)
+    path = write(
+        tmp_path,
+        f'[broker]\nhost = "h"\ntls_ca = "{ca}"\n[database]\ndsn = "r.db"\n[registry]\n'
+        f'[station_status]\ninterval_s = 5\ntls_cert = "{cert.name}"\ntls_key = "{key.name}"\n',
+    )
+    config = load_central_config(path, "registry")
+    assert config.station_status is not None
+    assert config.station_status.interval_s == 5
+    assert config.station_status.tls_cert == cert
+    assert config.tls_context("station_status") is not None
+    bad = write(
+        tmp_path,
+        '[broker]\nhost = "h"\n[database]\ndsn = "r.db"\n[registry]\n'
+        "[station_status]\ninterval_s = 0.1\n",
+    )
+    assert problems(bad, "registry") == [
+        f"{bad}: station_status.interval_s: Input should be greater than or equal to 1",
+    ]
+    bad.write_text(bad.read_text().replace("interval_s = 0.1", 'tls_cert = "nope.crt"'))
+    assert problems(bad, "registry") == [f"{bad}: station_status: tls_cert and tls_key go together"]
+    bad.write_text(bad.read_text().replace('"nope.crt"', '"nope.crt"\ntls_key = "nope.key"'))
+    assert problems(bad, "registry") == [
+        f"{bad}: station_status.tls_{k}: {tmp_path}/nope.{ext}: no such file"
+        for k, ext in (("cert", "crt"), ("key", "key"))
+    ]

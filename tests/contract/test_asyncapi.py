@@ -29,6 +29,7 @@ def test_document_is_consistent() -> None:
         "records",
         "ack",
         "registryStatus",
+        "registryStations",
         "status",
         "telemetry",
         "command",

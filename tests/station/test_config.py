@@ -123,7 +123,10 @@ def test_unknown_driver_and_missing_required(tmp_path: Path) -> None:
     assert any(x.startswith(f"{prof}: driver: Input tag 'telepathy'") for x in e.value.problems), (
         e.value.problems
     )
-    assert f"{p}: mqtt.host: missing (required)" in e.value.problems
+    assert (
+        f"{p}: mqtt.host: missing (required, or a list of brokers in mqtt.hosts)"
+        in e.value.problems
+    )
 
 
 def test_duplicate_device_names_and_syntax_errors(tmp_path: Path) -> None:
@@ -448,3 +451,45 @@ def test_missing_extras_are_named_per_device(
         f"{p}: api: the kiosk API needs Python module 'uvicorn' "
         "(install the 'kiosk' extra: pip install 'madoguchi[kiosk]')",
     ]
+
+
+def test_several_brokers_are_host_or_host_port_and_exclude_host(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(
+        GOOD.replace(
+            'host = "registry-broker.example"',
+            'hosts = ["b1.city.lan:8884", "b2.city.lan", "[fd00::3]:8885", "10.0.0.4"]\n'
+            "persistent_session = true",
+        )
+    )
+    cfg = load_config(p)
+    assert cfg.mqtt.brokers() == [
+        ("b1.city.lan", 8884),
+        ("b2.city.lan", 8883),
+        ("fd00::3", 8885),
+        ("10.0.0.4", 8883),
+    ]
+    assert cfg.mqtt.persistent_session is True
+    assert cfg.mqtt.host is None
+    both = GOOD.replace("port = 8883", 'port = 8883\nhosts = ["b1:1"]')
+    p.write_text(both)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == [f"{p}: mqtt.host: set host or hosts, not both"]
+    for entry, why in [
+        ("b1:0", "the port must be a number from 1 to 65535"),
+        ("b1:x", "the port must be a number from 1 to 65535"),
+        ("fd00::1", "write an IPv6 address as [address]:port"),
+        ("", "a broker is host or host:port, without spaces"),
+        ("user@b1", "not a host name or address"),
+    ]:
+        p.write_text(
+            GOOD.replace('host = "registry-broker.example"', f'hosts = ["ok:1", "{entry}"]')
+        )
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        assert e.value.problems == [f"{p}: mqtt.hosts: [1] {entry!r}: {why}"], entry
+    p.write_text(GOOD.replace('host = "registry-broker.example"', "hosts = []"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert [x.split(": ")[1] for x in e.value.problems] == ["mqtt.hosts"]

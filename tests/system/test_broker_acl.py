@@ -502,7 +502,8 @@ async def test_station_cannot_kick_another_station_off(fleet: Fleet) -> None:
 
 async def test_each_central_role_does_only_its_part(fleet: Fleet) -> None:
     """The identity is the certificate for the central side too: the dashboard's CN
-    cannot read records or forge acks (a station would purge unstored records), the
+    cannot read records or forge acks (a station would purge unstored records; it may
+    read them, as a sign of a station's life), the
     registry's cannot send commands, and neither can take the other's session."""
     a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
     registry = fleet.client(fleet.role("registry"), "registry")
@@ -527,10 +528,46 @@ async def test_each_central_role_does_only_its_part(fleet: Fleet) -> None:
         await a.publish(f"{P}/site1/a/status", b"marker-2", qos=1)
         seen_by_dashboard = await collect_until(dashboard, b"marker-2")
     assert seen_by_a == [(f"{P}/site1/a/ack", b"real-ack"), (f"{P}/site1/a/cmd/ping", b"real-cmd")]
-    assert seen_by_dashboard == [(f"{P}/site1/a/status", b"marker-2")]  # no records, no acks
+    assert seen_by_dashboard == [  # no records; the real ack (liveness), not the forged one
+        (f"{P}/site1/a/ack", b"real-ack"),
+        (f"{P}/site1/a/status", b"marker-2"),
+    ]
     assert fleet.connected_as() == ["site1/a", "registry", "dashboard"]
     log = fleet.broker.log.read_text()
     assert "Denied PUBLISH from dashboard" in log and "Denied PUBLISH from registry" in log
+
+
+async def test_the_registry_status_role_reads_liveness_and_writes_only_its_feed(
+    fleet: Fleet,
+) -> None:
+    """`registry-status` ([station_status], issue #19) hears status, telemetry and acks and
+    publishes `_registry/+/stations`; it reads no records and can forge no ack, status
+    or command."""
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    registry = fleet.client(fleet.role("registry"), "registry")
+    feed = fleet.client(fleet.role("registry-status"), "registry-status")
+    async with connected(a, registry, feed):
+        for leaf in ("records", "status", "telemetry", "ack"):
+            await feed.subscribe(f"{P}/+/+/{leaf}", qos=1)
+        await a.subscribe(f"{P}/site1/a/ack", qos=1)
+        await a.subscribe(f"{P}/site1/a/cmd/#", qos=1)
+        await feed.publish(f"{P}/site1/a/ack", b"forged-ack", qos=1)
+        await feed.publish(f"{P}/site1/a/cmd/resend", b"forged-cmd", qos=1)
+        await feed.publish(f"{P}/site1/a/status", b"forged-status", qos=1)
+        await a.publish(f"{P}/site1/a/records", b"records-of-a", qos=1)
+        await a.publish(f"{P}/site1/a/telemetry", b"telemetry-of-a", qos=1)
+        await registry.publish(f"{P}/site1/a/ack", b"real-ack", qos=1)
+        await feed.subscribe(f"{P}/_registry/+/stations", qos=1)
+        await feed.publish(f"{P}/_registry/registry/stations", b"the-feed", qos=1)
+        heard = await collect_until(feed, b"the-feed")
+        seen_by_a = await collect_until(a, b"real-ack")
+    assert heard == [  # no records, not its own forged status
+        (f"{P}/site1/a/telemetry", b"telemetry-of-a"),
+        (f"{P}/site1/a/ack", b"real-ack"),
+        (f"{P}/_registry/registry/stations", b"the-feed"),
+    ]
+    assert seen_by_a == [(f"{P}/site1/a/ack", b"real-ack")]  # no forged ack, no command
+    assert "Denied PUBLISH from registry-status" in fleet.broker.log.read_text()
 
 
 async def test_station_cannot_command_any_station_itself_included(fleet: Fleet) -> None:
