@@ -201,3 +201,13 @@ class DatasetStoreError(MadoguchiError):
 class DatasetKeyError(MadoguchiError):
     """A dataset key file (Ed25519 private on the central side, public on a station) is
     missing, unreadable or not a key; the message names the file."""
+
+
+class RemoteConfigError(MadoguchiError):
+    """A remote configuration (`cmd/config`) could not be kept or rolled back: the
+    agent.toml beside it, its .previous copy or its state file; the message names it."""
+
+
+class RenewError(MadoguchiError):
+    """Certificate renewal failed: a CSR refused by the fleet signer, a signed certificate
+    that does not fit the key, or the signer's own files; the message says which."""

@@ -26,6 +26,7 @@ from agent.config import Config, DeviceConfig
 from agent.contract.datasets import subscription
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
+from agent.errors import ConfigError
 from agent.station.blobs import BlobStore
 from agent.station.datasets import DatasetReceiver, DatasetStore
 from agent.station.diagnostics import CertWatch, agent_version
@@ -33,6 +34,7 @@ from agent.station.lock import DataDirLock, make_private
 from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
+from agent.station.remote_config import RemoteConfig, load_or_roll_back
 from agent.station.sealing import Sealer
 from agent.station.station import DeviceState, Listener, Station
 from agent.station.systemd import Notifier
@@ -71,6 +73,9 @@ class StationApp:
         self.api: LocalApi | None = None  # once the API task has started
         self.logs = LogRing()  # the last log lines for cmd/logs (installed while running)
         self.cert = CertWatch(config.mqtt.tls_cert)  # notAfter, lifetime used, alerts
+        self.remote_config = RemoteConfig(config)  # cmd/config and its rollback
+        self.restart_reason: str | None = None  # why `run` ended without `stop`
+        self._loop_stop: asyncio.Event | None = None
 
     # -- the station's surface, for the uplink, the kiosk API, the CLI and tests ----------
 
@@ -84,7 +89,20 @@ class StationApp:
 
     def describe(self) -> dict[str, Any]:
         # the version and the certificate's age for the dashboard's columns (issue #22)
-        return {**self.station.describe(), "madoguchi": VERSION, **self.cert.describe()}
+        return {
+            **self.station.describe(),
+            "madoguchi": VERSION,
+            **self.cert.describe(),
+            **self.remote_config.describe(),
+        }
+
+    def request_restart(self, reason: str) -> None:
+        """End `run` as `stop` would, and say why: `run_station` starts it again with the
+        file as it now is (a remote configuration applied or rolled back)."""
+        log.warning("restarting the station loop: %s", reason)
+        self.restart_reason = reason
+        if self._loop_stop is not None:
+            self._loop_stop.set()
 
     def take_alerts(self) -> list[dict[str, Any]]:
         return self.station.take_alerts() + self.cert.take_alerts()
@@ -129,12 +147,17 @@ class StationApp:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         # one agent per data_dir, held until the process ends (agent/station/lock.py)
-        with DataDirLock(cfg.agent.data_dir):
-            self.logs.install()
-            try:
-                await self._run_locked(stop)
-            finally:
-                self.logs.uninstall()
+        loop_stop = self._loop_stop = asyncio.Event()  # `stop`, or a restart
+        relay = asyncio.create_task(_relay(stop, loop_stop), name="stop-relay")
+        try:
+            with DataDirLock(cfg.agent.data_dir):
+                self.logs.install()
+                try:
+                    await self._run_locked(loop_stop)
+                finally:
+                    self.logs.uninstall()
+        finally:
+            relay.cancel()
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -161,6 +184,9 @@ class StationApp:
             uplink = Uplink(cfg, outbox, self, blobs=self.blobs)
             uplink.add_command("capture_photo", self._cmd_capture_photo)
             uplink.add_command("logs", self.logs.command)
+            uplink.add_command("config", self.remote_config.command)
+            self.remote_config.restart = self.request_restart
+            self.remote_config.after_result = uplink.after_result
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(
                 "uplink", {"connected": up, "error": uplink.last_error}
@@ -176,6 +202,7 @@ class StationApp:
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
                 watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
                 tg.create_task(self._status_loop(stop), name="sd-status")
+                trial = tg.create_task(self.remote_config.guard(uplink), name="config-trial")
                 if cfg.api is not None and cfg.api.enabled:
                     tg.create_task(self._api(stop), name="api")
                 self.ready.set()
@@ -195,6 +222,7 @@ class StationApp:
                 await asyncio.gather(*device_tasks, return_exceptions=True)
                 await uplink_task
                 watchdog.cancel()
+                trial.cancel()
             if datasets is not None:
                 datasets.store.close()
         self.outbox = station.outbox = None
@@ -275,3 +303,22 @@ class StationApp:
             return
         self.api = LocalApi(self)
         await self.api.run(stop)
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def run_station(config: Config, stop: asyncio.Event) -> None:
+    """`madoguchi run`: the station until `stop`; after a remote configuration is applied
+    or rolled back, again with the file as it is then (same process: no supervisor)."""
+    while True:
+        app = StationApp(config)
+        await app.run(stop)
+        if stop.is_set() or app.restart_reason is None or config.source is None:
+            return
+        loaded, problems = await asyncio.to_thread(load_or_roll_back, config.source)
+        if loaded is None:
+            raise ConfigError(problems)
+        config = loaded

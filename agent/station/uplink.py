@@ -179,6 +179,11 @@ class Uplink:
             "diagnostics": self._cmd_diagnostics,
         }
         self._client: aiomqtt.Client | None = None
+        # set at each connection (after the birth) and each registry ack: what a
+        # configuration on trial waits for (agent/station/remote_config.py)
+        self.progress = asyncio.Event()
+        self.acks_received = 0
+        self._after_result: list[Callable[[], None]] = []
         self._subscriptions: list[tuple[str, InboundHandler]] = []
         self._started = time.monotonic()
         self.inbound = InboundFaults()
@@ -202,6 +207,11 @@ class Uplink:
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
+
+    def after_result(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the result of the command being answered is published (or its
+        publish failed): cmd/config restarts the station only after saying so."""
+        self._after_result.append(fn)
 
     def _set_connected(self, connected: bool) -> None:
         changed = connected != self.connected
@@ -358,6 +368,7 @@ class Uplink:
         await self._birth(client)
         await self.outbox.reset_sent()
         self._wake.set()
+        self.progress.set()
 
         async def until_stop() -> None:
             await stop.wait()
@@ -553,6 +564,8 @@ class Uplink:
             self.inbound.fault("malformed", f"ack: {e}")
             return
         n = await self.outbox.confirm(ids)
+        self.acks_received += 1
+        self.progress.set()
         log.debug("registry confirmed %d of %d ids", n, len(ids))
         if self.blobs is not None:
             await self.blobs.confirmed(ids)
@@ -580,9 +593,14 @@ class Uplink:
         except Exception as e:  # answered, counted; never ends the connection
             self.inbound.fault("failed", f"cmd/{name}: {type(e).__name__}: {e}")
             result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        await client.publish(
-            self.topics.command_result(name), command_result(request_id, result), qos=1
-        )
+        try:
+            await client.publish(
+                self.topics.command_result(name), command_result(request_id, result), qos=1
+            )
+        finally:
+            after, self._after_result = self._after_result, []
+            for fn in after:
+                fn()
         raise_if_cancelling()  # the receive loop would otherwise wait for the next message
 
     async def _cmd_ping(self, body: dict[str, Any]) -> dict[str, Any]:
