@@ -49,7 +49,7 @@ def add_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         help="audit log (default: central.toml's dashboard.audit_file; with flags: "
         "fleet-audit.jsonl)",
     )
-    push.set_defaults(func=run_config_push)
+    push.set_defaults(func=run_config_push, db=None)
 
 
 def run_config_push(args: argparse.Namespace) -> int:

@@ -284,6 +284,7 @@ class RemoteConfig:
         self.state["state"] = "confirmed"
         self.state["confirmed_at"] = self._now()
         await asyncio.to_thread(save_state, self.path, self.state)
+        uplink.republish_status()
         log.info("configuration revision %s confirmed", self.state.get("revision"))
 
     @staticmethod

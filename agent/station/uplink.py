@@ -184,6 +184,7 @@ class Uplink:
         self.progress = asyncio.Event()
         self.acks_received = 0
         self._after_result: list[Callable[[], None]] = []
+        self._status_forced = False  # republish_status() was called
         self._subscriptions: list[tuple[str, InboundHandler]] = []
         self._started = time.monotonic()
         self.inbound = InboundFaults()
@@ -207,6 +208,12 @@ class Uplink:
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
+
+    def republish_status(self) -> None:
+        """Something in the station's description changed that the retained status should
+        say (a configuration confirmed): published again, within the status rate limit."""
+        self._status_forced = True
+        self._recheck.set()
 
     def after_result(self, fn: Callable[[], None]) -> None:
         """Run `fn` once the result of the command being answered is published (or its
@@ -413,12 +420,13 @@ class Uplink:
                 async with asyncio.timeout(self.status_check_s):
                     await self._recheck.wait()
             self._recheck.clear()
-            if self._status_state() == self._status_said:
+            if self._status_state() == self._status_said and not self._status_forced:
                 continue
             pause = self._status_at + self.status_min_interval_s - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)  # rate limit
-            if self._status_state() != self._status_said:
+            if self._status_state() != self._status_said or self._status_forced:
+                self._status_forced = False
                 await self._birth(client)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
