@@ -23,7 +23,7 @@ import pytest
 
 from agent.cli.main import main as cli
 from agent.testing import AgentProcess, Pty, free_port
-from tests.system.test_broker_acl import P, Fleet
+from tests.system.test_broker_acl import Fleet, P
 from tests.system.test_central_tls import NAME, SITE, central_toml, madoguchi, station_config
 
 pytestmark = pytest.mark.broker
