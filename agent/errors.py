@@ -28,7 +28,9 @@ message names the file, key, device or server so the person reading it can act.
     ├── HarnessError           agent.testing could not start a part (mosquitto, registry)
     ├── DatasetRefused         a reference dataset version not applied (signature, version, expiry)
     ├── DatasetStoreError      the station's datasets.db could not be read or written
-    └── DatasetKeyError        a dataset signing or pinned public key is missing or unreadable
+    ├── DatasetKeyError        a dataset signing or pinned public key is missing or unreadable
+    ├── RemoteConfigError      cmd/config: agent.toml, .previous or its state file not written
+    └── RenewError             certificate renewal: CSR refused, bad answer, signer's files
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
 (a ValueError), because the contract imports nothing but the standard library; the

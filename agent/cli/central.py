@@ -375,16 +375,6 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
     _add_personal_parsers(p)
 
     _add_dashboard_parser(sub)
-    _add_fleet_parsers(sub)
-
-
-def _add_fleet_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`madoguchi fleet ...` (issue #22): each operation's parser lives in its own module."""
-    from agent.cli.fleet_config import add_config_parser
-
-    fleet = sub.add_parser("fleet", help="fleet operations: remote configuration, certificates")
-    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
-    add_config_parser(fsub)
 
 
 def looks_central(path: str) -> bool:

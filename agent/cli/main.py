@@ -53,6 +53,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from agent.cli.tools import add_tool_parsers
 
     add_central_parsers(sub)
+    _add_fleet_parsers(sub)
     p = sub.add_parser("demo", help="broker + registry + agent + simulated scanner, end to end")
     p.add_argument("--loop", action="store_true", help="keep scanning until Ctrl-C")
     p.add_argument(
@@ -61,6 +62,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     add_tool_parsers(sub)
     return parser
+
+
+def _add_fleet_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`madoguchi fleet ...` (issue #22): each operation's parser lives in its own module
+    (here, not in central.py: fleet_config.py uses central.py's connection flags)."""
+    from agent.cli.fleet_config import add_config_parser
+
+    fleet = sub.add_parser("fleet", help="fleet operations: remote configuration, certificates")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    add_config_parser(fsub)
 
 
 #: Python module -> the extra that installs it, for "not installed" lines

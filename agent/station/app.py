@@ -35,6 +35,7 @@ from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
 from agent.station.remote_config import RemoteConfig, load_or_roll_back
+from agent.station.renewal import CertRenewer
 from agent.station.sealing import Sealer
 from agent.station.station import DeviceState, Listener, Station
 from agent.station.systemd import Notifier
@@ -74,6 +75,7 @@ class StationApp:
         self.logs = LogRing()  # the last log lines for cmd/logs (installed while running)
         self.cert = CertWatch(config.mqtt.tls_cert)  # notAfter, lifetime used, alerts
         self.remote_config = RemoteConfig(config)  # cmd/config and its rollback
+        self.renewer = CertRenewer(config, self.cert)  # a new certificate from 80 %
         self.restart_reason: str | None = None  # why `run` ended without `stop`
         self._loop_stop: asyncio.Event | None = None
 
@@ -94,6 +96,7 @@ class StationApp:
             "madoguchi": VERSION,
             **self.cert.describe(),
             **self.remote_config.describe(),
+            **self.renewer.describe(),
         }
 
     def request_restart(self, reason: str) -> None:
@@ -187,6 +190,8 @@ class StationApp:
             uplink.add_command("config", self.remote_config.command)
             self.remote_config.restart = self.request_restart
             self.remote_config.after_result = uplink.after_result
+            if self.renewer.enabled:
+                uplink.add_subscription(self.renewer.topics.csr_signed, self.renewer.handle)
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(
                 "uplink", {"connected": up, "error": uplink.last_error}
@@ -203,6 +208,7 @@ class StationApp:
                 watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
                 tg.create_task(self._status_loop(stop), name="sd-status")
                 trial = tg.create_task(self.remote_config.guard(uplink), name="config-trial")
+                renewal = tg.create_task(self.renewer.run(uplink), name="cert-renewal")
                 if cfg.api is not None and cfg.api.enabled:
                     tg.create_task(self._api(stop), name="api")
                 self.ready.set()
@@ -223,6 +229,7 @@ class StationApp:
                 await uplink_task
                 watchdog.cancel()
                 trial.cancel()
+                renewal.cancel()
             if datasets is not None:
                 datasets.store.close()
         self.outbox = station.outbox = None

@@ -153,3 +153,21 @@ def install_cert(cert_file: Path, out: Path, now: datetime | None = None) -> tup
     except OSError as e:
         raise EnrollError(f"{e.filename or dest}: {e.strerror}") from None
     return dest, cn
+
+
+def install_renewed(staging: Path, key_dest: Path, cert_dest: Path, cn: str) -> None:
+    """Certificate renewal (agent/station/renewal.py): the signed certificate in
+    `staging` was checked against the staging key by `install_cert`; check its CN, then
+    put key and certificate where the configuration names them (key first: the uplink
+    reads both at its next connect)."""
+    got_cn = install_cert(staging / "signed.crt", staging)[1]
+    if got_cn != cn:
+        raise EnrollError(f"{staging / 'signed.crt'}: CN {got_cn!r} is not this station ({cn})")
+    try:
+        _write_atomic(key_dest, (staging / KEY_FILE).read_bytes(), 0o600)
+        _write_atomic(cert_dest, (staging / CERT_FILE).read_bytes(), 0o644)
+        for name in (KEY_FILE, CSR_FILE, CERT_FILE, "signed.crt"):
+            with contextlib.suppress(FileNotFoundError):
+                (staging / name).unlink()
+    except OSError as e:
+        raise EnrollError(f"{e.filename or cert_dest}: {e.strerror}") from None

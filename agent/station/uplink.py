@@ -18,6 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiomqtt
@@ -57,11 +58,30 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(cafile=str(m.tls_ca) if m.tls_ca else None)
     if m.tls_cert is not None:
+        _refuse_expired(m.tls_cert)
         try:
             ctx.load_cert_chain(str(m.tls_cert), str(m.tls_key) if m.tls_key else None)
         except (OSError, ssl.SSLError) as e:
             raise UplinkError(f"mqtt.tls_cert / mqtt.tls_key: cannot load: {e}") from e
     return ctx
+
+
+def _refuse_expired(path: Path) -> None:
+    """An expired client certificate is an error that names it, not a handshake the
+    broker refuses without saying why (issue #22: never lapse silently)."""
+    from datetime import UTC, datetime
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return  # load_cert_chain says what is wrong with it
+    if cert.not_valid_after_utc <= datetime.now(UTC):
+        raise UplinkError(
+            f"mqtt.tls_cert: {path}: expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "not used (renew it: madoguchi enroll, then enroll --install)"
+        )
 
 
 def read_password(config: Config) -> str | None:
@@ -185,6 +205,7 @@ class Uplink:
         self.acks_received = 0
         self._after_result: list[Callable[[], None]] = []
         self._status_forced = False  # republish_status() was called
+        self._up = asyncio.Event()  # set while connected
         self._subscriptions: list[tuple[str, InboundHandler]] = []
         self._started = time.monotonic()
         self.inbound = InboundFaults()
@@ -209,6 +230,17 @@ class Uplink:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
 
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """One QoS 1 message on the current connection (certificate renewal's CSR);
+        UplinkError when there is none."""
+        client = self._client
+        if client is None or not self.connected:
+            raise UplinkError("not connected")
+        try:
+            await client.publish(topic, payload, qos=1, timeout=self.config.mqtt.publish_timeout_s)
+        except aiomqtt.MqttError as e:
+            raise UplinkError(f"broker {self.config.mqtt.host}:{self.config.mqtt.port}: {e}") from e
+
     def republish_status(self) -> None:
         """Something in the station's description changed that the retained status should
         say (a configuration confirmed): published again, within the status rate limit."""
@@ -220,9 +252,16 @@ class Uplink:
         publish failed): cmd/config restarts the station only after saying so."""
         self._after_result.append(fn)
 
+    async def wait_connected(self) -> None:
+        await self._up.wait()
+
     def _set_connected(self, connected: bool) -> None:
         changed = connected != self.connected
         self.connected = connected
+        if connected:
+            self._up.set()
+        else:
+            self._up.clear()
         if changed and self.on_connection is not None:
             self.on_connection(connected)
 
