@@ -113,3 +113,58 @@ def run_config_push(args: argparse.Namespace) -> int:
         return 0
     print(f"{where}: revision {revision} {outcome.outcome}: {outcome.reason}", file=sys.stderr)
     return 1
+
+
+def add_ca_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`ca-serve` under the `fleet` group: the signer for certificate renewal."""
+    from agent.cli.central import _add_connection_flags
+
+    p = sub.add_parser(
+        "ca-serve",
+        help="sign the renewal CSRs stations send over MQTT (allowlisted names only)",
+    )
+    _add_connection_flags(p)
+    p.add_argument("--ca-cert", required=True, type=Path, help="the fleet CA certificate (PEM)")
+    p.add_argument("--ca-key", required=True, type=Path, help="the fleet CA private key (PEM)")
+    p.add_argument(
+        "--allow",
+        required=True,
+        type=Path,
+        help="stations that may renew, one site/name a line (# comments; read at each CSR)",
+    )
+    p.add_argument("--days", type=float, default=30.0, help="validity of each certificate")
+    p.add_argument("--audit-file", default="ca-serve-audit.jsonl", help="audit log (JSONL)")
+    p.set_defaults(func=run_ca_serve, db=None)
+
+
+def run_ca_serve(args: argparse.Namespace) -> int:
+    from agent.cli.central import _config
+    from agent.cli.service import run_service, setup_logging
+
+    section: dict[str, Any] = {"trusted_header": "X-Madoguchi-Cli", "audit_file": args.audit_file}
+    config = _config(args, "dashboard", section)
+    if config is None:
+        return 1
+    setup_logging("INFO")
+    from agent.central.audit import AuditLog
+    from agent.central.signer import CsrSigner
+
+    try:
+        signer = CsrSigner(
+            config.broker.host,
+            config.broker.port,
+            ca_cert=args.ca_cert,
+            ca_key=args.ca_key,
+            allow=args.allow,
+            days=args.days,
+            topic_prefix=config.broker.topic_prefix,
+            tls_context=config.tls_context("dashboard"),
+            username=config.dashboard.username,
+            password=config.mqtt_password("dashboard"),
+            audit=AuditLog(Path(args.audit_file)),
+        )
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    return run_service(signer.run)

@@ -67,11 +67,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _add_fleet_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`madoguchi fleet ...` (issue #22): each operation's parser lives in its own module
     (here, not in central.py: fleet_config.py uses central.py's connection flags)."""
-    from agent.cli.fleet_config import add_config_parser
+    from agent.cli.fleet_config import add_ca_parser, add_config_parser
 
     fleet = sub.add_parser("fleet", help="fleet operations: remote configuration, certificates")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     add_config_parser(fsub)
+    add_ca_parser(fsub)
 
 
 #: Python module -> the extra that installs it, for "not installed" lines
