@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 
+from agent._aio import Backoff
 from agent.central.audit import AuditLog
 from agent.contract.topics import DEFAULT_PREFIX, Topics
 from agent.errors import RenewError
@@ -155,8 +156,28 @@ class CsrSigner:
         return cert.public_bytes(serialization.Encoding.PEM).decode()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Answer until `stop`; a lost broker is reconnected with backoff."""
         self.load_ca()
         read_allowlist(self.allow)  # a missing allowlist is an error at start, not later
+        backoff = Backoff(cap=30.0)
+        while not stop.is_set():
+            lost: str | None = None
+            try:
+                await self._connection(stop)
+            except* aiomqtt.MqttError as group:  # from the subscribe or the task group
+                lost = str(group.exceptions[0])
+            if lost is None:
+                return
+            self.ready.clear()
+            delay = backoff.next()
+            log.warning(
+                "ca-serve: broker %s:%d: %s; again in %.1f s", self.host, self.port, lost, delay
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+
+    async def _connection(self, stop: asyncio.Event) -> None:
         async with aiomqtt.Client(
             self.host,
             self.port,
@@ -168,13 +189,12 @@ class CsrSigner:
             await client.subscribe(self.topics.all_csr, qos=1)
             self.ready.set()
             log.info("ca-serve: answering CSRs on %s", self.topics.all_csr)
-            receive = asyncio.create_task(self._receive(client), name="ca-serve-receive")
-            try:
-                await stop.wait()
-            finally:
+            async with asyncio.TaskGroup() as tg:
+                receive = tg.create_task(self._receive(client), name="ca-serve-receive")
+                stopping = tg.create_task(stop.wait(), name="ca-serve-stop")
+                await asyncio.wait({receive, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 receive.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await receive
+                stopping.cancel()
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for m in client.messages:
