@@ -292,6 +292,7 @@ class Fleet:
             if st.state == "online" and dev.get("state") in ("error", "disconnected"):
                 out.append({"type": "device", "level": "warn", "detail": f"{name}: {dev['state']}"})
         out += cert_alerts(st)
+        out += fleet_alerts(st)
         for e in st.events:
             if now - e["at"] > self.t.keep_events_s or str(e.get("type")).startswith("cert_"):
                 continue  # (the certificate's state comes from its status fields above)
@@ -365,7 +366,32 @@ class Fleet:
 def station_columns(st: StationView) -> dict[str, Any]:
     """Version and certificate expiry (issue #22): from the birth, or newer telemetry."""
     src = {**st.status, **st.telemetry}
-    return {k: src.get(k) for k in ("madoguchi", "cert_expires_at", "cert_lifetime_used")}
+    keys = (
+        "madoguchi",
+        "cert_expires_at",
+        "cert_lifetime_used",
+        "cert_renewal",
+        "config_revision",
+        "config_state",
+        "config_rolled_back",
+    )
+    return {k: src.get(k) for k in keys}
+
+
+def fleet_alerts(st: StationView) -> list[dict[str, Any]]:
+    """A configuration the station rolled back, a renewal that keeps failing (issue #22):
+    alerts for as long as the station says so."""
+    cols = station_columns(st)
+    out: list[dict[str, Any]] = []
+    rolled = cols["config_rolled_back"]
+    if isinstance(rolled, dict):
+        detail = f"{rolled.get('revision')}: {rolled.get('reason')}"
+        out.append({"type": "config_rolled_back", "level": "warn", "detail": detail[:300]})
+    renewal = cols["cert_renewal"]
+    if isinstance(renewal, dict) and renewal.get("state") == "failed":
+        detail = f"{renewal.get('attempts')} attempt(s): {renewal.get('last_error')}"
+        out.append({"type": "cert_renewal_failed", "level": "warn", "detail": detail[:300]})
+    return out
 
 
 def cert_alerts(st: StationView) -> list[dict[str, Any]]:
