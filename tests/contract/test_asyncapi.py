@@ -40,6 +40,8 @@ def test_document_is_consistent() -> None:
         "datasetChunk",
         "datasetSiteManifest",
         "datasetSiteChunk",
+        "csr",
+        "csrSigned",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])
