@@ -30,6 +30,7 @@ from agent.errors import ConfigError
 from agent.station.blobs import BlobStore
 from agent.station.datasets import DatasetReceiver, DatasetStore
 from agent.station.diagnostics import CertWatch, agent_version
+from agent.station.enroll import client_identity
 from agent.station.lock import DataDirLock, make_private
 from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
@@ -73,7 +74,9 @@ class StationApp:
         self.blobs: BlobStore | None = None
         self.api: LocalApi | None = None  # once the API task has started
         self.logs = LogRing()  # the last log lines for cmd/logs (installed while running)
-        self.cert = CertWatch(config.mqtt.tls_cert)  # notAfter, lifetime used, alerts
+        # notAfter, lifetime used, alerts: of the pair the uplink presents
+        cert, _ = client_identity(config.mqtt.tls_cert, config.mqtt.tls_key, config.agent.data_dir)
+        self.cert = CertWatch(cert)
         self.remote_config = RemoteConfig(config)  # cmd/config and its rollback
         self.renewer = CertRenewer(config, self.cert)  # a new certificate from 80 %
         self.restart_reason: str | None = None  # why `run` ended without `stop`

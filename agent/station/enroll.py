@@ -171,3 +171,36 @@ def install_renewed(staging: Path, key_dest: Path, cert_dest: Path, cn: str) -> 
                 (staging / name).unlink()
     except OSError as e:
         raise EnrollError(f"{e.filename or cert_dest}: {e.strerror}") from None
+
+
+#: where certificate renewal installs the new pair, under [agent] data_dir: the shipped
+#: unit hands the configured pair in read-only (LoadCredential=), the state directory
+#: is the agent's own and survives restarts
+RENEWED_DIR = "credentials"
+
+
+def _not_after(path: Path) -> float | None:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return None
+
+
+def client_identity(
+    cert: Path | None, key: Path | None, data_dir: Path
+) -> tuple[Path | None, Path | None]:
+    """The certificate and key the uplink presents: the configured pair, or the pair
+    renewal installed in `<data_dir>/credentials/` when that one lasts longer (so a
+    technician's fresh `enroll --install` still wins over an older renewal)."""
+    if cert is None or key is None:
+        return cert, key
+    renewed_cert = data_dir / RENEWED_DIR / CERT_FILE
+    renewed_key = data_dir / RENEWED_DIR / KEY_FILE
+    if not (renewed_cert.exists() and renewed_key.exists()):
+        return cert, key
+    theirs = _not_after(renewed_cert)
+    if theirs is not None and theirs > (_not_after(cert) or float("-inf")):
+        return renewed_cert, renewed_key
+    return cert, key

@@ -5,11 +5,13 @@ and CSR in `<data_dir>/renewal/` (`make_key_and_csr`, the path `madoguchi enroll
 the key is kept across retries, never sent), publishes the CSR on its own `csr` topic
 (the broker's ACL lets only this station's certificate write there) and waits for the
 fleet signer's answer on `csr/signed` (`madoguchi fleet ca-serve`). A signed certificate
-is checked against the new key and the station's CN, then key and certificate replace the
-configured `mqtt.tls_key` / `mqtt.tls_cert`; the uplink reads them at its next connect,
-without a restart. A refusal, no answer or no broker is retried with backoff (2 s
-doubling to 5 min). From 90 % CertWatch alerts; an expired certificate is refused by the
-uplink itself with a one-line error (agent/station/uplink.py), never silently offered.
+is checked against the new key and the station's CN, then key and certificate are
+installed in `<data_dir>/credentials/` (the configured pair may be read-only: the
+shipped unit hands it in with LoadCredential=); from its next connect the uplink
+presents whichever pair lasts longer (`enroll.client_identity`), without a restart.
+A refusal, no answer or no broker is retried with backoff (2 s doubling to 5 min).
+From 90 % CertWatch alerts; an expired certificate is refused by the uplink itself
+with a one-line error (agent/station/uplink.py), never silently offered.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from agent.config import Config
 from agent.contract.topics import Topics
 from agent.errors import EnrollError, RenewError, UplinkError
 from agent.station.diagnostics import CertWatch
-from agent.station.enroll import install_renewed, make_key_and_csr, station_cn
+from agent.station.enroll import (
+    CERT_FILE,
+    KEY_FILE,
+    RENEWED_DIR,
+    install_renewed,
+    make_key_and_csr,
+    station_cn,
+)
 
 if TYPE_CHECKING:
     from agent.station.uplink import Uplink
@@ -49,8 +58,11 @@ class CertRenewer:
         self, config: Config, watch: CertWatch, *, now: Callable[[], float] = time.time
     ) -> None:
         m, a = config.mqtt, config.agent
-        self.key_path, self.cert_path = m.tls_key, m.tls_cert
         self.enabled = m.tls_cert is not None and m.tls_key is not None
+        # installed here, not over the configured pair (read-only under the shipped unit);
+        # the uplink presents whichever pair lasts longer (enroll.client_identity)
+        self.key_path = a.data_dir / RENEWED_DIR / KEY_FILE
+        self.cert_path = a.data_dir / RENEWED_DIR / CERT_FILE
         self.watch = watch
         self.renew_at = a.cert_renew_at
         self.site, self.name = a.site, a.name
@@ -136,7 +148,6 @@ class CertRenewer:
                 self._waiting = None
 
     async def _renew(self, uplink: Uplink) -> None:
-        assert self.key_path is not None and self.cert_path is not None
         _, csr_path, _ = await asyncio.to_thread(
             make_key_and_csr, self.site, self.name, self.staging
         )
@@ -155,9 +166,10 @@ class CertRenewer:
             raise RenewError("the fleet signer's answer holds no certificate")
         (self.staging / "signed.crt").write_text(cert)
         cn = station_cn(self.site, self.name)
+        self.cert_path.parent.mkdir(mode=0o700, exist_ok=True)
         await asyncio.to_thread(install_renewed, self.staging, self.key_path, self.cert_path, cn)
         self.state, self.renewed_at, self.last_error = "renewed", self._now(), None
-        self.watch.describe()
+        self.watch.switch(self.cert_path)
         log.info(
             "client certificate renewed: %s, not after %s; used from the next connection",
             self.cert_path,

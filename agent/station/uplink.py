@@ -32,6 +32,7 @@ from agent.errors import MadoguchiError, UplinkError
 from agent.logrepeat import Repeats
 from agent.station.blobs import BlobSender, BlobStore
 from agent.station.diagnostics import collect
+from agent.station.enroll import client_identity
 from agent.station.outbox import Outbox, Outgoing
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,12 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     if m.tls_ca is None and m.tls_cert is None:
         return None
     ctx = ssl.create_default_context(cafile=str(m.tls_ca) if m.tls_ca else None)
-    if m.tls_cert is not None:
-        _refuse_expired(m.tls_cert)
+    # the configured pair, or the one certificate renewal installed (renewal.py)
+    cert, key = client_identity(m.tls_cert, m.tls_key, config.agent.data_dir)
+    if cert is not None:
+        _refuse_expired(cert)
         try:
-            ctx.load_cert_chain(str(m.tls_cert), str(m.tls_key) if m.tls_key else None)
+            ctx.load_cert_chain(str(cert), str(key) if key else None)
         except (OSError, ssl.SSLError) as e:
             raise UplinkError(f"mqtt.tls_cert / mqtt.tls_key: cannot load: {e}") from e
     return ctx

@@ -15,6 +15,7 @@ from cryptography.x509.oid import NameOID
 from agent.config import load_config
 from agent.errors import UplinkError
 from agent.station.diagnostics import CertWatch
+from agent.station.enroll import client_identity
 from agent.station.renewal import CertRenewer
 from agent.station.uplink import tls_context
 from tests.support.pki import TestCA, _key_pem
@@ -73,3 +74,20 @@ def test_an_expired_certificate_is_refused_with_its_name_not_offered(tmp_path: P
         tls_context(cfg)
     fresh = load_config(station(tmp_path, now - timedelta(days=1), now + timedelta(days=1)))
     assert tls_context(fresh) is not None
+
+
+def test_the_pair_that_lasts_longer_is_presented(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    cfg = load_config(station(tmp_path, now - timedelta(days=8), now + timedelta(days=2)))
+    m = cfg.mqtt
+    assert client_identity(m.tls_cert, m.tls_key, cfg.agent.data_dir) == (m.tls_cert, m.tls_key)
+    renewed = cfg.agent.data_dir / "credentials"
+    renewed.mkdir(parents=True)
+    station(renewed, now - timedelta(minutes=5), now + timedelta(days=30))
+    assert client_identity(m.tls_cert, m.tls_key, cfg.agent.data_dir) == (
+        renewed / "tls.crt",
+        renewed / "tls.key",
+    )
+    # a technician's fresh enroll --install (lasting longer) wins over an older renewal
+    station(tmp_path, now - timedelta(minutes=5), now + timedelta(days=365))
+    assert client_identity(m.tls_cert, m.tls_key, cfg.agent.data_dir) == (m.tls_cert, m.tls_key)

@@ -85,14 +85,19 @@ async def test_a_certificate_at_81_percent_is_renewed_and_used_on_the_next_conne
             assert renewer.state == "failed"
             assert renewer.last_error is not None
             assert f"{SITE}/{NAME} is not on the signer's allowlist" in renewer.last_error
-            assert cert_path.read_bytes() and key_path.read_bytes() == old_key  # untouched
+            assert key_path.read_bytes() == old_key
+            assert not (tmp_path / "data" / "credentials" / "tls.crt").exists()
             allow.write_text(f"{SITE}/{NAME}\n")  # read again at the next CSR
             await until(lambda: renewer.state == "renewed", 15)
-            assert key_path.read_bytes() != old_key  # a new key, made on the station
-            new = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            # installed in the state directory: the configured pair may be read-only
+            # (LoadCredential=) and is left as it was
+            assert key_path.read_bytes() == old_key
+            renewed = tmp_path / "data" / "credentials"
+            assert (renewed / "tls.key").read_bytes() != old_key  # a new key, made here
+            new = x509.load_pem_x509_certificate((renewed / "tls.crt").read_bytes())
             assert new.not_valid_after_utc > datetime.now(UTC) + timedelta(hours=23)
             assert run.station.describe()["cert_lifetime_used"] < 0.01
-            assert oct(key_path.stat().st_mode & 0o777) == "0o600"
+            assert oct((renewed / "tls.key").stat().st_mode & 0o777) == "0o600"
             # the old certificate expires; the broker restarts; the station's next
             # connection can only succeed with the new one
             await until(lambda: datetime.now(UTC) > old_after + timedelta(seconds=1), 15)
