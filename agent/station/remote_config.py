@@ -191,7 +191,12 @@ class RemoteConfig:
                 "error": f"revision {self.state.get('revision')} is still on trial; "
                 "push again once it is confirmed or rolled back",
             }
-        problems = await asyncio.to_thread(self._validate, text)
+        try:
+            problems = await asyncio.to_thread(self._validate, text)
+            if not problems:
+                deadline = await asyncio.to_thread(self._apply, text, revision)
+        except RemoteConfigError as e:  # a read-only /etc/madoguchi, a full disk
+            return {"ok": False, "revision": revision, "error": f"nothing applied: {e}"}
         if problems:
             return {
                 "ok": False,
@@ -199,7 +204,6 @@ class RemoteConfig:
                 "error": f"{len(problems)} problem(s); nothing applied",
                 "problems": problems,
             }
-        deadline = await asyncio.to_thread(self._apply, text, revision)
         if self.after_result is not None and self.restart is not None:
             restart = self.restart
             self.after_result(lambda: restart(f"configuration revision {revision} applied"))
@@ -233,6 +237,7 @@ class RemoteConfig:
         write_atomic(previous_path(self.path), current, 0o600)
         deadline = self._deadline_of(candidate_path(self.path))  # the new file's own
         running = None if self.state is None else self.describe()["config_revision"]
+        before = self.state
         self.state = {
             "revision": revision,
             "sha256": sha256_hex(text),
@@ -241,10 +246,18 @@ class RemoteConfig:
             "deadline_s": deadline,
             "previous_revision": running,
         }
-        save_state(self.path, self.state)
         try:
+            save_state(self.path, self.state)
             os.replace(candidate_path(self.path), self.path)
-        except OSError as e:
+        except (OSError, RemoteConfigError) as e:
+            self.state = before  # not on trial: the file is still the old one
+            with contextlib.suppress(OSError, RemoteConfigError):
+                if before is None:
+                    state_path(self.path).unlink()
+                else:
+                    save_state(self.path, before)
+            if isinstance(e, RemoteConfigError):
+                raise
             raise RemoteConfigError(f"{self.path}: {e.strerror}") from e
         log.warning(
             "configuration revision %s applied; rolled back unless confirmed within %.0f s",

@@ -102,3 +102,16 @@ async def test_a_revision_on_trial_that_no_longer_loads_is_rolled_back_at_start(
     assert state["state"] == "rolled_back" and "mqtt.tls_ca" in state["reason"]
     # a revision no longer on trial is never acted on again
     assert load_or_roll_back(path)[1] == [] and path.read_text() == original
+
+
+async def test_a_file_that_cannot_be_written_is_an_answer_not_a_fault(tmp_path: Path) -> None:
+    """(A read-only /etc/madoguchi, a full disk: here, a directory where the temp goes.)"""
+    rc, path, original = remote(tmp_path)
+    blocker = tmp_path / ".agent.toml.candidate.tmp"
+    blocker.mkdir()
+    (blocker / "x").write_text("")
+    got = await rc.command(body(agent_toml(tmp_path, port=1884), "r1"))
+    assert got["ok"] is False and got["error"].startswith("nothing applied: ")
+    assert ".agent.toml.candidate.tmp" in got["error"]
+    assert path.read_text() == original and not rc.on_trial
+    assert not state_path(path).exists()
