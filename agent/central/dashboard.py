@@ -21,6 +21,7 @@ known Host and Origin (dashboard_guard.py); every command is audited first
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -407,6 +408,15 @@ def cert_alerts(st: StationView) -> list[dict[str, Any]]:
     return [{"type": kind, "level": level, "detail": f"{used:.0%}, {expires}"}]
 
 
+def _failure(result: dict[str, Any]) -> str:
+    """A failed result as one audit field: the error, and every problem of a refused
+    configuration push (names of files and keys only: no personal data)."""
+    problems = result.get("problems")
+    if isinstance(problems, list) and problems:
+        return f"{result.get('error')}: " + "; ".join(str(p) for p in problems)[:2000]
+    return str(result.get("error"))
+
+
 def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:
     """A diagnostics result as the download holds it: without the request id."""
     return {k: v for k, v in result.items() if k != "request_id"}
@@ -528,7 +538,12 @@ class Dashboard:
                 fut.set_result(body)
 
     async def command(
-        self, site: str, agent: str, name: str, who: str = "dashboard"
+        self,
+        site: str,
+        agent: str,
+        name: str,
+        who: str = "dashboard",
+        args: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Publish `cmd/{name}` and wait for its result, audited before and after."""
         request_id = str(uuid.uuid4())
@@ -542,7 +557,7 @@ class Dashboard:
                 request_id=request_id,
                 outcome="sent",
             )
-        result = await self._command(site, agent, name, request_id)
+        result = await self._command(site, agent, name, request_id, args or {})
         if self.audit is not None:
             try:
                 await asyncio.to_thread(
@@ -553,13 +568,15 @@ class Dashboard:
                     command=name,
                     request_id=request_id,
                     outcome="ok" if result.get("ok") is True else "failed",
-                    error=None if result.get("ok") is True else str(result.get("error")),
+                    error=None if result.get("ok") is True else _failure(result),
                 )
             except AuditError as e:  # sent and answered: say so, the "sent" line is on disk
                 log.error("dashboard: %s: outcome of %s %s not audited", e, name, request_id)
         return result
 
-    async def _command(self, site: str, agent: str, name: str, request_id: str) -> dict[str, Any]:
+    async def _command(
+        self, site: str, agent: str, name: str, request_id: str, args: dict[str, Any]
+    ) -> dict[str, Any]:
         client = self._client
         if client is None:
             return {"ok": False, "error": "dashboard not connected to the broker"}
@@ -568,7 +585,7 @@ class Dashboard:
         try:
             await client.publish(
                 self.topics.station(site, agent).command(name),
-                Command(name, request_id).encode(),
+                Command(name, request_id, args).encode(),
                 qos=1,
             )
             return await asyncio.wait_for(fut, self.command_timeout_s)
@@ -668,6 +685,38 @@ class Dashboard:
                 )
             return JSONResponse(result, headers=headers)
 
+        async def config(request: Request) -> JSONResponse:
+            """A configuration push (cmd/config, docs/fleet-config.md): the whole file."""
+            if request.headers.get("content-type", "").split(";")[0] != "application/json":
+                return JSONResponse({"ok": False, "error": "JSON only"}, 415, headers=headers)
+            try:
+                body = await request.json()
+                site, agent, text = str(body["site"]), str(body["agent"]), body["toml"]
+                if not isinstance(text, str):
+                    raise TypeError
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                revision = str(body.get("revision") or digest[:12])[:64]
+            except (ValueError, KeyError, TypeError):
+                return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
+            if self.audit is None:
+                return JSONResponse(
+                    {"ok": False, "error": "no audit log: commands are off"}, 503, headers=headers
+                )
+            if (site, agent) not in self.fleet.stations:
+                return JSONResponse({"ok": False, "error": "unknown"}, 404, headers=headers)
+            who = request.scope.get("state", {}).get("user")
+            if not who:
+                return JSONResponse({"ok": False, "error": "unauthorized"}, 401, headers=headers)
+            args = {"toml": text, "revision": revision, "sha256": digest}
+            try:
+                result = await self.command(site, agent, "config", who=who, args=args)
+            except AuditError as e:
+                log.error("dashboard: %s: config push not sent", e)
+                return JSONResponse(
+                    {"ok": False, "error": "audit log unavailable: not sent"}, 503, headers=headers
+                )
+            return JSONResponse(result, headers=headers)
+
         async def audit(request: Request) -> JSONResponse:
             entries = [] if self.audit is None else await asyncio.to_thread(self.audit.tail, 50)
             return JSONResponse({"entries": entries}, headers=headers)
@@ -677,6 +726,7 @@ class Dashboard:
                 Route("/", index),
                 Route("/api/fleet", fleet),
                 Route("/api/command", command, methods=["POST"]),
+                Route("/api/config", config, methods=["POST"]),
                 Route("/api/audit", audit),
                 *self._diagnostics_routes(headers),
             ],

@@ -21,10 +21,20 @@ from typing import Any
 
 import pytest
 
+from agent.central.audit import AuditLog
+from agent.central.dashboard import Dashboard
 from agent.cli.main import main as cli
 from agent.testing import AgentProcess, Pty, free_port
+from tests.support.central import DESK_USER, desk_guard, running_dashboard
 from tests.system.test_broker_acl import Fleet, P
-from tests.system.test_central_tls import NAME, SITE, central_toml, madoguchi, station_config
+from tests.system.test_central_tls import (
+    NAME,
+    SITE,
+    central_toml,
+    madoguchi,
+    station_config,
+)
+from tests.system.test_cert_expiry import http_json
 
 pytestmark = pytest.mark.broker
 
@@ -205,3 +215,54 @@ async def test_a_push_to_a_wrong_broker_is_rolled_back_and_scans_arrive(
         assert f"localhost:{wrong_port}" in status["config_rolled_back"]["reason"]
         assert [e["outcome"] for e in s.audit()] == ["sent", "rolled_back"]
         s.agent.check_running()
+
+
+async def test_the_dashboard_pushes_a_configuration_audited_and_shows_its_revision(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path) as s:
+        dash = Dashboard(
+            "127.0.0.1",
+            s.fleet.broker.port,
+            http_port=free_port(),
+            tls_context=s.fleet.tls(*s.fleet.role("dashboard")),
+            guard=desk_guard(),
+            audit=AuditLog(tmp_path / "dashboard-audit.jsonl"),
+        )
+        base = f"http://127.0.0.1:{dash.http_port}"
+        async with running_dashboard(dash):
+
+            async def row(until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+                async with asyncio.timeout(20):
+                    while True:
+                        view = await asyncio.to_thread(http_json, f"{base}/api/fleet")
+                        rows = [r for site in view["sites"] for r in site["stations"]]
+                        if rows and until(rows[0]):
+                            return rows[0]
+                        await asyncio.sleep(0.1)
+
+            await row(lambda r: r["state"] == "online")
+            bad = s.original.replace("[agent]\n", "[agent]\ncolour = 'blue'\n")
+            refused = await asyncio.to_thread(
+                http_json, f"{base}/api/config", {"site": SITE, "agent": NAME, "toml": bad}
+            )
+            assert refused["ok"] is False and "agent.colour" in refused["problems"][0]
+            good = s.original.replace("telemetry_interval_s = 0.5", "telemetry_interval_s = 0.4")
+            applied = await asyncio.to_thread(
+                http_json,
+                f"{base}/api/config",
+                {"site": SITE, "agent": NAME, "toml": good, "revision": "desk-1"},
+            )
+            assert applied["ok"] is True and applied["revision"] == "desk-1"
+            shown = await row(lambda r: r["config_state"] == "confirmed")
+            assert shown["config_revision"] == "desk-1"
+            assert s.config.read_text() == good
+        entries = [(e["who"], e["command"], e["outcome"]) for e in dash.audit.tail()]  # type: ignore[union-attr]
+        assert entries == [
+            (DESK_USER, "config", "sent"),
+            (DESK_USER, "config", "failed"),
+            (DESK_USER, "config", "sent"),
+            (DESK_USER, "config", "ok"),
+        ]
+        failed = dash.audit.tail()[1]  # type: ignore[union-attr]
+        assert "agent.colour" in failed["error"]
