@@ -81,6 +81,7 @@ class StationApp:
         self.renewer = CertRenewer(config, self.cert)  # a new certificate from 80 %
         self.restart_reason: str | None = None  # why `run` ended without `stop`
         self._loop_stop: asyncio.Event | None = None
+        self._service_stop = asyncio.Event()  # `run`'s stop (SIGTERM), once running
 
     # -- the station's surface, for the uplink, the kiosk API, the CLI and tests ----------
 
@@ -154,6 +155,7 @@ class StationApp:
         cfg = self.config
         # one agent per data_dir, held until the process ends (agent/station/lock.py)
         loop_stop = self._loop_stop = asyncio.Event()  # `stop`, or a restart
+        self._service_stop = stop
         relay = asyncio.create_task(_relay(stop, loop_stop), name="stop-relay")
         try:
             with DataDirLock(cfg.agent.data_dir):
@@ -225,7 +227,10 @@ class StationApp:
                 )
                 await stop.wait()
                 log.info("stopping: devices first, then the uplink says offline")
-                self.notifier.stopping()
+                if self.restart_reason is not None and not self._service_stop.is_set():
+                    self.notifier.reloading(self.restart_reason)
+                else:
+                    self.notifier.stopping()
                 for t in device_tasks:
                     t.cancel()
                 await asyncio.gather(*device_tasks, return_exceptions=True)
