@@ -108,6 +108,8 @@ async def test_a_certificate_at_81_percent_is_renewed_and_used_on_the_next_conne
             stop_mosquitto(fleet.broker.proc)
             fleet.broker.start()
             await until(lambda: uplink.connected and uplink.session > sessions, 15)
+            # the restarted broker kept no sessions: scan once the registry is back too
+            await asyncio.to_thread(registry.wait_log, "registry consuming", 15, 2)
             scanner.scan("111122410000012345")
             assert await scanner.aread(1) == b"\x06"
             outbox = run.station.outbox
@@ -127,3 +129,32 @@ async def test_a_certificate_at_81_percent_is_renewed_and_used_on_the_next_conne
     outcomes = [e["outcome"] for e in audit]
     assert outcomes[0] == "refused" and outcomes[-1] == "signed" and outcomes.count("signed") == 1
     assert {(e["site"], e["agent"], e["command"]) for e in audit} == {(SITE, NAME, "sign-csr")}
+
+
+async def test_an_expired_certificate_is_reported_and_never_offered(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path)
+    fleet.broker.start()
+    scanner = Pty(tmp_path / "ttyScanner")
+    cfg = station_config(tmp_path, fleet, scanner)
+    cert_path = tmp_path / "stations" / f"{SITE}_{NAME}" / "tls.crt"
+    now = datetime.now(UTC)
+    resign(fleet, cert_path, now - timedelta(days=30), now - timedelta(minutes=1))
+    try:
+        async with running_station(cfg) as run:
+            uplink = run.station.uplink
+            assert uplink is not None
+            await until(lambda: uplink.degraded is not None, 10)
+            assert uplink.degraded is not None
+            assert f"mqtt.tls_cert: {cert_path}: expired on" in uplink.degraded
+            assert not uplink.connected
+            described = run.station.describe()
+            assert described["cert_lifetime_used"] >= 1.0
+            assert [a["type"] for a in run.station.take_alerts()] == ["cert_expired"]
+            # stored all the same: scans are never refused for the uplink's sake
+            scanner.scan("111122410000012345")
+            assert await scanner.aread(1) == b"\x06"
+        log = fleet.broker.log.read_text()
+    finally:
+        scanner.close()
+        fleet.broker.stop()
+    assert f"{SITE}/{NAME}" not in log  # no handshake with it was ever attempted
