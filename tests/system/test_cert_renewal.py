@@ -4,7 +4,8 @@ new one; refused while it is not on the allowlist (retried with backoff), signed
 is; the new key and certificate are used at the next connection without a restart,
 after the old certificate has expired; a scan then reaches the registry.
 
-About 12 s: the old certificate must really have expired before the broker restarts."""
+About 9 s: the old certificate must really have expired before the broker restarts.
+An expired certificate is reported and never offered (about 4 s)."""
 
 from __future__ import annotations
 
