@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, DeviceConfig
 from agent.contract.datasets import subscription
+from agent.contract.topics import Topics
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
 from agent.errors import ConfigError
@@ -195,6 +196,11 @@ class StationApp:
             uplink.add_command("config", self.remote_config.command)
             self.remote_config.restart = self.request_restart
             self.remote_config.after_result = uplink.after_result
+            if self.remote_config.on_trial:  # the registry's status confirms the revision
+                uplink.add_subscription(
+                    Topics(cfg.mqtt.topic_prefix).all_registry_status,
+                    self.remote_config.registry_status,
+                )
             if self.renewer.enabled:
                 uplink.add_subscription(self.renewer.topics.csr_signed, self.renewer.handle)
             self.uplink = uplink

@@ -11,8 +11,9 @@ revision id and its sha256. The station
    `agent.toml.state.json` (state `applied`, when, the deadline), moves the candidate
    over agent.toml (rename: never a half file), and restarts its own loop in the same
    process once the result is published (no systemd needed, and none in tests);
-3. with the new file, confirms it as soon as the broker is connected and the registry has
-   acked (or the outbox had nothing to ack): state `confirmed`. If that does not happen
+3. with the new file, confirms it as soon as the broker is connected and the registry is
+   heard from (an ack, or a registry consumer's retained `online` status on
+   `_registry/+/status`, subscribed while on trial): state `confirmed`. If that does not happen
    within `[agent] config_rollback_after_s` of applying, it restores `.previous`, marks
    the attempt `rolled_back` with the reason, and restarts its loop again with the old
    file. The deadline is wall-clock from `applied_at` in the state file, so a station
@@ -143,6 +144,8 @@ class RemoteConfig:
             with contextlib.suppress(OSError):
                 if sha256_hex(self.path.read_text()) != self.state.get("sha256"):
                     self.state = roll_back(self.path, "the apply was interrupted", now)
+        self.registry_online = False  # a registry consumer's retained status said online
+        self._progress: asyncio.Event | None = None  # the uplink's, once guarding
         self.restart: Callable[[str], None] | None = None  # the app's loop restart
         self.after_result: Callable[[Callable[[], None]], None] | None = None
 
@@ -274,11 +277,27 @@ class RemoteConfig:
 
     # -- the trial of an applied revision -----------------------------------------
 
+    async def registry_status(self, topic: str, payload: Any) -> bool:
+        """`_registry/+/status` (an uplink subscription while on trial): a registry
+        consumer online, as seen through the new configuration's broker and prefix."""
+        if "/_registry/" not in topic or not topic.endswith("/status"):
+            return False
+        try:
+            body = json.loads(payload)
+        except (TypeError, ValueError):
+            return True
+        if isinstance(body, dict) and body.get("state") == "online":
+            self.registry_online = True
+            if self._progress is not None:
+                self._progress.set()
+        return True
+
     async def guard(self, uplink: Uplink) -> None:
         """Confirm the revision on trial, or roll it back at its deadline and restart."""
         if not self.on_trial or self.path is None:
             return
         assert self.state is not None
+        self._progress = uplink.progress
         deadline = float(self.state["deadline_s"])
         remaining = float(self.state["applied_at"]) + deadline - self._now()
         try:
@@ -300,12 +319,10 @@ class RemoteConfig:
         uplink.republish_status()
         log.info("configuration revision %s confirmed", self.state.get("revision"))
 
-    @staticmethod
-    async def _until_confirmed(uplink: Uplink) -> None:
+    async def _until_confirmed(self, uplink: Uplink) -> None:
+        """Connected, and the registry heard from: an ack, or its retained online status."""
         while True:
             await uplink.progress.wait()
             uplink.progress.clear()
-            if not uplink.connected:
-                continue
-            if uplink.acks_received > 0 or (await uplink.outbox.stats()).unconfirmed == 0:
+            if uplink.connected and (uplink.acks_received > 0 or self.registry_online):
                 return

@@ -217,6 +217,20 @@ async def test_a_push_to_a_wrong_broker_is_rolled_back_and_scans_arrive(
         s.agent.check_running()
 
 
+async def test_a_push_that_reaches_the_broker_but_not_the_registry_is_rolled_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong topic_prefix: the broker takes the connection, the registry never hears."""
+    async with running(tmp_path) as s:
+        wrong = s.original.replace("[mqtt]\n", '[mqtt]\ntopic_prefix = "madoguchi/v2"\n')
+        rc = await s.push(wrong, "prefix-1", wait=ROLLBACK_AFTER_S + 20)
+        err = capsys.readouterr().err
+        assert rc == 1 and "revision prefix-1 rolled_back" in err
+        assert "connected, no registry ack" in err
+        assert s.config.read_text() == s.original
+        await s.scan_arrives("111122410000077777")
+
+
 async def test_the_dashboard_pushes_a_configuration_audited_and_shows_its_revision(
     tmp_path: Path,
 ) -> None:
