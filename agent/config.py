@@ -81,6 +81,20 @@ class AgentSection(Strict):
         description="Answer the remote command cmd/capture_photo (a camera trigger from the "
         "dashboard). Off: refused; the kiosk's own photo button works either way.",
     )
+    config_rollback_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="After a remote configuration (cmd/config) is applied: seconds the "
+        "station may go without reaching the broker and the registry before it restores "
+        "the previous agent.toml by itself.",
+    )
+    cert_renew_at: float = Field(
+        default=0.8,
+        gt=0,
+        lt=1,
+        description="Fraction of the client certificate's lifetime after which the station "
+        "asks the fleet signer for a new one over MQTT (csr topic); alerts start at 0.9.",
+    )
 
     release_public_key: str | None = Field(
         default=None,

@@ -29,7 +29,9 @@ message names the file, key, device or server so the person reading it can act.
     ├── DatasetRefused         a reference dataset version not applied (signature, version, expiry)
     ├── DatasetStoreError      the station's datasets.db could not be read or written
     ├── DatasetKeyError        a dataset signing or pinned public key is missing or unreadable
-    └── ReleaseRefused         a release not installed or switched to (signature, files, schema)
+    ├── ReleaseRefused         a release not installed or switched to (signature, files, schema)
+    ├── RemoteConfigError      cmd/config: agent.toml, .previous or its state file not written
+    └── RenewError             certificate renewal: CSR refused, bad answer, signer's files
 
 One error lives outside this module on purpose: `agent.contract.messages.MessageError`
 (a ValueError), because the contract imports nothing but the standard library; the
@@ -214,3 +216,13 @@ class ReleaseRefused(MadoguchiError):
         super().__init__(f"release {version}: {reason}")
         self.version = version
         self.reason = reason
+
+
+class RemoteConfigError(MadoguchiError):
+    """A remote configuration (`cmd/config`) could not be kept or rolled back: the
+    agent.toml beside it, its .previous copy or its state file; the message names it."""
+
+
+class RenewError(MadoguchiError):
+    """Certificate renewal failed: a CSR refused by the fleet signer, a signed certificate
+    that does not fit the key, or the signer's own files; the message says which."""

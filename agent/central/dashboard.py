@@ -21,6 +21,7 @@ known Host and Origin (dashboard_guard.py); every command is audited first
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -321,6 +322,7 @@ class Fleet:
         out += cert_alerts(st)
         out += release_alerts(st)
         out += dataset_alerts(st, now)
+        out += fleet_alerts(st)
         for e in st.events:
             if now - e["at"] > self.t.keep_events_s or str(e.get("type")).startswith("cert_"):
                 continue  # (the certificate's state comes from its status fields above)
@@ -397,7 +399,16 @@ def station_columns(st: StationView) -> dict[str, Any]:
     telemetry. `release`: the running release and the last rollout's target, state
     (offered ... healthy, rolled_back, refused) and reason (docs/CONTRACT.md "Releases")."""
     src = {**st.status, **st.telemetry}
-    keys = ("madoguchi", "release", "cert_expires_at", "cert_lifetime_used")
+    keys = (
+        "madoguchi",
+        "release",
+        "cert_expires_at",
+        "cert_lifetime_used",
+        "cert_renewal",
+        "config_revision",
+        "config_state",
+        "config_rolled_back",
+    )
     return {k: src.get(k) for k in keys}
 
 
@@ -460,6 +471,22 @@ def _epoch_or_none(iso: object) -> float | None:
     return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
+def fleet_alerts(st: StationView) -> list[dict[str, Any]]:
+    """A configuration the station rolled back, a renewal that keeps failing (issue #22):
+    alerts for as long as the station says so."""
+    cols = station_columns(st)
+    out: list[dict[str, Any]] = []
+    rolled = cols["config_rolled_back"]
+    if isinstance(rolled, dict):
+        detail = f"{rolled.get('revision')}: {rolled.get('reason')}"
+        out.append({"type": "config_rolled_back", "level": "warn", "detail": detail[:300]})
+    renewal = cols["cert_renewal"]
+    if isinstance(renewal, dict) and renewal.get("state") == "failed":
+        detail = f"{renewal.get('attempts')} attempt(s): {renewal.get('last_error')}"
+        out.append({"type": "cert_renewal_failed", "level": "warn", "detail": detail[:300]})
+    return out
+
+
 def cert_alerts(st: StationView) -> list[dict[str, Any]]:
     """A certificate past 90 % of its lifetime is an alert for as long as it lasts."""
     cols = station_columns(st)
@@ -480,6 +507,15 @@ def release_alerts(st: StationView) -> list[dict[str, Any]]:
         return []
     detail = f"{rel.get('target')}: {rel.get('reason')}"[:300]
     return [{"type": f"release_{rel['state']}", "level": "warn", "detail": detail}]
+
+
+def _failure(result: dict[str, Any]) -> str:
+    """A failed result as one audit field: the error, and every problem of a refused
+    configuration push (names of files and keys only: no personal data)."""
+    problems = result.get("problems")
+    if isinstance(problems, list) and problems:
+        return f"{result.get('error')}: " + "; ".join(str(p) for p in problems)[:2000]
+    return str(result.get("error"))
 
 
 def diagnostics_file(result: dict[str, Any]) -> dict[str, Any]:
@@ -608,7 +644,12 @@ class Dashboard:
                 fut.set_result(body)
 
     async def command(
-        self, site: str, agent: str, name: str, who: str = "dashboard"
+        self,
+        site: str,
+        agent: str,
+        name: str,
+        who: str = "dashboard",
+        args: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Publish `cmd/{name}` and wait for its result, audited before and after."""
         request_id = str(uuid.uuid4())
@@ -622,7 +663,7 @@ class Dashboard:
                 request_id=request_id,
                 outcome="sent",
             )
-        result = await self._command(site, agent, name, request_id)
+        result = await self._command(site, agent, name, request_id, args or {})
         if self.audit is not None:
             try:
                 await asyncio.to_thread(
@@ -633,13 +674,15 @@ class Dashboard:
                     command=name,
                     request_id=request_id,
                     outcome="ok" if result.get("ok") is True else "failed",
-                    error=None if result.get("ok") is True else str(result.get("error")),
+                    error=None if result.get("ok") is True else _failure(result),
                 )
             except AuditError as e:  # sent and answered: say so, the "sent" line is on disk
                 log.error("dashboard: %s: outcome of %s %s not audited", e, name, request_id)
         return result
 
-    async def _command(self, site: str, agent: str, name: str, request_id: str) -> dict[str, Any]:
+    async def _command(
+        self, site: str, agent: str, name: str, request_id: str, args: dict[str, Any]
+    ) -> dict[str, Any]:
         client = self._client
         if client is None:
             return {"ok": False, "error": "dashboard not connected to the broker"}
@@ -648,7 +691,7 @@ class Dashboard:
         try:
             await client.publish(
                 self.topics.station(site, agent).command(name),
-                Command(name, request_id).encode(),
+                Command(name, request_id, args).encode(),
                 qos=1,
             )
             return await asyncio.wait_for(fut, self.command_timeout_s)
@@ -748,6 +791,38 @@ class Dashboard:
                 )
             return JSONResponse(result, headers=headers)
 
+        async def config(request: Request) -> JSONResponse:
+            """A configuration push (cmd/config, docs/fleet-config.md): the whole file."""
+            if request.headers.get("content-type", "").split(";")[0] != "application/json":
+                return JSONResponse({"ok": False, "error": "JSON only"}, 415, headers=headers)
+            try:
+                body = await request.json()
+                site, agent, text = str(body["site"]), str(body["agent"]), body["toml"]
+                if not isinstance(text, str):
+                    raise TypeError
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                revision = str(body.get("revision") or digest[:12])[:64]
+            except (ValueError, KeyError, TypeError):
+                return JSONResponse({"ok": False, "error": "bad request"}, 400, headers=headers)
+            if self.audit is None:
+                return JSONResponse(
+                    {"ok": False, "error": "no audit log: commands are off"}, 503, headers=headers
+                )
+            if (site, agent) not in self.fleet.stations:
+                return JSONResponse({"ok": False, "error": "unknown"}, 404, headers=headers)
+            who = request.scope.get("state", {}).get("user")
+            if not who:
+                return JSONResponse({"ok": False, "error": "unauthorized"}, 401, headers=headers)
+            args = {"toml": text, "revision": revision, "sha256": digest}
+            try:
+                result = await self.command(site, agent, "config", who=who, args=args)
+            except AuditError as e:
+                log.error("dashboard: %s: config push not sent", e)
+                return JSONResponse(
+                    {"ok": False, "error": "audit log unavailable: not sent"}, 503, headers=headers
+                )
+            return JSONResponse(result, headers=headers)
+
         async def audit(request: Request) -> JSONResponse:
             entries = [] if self.audit is None else await asyncio.to_thread(self.audit.tail, 50)
             return JSONResponse({"entries": entries}, headers=headers)
@@ -757,6 +832,7 @@ class Dashboard:
                 Route("/", index),
                 Route("/api/fleet", fleet),
                 Route("/api/command", command, methods=["POST"]),
+                Route("/api/config", config, methods=["POST"]),
                 Route("/api/audit", audit),
                 *self._diagnostics_routes(headers),
             ],

@@ -168,9 +168,16 @@ def _fleet_broker(args: argparse.Namespace) -> Any:
 
 def add_fleet_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from agent.cli.central import _add_connection_flags
+    from agent.cli.fleet_config import add_ca_parser, add_config_parser
 
-    fleet = sub.add_parser("fleet", help="signed releases and rollouts with automatic rollback")
+    fleet = sub.add_parser(
+        "fleet",
+        help="fleet operations: signed releases and rollouts, remote configuration, "
+        "certificate renewal (each with automatic rollback where it applies)",
+    )
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="FLEET_COMMAND")
+    add_config_parser(fsub)  # fleet config push (agent/cli/fleet_config.py)
+    add_ca_parser(fsub)  # fleet ca-serve
 
     k = fsub.add_parser("release-keygen", help="new Ed25519 key pair for signing releases")
     k.add_argument("--private", type=Path, required=True, help="private key (central, 0600)")

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from agent.cli.checks import check_extras, check_files
+from agent.cli.checks import check_config_file
 from agent.cli.service import run_service, setup_logging
 from agent.config import Config, config_warnings, load_config
 from agent.errors import ConfigError, EnrollError, MadoguchiError
@@ -28,24 +28,24 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 1
-    # the same host checks as check-config, before anything starts: a missing TLS file or
-    # extra is one line and exit 1, not a traceback from inside the task group
-    problems = check_files(config).problems + check_extras(config).problems
+    from agent.station.remote_config import load_or_roll_back
+
+    # the same checks as check-config, before anything starts: a missing TLS file or
+    # extra is one line and exit 1, not a traceback from inside the task group; a remote
+    # configuration on trial that does not start is rolled back here (remote_config.py)
+    config, problems = load_or_roll_back(Path(args.config))
     for p in problems:
         print(error_line(p), file=sys.stderr)
-    if problems:
+    if config is None:
         return 1
     setup_logging(config.agent.log_level, config.agent.log_format)
     # every file the agent creates is its own alone, whatever umask the shell had
     os.umask(PRIVATE_UMASK)
     for w in config_warnings(config):
         logging.getLogger("agent").warning("%s", w)
-    from agent.station.app import StationApp
+    from agent.station.app import run_station
 
-    return run_service(StationApp(config).run)
+    return run_service(lambda stop: run_station(config, stop))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -53,15 +53,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     if looks_central(args.path):
         return check_central_config(args.path)
-    config = _load(args.path)
+    # the same function as the station's cmd/config (agent/station/checks.py)
+    config, problems, notes = check_config_file(args.path, args.user, config_only=args.config_only)
     if config is None:
+        for p in problems:
+            print(error_line(p), file=sys.stderr)
         return 1
-    problems: list[str] = []
-    notes: list[str] = []
-    if not args.config_only:
-        files = check_files(config, args.user)
-        problems = files.problems + check_extras(config).problems
-        notes = files.notes
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

@@ -38,6 +38,8 @@ Kind = Literal[
     "blob_missing",
     "registry_status",
     "registry_stations",
+    "csr",
+    "csr_signed",
 ]
 
 #: the site level of the registry consumers' own topics: no station may use it
@@ -117,6 +119,16 @@ class StationTopics:
     def blob_missing(self, record_id: str) -> str:
         return f"{self.base}/blobs/{record_id}/missing"
 
+    @property
+    def csr(self) -> str:
+        """Certificate renewal: the station's CSR to the fleet signer (issue #22)."""
+        return f"{self.base}/csr"
+
+    @property
+    def csr_signed(self) -> str:
+        """Certificate renewal: the signer's answer (the certificate, or why not)."""
+        return f"{self.base}/csr/signed"
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -148,6 +160,10 @@ class Topics:
     @property
     def all_acks(self) -> str:
         return f"{self.prefix}/+/+/ack"
+
+    @property
+    def all_csr(self) -> str:
+        return f"{self.prefix}/+/+/csr"
 
     @property
     def all_command_results(self) -> str:
@@ -188,8 +204,10 @@ class Topics:
                 return Topic(site, agent, "registry_stations")
             return Topic(site, agent, "registry_status") if rest == ["status"] else None
         match rest:
-            case ["records" | "ack" | "status" | "telemetry" as leaf]:
+            case ["records" | "ack" | "status" | "telemetry" | "csr" as leaf]:
                 return Topic(site, agent, leaf)
+            case ["csr", "signed"]:
+                return Topic(site, agent, "csr_signed")
             case ["cmd", name] if COMMAND.fullmatch(name):
                 return Topic(site, agent, "cmd", command=name)
             case ["cmd", name, "result"] if COMMAND.fullmatch(name):

@@ -25,15 +25,20 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config, DeviceConfig
 from agent.contract.datasets import subscription
 from agent.contract.records import Read
+from agent.contract.topics import Topics
 from agent.drivers import Driver, create_driver
 from agent.drivers.capabilities import PhotoCamera
+from agent.errors import ConfigError
 from agent.station.blobs import BlobStore
 from agent.station.datasets import DatasetReceiver, DatasetStore
 from agent.station.diagnostics import CertWatch, agent_version
+from agent.station.enroll import client_identity
 from agent.station.lock import DataDirLock, make_private
 from agent.station.logring import LogRing
 from agent.station.outbox import Outbox
 from agent.station.photos import find_camera, take_photo
+from agent.station.remote_config import RemoteConfig, load_or_roll_back
+from agent.station.renewal import CertRenewer
 from agent.station.rollout import RELEASE_SWITCH, Rollout
 from agent.station.sealing import Sealer
 from agent.station.station import DeviceState, Listener, Station
@@ -72,7 +77,14 @@ class StationApp:
         self.api: LocalApi | None = None  # once the API task has started
         self.logs = LogRing()  # the last log lines for cmd/logs (installed while running)
         self.rollout: Rollout | None = None  # cmd/update and the release health check
-        self.cert = CertWatch(config.mqtt.tls_cert)  # notAfter, lifetime used, alerts
+        # notAfter, lifetime used, alerts: of the pair the uplink presents
+        cert, _ = client_identity(config.mqtt.tls_cert, config.mqtt.tls_key, config.agent.data_dir)
+        self.cert = CertWatch(cert)
+        self.remote_config = RemoteConfig(config)  # cmd/config and its rollback
+        self.renewer = CertRenewer(config, self.cert)  # a new certificate from 80 %
+        self.restart_reason: str | None = None  # why `run` ended without `stop`
+        self._loop_stop: asyncio.Event | None = None
+        self._service_stop = asyncio.Event()  # `run`'s stop (SIGTERM), once running
 
     # -- the station's surface, for the uplink, the kiosk API, the CLI and tests ----------
 
@@ -92,7 +104,17 @@ class StationApp:
             "madoguchi": VERSION,
             **self.cert.describe(),
             **release,
+            **self.remote_config.describe(),
+            **self.renewer.describe(),
         }
+
+    def request_restart(self, reason: str) -> None:
+        """End `run` as `stop` would, and say why: `run_station` starts it again with the
+        file as it now is (a remote configuration applied or rolled back)."""
+        log.warning("restarting the station loop: %s", reason)
+        self.restart_reason = reason
+        if self._loop_stop is not None:
+            self._loop_stop.set()
 
     def take_alerts(self) -> list[dict[str, Any]]:
         return self.station.take_alerts() + self.cert.take_alerts()
@@ -137,12 +159,18 @@ class StationApp:
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         # one agent per data_dir, held until the process ends (agent/station/lock.py)
-        with DataDirLock(cfg.agent.data_dir):
-            self.logs.install()
-            try:
-                await self._run_locked(stop)
-            finally:
-                self.logs.uninstall()
+        loop_stop = self._loop_stop = asyncio.Event()  # `stop`, or a restart
+        self._service_stop = stop
+        relay = asyncio.create_task(_relay(stop, loop_stop), name="stop-relay")
+        try:
+            with DataDirLock(cfg.agent.data_dir):
+                self.logs.install()
+                try:
+                    await self._run_locked(loop_stop)
+                finally:
+                    self.logs.uninstall()
+        finally:
+            relay.cancel()
 
     async def _run_locked(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -180,6 +208,16 @@ class StationApp:
             uplink.add_subscription(rollout.subscription, rollout.handle)
             station.subscribe(rollout.device_state)
             rollout.publish = uplink.publish
+            uplink.add_command("config", self.remote_config.command)
+            self.remote_config.restart = self.request_restart
+            self.remote_config.after_result = uplink.after_result
+            if self.remote_config.on_trial:  # the registry's status confirms the revision
+                uplink.add_subscription(
+                    Topics(cfg.mqtt.topic_prefix).all_registry_status,
+                    self.remote_config.registry_status,
+                )
+            if self.renewer.enabled:
+                uplink.add_subscription(self.renewer.topics.csr_signed, self.renewer.handle)
             self.uplink = uplink
             uplink.on_connection = lambda up: station.emit(
                 "uplink", {"connected": up, "error": uplink.last_error}
@@ -207,6 +245,8 @@ class StationApp:
                 )
                 downloads = tg.create_task(rollout.run(), name="release-download")
                 tg.create_task(self._status_loop(stop), name="sd-status")
+                trial = tg.create_task(self.remote_config.guard(uplink), name="config-trial")
+                renewal = tg.create_task(self.renewer.run(uplink), name="cert-renewal")
                 if cfg.api is not None and cfg.api.enabled:
                     tg.create_task(self._api(stop), name="api")
                 self.ready.set()
@@ -220,7 +260,10 @@ class StationApp:
                 )
                 await stop.wait()
                 log.info("stopping: devices first, then the uplink says offline")
-                self.notifier.stopping()
+                if self.restart_reason is not None and not self._service_stop.is_set():
+                    self.notifier.reloading(self.restart_reason)
+                else:
+                    self.notifier.stopping()
                 for t in device_tasks:
                     t.cancel()
                 await asyncio.gather(*device_tasks, return_exceptions=True)
@@ -228,6 +271,8 @@ class StationApp:
                 watchdog.cancel()
                 health.cancel()
                 downloads.cancel()
+                trial.cancel()
+                renewal.cancel()
             if datasets is not None:
                 datasets.store.close()
         self.outbox = station.outbox = None
@@ -309,3 +354,22 @@ class StationApp:
             return
         self.api = LocalApi(self)
         await self.api.run(stop)
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def run_station(config: Config, stop: asyncio.Event) -> None:
+    """`madoguchi run`: the station until `stop`; after a remote configuration is applied
+    or rolled back, again with the file as it is then (same process: no supervisor)."""
+    while True:
+        app = StationApp(config)
+        await app.run(stop)
+        if stop.is_set() or app.restart_reason is None or config.source is None:
+            return
+        loaded, problems = await asyncio.to_thread(load_or_roll_back, config.source)
+        if loaded is None:
+            raise ConfigError(problems)
+        config = loaded

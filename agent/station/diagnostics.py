@@ -180,6 +180,11 @@ class CertWatch:
         self.not_before = cert.not_valid_before_utc.timestamp()
         self.not_after = cert.not_valid_after_utc.timestamp()
 
+    def switch(self, path: Path) -> None:
+        """Watch another file from now on (a renewed certificate, agent/station/renewal.py)."""
+        self.path = path
+        self._load(path)
+
     def _reload_if_replaced(self) -> None:
         """A certificate renewed in place (enroll --install) is read again: one stat."""
         if self.path is None:

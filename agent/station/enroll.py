@@ -153,3 +153,54 @@ def install_cert(cert_file: Path, out: Path, now: datetime | None = None) -> tup
     except OSError as e:
         raise EnrollError(f"{e.filename or dest}: {e.strerror}") from None
     return dest, cn
+
+
+def install_renewed(staging: Path, key_dest: Path, cert_dest: Path, cn: str) -> None:
+    """Certificate renewal (agent/station/renewal.py): the signed certificate in
+    `staging` was checked against the staging key by `install_cert`; check its CN, then
+    put key and certificate where the configuration names them (key first: the uplink
+    reads both at its next connect)."""
+    got_cn = install_cert(staging / "signed.crt", staging)[1]
+    if got_cn != cn:
+        raise EnrollError(f"{staging / 'signed.crt'}: CN {got_cn!r} is not this station ({cn})")
+    try:
+        _write_atomic(key_dest, (staging / KEY_FILE).read_bytes(), 0o600)
+        _write_atomic(cert_dest, (staging / CERT_FILE).read_bytes(), 0o644)
+        for name in (KEY_FILE, CSR_FILE, CERT_FILE, "signed.crt"):
+            with contextlib.suppress(FileNotFoundError):
+                (staging / name).unlink()
+    except OSError as e:
+        raise EnrollError(f"{e.filename or cert_dest}: {e.strerror}") from None
+
+
+#: where certificate renewal installs the new pair, under [agent] data_dir: the shipped
+#: unit hands the configured pair in read-only (LoadCredential=), the state directory
+#: is the agent's own and survives restarts
+RENEWED_DIR = "credentials"
+
+
+def _not_after(path: Path) -> float | None:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return None
+
+
+def client_identity(
+    cert: Path | None, key: Path | None, data_dir: Path
+) -> tuple[Path | None, Path | None]:
+    """The certificate and key the uplink presents: the configured pair, or the pair
+    renewal installed in `<data_dir>/credentials/` when that one lasts longer (so a
+    technician's fresh `enroll --install` still wins over an older renewal)."""
+    if cert is None or key is None:
+        return cert, key
+    renewed_cert = data_dir / RENEWED_DIR / CERT_FILE
+    renewed_key = data_dir / RENEWED_DIR / KEY_FILE
+    if not (renewed_cert.exists() and renewed_key.exists()):
+        return cert, key
+    theirs = _not_after(renewed_cert)
+    if theirs is not None and theirs > (_not_after(cert) or float("-inf")):
+        return renewed_cert, renewed_key
+    return cert, key

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,15 @@ class Notifier:
         if status is None:
             return self._send("STOPPING=1")
         return self._send("STOPPING=1", f"STATUS={_one_line(status)}")
+
+    def reloading(self, status: str | None = None) -> bool:
+        """`RELOADING=1`: the loop restarts in this process (a remote configuration
+        applied or rolled back); the next `READY=1` ends it. Not STOPPING=1: the service
+        is not going away."""
+        mono = f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        if status is None:
+            return self._send("RELOADING=1", mono)
+        return self._send("RELOADING=1", mono, f"STATUS={_one_line(status)}")
 
     def ping(self) -> bool:
         return self._send("WATCHDOG=1")

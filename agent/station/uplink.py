@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiomqtt
@@ -35,6 +36,7 @@ from agent.errors import MadoguchiError, UplinkError
 from agent.logrepeat import Repeats
 from agent.station.blobs import BlobSender, BlobStore
 from agent.station.diagnostics import collect
+from agent.station.enroll import client_identity
 from agent.station.outbox import Outbox, Outgoing
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,33 @@ def tls_context(config: Config) -> BrokerTLS | None:
             ctx.load_default_certs()
     except (OSError, ssl.SSLError) as e:
         raise UplinkError(f"mqtt.tls_ca: cannot load: {e}") from e
-    if m.tls_cert is not None:
+    # the configured pair, or the one certificate renewal installed (renewal.py)
+    cert, key = client_identity(m.tls_cert, m.tls_key, config.agent.data_dir)
+    if cert is not None:
+        _refuse_expired(cert)
         try:
-            ctx.load_cert_chain(str(m.tls_cert), str(m.tls_key) if m.tls_key else None)
+            ctx.load_cert_chain(str(cert), str(key) if key else None)
         except (OSError, ssl.SSLError) as e:
             raise UplinkError(f"mqtt.tls_cert / mqtt.tls_key: cannot load: {e}") from e
     return ctx
+
+
+def _refuse_expired(path: Path) -> None:
+    """An expired client certificate is an error that names it, not a handshake the
+    broker refuses without saying why (issue #22: never lapse silently)."""
+    from datetime import UTC, datetime
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return  # load_cert_chain says what is wrong with it
+    if cert.not_valid_after_utc <= datetime.now(UTC):
+        raise UplinkError(
+            f"mqtt.tls_cert: {path}: expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+            "not used (renew it: madoguchi enroll, then enroll --install)"
+        )
 
 
 def read_password(config: Config) -> str | None:
@@ -244,6 +267,12 @@ class Uplink:
             "diagnostics": self._cmd_diagnostics,
         }
         self._client: aiomqtt.Client | None = None
+        # set at each connection (after the birth) and each registry ack: what a
+        # configuration on trial waits for (agent/station/remote_config.py)
+        self.progress = asyncio.Event()
+        self.acks_received = 0
+        self._after_result: list[Callable[[], None]] = []
+        self._status_forced = False  # republish_status() was called
         self._subscriptions: list[tuple[str, InboundHandler]] = []
         self._started = time.monotonic()
         self.inbound = InboundFaults()
@@ -285,6 +314,31 @@ class Uplink:
     def add_command(self, name: str, handler: CommandHandler) -> None:
         """Other parts of the agent answer their own `cmd/{name}` (e.g. capture_photo)."""
         self._commands[name] = handler
+
+    async def publish_or_raise(self, topic: str, payload: bytes) -> None:
+        """One QoS 1 message on the current connection, awaiting its PUBACK (certificate
+        renewal's CSR); UplinkError when there is none or it fails (`publish` says False)."""
+        client = self._client
+        if client is None or not self.connected:
+            raise UplinkError("not connected")
+        try:
+            await client.publish(topic, payload, qos=1, timeout=self.config.mqtt.publish_timeout_s)
+        except aiomqtt.MqttError as e:
+            raise UplinkError(f"broker {self.config.mqtt.host}:{self.config.mqtt.port}: {e}") from e
+
+    def republish_status(self) -> None:
+        """Something in the station's description changed that the retained status should
+        say (a configuration confirmed): published again, within the status rate limit."""
+        self._status_forced = True
+        self._recheck.set()
+
+    def after_result(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the result of the command being answered is published (or its
+        publish failed): cmd/config restarts the station only after saying so."""
+        self._after_result.append(fn)
+
+    async def wait_connected(self) -> None:
+        await self.up.wait()
 
     def _set_connected(self, connected: bool) -> None:
         changed = connected != self.connected
@@ -478,6 +532,7 @@ class Uplink:
         await self._birth(client)
         await self.outbox.reset_sent()
         self._wake.set()
+        self.progress.set()
 
         async def until_stop() -> None:
             await stop.wait()
@@ -529,12 +584,13 @@ class Uplink:
                 async with asyncio.timeout(self.status_check_s):
                     await self._recheck.wait()
             self._recheck.clear()
-            if self._status_state() == self._status_said:
+            if self._status_state() == self._status_said and not self._status_forced:
                 continue
             pause = self._status_at + self.status_min_interval_s - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)  # rate limit
-            if self._status_state() != self._status_said:
+            if self._status_state() != self._status_said or self._status_forced:
+                self._status_forced = False
                 await self._birth(client)
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
@@ -681,6 +737,8 @@ class Uplink:
             return
         n = await self.outbox.confirm(ids)
         self.acked.set()
+        self.acks_received += 1
+        self.progress.set()
         log.debug("registry confirmed %d of %d ids", n, len(ids))
         if self.blobs is not None:
             await self.blobs.confirmed(ids)
@@ -708,9 +766,14 @@ class Uplink:
         except Exception as e:  # answered, counted; never ends the connection
             self.inbound.fault("failed", f"cmd/{name}: {type(e).__name__}: {e}")
             result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        await client.publish(
-            self.topics.command_result(name), command_result(request_id, result), qos=1
-        )
+        try:
+            await client.publish(
+                self.topics.command_result(name), command_result(request_id, result), qos=1
+            )
+        finally:
+            after, self._after_result = self._after_result, []
+            for fn in after:
+                fn()
         raise_if_cancelling()  # the receive loop would otherwise wait for the next message
 
     async def _cmd_ping(self, body: dict[str, Any]) -> dict[str, Any]:

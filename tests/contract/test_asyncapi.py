@@ -48,6 +48,8 @@ def test_document_is_consistent() -> None:
         "datasetStationManifest",
         "datasetStationChunk",
         "datasetDelta",
+        "csr",
+        "csrSigned",
     }
     for op in DOC["operations"].values():
         channel = resolve(op["channel"]["$ref"])

@@ -113,3 +113,18 @@ async def test_no_watchdog_for_another_pid(manager: Manager) -> None:
     n = Notifier(env(manager, 100_000, pid=1))
     await asyncio.wait_for(n.watchdog_loop(), timeout=5)
     assert manager.drain() == []
+
+
+def test_a_loop_restart_is_reloading_then_ready(manager: Manager) -> None:
+    """cmd/config restarts the loop in the process: RELOADING=1 (with MONOTONIC_USEC, as
+    systemd 253 wants it), then READY=1; never STOPPING=1 (remote_config.py)."""
+    n = Notifier(env(manager))
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert n.reloading("configuration revision r1 applied")
+    assert n.ready()
+    got = manager.drain()
+    n.close()
+    reloading, mono, status = got[0].split("\n")
+    assert reloading == "RELOADING=1" and status == "STATUS=configuration revision r1 applied"
+    assert before <= int(mono.removeprefix("MONOTONIC_USEC=")) <= before + 5_000_000
+    assert got[1:] == ["READY=1"]

@@ -805,3 +805,33 @@ async def test_revoked_station_cannot_connect_after_sighup(tmp_path: Path) -> No
         assert "REVOKED" in refused(fleet.tls(*stolen), fleet.broker)
     finally:
         fleet.broker.stop()
+
+
+async def test_renewal_topics_are_each_stations_own_and_only_the_signer_answers(
+    fleet: Fleet,
+) -> None:
+    """csr: a station writes only its own (so the topic names who asks) and reads only
+    its own csr/signed; only the `fleet-ca` identity reads CSRs and answers them."""
+    a = fleet.client(fleet.enroll_station("site1", "a"), "station-a")
+    b = fleet.client(fleet.enroll_station("site1", "b"), "station-b")
+    signer = fleet.client(fleet.role("fleet-ca"), "fleet-ca")
+    dashboard = fleet.client(fleet.role("dashboard"), "dashboard")
+    async with connected(a, b, signer, dashboard):
+        await signer.subscribe(f"{P}/+/+/csr", qos=1)
+        await b.subscribe(f"{P}/site1/b/csr/signed", qos=1)
+        for topic in (f"{P}/site1/b/csr/signed", f"{P}/site1/+/csr/signed", f"{P}/site1/b/csr"):
+            await a.subscribe(topic, qos=1)
+        await a.subscribe(f"{P}/site1/a/csr/signed", qos=1)
+        # forged: A asking as B, B answering itself, the dashboard answering A
+        await a.publish(f"{P}/site1/b/csr", b"forged-csr", qos=1)
+        await b.publish(f"{P}/site1/b/csr/signed", b"forged-cert", qos=1)
+        await dashboard.publish(f"{P}/site1/a/csr/signed", b"forged-cert", qos=1)
+        await a.publish(f"{P}/site1/a/csr", b"csr-a", qos=1)
+        seen_by_signer = await collect_until(signer, b"csr-a")
+        await signer.publish(f"{P}/site1/b/csr/signed", b"cert-b", qos=1)
+        await signer.publish(f"{P}/site1/a/csr/signed", b"cert-a", qos=1)
+        seen_by_a = await collect_until(a, b"cert-a")
+        seen_by_b = await collect_until(b, b"cert-b")
+    assert seen_by_signer == [(f"{P}/site1/a/csr", b"csr-a")]
+    assert seen_by_a == [(f"{P}/site1/a/csr/signed", b"cert-a")]
+    assert seen_by_b == [(f"{P}/site1/b/csr/signed", b"cert-b")]
