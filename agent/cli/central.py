@@ -181,6 +181,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
                 ]
             )
         feed = _used_tickets_feed(reg.dataset_key, db, config.broker.topic_prefix)
+        transport = _amqp_transport(config) if reg.transport == "amqp" else None
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -205,7 +206,19 @@ def cmd_registry(args: argparse.Namespace) -> int:
             show_data=args.show_data,
             datasets=feed,
             heartbeat_s=reg.heartbeat_s,
+            transport=transport,
         )
+    )
+
+
+def _amqp_transport(config: Any) -> Any:
+    """`[registry] transport = "amqp"`: the records quorum queue of [amqp]."""
+    from agent.central.amqp import AmqpTransport
+
+    amqp = config.amqp
+    tls = config.tls_context("registry") if amqp.tls else None
+    return AmqpTransport(
+        config.amqp_urls(), queue=amqp.queue, prefetch=amqp.prefetch, ssl_context=tls
     )
 
 
