@@ -11,6 +11,9 @@ with `rabbitmqctl join_cluster`. `kill(i)` is a kill -9 of a node's Erlang VM;
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,10 +229,8 @@ class RabbitCluster:
         pid = self.beam_pid(i)
         os.kill(pid, signal.SIGKILL)
         if node.proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             node.proc.wait(30)
             node.proc = None
         node.pid_file.unlink(missing_ok=True)
@@ -243,26 +245,28 @@ class RabbitCluster:
         for i, n in enumerate(self.nodes):
             if n.proc is None:
                 continue
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self.kill(i)
-            except (OSError, ValueError):
-                pass
         if self.epmd is not None:
             self.epmd.kill()
             self.epmd.wait(10)
             self.epmd = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def list_queues(self, node: Node | int, *columns: str) -> list[dict[str, Any]]:
+        out = self.ctl(node, "list_queues", *columns, "--formatter", "json", "--quiet")
+        rows = json.loads(out)
+        assert isinstance(rows, list)
+        return rows
+
     def quorum_leader(self, queue: str) -> int:
         """Index of the node leading quorum queue `queue` (from a live node)."""
         for n in self.nodes:
             if n.proc is None:
                 continue
-            out = self.ctl(n, "list_queues", "name", "leader", "--formatter", "tsv", "--quiet")
-            for line in out.splitlines():
-                name, _, leader = line.partition("\t")
-                if name == queue:
-                    return next(m.index for m in self.nodes if m.name == leader.strip())
+            for q in self.list_queues(n, "name", "leader"):
+                if q["name"] == queue:
+                    return next(m.index for m in self.nodes if m.name == q["leader"])
         raise AssertionError(f"queue {queue} has no leader")
 
 
@@ -283,3 +287,100 @@ def require_rabbit() -> None:
     why = rabbit_missing()
     if why is not None:
         pytest.skip(why)
+
+
+class MqttStation:
+    """A minimal real-MQTT station (3.1.1, persistent session, QoS 1), for the cluster
+    tests: sends `count` records one envelope each, keeps every unacked one and sends it
+    again after `resend_after_s`, and on a lost connection goes to the next node's MQTT
+    port (what issue #19 point 2 gives the real agent; its `[mqtt]` takes one host today).
+    `done` is set when every record is acked."""
+
+    def __init__(
+        self,
+        site: str,
+        agent: str,
+        count: int,
+        ports: list[int],
+        *,
+        first: int = 0,
+        every_s: float = 0.01,
+        resend_after_s: float = 2.0,
+        prefix: str = "madoguchi/v1",
+    ) -> None:
+        from tests.support.central import record
+
+        self.site, self.agent = site, agent
+        self.records = [record(seq) for seq in range(1, count + 1)]
+        self.ports = ports
+        self.node = first
+        self.every_s = every_s
+        self.resend_after_s = resend_after_s
+        self.topic = f"{prefix}/{site}/{agent}/records"
+        self.ack_topic = f"{prefix}/{site}/{agent}/ack"
+        self.sent_at: dict[str, float] = {}
+        self.acked: set[str] = set()
+        self.resent = 0
+        self.connections = 0
+        self.failovers = 0
+        self.done = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        import aiomqtt
+
+        next_seq = 0
+        while not self.done.is_set():
+            port = self.ports[self.node % len(self.ports)]
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1",
+                    port,
+                    identifier=f"station-{self.site}-{self.agent}",
+                    protocol=aiomqtt.ProtocolVersion.V311,
+                    clean_session=False,
+                    keepalive=5,
+                    timeout=5,
+                ) as client:
+                    await client.subscribe(self.ack_topic, qos=1)
+                    self.connections += 1
+                    self.connected.set()
+                    async with asyncio.TaskGroup() as tg:
+                        acks = tg.create_task(self._acks(client), name=f"acks-{self.agent}")
+                        while not self.done.is_set():
+                            now = time.monotonic()
+                            due = [
+                                r
+                                for r in self.records[:next_seq]
+                                if r["id"] not in self.acked
+                                and now - self.sent_at[r["id"]] > self.resend_after_s
+                            ]
+                            for r in due[:50]:
+                                self.resent += 1
+                                await self._send(client, r)
+                            if next_seq < len(self.records):
+                                await self._send(client, self.records[next_seq])
+                                next_seq += 1
+                            await asyncio.sleep(self.every_s)
+                        acks.cancel()
+            except* (aiomqtt.MqttError, OSError):
+                self.connected.clear()
+                self.node += 1
+                self.failovers += 1
+                await asyncio.sleep(0.3)
+
+    async def _send(self, client: Any, r: dict[str, Any]) -> None:
+        from tests.support.central import envelope
+
+        self.sent_at[r["id"]] = time.monotonic()
+        await client.publish(self.topic, envelope(self.site, self.agent, [r]), qos=1)
+
+    async def _acks(self, client: Any) -> None:
+        async for m in client.messages:
+            body = json.loads(m.payload)
+            self.acked.update(body["ids"])
+            if len(self.acked) >= len(self.records) and all(
+                r["id"] in self.acked for r in self.records
+            ):
+                self.done.set()
+                return
