@@ -12,6 +12,8 @@ agent takes one broker host today, so it cannot move to another node when its no
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from agent.central.amqp import RECORDS_QUEUE, declare_records_queue, records_binding
 from agent.testing import LoggedProcess
+from tests.support import ROOT
 from tests.support.central import PgCluster
 from tests.support.rabbit import MqttStation, RabbitCluster
 
@@ -146,3 +149,76 @@ async def _until(cond: object, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def test_station_permissions_own_topics_only(
+    rabbit_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """provisioning/cluster/station-permissions.sh on the live cluster: a station may
+    publish its own records and read its own ack, and cannot publish as another station,
+    subscribe to another's ack, or ack for another. (User + password here: the script
+    clears the password for certificate login, the test sets one to log in over TCP.)"""
+    import aio_pika
+    import aiomqtt
+
+    cluster = rabbit_cluster
+    node = cluster.nodes[0]
+    env = {**cluster._env(), "RABBITMQCTL": f"rabbitmqctl -n {node.name}"}
+    for agent in ("p1", "p2"):
+        r = subprocess.run(
+            [str(ROOT / "provisioning" / "cluster" / "station-permissions.sh"), "site9", agent],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        cluster.ctl(0, "change_password", f"site9/{agent}", "pw")
+    connection = await aio_pika.connect(node.url)
+    async with connection:
+        channel = await connection.channel()
+        spy = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await spy.bind("amq.topic", routing_key="madoguchi.v1.site9.#")
+        seen: list[str] = []
+        got_own = asyncio.Event()
+
+        async def note(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+            seen.append(m.routing_key or "")
+            if m.routing_key == "madoguchi.v1.site9.p1.records":
+                got_own.set()
+            await m.ack()
+
+        await spy.consume(note)
+
+        def station() -> aiomqtt.Client:
+            return aiomqtt.Client(
+                "127.0.0.1",
+                node.mqtt_port,
+                identifier="perm-test-p1",
+                username="site9/p1",
+                password="pw",
+                protocol=aiomqtt.ProtocolVersion.V311,
+                timeout=5,
+            )
+
+        async with station() as c:
+            own = await c.subscribe("madoguchi/v1/site9/p1/ack", qos=1)
+            assert own == [1] or getattr(own[0], "value", own[0]) == 1
+        # RabbitMQ 3.10 answers a refused subscription by closing the connection
+        refused: list[object] = []
+        try:
+            async with station() as c:
+                other = await c.subscribe("madoguchi/v1/site9/p2/ack", qos=1)
+                refused = [getattr(q, "value", q) for q in other]
+        except aiomqtt.MqttError as e:
+            refused = [str(e)]
+        assert refused and refused != [1], refused
+        for forged in ("madoguchi/v1/site9/p2/records", "madoguchi/v1/site9/p2/ack"):
+            with contextlib.suppress(aiomqtt.MqttError):
+                async with station() as c:
+                    await c.publish(forged, b"{}", qos=1)
+        async with station() as c:
+            await c.publish("madoguchi/v1/site9/p1/records", b"{}", qos=1)
+        await asyncio.wait_for(got_own.wait(), 10)
+        assert seen == ["madoguchi.v1.site9.p1.records"]
