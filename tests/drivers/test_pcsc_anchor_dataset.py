@@ -1,9 +1,10 @@
 """The `jpki_anchors` dataset feeds the card readers' chain check (issues #20 and #21).
 
 A running station whose PC/SC reader (real pcscd + vpcd, tests/support/pcsc.py) pins
-only an unrelated CA in its config: the test card is `untrusted_chain` (chain `untrusted_issuer`) until the
-central side publishes a signed `jpki_anchors` version naming the test CA; the next
-insertion of the same card is `genuine`. A tampered publication changes nothing.
+only an unrelated CA in its config: the test card is `untrusted_chain` (chain
+`untrusted_issuer`) until the central side publishes a signed `jpki_anchors` version
+naming the test CA; the next insertion of the same card is `genuine`. A tampered
+publication changes nothing.
 """
 
 from __future__ import annotations
