@@ -7,7 +7,7 @@ cluster of its own, `madoguchi registry` processes (`--config` with `transport =
 or `--shared bench`). The load is bench_registry.py's: simulated agents publishing
 envelopes over MQTT (QoS 1), a record counts when its ack is back over MQTT.
 
-    python bench/bench_cluster.py [--records 4000] [--agents 100] [--batch 1]
+    python bench/bench_cluster.py [--records 4000] [--agents 100] [--batch 1,10]
                                   [--consumers 1,2] [--repeat 2]
 """
 
@@ -78,21 +78,29 @@ def mqtt_registries(port: int, dsn: str, n: int, run: Path) -> list[LoggedProces
 
 
 def measure(
-    procs: list[LoggedProcess], mqtt_port: int, records: int, agents: int, batch: int
-) -> tuple[float, float, int]:
-    """(records/s, registry CPU ms per record, missing)."""
+    procs: list[LoggedProcess],
+    brokers: list[int],
+    mqtt_port: int,
+    records: int,
+    agents: int,
+    batch: int,
+) -> tuple[float, float, float, int]:
+    """(records/s, registry CPU ms per record, broker CPU ms per record, missing);
+    `brokers` are the broker pids (every cluster node, or mosquitto)."""
     before = sum(cpu_s(p.pid) for p in procs)
+    broker_before = sum(cpu_s(pid) for pid in brokers)
     elapsed, missing = asyncio.run(load(mqtt_port, records, agents, batch))
     used = sum(cpu_s(p.pid) for p in procs) - before
-    done = records - missing
-    return done / elapsed, 1000 * used / max(done, 1), missing
+    broker_used = sum(cpu_s(pid) for pid in brokers) - broker_before
+    done = max(records - missing, 1)
+    return done / elapsed, 1000 * used / done, 1000 * broker_used / done, missing
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--agents", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=1, help="records per message")
+    ap.add_argument("--batch", default="1,10", help="records per message")
     ap.add_argument("--consumers", default="1,2")
     ap.add_argument("--repeat", type=int, default=2, help="runs per row: median")
     args = ap.parse_args()
@@ -101,7 +109,10 @@ def main() -> int:
         f"Python {platform.python_version()}"
     )
     print(f"{args.records} records from {args.agents} agents, {args.batch} per message\n")
-    print(f"{'transport':<22} {'consumers':>9} {'records/s':>10} {'CPU ms/rec':>11} {'missing':>8}")
+    print(
+        f"{'transport':<22} {'consumers':>9} {'rec/msg':>7} {'records/s':>10} "
+        f"{'CPU ms/rec':>11} {'broker ms/rec':>13} {'missing':>8}"
+    )
     work = Path(tempfile.mkdtemp(prefix="madoguchi-bench-cluster-"))
     pg = Postgres()
     cluster = RabbitCluster()
@@ -110,10 +121,12 @@ def main() -> int:
         print(f"(3-node cluster started in {cluster.startup_s:.1f} s)", flush=True)
         asyncio.run(declare_records_queue(cluster.nodes[0].url))
         for transport in ("amqp", "mqtt"):
-            for n in (int(x) for x in args.consumers.split(",")):
-                rates, cpus, lost = [], [], 0
+            for n, batch in (
+                (int(x), int(b)) for x in args.consumers.split(",") for b in args.batch.split(",")
+            ):
+                rates, cpus, bcpus, lost = [], [], [], 0
                 for k in range(args.repeat):
-                    run = work / f"{transport}-{n}-{k}"
+                    run = work / f"{transport}-{n}-{batch}-{k}"
                     run.mkdir()
                     dsn = pg.new_dsn()
                     broker = Mosquitto(run) if transport == "mqtt" else None
@@ -123,9 +136,14 @@ def main() -> int:
                         if broker
                         else amqp_registries(cluster, dsn, n, run)
                     )
+                    pids = (
+                        [broker.proc.pid]
+                        if broker
+                        else [cluster.beam_pid(i) for i in range(len(cluster.nodes))]
+                    )
                     try:
-                        rate, cpu, missing = measure(
-                            procs, port, args.records, args.agents, args.batch
+                        rate, cpu, bcpu, missing = measure(
+                            procs, pids, port, args.records, args.agents, batch
                         )
                     finally:
                         for p in procs:
@@ -134,11 +152,13 @@ def main() -> int:
                             broker.stop()
                     rates.append(rate)
                     cpus.append(cpu)
+                    bcpus.append(bcpu)
                     lost += missing
                 name = f"AMQP quorum ({RECORDS_QUEUE})" if transport == "amqp" else "MQTT $share"
                 print(
-                    f"{name:<22} {n:>9} {statistics.median(rates):>10.0f} "
-                    f"{statistics.median(cpus):>11.3f} {lost:>8}",
+                    f"{name:<22} {n:>9} {batch:>7} {statistics.median(rates):>10.0f} "
+                    f"{statistics.median(cpus):>11.3f} {statistics.median(bcpus):>13.3f} "
+                    f"{lost:>8}",
                     flush=True,
                 )
     finally:

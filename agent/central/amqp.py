@@ -54,7 +54,14 @@ log = logging.getLogger(__name__)
 RECORDS_QUEUE = "madoguchi.records"
 EXCHANGE = "amq.topic"
 #: what a lost broker connection looks like through aio-pika
-LOST = (aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError, OSError, ConnectionError)
+#: (an ack or a publish on a channel that has just closed: ChannelInvalidStateError)
+LOST = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    OSError,
+    ConnectionError,
+)
 
 _SWAP = str.maketrans({"/": ".", ".": "/"})
 
@@ -132,6 +139,12 @@ class AmqpTransport:
                 await self._session(registry, url, backoff)
             except LOST as e:
                 registry.connected.clear()
+                if isinstance(e, aiormq.exceptions.ChannelNotFoundEntity):
+                    log.error(
+                        "registry: AMQP queue %s does not exist: declare it with "
+                        "provisioning/cluster/declare-records-queue",
+                        self.queue,
+                    )
                 attempt += 1
                 delay = backoff.next()
                 log.warning(
