@@ -50,6 +50,7 @@ class Node:
     amqp_port: int
     mqtt_port: int
     dist_port: int
+    mqtts_port: int
     base: Path
     proc: subprocess.Popen[bytes] | None = None
 
@@ -80,11 +81,21 @@ class RabbitCluster:
                 free_port(),
                 free_port(),
                 free_port(),
+                free_port(),
                 self.dir / f"rabbit{i + 1}",
             )
             for i in range(NODES)
         ]
         self.startup_s = 0.0
+        # MQTT over TLS with the certificate CN as the user (mqtt.ssl_cert_login), as
+        # provisioning/cluster/rabbitmq-mq*.conf; `ca` issues the stations' certificates
+        from tests.support.pki import TestCA
+
+        self.ca = TestCA()
+        self.tls_dir = self.dir / "tls"
+        self.tls_dir.mkdir()
+        self.ca_file = self.ca.write(self.tls_dir / "ca.crt")
+        self.server_cert, self.server_key = self.ca.identity("localhost", self.tls_dir, server=True)
         self.epmd: subprocess.Popen[bytes] | None = None
 
     # -- environment ---------------------------------------------------------------------
@@ -107,6 +118,14 @@ class RabbitCluster:
                     [
                         f"listeners.tcp.default = 127.0.0.1:{node.amqp_port}",
                         f"mqtt.listeners.tcp.default = 127.0.0.1:{node.mqtt_port}",
+                        f"mqtt.listeners.ssl.default = 127.0.0.1:{node.mqtts_port}",
+                        f"ssl_options.cacertfile = {self.ca_file}",
+                        f"ssl_options.certfile = {self.server_cert}",
+                        f"ssl_options.keyfile = {self.server_key}",
+                        "ssl_options.verify = verify_peer",
+                        "ssl_options.fail_if_no_peer_cert = true",
+                        "mqtt.ssl_cert_login = true",
+                        "ssl_cert_login_from = common_name",
                         "mqtt.allow_anonymous = true",
                         "mqtt.durable_queue_type = quorum",
                         "mqtt.exchange = amq.topic",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import sys
 import time
@@ -151,13 +152,15 @@ async def _until(cond: object, timeout: float = 60) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("login", ["certificate", "password"])
 async def test_station_permissions_own_topics_only(
-    rabbit_cluster: RabbitCluster, tmp_path: Path
+    rabbit_cluster: RabbitCluster, tmp_path: Path, login: str
 ) -> None:
     """provisioning/cluster/station-permissions.sh on the live cluster: a station may
     publish its own records and read its own ack, and cannot publish as another station,
-    subscribe to another's ack, or ack for another. (User + password here: the script
-    clears the password for certificate login, the test sets one to log in over TCP.)"""
+    subscribe to another's ack, or ack for another. `certificate`: MQTT over TLS with a
+    client certificate of CN "site9/p1" (mqtt.ssl_cert_login, no password), as in
+    production; `password`: the same user over TCP with a password the test sets."""
     import aio_pika
     import aiomqtt
 
@@ -174,7 +177,13 @@ async def test_station_permissions_own_topics_only(
             timeout=120,
         )
         assert r.returncode == 0, r.stderr
-        cluster.ctl(0, "change_password", f"site9/{agent}", "pw")
+        if login == "password":
+            cluster.ctl(0, "change_password", f"site9/{agent}", "pw")
+    tls = None
+    if login == "certificate":
+        cert, key = cluster.ca.identity("site9/p1", tmp_path)
+        tls = ssl.create_default_context(cafile=str(cluster.ca_file))
+        tls.load_cert_chain(str(cert), str(key))
     connection = await aio_pika.connect(node.url)
     async with connection:
         channel = await connection.channel()
@@ -192,10 +201,19 @@ async def test_station_permissions_own_topics_only(
         await spy.consume(note)
 
         def station() -> aiomqtt.Client:
+            if tls is not None:  # no user name: the certificate's CN is the user
+                return aiomqtt.Client(
+                    "127.0.0.1",
+                    node.mqtts_port,
+                    identifier=f"perm-test-p1-{login}",
+                    tls_context=tls,
+                    protocol=aiomqtt.ProtocolVersion.V311,
+                    timeout=5,
+                )
             return aiomqtt.Client(
                 "127.0.0.1",
                 node.mqtt_port,
-                identifier="perm-test-p1",
+                identifier=f"perm-test-p1-{login}",
                 username="site9/p1",
                 password="pw",
                 protocol=aiomqtt.ProtocolVersion.V311,
