@@ -11,6 +11,11 @@ SQLite (agent/central/store_sqlite.py, a file path) and PostgreSQL
 agent/central/stores.py. The MQTT loop (`Registry`) is written once for both;
 every topic it reads or writes comes from `agent.contract.topics.Topics`.
 
+Records reach `Registry.take` as `Inbound` messages, and acks leave through a
+`Publish` callable: from the registry's own MQTT connection (below), or from a
+`Transport` such as agent/central/amqp.py (a RabbitMQ quorum queue, docs/cluster.md),
+which settles each batch with its broker only after `take` returned.
+
 Several consumers can share the load with an MQTT 5 shared subscription
 (`$share/GROUP/...`). A consumer killed after the broker handed it a message
 but before its commit loses that message on the wire; it was never acked, so
