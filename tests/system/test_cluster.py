@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import subprocess
 import sys
@@ -240,3 +241,56 @@ async def test_station_permissions_own_topics_only(
             await c.publish("madoguchi/v1/site9/p1/records", b"{}", qos=1)
         await asyncio.wait_for(got_own.wait(), 10)
         assert seen == ["madoguchi.v1.site9.p1.records"]
+
+
+async def test_amqp_registry_in_process_dead_letters_poison_and_settles_the_batch(
+    rabbit_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """The same validation as on MQTT: a message that is not an envelope is a dead letter
+    (never acked to anyone), a valid one beside it is stored and acked over amq.topic, and
+    both are settled (nothing left in the queue to come back)."""
+    import aio_pika
+
+    from agent.central.amqp import AmqpTransport
+    from agent.central.registry import Registry
+    from tests.support.central import envelope, record
+
+    node = rabbit_cluster.nodes[1]
+    await declare_records_queue(node.url)
+    connection = await aio_pika.connect(node.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.get_queue(RECORDS_QUEUE)
+        await queue.purge()
+        acks = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await acks.bind("amq.topic", routing_key="madoguchi.v1.site7.a1.ack")
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_ack(m: aio_pika.abc.AbstractIncomingMessage) -> None:
+            await m.ack()
+            got.put_nowait(m.body)
+
+        await acks.consume(on_ack)
+        transport = AmqpTransport([node.url], prefetch=16)
+        async with Registry(
+            "127.0.0.1", node.mqtt_port, tmp_path / "r.db", transport=transport
+        ) as reg:
+            task = asyncio.create_task(reg.run(), name="amqp-registry")
+            try:
+                await asyncio.wait_for(reg.connected.wait(), 20)
+                exchange = await channel.get_exchange("amq.topic")
+                good = record(1)
+                for body in (b"not json", envelope("site7", "a1", [good])):
+                    await exchange.publish(
+                        aio_pika.Message(body), routing_key="madoguchi.v1.site7.a1.records"
+                    )
+                ack = json.loads(await asyncio.wait_for(got.get(), 20))
+                assert ack == {"ids": [good["id"]]}
+                assert reg.dead_letters == 1 and reg.stored_new == 1
+                await _until(lambda: transport.settled == 2, 10)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        left = await channel.declare_queue(RECORDS_QUEUE, passive=True)
+        assert left.declaration_result.message_count == 0
