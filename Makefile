@@ -8,11 +8,11 @@ BIN    := $(VENV)/bin
 # Everything the agent, the demo and the tests need from Debian.
 APT_PACKAGES := mosquitto mosquitto-clients pcscd libccid vsmartcard-vpcd libpcsclite-dev swig \
                 python3-venv python3-dev gcc linux-libc-dev systemd shellcheck chromium \
-                fonts-ipafont-gothic postgresql
+                fonts-ipafont-gothic postgresql rabbitmq-server
 EXTRAS := dev
 # What a station needs from Debian: the above minus what only development and the
-# tests use (the broker, the virtual card reader, linters, the central database).
-DEV_ONLY_APT := mosquitto vsmartcard-vpcd systemd shellcheck postgresql
+# tests use (the brokers, the virtual card reader, linters, the central database).
+DEV_ONLY_APT := mosquitto vsmartcard-vpcd systemd shellcheck postgresql rabbitmq-server
 STATION_APT_PACKAGES := $(filter-out $(DEV_ONLY_APT),$(APT_PACKAGES))
 # `make bundle BUNDLE_PLATFORMS=x86_64` for one platform only.
 BUNDLE_PLATFORMS ?= aarch64,armv7l,x86_64

@@ -17,6 +17,7 @@ from agent.errors import HarnessError
 from agent.testing import Broker, Pty, RegistryProbe, mosquitto_binary, running_registry
 from tests.support.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.support.central import ContractSpy, PgCluster
+from tests.support.rabbit import RabbitCluster, rabbit_missing
 
 
 @pytest.fixture
@@ -51,6 +52,21 @@ def pg_cluster() -> Iterator[PgCluster]:
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster() -> Iterator[RabbitCluster]:
+    """A real 3-node RabbitMQ cluster on loopback (tests/support/rabbit.py), one per session;
+    skipped, saying why, only where rabbitmq-server is not installed."""
+    why = rabbit_missing()
+    if why is not None:
+        pytest.skip(why)
+    cluster = RabbitCluster()
+    try:
+        cluster.start_all()
+        yield cluster
+    finally:
+        cluster.stop_all()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from agent._configdoc import field_row
 from agent.contract.topics import DEFAULT_PREFIX
 from agent.errors import ConfigError
 
-CENTRAL_SECTIONS = frozenset({"broker", "database", "registry", "dashboard"})
+CENTRAL_SECTIONS = frozenset({"broker", "database", "registry", "dashboard", "amqp"})
 Role = Literal["registry", "dashboard", "station_status"]
 # under systemd the secrets exist only while their unit runs (LoadCredential=)
 CREDENTIALS_DIR = Path("/run/credentials")
@@ -105,6 +105,13 @@ def check_dsn(dsn: str, password_file: Path | None, key: str) -> None:
 class RegistrySection(_Identity):
     """`madoguchi registry`: the consumer that stores, then acks."""
 
+    transport: Literal["mqtt", "amqp"] = Field(
+        default="mqtt",
+        description="Where records come from: `mqtt` (the broker above, e.g. one mosquitto "
+        "with shared subscriptions) or `amqp` (the quorum queue of a RabbitMQ cluster, "
+        "[amqp]; docs/cluster.md).",
+    )
+
     shared: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9_-]+$",
@@ -143,6 +150,53 @@ class RegistrySection(_Identity):
         description="Seconds between the registry's retained status heartbeats; the dashboard "
         "calls the registry down after 3 missed.",
     )
+
+
+class AmqpSection(_Strict):
+    """The RabbitMQ cluster's AMQP side, for `[registry] transport = "amqp"`."""
+
+    url: str | list[str] = Field(
+        description="amqp://user@host:5672/vhost (or amqps://), or a list with one per "
+        "cluster node, tried in turn. No password in it: password_file."
+    )
+    password_file: Path | None = Field(
+        default=None, description="File holding the AMQP password (first line)."
+    )
+    tls: bool = Field(
+        default=False,
+        description="TLS with broker.tls_ca (and the registry's tls_cert/tls_key if set); "
+        "needs amqps:// URLs.",
+    )
+    queue: str = Field(
+        default="madoguchi.records",
+        pattern=r"^[A-Za-z0-9_.:-]{1,200}$",
+        description="The records quorum queue (provisioning/cluster/declare-records-queue "
+        "declares and binds it).",
+    )
+    prefetch: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Messages a registry process holds unsettled at most (basic.qos).",
+    )
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @model_validator(mode="after")
+    def _urls(self) -> Self:
+        if not self.urls:
+            raise ValueError("url: at least one")
+        for u in self.urls:
+            parts = urlsplit(u)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(f"url {u!r}: not amqp://host or amqps://host")
+            if parts.password is not None:
+                raise ValueError("url holds a password: put it in a file (password_file)")
+            if self.tls != (parts.scheme == "amqps"):
+                raise ValueError(f"url {parts.hostname}: amqps:// goes with tls = true")
+        return self
 
 
 class DashboardSection(_Identity):
@@ -233,7 +287,31 @@ class CentralConfig(_Strict):
         default=None,
         description="The registry's derived station status; off without this section.",
     )
+    amqp: AmqpSection | None = Field(
+        default=None, description="The RabbitMQ cluster's AMQP side (registry on amqp)."
+    )
     source: Path = Field(default=Path("central.toml"), description="The file this came from.")
+
+    @model_validator(mode="after")
+    def _transport(self) -> Self:
+        reg = self.registry
+        if reg is None or reg.transport != "amqp":
+            return self
+        if self.amqp is None:
+            raise ValueError("registry.transport = 'amqp' needs an [amqp] section")
+        if reg.dataset_key is not None:
+            raise ValueError("registry.dataset_key needs transport = 'mqtt'")
+        return self
+
+    def amqp_urls(self) -> list[str]:
+        """The [amqp] URLs with the password from its file."""
+        if self.amqp is None:
+            raise ConfigError([f"{self.source}: amqp: missing"])
+        pf = self.amqp.password_file
+        if pf is None:
+            return self.amqp.urls
+        password = _first_line(self.source, "amqp.password_file", pf)
+        return [dsn_with_password(u, password) for u in self.amqp.urls]
 
     def identity(self, role: Role) -> _Identity:
         section = getattr(self, role)
@@ -355,6 +433,7 @@ FILE_KEYS = (
     ("station_status", "tls_cert"),
     ("station_status", "tls_key"),
     ("station_status", "password_file"),
+    ("amqp", "password_file"),
 )
 
 
@@ -393,7 +472,7 @@ def validate_central(raw: dict[str, Any], path: Path, need: Role | None = None) 
         full = value if value.is_absolute() else path.parent / value
         # /run/credentials/<unit>/... exists only inside that unit: checked when it runs
         # (need == its section), not by check-config on the host
-        owner = "registry" if section in ("database", "station_status") else section
+        owner = "registry" if section in ("database", "station_status", "amqp") else section
         later = full.is_relative_to(CREDENTIALS_DIR) and owner not in (need, "broker")
         if not later and not full.is_file():
             problems.append(f"{file}: {section}.{key}: {full}: no such file")
@@ -428,6 +507,11 @@ def reference_markdown() -> str:
             RegistrySection,
             "`madoguchi registry --config`: its identity (certificate CN `registry`) and "
             "its consumer settings.",
+        ),
+        (
+            "[amqp]",
+            AmqpSection,
+            'The RabbitMQ cluster, for `[registry] transport = "amqp"` (docs/cluster.md).',
         ),
         (
             "[dashboard]",

@@ -11,6 +11,11 @@ SQLite (agent/central/store_sqlite.py, a file path) and PostgreSQL
 agent/central/stores.py. The MQTT loop (`Registry`) is written once for both;
 every topic it reads or writes comes from `agent.contract.topics.Topics`.
 
+Records reach `Registry.take` as `Inbound` messages, and acks leave through a
+`Publish` callable: from the registry's own MQTT connection (below), or from a
+`Transport` such as agent/central/amqp.py (a RabbitMQ quorum queue, docs/cluster.md),
+which settles each batch with its broker only after `take` returned.
+
 Several consumers can share the load with an MQTT 5 shared subscription
 (`$share/GROUP/...`). A consumer killed after the broker handed it a message
 but before its commit loses that message on the wire; it was never acked, so
@@ -43,11 +48,12 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -69,10 +75,12 @@ from agent.personal_seal import parse_envelope
 
 __all__ = [
     "Gap",
+    "Inbound",
     "OnAlert",
     "OnStored",
     "Registry",
     "Stored",
+    "Transport",
     "describe_record",
     "mask_identifiers",
     "run_registry",
@@ -91,6 +99,44 @@ OnConflict = Callable[[Stored], None]
 EPHEMERAL_WILL_EXPIRY_S = 24 * 3600
 #: bytes of a refused payload kept as its dead letter (none if it names a personal part)
 MAX_KEPT_PAYLOAD = 1024
+
+
+# -- the transport seam -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message as any transport hands it over: its contract topic (`/`-separated, as
+    on MQTT) and its payload. Validation, storage and acks see only this."""
+
+    topic: str
+    payload: bytes
+
+
+#: publish `payload` on contract topic `topic`, at least once, confirmed by the broker
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Transport(Protocol):
+    """Where the records come from when not from the registry's own MQTT connection
+    (agent/central/amqp.py): it calls `registry.take(publish, messages)` per batch and
+    settles the batch with its broker only after that returned (commit, then acks)."""
+
+    async def run(self, registry: Registry) -> None: ...
+
+    def describe(self) -> str: ...
+
+
+def _inbound(m: aiomqtt.Message) -> Inbound:
+    raw = m.payload
+    payload = (
+        bytes(raw)
+        if isinstance(raw, bytes | bytearray)
+        else str(raw).encode()
+        if isinstance(raw, str)
+        else b""
+    )
+    return Inbound(m.topic.value, payload)
 
 
 # -- the MQTT loop ------------------------------------------------------------------------
@@ -130,8 +176,11 @@ class Registry:
         password: str | None = None,
         personal_retention_hours: float | None = 72.0,
         datasets: UsedTicketsFeed | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.host = host
+        #: None: records come over the registry's MQTT connection; else from this
+        self.transport = transport
         #: keeps and publishes `used_tickets` from the records stored (agent/central/datasets.py)
         self.datasets = datasets
         # sealed personal parts are purged this long after they were stored (None: never)
@@ -301,6 +350,10 @@ class Registry:
                     self.datasets.run(self.connected, lambda: self._client_now),
                     name="registry-datasets",
                 )
+            if self.transport is not None:
+                log.info("registry: records from %s", self.transport.describe())
+                await self.transport.run(self)
+                return
             while True:
                 try:
                     async with self._client() as client:
@@ -363,26 +416,37 @@ class Registry:
         when quiet, each message is committed on its own without waiting.
         """
         messages = client.messages
+
+        async def publish(topic: str, payload: bytes) -> None:
+            await client.publish(topic, payload, qos=1)
+
         async for first in messages:
-            self._busy_since = time.time()
             taken = [first]
             while len(messages) and len(taken) < self.batch_max_messages:
                 taken.append(await anext(messages))
-            await self._take(client, taken)
+            await self.take(publish, [_inbound(m) for m in taken])
+
+    async def take(self, publish: Publish, taken: list[Inbound]) -> None:
+        """One batch from any transport: validate, store (isolating a poison message),
+        commit, then the acks through `publish`; refused ones dead-lettered. When this
+        returns, the transport may settle the batch with its broker."""
+        self._busy_since = time.time()
+        try:
+            await self._take(publish, taken)
+        finally:
             self._busy_since = None
 
-    async def _take(self, client: aiomqtt.Client, taken: list[aiomqtt.Message]) -> None:
-        """Validate, store (isolating a poison message), ack; refused ones dead-lettered."""
+    async def _take(self, publish: Publish, taken: list[Inbound]) -> None:
         records = []
         letters: list[DeadLetter] = []
         for m in taken:
-            topic = self.topics.parse(m.topic.value)
+            topic = self.topics.parse(m.topic)
             if topic is None:
                 letters.append(self._letter(m, None, "not a topic of the contract"))
             elif topic.kind == "records":
                 records.append((topic, m))
             elif topic.kind in ("blob_manifest", "blob_chunk"):
-                await self._handle_blob(client, topic, m)
+                await self._handle_blob(publish, topic, m)
             # anything else (our own blob requests on the wildcard) is not for us
         parsed = [(m, self._parse(t, m, letters)) for t, m in records]
         batches = [(m, b) for m, b in parsed if b is not None]
@@ -398,11 +462,11 @@ class Registry:
         # message finds every earlier refusal counted
         await self._dead_letter(letters)
         if stored:
-            await self._ack(client, stored)
+            await self._ack(publish, stored)
 
     async def _isolate(
         self,
-        batches: list[tuple[aiomqtt.Message, Batch]],
+        batches: list[tuple[Inbound, Batch]],
         error: RegistryStoreError,
         letters: list[DeadLetter],
     ) -> list[Stored]:
@@ -414,7 +478,7 @@ class Registry:
             log.error("registry: store failed, 1 message not acked: %s", error)
             return []
         stored: list[Stored] = []
-        failed: list[tuple[aiomqtt.Message, Batch, RegistryStoreError]] = []
+        failed: list[tuple[Inbound, Batch, RegistryStoreError]] = []
         for m, b in batches:
             try:
                 stored.extend(await self.store.store([b]))
@@ -431,15 +495,13 @@ class Registry:
             letters.append(self._letter(m, b.site, reason, b.agent))
         return stored
 
-    def _letter(
-        self, m: aiomqtt.Message, site: str | None, reason: str, agent: str = ""
-    ) -> DeadLetter:
-        payload = m.payload if isinstance(m.payload, bytes | bytearray) else b""
+    def _letter(self, m: Inbound, site: str | None, reason: str, agent: str = "") -> DeadLetter:
+        payload = m.payload
         if b"personal" in bytes(payload).lower():
             # the registry database holds no personal data in the clear, even refused
             payload = b""
         return DeadLetter(
-            topic=_clean(m.topic.value[:300]),
+            topic=_clean(m.topic[:300]),
             reason=_clean(reason),
             payload=bytes(payload[:MAX_KEPT_PAYLOAD]),
             at=time.time(),
@@ -459,7 +521,7 @@ class Registry:
         except RegistryStoreError as e:
             log.error("registry: %d dead letter(s) not kept: %s", len(letters), e)
 
-    async def _ack(self, client: aiomqtt.Client, stored: list[Stored]) -> None:
+    async def _ack(self, publish: Publish, stored: list[Stored]) -> None:
         ids: dict[tuple[str, str], list[str]] = {}
         for s in stored:
             if s.new:
@@ -491,10 +553,9 @@ class Registry:
         # an ack the station drops as over its mqtt.max_inbound_bytes (issue #18)
         await asyncio.gather(
             *(
-                client.publish(
+                publish(
                     self.topics.station(site, agent).ack,
                     Ack(agent_ids[i : i + ACK_MAX_IDS]).encode(),
-                    qos=1,
                 )
                 for (site, agent), agent_ids in ids.items()
                 for i in range(0, len(agent_ids), ACK_MAX_IDS)
@@ -518,14 +579,10 @@ class Registry:
         if self.on_alert is not None:
             self.on_alert(gap)
 
-    def _parse(
-        self, where: Topic, message: aiomqtt.Message, letters: list[DeadLetter]
-    ) -> Batch | None:
+    def _parse(self, where: Topic, message: Inbound, letters: list[DeadLetter]) -> Batch | None:
         """The valid records of a message; each refusal becomes a dead letter."""
-        raw = message.payload
-        payload = raw if isinstance(raw, bytes | bytearray | str) else b""
         try:
-            env = parse_records(payload, where.site, where.agent)
+            env = parse_records(message.payload, where.site, where.agent)
         except RecordError as e:  # never log the payload: it may hold personal data
             letters.append(self._letter(message, where.site, str(e), where.agent))
             return None
@@ -653,42 +710,36 @@ class Registry:
             return False
         return True
 
-    async def _handle_blob(
-        self, client: aiomqtt.Client, topic: Topic, message: aiomqtt.Message
-    ) -> None:
+    async def _handle_blob(self, publish: Publish, topic: Topic, message: Inbound) -> None:
         site, agent, rid = topic.site, topic.agent, str(topic.record_id)
         try:
             if topic.kind == "blob_manifest":
-                raw = message.payload
-                body = load_json(raw if isinstance(raw, bytes | bytearray | str) else b"")
+                body = load_json(message.payload)
                 state: BlobState = await self._in_blob_thread(
                     self.blobs.manifest, site, agent, rid, body
                 )
             else:
-                payload = message.payload
-                if topic.chunk is None or not isinstance(payload, bytes | bytearray):
-                    raise BlobError("a chunk's payload must be bytes")
+                if topic.chunk is None:
+                    raise BlobError("a chunk's topic must name its index")
                 state = await self._in_blob_thread(
-                    self.blobs.chunk, site, agent, rid, topic.chunk, bytes(payload)
+                    self.blobs.chunk, site, agent, rid, topic.chunk, message.payload
                 )
         except (BlobError, ValueError, OSError, TypeError, KeyError) as e:
             # (RecordError is a ValueError) a bad blob message is that message's problem only
-            log.warning(
-                "registry: dropped a blob message on %s: %s", _clean(message.topic.value), e
-            )
+            log.warning("registry: dropped a blob message on %s: %s", _clean(message.topic), e)
             return
         station = self.topics.station(site, agent)
         if state.missing:
             self.blob_requests.append((rid, state.missing))
             body = missing_request(state.sha256, state.missing)
-            await client.publish(station.blob_missing(rid), body, qos=1)
+            await publish(station.blob_missing(rid), body)
         if (
             state.complete
             and rid in self._photos_waiting
             and await self._keep_blob(site, agent, rid)
         ):
             self._photos_waiting.pop(rid, None)
-            await client.publish(station.ack, Ack([rid]).encode(), qos=1)
+            await publish(station.ack, Ack([rid]).encode())
 
 
 def _clean(text: str) -> str:
@@ -766,6 +817,7 @@ async def run_registry(
     show_data: bool = False,
     datasets: UsedTicketsFeed | None = None,
     station_status: StationStatusFeed | None = None,
+    transport: Transport | None = None,
 ) -> None:
     """The `madoguchi registry` command body: print each stored record until stopped.
 
@@ -801,6 +853,7 @@ async def run_registry(
         password=password,
         personal_retention_hours=personal_retention_hours,
         datasets=datasets,
+        transport=transport,
     ) as registry:
         task = asyncio.create_task(registry.run(), name="registry")
         stopped = asyncio.create_task(stop.wait(), name="registry-stop")

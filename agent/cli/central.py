@@ -198,6 +198,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
                 username=ss.username,
                 password=config.mqtt_password("station_status"),
             )
+        transport = _amqp_transport(config) if reg.transport == "amqp" else None
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -223,7 +224,19 @@ def cmd_registry(args: argparse.Namespace) -> int:
             datasets=feed,
             heartbeat_s=reg.heartbeat_s,
             station_status=station_status,
+            transport=transport,
         )
+    )
+
+
+def _amqp_transport(config: Any) -> Any:
+    """`[registry] transport = "amqp"`: the records quorum queue of [amqp]."""
+    from agent.central.amqp import AmqpTransport
+
+    amqp = config.amqp
+    tls = config.tls_context("registry") if amqp.tls else None
+    return AmqpTransport(
+        config.amqp_urls(), queue=amqp.queue, prefetch=amqp.prefetch, ssl_context=tls
     )
 
 

@@ -372,3 +372,54 @@ def test_station_status_section_has_its_own_identity(tmp_path: Path) -> None:
         f"{bad}: station_status.tls_{k}: {tmp_path}/nope.{ext}: no such file"
         for k, ext in (("cert", "crt"), ("key", "key"))
     ]
+
+
+AMQP_BASE = """[broker]
+host = "mq1"
+port = 8883
+
+[database]
+dsn = "registry.db"
+
+[registry]
+transport = "amqp"
+"""
+
+
+def test_amqp_transport_needs_its_section_and_takes_the_password_from_a_file(
+    tmp_path: Path,
+) -> None:
+    assert problems(write(tmp_path, AMQP_BASE)) == [
+        f"{tmp_path / 'central.toml'}: (file): registry.transport = 'amqp' needs an [amqp] section"
+    ]
+    (tmp_path / "amqp.pw").write_text("s3cret/:@\n")
+    path = write(
+        tmp_path,
+        AMQP_BASE + '\n[amqp]\nurl = ["amqp://registry@mq1/", "amqp://registry@mq2:5673/"]\n'
+        'password_file = "amqp.pw"\nprefetch = 64\n',
+    )
+    config = load_central_config(path, "registry")
+    assert config.amqp is not None and config.amqp.queue == "madoguchi.records"
+    assert config.amqp.prefetch == 64
+    assert config.amqp_urls() == [
+        "amqp://registry:s3cret%2F%3A%40@mq1/",
+        "amqp://registry:s3cret%2F%3A%40@mq2:5673/",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("amqp", "reason"),
+    [
+        ('url = "amqp://registry:pw@mq1/"', "url holds a password: put it in a file"),
+        ('url = "http://mq1/"', "not amqp://host or amqps://host"),
+        ('url = "amqp://mq1/"\ntls = true', "amqps:// goes with tls = true"),
+        ('url = "amqps://mq1/"', "amqps:// goes with tls = true"),
+        ('url = "amqp://mq1/"\nprefetch = 0', "greater than or equal to 1"),
+        ('url = "amqp://mq1/"\nqueue = "a b"', "should match pattern"),
+        ('url = "amqp://mq1/"\nhost = "x"', "unknown key"),
+    ],
+)
+def test_amqp_section_refusals_name_the_key(tmp_path: Path, amqp: str, reason: str) -> None:
+    found = problems(write(tmp_path, AMQP_BASE + "\n[amqp]\n" + amqp + "\n"))
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'central.toml'}: amqp")
+    assert reason in found[0], found
