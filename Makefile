@@ -68,6 +68,8 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/bench_drain_cpu.py $(if $(BENCH_BASE),--base $(BENCH_BASE))
 	$(BIN)/python bench/bench_wan.py
+	$(BIN)/python bench/bench_peer.py
+	$(BIN)/python bench/bench_cluster.py
 	$(BIN)/python bench/bench_datasets.py 1000000
 
 # The offline bundle (docs/provisioning.md): dist/madoguchi-bundle-VERSION.tar.gz
