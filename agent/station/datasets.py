@@ -185,47 +185,23 @@ class DatasetStore:
             raise DatasetStoreError(f"{self.path}: {e}") from e
         return {r[0]: Held(*r) for r in rows}
 
-    def apply(self, manifest: Manifest, rows: Iterable[dict[str, Any]]) -> None:
-        """Replace `manifest.kind` by this version, all or nothing (its own connection:
-        this runs in a worker thread while the loop keeps reading the old version).
-        `rows` may be a generator that raises (a bad line): then nothing changes."""
-        cols = _COLUMNS[manifest.kind]
+    @contextlib.contextmanager
+    def _writing(self, kind: str, *, checkpoint: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction on a connection of its own (a worker thread, while the
+        loop keeps reading the old version): committed when the block ends, rolled back
+        on any exception; SQLite's errors become DatasetStoreError. `checkpoint`: fold the
+        WAL into the file after the commit (a whole new version: now, not at some reader)."""
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
-            held = db.execute(
-                "SELECT version FROM datasets WHERE kind = ?", (manifest.kind,)
-            ).fetchone()
-            if held is not None and held[0] >= manifest.version:
-                db.execute("ROLLBACK")
-                raise DatasetRefused(
-                    manifest.kind, f"version {manifest.version} is not newer than {held[0]}"
-                )
-            db.execute(f"DELETE FROM {manifest.kind}")
-            db.executemany(
-                f"INSERT OR IGNORE INTO {manifest.kind} ({', '.join(cols)})"
-                f" VALUES ({', '.join('?' * len(cols))})",
-                ([_normal(manifest.kind, r).get(c) for c in cols] for r in rows),
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    manifest.kind,
-                    manifest.version,
-                    manifest.issued_at,
-                    manifest.expires_at,
-                    manifest.sha256,
-                    manifest.rows,
-                    time.time(),
-                ),
-            )
+            yield db
             db.execute("COMMIT")
-            # the WAL held the whole new version: fold it in now, not at some later reader
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if checkpoint:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            raise DatasetStoreError(f"{self.path}: {manifest.kind}: {e}") from e
+            raise DatasetStoreError(f"{self.path}: {kind}: {e}") from e
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -233,53 +209,63 @@ class DatasetStore:
         finally:
             db.close()
 
+    @staticmethod
+    def _insert(db: sqlite3.Connection, manifest: Manifest, rows: Iterable[dict[str, Any]]) -> int:
+        """The rows into the kind's table (a row already there is kept); how many were new."""
+        cols = _COLUMNS[manifest.kind]
+        before = db.total_changes
+        db.executemany(
+            f"INSERT OR IGNORE INTO {manifest.kind} ({', '.join(cols)})"
+            f" VALUES ({', '.join('?' * len(cols))})",
+            ([_normal(manifest.kind, r).get(c) for c in cols] for r in rows),
+        )
+        return db.total_changes - before
+
+    @staticmethod
+    def _held_now(db: sqlite3.Connection, manifest: Manifest, rows: int) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                manifest.kind,
+                manifest.version,
+                manifest.issued_at,
+                manifest.expires_at,
+                manifest.sha256,
+                rows,
+                time.time(),
+            ),
+        )
+
+    def apply(self, manifest: Manifest, rows: Iterable[dict[str, Any]]) -> None:
+        """Replace `manifest.kind` by this version, all or nothing.
+        `rows` may be a generator that raises (a bad line): then nothing changes."""
+        with self._writing(manifest.kind, checkpoint=True) as db:
+            held = db.execute(
+                "SELECT version FROM datasets WHERE kind = ?", (manifest.kind,)
+            ).fetchone()
+            if held is not None and held[0] >= manifest.version:
+                raise DatasetRefused(
+                    manifest.kind, f"version {manifest.version} is not newer than {held[0]}"
+                )
+            db.execute(f"DELETE FROM {manifest.kind}")
+            self._insert(db, manifest, rows)
+            self._held_now(db, manifest, manifest.rows)
+
     def apply_delta(self, manifest: Manifest, rows: Iterable[dict[str, Any]]) -> None:
         """Add a delta's rows to the version it names (`manifest.base`), all or nothing:
         the held version must be exactly the base, else DatasetRefused and nothing
         changes; `rows` may raise (a bad line) and then nothing changes either."""
-        cols = _COLUMNS[manifest.kind]
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._writing(manifest.kind) as db:
             held = db.execute(
                 "SELECT version, rows FROM datasets WHERE kind = ?", (manifest.kind,)
             ).fetchone()
             if held is None or held[0] != manifest.base:
-                db.execute("ROLLBACK")
                 at = "none" if held is None else f"v{held[0]}"
                 raise DatasetRefused(
                     manifest.kind, f"delta v{manifest.version} is for v{manifest.base}, held {at}"
                 )
-            before = db.total_changes
-            db.executemany(
-                f"INSERT OR IGNORE INTO {manifest.kind} ({', '.join(cols)})"
-                f" VALUES ({', '.join('?' * len(cols))})",
-                ([_normal(manifest.kind, r).get(c) for c in cols] for r in rows),
-            )
-            added = db.total_changes - before
-            db.execute(
-                "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    manifest.kind,
-                    manifest.version,
-                    manifest.issued_at,
-                    manifest.expires_at,
-                    manifest.sha256,
-                    held[1] + added,
-                    time.time(),
-                ),
-            )
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise DatasetStoreError(f"{self.path}: {manifest.kind}: {e}") from e
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+            added = self._insert(db, manifest, rows)
+            self._held_now(db, manifest, held[1] + added)
 
     # -- look-ups (the loop's connection: WAL readers see the last committed version) --
 
