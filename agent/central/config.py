@@ -16,7 +16,7 @@ from __future__ import annotations
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypedDict
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -274,6 +274,14 @@ class StationStatusSection(_Identity):
     )
 
 
+class MqttLogin(TypedDict):
+    """How one role logs in to the broker: the keyword arguments of the MQTT clients."""
+
+    tls_context: ssl.SSLContext | None
+    username: str | None
+    password: str | None
+
+
 class CentralConfig(_Strict):
     """central.toml as a whole."""
 
@@ -340,6 +348,17 @@ class CentralConfig(_Strict):
                     [f"{self.source}: {role}.tls_cert: {ident.tls_cert}: cannot load: {e}"]
                 ) from None
         return ctx
+
+    def mqtt_login(self, role: Role) -> MqttLogin:
+        """`tls_context`, `username` and `password` of `role` for an MQTT client, all None
+        where central.toml has no section for it (an anonymous client)."""
+        if getattr(self, role) is None:
+            return MqttLogin(tls_context=None, username=None, password=None)
+        return MqttLogin(
+            tls_context=self.tls_context(role),
+            username=self.identity(role).username,
+            password=self.mqtt_password(role),
+        )
 
     def mqtt_password(self, role: Role) -> str | None:
         pf = self.identity(role).password_file

@@ -666,7 +666,6 @@ def _publish(args: argparse.Namespace, site: str | None, agent: str | None) -> i
         else:
             raw = {"broker": _broker_from_args(args), "registry": _identity_from_args(args)}
             config = validate_central(raw, Path.cwd() / "(command line)")
-        reg = config.registry  # its broker identity, if the file has one
         version = asyncio.run(
             publish_dataset(
                 config.broker.host,
@@ -678,9 +677,7 @@ def _publish(args: argparse.Namespace, site: str | None, agent: str | None) -> i
                 expires_at=args.expires_at,
                 site=site,
                 agent=agent,
-                tls_context=config.tls_context("registry") if reg else None,
-                username=reg.username if reg else None,
-                password=config.mqtt_password("registry") if reg else None,
+                **config.mqtt_login("registry"),
             )
         )
     except ConfigError as e:
@@ -732,16 +729,13 @@ def cmd_refdata_status(args: argparse.Namespace) -> int:
         else:
             raw = {"broker": _broker_from_args(args), "registry": _identity_from_args(args)}
             config = validate_central(raw, Path.cwd() / "(command line)")
-        reg = config.registry
         report = asyncio.run(
             fleet_status(
                 config.broker.host,
                 config.broker.port,
                 config.broker.topic_prefix,
                 wait_s=args.wait,
-                tls_context=config.tls_context("registry") if reg else None,
-                username=reg.username if reg else None,
-                password=config.mqtt_password("registry") if reg else None,
+                **config.mqtt_login("registry"),
             )
         )
     except ConfigError as e:

@@ -139,14 +139,11 @@ def _fleet_broker(args: argparse.Namespace) -> Any:
         from agent.central.config import load_central_config
 
         config = load_central_config(args.config)
-        ident = config.dashboard
         return Broker(
             config.broker.host,
             config.broker.port,
             config.broker.topic_prefix,
-            tls_context=config.tls_context("dashboard") if ident else None,
-            username=ident.username if ident else None,
-            password=config.mqtt_password("dashboard") if ident else None,
+            **config.mqtt_login("dashboard"),
         )
     context = None
     if args.tls_ca is not None:
