@@ -27,6 +27,7 @@ from agent.testing import (
     serial_scanner,
     write_config,
 )
+from tests.support.cli import run_cli
 
 TICKET = "111122410000012345"
 GS1 = "]C101049123451234591725123110AB"
@@ -193,35 +194,24 @@ async def test_a_station_that_starts_later_gets_the_newest_version_retained(
         pty.close()
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 @pytest.mark.timeout(60)
 async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
     broker: Broker, tmp_path: Path
 ) -> None:
-    made = _cli(
+    made = run_cli(
         "registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub", cwd=tmp_path
     )
     assert made.returncode == 0, made.stderr
     pub = (tmp_path / "k.pub").read_text().strip()
     assert pub in made.stdout and (tmp_path / "k.pem").stat().st_mode & 0o077 == 0
-    again = _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "x", cwd=tmp_path)
+    again = run_cli(
+        "registry", "dataset-keygen", "--private", "k.pem", "--public", "x", cwd=tmp_path
+    )
     assert again.returncode == 1 and "never overwritten" in again.stderr
 
     bad = tmp_path / "bad.csv"
     bad.write_text("gtin,lot,reason\n123,AB,x\n04912345123459,,\n")
-    refused = _cli(
+    refused = run_cli(
         "registry", "publish-dataset", "recalled_lots", str(bad), "--key", "k.pem",
         "--port", str(broker.port), cwd=tmp_path,
     )  # fmt: skip
@@ -240,7 +230,7 @@ async def test_the_desk_publishes_with_the_cli_and_a_wrong_key_is_refused(
             assert data is not None
             good = tmp_path / "recalls.csv"
             good.write_text("gtin,lot,reason\n04912345123459,AB,contamination\n")
-            ok = _cli(
+            ok = run_cli(
                 "registry", "publish-dataset", "recalled_lots", str(good), "--key", "k.pem",
                 "--port", str(broker.port), cwd=tmp_path,
             )  # fmt: skip
@@ -275,12 +265,12 @@ async def test_madoguchi_registry_with_a_dataset_key_publishes_used_tickets(
 ) -> None:
     (tmp_path / "bad.pem").write_text("not a key\n")
     args = ["registry", "--db", "reg.db", "--port", str(broker.port), "--quiet"]
-    bad = _cli(*args, "--dataset-key", "bad.pem", cwd=tmp_path)
+    bad = run_cli(*args, "--dataset-key", "bad.pem", cwd=tmp_path)
     assert bad.returncode == 1
     assert bad.stderr.strip().endswith("bad.pem: not an unencrypted PEM private key")
-    shared = _cli(*args, "--shared", "g", "--dataset-key", "bad.pem", cwd=tmp_path)
+    shared = run_cli(*args, "--shared", "g", "--dataset-key", "bad.pem", cwd=tmp_path)
     assert shared.returncode == 1 and "not with shared = 'g'" in shared.stderr
-    assert _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
+    assert run_cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
                 cwd=tmp_path).returncode == 0  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(
@@ -482,18 +472,18 @@ async def test_site_reservations_and_staff_reach_only_their_site(
 async def test_the_cli_publishes_staff_and_reservations_for_one_site(
     broker: Broker, tmp_path: Path
 ) -> None:
-    made = _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
+    made = run_cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
                 cwd=tmp_path)  # fmt: skip
     assert made.returncode == 0, made.stderr
     pub = (tmp_path / "k.pub").read_text().strip()
     staff = tmp_path / "staff.csv"
     staff.write_text("uid,operator\n01010601CB095703,staff-014\n")
-    bad_site = _cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
+    bad_site = run_cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
                     "--site", "Toda 1F", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
     assert bad_site.returncode == 1 and "--site: 'Toda 1F' is not a site name" in bad_site.stderr
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "R-1", "slot_start": "10:30", "purpose": "x"}]')
-    refused = _cli("registry", "publish-dataset", "reservations", str(bad), "--key", "k.pem",
+    refused = run_cli("registry", "publish-dataset", "reservations", str(bad), "--key", "k.pem",
                    "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
@@ -506,7 +496,7 @@ async def test_the_cli_publishes_staff_and_reservations_for_one_site(
         async with running_station(cfg) as s:
             data = s.station.station.datasets
             assert data is not None
-            ok = _cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
+            ok = run_cli("registry", "publish-dataset", "staff", str(staff), "--key", "k.pem",
                       "--site", "toda-1f", "--port", str(broker.port), cwd=tmp_path)  # fmt: skip
             assert ok.returncode == 0, ok.stderr
             assert "1 row(s) published for site toda-1f" in ok.stdout

@@ -7,28 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.testing import Broker, Pty, mqtt_collect, running_station, serial_scanner, write_config
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+from tests.support.cli import run_cli
 
 
 def station_config(tmp: Path, port: int, pty: Pty, name: str, key: str) -> Path:
@@ -56,20 +41,20 @@ async def test_refdata_publish_per_station_and_status_says_who_holds_what(
     broker: Broker, tmp_path: Path
 ) -> None:
     """About 15 s: two stations, four CLI runs, and the rate-limited status republish."""
-    made = _cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
+    made = run_cli("registry", "dataset-keygen", "--private", "k.pem", "--public", "k.pub",
                 cwd=tmp_path)  # fmt: skip
     assert made.returncode == 0, made.stderr
     pub = (tmp_path / "k.pub").read_text().strip()
     port = str(broker.port)
     staff = tmp_path / "staff.csv"
     staff.write_text("uid,operator\n01010601CB095703,staff-014\n")
-    bad_scope = _cli("refdata", "publish", "staff", str(staff), "--key", "k.pem",
+    bad_scope = run_cli("refdata", "publish", "staff", str(staff), "--key", "k.pem",
                      "--scope", "station:toda-1f", "--port", port, cwd=tmp_path)  # fmt: skip
     assert bad_scope.returncode == 1
     assert bad_scope.stderr.startswith("--scope: 'station:toda-1f' is not fleet, site:SITE")
     bad = tmp_path / "bad.csv"
     bad.write_text("uid,operator\nnot-hex,staff-014\n0101,Staff 1\n")
-    refused = _cli("refdata", "publish", "staff", str(bad), "--key", "k.pem",
+    refused = run_cli("refdata", "publish", "staff", str(bad), "--key", "k.pem",
                    "--port", port, cwd=tmp_path)  # fmt: skip
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
@@ -84,14 +69,14 @@ async def test_refdata_publish_per_station_and_status_says_who_holds_what(
         ):
             d1, d2 = s1.station.station.datasets, s2.station.station.datasets
             assert d1 is not None and d2 is not None
-            ok = _cli("refdata", "publish", "staff", str(staff), "--key", "k.pem",
+            ok = run_cli("refdata", "publish", "staff", str(staff), "--key", "k.pem",
                       "--scope", "station:toda-1f/desk-1", "--port", port,
                       cwd=tmp_path)  # fmt: skip
             assert ok.returncode == 0, ok.stderr
             assert "1 row(s) published for station toda-1f/desk-1" in ok.stdout
             lots = tmp_path / "lots.json"
             lots.write_text('[{"gtin": "04912345123459", "lot": "AB", "reason": "recall"}]')
-            fleet = _cli("refdata", "publish", "recalled_lots", str(lots), "--key", "k.pem",
+            fleet = run_cli("refdata", "publish", "recalled_lots", str(lots), "--key", "k.pem",
                          "--port", port, cwd=tmp_path)  # fmt: skip
             assert fleet.returncode == 0 and "(scope fleet)" in fleet.stdout, fleet.stderr
             await until(lambda: {"staff", "recalled_lots"} <= set(d1.held))
@@ -111,7 +96,7 @@ async def test_refdata_publish_per_station_and_status_says_who_holds_what(
                     await asyncio.sleep(0.2)
                 assert set(await retained_versions(broker.port, name)) == want
 
-            st = _cli("refdata", "status", "--port", port, "--wait", "0.5", cwd=tmp_path)
+            st = run_cli("refdata", "status", "--port", port, "--wait", "0.5", cwd=tmp_path)
             assert st.returncode == 0, st.stderr
             lines = st.stdout.splitlines()
             assert f"published staff station:toda-1f/desk-1 v{v_staff} (1 rows)" in lines
@@ -122,7 +107,7 @@ async def test_refdata_publish_per_station_and_status_says_who_holds_what(
                 f"toda-1f/desk-1 staff v{v_staff} current",
                 f"toda-1f/desk-2 recalled_lots v{v_lots} current",
             ]
-            js = _cli("refdata", "status", "--json", "--port", port, "--wait", "0.5",
+            js = run_cli("refdata", "status", "--json", "--port", port, "--wait", "0.5",
                       cwd=tmp_path)  # fmt: skip
             rows = [json.loads(x) for x in js.stdout.splitlines()]
             assert {(r["station"], r["kind"], r["state"]) for r in rows} == {
