@@ -99,3 +99,16 @@ async def browser() -> AsyncIterator[Any]:
         b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         await b.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    """A page of its own in `browser` (1400 x 800); the test fails if the page's script
+    ever throws."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 800})
+    pg = await context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    await context.close()
+    assert errors == []  # the page's script never threw

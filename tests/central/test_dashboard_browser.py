@@ -12,7 +12,6 @@ import logging
 import re
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.broker, pytest.mark.usefixtures("
 KEY = "toda-city-hall-1f/station-03"
 ACK = b"\x06"
 KEEPALIVE_S = 30  # the agent's mqtt.keepalive_s default: the broker's will comes within 1.5x
-
-
-@pytest.fixture
-async def page(browser: Any) -> AsyncIterator[Any]:
-    context = await browser.new_context(viewport={"width": 1400, "height": 800})
-    pg = await context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    await context.close()
-    assert errors == []  # the page's script never threw
 
 
 async def test_station_killed_turns_red_and_comes_back(

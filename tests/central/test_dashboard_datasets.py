@@ -6,7 +6,6 @@ alert, while another station holding a fresh one is not."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,6 @@ from tests.support.central import DESK_TOKEN, desk_guard, running_dashboard
 pytestmark = [pytest.mark.browser, pytest.mark.broker]
 LOT = {"gtin": "04912345123459", "lot": "AB", "reason": "contamination"}
 P = "madoguchi/v1"
-
-
-@pytest.fixture
-async def page(browser: Any) -> AsyncIterator[Any]:
-    context = await browser.new_context(viewport={"width": 1600, "height": 700})
-    pg = await context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    await context.close()
-    assert errors == []
 
 
 def station(tmp: Path, port: int, pty: Pty, site: str, name: str, key: str) -> Path:
@@ -57,6 +45,8 @@ async def test_the_dashboard_shows_each_stations_versions_and_the_stale_ones(
 ) -> None:
     """About 15 s (the stations' rate-limited status republish)."""
     from playwright.async_api import expect
+
+    await page.set_viewport_size({"width": 1600, "height": 700})  # the screenshot's size
 
     key = Ed25519PrivateKey.generate()
     pub = public_hex(key)

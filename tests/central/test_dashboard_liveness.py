@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +71,6 @@ def test_a_station_that_does_not_say_its_interval_gets_the_default() -> None:
     limit = 1.5 * DEFAULT_TELEMETRY_INTERVAL_S
     assert row(fleet, limit - 0.1)["state"] == "online"
     assert row(fleet, limit + 0.1)["state"] == "unreachable"
-
-
-@pytest.fixture
-async def page(browser: Any) -> AsyncIterator[Any]:
-    context = await browser.new_context(viewport={"width": 1400, "height": 800})
-    pg = await context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    await context.close()
-    assert errors == []
 
 
 @pytest.mark.broker
