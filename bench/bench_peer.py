@@ -156,7 +156,6 @@ class Peer:
     def __init__(self, work: Path, broker_port: int, pty: Pty) -> None:
         self.work, self.broker_port, self.pty = work, broker_port, pty
         self.proc: subprocess.Popen[bytes] | None = None
-        self.acks = 0  # ACK bytes the peer wrote back to the scanner
 
     @property
     def pid(self) -> int:
@@ -316,9 +315,9 @@ class Gateway(Peer):
 
 
 async def drain_pty(peer: Peer) -> None:
-    """Read (and count) the ACK bytes madoguchi writes back, so the pty never fills."""
+    """Read the ACK bytes madoguchi writes back, so the pty never fills."""
     while True:
-        peer.acks += (await peer.pty.aread(4096, timeout=1.0)).count(b"\x06")
+        await peer.pty.aread(4096, timeout=1.0)
 
 
 async def scan_paced(pty: Pty, texts: list[str], interval: float) -> None:
