@@ -307,6 +307,7 @@ async def test_damage_found_after_ready_scans_taken_meanwhile_and_salvaged_all_a
         async with running_registry(broker.port, tmp_path / "registry.db") as registry:
             agent.start()
             agent.wait_log("running with 1 device", timeout=15, this_run=True)
+            agent.wait_open(pty_port.device)  # a scan typed before the port opens is flushed
             meanwhile = [f"now-{i}" for i in range(5)]
             for text in meanwhile:  # at once: the check may not have answered yet
                 pty_port.scan(text)
