@@ -43,6 +43,7 @@ from agent.errors import ReleaseRefused
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
+INCOMPLETE = ".incomplete"  # in a release venv still being built
 SWITCH = "switch.json"
 #: env marker a release launcher may set; else the installed package's version
 VERSION_ENV = "MADOGUCHI_RELEASE"
@@ -139,7 +140,8 @@ class Releases:
         return self.root / version
 
     def installed(self, version: str) -> bool:
-        return (self.path(version) / "bin" / "madoguchi").exists()
+        p = self.path(version)
+        return (p / "bin" / "madoguchi").exists() and not (p / INCOMPLETE).exists()
 
     def point(self, version: str) -> None:
         """`current` -> version, atomically (a new symlink renamed over the old)."""
@@ -243,17 +245,34 @@ class Releases:
             with tarfile.open(bundle) as t:
                 t.extractall(staging, filter="data")
             tree = staging / "release"
+            self._clear(dest)
             if (tree / "bin" / "madoguchi").exists():
-                built = tree
+                os.replace(tree, dest)
             else:
-                built = staging / "venv"
-                _venv_from_wheelhouse(staging, built, python)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(built, dest)
+                # A venv cannot move (its scripts name their interpreter by absolute
+                # path), so it is built where it will run, marked incomplete until pip
+                # is done: `installed` is false for a half-built one, a retry clears it.
+                dest.mkdir()
+                (dest / INCOMPLETE).touch()
+                try:
+                    _venv_from_wheelhouse(staging, dest, python)
+                except ReleaseRefused as e:
+                    self._clear(dest)
+                    raise ReleaseRefused(m.version, e.reason) from None
+                except BaseException:
+                    self._clear(dest)
+                    raise
+                (dest / INCOMPLETE).unlink()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return dest
+
+    @staticmethod
+    def _clear(dest: Path) -> None:
+        if dest.is_symlink():  # the base install's own entry (provisioning/install.sh)
+            dest.unlink()
+        elif dest.exists():
+            shutil.rmtree(dest)
 
 
 def _venv_from_wheelhouse(unpacked: Path, venv: Path, python: str) -> None:
@@ -265,12 +284,16 @@ def _venv_from_wheelhouse(unpacked: Path, venv: Path, python: str) -> None:
     own = [w for w in wheels if w.name.startswith("madoguchi-")]
     if not own:
         raise ReleaseRefused("?", "bundle: no madoguchi wheel")
-    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True)
+    # --system-site-packages as the base install: picamera2 and libcamera come from apt
     links = sorted({str(w.parent) for w in wheels})
-    argv = [str(venv / "bin" / "pip"), "install", "--no-index", "--quiet"]
+    pip = [str(venv / "bin" / "pip"), "install", "--no-index", "--quiet"]
     for d in links:
-        argv += ["--find-links", d]
-    subprocess.run([*argv, str(own[0])], check=True, capture_output=True)
+        pip += ["--find-links", d]
+    for argv in ([python, "-m", "venv", "--system-site-packages", str(venv)], [*pip, str(own[0])]):
+        r = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            said = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+            raise ReleaseRefused("?", f"{Path(argv[0]).name} {argv[1]}: {said[:200]}")
 
 
 class Download:

@@ -4,6 +4,7 @@ confirm, roll back; never in place."""
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,26 @@ def test_a_download_resumes_and_refuses_wrong_chunks(tmp_path: Path) -> None:
     assert again.complete.is_set()
     with again.path.open("rb") as f:
         assert check_bundle(m, f) == []
+
+
+def test_a_wheelhouse_pip_cannot_install_leaves_no_half_release(
+    rel: tuple[Releases, Clock], tmp_path: Path
+) -> None:
+    """A `make bundle`-shaped tarball whose madoguchi wheel is not a wheel: the venv is
+    built where it will run (a venv cannot move), pip fails, and what was built is gone;
+    the refusal names pip and what it said. The running release is untouched."""
+    r, _ = rel
+    src = tmp_path / "madoguchi-bundle-1.2"
+    (src / "wheels" / "x86_64").mkdir(parents=True)
+    (src / "wheels" / "x86_64" / "madoguchi-1.2-py3-none-any.whl").write_bytes(b"not a zip")
+    b = tmp_path / "madoguchi-bundle-1.2.tar.gz"
+    with tarfile.open(b, "w:gz") as t:
+        t.add(src, arcname=src.name)
+    key, pub = releases.keypair(tmp_path)
+    m = verify(releases.signed(key, b, "1.2"), pub)
+    with pytest.raises(ReleaseRefused, match="pip install: ") as e:
+        r.install(m, b)
+    assert e.value.version == "1.2" and str(e.value).startswith("release 1.2: pip install: ")
+    assert not (r.root / "1.2").exists() and not r.installed("1.2")
+    assert r.current() == "1.0" and r.installed("1.0")
+    assert [p.name for p in r.root.iterdir() if p.name.startswith(".")] == []
