@@ -911,9 +911,14 @@ def device_key(index: int, entry: Any) -> str:
     return f"devices[{index}]"
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, resolve profiles and validate. Raises `ConfigError` listing every problem."""
+def load_config(path: str | Path, *, relative_to: Path | None = None) -> Config:
+    """Read, resolve profiles and validate. Raises `ConfigError` listing every problem.
+
+    Relative paths in the file (profiles, profile_dirs, data_dir) are taken from the
+    file's directory, or from `relative_to`: a pushed candidate is checked where it
+    will run, not where it is staged (agent/station/remote_config.py)."""
     path = Path(path)
+    base = path.parent if relative_to is None else relative_to
     raw = _read_toml(path)
     file = str(path)
     problems: list[str] = []
@@ -926,7 +931,9 @@ def load_config(path: str | Path) -> Config:
     )
     if not isinstance(extra_dirs, list):
         extra_dirs = []  # the model reports the wrong type below
-    dirs = profile_dirs(path, [path.parent / Path(d) for d in extra_dirs if isinstance(d, str)])
+    dirs = profile_dirs(
+        base / path.name, [base / Path(d) for d in extra_dirs if isinstance(d, str)]
+    )
     devices: list[DeviceConfig] = []
     for i, entry in enumerate(devices_raw):
         dev, errs = _resolve_device(i, entry, file, dirs)
@@ -979,7 +986,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(problems)
     data_dir = config.agent.data_dir
     if not data_dir.is_absolute():
-        data_dir = (path.parent / data_dir).resolve()
+        data_dir = (base / data_dir).resolve()
     return config.model_copy(
         update={
             "devices": devices,

@@ -201,13 +201,17 @@ def check_extras(config: Config) -> Checked:
 
 
 def check_config_file(
-    path: str | Path, user: str | None = None, *, config_only: bool = False
+    path: str | Path,
+    user: str | None = None,
+    *,
+    config_only: bool = False,
+    relative_to: Path | None = None,
 ) -> tuple[Config | None, list[str], list[str]]:
     """What `check-config` checks, for the CLI and for `cmd/config` alike: the file, then
     (unless `config_only`) the files it names and the extras it needs. Returns
     (config or None, every problem, notes); nothing stops at the first problem."""
     try:
-        config = load_config(path)
+        config = load_config(path, relative_to=relative_to)
     except ConfigError as e:
         return None, list(e.problems), []
     if config_only:

@@ -7,6 +7,8 @@ revision id and its sha256. The station
    validates it with `check_config_file`, the function behind `check-config`: every
    problem goes back in the result and nothing is applied on any of them (nor on a
    configuration that would rename the station: its certificate and topics are its name);
+   a symlinked agent.toml (the shipped install: /etc/madoguchi is read-only to the
+   service) is written through: every file named here lives beside the link's target;
 2. keeps the running file as `agent.toml.previous`, records the attempt in
    `agent.toml.state.json` (state `applied`, when, the deadline), moves the candidate
    over agent.toml (rename: never a half file), and restarts its own loop in the same
@@ -54,16 +56,26 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def real_path(path: Path) -> Path:
+    """The file a (possibly symlinked) agent.toml is. A shipped install links
+    /etc/madoguchi/agent.toml, which the service sees read-only, to a file in its state
+    directory (provisioning/install.sh): every write goes beside the real file."""
+    return Path(os.path.realpath(path))
+
+
 def previous_path(path: Path) -> Path:
-    return path.with_name(path.name + ".previous")
+    real = real_path(path)
+    return real.with_name(real.name + ".previous")
 
 
 def candidate_path(path: Path) -> Path:
-    return path.with_name(path.name + ".candidate")
+    real = real_path(path)
+    return real.with_name(real.name + ".candidate")
 
 
 def state_path(path: Path) -> Path:
-    return path.with_name(path.name + ".state.json")
+    real = real_path(path)
+    return real.with_name(real.name + ".state.json")
 
 
 def _iso(ts: float) -> str:
@@ -113,7 +125,7 @@ def roll_back(path: Path, reason: str, now: Callable[[], float] = time.time) -> 
         raise RemoteConfigError(
             f"{previous_path(path)}: cannot roll back: {e.strerror}; {path} stays"
         ) from e
-    write_atomic(path, old, 0o600)
+    write_atomic(real_path(path), old, 0o600)
     state.update(state="rolled_back", reason=reason[:300], rolled_back_at=now())
     save_state(path, state)
     log.error("configuration revision %s rolled back: %s", state.get("revision"), reason)
@@ -216,7 +228,8 @@ class RemoteConfig:
         assert self.path is not None
         candidate = candidate_path(self.path)
         write_atomic(candidate, text.encode(), 0o600)
-        config, problems, _ = check_config_file(candidate)
+        # relative profiles and data_dir as the running file sees them
+        config, problems, _ = check_config_file(candidate, relative_to=self.path.parent)
         if config is not None:
             mine = (self.config.agent.site, self.config.agent.name)
             theirs = (config.agent.site, config.agent.name)
@@ -238,7 +251,9 @@ class RemoteConfig:
         except OSError as e:
             raise RemoteConfigError(f"{self.path}: {e.strerror}") from e
         write_atomic(previous_path(self.path), current, 0o600)
-        deadline = self._deadline_of(candidate_path(self.path))  # the new file's own
+        deadline = self._deadline_of(
+            candidate_path(self.path), self.path.parent
+        )  # the new file's own
         running = None if self.state is None else self.describe()["config_revision"]
         before = self.state
         self.state = {
@@ -251,7 +266,7 @@ class RemoteConfig:
         }
         try:
             save_state(self.path, self.state)
-            os.replace(candidate_path(self.path), self.path)
+            os.replace(candidate_path(self.path), real_path(self.path))
         except (OSError, RemoteConfigError) as e:
             self.state = before  # not on trial: the file is still the old one
             with contextlib.suppress(OSError, RemoteConfigError):
@@ -270,8 +285,8 @@ class RemoteConfig:
         return deadline
 
     @staticmethod
-    def _deadline_of(candidate: Path) -> float:
-        config, _, _ = check_config_file(candidate, config_only=True)
+    def _deadline_of(candidate: Path, relative_to: Path) -> float:
+        config, _, _ = check_config_file(candidate, config_only=True, relative_to=relative_to)
         assert config is not None  # validated just before
         return config.agent.config_rollback_after_s
 

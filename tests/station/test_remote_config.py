@@ -4,15 +4,17 @@ runs are in tests/system/test_fleet_config.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
-from agent.config import load_config
+from agent.config import BUNDLED_PROFILE_DIR, load_config
 from agent.station.remote_config import (
     RemoteConfig,
     load_or_roll_back,
     previous_path,
+    roll_back,
     sha256_hex,
     state_path,
 )
@@ -115,3 +117,39 @@ async def test_a_file_that_cannot_be_written_is_an_answer_not_a_fault(tmp_path: 
     assert ".agent.toml.candidate.tmp" in got["error"]
     assert path.read_text() == original and not rc.on_trial
     assert not state_path(path).exists()
+
+
+async def test_a_symlinked_agent_toml_is_written_through_and_checked_where_it_runs(
+    tmp_path: Path,
+) -> None:
+    """The shipped install: /etc/madoguchi/agent.toml -> ../../var/lib/madoguchi/config/
+    agent.toml (provisioning/install.sh), /etc read-only to the service. Everything is
+    written beside the target; a profile in the link's directory (station-local
+    device_profiles) is found when the candidate is checked, as it will be at the restart."""
+    etc, state_dir = tmp_path / "etc", tmp_path / "state"
+    (etc / "device_profiles").mkdir(parents=True)
+    state_dir.mkdir()
+    (etc / "device_profiles" / "desk-scanner.toml").write_bytes(
+        (BUNDLED_PROFILE_DIR / "generic-serial-scanner.toml").read_bytes()
+    )
+    (state_dir / "agent.toml").write_text(original := agent_toml(tmp_path))
+    link = etc / "agent.toml"
+    link.symlink_to(Path("..") / "state" / "agent.toml")
+    before = sorted(p.name for p in etc.iterdir())
+    rc = RemoteConfig(load_config(link))
+    new = agent_toml(tmp_path, port=1884) + (
+        '\n[[devices]]\nname = "desk"\nprofile = "desk-scanner"\nport = "/dev/ttyACM0"\n'
+    )
+    got = await rc.command(body(new, "r1"))
+    assert got.get("applied") is True, got
+    assert sorted(p.name for p in etc.iterdir()) == before  # nothing written in /etc
+    assert link.is_symlink() and link.read_text() == new
+    assert previous_path(link) == state_dir / "agent.toml.previous"
+    assert previous_path(link).read_text() == original
+    assert json.loads(state_path(link).read_text())["state"] == "applied"
+    config, problems = load_or_roll_back(link)
+    assert problems == [] and config is not None and config.devices[0].name == "desk"
+    rolled = await asyncio.to_thread(roll_back, link, "broker not reached")
+    assert rolled["state"] == "rolled_back"
+    assert link.is_symlink() and link.read_text() == original
+    assert sorted(p.name for p in etc.iterdir()) == before
