@@ -35,6 +35,11 @@ BUNDLE=""
 KIOSK=0
 DRY=0
 VENV=/opt/madoguchi/venv
+RELEASES=/opt/madoguchi/releases
+STATE=/var/lib/madoguchi
+CONFIG_FILE=$STATE/config/agent.toml
+CONFIG_LINK=/etc/madoguchi/agent.toml
+CONFIG_LINK_TARGET=../..$CONFIG_FILE  # relative: right under --root too
 DOCS=/usr/share/doc/madoguchi
 KIOSK_TOKEN=/etc/madoguchi/kiosk/api-token
 
@@ -156,6 +161,16 @@ dir() {
         group_of "$2" "${3:-}"
     else
         group_of "$2" "${3:-}"
+    fi
+}
+
+# owner_of PATH: the service user owns PATH (state it writes). Under --root: said, not done.
+owner_of() {
+    if [ -n "$ROOT" ] || [ "$DRY" = 1 ]; then
+        host chown "$USER_NAME:$USER_NAME" "$1"
+    elif [ -e "$1" ] && [ "$(stat -c %U:%G "$1")" != "$USER_NAME:$USER_NAME" ]; then
+        change "chown $USER_NAME:$USER_NAME $1"
+        chown "$USER_NAME:$USER_NAME" "$1"
     fi
 }
 
@@ -365,6 +380,42 @@ program() {
     printf '%s\n' "$stamp" >"$ROOT$VENV/madoguchi-install"
 }
 
+state_dirs() {
+    dir 0700 "$STATE"
+    owner_of "$STATE"
+    dir 0700 "$STATE/config"
+    owner_of "$STATE/config"
+}
+
+# The A/B releases directory (docs/fleet.md): the base venv is the first release,
+# `current` points at it until a fleet update switches to a release installed beside.
+releases() {
+    local version
+    version=$(basename "$WHEEL" | cut -d- -f2)
+    log "releases in $RELEASES: $version is the base venv"
+    dir 0755 "$RELEASES"
+    owner_of "$RELEASES"
+    if [ "$(readlink "$ROOT$RELEASES/$version" 2>/dev/null)" != ../venv ]; then
+        if [ -e "$ROOT$RELEASES/$version" ] && [ ! -L "$ROOT$RELEASES/$version" ]; then
+            echo "    $RELEASES/$version is a release a fleet update installed: kept"
+        else
+            change "link $RELEASES/$version -> ../venv"
+            [ "$DRY" = 1 ] || ln -sfn ../venv "$ROOT$RELEASES/$version"
+        fi
+    fi
+    # current follows the base install unless a fleet update moved it to its own release
+    local cur
+    cur=$(readlink "$ROOT$RELEASES/current" 2>/dev/null || true)
+    if [ -z "$cur" ] || { [ "$cur" != "$version" ] && [ "$(readlink "$ROOT$RELEASES/$cur" 2>/dev/null)" = ../venv ]; }; then
+        if [ "$cur" != "$version" ] && { [ "$DRY" = 1 ] || [ -e "$ROOT$RELEASES/$version" ]; }; then
+            change "point $RELEASES/current at $version"
+            [ "$DRY" = 1 ] || ln -sfn "$version" "$ROOT$RELEASES/current"
+        fi
+    elif [ "$cur" != "$version" ]; then
+        echo "    $RELEASES/current is $cur (a fleet update): kept; the supervisor runs it"
+    fi
+}
+
 docs() {
     log "documentation in $DOCS"
     local f
@@ -375,11 +426,19 @@ docs() {
 
 # --- configuration and credentials ---------------------------------------------------
 configuration() {
-    log "configuration in /etc/madoguchi, secrets in /etc/madoguchi/credentials"
+    log "configuration in $CONFIG_FILE (linked from $CONFIG_LINK), secrets in /etc/madoguchi/credentials"
     dir 0755 /etc/madoguchi
     dir 0755 /etc/madoguchi/device_profiles
+    # agent.toml lives in the service's state directory, where remote configuration
+    # (cmd/config, docs/fleet.md) can write it: the service sees /etc read-only. The
+    # technician reads and edits it as /etc/madoguchi/agent.toml, a relative link.
+    state_dirs
+    if [ ! -L "$ROOT$CONFIG_LINK" ] && [ -f "$ROOT$CONFIG_LINK" ] && [ ! -e "$ROOT$CONFIG_FILE" ]; then
+        change "move $CONFIG_LINK to $CONFIG_FILE (kept as it is)"
+        [ "$DRY" = 1 ] || mv "$ROOT$CONFIG_LINK" "$ROOT$CONFIG_FILE"
+    fi
     if [ -n "$CONFIG" ]; then
-        put 0640 "$CONFIG" /etc/madoguchi/agent.toml "$USER_NAME"
+        put 0600 "$CONFIG" "$CONFIG_FILE"
         # Station-local device profiles travel with the config.
         local profile
         for profile in "$(dirname "$CONFIG")"/device_profiles/*.toml; do
@@ -387,13 +446,17 @@ configuration() {
                 put 0644 "$profile" "/etc/madoguchi/device_profiles/$(basename "$profile")"
             fi
         done
-    elif [ ! -e "$ROOT/etc/madoguchi/agent.toml" ]; then
-        put 0640 "$SRC/provisioning/agent.example.toml" /etc/madoguchi/agent.toml "$USER_NAME"
+    elif [ ! -e "$ROOT$CONFIG_FILE" ]; then
+        put 0600 "$SRC/provisioning/agent.example.toml" "$CONFIG_FILE"
         echo "    (an example /etc/madoguchi/agent.toml: edit it for this station)"
     fi
-    # The agent reads its config as $USER_NAME; nobody else needs to.
-    chmod_if 0640 /etc/madoguchi/agent.toml
-    group_of /etc/madoguchi/agent.toml "$USER_NAME"
+    # The agent reads and (remote configuration) rewrites it as $USER_NAME.
+    chmod_if 0600 "$CONFIG_FILE"
+    owner_of "$CONFIG_FILE"
+    if [ "$(readlink "$ROOT$CONFIG_LINK" 2>/dev/null)" != "$CONFIG_LINK_TARGET" ]; then
+        change "link $CONFIG_LINK -> $CONFIG_LINK_TARGET"
+        [ "$DRY" = 1 ] || ln -sfn "$CONFIG_LINK_TARGET" "$ROOT$CONFIG_LINK"
+    fi
     if [ -n "$CA" ]; then
         put 0644 "$CA" /etc/madoguchi/ca.crt
     fi
@@ -493,6 +556,7 @@ fi
 packages
 service_user
 program
+releases
 docs
 configuration
 devices

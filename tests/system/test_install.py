@@ -14,11 +14,13 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from agent.config import load_config
+from agent.testing import NotifySocket
 from tests.support.bundle import isolated_pip_env, x86_64_bundle
 
 pytestmark = pytest.mark.slow
@@ -143,7 +145,20 @@ def test_files_modes_and_contents(tmp_path: Path, station: Path) -> None:
         return snap[rel][0]
 
     assert mode("etc/madoguchi") == 0o755
-    assert mode("etc/madoguchi/agent.toml") == 0o640
+    # agent.toml is the service's own (remote configuration rewrites it; /etc is
+    # read-only to the service), linked from /etc/madoguchi relatively (--root works)
+    assert snap["etc/madoguchi/agent.toml"][3] == "-> ../../var/lib/madoguchi/config/agent.toml"
+    assert mode("var/lib/madoguchi") == 0o700
+    assert mode("var/lib/madoguchi/config") == 0o700
+    assert mode("var/lib/madoguchi/config/agent.toml") == 0o600
+    # the A/B releases directory: the base venv is the first release, `current` at it
+    (info,) = (root / "opt/madoguchi/venv/lib/python3.11/site-packages").glob(
+        "madoguchi-*.dist-info"
+    )
+    version = info.name.removeprefix("madoguchi-").removesuffix(".dist-info")
+    assert snap["opt/madoguchi/releases/current"][3] == f"-> {version}"
+    assert snap[f"opt/madoguchi/releases/{version}"][3] == "-> ../venv"
+    assert os.access(root / "opt/madoguchi/releases/current/bin/madoguchi", os.X_OK)
     assert mode("etc/madoguchi/credentials") == 0o700
     assert mode("etc/madoguchi/credentials/data.key") == 0o600
     assert (root / "etc/madoguchi/credentials/data.key").stat().st_size == 32
@@ -175,7 +190,10 @@ def test_files_modes_and_contents(tmp_path: Path, station: Path) -> None:
     ]
     assert docs and all((root / d.lstrip("/")).is_file() for d in docs)
     uid, gid = os.getuid(), os.getgid()
-    assert all(v[1:3] == (uid, gid) for v in snap.values())
+    assert all(v[1:3] == (uid, gid) for v in snap.values())  # under --root: said, not done
+    out = install(root, "--config", str(station))
+    for path in ("/var/lib/madoguchi/config/agent.toml", "/opt/madoguchi/releases"):
+        assert f"would run: chown madoguchi:madoguchi {path}" in out, out
     assert not any(p.startswith("etc/madoguchi/kiosk") for p in snap)  # only with --kiosk
 
     rules = (root / "etc/udev/rules.d/70-madoguchi.rules").read_text().splitlines()
@@ -353,7 +371,10 @@ def test_dry_run_lists_every_change_and_makes_none(tmp_path: Path, station: Path
     for change in (
         "would create the venv /opt/madoguchi/venv",
         "would pip install --no-index",
-        "would install /etc/madoguchi/agent.toml (mode 0640, group madoguchi)",
+        "would install /var/lib/madoguchi/config/agent.toml (mode 0600)",
+        "would link /etc/madoguchi/agent.toml -> ../../var/lib/madoguchi/config/agent.toml",
+        "would link /opt/madoguchi/releases/0.1.0 -> ../venv",
+        "would point /opt/madoguchi/releases/current at 0.1.0",
         "would make /etc/madoguchi/credentials/data.key",
         "would install /etc/udev/rules.d/70-madoguchi.rules",
         "would install /etc/systemd/system/madoguchi.service",
@@ -373,7 +394,7 @@ def test_dry_run_lists_every_change_and_makes_none(tmp_path: Path, station: Path
     assert r.returncode == 0, r.stdout + r.stderr
     assert snapshot(root) == snap
     listed = [ln.strip() for ln in r.stdout.splitlines() if ln.startswith("    would ")]
-    assert listed == ["would install /etc/madoguchi/agent.toml (mode 0640, group madoguchi)"]
+    assert listed == ["would install /var/lib/madoguchi/config/agent.toml (mode 0600)"]
 
 
 def test_a_broken_config_stops_before_any_change(tmp_path: Path, station: Path) -> None:
@@ -465,6 +486,9 @@ def test_makefile_station_packages_leave_out_the_dev_tools() -> None:
     assert not {"shellcheck", "postgresql", "vsmartcard-vpcd", "mosquitto"} & set(pkgs)
 
 
+LINK = -1  # a row whose mode cell says "link"
+
+
 def _files_table() -> dict[str, int]:
     """docs/provisioning.md "Files, owners and modes": path -> mode (`…/` is /etc/madoguchi/)."""
     text = (ROOT / "docs" / "provisioning.md").read_text()
@@ -475,7 +499,11 @@ def _files_table() -> dict[str, int]:
         if len(cells) < 4 or not cells[0].startswith("`"):
             continue
         paths = [p.replace("…/", "/etc/madoguchi/") for p in re.findall(r"`([^`]+)`", cells[0])]
-        modes = [int(m, 8) for m in re.findall(r"\b0[0-7]{3}\b", cells[2])]
+        modes = (
+            [LINK]
+            if cells[2] == "link"
+            else [int(m, 8) for m in re.findall(r"\b0[0-7]{3}\b", cells[2])]
+        )
         if len(paths) > 1 and len(modes) == 1:
             modes *= len(paths)
         for named, mode in zip(paths, modes, strict=True):
@@ -495,11 +523,19 @@ def test_the_files_table_of_the_doc_is_what_install_makes(tmp_path: Path, statio
     root = tmp_path / "root"
     install(root, "--config", str(station), "--ca", str(ca), "--kiosk")
     table = _files_table()
-    subtrees = ("opt/madoguchi/venv/", "usr/share/doc/madoguchi/", "etc/madoguchi/device_profiles/")
+    subtrees = (
+        "opt/madoguchi/venv/",
+        "opt/madoguchi/releases/",
+        "usr/share/doc/madoguchi/",
+        "etc/madoguchi/device_profiles/",
+    )
     for rel, (mode, _, _, what) in snapshot(root).items():
         if what == "dir" or rel.startswith(subtrees):
             continue
         assert "/" + rel in table, f"/{rel} is installed but not in the doc's table"
+        if what.startswith("-> "):
+            assert table["/" + rel] == LINK, f"/{rel} is a link, the doc says a mode"
+            continue
         assert table["/" + rel] == mode, f"/{rel}: mode {mode:o}, the doc says {table['/' + rel]:o}"
     made_later = {"/var/lib/madoguchi"} | {
         p for p in table if p.startswith("/etc/madoguchi/credentials/tls.")
@@ -509,4 +545,86 @@ def test_the_files_table_of_the_doc_is_what_install_makes(tmp_path: Path, statio
             continue
         p = root / path.lstrip("/")
         assert p.exists(), f"{path}: in the doc's table, not installed"
+        if mode == LINK:
+            assert p.is_symlink(), f"{path}: the doc says a link"
+            continue
         assert stat.S_IMODE(p.stat().st_mode) == mode, f"{path}: {p.stat().st_mode:o} vs {mode:o}"
+
+
+def test_the_units_command_on_the_installed_tree_reaches_ready(
+    tmp_path: Path, station: Path
+) -> None:
+    """The shipped unit's ExecStart, paths moved into the --root tree: the base venv's
+    supervisor starts releases/current (-> VERSION -> ../venv), whose agent reads the
+    config through the /etc link and tells $NOTIFY_SOCKET READY=1 (NotifyAccess=all)."""
+    root = tmp_path / "root"
+    install(root, "--config", str(station))
+    cfg = root / "var/lib/madoguchi/config/agent.toml"
+    cfg.write_text(
+        f'[agent]\nsite = "toda-city-hall-1f"\nname = "station-03"\n'
+        f'data_dir = "{tmp_path / "data"}"\n[mqtt]\nhost = "127.0.0.1"\nport = 9\n'
+    )
+    (line,) = [
+        ln.split("=", 1)[1]
+        for ln in (root / "etc/systemd/system/madoguchi.service").read_text().splitlines()
+        if ln.startswith("ExecStart=")
+    ]
+    argv = [
+        a.replace("/opt/", f"{root}/opt/").replace("/etc/", f"{root}/etc/") for a in line.split()
+    ]
+    notify = NotifySocket()
+    proc = subprocess.Popen(
+        argv, env=notify.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        assert notify.wait_ready(proc, 60), proc.stderr.read().decode() if proc.stderr else ""
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1  # the agent is the supervisor's child
+        cmdline = Path(f"/proc/{children[0]}/cmdline").read_bytes().split(b"\0")
+        started = str(root / "opt/madoguchi/releases/current/bin/madoguchi").encode()
+        assert started in cmdline and b"run" in cmdline, cmdline
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        notify.close()
+    assert proc.returncode == 0
+
+
+def test_a_real_bundle_installs_as_a_release_beside_the_running_one(tmp_path: Path) -> None:
+    """The fleet update's install step on the real `make bundle` tarball (not the test
+    shortcut of tests/support/releases.py): verified against its signed manifest, a new
+    venv built offline from the bundle's wheelhouse beside the running release, where
+    the base install's `VERSION -> ../venv` link was; the running release untouched."""
+    from agent.station.releases import Releases, verify
+    from tests.support import releases
+
+    tar = Path(_ENV["BUNDLE"])
+    version = tar.name.removeprefix("madoguchi-bundle-").removesuffix(".tar.gz")
+    key, pub = releases.keypair(tmp_path)
+    m = verify(releases.signed(key, tar, version), pub)
+    r = Releases(tmp_path / "releases")
+    releases.tree(r.root / "0.0.9", releases.healthy("0.0.9"))
+    r.point("0.0.9")
+    (r.root / "base-venv").mkdir()
+    (r.root / version).symlink_to("base-venv")  # what install.sh makes for its venv
+    running = snapshot(r.root / "0.0.9")
+    t0 = time.monotonic()
+    dest = r.install(m, tar)
+    took = time.monotonic() - t0
+    assert dest == r.root / version and not dest.is_symlink()
+    assert (r.root / "base-venv").is_dir()  # the link was replaced, not followed
+    assert snapshot(r.root / "0.0.9") == running and r.current() == "0.0.9"
+    out = subprocess.run(
+        [str(dest / "bin" / "madoguchi"), "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"madoguchi {version}"
+    (cfg := tmp_path / "agent.toml").write_text(
+        f'[agent]\nsite = "s"\nname = "a"\ndata_dir = "{tmp_path / "data"}"\n'
+        '[mqtt]\nhost = "127.0.0.1"\n'
+    )
+    r2 = subprocess.run(
+        [str(dest / "bin" / "madoguchi"), "check-config", str(cfg)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    print(f"release {version} installed from the bundle's wheelhouse in {took:.1f} s")

@@ -71,9 +71,18 @@ def test_security_exposure_at_most_2(unit: Path) -> None:
 def test_notify_watchdog_and_device_access_as_designed() -> None:
     s = settings()
     assert s["Type"] == ["notify"]
-    assert s["NotifyAccess"] == ["main"]
+    # The supervisor from the base install runs the agent of releases/current as its
+    # child (docs/fleet.md): the child's READY/WATCHDOG must count, only the supervisor
+    # gets the stop signal, and a fleet update can install beside.
+    assert s["NotifyAccess"] == ["all"]
+    assert s["KillMode"] == ["mixed"]
     assert s["WatchdogSec"] and s["Restart"] == ["always"]
-    assert s["ExecStart"] == [f"{EXEC} run --config /etc/madoguchi/agent.toml"]
+    assert s["ExecStart"] == [
+        f"{EXEC} supervise --releases /opt/madoguchi/releases -- "
+        "run --config /etc/madoguchi/agent.toml"
+    ]
+    assert s["ReadWritePaths"] == ["/opt/madoguchi/releases"]
+    assert s["StateDirectory"] == ["madoguchi"]  # /var/lib/madoguchi/config/agent.toml
     # Hot-plugged scanners must stay reachable: no private /dev, no user namespace.
     assert "PrivateDevices" not in s
     assert "PrivateUsers" not in s
