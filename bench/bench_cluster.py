@@ -8,7 +8,8 @@ or `--shared bench`). The load is bench_registry.py's: simulated agents publishi
 envelopes over MQTT (QoS 1), a record counts when its ack is back over MQTT.
 
     python bench/bench_cluster.py [--records 4000] [--agents 100] [--batch 1,10]
-                                  [--consumers 1,2] [--repeat 2]
+                                  [--consumers 1,2,4] [--repeat 2]
+                                  [--sessions 100,1000]
 """
 
 from __future__ import annotations
@@ -96,13 +97,80 @@ def measure(
     return done / elapsed, 1000 * used / done, 1000 * broker_used / done, missing
 
 
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _sessions(port: int, ids: list[str], *, clean: bool, parallel: int = 25) -> None:
+    """Connect each id (MQTT 3.1.1), subscribe to its ack topic at QoS 1 as a station does,
+    disconnect. clean=False leaves a persistent session (its queue) behind; clean=True
+    removes it."""
+    import aiomqtt
+
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(cid: str) -> None:
+        async with (
+            sem,
+            aiomqtt.Client(
+                "127.0.0.1",
+                port,
+                identifier=cid,
+                protocol=aiomqtt.ProtocolVersion.V311,
+                clean_session=clean,
+                timeout=60,
+            ) as c,
+        ):
+            if not clean:
+                await c.subscribe(f"madoguchi/v1/mem/{cid}/ack", qos=1)
+
+    await asyncio.gather(*(one(c) for c in ids))
+
+
+def session_memory(cluster: RabbitCluster, counts: list[int]) -> None:
+    """Memory the cluster holds per persistent station session (disconnected, its
+    subscription queue kept: what a station whose Pi is off costs), at each count: the
+    three nodes' RSS before and after, settled for 5 s; then the sessions are removed."""
+    import time
+
+    print(
+        f"\n{'persistent sessions':>20} {'cluster RSS MB':>15} {'added MB':>9} "
+        f"{'kB/session':>11} {'s to open':>10}"
+    )
+    pids = [cluster.beam_pid(i) for i in range(len(cluster.nodes))]
+    port = cluster.nodes[0].mqtt_port
+    held: list[str] = []
+    time.sleep(5)
+    base = sum(rss_kb(p) for p in pids)
+    for n in counts:
+        new = [f"mem-{k}" for k in range(len(held), n)]
+        t0 = time.monotonic()
+        asyncio.run(_sessions(port, new, clean=False))
+        took = time.monotonic() - t0
+        held += new
+        time.sleep(5)
+        now = sum(rss_kb(p) for p in pids)
+        print(
+            f"{n:>20} {now / 1024:>15.1f} {(now - base) / 1024:>9.1f} "
+            f"{(now - base) / n:>11.1f} {took:>10.1f}",
+            flush=True,
+        )
+    asyncio.run(_sessions(port, held, clean=True))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--agents", type=int, default=100)
     ap.add_argument("--batch", default="1,10", help="records per message")
-    ap.add_argument("--consumers", default="1,2")
+    ap.add_argument("--consumers", default="1,2,4")
     ap.add_argument("--repeat", type=int, default=2, help="runs per row: median")
+    ap.add_argument(
+        "--sessions", default="100,1000", help="persistent sessions to hold ('' = skip)"
+    )
     args = ap.parse_args()
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cpu(s), {platform.platform()}, "
@@ -120,6 +188,9 @@ def main() -> int:
         cluster.start_all()
         print(f"(3-node cluster started in {cluster.startup_s:.1f} s)", flush=True)
         asyncio.run(declare_records_queue(cluster.nodes[0].url))
+        if args.sessions:
+            session_memory(cluster, [int(x) for x in args.sessions.split(",")])
+            print()
         for transport in ("amqp", "mqtt"):
             for n, batch in (
                 (int(x), int(b)) for x in args.consumers.split(",") for b in args.batch.split(",")

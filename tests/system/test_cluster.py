@@ -3,10 +3,10 @@ on the cluster's MQTT listeners, registry processes on AMQP from the quorum queu
 PostgreSQL; the queue leader's node and a registry process are killed -9 mid-stream and
 the node is left down. Every record must be stored exactly once, without a seq gap.
 
-The stations are tests/support/rabbit.py's MqttStation (real MQTT 3.1.1, persistent
-session, QoS 1, re-send of what is unacked, next node on a lost connection): the real
-agent takes one broker host today, so it cannot move to another node when its node dies
-(issue #19 point 2, branch `failover`).
+Two kinds of station: tests/support/rabbit.py's MqttStation (real MQTT 3.1.1, persistent
+session, QoS 1, re-send of what is unacked, next node on a lost connection), four of them
+at once for load; and the real station (pty scanner, outbox, uplink with `[mqtt] hosts`),
+whose own node is killed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from agent.central.amqp import RECORDS_QUEUE, declare_records_queue, records_binding
-from agent.testing import LoggedProcess
+from agent.station.outbox import Outbox
+from agent.testing import LOOPBACK, LoggedProcess, Pty, running_station, with_brokers, write_config
 from tests.support import ROOT
 from tests.support.central import PgCluster
 from tests.support.rabbit import MqttStation, RabbitCluster
@@ -151,6 +152,86 @@ async def _until(cond: object, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def test_the_real_station_fails_over_when_its_node_dies_and_confirms_everything(
+    rabbit_cluster: RabbitCluster, pg_cluster: PgCluster, pty_port: Pty, tmp_path: Path
+) -> None:
+    """The real station (scanner on a pty, outbox, uplink) with `[mqtt] hosts` = the
+    three nodes, MQTT 3.1.1 and a persistent session (docs/cluster.md): its own node is
+    killed -9 and left down, then a registry process; scans are taken before, while its
+    node is dead, and after. Every scan is stored once in PostgreSQL with no seq gap, and
+    the station's outbox ends with every record confirmed by the registry's acks."""
+    cluster = rabbit_cluster
+    await declare_records_queue(cluster.nodes[0].url)
+    leader = cluster.quorum_leader(RECORDS_QUEUE)
+    home = (leader + 1) % 3  # the station's node, not the queue leader (the test above)
+    order = [home, (home + 1) % 3, (home + 2) % 3]
+    dsn = pg_cluster.new_database()
+    registries = [
+        registry_process(registry_config(tmp_path, f"reg{i}", cluster, dsn), tmp_path / f"r{i}.log")
+        for i in range(2)
+    ]
+    cfg = with_brokers(
+        write_config(tmp_path, cluster.nodes[home].mqtt_port, scanner=pty_port.link,
+                     outbox="resend_after_s = 3"),
+        [f"{LOOPBACK}:{cluster.nodes[i].mqtt_port}" for i in order],
+        'protocol = "3.1.1"\npersistent_session = true\n',
+    )  # fmt: skip
+
+    async def scan(label: str, n: int) -> None:
+        for i in range(n):
+            pty_port.scan(f"{label}-{i}")
+            assert await asyncio.wait_for(pty_port.aread(1), 10) == b"\x06"
+
+    try:
+        for r in registries:
+            r.start()
+        for r in registries:
+            r.wait_log("registry consuming", 30)
+        async with running_station(cfg) as run:
+            uplink, outbox = run.station.uplink, run.station.outbox
+            assert uplink is not None and outbox is not None
+            await scan("before", 20)
+            await _confirmed(outbox, 20)
+            assert uplink.describe()["broker"] == f"{LOOPBACK}:{cluster.nodes[home].mqtt_port}"
+            cluster.kill(home)
+            killed = time.monotonic()
+            await scan("while-down", 20)  # taken and ACKed to the scanner at once
+            gone = order_addr(cluster, home)
+            await _until(lambda: uplink.describe()["broker"] not in (None, gone))
+            moved_s = time.monotonic() - killed
+            await _confirmed(outbox, 40, timeout=90)
+            registries[0].kill9()
+            await scan("after", 20)
+            await _confirmed(outbox, 60, timeout=90)
+            stats = await outbox.stats()
+            assert (stats.confirmed, stats.pending, stats.sent) == (60, 0, 0)
+        registries[1].check_running()
+        rows = pg_cluster.query(
+            dsn, "SELECT agent, count(*), count(DISTINCT id), min(seq), max(seq) FROM records "
+            "GROUP BY agent"
+        )  # fmt: skip
+        assert rows == [("station-03", 60, 60, 1, 60)]
+        assert pg_cluster.query(dsn, "SELECT count(*) FROM gaps") == [(0,)]
+        print(f"station on another node {moved_s:.2f} s after its node's kill -9")
+    finally:
+        for r in registries:
+            r.close()
+        if cluster.nodes[home].proc is None:
+            cluster.start(home)
+
+
+def order_addr(cluster: RabbitCluster, i: int) -> str:
+    return f"{LOOPBACK}:{cluster.nodes[i].mqtt_port}"
+
+
+async def _confirmed(outbox: Outbox, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := (await outbox.stats()).confirmed) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{got} of {n} confirmed after {timeout:.0f} s")
+        await asyncio.sleep(0.1)
 
 
 @pytest.mark.parametrize("login", ["certificate", "password"])
