@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -781,12 +782,34 @@ class LatencyLink:
     a WAN round trip where the kernel has no netem (CONFIG_NET_SCH_NETEM off here).
     Every chunk read is written to the other side `delay_s` later, in order. It counts
     client->server chunks and the most bytes in flight at once, so a test can see a
-    window of messages on the link. `async with` listens on `port`."""
+    window of messages on the link. `async with` listens on `port`.
 
-    def __init__(self, target_port: int, delay_s: float, *, host: str = LOOPBACK) -> None:
+    `loss` models packet loss as TCP shows it to the application (a relay cannot drop
+    bytes: TCP would resend them): each chunk is cut into `mss`-byte segments, each lost
+    with probability `loss`, and a chunk with a lost segment is held one retransmission
+    timeout longer (`rto_s`, Linux's 200 ms minimum, plus the round trip), everything
+    behind it waiting too (head-of-line blocking). Pessimistic: a real stack often
+    recovers in one round trip by fast retransmit. `lost_segments` counts them."""
+
+    def __init__(
+        self,
+        target_port: int,
+        delay_s: float,
+        *,
+        host: str = LOOPBACK,
+        loss: float = 0.0,
+        rto_s: float = 0.2,
+        mss: int = 1448,
+        seed: int | None = None,
+    ) -> None:
         self.target_port = target_port
         self.delay_s = delay_s
         self.host = host
+        self.loss = loss
+        self.rto_s = rto_s
+        self.mss = mss
+        self.lost_segments = 0
+        self._random = random.Random(seed)
         self.port = 0
         self.bytes_up = 0  # client -> server bytes, in all
         self.in_flight_up = 0  # client -> server bytes read and not yet written on
@@ -827,6 +850,14 @@ class LatencyLink:
             writer.close()
             up_w.close()
 
+    def _lost_delay(self, chunk: bytes) -> float:
+        if not self.loss or not chunk:
+            return 0.0
+        segments = -(-len(chunk) // self.mss)
+        lost = sum(self._random.random() < self.loss for _ in range(segments))
+        self.lost_segments += lost
+        return lost * (self.rto_s + 2 * self.delay_s)
+
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, up: bool
     ) -> None:
@@ -853,7 +884,7 @@ class LatencyLink:
                     self.bytes_up += len(chunk)
                     self.in_flight_up += len(chunk)
                     self.max_in_flight_up = max(self.max_in_flight_up, self.in_flight_up)
-                queue.put_nowait((loop.time() + self.delay_s, chunk))
+                queue.put_nowait((loop.time() + self.delay_s + self._lost_delay(chunk), chunk))
                 if not chunk:
                     break
             await sender

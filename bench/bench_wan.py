@@ -1,11 +1,14 @@
 """Backlog drain over a WAN round trip: one message in flight against a window (#18, point 5).
 
-    .venv/bin/python bench/bench_wan.py [--records 20000] [--delay-ms 25] [--windows 1,4,8]
+    .venv/bin/python bench/bench_wan.py [--records 20000] [--delay-ms 25] [--windows 1,8,16,32]
+                                        [--loss 0,1]
 
 A real agent process drains a pre-filled outbox to the reference registry (in this
 process) through `LatencyLink` (agent/testing.py): every chunk is delayed `delay-ms`
 each way, a 2 x delay round trip. This kernel has no netem (CONFIG_NET_SCH_NETEM is
-off), so there is no packet loss here, only delay. Each window size drains the same
+off), so loss is LatencyLink's model of it (`--loss` percent per 1448-byte segment:
+a chunk with a lost segment is held one 200 ms retransmission timeout plus the round
+trip, everything behind it waiting). Each window size drains the same
 copy of the backlog; the rate is records stored by the registry per second, from the
 first record stored to the last.
 """
@@ -37,12 +40,14 @@ from agent.testing import (  # noqa: E402
 )
 
 
-async def one(broker: Broker, work: Path, seed: Path, n: int, delay: float, window: int) -> float:
-    name = f"wan{window}"
+async def one(
+    broker: Broker, work: Path, seed: Path, n: int, delay: float, window: int, loss: float
+) -> tuple[float, int]:
+    name = f"wan{window}-loss{round(loss * 10000)}"
     pty = Pty(work / f"tty-{name}")
     times: list[float] = []
     async with (
-        LatencyLink(broker.port, delay) as link,
+        LatencyLink(broker.port, delay, loss=loss, seed=window) as link,
         running_registry(
             broker.port,
             work / f"registry-{name}.db",
@@ -69,16 +74,22 @@ async def one(broker: Broker, work: Path, seed: Path, n: int, delay: float, wind
         finally:
             agent.close()
             pty.close()
-    return (n - 1) / (times[-1] - times[0])
+        stored = reg.new
+        assert len({r["id"] for r in stored}) == len(stored) == n, f"{len(stored)} of {n} stored"
+        seqs = [r["seq"] for r in stored]
+        assert seqs == sorted(seqs), "records stored out of seq order"
+        return (n - 1) / (times[-1] - times[0]), link.lost_segments
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--delay-ms", type=float, default=25.0)
-    ap.add_argument("--windows", default="1,4,8")
+    ap.add_argument("--windows", default="1,8,16,32")
+    ap.add_argument("--loss", default="0,1", help="segment loss in percent, each a run")
     args = ap.parse_args()
     windows = [int(w) for w in args.windows.split(",")]
+    losses = [float(x) / 100 for x in args.loss.split(",")]
     with tempfile.TemporaryDirectory(prefix="madoguchi-wan-") as tmp:
         work = Path(tmp)
         seed = work / "seed.db"
@@ -88,7 +99,10 @@ async def main() -> None:
         broker.start()
         try:
             rates = {
-                w: await one(broker, work, seed, args.records, args.delay_ms / 1000, w)
+                (w, loss): await one(
+                    broker, work, seed, args.records, args.delay_ms / 1000, w, loss
+                )
+                for loss in losses
                 for w in windows
             }
         finally:
@@ -98,8 +112,12 @@ async def main() -> None:
         f"({2 * args.delay_ms:.0f} ms RTT), batch 500, {platform.machine()} "
         f"{os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    for w, r in rates.items():
-        print(f"  inflight_messages = {w}: {r:,.0f} records/s ({r / rates[windows[0]]:.1f}x)")
+    for (w, loss), (r, lost) in rates.items():
+        base = rates[(windows[0], loss)][0]
+        print(
+            f"  loss {100 * loss:g} %, inflight_messages = {w}: {r:,.0f} records/s "
+            f"({r / base:.1f}x; {lost} segments lost, each held 200 ms + RTT)"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The broker is reached through `LatencyLink` (agent/testing.py): 25 ms each way on
 loopback, a WAN round trip of 50 ms (this kernel has no netem: CONFIG_NET_SCH_NETEM
-is off, so no loss is simulated). A backlog drains with `inflight_messages = 8`: more
+is off; loss is LatencyLink's model of what TCP shows of it: a chunk with a lost segment
+held one retransmission timeout, everything behind it waiting). A backlog drains with `inflight_messages = 8`: more
 than one message's bytes are on the link at once, every record reaches the registry
 exactly once and in seq order, and a broker killed mid-window loses nothing.
 Rates are measured in bench/bench_wan.py, not here.
@@ -44,10 +45,11 @@ def _config(tmp_path: Path, port: int, pty: Pty) -> Path:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("loss", [0.0, 0.01], ids=["delay", "delay+1%loss"])
 async def test_a_backlog_drains_through_a_window_in_seq_order_exactly_once(
-    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path, loss: float
 ) -> None:
-    async with LatencyLink(broker.port, 0.025) as link:
+    async with LatencyLink(broker.port, 0.025, loss=loss, seed=7) as link:
         cfg = _config(tmp_path, link.port, pty_port)
         await _backlog(cfg)
         async with running_station(cfg):
@@ -58,6 +60,7 @@ async def test_a_backlog_drains_through_a_window_in_seq_order_exactly_once(
     # more than 3 messages' bytes on the link at once (one in flight: about one message)
     one_message = link.bytes_up / (N / BATCH)
     assert link.max_in_flight_up > 3 * one_message, (link.max_in_flight_up, one_message)
+    assert (link.lost_segments > 0) == (loss > 0)  # the loss model did hold segments back
 
 
 @pytest.mark.timeout(180)
