@@ -3,9 +3,10 @@
 The broker is reached through `LatencyLink` (agent/testing.py): 25 ms each way on
 loopback, a WAN round trip of 50 ms (this kernel has no netem: CONFIG_NET_SCH_NETEM
 is off; loss is LatencyLink's model of what TCP shows of it: a chunk with a lost segment
-held one retransmission timeout, everything behind it waiting). A backlog drains with `inflight_messages = 8`: more
-than one message's bytes are on the link at once, every record reaches the registry
-exactly once and in seq order, and a broker killed mid-window loses nothing.
+held one retransmission timeout, everything behind it waiting). A backlog drains with
+`inflight_messages = 8`: more than one message's bytes are on the link at once, every
+record reaches the registry exactly once and in seq order (also under 1 % loss), and a
+broker killed mid-window loses nothing.
 Rates are measured in bench/bench_wan.py, not here.
 """
 
