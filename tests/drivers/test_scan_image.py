@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
@@ -24,19 +23,13 @@ from tests.support.camera import (
     scene,
     vial,
 )
+from tests.support.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def madoguchi(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    return run_cli(*args, cwd=ROOT, timeout=60)
 
 
 def test_scan_image_json_lists_every_code_with_its_interpretation(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path, timeout: float | None = 30) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(
         [sys.executable, "-m", "agent", *args],

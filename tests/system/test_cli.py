@@ -16,16 +16,11 @@ from agent.contract.records import Read, envelope
 from agent.station.outbox import Outbox
 from agent.testing import Broker, write_config
 from tests.support import ROOT
+from tests.support.cli import run_cli
 
 
 def madoguchi(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
+    return run_cli(*args, cwd=ROOT, timeout=None)
 
 
 async def test_outbox_stats(tmp_path: Path) -> None:
