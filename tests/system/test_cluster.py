@@ -194,11 +194,11 @@ async def test_the_real_station_fails_over_when_its_node_dies_and_confirms_every
             assert uplink is not None and outbox is not None
             await scan("before", 20)
             await _confirmed(outbox, 20)
-            assert uplink.describe()["broker"] == f"{LOOPBACK}:{cluster.nodes[home].mqtt_port}"
+            gone = f"{LOOPBACK}:{cluster.nodes[home].mqtt_port}"
+            assert uplink.describe()["broker"] == gone
             cluster.kill(home)
             killed = time.monotonic()
             await scan("while-down", 20)  # taken and ACKed to the scanner at once
-            gone = order_addr(cluster, home)
             await _until(lambda: uplink.describe()["broker"] not in (None, gone))
             moved_s = time.monotonic() - killed
             await _confirmed(outbox, 40, timeout=90)
@@ -220,10 +220,6 @@ async def test_the_real_station_fails_over_when_its_node_dies_and_confirms_every
             r.close()
         if cluster.nodes[home].proc is None:
             cluster.start(home)
-
-
-def order_addr(cluster: RabbitCluster, i: int) -> str:
-    return f"{LOOPBACK}:{cluster.nodes[i].mqtt_port}"
 
 
 async def _confirmed(outbox: Outbox, n: int, timeout: float = 30) -> None:
