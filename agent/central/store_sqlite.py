@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.central.fastjson import record_text
 from agent.central.store import (
     CONFLICTS_PER_ID,
     DEAD_LETTER_PAYLOAD_BYTES,
@@ -273,7 +274,7 @@ class RegistryStore:
                 r["device"],
                 r["kind"],
                 r.get("source") or "device",
-                json.dumps(r, ensure_ascii=False, separators=(",", ":")),
+                record_text(r),
                 now,
             )
             for r, _ in split
