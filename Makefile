@@ -66,7 +66,8 @@ fuzz: venv
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[$(EXTRAS),bench]'
 	$(BIN)/python bench/run.py
-	$(BIN)/python bench/bench_drain_cpu.py $(if $(BENCH_BASE),--base $(BENCH_BASE))
+	$(BIN)/python bench/bench_drain_cpu.py --backlog 10000,100000,1000000 \
+	  --plot docs/perf/drain_backlog.png $(if $(BENCH_BASE),--base $(BENCH_BASE))
 	$(BIN)/python bench/bench_wan.py
 	$(BIN)/python bench/bench_peer.py
 	$(BIN)/python bench/bench_cluster.py

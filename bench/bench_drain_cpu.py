@@ -113,9 +113,27 @@ async def _touch(db: Path) -> None:
         pass
 
 
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise LookupError(field)
+
+
 async def one_drain(
-    tree: Path, seed: Path, records: int, workdir: Path, registry_tree: Path | None = None
+    tree: Path,
+    seed: Path,
+    records: int,
+    workdir: Path,
+    registry_tree: Path | None = None,
+    *,
+    console: bool = False,
 ) -> dict[str, float]:
+    """Drain `seed` (records pending) through a real agent into a real registry.
+
+    The registry runs as shipped (`quiet = true` in provisioning/central.example.toml)
+    unless `console`: then it prints a line per record, as `madoguchi registry` does
+    on a terminal. The agent's RSS is read at every ack (its peak while draining)."""
     workdir.mkdir(parents=True)
     broker = Broker(workdir, persistence=False, log=False)
     broker.start()
@@ -136,13 +154,19 @@ async def one_drain(
         mqtt="",
         outbox="resend_after_s = 60",
     )
-    registry = RegistryProcess(broker.port, workdir / "registry.db", workdir / "registry.log")
+    registry = RegistryProcess(
+        broker.port,
+        workdir / "registry.db",
+        workdir / "registry.log",
+        *(() if console else ("--quiet",)),
+    )
     registry.cwd = registry_tree or tree
     registry.start()
     agent: AgentProcess | None = None
     try:
         registry.wait_ready(30)
         acked = 0
+        peak_rss = 0.0
         first: tuple[int, float] | None = None
         async with aiomqtt.Client(LOOPBACK, broker.port) as sub:
             await sub.subscribe("madoguchi/v1/bench-site/drain/ack", qos=1)
@@ -154,6 +178,7 @@ async def one_drain(
             async with asyncio.timeout(600):
                 async for m in sub.messages:
                     acked += len(json.loads(m.payload)["ids"])  # type: ignore[arg-type]
+                    peak_rss = max(peak_rss, rss_mb(pid))
                     if first is None:
                         first = (acked, cpu_s(pid))
                     if acked >= records:
@@ -172,6 +197,7 @@ async def one_drain(
         assert first is not None
         agent_cpu = cpu_s(pid) - first[1]
         confirmed_s = time.perf_counter() - t0
+        peak_rss = max(peak_rss, rss_mb(pid))
     finally:
         if agent is not None:
             agent.stop()
@@ -182,7 +208,38 @@ async def one_drain(
         "registry_us_per_record": reg_cpu / records * 1e6,
         "rate_confirmed": records / confirmed_s,
         "rate_stored": records / stored_s,
+        "agent_rss_peak_mb": peak_rss,
     }
+
+
+async def idle_rss(tree: Path, workdir: Path, settle_s: float = 6.0) -> float:
+    """The same agent configuration on an empty outbox, connected, nothing to send:
+    VmRSS after `settle_s` (the reference for RSS while draining)."""
+    workdir.mkdir(parents=True)
+    broker = Broker(workdir, persistence=False, log=False)
+    broker.start()
+    data_dir = workdir / "station"
+    data_dir.mkdir()
+    cfg = write_config(
+        workdir,
+        broker.port,
+        devices="",
+        site="bench-site",
+        name="drain",
+        data_dir=data_dir,
+        extra_agent='log_level = "WARNING"',
+        telemetry_interval_s=None,
+        mqtt="",
+        outbox="resend_after_s = 60",
+    )
+    agent = AgentProcess(cfg, workdir / "agent.log", cwd=tree)
+    agent.start()
+    try:
+        await asyncio.sleep(settle_s)
+        return rss_mb(agent.proc.pid)  # type: ignore[union-attr]
+    finally:
+        agent.stop()
+        broker.stop()
 
 
 _OUTBOX_PATH = """
@@ -277,6 +334,74 @@ async def append_p99(db: Path, mode: str, seconds: float, rate: float = 100.0) -
     return lat[int(len(lat) * 0.99)] * 1e3
 
 
+def backlog(work: Path, size: int, runs: int, p99_seconds: float) -> dict[str, Any]:
+    """One backlog size: `runs` drains of this tree, then append p99 at that size."""
+    seed = work / f"backlog-seed-{size}" / "outbox.db"
+    seed.parent.mkdir()
+    fill_sql(seed, size)
+    rs = []
+    for i in range(runs):
+        r = asyncio.run(one_drain(ROOT, seed, size, work / f"backlog-{size}-{i}"))
+        shutil.rmtree(work / f"backlog-{size}-{i}")  # a 1M outbox is ~0.4 GB
+        print(f"backlog {size}", {k: round(v, 1) for k, v in r.items()}, flush=True)
+        rs.append(r)
+    got: dict[str, Any] = {
+        k: {
+            "median": median([r[k] for r in rs]),
+            "min": min(r[k] for r in rs),
+            "max": max(r[k] for r in rs),
+        }
+        for k in rs[0]
+    }
+    for mode in ("none", "stats"):
+        got[f"append_p99_ms_{mode}"] = asyncio.run(append_p99(seed, mode, p99_seconds))
+    print(f"backlog {size} append p99", got["append_p99_ms_none"], got["append_p99_ms_stats"])
+    shutil.rmtree(seed.parent)
+    return got
+
+
+def plot(out: dict[str, Any], sizes: list[int], path: Path) -> None:
+    """Drain CPU per record and append p99 against backlog size (docs/perf/)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cpu, lat) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (
+        ("agent_us_per_record", "agent"),
+        ("registry_us_per_record", "registry (SQLite, as shipped)"),
+    ):
+        med = [out[f"backlog_{n}"][key]["median"] for n in sizes]
+        lo = [m - out[f"backlog_{n}"][key]["min"] for m, n in zip(med, sizes, strict=True)]
+        hi = [out[f"backlog_{n}"][key]["max"] - m for m, n in zip(med, sizes, strict=True)]
+        cpu.errorbar(sizes, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    for target, label in ((15, "agent target 15 µs"), (25, "registry target 25 µs")):
+        cpu.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+        cpu.text(sizes[0], target + 0.4, label, fontsize=8, color="grey")
+    cpu.set_xscale("log")
+    cpu.set_ylim(bottom=0)
+    cpu.set_xlabel("records queued at the start of the drain")
+    cpu.set_ylabel("process CPU per drained record (µs)")
+    cpu.legend(fontsize=8)
+    for mode, label in (("none", "no status calls"), ("stats", "stats() every 0.5 s")):
+        lat.plot(
+            sizes,
+            [out[f"backlog_{n}"][f"append_p99_ms_{mode}"] for n in sizes],
+            marker="o",
+            label=label,
+        )
+    lat.set_xscale("log")
+    lat.set_ylim(bottom=0)
+    lat.set_xlabel("records queued")
+    lat.set_ylabel("append p99 at 100 scans/s (ms)")
+    lat.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -289,6 +414,15 @@ def main() -> int:
     ap.add_argument("--big", type=int, default=1_000_000, help="backlog for the stats figures")
     ap.add_argument("--p99-seconds", type=float, default=10.0)
     ap.add_argument("--skip-drain", action="store_true")
+    ap.add_argument(
+        "--backlog",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[],
+        help="backlog sizes (e.g. 10000,100000,1000000): each drained through the real"
+        " processes (CPU per record, the agent's peak RSS against an idle agent), and"
+        " append p99 at 100 scans/s at that size, with and without stats() every 0.5 s",
+    )
+    ap.add_argument("--plot", type=Path, default=None, help="write the backlog plot here (PNG)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     out: dict[str, Any] = {"records": args.records}
@@ -306,6 +440,10 @@ def main() -> int:
             for i in range(args.runs):
                 for name, tree in trees.items():
                     r = asyncio.run(one_drain(tree, seed, args.records, work / f"{name}-{i}"))
+                    shown = asyncio.run(
+                        one_drain(tree, seed, args.records, work / f"{name}-{i}-c", console=True)
+                    )
+                    r["registry_console_us_per_record"] = shown["registry_us_per_record"]
                     r.update(outbox_path(tree, seed))
                     print(name, {k: round(v, 1) for k, v in r.items()}, flush=True)
                     runs[name].append(r)
@@ -318,6 +456,13 @@ def main() -> int:
                     }
                     for k in rs[0]
                 }
+        if args.backlog:
+            out["agent_idle_rss_mb"] = asyncio.run(idle_rss(ROOT, work / "idle"))
+            print("agent idle RSS", round(out["agent_idle_rss_mb"], 1), "MB", flush=True)
+            for size in args.backlog:
+                out[f"backlog_{size}"] = backlog(work, size, args.runs, args.p99_seconds)
+            if args.plot is not None:
+                plot(out, args.backlog, args.plot)
         for n in (args.records, args.big):
             db = work / f"stats-{n}" / "outbox.db"
             db.parent.mkdir()
