@@ -25,6 +25,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 STA_UNSYNC = 0x0040
+STA_NANO = 0x2000  # `time_usec` holds nanoseconds (chrony and ntpd may switch it on)
 TIME_ERROR = 5
 
 
