@@ -30,6 +30,16 @@ def stack(tmp_path: Path) -> Iterator[PcscStack]:
         yield st
 
 
+@pytest.fixture(autouse=True)
+def terminal_sigint() -> Iterator[None]:
+    """Ctrl-C as a terminal delivers it. A suite started in the background (`make test &`)
+    runs with SIGINT ignored, its children inherit that, and the command would never see
+    the Ctrl-C; a handler here is reset to the default in each child at exec."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 class Lines:
     """stdout of a process, one line at a time, with a deadline (no fixed sleeps)."""
 
