@@ -31,10 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from agent.contract.datasets import (
     CHUNK_BYTES,
@@ -47,6 +44,9 @@ from agent.contract.datasets import (
 )
 from agent.contract.messages import MessageError
 from agent.errors import DatasetRefused, DatasetStoreError
+
+if TYPE_CHECKING:  # cryptography (9 MB of RSS) is loaded by the first manifest, not at start
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,10 @@ class DatasetReceiver:
         self.spool = spool or store.path.with_name("datasets-incoming")
         self.prefix = prefix
         self.max_age_s = max_age_s
-        self._key = Ed25519PublicKey.from_public_bytes(public_key)
+        if len(public_key) != 32:
+            raise ValueError("an Ed25519 public key is 32 bytes")
+        self._public_key = public_key
+        self._key: Ed25519PublicKey | None = None
         self._held: dict[str, Held] = {}
         self._pending: dict[str, dict[int, Manifest]] = {}  # kind -> version -> manifest
         self._deltas: dict[str, dict[int, Manifest]] = {}  # kind -> delta version -> manifest
@@ -501,6 +504,12 @@ class DatasetReceiver:
             raise DatasetRefused(kind, f"manifest is for site {m.site!r}, not this one")
         if m.agent is not None and m.agent != self.agent:
             raise DatasetRefused(kind, f"manifest is for station {m.agent!r}, not this one")
+        from cryptography.exceptions import InvalidSignature
+
+        if self._key is None:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            self._key = Ed25519PublicKey.from_public_bytes(self._public_key)
         try:
             self._key.verify(m.signature, m.signed)
         except InvalidSignature:

@@ -32,7 +32,7 @@ def modules_after(code: str) -> set[str]:
 
 def test_agent_run_imports_no_library_it_does_not_use() -> None:
     loaded = modules_after(
-        "import agent.cli.main, agent.station.station, agent.station.uplink\n"
+        "import agent.cli.main, agent.station.app, agent.station.station, agent.station.uplink\n"
         "agent.cli.main.build_parser()"
     )
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
