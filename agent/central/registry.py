@@ -61,6 +61,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff
+from agent._paho_tables import share as share_paho_tables
 from agent.central.blobs import BlobAssembler, BlobState
 from agent.central.datasets import UsedTicketsFeed
 from agent.central.fastjson import CODEC
@@ -319,7 +320,8 @@ class Registry:
             # of records nobody will read: the agents' re-send covers what it had
             props.SessionExpiryInterval = 0
             clean_start = True
-        return aiomqtt.Client(
+        share_paho_tables()  # MQTT 5: paho builds a Properties for every packet
+        client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
@@ -337,6 +339,10 @@ class Registry:
             socket_options=NO_DELAY,
             will=will,
         )
+        # a commit acks every agent in it at once, each ack a publish awaiting its PUBACK:
+        # aiomqtt's default (warn above 10 pending) wrote a warning per ack under load
+        client.pending_calls_threshold = self.batch_max_messages + 16
+        return client
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff.

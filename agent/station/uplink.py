@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
+from agent._paho_tables import share as share_paho_tables
 from agent.config import Config
 from agent.contract.messages import MessageError, command_result, parse_ack, parse_command
 from agent.contract.records import envelope_of, iso_ms, utc_now
@@ -501,11 +502,13 @@ class Uplink:
         protocol = aiomqtt.ProtocolVersion.V5 if m.protocol == "5" else aiomqtt.ProtocolVersion.V311
         v5 = m.protocol == "5"
         options: dict[str, Any] = {}
+        if v5:
+            share_paho_tables()  # paho builds a Properties for every MQTT 5 packet
         if v5 and m.persistent_session:
             expiry = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             expiry.SessionExpiryInterval = m.session_expiry_s
             options = {"clean_start": False, "properties": expiry}
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             target.address,
             target.port,
             identifier=f"madoguchi-{self.config.agent.site}-{self.config.agent.name}",
@@ -521,6 +524,10 @@ class Uplink:
             max_queued_outgoing_messages=64,
             socket_options=NO_DELAY,
         )
+        # the window of envelopes, the birth, telemetry and blob chunks are all awaited
+        # publishes: aiomqtt warns above 10 pending, which a full window reaches
+        client.pending_calls_threshold = m.inflight_messages + 16
+        return client
 
     async def _connected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         await client.subscribe(self.topics.ack, qos=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,49 @@ async def test_a_commit_of_many_ids_is_acked_in_bounded_acks(
                 await task
     assert [len(a) for a in acks] == [3, 3, 3, 1]
     assert [i for a in acks for i in a] == [r["id"] for r in records]
+
+
+@pytest.mark.broker
+async def test_a_commit_acking_many_stations_logs_no_warning(
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Live scans from 40 stations queued for the registry while it was away: a commit
+    acks all of them at once. aiomqtt's default warned "There are N pending publish
+    calls." for every ack past the tenth: a registry log full of warnings under load."""
+    agents = [f"station-{i:02d}" for i in range(40)]
+    db = tmp_path / "registry.db"
+
+    async def run_registry(until: asyncio.Event | None) -> None:
+        reg = Registry("127.0.0.1", broker.port, db, client_id="reg-fanout")
+        async with reg:
+            task = asyncio.create_task(reg.run(), name="test-registry")
+            try:
+                await asyncio.wait_for(reg.connected.wait(), 10)
+                if until is not None:
+                    await asyncio.wait_for(until.wait(), 20)
+            finally:
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+    await run_registry(None)  # its persistent session now queues records for it
+    acked: set[str] = set()
+    done = asyncio.Event()
+    async with aiomqtt.Client("127.0.0.1", broker.port) as fleet:
+        await fleet.subscribe(f"madoguchi/v1/{SITE}/+/ack", qos=1)
+        for i, agent in enumerate(agents):
+            topic = f"madoguchi/v1/{SITE}/{agent}/records"
+            await fleet.publish(topic, envelope(SITE, agent, [record(i + 1)]), qos=1)
+
+        async def listen() -> None:
+            async for m in fleet.messages:
+                acked.add(str(m.topic).split("/")[3])
+                if len(acked) == len(agents):
+                    done.set()
+
+        listener = asyncio.create_task(listen(), name="test-ack-listener")
+        with caplog.at_level(logging.WARNING):
+            await run_registry(done)
+        listener.cancel()
+    assert acked == set(agents)
+    assert not [r.getMessage() for r in caplog.records if "pending" in r.getMessage()]
