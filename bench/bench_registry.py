@@ -287,22 +287,34 @@ def wait_connected(procs: list[RegistryProcess]) -> None:
         p.wait_ready(30)
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_run(
     run: Path, pg: Postgres | None, n: int, records: int, agents: int, batch: int
-) -> tuple[float, int]:
-    """One measurement on a fresh broker and a fresh database: (records/s, missing)."""
+) -> tuple[float, int, float]:
+    """One measurement on a fresh broker and a fresh database: (records/s, missing,
+    the consumers' CPU µs per record). CPU per record holds steadier than the rate on a
+    shared machine: a rate is also whatever else the cores did."""
     run.mkdir()
     db = pg.new_dsn() if pg is not None else str(run / "registry.db")
     broker = Mosquitto(run)
     procs = consumers(broker.port, db, n, run)
     try:
         wait_connected(procs)
+        pids = [p.proc.pid for p in procs if p.proc is not None]
+        before = sum(cpu_s(pid) for pid in pids)
         elapsed, missing = load(broker.port, records, agents, batch)
+        cpu = sum(cpu_s(pid) for pid in pids) - before
     finally:
         for p in procs:
             p.stop()
         broker.stop()
-    return (records - missing) / elapsed, missing
+    done = records - missing
+    return done / elapsed, missing, cpu / max(done, 1) * 1e6
 
 
 def main() -> int:
@@ -325,7 +337,7 @@ def main() -> int:
     print(f"{args.records} records from {args.agents} simulated agents per run\n")
     print(
         f"{'backend':<11} {'consumers':>9} {'rec/msg':>7} {'records/s':>10} "
-        f"{'(min-max)':>13} {'missing':>8}"
+        f"{'(min-max)':>13} {'missing':>8} {'CPU µs/record (consumers)':>26}"
     )
     work = Path(tempfile.mkdtemp(prefix="madoguchi-bench-"))
     pg: Postgres | None = None
@@ -335,9 +347,9 @@ def main() -> int:
                 pg = Postgres()
             for n in (int(x) for x in args.consumers.split(",")):
                 for batch in (int(x) for x in args.batch.split(",")):
-                    rates, lost = [], 0
+                    rates, lost, cpus = [], 0, []
                     for k in range(args.repeat):
-                        rate, missing = one_run(
+                        rate, missing, cpu = one_run(
                             work / f"{backend}-{n}-{batch}-{k}",
                             pg,
                             n,
@@ -346,12 +358,15 @@ def main() -> int:
                             batch,
                         )
                         rates.append(rate)
+                        cpus.append(cpu)
                         lost += missing
                     rates.sort()
+                    cpus.sort()
                     spread = f"({rates[0]:.0f}-{rates[-1]:.0f})"
                     print(
                         f"{backend:<11} {n:>9} {batch:>7} {statistics.median(rates):>10.0f} "
-                        f"{spread:>13} {lost:>8}",
+                        f"{spread:>13} {lost:>8} {statistics.median(cpus):>8.0f} "
+                        f"({cpus[0]:.0f}-{cpus[-1]:.0f})",
                         flush=True,
                     )
             if pg is not None:

@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -144,6 +145,10 @@ def _inbound(m: aiomqtt.Message) -> Inbound:
 
 # -- the MQTT loop ------------------------------------------------------------------------
 
+
+ACK_DEADLINE_S = 10.0
+"""How long the broker may take to confirm (PUBACK) all the acks of one commit: aiomqtt's
+own default for one publish, for the lot. Past it the connection counts as lost."""
 
 ACK_MAX_IDS = 4096
 """Ids per ack message at most (about 160 kB): under the station's default 1 MiB
@@ -432,23 +437,32 @@ class Registry:
         async def publish(topic: str, payload: bytes) -> None:
             await client.publish(topic, payload, qos=1)
 
+        async def ack(topic: str, payload: bytes) -> None:
+            # no timer of its own (aiomqtt's costs a task and a timer handle, 20 µs per
+            # ack): the acks of one commit share ACK_DEADLINE_S in `_ack`
+            await client.publish(topic, payload, qos=1, timeout=math.inf)
+
         async for first in messages:
             taken = [first]
             while len(messages) and len(taken) < self.batch_max_messages:
                 taken.append(await anext(messages))
-            await self.take(publish, [_inbound(m) for m in taken])
+            await self.take(publish, [_inbound(m) for m in taken], ack=ack)
 
-    async def take(self, publish: Publish, taken: list[Inbound]) -> None:
+    async def take(
+        self, publish: Publish, taken: list[Inbound], *, ack: Publish | None = None
+    ) -> None:
         """One batch from any transport: validate, store (isolating a poison message),
-        commit, then the acks through `publish`; refused ones dead-lettered. When this
-        returns, the transport may settle the batch with its broker."""
+        commit, then the acks through `publish` (or `ack`: a publish that waits without
+        a deadline of its own; the commit's acks then share `ACK_DEADLINE_S`); refused
+        ones dead-lettered. When this returns, the transport may settle the batch with
+        its broker."""
         self._busy_since = time.time()
         try:
-            await self._take(publish, taken)
+            await self._take(publish, taken, ack)
         finally:
             self._busy_since = None
 
-    async def _take(self, publish: Publish, taken: list[Inbound]) -> None:
+    async def _take(self, publish: Publish, taken: list[Inbound], ack: Publish | None) -> None:
         records = []
         letters: list[DeadLetter] = []
         for m in taken:
@@ -474,7 +488,7 @@ class Registry:
         # message finds every earlier refusal counted
         await self._dead_letter(letters)
         if stored:
-            await self._ack(publish, stored)
+            await self._ack(publish, stored, ack)
 
     async def _isolate(
         self,
@@ -533,7 +547,9 @@ class Registry:
         except RegistryStoreError as e:
             log.error("registry: %d dead letter(s) not kept: %s", len(letters), e)
 
-    async def _ack(self, publish: Publish, stored: list[Stored]) -> None:
+    async def _ack(
+        self, publish: Publish, stored: list[Stored], ack: Publish | None = None
+    ) -> None:
         ids: dict[tuple[str, str], list[str]] = {}
         for s in stored:
             if s.new:
@@ -565,16 +581,26 @@ class Registry:
         # round trip per commit, not one per agent
         # and at most ACK_MAX_IDS ids per ack: a commit of many big messages must not make
         # an ack the station drops as over its mqtt.max_inbound_bytes (issue #18)
-        await asyncio.gather(
-            *(
-                publish(
-                    self.topics.station(site, agent).ack,
-                    Ack(agent_ids[i : i + ACK_MAX_IDS]).encode(),
-                )
-                for (site, agent), agent_ids in ids.items()
-                for i in range(0, len(agent_ids), ACK_MAX_IDS)
+        sends = [
+            (publish if ack is None else ack)(
+                self.topics.station(site, agent).ack,
+                Ack(agent_ids[i : i + ACK_MAX_IDS]).encode(),
             )
-        )
+            for (site, agent), agent_ids in ids.items()
+            for i in range(0, len(agent_ids), ACK_MAX_IDS)
+        ]
+        if ack is None:
+            await asyncio.gather(*sends)
+            return
+        try:
+            async with asyncio.timeout(ACK_DEADLINE_S):
+                await asyncio.gather(*sends)
+        except TimeoutError:
+            # as a publish of its own would have: the connection is reported lost and
+            # made again (run()); the records are committed, the stations re-send
+            raise aiomqtt.MqttError(
+                f"broker confirmed no ack of this commit within {ACK_DEADLINE_S:.0f} s"
+            ) from None
 
     def _lost_range_alert(self, s: Stored) -> None:
         """A station reported seqs it could not read from a damaged outbox: stored like

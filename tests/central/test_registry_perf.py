@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,64 @@ async def test_a_commit_acking_many_stations_logs_no_warning(
         listener.cancel()
     assert acked == set(agents)
     assert not [r.getMessage() for r in caplog.records if "pending" in r.getMessage()]
+
+
+@pytest.mark.broker
+async def test_a_broker_frozen_before_confirming_the_acks_is_a_lost_connection(
+    broker: Broker,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The acks of a commit wait without timers of their own and share one deadline: a
+    broker that freezes after the commit must still end in a reconnect (as aiomqtt's own
+    per-publish timeout did), not in a registry stuck waiting or crashed; the record
+    stays stored and is acked when the station sends it again."""
+    monkeypatch.setattr(registry_module, "ACK_DEADLINE_S", 1.0)
+    assert broker.proc is not None
+    pid = broker.proc.pid
+    reg = Registry("127.0.0.1", broker.port, tmp_path / "registry.db", client_id="reg-frozen")
+    real_store = reg.store.store
+    froze = asyncio.Event()
+
+    async def store_then_freeze(batches: list[Batch]) -> Any:
+        stored = await real_store(batches)
+        if not froze.is_set():
+            os.kill(pid, signal.SIGSTOP)  # committed; the ack's PUBACK will not come
+            froze.set()
+        return stored
+
+    monkeypatch.setattr(reg.store, "store", store_then_freeze)
+    r = record(1)
+    topic = f"madoguchi/v1/{SITE}/{AGENT}/records"
+    with caplog.at_level(logging.WARNING):
+        async with reg:
+            task = asyncio.create_task(reg.run(), name="test-registry")
+            try:
+                await asyncio.wait_for(reg.connected.wait(), 10)
+                async with aiomqtt.Client("127.0.0.1", broker.port) as station:
+                    await station.subscribe(f"madoguchi/v1/{SITE}/{AGENT}/ack", qos=1)
+                    await station.publish(topic, envelope(SITE, AGENT, [r]), qos=1)
+                    await asyncio.wait_for(froze.wait(), 10)
+                    # past the deadline (1 s), then aiomqtt's own leave-taking of a
+                    # broker that does not answer (its 10 s timeout), the broker frozen
+                    async with asyncio.timeout(20):
+                        while reg.connected.is_set():
+                            await asyncio.sleep(0.1)
+                    assert not task.done()
+                    os.kill(pid, signal.SIGCONT)
+                await asyncio.wait_for(reg.connected.wait(), 20)
+                async with aiomqtt.Client("127.0.0.1", broker.port) as station:
+                    await station.subscribe(f"madoguchi/v1/{SITE}/{AGENT}/ack", qos=1)
+                    await station.publish(topic, envelope(SITE, AGENT, [r]), qos=1)
+                    async with asyncio.timeout(10):
+                        async for m in station.messages:
+                            assert json.loads(m.payload)["ids"] == [r["id"]]  # type: ignore[arg-type]
+                            break
+            finally:
+                os.kill(pid, signal.SIGCONT)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+    assert reg.stored_new == 1 and reg.duplicates == 1
+    assert any("confirmed no ack" in rec.getMessage() for rec in caplog.records)
