@@ -31,7 +31,7 @@ from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
 from agent._paho_tables import share as share_paho_tables
 from agent.config import Config
 from agent.contract.messages import MessageError, command_result, parse_ack, parse_command
-from agent.contract.records import envelope_of, iso_ms, utc_now
+from agent.contract.records import Record, envelope_of, iso_ms, utc_now
 from agent.contract.topics import Topics
 from agent.errors import MadoguchiError, UplinkError
 from agent.logrepeat import Repeats
@@ -91,6 +91,16 @@ class Target:
 
     def describe(self) -> str:
         return self.name if self.address == self.host else f"{self.name} ({self.address})"
+
+
+@dataclass(slots=True)
+class InFlight:
+    """What a published message stands for until its PUBACK: its seqs (marked sent then)
+    and the records the blob sender wants; not the records' bytes, which are in the
+    message itself (holding both doubled the window's memory)."""
+
+    seqs: list[int]
+    records: list[Record]
 
 
 class _Stop(Exception):
@@ -626,22 +636,29 @@ class Uplink:
         Records in flight are not read again (`after_seq`); resends wait for an empty window."""
         m = self.config.mqtt
         resend_after = self.config.outbox.resend_after_s
-        window: collections.deque[tuple[list[Outgoing], asyncio.Task[None]]] = collections.deque()
+        window: collections.deque[tuple[InFlight, asyncio.Task[None]]] = collections.deque()
         try:
             while True:
                 raise_if_cancelling()
                 self._wake.clear()
-                after = window[-1][0][-1].seq if window else 0
+                after = window[-1][0].seqs[-1] if window else 0
                 batch = await self.outbox.next_wire_batch(
                     m.batch_max_records, resend_after, after_seq=after
                 )
                 if batch:
-                    for chunk, payload in self._split(batch):
+                    messages = self._split(batch)
+                    # each record's wire bytes are in its envelope now: the window holds
+                    # them once, not twice (RSS while draining, issue #18)
+                    del batch
+                    messages.reverse()
+                    while messages:
+                        sent, payload = messages.pop()
                         publish = client.publish(
                             self.topics.records, payload, qos=1, timeout=m.publish_timeout_s
                         )
+                        del payload
                         # tasks start in creation order: the wire order is seq order
-                        window.append((chunk, asyncio.create_task(publish, name="publish")))
+                        window.append((sent, asyncio.create_task(publish, name="publish")))
                         while len(window) >= m.inflight_messages:
                             await self._settle(*window.popleft())
                     continue
@@ -662,33 +679,35 @@ class Uplink:
                     task.exception()  # retrieved: the failure that ends it is already raised
                 task.cancel()
 
-    async def _settle(self, chunk: list[Outgoing], publish: asyncio.Task[None]) -> None:
+    async def _settle(self, sent: InFlight, publish: asyncio.Task[None]) -> None:
         """A message's PUBACK (or its failure, which ends the connection): its records are sent."""
         await publish
-        await self.outbox.mark_sent([o.seq for o in chunk])
-        self.published_records += len(chunk)
+        await self.outbox.mark_sent(sent.seqs)
+        self.published_records += len(sent.seqs)
         if self.blobs is not None:
-            self.blobs.records_sent(o.record for o in chunk if o.record is not None)
+            self.blobs.records_sent(sent.records)
 
-    def _split(self, batch: list[Outgoing]) -> list[tuple[list[Outgoing], bytes]]:
+    def _split(self, batch: list[Outgoing]) -> list[tuple[InFlight, bytes]]:
         """Cut a batch into messages of at most `batch_max_bytes` (one record at the least)."""
         site, name = self.config.agent.site, self.config.agent.name
         limit = self.config.mqtt.batch_max_bytes
-        out: list[tuple[list[Outgoing], bytes]] = []
-        chunk: list[Outgoing] = []
+        out: list[tuple[InFlight, bytes]] = []
+        sent = InFlight([], [])
         parts: list[bytes] = []
         size = 120
         for record in batch:
             part = record.wire
             rsize = len(part) + 1
-            if chunk and size + rsize > limit:
-                out.append((chunk, envelope_of(site, name, parts)))
-                chunk, parts, size = [], [], 120
-            chunk.append(record)
+            if parts and size + rsize > limit:
+                out.append((sent, envelope_of(site, name, parts)))
+                sent, parts, size = InFlight([], []), [], 120
+            sent.seqs.append(record.seq)
+            if record.record is not None:
+                sent.records.append(record.record)
             parts.append(part)
             size += rsize
-        if chunk:
-            out.append((chunk, envelope_of(site, name, parts)))
+        if parts:
+            out.append((sent, envelope_of(site, name, parts)))
         return out
 
     # -- acks and commands in ------------------------------------------------------------
