@@ -35,7 +35,7 @@ from typing import Any
 
 import aiomqtt
 
-from agent._aio import NO_DELAY, Backoff, asgi_server
+from agent._aio import NO_DELAY, Backoff, asgi_server, raise_if_cancelling
 from agent.central.audit import AuditLog
 from agent.central.dashboard_guard import DashboardGuard, DashboardGuardMiddleware
 from agent.central.liveness import UNREACHABLE_AFTER, Heard, verdict
@@ -594,8 +594,10 @@ class Dashboard:
                         self.topics.all_command_results,
                     ):
                         await client.subscribe(topic, qos=1)
+                        raise_if_cancelling()  # a stop that wait_for swallowed (3.11)
                     # the registry's acks: a station's records flowing (liveness.py), QoS 0
                     await client.subscribe(self.topics.all_acks, qos=0)
+                    raise_if_cancelling()
                     self._client = client
                     self.connected.set()
                     backoff.reset()

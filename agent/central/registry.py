@@ -61,7 +61,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent._aio import NO_DELAY, Backoff
+from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
 from agent._paho_tables import share as share_paho_tables
 from agent.central.blobs import BlobAssembler, BlobState
 from agent.central.datasets import UsedTicketsFeed
@@ -379,6 +379,7 @@ class Registry:
                         await client.publish(
                             self.status_topic, self._heartbeat_body(), qos=1, retain=True
                         )
+                        raise_if_cancelling()  # a stop that aiomqtt's wait_for swallowed
                         self._client_now = client
                         backoff.reset()
                         self.connected.set()

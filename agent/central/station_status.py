@@ -23,7 +23,7 @@ from typing import Any
 
 import aiomqtt
 
-from agent._aio import NO_DELAY, Backoff
+from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
 from agent.central.liveness import UNREACHABLE_AFTER, Heard, verdict
 from agent.contract.records import iso_ms, utc_now
 from agent.contract.topics import DEFAULT_PREFIX, Topics
@@ -139,6 +139,7 @@ class StationStatusFeed:
                     for t in (self.topics.all_status, self.topics.all_telemetry):
                         await client.subscribe(t, qos=0)
                     await client.subscribe(self.topics.all_acks, qos=0)
+                    raise_if_cancelling()  # a stop that aiomqtt's wait_for swallowed (3.11)
                     self.connected.set()
                     backoff.reset()
                     async with asyncio.TaskGroup() as tg:

@@ -245,3 +245,34 @@ def test_release_state_per_station_and_a_rollback_alert() -> None:
     assert row["release"] == back
     (alert,) = [a for a in row["alerts"] if a["type"] == "release_rolled_back"]
     assert alert["detail"] == "1.2: exited 1"
+
+
+@pytest.mark.broker
+async def test_stop_during_a_subscribe_whose_answer_swallows_the_cancel(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's `asyncio.wait_for` (inside aiomqtt's subscribe) returns normally when
+    the SUBACK lands together with the cancel: the task carries on "cancelling". The
+    dashboard then waited for messages forever and SIGTERM never ended it (seen in a
+    fresh-clone run). Here the swallow is made certain; `run` must still return."""
+    import aiomqtt
+
+    real_subscribe = aiomqtt.Client.subscribe
+    in_subscribe = asyncio.Event()
+
+    async def swallowing_subscribe(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> Any:
+        result = await real_subscribe(self, *args, **kwargs)
+        in_subscribe.set()
+        try:
+            await asyncio.sleep(0.5)  # the cancel arrives here ...
+        except asyncio.CancelledError:
+            pass  # ... and is lost, as wait_for loses it when its future is done
+        return result
+
+    monkeypatch.setattr(aiomqtt.Client, "subscribe", swallowing_subscribe)
+    dash = Dashboard("127.0.0.1", broker.port, http_port=free_port(), guard=desk_guard())
+    stop = asyncio.Event()
+    running = asyncio.create_task(dash.run(stop), name="test-dashboard")
+    await asyncio.wait_for(in_subscribe.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(running, 10)
