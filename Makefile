@@ -68,6 +68,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/bench_drain_cpu.py --backlog 10000,100000,1000000 \
 	  --plot docs/perf/drain_backlog.png $(if $(BENCH_BASE),--base $(BENCH_BASE))
+	$(BIN)/python bench/bench_registry.py
 	$(BIN)/python bench/bench_wan.py
 	$(BIN)/python bench/bench_peer.py
 	$(BIN)/python bench/bench_cluster.py

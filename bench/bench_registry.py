@@ -5,10 +5,13 @@ Real parts only: mosquitto on a loopback port, a PostgreSQL cluster of its own
 (initdb + pg_ctl in a temporary directory, as the `postgres` user when run as
 root), `madoguchi registry --shared bench` consumer processes. The load is a
 fleet of simulated agents publishing envelopes in the contract's format
-(QoS 1) as fast as the broker takes them; a record counts when its ack is back.
+(QoS 1, many in flight, from raw sockets so that the load costs the two cores
+little); a record counts when its ack is back. Each row also gives the consumers'
+CPU time per record, which holds steadier than the rate on a shared machine.
 
     python bench/bench_registry.py [--records 6000] [--agents 100] [--batch 1,10]
                                    [--consumers 1,2,4] [--backends sqlite,postgresql]
+                                   [--root CHECKOUT]   (another checkout's registry)
 """
 
 from __future__ import annotations
