@@ -103,7 +103,12 @@ def mosquitto(workdir: Path) -> Broker:
 
 
 def config(
-    workdir: Path, port: int, name: str, devices: str = "", outbox: str = "resend_after_s = 60"
+    workdir: Path,
+    port: int,
+    name: str,
+    devices: str = "",
+    outbox: str = "resend_after_s = 60",
+    log_level: str = "WARNING",
 ) -> Path:
     return write_config(
         workdir,
@@ -112,7 +117,7 @@ def config(
         site="bench-site",
         name=name,
         data_dir=workdir / name,
-        extra_agent='log_level = "WARNING"',
+        extra_agent=f'log_level = "{log_level}"',
         telemetry_interval_s=None,
         mqtt="backoff_max_s = 2",
         outbox=outbox,
@@ -271,7 +276,8 @@ async def ready(
     (the mark lets it skip the check). RSS while the backlog is sent, after the second."""
     name = f"ready{time.monotonic_ns()}"
     pty = Pty(workdir / f"tty-{name}")
-    cfg = config(workdir, broker.port, name, serial_device(pty.link))
+    # INFO: the bench waits for the agent's "quick_check ok" line
+    cfg = config(workdir, broker.port, name, serial_device(pty.link), log_level="INFO")
     (workdir / name).mkdir()
     if seed is not None:
         os.link(seed, workdir / name / "outbox.db")  # the same file every run: no copy
