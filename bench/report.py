@@ -168,7 +168,8 @@ def write(r: dict[str, Any], doc: Path, perf: Path) -> None:
         f"| start -> READY <= 1 s with {int(big):,} queued | "
         f"{ready_1m['ready_s']['median']:.2f} s after a clean stop"
         + (
-            f"; {ready_1m['ready_unclean_s']['median']:.2f} s after a crash (full `quick_check`)"
+            f"; {ready_1m['ready_unclean_s']['median']:.2f} s after a crash "
+            "(`quick_check` after READY)"
             if "ready_unclean_s" in ready_1m
             else ""
         )
@@ -250,7 +251,7 @@ def write(r: dict[str, Any], doc: Path, perf: Path) -> None:
         "",
         "## Recovery",
         "",
-        "| | seconds, after a clean stop | seconds, after a crash (full `quick_check`) "
+        "| | seconds, after a clean stop | seconds, after a crash (`quick_check` after READY) "
         "| agent RSS while sending the backlog |",
         "|---|---|---|---|",
     ]
@@ -268,9 +269,10 @@ def write(r: dict[str, Any], doc: Path, perf: Path) -> None:
         "READY is the `READY=1` datagram on a `NOTIFY_SOCKET` the benchmark owns, timed "
         "from process start (interpreter start and imports included). Each run starts the "
         "agent twice on the same outbox: first with no clean-close mark, as after a crash "
-        "or a power cut, when `PRAGMA quick_check` reads every page before READY; then "
-        "again after a clean stop (SIGTERM), when the mark beside the database shows "
-        "nobody wrote it since and the check is skipped (docs/CONTRACT.md, Outbox). "
+        "or a power cut, when `PRAGMA quick_check` reads every page, after READY and "
+        "before the first send (scans are taken meanwhile); then, once that check has "
+        "answered, again after a clean stop (SIGTERM), when the mark beside the database "
+        "shows nobody wrote it since and the check is skipped (docs/CONTRACT.md, Outbox). "
         "The RSS column is "
         "the largest of the samples taken every 0.25 s for 6 s after the second READY, "
         "while the agent publishes its backlog to a broker with no registry (nothing is "
