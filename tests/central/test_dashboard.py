@@ -263,10 +263,9 @@ async def test_stop_during_a_subscribe_whose_answer_swallows_the_cancel(
     async def swallowing_subscribe(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> Any:
         result = await real_subscribe(self, *args, **kwargs)
         in_subscribe.set()
-        try:
-            await asyncio.sleep(0.5)  # the cancel arrives here ...
-        except asyncio.CancelledError:
-            pass  # ... and is lost, as wait_for loses it when its future is done
+        # the cancel arrives here and is lost, as wait_for loses it when its future is done
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.5)
         return result
 
     monkeypatch.setattr(aiomqtt.Client, "subscribe", swallowing_subscribe)
