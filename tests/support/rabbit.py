@@ -229,14 +229,9 @@ class RabbitCluster:
         except AssertionError as first:
             why = f"{first}\n{self._log_tail(node)}"
         print(f"rabbit: {node.name} did not boot, once more from empty: {why[-1500:]}")
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(node.pid_file.read_text().strip()), signal.SIGKILL)
-        if node.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.proc.pid, signal.SIGKILL)
-            node.proc.wait(30)
-            node.proc = None
-        node.pid_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, ValueError):  # no pid file if it failed early
+            os.kill(self.beam_pid(node.index), signal.SIGKILL)
+        self._reap(node)
         shutil.rmtree(node.base / "mnesia", ignore_errors=True)
         self._launch(node)
         try:
@@ -278,8 +273,11 @@ class RabbitCluster:
     def kill(self, i: int) -> None:
         """kill -9 of node i's Erlang VM (no clean shutdown, like a host that died)."""
         node = self.nodes[i]
-        pid = self.beam_pid(i)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(self.beam_pid(i), signal.SIGKILL)
+        self._reap(node)
+
+    def _reap(self, node: Node) -> None:
+        """After its VM was killed: the node's process group gone, its pid file removed."""
         if node.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.proc.pid, signal.SIGKILL)
