@@ -1,6 +1,6 @@
 """One row of the generated configuration reference (docs/configuration.md).
 
-Shared by the station's models (agent/config.py) and central.toml's
+Shared by the station's models (agent/config_schema.py) and central.toml's
 (agent/central/config.py), which may not import each other.
 """
 

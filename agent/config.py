@@ -1,33 +1,33 @@
-"""Configuration: TOML in, validated models out, once, at load.
+"""Configuration as the running station holds it: plain frozen classes, no validator.
 
-Past this module nobody sees a raw dict. Every problem is reported as
-`file: key: reason`, all of them at once, so a technician can fix a station's
-configuration in one pass. Nothing here opens a device or imports a hardware
-library: `madoguchi check-config` runs on any host.
+The rules live in agent/config_schema.py (pydantic): it reads the TOML, resolves the
+device profiles and reports every problem as `file: key: reason`, all at once. A
+running agent does not import it: pydantic would cost a Pi about 14 MB for the whole
+life of the process (issue #18). `madoguchi run` calls `load_config_isolated`, which
+has a child process validate the file and keeps the answer in
+`<data_dir>/config-cache.json`, keyed by the hash of every file that check read, so
+that a restart after a crash pays no child. `check-config` and the tests call
+`load_config`, which validates in this process.
+
+tests/station/test_config_schema.py keeps the classes here equal to the schema's,
+field by field (name, type, default).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
-import tomllib
+import json
+import os
+import subprocess
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-
-from agent._configdoc import field_row
-from agent.contract.datasets import DATASETS_SITE
-from agent.contract.topics import DEFAULT_PREFIX, REGISTRY_SITE
 from agent.errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9_-]+$"
@@ -38,91 +38,40 @@ SYSTEM_PROFILE_DIR = Path("/etc/madoguchi/device_profiles")
 BUNDLED_PROFILE_DIR = Path(__file__).resolve().parent / "device_profiles"
 if not BUNDLED_PROFILE_DIR.is_dir():
     BUNDLED_PROFILE_DIR = BUNDLED_PROFILE_DIR.parent.parent / "device_profiles"
+DEFAULT_DATA_DIR = Path("/var/lib/madoguchi")
+#: where `load_config_isolated` keeps the validated configuration, inside data_dir
+CACHE_NAME = "config-cache.json"
+CHILD_TIMEOUT_S = 120.0
 
+#: zxing-cpp format names a camera profile may list (checked without importing zxing-cpp).
+BarcodeFormatName = Literal[
+    "QRCode",
+    "MicroQRCode",
+    "DataMatrix",
+    "EAN13",
+    "EAN8",
+    "UPCA",
+    "UPCE",
+    "Code128",
+    "Code39",
+    "Code93",
+    "Codabar",
+    "ITF",
+    "DataBar",
+    "DataBarLtd",
+    "DataBarExp",
+    "PDF417",
+    "Aztec",
+]
 
-def _toml_bool(value: Any) -> Any:
-    """`read_my_number = "yes"` must not silently mean true: booleans are TOML booleans."""
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false (a TOML boolean, no quotes), not {value!r}")
-    return value
-
-
-#: a bool that only a TOML boolean sets (pydantic would take "yes", "on", 1)
-TomlBool = Annotated[bool, BeforeValidator(_toml_bool)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AgentSection(Strict):
-    site: str = Field(pattern=NAME_PATTERN, description="Site id; a topic level.")
-    name: str = Field(pattern=NAME_PATTERN, description="Agent id, unique within the site.")
-    data_dir: Path = Field(
-        default=Path("/var/lib/madoguchi"), description="Where the outbox database lives."
-    )
-    telemetry_interval_s: float = Field(
-        default=30.0, gt=0, description="Seconds between telemetry messages."
-    )
-    profile_dirs: list[Path] = Field(
-        default_factory=list,
-        description="Extra directories searched first for device profiles.",
-    )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", description="Log level on stderr. Personal data is never logged."
-    )
-    log_format: Literal["text", "json"] = Field(
-        default="text",
-        description="text, or json (one object per line) for log collectors. Under systemd "
-        "lines carry syslog priorities (<4>) and no timestamp of their own.",
-    )
-    remote_photo: TomlBool = Field(
-        default=False,
-        description="Answer the remote command cmd/capture_photo (a camera trigger from the "
-        "dashboard). Off: refused; the kiosk's own photo button works either way.",
-    )
-    config_rollback_after_s: float = Field(
-        default=120.0,
-        gt=0,
-        description="After a remote configuration (cmd/config) is applied: seconds the "
-        "station may go without reaching the broker and the registry before it restores "
-        "the previous agent.toml by itself.",
-    )
-    cert_renew_at: float = Field(
-        default=0.8,
-        gt=0,
-        lt=1,
-        description="Fraction of the client certificate's lifetime after which the station "
-        "asks the fleet signer for a new one over MQTT (csr topic); alerts start at 0.9.",
-    )
-
-    release_public_key: str | None = Field(
-        default=None,
-        pattern=r"^[0-9a-f]{64}$",
-        description="The release key's Ed25519 public key, 64 hex digits (`madoguchi fleet "
-        "release-keygen` prints it). Unset: cmd/update is refused.",
-    )
-    releases_dir: Path = Field(
-        default=Path("/opt/madoguchi/releases"),
-        description="A/B release directory: one venv per version and the `current` symlink "
-        "the service starts from (docs/fleet.md).",
-    )
-    release_health_deadline_s: float = Field(
-        default=120.0,
-        gt=0,
-        description="Seconds a switched-to release has to pass its health check (READY, "
-        "broker connected, first registry ack) before the previous one comes back.",
-    )
-
-    @field_validator("site")
-    @classmethod
-    def _not_the_registry_s(cls, v: str) -> str:
-        """`_registry` is the site level of the registry consumers' own status topics."""
-        if v == REGISTRY_SITE:
-            raise ValueError(f"{v!r} is reserved for the registry's own topics")
-        if v == DATASETS_SITE:
-            raise ValueError(f"{v!r} is reserved for the reference datasets' topics")
-        return v
+DEFAULT_CAMERA_FORMATS: tuple[BarcodeFormatName, ...] = ("QRCode", "DataMatrix", "EAN13")
+#: J-LIS's JPKI user-authentication CA certificates, 2015 and 2023 (SHA-256)
+DEFAULT_JPKI_ANCHORS: tuple[str, ...] = (
+    "4dcfc4ca0aaf9fb2a3081b3f0c991c320b3acc008667a341eeaec5af1d58ca7d",
+    "64114f29620c24ed2631d46476a040e7ee740d956089c00b036a6a8118c322b5",
+)
+DEFAULT_HID_TERMINATORS: tuple[str, ...] = ("KEY_ENTER", "KEY_KPENTER")
+DEFAULT_HID_GS_KEYS: tuple[str, ...] = ("ctrl+]",)
 
 
 def split_broker(entry: str, default_port: int) -> tuple[str, int]:
@@ -153,224 +102,6 @@ def split_broker(entry: str, default_port: int) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class MqttSection(Strict):
-    hosts: list[str] | None = Field(
-        default=None,
-        min_length=1,
-        description='Several brokers (a cluster\'s nodes), `["b1:8883", "b2:8883"]`, tried '
-        "in turn; each is host or host:port (`port` when none), a name with several "
-        "addresses is tried address by address. Instead of `host`.",
-    )
-    host: str | None = Field(
-        default=None,
-        validate_default=True,
-        description="Broker host name or address (a name with several addresses is tried "
-        "address by address). Either this or `hosts`.",
-    )
-    port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
-    persistent_session: TomlBool = Field(
-        default=False,
-        description="Keep the MQTT session on the broker while disconnected (3.1.1: "
-        "clean_session=false; 5: clean_start=false and `session_expiry_s`): acks sent "
-        "meanwhile are delivered at reconnect; on a RabbitMQ cluster the subscription "
-        "queue survives the node it was homed on (docs/central.md).",
-    )
-    session_expiry_s: int = Field(
-        default=86_400,
-        ge=1,
-        le=4_294_967_295,
-        description="MQTT 5 with persistent_session: how long the broker keeps the session "
-        "of a station that is away.",
-    )
-    topic_prefix: str = Field(default=DEFAULT_PREFIX, description="First topic levels.")
-    protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT version.")
-    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive.")
-    tls_ca: Path | None = Field(default=None, description="CA bundle; enables TLS.")
-    tls_cert: Path | None = Field(default=None, description="Client certificate (PEM).")
-    tls_key: Path | None = Field(default=None, description="Client private key (PEM).")
-    username: str | None = Field(default=None, description="MQTT user name.")
-    password_file: Path | None = Field(
-        default=None, description="File holding the MQTT password (first line)."
-    )
-    batch_max_records: int = Field(
-        default=500, ge=1, le=10_000, description="Most records in one records message."
-    )
-    batch_max_bytes: int = Field(
-        default=200_000,
-        ge=1_000,
-        le=256_000,
-        description="Most bytes of one records message (brokers often cap packets at 256 KB).",
-    )
-    publish_timeout_s: float = Field(
-        default=10.0, gt=0, description="Wait this long for a PUBACK before reconnecting."
-    )
-    inflight_messages: int = Field(
-        default=8,
-        ge=1,
-        le=64,
-        description="Records messages published and not yet PUBACKed at once (the window "
-        "that keeps a WAN link busy: one message in flight caps a drain at "
-        "batch_max_records / round trip). Order on the wire is seq order whatever the value.",
-    )
-    backoff_max_s: float = Field(
-        default=30.0, gt=0, description="Longest wait between reconnect attempts."
-    )
-    max_inbound_bytes: int = Field(
-        default=1_048_576,
-        ge=1_024,
-        le=64 * 1_048_576,
-        description="Largest ack, command or blob request accepted; larger ones are dropped "
-        "unread and counted in telemetry (uplink.inbound.oversize).",
-    )
-
-    @field_validator("hosts")
-    @classmethod
-    def _each_broker(cls, v: list[str] | None) -> list[str] | None:
-        for i, entry in enumerate(v or []):
-            try:
-                split_broker(entry, 1)
-            except ValueError as e:
-                raise ValueError(f"[{i}] {e}") from None
-        return v
-
-    @field_validator("host")
-    @classmethod
-    def _host_or_hosts(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if "hosts" not in info.data:
-            return v  # hosts itself is wrong: reported there
-        hosts = info.data["hosts"]
-        if v is None and hosts is None:
-            raise ValueError("missing (required, or a list of brokers in mqtt.hosts)")
-        if v is not None and hosts is not None:
-            raise ValueError("set host or hosts, not both")
-        if v is not None and (not v.strip() or any(c.isspace() for c in v)):
-            raise ValueError(f"{v!r}: not a host name or address")
-        return v
-
-    def brokers(self) -> list[tuple[str, int]]:
-        """Every broker to try, in order: (host, port)."""
-        if self.hosts is not None:
-            return [split_broker(h, self.port) for h in self.hosts]
-        assert self.host is not None  # the validator makes it so
-        return [(self.host, self.port)]
-
-
-class OutboxSection(Strict):
-    max_bytes: int = Field(
-        default=2_000_000_000,
-        ge=100_000,
-        description="When the database reaches this size new records are refused (NAK).",
-    )
-    resend_after_s: float = Field(
-        default=30.0, gt=0, description="Re-publish records the registry has not confirmed."
-    )
-    retention_days: float = Field(
-        default=7.0, ge=0, description="Keep confirmed records this long, then purge them."
-    )
-    key_file: Path | None = Field(
-        default=None,
-        description="32-byte AES key (mode 0600) that encrypts personal data at rest; "
-        "required when a device stores personal data.",
-    )
-    integrity_check_interval_s: float = Field(
-        default=600.0,
-        ge=0,
-        description="Run a quick integrity check of the outbox this often, on a read "
-        "connection of its own (scans are not stalled); a damaged database is moved aside "
-        "and salvaged. 0 turns it off.",
-    )
-    registry_public_key: Path | None = Field(
-        default=None,
-        description="The registry's X25519 public key (PEM, from `madoguchi registry keygen`): "
-        "a record's personal part is sealed to it, so that the broker and the registry only "
-        "hold ciphertext; required when a device stores personal data.",
-    )
-
-
-class ApiSection(Strict):
-    """The kiosk's local HTTP API (agent/station/kiosk/). Loopback only unless told otherwise."""
-
-    enabled: TomlBool = Field(default=True, description="Serve the local API and the kiosk page.")
-    host: str = Field(
-        default="127.0.0.1",
-        description="Address to listen on; must be a loopback address unless allow_remote.",
-    )
-    allow_remote: TomlBool = Field(
-        default=False,
-        description="Allow a non-loopback host. The API then answers the network: only "
-        "behind a firewall that admits the kiosk alone.",
-    )
-    port: int = Field(default=8765, ge=1, le=65535, description="TCP port on host.")
-    token_file: Path | None = Field(
-        default=None,
-        description="File holding the bearer token (first line, >= 32 characters). Default "
-        "<data_dir>/api-token, created with a random token (mode 0600) if missing.",
-    )
-    allowed_origin: str | None = Field(
-        default=None,
-        pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+$",
-        description="The one Origin browsers may call from (scheme://host[:port], no path). "
-        "Default: the agent's own page, http://<host>:<port>.",
-    )
-    unix_socket: Path | None = Field(
-        default=None,
-        description="Also listen on this unix socket (mode 0660), for local tools.",
-    )
-    manual_device: str | None = Field(
-        default=None,
-        description="Device that manual entries from the kiosk page are stored under. "
-        "Default: the first device.",
-    )
-    max_body_bytes: int = Field(
-        default=16_384, ge=256, le=1_048_576, description="Larger request bodies get 413."
-    )
-    event_buffer: int = Field(
-        default=1000,
-        ge=10,
-        le=100_000,
-        description="Events kept for clients resuming with Last-Event-ID.",
-    )
-    role: Literal["vaccination", "mynumber", "general"] = Field(
-        default="vaccination",
-        description="What this desk does; picks the kiosk page's prompt: vaccination (接種券), "
-        "mynumber (マイナンバーカード窓口) or general (総合窓口).",
-    )
-    max_connections: int = Field(
-        default=128,
-        ge=4,
-        le=4096,
-        description="Open connections at most; at the cap a new one closes the oldest idle "
-        "or slow-header connection, never one with a request in flight.",
-    )
-    header_timeout_s: float = Field(
-        default=10.0,
-        gt=0,
-        le=600,
-        description="A connection must send a request's whole header within this; else closed.",
-    )
-    body_timeout_s: float = Field(
-        default=30.0,
-        gt=0,
-        le=600,
-        description="A request's whole body must arrive within this of its header; else closed.",
-    )
-    idle_timeout_s: float = Field(
-        default=5.0,
-        gt=0,
-        le=600,
-        description="A keep-alive connection idle this long after a response is closed.",
-    )
-
-    @model_validator(mode="after")
-    def _loopback_only(self) -> ApiSection:
-        if not self.allow_remote and not is_loopback(self.host):
-            raise ValueError(
-                f"host '{self.host}' is not a loopback address; set allow_remote = true "
-                "to serve other hosts on purpose"
-            )
-        return self
-
-
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 or `localhost`: what other hosts cannot reach."""
     if host == "localhost":
@@ -379,431 +110,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class DeviceBase(Strict):
-    name: str = Field(pattern=DEVICE_NAME_PATTERN, description="Unique; in every record.")
-    profile: str = Field(description="device_profiles/<profile>.toml this device is built on.")
-    description: str = Field(default="", description="Human description of the model.")
-    label: str = Field(
-        default="",
-        max_length=40,
-        pattern=r"^[^\x00-\x1f\x7f]*$",
-        description='Name the kiosk page shows for the device, e.g. label = "接種券スキャナ". '
-        "Default: the device name.",
-    )
-    expect: list[str] = Field(
-        default_factory=list,
-        description="Interpretation types this station expects; others are flagged.",
-    )
-    nak_invalid: TomlBool = Field(
-        default=False, description="Answer invalid or unexpected reads with a NAK."
-    )
-    repeat_window_s: float = Field(
-        default=2.0, ge=0, description="The same text again within this window is stored once."
-    )
-    gs_substitute: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=1,
-        description="Character the scanner sends in place of the GS1 separator (0x1D).",
-    )
-    usb_id: str | None = Field(
-        default=None,
-        pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$",
-        description="USB vendor:product (lower-case hex, as lsusb shows it). provisioning/"
-        "install.sh gives the agent's group this device only, linked as /dev/madoguchi/<name>.",
-    )
-
-
-class SerialDevice(DeviceBase):
-    driver: Literal["serial"] = Field(description="Serial scanner (USB-COM, RS-232).")
-    port: str = Field(description="Serial device path, e.g. /dev/serial/by-id/...")
-    baudrate: int = Field(default=9600, gt=0, description="Line speed.")
-    bytesize: Literal[7, 8] = Field(default=8, description="Data bits.")
-    parity: Literal["N", "E", "O"] = Field(default="N", description="Parity.")
-    stopbits: Literal[1, 2] = Field(default=1, description="Stop bits.")
-    terminator: str = Field(default="\r", min_length=1, description="Ends every scan.")
-    encoding: str = Field(default="utf-8", description="Text encoding the scanner sends.")
-    max_line_bytes: int = Field(
-        default=4096, ge=16, description="A longer line is an error event, then resync."
-    )
-    host_ack: str = Field(default="", description="Written back once the record is durable.")
-    host_nak: str = Field(default="", description="Written back when it could not be stored.")
-    host_alarm: str = Field(
-        default="",
-        description="Written back instead of host_ack / host_nak for a stored read whose"
-        " reference-data verdict is an alarm (already_used, recalled), e.g. a"
-        " distinct beep pattern command; empty: host_ack / host_nak as usual.",
-    )
-
-    @field_validator("terminator", "host_ack", "host_nak", "host_alarm")
-    @classmethod
-    def _single_bytes(cls, v: str) -> str:
-        """These are bytes on the wire, one per character (write "\\u0006" for ACK)."""
-        bad = [c for c in v if ord(c) > 0xFF]
-        if bad:
-            raise ValueError(
-                f"{bad[0]!r} is not a single byte; write bytes as \\u0000-\\u00ff escapes"
-            )
-        return v
-
-    @field_validator("encoding")
-    @classmethod
-    def _text_encoding(cls, v: str) -> str:
-        import codecs
-
-        try:
-            info = codecs.lookup(v)
-        except LookupError:
-            raise ValueError(f"unknown text encoding '{v[:40]}'") from None
-        if not getattr(info, "_is_text_encoding", True):
-            raise ValueError(f"'{v[:40]}' is not a text encoding")
-        return v
-
-
-class HidDevice(DeviceBase):
-    """A scanner in USB keyboard (HID) mode, read through evdev and grabbed exclusively."""
-
-    driver: Literal["hid"] = Field(description="Keyboard-wedge scanner read through evdev.")
-    path: str | None = Field(
-        default=None,
-        description="Input device path, best a stable /dev/input/by-id/...-event-kbd link.",
-    )
-    vendor_id: int | None = Field(
-        default=None, ge=0, le=0xFFFF, description="USB vendor id (write it as 0x05e0)."
-    )
-    product_id: int | None = Field(
-        default=None, ge=0, le=0xFFFF, description="USB product id; needs vendor_id."
-    )
-    serial: str | None = Field(
-        default=None,
-        min_length=1,
-        description="USB serial number (evdev `uniq`): tells two scanners of one model apart.",
-    )
-    name_pattern: str | None = Field(
-        default=None,
-        min_length=1,
-        validate_default=True,
-        description="Shell-style pattern on the input device name, e.g. '*Bar Code Scanner*'.",
-    )
-    layout: Literal["us", "jp106"] = Field(
-        default="us",
-        description="Keyboard layout the SCANNER is set to (its own setting, not the host's).",
-    )
-    terminators: list[str] = Field(
-        default_factory=lambda: ["KEY_ENTER", "KEY_KPENTER"],
-        min_length=1,
-        description="Keys that end a scan (add KEY_TAB for scanners set to a Tab suffix).",
-    )
-    gs_keys: list[str] = Field(
-        default_factory=lambda: ["ctrl+]"],
-        description="Key combinations that mean GS (0x1D), e.g. 'ctrl+]', 'ctrl+KEY_5', 'KEY_F8'.",
-    )
-    alt_codes: TomlBool = Field(
-        default=True, description="Decode Alt+numpad codes (Alt+0029 = GS) as characters."
-    )
-    idle_timeout_ms: int = Field(
-        default=500,
-        ge=20,
-        le=60_000,
-        description="A scan that stops this long without a terminator is an error, not a record.",
-    )
-    min_key_rate: float | None = Field(
-        default=None,
-        gt=0,
-        description="Keys per second below which a scan is taken for human typing and rejected.",
-    )
-    max_length: int = Field(
-        default=4096, ge=16, description="A longer scan is an error event, dropped whole."
-    )
-    hotplug_wait_s: float = Field(
-        default=5.0,
-        ge=0,
-        le=60,
-        description="With pyudev installed, wait this long for the scanner to be plugged in "
-        "before reporting it missing (replug is then picked up at once).",
-    )
-
-    @field_validator("product_id")
-    @classmethod
-    def _product_needs_vendor(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("vendor_id") is None:
-            raise ValueError("product_id needs vendor_id")
-        return v
-
-    @field_validator("terminators")
-    @classmethod
-    def _known_keys(cls, v: list[str]) -> list[str]:
-        from agent.keymap import key_code
-
-        for name in v:
-            key_code(name)
-        return [name.upper() for name in v]
-
-    @field_validator("gs_keys")
-    @classmethod
-    def _combos(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        from agent.keymap import parse_combo
-
-        for spec in v:
-            parse_combo(spec, info.data.get("layout", "us"))
-        return v
-
-    @field_validator("name_pattern")
-    @classmethod
-    def _some_way_to_find_it(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None and not any(info.data.get(k) for k in ("path", "vendor_id", "serial")):
-            raise ValueError(
-                "no way to find the scanner: set path, vendor_id (+ product_id, serial) "
-                "or name_pattern"
-            )
-        return v
-
-
-class PcscDevice(DeviceBase):
-    driver: Literal["pcsc"] = Field(description="IC card reader through pcscd (PC/SC).")
-    reader: str = Field(
-        default="*",
-        min_length=1,
-        description="Glob matched against PC/SC reader names; the first match (sorted) is used.",
-    )
-    read_my_number: TomlBool = Field(
-        default=False,
-        description="With the PIN, also read the My Number (EF 0001). Off unless the "
-        "counter's procedure needs it.",
-    )
-    store_card_info: TomlBool = Field(
-        default=False,
-        description="Store the PIN-read card info (name, address, birth date, sex) as an "
-        "encrypted record; needs outbox.key_file.",
-    )
-    operators: dict[str, str] = Field(
-        default_factory=dict,
-        description="Staff badge UID (lowercase hex) -> operator id; a tap starts or ends "
-        "an operator session.",
-    )
-    operator_timeout_s: float = Field(
-        default=1800.0, gt=0, description="An operator session ends after this idle time."
-    )
-    jpki_anchors: list[str] = Field(
-        default_factory=lambda: [
-            "4dcfc4ca0aaf9fb2a3081b3f0c991c320b3acc008667a341eeaec5af1d58ca7d",
-            "64114f29620c24ed2631d46476a040e7ee740d956089c00b036a6a8118c322b5",
-        ],
-        description="SHA-256 fingerprints (hex) of the JPKI user-auth CA certificates a "
-        "My Number card's auth certificate must chain to (default: J-LIS 2015 and 2023 CAs).",
-    )
-    prove_possession: TomlBool = Field(
-        default=False,
-        description="Offer the possession proof: with the resident's auth PIN the card signs "
-        "a station nonce (docs/pcsc.md). For procedures such as benefit payments.",
-    )
-
-    @field_validator("jpki_anchors")
-    @classmethod
-    def _anchors_are_sha256(cls, value: list[str]) -> list[str]:
-        out = []
-        for fp in value:
-            norm = fp.strip().lower().replace(":", "")
-            if len(norm) != 64 or any(c not in "0123456789abcdef" for c in norm):
-                raise ValueError(f"anchor {fp!r} is not a SHA-256 fingerprint (64 hex digits)")
-            out.append(norm)
-        return out
-
-    @field_validator("operators")
-    @classmethod
-    def _uids_are_hex(cls, value: dict[str, str]) -> dict[str, str]:
-        out = {}
-        for uid, op in value.items():
-            norm = uid.strip().lower().replace(" ", "").replace(":", "")
-            if not norm or len(norm) % 2 or any(c not in "0123456789abcdef" for c in norm):
-                raise ValueError(f"badge UID {uid!r} is not hex bytes (e.g. 01010601cb095703)")
-            if not op:
-                raise ValueError(f"badge UID {uid!r} maps to an empty operator id")
-            out[norm] = op
-        return out
-
-
-#: zxing-cpp format names a camera profile may list (checked without importing zxing-cpp).
-BarcodeFormatName = Literal[
-    "QRCode",
-    "MicroQRCode",
-    "DataMatrix",
-    "EAN13",
-    "EAN8",
-    "UPCA",
-    "UPCE",
-    "Code128",
-    "Code39",
-    "Code93",
-    "Codabar",
-    "ITF",
-    "DataBar",
-    "DataBarLtd",
-    "DataBarExp",
-    "PDF417",
-    "Aztec",
-]
-
-DEFAULT_CAMERA_FORMATS: tuple[BarcodeFormatName, ...] = ("QRCode", "DataMatrix", "EAN13")
-
-
-class CameraDevice(DeviceBase):
-    driver: Literal["camera"] = Field(
-        description="Camera: barcodes and QR codes from video, and ID photos."
-    )
-    source: Literal["picamera2", "v4l2"] = Field(
-        description="Frame source: picamera2 (Raspberry Pi camera, libcamera) or v4l2 (USB/UVC)."
-    )
-    device: str = Field(
-        default="/dev/video0",
-        description="V4L2 device path for source v4l2, e.g. /dev/v4l/by-id/usb-...-video-index0.",
-    )
-    camera_index: int = Field(
-        default=0, ge=0, description="Which libcamera camera for source picamera2 (0 = first)."
-    )
-    width: int = Field(
-        default=640, ge=64, le=4096, description="Width of the low-resolution decoding stream."
-    )
-    height: int = Field(
-        default=480, ge=64, le=4096, description="Height of the low-resolution decoding stream."
-    )
-    pixel_format: Literal["YUYV", "MJPG"] = Field(
-        default="YUYV",
-        description="V4L2 pixel format of the decoding stream (YUYV needs no JPEG decode).",
-    )
-    fps: float = Field(
-        default=5.0,
-        gt=0,
-        le=60,
-        description="Frames decoded per second; when decoding falls behind, frames are dropped.",
-    )
-    formats: list[BarcodeFormatName] = Field(
-        default_factory=lambda: list(DEFAULT_CAMERA_FORMATS),
-        min_length=1,
-        description="zxing-cpp barcode formats to look for; fewer formats cost less CPU.",
-    )
-    try_rotate: TomlBool = Field(
-        default=False,
-        description="Also look for linear codes (EAN, Code 128) turned by 90/270 degrees; "
-        "QR and DataMatrix read at any angle without it. Triples the decode time of noisy "
-        "frames (bench/bench_camera.py).",
-    )
-    try_invert: TomlBool = Field(
-        default=False, description="Also look for light-on-dark codes (costs CPU; zxing-cpp)."
-    )
-    try_downscale: TomlBool = Field(
-        default=True, description="Also scan downscaled images, for codes close to the lens."
-    )
-    gone_after_ms: int = Field(
-        default=1000,
-        ge=0,
-        description="A code in view counts once; it counts again only after it was out of "
-        "view this long.",
-    )
-    still_width: int = Field(
-        default=2304, ge=64, le=9152, description="Width of ID photos (still captures)."
-    )
-    still_height: int = Field(
-        default=1296, ge=64, le=6944, description="Height of ID photos (still captures)."
-    )
-    still_pixel_format: Literal["YUYV", "MJPG"] = Field(
-        default="MJPG",
-        description="V4L2 pixel format for stills (webcams give high resolutions as MJPG only).",
-    )
-    jpeg_quality: int = Field(
-        default=90, ge=1, le=95, description="JPEG quality of ID photos (Pillow scale, 1-95)."
-    )
-    frame_timeout_s: float = Field(
-        default=5.0,
-        gt=0,
-        description="No frame for this long means the camera is gone (device unavailable).",
-    )
-
-
-DeviceConfig = Annotated[
-    SerialDevice | HidDevice | PcscDevice | CameraDevice, Field(discriminator="driver")
-]
-_DEVICE_ADAPTER: TypeAdapter[DeviceConfig] = TypeAdapter(DeviceConfig)
-
-
-class DatasetsSection(Strict):
-    """Reference datasets from the registry (agent/station/datasets.py, docs/CONTRACT.md)."""
-
-    public_key: str = Field(
-        pattern=r"^[0-9a-f]{64}$",
-        description="The central side's Ed25519 dataset public key, 64 hex digits "
-        "(`madoguchi registry dataset-keygen` prints it); a dataset signed by any other "
-        "key is refused.",
-    )
-    max_age_s: float = Field(
-        default=86_400.0,
-        gt=0,
-        description="Seconds after its issue time a dataset version is stale: it still "
-        "decides verdicts, and every verdict from it says `stale`.",
-    )
-
-
-class Config(Strict):
-    agent: AgentSection = Field(description="Who this station is.")
-    mqtt: MqttSection = Field(description="The broker.")
-    outbox: OutboxSection = Field(default_factory=OutboxSection, description="Local durable store.")
-    devices: list[DeviceConfig] = Field(default_factory=list, description="Devices to drive.")
-    api: ApiSection | None = Field(
-        default=None, description="The kiosk's local HTTP API; off when the section is absent."
-    )
-    datasets: DatasetsSection | None = Field(
-        default=None, description="Reference datasets for verdicts; off when absent."
-    )
-    source: Path | None = Field(default=None, description="File this was loaded from.")
-
-    @property
-    def topic_base(self) -> str:
-        return f"{self.mqtt.topic_prefix}/{self.agent.site}/{self.agent.name}"
-
-    @property
-    def outbox_path(self) -> Path:
-        return self.agent.data_dir / "outbox.db"
-
-    @property
-    def datasets_path(self) -> Path:
-        return self.agent.data_dir / "datasets.db"
-
-    def device(self, name: str) -> DeviceConfig:
-        for dev in self.devices:
-            if dev.name == name:
-                return dev
-        raise KeyError(name)
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out or "(top)"
-
-
-#: what pydantic puts before a validator's own message; the technician needs only the message
-_LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")
-
-
-def _reason(e: Any) -> str:
-    if e["type"] == "extra_forbidden":
-        return "unknown key"
-    if e["type"] == "missing":
-        return "missing (required)"
-    msg = str(e["msg"])
-    for prefix in _LIBRARY_PREFIXES:
-        msg = msg.removeprefix(prefix)
-    return msg
-
-
-def _problems(err: ValidationError, file: str) -> list[str]:
-    return [f"{file}: {_loc(tuple(e['loc']))}: {_reason(e)}" for e in err.errors()]
 
 
 def decode_text(data: bytes, file: str) -> str:
@@ -833,167 +139,448 @@ def _looks_like_shift_jis(data: bytes) -> bool:
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.loads(decode_text(f.read(), str(path)))
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: (file): not found"]) from None
-    except PermissionError:
-        raise ConfigError([f"{path}: (file): not readable (permission denied)"]) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{path}: (syntax): {e}"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: (file): is a directory, not a file"]) from None
-    except RecursionError:
-        raise ConfigError([f"{path}: (syntax): nested too deeply"]) from None
-    except OSError as e:
-        raise ConfigError([f"{path}: (file): {e.strerror}"]) from None
+# -- the classes ----------------------------------------------------------------------------
+# Field meanings are in the schema (agent/config_schema.py) and docs/configuration.md.
 
 
-def profile_dirs(config_path: Path, extra: list[Path]) -> list[Path]:
-    """Where profiles are looked up, first match wins."""
-    return [*extra, config_path.parent / "device_profiles", SYSTEM_PROFILE_DIR, BUNDLED_PROFILE_DIR]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentSection:
+    site: str
+    name: str
+    data_dir: Path = DEFAULT_DATA_DIR
+    telemetry_interval_s: float = 30.0
+    profile_dirs: list[Path] = field(default_factory=list)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    remote_photo: bool = False
+    config_rollback_after_s: float = 120.0
+    cert_renew_at: float = 0.8
+    release_public_key: str | None = None
+    releases_dir: Path = Path("/opt/madoguchi/releases")
+    release_health_deadline_s: float = 120.0
 
 
-def find_profile(name: str, dirs: list[Path]) -> Path | None:
-    if "/" in name or name.startswith("."):
-        return None
-    for d in dirs:
-        p = d / f"{name}.toml"
-        if p.is_file():
-            return p
-    return None
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MqttSection:
+    hosts: list[str] | None = None
+    host: str | None = None
+    port: int = 1883
+    persistent_session: bool = False
+    session_expiry_s: int = 86400
+    topic_prefix: str = "madoguchi/v1"
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: int = 30
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    batch_max_records: int = 500
+    batch_max_bytes: int = 200000
+    publish_timeout_s: float = 10.0
+    inflight_messages: int = 8
+    backoff_max_s: float = 30.0
+    max_inbound_bytes: int = 1048576
+
+    def brokers(self) -> list[tuple[str, int]]:
+        """Every broker to try, in order: (host, port)."""
+        if self.hosts is not None:
+            return [split_broker(h, self.port) for h in self.hosts]
+        assert self.host is not None  # the schema makes it so
+        return [(self.host, self.port)]
 
 
-def _resolve_device(
-    index: int, entry: Any, file: str, dirs: list[Path]
-) -> tuple[DeviceConfig | None, list[str]]:
-    where = device_key(index, entry)
-    if not isinstance(entry, dict):
-        return None, [f"{file}: {where}: must be a table"]
-    profile_name = entry.get("profile")
-    if not isinstance(profile_name, str):
-        return None, [f"{file}: {where}.profile: missing (name of a device profile)"]
-    profile_path = find_profile(profile_name, dirs)
-    if profile_path is None:
-        looked = ", ".join(str(d) for d in dirs)
-        return None, [f"{file}: {where}.profile: no profile '{profile_name}' in {looked}"]
-    try:
-        profile = _read_toml(profile_path)
-    except ConfigError as bad:
-        return None, bad.problems
-    merged = {**profile, **entry}
-    if "driver" not in merged:
-        return None, [f"{profile_path}: driver: missing (which driver runs this model)"]
-    try:
-        return _DEVICE_ADAPTER.validate_python(merged), []
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = tuple(e["loc"])
-            if loc and loc[0] == merged["driver"]:
-                loc = loc[1:]  # the discriminated union's tag level
-            if not loc:
-                loc = ("driver",)  # an unknown driver value
-            if loc and loc[0] not in entry and loc[0] in profile:
-                problems.append(f"{profile_path}: {_loc(loc)}: {_reason(e)}")
-            else:
-                problems.append(f"{file}: {where}.{_loc(loc)}: {_reason(e)}")
-        return None, problems
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxSection:
+    max_bytes: int = 2000000000
+    resend_after_s: float = 30.0
+    retention_days: float = 7.0
+    key_file: Path | None = None
+    integrity_check_interval_s: float = 600.0
+    registry_public_key: Path | None = None
 
 
-def device_key(index: int, entry: Any) -> str:
-    """`devices["ticket-scanner"]` when the entry has a usable name, else `devices[2]`."""
-    name = entry.get("name") if isinstance(entry, dict) else None
-    if isinstance(name, str) and name and '"' not in name and name.isprintable():
-        return f'devices["{name}"]'
-    return f"devices[{index}]"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiSection:
+    """The kiosk's local HTTP API (agent/station/kiosk/). Loopback only unless told otherwise."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    allow_remote: bool = False
+    port: int = 8765
+    token_file: Path | None = None
+    allowed_origin: str | None = None
+    unix_socket: Path | None = None
+    manual_device: str | None = None
+    max_body_bytes: int = 16384
+    event_buffer: int = 1000
+    role: Literal["vaccination", "mynumber", "general"] = "vaccination"
+    max_connections: int = 128
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceBase:
+    name: str
+    profile: str
+    description: str = ""
+    label: str = ""
+    expect: list[str] = field(default_factory=list)
+    nak_invalid: bool = False
+    repeat_window_s: float = 2.0
+    gs_substitute: str | None = None
+    usb_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SerialDevice(DeviceBase):
+    driver: Literal["serial"]
+    port: str
+    baudrate: int = 9600
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    terminator: str = "\r"
+    encoding: str = "utf-8"
+    max_line_bytes: int = 4096
+    host_ack: str = ""
+    host_nak: str = ""
+    host_alarm: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HidDevice(DeviceBase):
+    """A scanner in USB keyboard (HID) mode, read through evdev and grabbed exclusively."""
+
+    driver: Literal["hid"]
+    path: str | None = None
+    vendor_id: int | None = None
+    product_id: int | None = None
+    serial: str | None = None
+    name_pattern: str | None = None
+    layout: Literal["us", "jp106"] = "us"
+    terminators: list[str] = field(default_factory=lambda: list(DEFAULT_HID_TERMINATORS))
+    gs_keys: list[str] = field(default_factory=lambda: list(DEFAULT_HID_GS_KEYS))
+    alt_codes: bool = True
+    idle_timeout_ms: int = 500
+    min_key_rate: float | None = None
+    max_length: int = 4096
+    hotplug_wait_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PcscDevice(DeviceBase):
+    driver: Literal["pcsc"]
+    reader: str = "*"
+    read_my_number: bool = False
+    store_card_info: bool = False
+    operators: dict[str, str] = field(default_factory=dict)
+    operator_timeout_s: float = 1800.0
+    jpki_anchors: list[str] = field(default_factory=lambda: list(DEFAULT_JPKI_ANCHORS))
+    prove_possession: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CameraDevice(DeviceBase):
+    driver: Literal["camera"]
+    source: Literal["picamera2", "v4l2"]
+    device: str = "/dev/video0"
+    camera_index: int = 0
+    width: int = 640
+    height: int = 480
+    pixel_format: Literal["YUYV", "MJPG"] = "YUYV"
+    fps: float = 5.0
+    formats: list[BarcodeFormatName] = field(default_factory=lambda: list(DEFAULT_CAMERA_FORMATS))
+    try_rotate: bool = False
+    try_invert: bool = False
+    try_downscale: bool = True
+    gone_after_ms: int = 1000
+    still_width: int = 2304
+    still_height: int = 1296
+    still_pixel_format: Literal["YUYV", "MJPG"] = "MJPG"
+    jpeg_quality: int = 90
+    frame_timeout_s: float = 5.0
+
+
+DeviceConfig = SerialDevice | HidDevice | PcscDevice | CameraDevice
+DEVICE_CLASSES: tuple[type[DeviceBase], ...] = (SerialDevice, HidDevice, PcscDevice, CameraDevice)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatasetsSection:
+    """Reference datasets from the registry (agent/station/datasets.py, docs/CONTRACT.md)."""
+
+    public_key: str
+    max_age_s: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    agent: AgentSection
+    mqtt: MqttSection
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    devices: list[DeviceConfig] = field(default_factory=list)
+    api: ApiSection | None = None
+    datasets: DatasetsSection | None = None
+    source: Path | None = None
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.agent.site}/{self.agent.name}"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.agent.data_dir / "outbox.db"
+
+    @property
+    def datasets_path(self) -> Path:
+        return self.agent.data_dir / "datasets.db"
+
+    def device(self, name: str) -> DeviceConfig:
+        for dev in self.devices:
+            if dev.name == name:
+                return dev
+        raise KeyError(name)
+
+
+#: every class above by name: what the schema's models convert to (config_schema.to_runtime)
+CLASSES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        AgentSection,
+        MqttSection,
+        OutboxSection,
+        ApiSection,
+        DeviceBase,
+        *DEVICE_CLASSES,
+        DatasetsSection,
+        Config,
+    )
+}
+
+
+# -- loading --------------------------------------------------------------------------------
 
 
 def load_config(path: str | Path, *, relative_to: Path | None = None) -> Config:
-    """Read, resolve profiles and validate. Raises `ConfigError` listing every problem.
+    """Read, resolve profiles and validate in this process (it imports pydantic). Raises
+    `ConfigError` listing every problem. For `check-config`, tools and tests; a running
+    agent uses `load_config_isolated`.
 
     Relative paths in the file (profiles, profile_dirs, data_dir) are taken from the
     file's directory, or from `relative_to`: a pushed candidate is checked where it
     will run, not where it is staged (agent/station/remote_config.py)."""
+    from agent.config_schema import validate_file
+
+    return validate_file(Path(path), relative_to=relative_to).config
+
+
+def load_config_isolated(
+    path: str | Path, *, relative_to: Path | None = None, cache: bool = True
+) -> Config:
+    """`load_config`'s answer without pydantic in this process: from the cache when every
+    file the last check read is unchanged, else from a child process that validates
+    (and the cache is rewritten). Raises `ConfigError` with the child's problems."""
     path = Path(path)
-    base = path.parent if relative_to is None else relative_to
-    raw = _read_toml(path)
-    file = str(path)
-    problems: list[str] = []
-    devices_raw = raw.pop("devices", [])
-    if not isinstance(devices_raw, list):
-        problems.append(f"{file}: devices: must be an array of tables ([[devices]])")
-        devices_raw = []
-    extra_dirs = (
-        raw.get("agent", {}).get("profile_dirs", []) if isinstance(raw.get("agent"), dict) else []
+    cache_file = _cache_file(path, relative_to) if cache else None
+    if cache_file is not None:
+        hit = _read_cache(cache_file, path, relative_to)
+        if hit is not None:
+            return hit
+    answer = _validate_in_child(path, relative_to)
+    config = decode(Config, answer["config"], "config")
+    if cache_file is not None:
+        _write_cache(cache_file, path, relative_to, answer)
+    return config
+
+
+def _validate_in_child(path: Path, relative_to: Path | None) -> dict[str, Any]:
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (
+        f"import sys\nif {root!r} not in sys.path: sys.path.insert(0, {root!r})\n"
+        "from agent.config_schema import child_main\nchild_main()\n"
     )
-    if not isinstance(extra_dirs, list):
-        extra_dirs = []  # the model reports the wrong type below
-    dirs = profile_dirs(
-        base / path.name, [base / Path(d) for d in extra_dirs if isinstance(d, str)]
-    )
-    devices: list[DeviceConfig] = []
-    for i, entry in enumerate(devices_raw):
-        dev, errs = _resolve_device(i, entry, file, dirs)
-        problems += errs
-        if dev is not None:
-            devices.append(dev)
-    seen: dict[str, int] = {}
-    for i, entry in enumerate(devices_raw):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str):
-            continue
-        if name in seen:
-            problems.append(
-                f"{file}: devices[{i}].name: '{name}' is used twice "
-                f"(first at devices[{seen[name]}])"
-            )
-        else:
-            seen[name] = i
-    api_raw = raw.get("api")
-    manual = api_raw.get("manual_device") if isinstance(api_raw, dict) else None
-    if isinstance(manual, str) and manual not in seen:  # other types: the model says so
-        problems.append(f"{file}: api.manual_device: no device named '{manual}'")
+    argv = [sys.executable, "-c", code, str(path)]
+    if relative_to is not None:
+        argv.append(str(relative_to))
     try:
-        config = Config.model_validate({**raw, "devices": [], "source": path})
-    except ValidationError as e:
-        problems = _problems(e, file) + problems
-        raise ConfigError(problems) from None
-    if config.outbox.key_file is None:
-        for dev in devices:
-            if isinstance(dev, PcscDevice) and dev.store_card_info:
-                problems.append(
-                    f'{file}: devices["{dev.name}"].store_card_info: personal data needs '
-                    "outbox.key_file to encrypt it"
-                )
-    if config.outbox.registry_public_key is None:
-        for dev in devices:
-            if isinstance(dev, PcscDevice) and dev.store_card_info:
-                problems.append(
-                    f'{file}: devices["{dev.name}"].store_card_info: personal data needs '
-                    "outbox.registry_public_key to seal it for the registry"
-                )
-    else:
-        from agent.personal_seal import PersonalSealer
-
-        try:  # the key file named, as `keyfile: outbox.registry_public_key: reason`
-            PersonalSealer.from_file(config.outbox.registry_public_key)
-        except ConfigError as e:
-            problems += e.problems
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=CHILD_TIMEOUT_S,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError([f"{path}: (file): the configuration check did not run: {e}"]) from None
+    try:
+        answer = json.loads(out.stdout)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        tail = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ConfigError(
+            [f"{path}: (file): the configuration check failed (exit {out.returncode}): {tail[0]}"]
+        ) from None
+    problems = answer.get("problems")
     if problems:
-        raise ConfigError(problems)
-    data_dir = config.agent.data_dir
-    if not data_dir.is_absolute():
-        data_dir = (base / data_dir).resolve()
-    return config.model_copy(
-        update={
-            "devices": devices,
-            "agent": config.agent.model_copy(update={"data_dir": data_dir}),
-        }
-    )
+        raise ConfigError([str(p) for p in problems])
+    return answer
 
+
+# -- the cache: keyed by every file the check read, and by the code that checked ---------
+
+
+def _cache_file(path: Path, relative_to: Path | None) -> Path | None:
+    """<data_dir>/config-cache.json, data_dir read from the raw TOML (a wrong guess is only
+    a miss: the cache names the file and the hashes it was made from)."""
+    import tomllib
+
+    base = path.parent if relative_to is None else relative_to
+    try:
+        raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError):
+        return None  # the child says what is wrong with it
+    agent = raw.get("agent")
+    data_dir = agent.get("data_dir", str(DEFAULT_DATA_DIR)) if isinstance(agent, dict) else None
+    if not isinstance(data_dir, str):
+        return None
+    return base / data_dir / CACHE_NAME
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def code_fingerprint() -> str:
+    """What a cached answer depends on besides the files: the code and Python that checked."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256(sys.version.encode())
+    for name in ("config.py", "config_schema.py", "keymap.py", "personal_seal.py"):
+        h.update((_sha256(here / name) or "-").encode())
+    return h.hexdigest()
+
+
+def _cache_key(path: Path, relative_to: Path | None) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "code": code_fingerprint(),
+        "path": str(path.resolve()),
+        "relative_to": None if relative_to is None else str(relative_to.resolve()),
+    }
+
+
+def _read_cache(cache_file: Path, path: Path, relative_to: Path | None) -> Config | None:
+    try:
+        entry = json.loads(cache_file.read_bytes())
+        if not isinstance(entry, dict) or entry.get("key") != _cache_key(path, relative_to):
+            return None
+        for name, digest in entry["inputs"]:
+            p = Path(name)
+            if digest is None:
+                if p.is_file():
+                    return None  # a profile now shadows the one the check found
+            elif _sha256(p) != digest:
+                return None
+        return decode(Config, entry["config"], "config")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a torn or foreign cache is a miss, never an error
+
+
+def _write_cache(
+    cache_file: Path, path: Path, relative_to: Path | None, answer: dict[str, Any]
+) -> None:
+    """Atomic and best effort: no data_dir yet (a first start) or a read-only one is a miss
+    next time, not a failure now."""
+    entry = {
+        "key": _cache_key(path, relative_to),
+        "inputs": answer["inputs"],
+        "config": answer["config"],
+    }
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(entry, f)
+        os.replace(tmp, cache_file)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the wire between the child and this process --------------------------------------------
+
+
+def encode(value: Any) -> Any:
+    """A configuration as JSON values: classes as objects, paths as strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
+    return value
+
+
+_T = typing.TypeVar("_T")
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def decode(tp: type[_T], value: Any, where: str) -> _T:
+    """`encode`'s inverse, checked against the annotations: ValueError names the key."""
+    out: _T = _decode(tp, value, where)
+    return out
+
+
+def _decode(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None and (tp is type(None) or type(None) in args):
+        return None
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return _decode(members[0], value, where)
+        tag = value.get("driver") if isinstance(value, dict) else None
+        for m in members:  # the device classes: tagged by `driver`
+            if tag in typing.get_args(_hints(m).get("driver")):
+                return _decode(m, value, where)
+    elif origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+    elif origin is list and isinstance(value, list):
+        return [_decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {
+            _decode(args[0], k, where): _decode(args[1], v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    elif tp is Path and isinstance(value, str):
+        return Path(value)
+    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif tp in (int, str, bool) and type(value) is tp:
+        return value
+    elif isinstance(value, dict) and tp in CLASSES.values():
+        hints = _hints(tp)
+        if set(value) != set(hints):
+            raise ValueError(f"{where}: keys {sorted(set(value) ^ set(hints))} differ")
+        return tp(**{k: _decode(hints[k], v, f"{where}.{k}") for k, v in value.items()})
+    raise ValueError(f"{where}: {value!r:.60} is not {tp}")
+
+
+# -- after loading ----------------------------------------------------------------------------
 
 #: values the example configuration ships with; left in place they mean "not filled in"
 PLACEHOLDER_USB_IDS = frozenset({"0000:0000", "ffff:ffff"})
@@ -1018,49 +605,3 @@ def config_warnings(config: Config) -> list[str]:
                 "placeholder: put this scanner's vendor:product as lsusb shows it"
             )
     return out
-
-
-def reference_markdown() -> str:
-    """docs/configuration.md, written from the models so the reference cannot drift."""
-    sections: list[tuple[str, type[BaseModel], str]] = [
-        ("[agent]", AgentSection, "Who this station is; its names are MQTT topic levels."),
-        ("[mqtt]", MqttSection, "The broker the uplink talks to."),
-        ("[outbox]", OutboxSection, "The local SQLite outbox: where a record is durable."),
-        ("[api]", ApiSection, "The kiosk's local HTTP API (optional, loopback only)."),
-        (
-            "[[devices]] common keys",
-            DeviceBase,
-            "Every device: `name`, `profile`, and any key of its driver below, "
-            "set in the profile or overridden here.",
-        ),
-        ('driver = "serial"', SerialDevice, "Scanner in USB-COM / RS-232 mode (pyserial)."),
-        ('driver = "hid"', HidDevice, "Scanner in USB keyboard mode (evdev), see docs/hid.md."),
-        ('driver = "pcsc"', PcscDevice, "IC card reader through pcscd, see docs/pcsc.md."),
-        ('driver = "camera"', CameraDevice, "Camera for codes and ID photos, docs/camera.md."),
-        ("[datasets]", DatasetsSection, "Signed reference datasets from the registry (optional)."),
-    ]
-    base = set(DeviceBase.model_fields)
-    out = [
-        "# Configuration reference",
-        "",
-        "Generated by `reference_markdown()` in `agent/config.py`; "
-        "`tests/station/test_config.py` keeps this file equal to it.",
-        "",
-        "The agent reads one TOML file (`madoguchi run --config PATH`, on a Pi "
-        "`/etc/madoguchi/agent.toml`). Every `[[devices]]` entry names a `profile`: "
-        "`device_profiles/<profile>.toml` beside the config, in "
-        "`/etc/madoguchi/device_profiles/` or bundled with the agent. A profile holds "
-        "`driver` and that driver's keys; any of them can be overridden on the "
-        "`[[devices]]` entry. Unknown keys are errors. `madoguchi check-config PATH` "
-        "prints every problem as `file: key: reason` and exits 1, without opening a device.",
-    ]
-    for title, model, blurb in sections:
-        out += ["", f"## {title}", "", blurb, "", "| key | type | default | meaning |"]
-        out.append("|---|---|---|---|")
-        for key, field in model.model_fields.items():
-            if model is not DeviceBase and issubclass(model, DeviceBase) and key in base:
-                continue
-            if key == "driver":
-                continue
-            out.append(field_row(key, field))
-    return "\n".join(out) + "\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import platform
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support
 
 from agent.config import CameraDevice, load_config  # noqa: E402
+from agent.config_schema import validate_device  # noqa: E402
 from agent.drivers.camera import (  # noqa: E402
     CameraDriver,
     Decoder,
@@ -121,16 +123,17 @@ def decode_costs(n: int) -> dict[str, float]:
 
 
 def driver_config(fps: float) -> CameraDevice:
-    cfg = CameraDevice.model_validate(
+    cfg = validate_device(
         {
             "name": "bench-camera",
             "profile": "generic-uvc-webcam",
             "driver": "camera",
             "source": "v4l2",
             "formats": FORMATS,
-        }
+        },
+        CameraDevice,
     )
-    return cfg.model_copy(update={"fps": fps})  # past the config's 60 fps cap on purpose
+    return dataclasses.replace(cfg, fps=fps)  # past the config's 60 fps cap on purpose
 
 
 async def run_driver(

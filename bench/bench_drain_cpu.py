@@ -434,6 +434,8 @@ def main() -> int:
         trees = {"this tree": ROOT}
         if args.base is not None:
             trees["base"] = args.base.resolve()
+        for tree in trees.values():  # bytecode as a wheel install has it (core_bench.py)
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "agent")], check=True)
         if not args.skip_drain:
             # interleaved (this, base, this, base, ...): the machine's load drifts
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}

@@ -66,6 +66,7 @@ async def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cpu, Python {platform.python_version()}"
     )
     print(f"agent code: {args.root}")
+    core.compile_code(args.root)
     with tempfile.TemporaryDirectory(prefix="bench-idle-", dir=os.environ.get("BENCH_DIR")) as d:
         workdir = Path(d)
         (workdir / "broker").mkdir()

@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import core_bench as core  # noqa: E402
 from run import fill, serial_device  # noqa: E402
 
 from agent.testing import AgentProcess, Broker, NotifySocket, Pty, write_config  # noqa: E402
@@ -99,6 +100,7 @@ async def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cpu, Python {platform.python_version()}"
     )
     print(f"agent code: {args.root}")
+    core.compile_code(args.root)
     with tempfile.TemporaryDirectory(prefix="bench-ready-", dir=os.environ.get("BENCH_DIR")) as d:
         workdir = Path(d)
         seed = args.seed

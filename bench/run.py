@@ -479,6 +479,7 @@ async def repeat(runs: int, fn: Callable[[], Awaitable[Any]], label: str) -> lis
 async def suite(args: argparse.Namespace) -> dict[str, Any]:
     q = args.quick
     runs = 1 if q else args.runs
+    core.compile_code(ROOT)
     sizes = {
         "ingest": 500 if q else 2000,
         "backlog": 5000 if q else 100_000,

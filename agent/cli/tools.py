@@ -315,7 +315,7 @@ def _read_pin() -> str:
 
 def _anchors(args: argparse.Namespace) -> frozenset[str]:
     """--anchor, else the configured device's `jpki_anchors`, else the J-LIS defaults."""
-    from agent.config import PcscDevice, load_config
+    from agent.config import DEFAULT_JPKI_ANCHORS, PcscDevice, load_config
 
     if args.anchor:
         return frozenset(a.strip().lower().replace(":", "") for a in args.anchor)
@@ -323,7 +323,7 @@ def _anchors(args: argparse.Namespace) -> frozenset[str]:
         for d in load_config(args.config).devices:
             if isinstance(d, PcscDevice) and (not args.device or d.name == args.device):
                 return frozenset(d.jpki_anchors)
-    return frozenset(PcscDevice.model_fields["jpki_anchors"].get_default(call_default_factory=True))
+    return frozenset(DEFAULT_JPKI_ANCHORS)
 
 
 def run_card_info(args: argparse.Namespace) -> int:

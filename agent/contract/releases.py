@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,6 +74,8 @@ def sha256_stream(f: IO[bytes]) -> tuple[str, int]:
 
 def bundle_files(bundle: Path) -> Iterator[tuple[str, str]]:
     """(member name, sha256) of every regular file in a bundle tarball, in name order."""
+    import tarfile  # a running station needs it only for a release: not at start (issue #18)
+
     with tarfile.open(bundle) as t:
         members = sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name)
         for m in members:
@@ -214,6 +215,8 @@ def refusal(
 def check_bundle(m: ReleaseManifest, data: IO[bytes]) -> list[str]:
     """Every mismatch between a bundle tarball and its manifest (empty: it matches).
     Names members, never contents."""
+    import tarfile
+
     digest, size = sha256_stream(data)
     if digest != m.bundle_sha256 or size != m.bundle_bytes:
         return [f"bundle: sha256/size differ from the manifest ({size} bytes)"]

@@ -1,6 +1,6 @@
 """What `check-config` (and `run`, before it starts) checks beyond the configuration itself.
 
-The models in agent/config.py say whether the file is right; these say whether this
+The schema (agent/config_schema.py) says whether the file is right; these say whether this
 host can run it: every file the configuration names exists and is readable (by the
 service user, when given), and the Python packages the configured devices need are
 installed. Each problem is one line naming the file and key, or the device, so a
@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import ApiSection, CameraDevice, Config, load_config
+from agent.config import ApiSection, CameraDevice, Config, load_config, load_config_isolated
 from agent.errors import ConfigError
 
 #: systemd hands LoadCredential= files to the service here, only while it runs
@@ -206,12 +206,17 @@ def check_config_file(
     *,
     config_only: bool = False,
     relative_to: Path | None = None,
+    isolated: bool = False,
 ) -> tuple[Config | None, list[str], list[str]]:
     """What `check-config` checks, for the CLI and for `cmd/config` alike: the file, then
     (unless `config_only`) the files it names and the extras it needs. Returns
-    (config or None, every problem, notes); nothing stops at the first problem."""
+    (config or None, every problem, notes); nothing stops at the first problem.
+    `isolated`: validated without pydantic in this process (`run`, `cmd/config`)."""
     try:
-        config = load_config(path, relative_to=relative_to)
+        if isolated:
+            config = load_config_isolated(path, relative_to=relative_to, cache=relative_to is None)
+        else:
+            config = load_config(path, relative_to=relative_to)
     except ConfigError as e:
         return None, list(e.problems), []
     if config_only:

@@ -18,7 +18,6 @@ the clock safe by having no CAP_SYS_TIME instead (see systemd/madoguchi.service)
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 
@@ -59,9 +58,10 @@ class Timex(ctypes.Structure):
 
 
 def _load_adjtimex() -> Callable[[ctypes._Pointer[Timex]], int] | None:
-    name = ctypes.util.find_library("c") or "libc.so.6"
+    # the process's own symbols include libc's: no ctypes.util.find_library, which runs
+    # ldconfig and loads tempfile and shutil into every station (issue #18)
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
     for symbol in ("adjtimex", "ntp_adjtime"):

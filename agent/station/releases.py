@@ -17,11 +17,8 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,6 +236,11 @@ class Releases:
             raise ReleaseRefused(m.version, f"{bundle}: {e.strerror}") from None
         if problems:
             raise ReleaseRefused(m.version, "; ".join(problems[:5]))
+        # loaded for a release, not carried from the start (tarfile, shutil: issue #18)
+        import shutil
+        import tarfile
+        import tempfile
+
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{m.version}.", dir=self.root))
         try:
@@ -269,6 +271,8 @@ class Releases:
 
     @staticmethod
     def _clear(dest: Path) -> None:
+        import shutil
+
         if dest.is_symlink():  # the base install's own entry (provisioning/install.sh)
             dest.unlink()
         elif dest.exists():

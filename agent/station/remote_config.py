@@ -135,11 +135,11 @@ def roll_back(path: Path, reason: str, now: Callable[[], float] = time.time) -> 
 def load_or_roll_back(path: Path) -> tuple[Config | None, list[str]]:
     """`check_config_file` for a start or a restart; a revision on trial that no longer
     loads (a file it names vanished) is rolled back at once and the old one checked."""
-    config, problems, _ = check_config_file(path)
+    config, problems, _ = check_config_file(path, isolated=True)
     state = read_state(path)
     if problems and state is not None and state.get("state") == "applied":
         roll_back(path, f"the new configuration does not start: {problems[0]}")
-        config, problems, _ = check_config_file(path)
+        config, problems, _ = check_config_file(path, isolated=True)
     return (None if problems else config), problems
 
 
@@ -229,7 +229,9 @@ class RemoteConfig:
         candidate = candidate_path(self.path)
         write_atomic(candidate, text.encode(), 0o600)
         # relative profiles and data_dir as the running file sees them
-        config, problems, _ = check_config_file(candidate, relative_to=self.path.parent)
+        config, problems, _ = check_config_file(
+            candidate, relative_to=self.path.parent, isolated=True
+        )
         if config is not None:
             mine = (self.config.agent.site, self.config.agent.name)
             theirs = (config.agent.site, config.agent.name)
@@ -286,7 +288,9 @@ class RemoteConfig:
 
     @staticmethod
     def _deadline_of(candidate: Path, relative_to: Path) -> float:
-        config, _, _ = check_config_file(candidate, config_only=True, relative_to=relative_to)
+        config, _, _ = check_config_file(
+            candidate, config_only=True, relative_to=relative_to, isolated=True
+        )
         assert config is not None  # validated just before
         return config.agent.config_rollback_after_s
 

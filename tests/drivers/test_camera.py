@@ -14,6 +14,7 @@ import zxingcpp
 from PIL import Image
 
 from agent.config import BarcodeFormatName, CameraDevice, load_config
+from agent.config_schema import validate_device
 from agent.contract.records import Read
 from agent.drivers import create_driver
 from agent.drivers.camera import (
@@ -59,7 +60,7 @@ def camera_config(**overrides: Any) -> CameraDevice:
         "source": "v4l2",
         "formats": ["QRCode", "DataMatrix", "EAN13"],
     }
-    return CameraDevice.model_validate({**base, **overrides})
+    return validate_device({**base, **overrides}, CameraDevice)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +216,9 @@ def test_profiles_load_and_unknown_keys_are_errors(tmp_path: Path) -> None:
 
 
 def test_every_camera_field_is_described() -> None:
-    for name, f in CameraDevice.model_fields.items():
+    from agent.config_schema import CameraDevice as Schema
+
+    for name, f in Schema.model_fields.items():
         assert f.description, name
 
 

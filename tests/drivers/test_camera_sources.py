@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from agent.config import CameraDevice
+from agent.config_schema import validate_device
 from agent.contract.records import Read
 from agent.drivers import create_driver
 from agent.drivers.camera import CameraDriver, Picamera2Source, V4L2Source
@@ -32,8 +33,8 @@ from tests.support.camera import TICKET, centered, photo_scene, qr
 
 
 def config(source: str, **kw: Any) -> CameraDevice:
-    return CameraDevice.model_validate(
-        {"name": "cam", "profile": "p", "driver": "camera", "source": source, **kw}
+    return validate_device(
+        {"name": "cam", "profile": "p", "driver": "camera", "source": source, **kw}, CameraDevice
     )
 
 

@@ -24,6 +24,7 @@ import pytest
 
 import agent.testing
 from agent.config import CameraDevice, DeviceConfig, HidDevice, PcscDevice
+from agent.config_schema import validate_device
 from agent.drivers.camera import (
     CameraDriver,
     Frame,
@@ -237,8 +238,8 @@ def test_fakes_have_the_signatures_of_their_protocol(seam: str) -> None:
 def test_isinstance_finds_the_capabilities_on_drivers_and_fakes() -> None:
     """The API and the station find a capability with isinstance, fake or real alike."""
     reader = PcscDevice(name="reader", profile="test", driver="pcsc", reader="*")  # type: ignore[arg-type]
-    camera = CameraDevice.model_validate(
-        {"name": "cam", "profile": "p", "driver": "camera", "source": "v4l2"}
+    camera = validate_device(
+        {"name": "cam", "profile": "p", "driver": "camera", "source": "v4l2"}, CameraDevice
     )
     for driver in (PcscDriver(reader), FakeCardReader(reader)):
         assert isinstance(driver, CardInfoProvider)

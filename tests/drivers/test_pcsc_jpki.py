@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import PcscDevice
+from agent.config_schema import validate_device
 from agent.contract.records import Read, ReadFault
 from agent.drivers import jpki
 from agent.drivers.pcsc import PcscDriver
@@ -90,7 +91,9 @@ def test_jlis_anchors_are_the_config_default() -> None:
     dev = PcscDevice(name="r", profile="p", driver="pcsc")  # type: ignore[call-arg]
     assert set(dev.jpki_anchors) == set(jpki.JLIS_AUTH_ANCHORS)
     with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
-        PcscDevice(name="r", profile="p", driver="pcsc", jpki_anchors=["abcd"])  # type: ignore[call-arg]
+        validate_device(
+            {"name": "r", "profile": "p", "driver": "pcsc", "jpki_anchors": ["abcd"]}, PcscDevice
+        )
 
 
 def test_p384_certificate_is_the_2026_generation() -> None:

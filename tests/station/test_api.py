@@ -542,7 +542,7 @@ def test_api_section_refuses_non_loopback_hosts(tmp_path: Path) -> None:
 
 
 def test_api_fields_all_have_descriptions() -> None:
-    from agent.config import ApiSection
+    from agent.config_schema import ApiSection
 
     for name, f in ApiSection.model_fields.items():
         assert f.description, name

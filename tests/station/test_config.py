@@ -158,11 +158,11 @@ def test_check_config_opens_no_device(tmp_path: Path) -> None:
 def test_configuration_reference_is_current() -> None:
     """docs/configuration.md is generated from the models: a new key must show up there."""
     from agent.central.config import reference_markdown as central_reference
-    from agent.config import reference_markdown
+    from agent.config_schema import reference_markdown
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert doc.read_text() == reference_markdown() + "\n" + central_reference(), (
-        "regenerate: python -c 'import agent.config as c, agent.central.config as k; "
+        "regenerate: python -c 'import agent.config_schema as c, agent.central.config as k; "
         'print(c.reference_markdown() + chr(10) + k.reference_markdown(), end="")\''
         " > docs/configuration.md"
     )

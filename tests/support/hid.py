@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import HidDevice
+from agent.config_schema import validate_device
 from agent.keymap import KEYS
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "hid"
@@ -23,7 +24,7 @@ def hid_config(**overrides: Any) -> HidDevice:
         "vendor_id": 0x05E0,
         "product_id": 0x1200,
     }
-    return HidDevice.model_validate({**base, **overrides})
+    return validate_device({**base, **overrides}, HidDevice)
 
 
 EVTEST_HEADER = """\

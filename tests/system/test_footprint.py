@@ -118,10 +118,11 @@ def test_evdev_is_not_imported_for_a_hid_scanner_that_is_absent() -> None:
 def test_linuxpy_is_not_imported_for_a_camera_that_is_absent() -> None:
     code = (
         "from agent.config import CameraDevice\n"
+        "from agent.config_schema import validate_device\n"
         "from agent.drivers.camera import V4L2Source\n"
         "from agent.errors import DeviceUnavailable\n"
-        "cfg = CameraDevice.model_validate({'name': 'cam', 'profile': 'p', 'driver': 'camera',"
-        " 'source': 'v4l2', 'device': '/dev/video-absent'})\n"
+        "cfg = validate_device({'name': 'cam', 'profile': 'p', 'driver': 'camera',"
+        " 'source': 'v4l2', 'device': '/dev/video-absent'}, CameraDevice)\n"
         "try:\n"
         "    V4L2Source(cfg).open()\n"
         "except DeviceUnavailable as e:\n"
