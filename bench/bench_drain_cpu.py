@@ -435,7 +435,8 @@ def main() -> int:
         if args.base is not None:
             trees["base"] = args.base.resolve()
         for tree in trees.values():  # bytecode as a wheel install has it (core_bench.py)
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "agent")], check=True)
+            compile_all = [sys.executable, "-m", "compileall", "-q", str(tree / "agent")]
+            subprocess.run(compile_all, check=True)
         if not args.skip_drain:
             # interleaved (this, base, this, base, ...): the machine's load drifts
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
