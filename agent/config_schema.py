@@ -31,9 +31,9 @@ from pydantic import (
     model_validator,
 )
 
-from agent import config as runtime
+from agent import config_types as runtime
 from agent._configdoc import field_row
-from agent.config import (
+from agent.config_types import (
     BUNDLED_PROFILE_DIR,
     DEFAULT_CAMERA_FORMATS,
     DEFAULT_HID_GS_KEYS,

@@ -311,7 +311,9 @@ async def test_damage_found_after_ready_scans_taken_meanwhile_and_salvaged_all_a
             meanwhile = [f"now-{i}" for i in range(5)]
             for text in meanwhile:  # at once: the check may not have answered yet
                 pty_port.scan(text)
-                assert await pty_port.aread(1, timeout=5) == ACK
+                # 5 s was once too short in a full run on a loaded machine (the salvage
+                # of the damaged backlog runs beside this append): a wait, not a timing
+                assert await pty_port.aread(1, timeout=20) == ACK
 
             def lost_seqs() -> set[int]:
                 return {
