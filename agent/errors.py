@@ -20,6 +20,7 @@ message names the file, key, device or server so the person reading it can act.
     ├── CaptureError           (also ValueError) an evtest capture line evtest never prints
     ├── ApiError               a kiosk API answer other than 2xx, with a machine code
     ├── RegistryStoreError     the registry database failed; nothing was committed
+    ├── BrokerLinkError        the registry's MQTT connection refused, lost or broken
     ├── BlobMismatch           blob bytes that do not hash to their announced sha256
     ├── BlobError              (also ValueError) a blob message that cannot be used
     ├── DashboardAuthError     the dashboard's token file is missing, empty or weak
@@ -136,6 +137,12 @@ class ApiError(MadoguchiError):
 
 class RegistryStoreError(MadoguchiError):
     """The registry database failed; nothing of the transaction was committed."""
+
+
+class BrokerLinkError(MadoguchiError):
+    """The registry's own MQTT connection (agent/central/mqtt_lean.py) was refused, lost,
+    fell silent or broke the protocol; the message names the broker. The registry
+    reconnects with backoff."""
 
 
 class BlobMismatch(MadoguchiError):

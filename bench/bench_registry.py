@@ -48,7 +48,7 @@ class Mosquitto:
         # unlimited queues: the bench measures the registry, not the broker's drop policy
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            "max_queued_messages 0\nmax_inflight_messages 0\n"
+            "max_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
             "log_dest stdout\n"
         )
         self.log = (workdir / "mosquitto.log").open("ab")

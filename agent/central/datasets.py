@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 from cryptography.hazmat.primitives import serialization
@@ -55,7 +55,7 @@ from agent.contract.datasets import (
 )
 from agent.contract.messages import MessageError
 from agent.contract.records import iso_ms, utc_now
-from agent.errors import ConfigError, DatasetKeyError
+from agent.errors import BrokerLinkError, ConfigError, DatasetKeyError
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,17 @@ def signed_messages(
     return out
 
 
+class Publisher(Protocol):
+    """What publishes a version: the registry's own connection (agent/central/mqtt_lean.py)
+    or an aiomqtt client (`madoguchi datasets publish`)."""
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = ..., retain: bool = ...
+    ) -> None: ...
+
+
 async def publish(
-    client: aiomqtt.Client,
+    client: Publisher,
     messages: list[tuple[str, bytes]],
     clear: Iterable[str] = (),
 ) -> None:
@@ -396,7 +405,7 @@ class UsedTicketsFeed:
         return [dict(zip(cols, r, strict=True)) for r in self._db.execute(q)]
 
     async def run(
-        self, connected: asyncio.Event, client_now: Callable[[], aiomqtt.Client | None]
+        self, connected: asyncio.Event, client_now: Callable[[], Publisher | None]
     ) -> None:
         """Publish a new version after each change, at most one per `debounce_s`."""
         while True:
@@ -422,7 +431,7 @@ class UsedTicketsFeed:
                 clear = []
             try:
                 await publish(client, messages, clear)
-            except aiomqtt.MqttError as e:
+            except (aiomqtt.MqttError, BrokerLinkError) as e:
                 log.warning("used_tickets v%d not published: %s", version, e)
                 self._new = new + self._new
                 self._dirty.set()

@@ -41,10 +41,11 @@ body, and `_purge_personal` deletes it after `personal_retention_hours`; a plain
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -57,15 +58,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar, cast
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from agent._aio import NO_DELAY, Backoff, raise_if_cancelling
-from agent._paho_tables import share as share_paho_tables
+from agent._aio import Backoff, raise_if_cancelling
 from agent.central.blobs import BlobAssembler, BlobState
 from agent.central.datasets import UsedTicketsFeed
 from agent.central.fastjson import CODEC
+from agent.central.mqtt_lean import LeanClient, Will
 from agent.central.station_status import StationStatusFeed
 from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
@@ -74,7 +71,7 @@ from agent.contract.messages import Ack
 from agent.contract.records import iso_ms, utc_now
 from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics, registry_name
 from agent.contract.validate import LOST_RANGE, RecordError, load_json, lost_range, parse_records
-from agent.errors import BlobError, BlobMismatch, RegistryStoreError
+from agent.errors import BlobError, BlobMismatch, BrokerLinkError, RegistryStoreError
 from agent.personal_seal import parse_envelope
 
 __all__ = [
@@ -119,6 +116,8 @@ class Inbound:
 
 #: publish `payload` on contract topic `topic`, at least once, confirmed by the broker
 Publish = Callable[[str, bytes], Awaitable[None]]
+#: send the acks of one commit, (topic, payload) each; returns once they are on their way
+AckAll = Callable[[list[tuple[str, bytes]]], Awaitable[None]]
 
 
 class Transport(Protocol):
@@ -131,24 +130,29 @@ class Transport(Protocol):
     def describe(self) -> str: ...
 
 
-def _inbound(m: aiomqtt.Message) -> Inbound:
-    raw = m.payload
-    payload = (
-        bytes(raw)
-        if isinstance(raw, bytes | bytearray)
-        else str(raw).encode()
-        if isinstance(raw, str)
-        else b""
-    )
-    return Inbound(m.topic.value, payload)
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A batch checked and ready to store: its parsed messages and what was refused."""
+
+    batches: list[tuple[Inbound, Batch]]
+    letters: list[DeadLetter]
 
 
 # -- the MQTT loop ------------------------------------------------------------------------
 
 
 ACK_DEADLINE_S = 10.0
-"""How long the broker may take to confirm (PUBACK) all the acks of one commit: aiomqtt's
-own default for one publish, for the lot. Past it the connection counts as lost."""
+"""How long the broker may take to confirm (PUBACK) all the acks of one commit (what
+aiomqtt allowed one publish, for the lot). Past it the connection counts as lost."""
+
+COMMITS_ACKING = 4
+"""Commits whose acks may wait for the broker's PUBACKs while the next batch is stored:
+the registry's loop does not stop for a broker round trip per commit."""
+
+RECEIVE_MAXIMUM = 1024
+"""Records messages the broker may have out to one consumer unsettled (MQTT 5 Receive
+Maximum): PUBACKed after their commit, so a burst waits at the broker, not in memory;
+16 batches of the default `batch_max_messages`, so the next batch is always here."""
 
 ACK_MAX_IDS = 4096
 """Ids per ack message at most (about 160 kB): under the station's default 1 MiB
@@ -230,7 +234,7 @@ class Registry:
         self.on_conflict = on_conflict
         self.status_topic = self.topics.registry_status(registry_name(self.client_id))
         self._session = 0
-        self._client_now: aiomqtt.Client | None = None
+        self._client_now: LeanClient | None = None
         self._busy_since: float | None = None  # when the batch being stored was taken
         self.alerts: list[Gap] = []
         #: `lost_range` records received (docs/CONTRACT.md "lost-range record")
@@ -302,52 +306,30 @@ class Registry:
             store_failures=self.store_failures,
         )
 
-    def _client(self) -> aiomqtt.Client:
+    def _client(self) -> LeanClient:
         self._session = time.time_ns() // 1_000_000  # a later connection: a larger session
-        will_props = None
-        if self._ephemeral_id:
-            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
-            will_props.MessageExpiryInterval = EPHEMERAL_WILL_EXPIRY_S
-        will = aiomqtt.Will(
+        will = Will(
             self.status_topic,
             self._status("offline", reason="connection lost"),
-            qos=1,
             retain=True,
-            properties=will_props,
+            expiry_s=EPHEMERAL_WILL_EXPIRY_S if self._ephemeral_id else None,
         )
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        if self.shared is None:
-            # one consumer: a persistent session keeps records queued while it restarts
-            props.SessionExpiryInterval = 7 * 24 * 3600
-            clean_start: Any = False
-        else:
-            # a group member that dies must leave the group at once, not hold a queue
-            # of records nobody will read: the agents' re-send covers what it had
-            props.SessionExpiryInterval = 0
-            clean_start = True
-        share_paho_tables()  # MQTT 5: paho builds a Properties for every packet
-        client = aiomqtt.Client(
+        # one consumer: a persistent session keeps records queued while it restarts;
+        # a group member that dies must leave the group at once, not hold a queue of
+        # records nobody will read: the agents' re-send covers what it had
+        return LeanClient(
             self.host,
             self.port,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=clean_start,
-            properties=props,
+            client_id=self.client_id,
+            clean_start=self.shared is not None,
+            session_expiry_s=7 * 24 * 3600 if self.shared is None else 0,
+            keepalive=30,
+            receive_maximum=max(RECEIVE_MAXIMUM, 4 * self.batch_max_messages),
             tls_context=self.tls_context,
             username=self.username,
             password=self.password,
-            keepalive=30,
-            # unbounded: paho has already PUBACKed what is queued here, so a bounded
-            # queue would drop records the broker counts as delivered (agents re-send
-            # them only after resend_after_s; other publishers never)
-            max_inflight_messages=100,
-            socket_options=NO_DELAY,
             will=will,
         )
-        # a commit acks every agent in it at once, each ack a publish awaiting its PUBACK:
-        # aiomqtt's default (warn above 10 pending) wrote a warning per ack under load
-        client.pending_calls_threshold = self.batch_max_messages + 16
-        return client
 
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff.
@@ -379,7 +361,7 @@ class Registry:
                         await client.publish(
                             self.status_topic, self._heartbeat_body(), qos=1, retain=True
                         )
-                        raise_if_cancelling()  # a stop that aiomqtt's wait_for swallowed
+                        raise_if_cancelling()
                         self._client_now = client
                         backoff.reset()
                         self.connected.set()
@@ -389,21 +371,15 @@ class Registry:
                         finally:
                             self._client_now = None
                             await self._say_offline(client)
-                except aiomqtt.MqttError as e:
+                except BrokerLinkError as e:
                     self.connected.clear()
                     delay = backoff.next()
-                    log.warning(
-                        "registry: broker %s:%d: %s; retry in %.1f s",
-                        self.host,
-                        self.port,
-                        e,
-                        delay,
-                    )
+                    log.warning("registry: %s; retry in %.1f s", e, delay)
                     await asyncio.sleep(delay)
 
-    async def _say_offline(self, client: aiomqtt.Client) -> None:
+    async def _say_offline(self, client: LeanClient) -> None:
         """A clean stop sends no will: say offline ourselves (best effort, bounded)."""
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+        with contextlib.suppress(BrokerLinkError, TimeoutError):
             async with asyncio.timeout(2.0):
                 retain = not self._ephemeral_id
                 await client.publish(
@@ -424,46 +400,121 @@ class Registry:
                 continue
             try:
                 await client.publish(self.status_topic, self._heartbeat_body(), qos=1, retain=True)
-            except aiomqtt.MqttError as e:  # the consume loop sees the broker go and reconnects
+            except BrokerLinkError as e:  # the consume loop sees the broker go and reconnects
                 log.debug("registry: heartbeat not sent: %s", e)
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
-        """Take what is queued (at most `batch_max_messages`), one commit, then the acks.
+    async def _consume(self, client: LeanClient) -> None:
+        """Take what has arrived (at most `batch_max_messages`), one commit, the acks,
+        then settle the batch with the broker (its PUBACKs).
 
-        Under load the queue holds many messages and a commit covers them all;
-        when quiet, each message is committed on its own without waiting.
+        Under load many messages are waiting and a commit covers them all; when quiet,
+        each message is committed on its own without waiting.
         """
-        messages = client.messages
 
         async def publish(topic: str, payload: bytes) -> None:
             await client.publish(topic, payload, qos=1)
 
-        async def ack(topic: str, payload: bytes) -> None:
-            # no timer of its own (aiomqtt's costs a task and a timer handle, 20 µs per
-            # ack): the acks of one commit share ACK_DEADLINE_S in `_ack`
-            await client.publish(topic, payload, qos=1, timeout=math.inf)
+        acking: collections.deque[asyncio.Task[None]] = collections.deque()
 
-        async for first in messages:
-            taken = [first]
-            while len(messages) and len(taken) < self.batch_max_messages:
-                taken.append(await anext(messages))
-            await self.take(publish, [_inbound(m) for m in taken], ack=ack)
+        async def confirm(sends: list[tuple[str, bytes]]) -> None:
+            try:
+                async with asyncio.timeout(ACK_DEADLINE_S):
+                    await client.publish_many(sends)
+            except TimeoutError:
+                # as a publish of its own would have: the connection is lost and made
+                # again (run()); the records are committed, the stations re-send
+                client.fail(
+                    BrokerLinkError(
+                        f"broker {self.host}:{self.port} confirmed no ack of a commit"
+                        f" within {ACK_DEADLINE_S:.0f} s"
+                    )
+                )
+            except BrokerLinkError:
+                pass  # the connection is over: the loop below hears it from the client
+
+        async def ack_all(sends: list[tuple[str, bytes]]) -> None:
+            # written at once, confirmed in the background; the oldest commits' acks are
+            # waited for only when COMMITS_ACKING of them are out
+            while len(acking) >= COMMITS_ACKING:
+                await acking.popleft()
+            acking.append(asyncio.create_task(confirm(sends), name="registry-acks"))
+
+        # two stages: this loop checks batch k+1 while the committer stores batch k (in
+        # the store's thread) and sends its acks; commits and acks stay in arrival order.
+        # The next batch is taken only once the committer has picked the last one up:
+        # what arrives meanwhile makes one batch (one commit), as without the stages
+        ready: asyncio.Queue[tuple[_Prepared, Callable[[], None]]] = asyncio.Queue(1)
+        picked = asyncio.Event()
+
+        async def commit_in_turn() -> None:
+            while True:
+                prepared, settle = await ready.get()
+                picked.set()
+                self._busy_since = time.time()
+                try:
+                    await self._commit(publish, prepared, ack_all, settle)
+                finally:
+                    self._busy_since = None
+
+        committer = asyncio.create_task(commit_in_turn(), name="registry-commit")
+
+        async def unless_committer_failed(step: Awaitable[T]) -> T:
+            waiting = asyncio.ensure_future(step)
+            try:
+                await asyncio.wait((waiting, committer), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not waiting.done():
+                    waiting.cancel()
+            if committer.done():
+                committer.result()  # its error ends the loop as its own would
+                raise AssertionError("the committer returned")  # it never does
+            return waiting.result()
+
+        try:
+            while True:
+                taken = await unless_committer_failed(client.batch(self.batch_max_messages))
+                inbound = [Inbound(m.topic, m.payload) for m in taken]
+                prepared = await self._prepare(publish, inbound)
+                settle = functools.partial(client.settle, taken)
+                picked.clear()
+                ready.put_nowait((prepared, settle))  # the slot is free: picked up before
+                await unless_committer_failed(picked.wait())
+        finally:
+            for task in (committer, *acking):
+                task.cancel()
+            await asyncio.gather(committer, *acking, return_exceptions=True)
 
     async def take(
-        self, publish: Publish, taken: list[Inbound], *, ack: Publish | None = None
+        self,
+        publish: Publish,
+        taken: list[Inbound],
+        *,
+        ack_all: AckAll | None = None,
+        settle: Callable[[], None] | None = None,
     ) -> None:
         """One batch from any transport: validate, store (isolating a poison message),
-        commit, then the acks through `publish` (or `ack`: a publish that waits without
-        a deadline of its own; the commit's acks then share `ACK_DEADLINE_S`); refused
-        ones dead-lettered. When this returns, the transport may settle the batch with
-        its broker."""
+        commit, then the acks through `publish` (or `ack_all`, handed them all at once,
+        which keeps the deadline of their confirmation itself); refused ones
+        dead-lettered. `settle` is called once the batch is committed (records and
+        dead letters), before the acks: the registry's MQTT connection PUBACKs it then.
+        When this returns, the transport may settle the batch with its broker."""
         self._busy_since = time.time()
         try:
-            await self._take(publish, taken, ack)
+            await self._take(publish, taken, ack_all, settle)
         finally:
             self._busy_since = None
 
-    async def _take(self, publish: Publish, taken: list[Inbound], ack: Publish | None) -> None:
+    async def _take(
+        self,
+        publish: Publish,
+        taken: list[Inbound],
+        ack_all: AckAll | None,
+        settle: Callable[[], None] | None,
+    ) -> None:
+        await self._commit(publish, await self._prepare(publish, taken), ack_all, settle)
+
+    async def _prepare(self, publish: Publish, taken: list[Inbound]) -> _Prepared:
+        """Sort and check a batch: records parsed, blobs handled, refusals noted."""
         records = []
         letters: list[DeadLetter] = []
         for m in taken:
@@ -476,7 +527,17 @@ class Registry:
                 await self._handle_blob(publish, topic, m)
             # anything else (our own blob requests on the wildcard) is not for us
         parsed = [(m, self._parse(t, m, letters)) for t, m in records]
-        batches = [(m, b) for m, b in parsed if b is not None]
+        return _Prepared([(m, b) for m, b in parsed if b is not None], letters)
+
+    async def _commit(
+        self,
+        publish: Publish,
+        prepared: _Prepared,
+        ack_all: AckAll | None,
+        settle: Callable[[], None] | None,
+    ) -> None:
+        """Store a checked batch in one transaction, keep its refusals, settle, ack."""
+        batches, letters = prepared.batches, prepared.letters
         stored: list[Stored] = []
         if batches:
             try:
@@ -488,8 +549,10 @@ class Registry:
         # the refused are kept before the acks go out: whoever sees an ack of a later
         # message finds every earlier refusal counted
         await self._dead_letter(letters)
+        if settle is not None:
+            settle()
         if stored:
-            await self._ack(publish, stored, ack)
+            await self._ack(publish, stored, ack_all)
 
     async def _isolate(
         self,
@@ -549,7 +612,7 @@ class Registry:
             log.error("registry: %d dead letter(s) not kept: %s", len(letters), e)
 
     async def _ack(
-        self, publish: Publish, stored: list[Stored], ack: Publish | None = None
+        self, publish: Publish, stored: list[Stored], ack_all: AckAll | None = None
     ) -> None:
         ids: dict[tuple[str, str], list[str]] = {}
         for s in stored:
@@ -583,25 +646,14 @@ class Registry:
         # and at most ACK_MAX_IDS ids per ack: a commit of many big messages must not make
         # an ack the station drops as over its mqtt.max_inbound_bytes (issue #18)
         sends = [
-            (publish if ack is None else ack)(
-                self.topics.station(site, agent).ack,
-                Ack(agent_ids[i : i + ACK_MAX_IDS]).encode(),
-            )
+            (self.topics.station(site, agent).ack, Ack(agent_ids[i : i + ACK_MAX_IDS]).encode())
             for (site, agent), agent_ids in ids.items()
             for i in range(0, len(agent_ids), ACK_MAX_IDS)
         ]
-        if ack is None:
-            await asyncio.gather(*sends)
-            return
-        try:
-            async with asyncio.timeout(ACK_DEADLINE_S):
-                await asyncio.gather(*sends)
-        except TimeoutError:
-            # as a publish of its own would have: the connection is reported lost and
-            # made again (run()); the records are committed, the stations re-send
-            raise aiomqtt.MqttError(
-                f"broker confirmed no ack of this commit within {ACK_DEADLINE_S:.0f} s"
-            ) from None
+        if ack_all is not None:
+            await ack_all(sends)
+        else:
+            await asyncio.gather(*(publish(topic, payload) for topic, payload in sends))
 
     def _lost_range_alert(self, s: Stored) -> None:
         """A station reported seqs it could not read from a damaged outbox: stored like

@@ -266,9 +266,11 @@ class PoisonedStore(SqliteStore):
         super().__init__(path)
         self.poison_text = poison_text
         self.release = asyncio.Event()
+        self.entered = asyncio.Event()
         self.calls: list[int] = []
 
     async def store(self, batches: Sequence[Batch]) -> list[Stored]:
+        self.entered.set()
         await self.release.wait()
         self.calls.append(len(batches))
         if any(r["data"].get("text") == self.poison_text for b in batches for r in b.records):
@@ -294,9 +296,14 @@ async def test_a_failed_batch_commit_is_retried_per_message_to_isolate_the_poiso
         await asyncio.sleep(0.1)
         for i, r in enumerate(good):
             await stations.publish(_topic(GOOD_SITE, GOOD), envelope(GOOD_SITE, GOOD, [r]), qos=1)
+            if i == 0:  # the first commit stalls with the first record alone
+                await asyncio.wait_for(store.entered.wait(), 10)
             if i == 1:
                 await stations.publish(_topic(BAD_SITE, BAD), envelope(BAD_SITE, BAD, [bad]), qos=1)
-        await asyncio.sleep(0.3)  # all of them queued behind the stalled first commit
+        # behind the stalled first commit: one batch checked and waiting to be picked up
+        # (from the second record on), the rest arriving meanwhile in one more; the poison
+        # is alone in neither (one of its neighbours is always with it)
+        await asyncio.sleep(0.3)
         store.release.set()
         await acks.until(GOOD, {r["id"] for r in good})
         listener.cancel()

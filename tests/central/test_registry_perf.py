@@ -185,7 +185,8 @@ async def test_a_broker_frozen_before_confirming_the_acks_is_a_lost_connection(
     """The acks of a commit wait without timers of their own and share one deadline: a
     broker that freezes after the commit must still end in a reconnect (as aiomqtt's own
     per-publish timeout did), not in a registry stuck waiting or crashed; the record
-    stays stored and is acked when the station sends it again."""
+    stays stored and is acked when the station sends it again (its PUBACK, written
+    after the commit, reaches the broker when it wakes: it is not handed over again)."""
     monkeypatch.setattr(registry_module, "ACK_DEADLINE_S", 1.0)
     assert broker.proc is not None
     pid = broker.proc.pid
@@ -212,8 +213,7 @@ async def test_a_broker_frozen_before_confirming_the_acks_is_a_lost_connection(
                     await station.subscribe(f"madoguchi/v1/{SITE}/{AGENT}/ack", qos=1)
                     await station.publish(topic, envelope(SITE, AGENT, [r]), qos=1)
                     await asyncio.wait_for(froze.wait(), 10)
-                    # past the deadline (1 s), then aiomqtt's own leave-taking of a
-                    # broker that does not answer (its 10 s timeout), the broker frozen
+                    # past the deadline (1 s) the registry leaves the frozen broker
                     async with asyncio.timeout(20):
                         while reg.connected.is_set():
                             await asyncio.sleep(0.1)
