@@ -542,6 +542,7 @@ class LeanClient:
         for fut in (self._connack, self._waiter, *self._waiting.values(), *self._window):
             if fut is not None and not fut.done():
                 fut.set_exception(err)
+                fut.exception()  # a waiter that gave up never reads it: no "never retrieved"
         self._waiting.clear()
         self._window.clear()
 

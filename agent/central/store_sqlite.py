@@ -109,6 +109,29 @@ _FILES = ("", "-wal", "-shm", "-journal")
 # ON CONFLICT(id), not OR IGNORE: that also ignores a NOT NULL violation, and a record
 # never stored would be acked as a duplicate
 _INSERT_RECORD = "INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING"
+_UPSERT_AGENT = (
+    "INSERT INTO agents (site, agent, max_seq, records, last_stored_at, clock_synced)"
+    " VALUES (?,?,?,?,?,?) ON CONFLICT(site, agent) DO UPDATE SET"
+    " max_seq = excluded.max_seq, records = records + excluded.records,"
+    " last_stored_at = excluded.last_stored_at,"
+    " clock_synced = coalesce(excluded.clock_synced, clock_synced)"
+)
+
+
+def _row(r: dict[str, Any], site: str, agent: str, now: float) -> tuple[Any, ...]:
+    """A record as its `records` row (the body as stored: `record_text`)."""
+    return (
+        r["id"],
+        site,
+        agent,
+        int(r["seq"]),
+        r["captured_at"],
+        r["device"],
+        r["kind"],
+        r.get("source") or "device",
+        record_text(r),
+        now,
+    )
 
 
 class RegistryStore:
@@ -178,8 +201,22 @@ class RegistryStore:
         except sqlite3.Error as e:
             raise RegistryStoreError(f"{self.path}: {e}") from e
         try:
-            for (site, agent), records in group_batches(batches):
-                out.extend(self._store_agent(site, agent, records, now))
+            groups = [
+                (site, agent, [split_personal(sent) for sent in records])
+                for (site, agent), records in group_batches(batches)
+            ]
+            max_seqs = self._max_seqs([(site, agent) for site, agent, _ in groups])
+            inserted = self._insert_all(groups, now)
+            agents = []
+            for site, agent, split in groups:
+                new = None if inserted is None else {r["id"] for r, _ in split}
+                stored, row = self._store_agent(
+                    site, agent, split, now, max_seqs.get((site, agent), 0), new
+                )
+                out.extend(stored)
+                if row is not None:
+                    agents.append(row)
+            db.executemany(_UPSERT_AGENT, agents)
             db.execute("COMMIT")
         except BaseException as e:
             with contextlib.suppress(sqlite3.Error):
@@ -190,20 +227,55 @@ class RegistryStore:
             raise
         return out
 
-    def _store_agent(
-        self, site: str, agent: str, records: list[dict[str, Any]], now: float
-    ) -> list[Stored]:
+    def _max_seqs(self, agents: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Each agent's highest stored seq, in one query per 400 agents (not one each)."""
+        out: dict[tuple[str, str], int] = {}
+        for i in range(0, len(agents), 400):
+            part = agents[i : i + 400]
+            values = ",".join(["(?,?)"] * len(part))
+            for site, agent, max_seq in self.db.execute(
+                f"SELECT site, agent, max_seq FROM agents WHERE (site, agent) IN (VALUES {values})",
+                [v for pair in part for v in pair],
+            ):
+                out[(site, agent)] = int(max_seq)
+        return out
+
+    def _insert_all(
+        self, groups: list[tuple[str, str, list[tuple[dict[str, Any], Any]]]], now: float
+    ) -> bool | None:
+        """Every record of the commit in one `executemany` (one-record messages from many
+        stations: one call, not one per station). True if every one was new; None (and
+        nothing inserted) if any was known, for `_insert_new` to sort out per station."""
+        if len(groups) < 2:
+            return None  # one station: `_insert_new` does the same in one call
+        rows = [_row(r, site, agent, now) for site, agent, split in groups for r, _ in split]
         db = self.db
-        row = db.execute(
-            "SELECT max_seq FROM agents WHERE site = ? AND agent = ?", (site, agent)
-        ).fetchone()
-        max_seq = 0 if row is None else int(row[0])
+        db.execute("SAVEPOINT commit_all")
+        if db.executemany(_INSERT_RECORD, rows).rowcount == len(rows):
+            db.execute("RELEASE commit_all")
+            return True
+        db.execute("ROLLBACK TO commit_all")
+        db.execute("RELEASE commit_all")
+        return None
+
+    def _store_agent(
+        self,
+        site: str,
+        agent: str,
+        split: list[tuple[dict[str, Any], Any]],
+        now: float,
+        max_seq: int,
+        inserted: set[str] | None,
+    ) -> tuple[list[Stored], tuple[Any, ...] | None]:
+        """One station's records of the commit: what became of each, and its `agents` row
+        (None if nothing was new). `inserted`: the ids already inserted, if known."""
+        db = self.db
         out = []
         new_seqs = []
         accounted: list[int] = []  # seqs named by lost_range records
         clock: int | None = None
-        split = [split_personal(sent) for sent in records]
-        inserted = self._insert_new(site, agent, split, now)
+        if inserted is None:
+            inserted = self._insert_new(site, agent, split, now)
         for r, sealed in split:
             new = r["id"] in inserted
             if new:
@@ -221,17 +293,23 @@ class RegistryStore:
                 if isinstance(r.get("clock_synced"), bool):
                     clock = int(r["clock_synced"])
         if not new_seqs:
-            return out
+            return out, None
         # only the gaps these seqs can fall in (gaps are disjoint): two index ranges
-        # on the primary key, so a commit costs what it touches, however many are open
+        # on the primary key, so a commit costs what it touches, however many are open;
+        # none at all when every seq is above the highest stored (the usual case: a gap
+        # lies below max_seq, and plan_gaps leaves the ones below untouched)
         seen = new_seqs + accounted
         lo, hi = min(seen), max(seen)
-        rows = db.execute(
-            "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = ? AND agent = ?"
-            " AND first BETWEEN coalesce((SELECT max(first) FROM gaps WHERE site = ?"
-            " AND agent = ? AND first <= ?), ?) AND ? ORDER BY first",
-            (site, agent, site, agent, lo, lo, hi),
-        ).fetchall()
+        rows = (
+            []
+            if lo > max_seq
+            else db.execute(
+                "SELECT first, last, opened_at, alerted_at FROM gaps WHERE site = ?"
+                " AND agent = ? AND first BETWEEN coalesce((SELECT max(first) FROM gaps"
+                " WHERE site = ? AND agent = ? AND first <= ?), ?) AND ? ORDER BY first",
+                (site, agent, site, agent, lo, lo, hi),
+            ).fetchall()
+        )
         old = [(int(a), int(b), float(t)) for a, b, t, _ in rows]
         gaps, max_seq = plan_gaps(old, max_seq, seen, now)
         if gaps != old:
@@ -246,15 +324,7 @@ class RegistryStore:
                 "INSERT INTO gaps VALUES (?,?,?,?,?,?)",
                 [(site, agent, *g) for g in carry_alerted(alerted, gaps) if g[:2] not in alerted],
             )
-        db.execute(
-            "INSERT INTO agents (site, agent, max_seq, records, last_stored_at, clock_synced)"
-            " VALUES (?,?,?,?,?,?) ON CONFLICT(site, agent) DO UPDATE SET"
-            " max_seq = excluded.max_seq, records = records + excluded.records,"
-            " last_stored_at = excluded.last_stored_at,"
-            " clock_synced = coalesce(excluded.clock_synced, clock_synced)",
-            (site, agent, max_seq, len(new_seqs), now, clock),
-        )
-        return out
+        return out, (site, agent, max_seq, len(new_seqs), now, clock)
 
     def _insert_new(
         self, site: str, agent: str, split: list[tuple[dict[str, Any], Any]], now: float
@@ -264,21 +334,7 @@ class RegistryStore:
         (a re-send), that is undone to a savepoint and each record is inserted on its own
         to learn which (issue #18: one INSERT call per record was a quarter of the CPU)."""
         db = self.db
-        rows = [
-            (
-                r["id"],
-                site,
-                agent,
-                int(r["seq"]),
-                r["captured_at"],
-                r["device"],
-                r["kind"],
-                r.get("source") or "device",
-                record_text(r),
-                now,
-            )
-            for r, _ in split
-        ]
+        rows = [_row(r, site, agent, now) for r, _ in split]
         db.execute("SAVEPOINT message")
         if db.executemany(_INSERT_RECORD, rows).rowcount == len(rows):
             db.execute("RELEASE message")

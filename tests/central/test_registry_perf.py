@@ -234,3 +234,55 @@ async def test_a_broker_frozen_before_confirming_the_acks_is_a_lost_connection(
                     await task
     assert reg.stored_new == 1 and reg.duplicates == 1
     assert any("confirmed no ack" in rec.getMessage() for rec in caplog.records)
+
+
+def _state(store: RegistryStore) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    db = store.db
+    return (
+        db.execute("SELECT id, site, agent, seq, body FROM records ORDER BY id").fetchall(),
+        db.execute("SELECT site, agent, first, last FROM gaps ORDER BY 1, 2, 3").fetchall(),
+        db.execute("SELECT site, agent, max_seq, records FROM agents ORDER BY 1, 2").fetchall(),
+        db.execute("SELECT record_id FROM conflicts ORDER BY 1").fetchall(),
+    )
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    commits=st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 3), st.integers(1, 12), st.booleans()), min_size=1, max_size=8
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_a_commit_of_many_stations_answers_as_each_message_alone(
+    tmp_path: Path, commits: list[list[tuple[int, int, bool]]]
+) -> None:
+    """One-record messages from many stations go in with one `executemany` for the whole
+    commit, and skip the gaps query when every seq is above the station's highest: the
+    answers (new, duplicate, conflict), gaps, agents and conflicts are those of storing
+    each message on its own. Messages: (station, seq, same content as before or not);
+    a station's seq reused is a re-send of that record, with other content a conflict."""
+    ids: dict[tuple[int, int], str] = {}
+    one, alone = (RegistryStore(tmp_path / f"{k}-{uuid.uuid4()}.db") for k in ("one", "alone"))
+    one.open()
+    alone.open()
+    try:
+        for commit in commits:
+            batches = []
+            for station, seq, same in commit:
+                rid = ids.setdefault((station, seq), str(uuid.uuid4()))
+                r = {**record(seq, text="a" if same else f"other-{seq}"), "id": rid}
+                batches.append(Batch(SITE, f"station-{station}", [r]))
+            together = one.store_many(batches)
+            each = [s for b in batches for s in alone.store_many([b])]
+            key = sorted((s.agent, s.record["id"], s.new, s.conflict) for s in together)
+            assert key == sorted((s.agent, s.record["id"], s.new, s.conflict) for s in each)
+            assert _state(one)[:2] == _state(alone)[:2]
+            assert _state(one)[2:] == _state(alone)[2:]
+    finally:
+        one.close()
+        alone.close()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from agent._aio import NO_DELAY
 from agent.testing import Broker, Pty, RegistryProbe, running_station, write_config
 
 HEAVY = ["cryptography", "biip", "numpy", "PIL", "zxingcpp", "starlette", "uvicorn", "psycopg"]
@@ -96,8 +95,11 @@ async def test_mqtt_sockets_of_agent_and_registry_send_without_nagle(
             await asyncio.sleep(0.02)
         assert uplink._client is not None
         assert nodelay(uplink._client._client.socket()) == 1  # type: ignore[arg-type]
-    # the registry's client is made per connection: its options are what it connects with
-    assert NO_DELAY[0] in registry.registry._client()._socket_options
+    # the registry's own connection (agent/central/mqtt_lean.py), as it is connected now
+    await asyncio.wait_for(registry.registry.connected.wait(), 10)
+    client = registry.registry._client_now
+    assert client is not None and client._transport is not None
+    assert nodelay(client._transport.get_extra_info("socket")) == 1
 
 
 def test_evdev_is_not_imported_for_a_hid_scanner_that_is_absent() -> None:
