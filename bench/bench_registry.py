@@ -39,6 +39,7 @@ PREFIX = "madoguchi/v1"
 #: the checkout whose registry is measured (--root): this one unless told
 ROOT_CODE = [Path(__file__).resolve().parent.parent]
 SITE = "bench"
+EXTRA: list[str] = os.environ.get("BENCH_REGISTRY_ARGS", "").split()
 
 
 class Mosquitto:
@@ -277,7 +278,7 @@ def consumers(port: int, db: str, n: int, workdir: Path) -> list[RegistryProcess
     procs = []
     for i in range(n):
         log = workdir / f"consumer-{i}.log"
-        extra = ("--shared", "bench", "--quiet", "--log-level", "INFO")
+        extra = ("--shared", "bench", "--quiet", "--log-level", "INFO", *EXTRA)
         procs.append(RegistryProcess(port, db, log, *extra))
         procs[-1].cwd = ROOT_CODE[0]  # `python -m agent` runs the code in that checkout
         procs[-1].start()

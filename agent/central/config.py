@@ -121,7 +121,10 @@ class RegistrySection(_Identity):
         default=300.0, gt=0, description="Seconds a seq gap may stay open before it is an alert."
     )
     batch_max_messages: int = Field(
-        default=64, ge=1, le=10_000, description="Messages committed together at most."
+        default=512,
+        ge=1,
+        le=10_000,
+        description="Messages committed together at most (and at most 8 MiB of them).",
     )
     quiet: bool = Field(default=False, description="Do not print each stored record.")
     blob_dir: Path | None = Field(

@@ -617,9 +617,10 @@ class LeanClient:
         if queue and self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def batch(self, most: int) -> list[Received]:
-        """At least one message (waiting for it), at most `most`: the first and what has
-        arrived behind it. Raises BrokerLinkError once the connection is over."""
+    async def batch(self, most: int, max_bytes: int = MAX_REMAINING) -> list[Received]:
+        """At least one message (waiting for it), at most `most` and (past the first) at
+        most `max_bytes` of payload: the first and what has arrived behind it. Raises
+        BrokerLinkError once the connection is over."""
         queue = self.queue
         while not queue:
             self._check()
@@ -628,11 +629,14 @@ class LeanClient:
                 await self._waiter
             finally:
                 self._waiter = None
-        if len(queue) <= most:
-            taken = list(queue)
-            queue.clear()
-            return taken
-        return [queue.popleft() for _ in range(most)]
+        taken = [queue.popleft()]
+        size = len(taken[0].payload)
+        while queue and len(taken) < most:
+            size += len(queue[0].payload)
+            if size > max_bytes:
+                break
+            taken.append(queue.popleft())
+        return taken
 
     def settle(self, messages: Iterable[Received]) -> None:
         """PUBACK these: the broker may forget them (call after their commit)."""

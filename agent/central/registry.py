@@ -152,7 +152,12 @@ the registry's loop does not stop for a broker round trip per commit."""
 RECEIVE_MAXIMUM = 1024
 """Records messages the broker may have out to one consumer unsettled (MQTT 5 Receive
 Maximum): PUBACKed after their commit, so a burst waits at the broker, not in memory;
-16 batches of the default `batch_max_messages`, so the next batch is always here."""
+at least 4 batches of `batch_max_messages`, so the next batch is always here."""
+
+BATCH_MAX_BYTES = 8 * 1024 * 1024
+"""Payload bytes of one batch at most (beside `batch_max_messages`): 512 one-record
+messages are ~250 kB, 512 full 200 kB envelopes would be 100 MB; 8 MiB is 40 of those
+(20,000 records in one commit)."""
 
 ACK_MAX_IDS = 4096
 """Ids per ack message at most (about 160 kB): under the station's default 1 MiB
@@ -179,7 +184,7 @@ class Registry:
         on_stored: OnStored | None = None,
         on_alert: OnAlert | None = None,
         tls_context: Any = None,
-        batch_max_messages: int = 64,
+        batch_max_messages: int = 512,
         gap_timeout_s: float = 300.0,
         blob_dir: Path | None = None,
         heartbeat_s: float = 10.0,
@@ -472,7 +477,9 @@ class Registry:
 
         try:
             while True:
-                taken = await unless_committer_failed(client.batch(self.batch_max_messages))
+                taken = await unless_committer_failed(
+                    client.batch(self.batch_max_messages, BATCH_MAX_BYTES)
+                )
                 inbound = [Inbound(m.topic, m.payload) for m in taken]
                 prepared = await self._prepare(publish, inbound)
                 settle = functools.partial(client.settle, taken)
@@ -899,7 +906,7 @@ async def run_registry(
     *,
     shared: str | None = None,
     gap_timeout_s: float = 300.0,
-    batch_max_messages: int = 64,
+    batch_max_messages: int = 512,
     quiet: bool = False,
     heartbeat_s: float = 10.0,
     blob_dir: Path | None = None,

@@ -374,7 +374,7 @@ def add_central_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
         default=300.0,
         help="seconds a seq gap may stay open before it is an alert",
     )
-    p.add_argument("--batch-max", type=int, default=64, help="messages committed together at most")
+    p.add_argument("--batch-max", type=int, default=512, help="messages committed together at most")
     p.add_argument("--quiet", action="store_true", help="do not print each record")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING"])
     p.add_argument(

@@ -302,3 +302,15 @@ def test_hostile_bytes_from_a_broker_end_the_connection_in_one_error(junk: bytes
                 pass
 
     asyncio.run(scenario())
+
+
+def test_a_batch_stops_at_its_byte_bound_but_always_holds_one() -> None:
+    client = LeanClient("127.0.0.1", 1, client_id="bytes")
+    for k in range(5):
+        client.queue.append(Received(TOPIC, bytes(100 * (k + 1)), k + 1))
+    got = asyncio.run(client.batch(10, max_bytes=350))
+    assert [len(m.payload) for m in got] == [100, 200]  # 300, a third would make 600
+    got = asyncio.run(client.batch(10, max_bytes=10))
+    assert [len(m.payload) for m in got] == [300]  # over the bound alone: still taken
+    got = asyncio.run(client.batch(1))
+    assert [len(m.payload) for m in got] == [400]
