@@ -9,8 +9,8 @@ fleet, signer) keep aiomqtt: they carry a few messages a minute.
 
 Its promise:
 - a received QoS 1 message is PUBACKed only when the consumer `settle()`s it, which the
-  registry does after the batch is committed and its acks are confirmed: a registry
-  that dies before leaves the message with the broker (a persistent session gets it
+  registry does once the batch is committed, before its acks go out: a registry that
+  dies before leaves the message with the broker (a persistent session gets it
   again; for a shared group the agents' re-send covers it);
 - it asks the broker for at most `receive_maximum` unsettled messages (MQTT 5 flow
   control), so a burst waits at the broker, not in the registry's memory (mosquitto 2.0
@@ -94,6 +94,7 @@ PROPERTY_KINDS = {
     0x22: _TWO, 0x23: _TWO, 0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _FOUR,
     0x28: _BYTE, 0x29: _BYTE, 0x2A: _BYTE,
 }  # fmt: skip
+_FIXED_SIZES = {_BYTE: 1, _TWO: 2, _FOUR: 4}
 RECEIVE_MAXIMUM, MAXIMUM_PACKET_SIZE, SERVER_KEEP_ALIVE, REASON_STRING = 0x21, 0x27, 0x13, 0x1F
 
 
@@ -127,12 +128,11 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def read_varint(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
-    """(value, position after it) of the variable byte integer at `pos`."""
+def _varint_at(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int] | None:
+    """(value, position after it) of the variable byte integer at `pos`; None if it
+    runs past `end` (its next byte has not arrived, or the field is cut short)."""
     value, shift = 0, 0
-    while True:
-        if pos >= end:
-            raise ProtocolError("truncated variable byte integer")
+    while pos < end:
         b = data[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -141,6 +141,15 @@ def read_varint(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
         shift += 7
         if shift > 21:
             raise ProtocolError("variable byte integer longer than 4 bytes")
+    return None
+
+
+def read_varint(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
+    """(value, position after it) of the variable byte integer at `pos`."""
+    found = _varint_at(data, pos, end)
+    if found is None:
+        raise ProtocolError("truncated variable byte integer")
+    return found
 
 
 def _utf8(text: str) -> bytes:
@@ -224,18 +233,10 @@ def split(data: bytes | bytearray, pos: int = 0) -> tuple[list[tuple[int, int, i
         first = data[pos]
         if first >> 4 == 0:
             raise ProtocolError("packet type 0 (reserved)")
-        length, shift, i = 0, 0, pos + 1
-        while i < n:
-            b = data[i]
-            i += 1
-            length |= (b & 0x7F) << shift
-            if not b & 0x80:
-                break
-            shift += 7
-            if shift > 21:
-                raise ProtocolError("remaining length longer than 4 bytes")
-        else:
+        found = _varint_at(data, pos + 1, n)
+        if found is None:
             break  # the length's next byte has not arrived yet
+        length, i = found
         if i + length > n:
             break
         out.append((first, i, i + length))
@@ -256,19 +257,11 @@ def decode_properties(data: bytes | bytearray, pos: int, end: int) -> tuple[dict
         kind = PROPERTY_KINDS.get(ident)
         if kind is None:
             raise ProtocolError(f"unknown property 0x{ident:02X}")
-        if kind == _BYTE:
-            size = 1
-        elif kind == _TWO:
-            size = 2
-        elif kind == _FOUR:
-            size = 4
-        elif kind == _VARINT:
-            value, pos = read_varint(data, pos, stop)
-            props[ident] = value
+        if kind == _VARINT:
+            props[ident], pos = read_varint(data, pos, stop)
             continue
-        else:
-            size = -1
-        if size > 0:
+        size = _FIXED_SIZES.get(kind)
+        if size is not None:
             if pos + size > stop:
                 raise ProtocolError(f"property 0x{ident:02X} runs past its packet")
             props[ident] = int.from_bytes(data[pos : pos + size], "big")
@@ -690,35 +683,29 @@ class LeanClient:
             self._fits(packet, topic)
             transport.write(packet)
             return
-        loop = asyncio.get_running_loop()
-        while len(self._waiting) >= self._send_maximum:
-            turn: asyncio.Future[None] = loop.create_future()
-            self._window.append(turn)
-            await turn
-        transport = self._check()
-        packet_id = self._packet_id()
-        packet = encode_publish(topic, payload, packet_id, qos=1, retain=retain)
-        self._fits(packet, topic)
-        fut: asyncio.Future[int] = loop.create_future()
-        self._waiting[packet_id] = fut
-        transport.write(packet)
+        waiting = await self._send([(topic, payload)], retain)
         if wait_s == math.inf:
-            code = await fut
-        else:
-            try:
-                async with asyncio.timeout(wait_s):
-                    code = await fut
-            except TimeoutError:
-                raise BrokerLinkError(
-                    f"broker {self.where}: no PUBACK for {topic} within {wait_s:.0f} s"
-                ) from None
-        if code >= 0x80:
-            log.warning("broker %s refused a message on %s: %s", self.where, topic, reason(code))
+            await self._confirmed(waiting)
+            return
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._confirmed(waiting)
+        except TimeoutError:
+            raise BrokerLinkError(
+                f"broker {self.where}: no PUBACK for {topic} within {wait_s:.0f} s"
+            ) from None
 
     async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
         """Publish these (QoS 1, not retained) in as few writes as the broker's Receive
         Maximum allows; return when the broker has PUBACKed every one. No deadline of
         its own: the caller keeps one (and calls `fail()` past it)."""
+        await self._confirmed(await self._send(messages, False))
+
+    async def _send(
+        self, messages: Sequence[tuple[str, bytes]], retain: bool
+    ) -> list[tuple[asyncio.Future[int], str]]:
+        """Write these at QoS 1, as many per write as the broker's Receive Maximum has
+        room for (waiting for room); their PUBACKs to come, with their topics."""
         loop = asyncio.get_running_loop()
         waiting: list[tuple[asyncio.Future[int], str]] = []
         i = 0
@@ -733,7 +720,7 @@ class LeanClient:
             packets = []
             for topic, payload in messages[i : i + room]:
                 packet_id = self._packet_id()
-                packet = encode_publish(topic, payload, packet_id, qos=1, retain=False)
+                packet = encode_publish(topic, payload, packet_id, qos=1, retain=retain)
                 self._fits(packet, topic)
                 fut: asyncio.Future[int] = loop.create_future()
                 self._waiting[packet_id] = fut
@@ -741,6 +728,10 @@ class LeanClient:
                 packets.append(packet)
             i += len(packets)
             transport.write(b"".join(packets))
+        return waiting
+
+    async def _confirmed(self, waiting: list[tuple[asyncio.Future[int], str]]) -> None:
+        """Until every PUBACK is in; a refusal is logged (the message is not resent)."""
         for fut, topic in waiting:
             if (code := await fut) >= 0x80:
                 log.warning(

@@ -409,8 +409,8 @@ class Registry:
                 log.debug("registry: heartbeat not sent: %s", e)
 
     async def _consume(self, client: LeanClient) -> None:
-        """Take what has arrived (at most `batch_max_messages`), one commit, the acks,
-        then settle the batch with the broker (its PUBACKs).
+        """Take what has arrived (at most `batch_max_messages`), one commit, then settle
+        the batch with the broker (its PUBACKs) and send the acks.
 
         Under load many messages are waiting and a commit covers them all; when quiet,
         each message is committed on its own without waiting.
@@ -491,34 +491,15 @@ class Registry:
                 task.cancel()
             await asyncio.gather(committer, *acking, return_exceptions=True)
 
-    async def take(
-        self,
-        publish: Publish,
-        taken: list[Inbound],
-        *,
-        ack_all: AckAll | None = None,
-        settle: Callable[[], None] | None = None,
-    ) -> None:
-        """One batch from any transport: validate, store (isolating a poison message),
-        commit, then the acks through `publish` (or `ack_all`, handed them all at once,
-        which keeps the deadline of their confirmation itself); refused ones
-        dead-lettered. `settle` is called once the batch is committed (records and
-        dead letters), before the acks: the registry's MQTT connection PUBACKs it then.
-        When this returns, the transport may settle the batch with its broker."""
+    async def take(self, publish: Publish, taken: list[Inbound]) -> None:
+        """One batch from a transport: validate, store (isolating a poison message),
+        commit, then the acks through `publish`; refused ones dead-lettered. When this
+        returns, the transport may settle the batch with its broker."""
         self._busy_since = time.time()
         try:
-            await self._take(publish, taken, ack_all, settle)
+            await self._commit(publish, await self._prepare(publish, taken), None, None)
         finally:
             self._busy_since = None
-
-    async def _take(
-        self,
-        publish: Publish,
-        taken: list[Inbound],
-        ack_all: AckAll | None,
-        settle: Callable[[], None] | None,
-    ) -> None:
-        await self._commit(publish, await self._prepare(publish, taken), ack_all, settle)
 
     async def _prepare(self, publish: Publish, taken: list[Inbound]) -> _Prepared:
         """Sort and check a batch: records parsed, blobs handled, refusals noted."""
