@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -98,7 +98,11 @@ class JsonCodec(Protocol):
     fails here for the same reasons with or without one."""
 
     def decode(self, payload: bytes) -> Any:
-        """The value; `ValueError` for any text it will not decode."""
+        """The value; `ValueError` for any text it will not decode. It must refuse a
+        lone surrogate, invalid UTF-8, NaN, Infinity and a number out of float range
+        (the standard library then decides), so that what it returns holds only
+        valid Unicode and finite numbers: `check_record` does not look for those
+        again in what it decoded."""
         ...
 
     def encoded_size(self, value: Any) -> int:
@@ -120,6 +124,13 @@ def load_json(
 ) -> Any:
     """JSON from a payload from anyone; `RecordError` for size, depth, encoding, NaN.
     `codec` decodes first; what it refuses is decided by the standard library."""
+    return _load_json(payload, limit, codec)[0]
+
+
+def _load_json(
+    payload: bytes | bytearray | str, limit: int, codec: JsonCodec | None
+) -> tuple[Any, bool]:
+    """`load_json`, and whether `codec` decoded it (its strings and numbers are sound)."""
     if isinstance(payload, str):
         payload = payload.encode("utf-8", "surrogatepass")
     if not isinstance(payload, bytes | bytearray):
@@ -128,7 +139,7 @@ def load_json(
         raise RecordError(f"payload of {len(payload)} bytes is over the {limit}-byte cap")
     if codec is not None:
         try:
-            return codec.decode(bytes(payload))
+            return codec.decode(bytes(payload)), True
         except (ValueError, RecursionError):
             pass  # NaN, a lone surrogate, bad UTF-8, ...: the standard library says why
     try:
@@ -136,7 +147,7 @@ def load_json(
     except UnicodeDecodeError as e:
         raise RecordError(f"not UTF-8 at byte {e.start}") from None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant), False
     except RecursionError:
         raise RecordError("JSON nested too deeply") from None
     except RecordError:
@@ -145,7 +156,9 @@ def load_json(
         raise RecordError(f"not JSON: {str(e)[:80]}") from None
 
 
-def _string(r: dict[str, Any], key: str, most: int, *, optional: bool = False) -> None:
+def _string(
+    r: dict[str, Any], key: str, most: int, *, optional: bool = False, decoded: bool = False
+) -> None:
     v = r.get(key)
     if v is None and optional:
         return
@@ -155,7 +168,8 @@ def _string(r: dict[str, Any], key: str, most: int, *, optional: bool = False) -
         raise RecordError(f"record {key} longer than {most} characters")
     if _CONTROL.search(v):
         raise RecordError(f"record {key} holds control characters")
-    _unicode(v, key)
+    if not decoded:
+        _unicode(v, key)
 
 
 def _unicode(v: str, where: str) -> None:
@@ -167,10 +181,52 @@ def _unicode(v: str, where: str) -> None:
         raise RecordError(f"record {where} is not valid Unicode (a lone surrogate)") from None
 
 
-def _check_data(data: Any, measure: bool = True, size: Callable[[Any], int] | None = None) -> None:
-    """An object, not too deep, finite numbers, valid Unicode, not too big (iterative)."""
+def _sound(node: dict[str, Any] | list[Any], depth: int) -> bool:
+    """What `_check_data` still checks in a container a `JsonCodec` decoded (its strings
+    and numbers are sound): nesting and 64-bit integers. False for anything else, which
+    is then checked the long way (and worded there)."""
+    if depth > MAX_DEPTH:
+        return False
+    values: Iterable[Any] = node.values() if type(node) is dict else node
+    for v in values:
+        t: type[Any] = type(v)
+        if t is str or t is bool or t is float or v is None:
+            continue
+        if t is int:
+            if -MAX_SEQ - 1 <= v <= MAX_SEQ:
+                continue
+            return False
+        if (t is dict or t is list) and _sound(v, depth + 1):
+            continue
+        return False
+    return True
+
+
+def _check_data(
+    data: Any,
+    measure: bool = True,
+    size: Callable[[Any], int] | None = None,
+    *,
+    decoded: bool = False,
+) -> None:
+    """An object, not too deep, finite numbers, valid Unicode, not too big (iterative).
+    `decoded`: a `JsonCodec` decoded it, so only nesting and integers are looked at
+    first (`_sound`), and the long way only if they fail."""
     if not isinstance(data, dict):
         raise RecordError("record data is not an object")
+    if not (decoded and _sound(data, 1)):
+        _walk(data)
+    if not measure:
+        return
+    if size is not None and size(data) * 5 <= MAX_DATA_BYTES * 4:
+        return  # the standard library's size is at most 1.25x the codec's (JsonCodec)
+    n = len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+    if n > MAX_DATA_BYTES:
+        raise RecordError(f"record data of {n} bytes is over the {MAX_DATA_BYTES}-byte cap")
+
+
+def _walk(data: dict[str, Any]) -> None:
+    """The long way: every node's type, nesting, Unicode and finite numbers."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         node, depth = stack.pop()
@@ -198,13 +254,6 @@ def _check_data(data: Any, measure: bool = True, size: Callable[[Any], int] | No
                 raise RecordError("record data holds a number that is not finite")
         else:
             raise RecordError(f"record data holds a {type(node).__name__}")
-    if not measure:
-        return
-    if size is not None and size(data) * 5 <= MAX_DATA_BYTES * 4:
-        return  # the standard library's size is at most 1.25x the codec's (JsonCodec)
-    n = len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
-    if n > MAX_DATA_BYTES:
-        raise RecordError(f"record data of {n} bytes is over the {MAX_DATA_BYTES}-byte cap")
 
 
 def check_record(
@@ -214,16 +263,19 @@ def check_record(
     *,
     measure: bool = True,
     codec: JsonCodec | None = None,
+    decoded: bool = False,
 ) -> dict[str, Any]:
     """The record if every field is what the contract says; `RecordError` otherwise.
 
     `site` and `agent` are the topic's: a record that names another station is refused.
     `measure=False` skips encoding `data` to weigh it, for a caller that knows the whole
     message is under `MAX_DATA_BYTES` already; `codec` weighs it faster (`JsonCodec`).
+    `decoded=True` says `codec` decoded `r`: the Unicode and finite numbers it vouches
+    for are not looked for again (the verdict is the same).
     """
     if not isinstance(r, dict):
         raise RecordError("record is not an object")
-    extra = {k: v for k, v in r.items() if k not in _FIELDS}
+    extra = {} if _FIELDS.issuperset(r) else {k: v for k, v in r.items() if k not in _FIELDS}
     if len(extra) > MAX_EXTRA_FIELDS:
         raise RecordError(
             f"record has more than {MAX_EXTRA_FIELDS} fields the schema does not know"
@@ -238,17 +290,17 @@ def check_record(
         raise RecordError("record without a positive integer seq")
     if seq > MAX_SEQ:
         raise RecordError("record seq over 2^63-1")
-    _string(r, "captured_at", 40)
+    _string(r, "captured_at", 40, decoded=decoded)
     try:
         when = datetime.fromisoformat(r["captured_at"])
     except ValueError:
         raise RecordError("record captured_at is not an ISO 8601 time") from None
     if when.tzinfo is None:
         raise RecordError("record captured_at has no time zone")
-    _string(r, "device", MAX_NAME_CHARS)
-    _string(r, "kind", MAX_NAME_CHARS)
-    _string(r, "source", MAX_NAME_CHARS, optional=True)
-    _string(r, "operator", MAX_OPERATOR_CHARS, optional=True)
+    _string(r, "device", MAX_NAME_CHARS, decoded=decoded)
+    _string(r, "kind", MAX_NAME_CHARS, decoded=decoded)
+    _string(r, "source", MAX_NAME_CHARS, optional=True, decoded=decoded)
+    _string(r, "operator", MAX_OPERATOR_CHARS, optional=True, decoded=decoded)
     if r.get("clock_synced") is not None and not isinstance(r["clock_synced"], bool):
         raise RecordError("record clock_synced is not a boolean")
     for key, topic_value in (("site", site), ("agent", agent)):
@@ -257,10 +309,10 @@ def check_record(
     if "data" not in r:
         raise RecordError("record without data")
     size = None if codec is None else codec.encoded_size
-    _check_data(r["data"], measure, size)
+    _check_data(r["data"], measure, size, decoded=decoded)
     if extra:  # kept in the stored body: as bounded as `data`
         try:
-            _check_data(extra, measure, size)
+            _check_data(extra, measure, size, decoded=decoded)
         except RecordError as e:
             raise RecordError(str(e).replace("record data", "record's unknown fields")) from None
     if r["kind"] == LOST_RANGE:
@@ -288,7 +340,7 @@ def parse_records(
     `RecordError` if the message as a whole is refused (nothing in it can be
     trusted); otherwise the records that passed and, apart, those refused.
     """
-    body = load_json(payload, limit, codec=codec)
+    body, decoded = _load_json(payload, limit, codec)
     if not isinstance(body, dict):
         raise RecordError(f"JSON {type(body).__name__}, not an object")
     schema = body.get("schema")
@@ -309,7 +361,7 @@ def parse_records(
     measure = len(payload) > MAX_DATA_BYTES // 5
     for i, r in enumerate(records):
         try:
-            good.append(check_record(r, site, agent, measure=measure, codec=codec))
+            good.append(check_record(r, site, agent, measure=measure, codec=codec, decoded=decoded))
         except RecordError as e:
             refused.append(Refused(i, str(e)))
     return Envelope(site, agent, good, refused)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from agent.central.fastjson import CODEC, MsgspecCodec, record_text
 from agent.contract.validate import (
     MAX_DATA_BYTES,
+    MAX_DEPTH,
     RecordError,
     check_record,
     load_json,
@@ -218,3 +219,40 @@ def test_a_stored_body_reads_back_as_the_record(data: dict[str, Any]) -> None:
     text = record_text(record)
     assert same(json.loads(text), record)
     assert same(json.loads(text), json.loads(json.dumps(record, ensure_ascii=False)))
+
+
+def _nested(kind: str, depth: int) -> Any:
+    """`data` whose innermost container is at `depth` (`data` itself is at 1)."""
+    inner: Any = {} if kind == "dict" else []
+    for _ in range(depth - 2):
+        inner = {"k": inner} if kind == "dict" else [inner]
+    return {"v": inner}
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_nested("dict", MAX_DEPTH), None),
+        (_nested("list", MAX_DEPTH), None),
+        (_nested("dict", MAX_DEPTH + 1), "nested deeper"),
+        (_nested("list", MAX_DEPTH + 1), "nested deeper"),
+        ({"n": 2**63 - 1, "m": [-(2**63)]}, None),
+        ({"n": 2**63}, "outside 64 bits"),
+        ({"n": [{"m": -(2**63) - 1}]}, "outside 64 bits"),
+        ({"n": 2**64}, "outside 64 bits"),
+        ({"t": "東京", "f": -0.0, "b": True, "z": None, "l": [1.5, "x", [], {}]}, None),
+    ],
+)
+def test_what_the_codec_does_not_vouch_for_is_still_checked(
+    data: dict[str, Any], reason: str | None
+) -> None:
+    """A record the codec decoded skips the Unicode and number checks it vouches for
+    (validate._sound): nesting and 64-bit integers get the same verdict and reason."""
+    payload = _envelope([json.dumps({**GOOD, "data": data})])
+    slow, fast = verdict(payload, None), verdict(payload, CODEC)
+    assert slow == fast
+    refused = fast[1][1] if fast[0] == "parsed" else [(0, fast[1])]
+    if reason is None:
+        assert refused == []
+    else:
+        assert len(refused) == 1 and reason in refused[0][1]
