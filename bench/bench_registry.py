@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from agent.testing import RegistryProcess, free_port, start_mosquitto, stop_mosquitto
 
@@ -330,7 +331,9 @@ def main() -> int:
     ap.add_argument("--backends", default="sqlite,postgresql")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row: median (min-max)")
     ap.add_argument("--root", type=Path, help="run the registry of another checkout (before)")
+    ap.add_argument("--json", type=Path, default=None, help="write every row here too")
     args = ap.parse_args()
+    rows: list[dict[str, Any]] = []
     if args.root is not None:
         ROOT_CODE[0] = args.root.resolve()
         print(f"registry code: {ROOT_CODE[0]}")
@@ -366,6 +369,21 @@ def main() -> int:
                         lost += missing
                     rates.sort()
                     cpus.sort()
+                    rows.append(
+                        {
+                            "backend": backend,
+                            "consumers": n,
+                            "records_per_message": batch,
+                            "records": args.records,
+                            "records_per_s": {
+                                "median": statistics.median(rates),
+                                "min": rates[0],
+                                "max": rates[-1],
+                            },
+                            "cpu_us_per_record": statistics.median(cpus),
+                            "missing": lost,
+                        }
+                    )
                     spread = f"({rates[0]:.0f}-{rates[-1]:.0f})"
                     print(
                         f"{backend:<11} {n:>9} {batch:>7} {statistics.median(rates):>10.0f} "
@@ -380,6 +398,8 @@ def main() -> int:
         if pg is not None:
             pg.stop()
         shutil.rmtree(work, ignore_errors=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -87,6 +88,7 @@ async def main() -> None:
     ap.add_argument("--delay-ms", type=float, default=25.0)
     ap.add_argument("--windows", default="1,8,16,32")
     ap.add_argument("--loss", default="0,1", help="segment loss in percent, each a run")
+    ap.add_argument("--json", type=Path, default=None, help="write every row here too")
     args = ap.parse_args()
     windows = [int(w) for w in args.windows.split(",")]
     losses = [float(x) / 100 for x in args.loss.split(",")]
@@ -118,6 +120,19 @@ async def main() -> None:
             f"  loss {100 * loss:g} %, inflight_messages = {w}: {r:,.0f} records/s "
             f"({r / base:.1f}x; {lost} segments lost, each held 200 ms + RTT)"
         )
+    if args.json is not None:
+        rows = [
+            {
+                "loss": loss,
+                "inflight_messages": w,
+                "records_per_s": r,
+                "segments_lost": lost,
+                "records": args.records,
+                "delay_ms": args.delay_ms,
+            }
+            for (w, loss), (r, lost) in rates.items()
+        ]
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

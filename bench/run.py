@@ -411,18 +411,13 @@ import asyncio, ssl, socket, subprocess
 steps.append(("asyncio, ssl, sockets, subprocess", rss()))
 import sqlite3
 steps.append(("sqlite3", rss()))
-from pydantic import BaseModel, ConfigDict, Field
-class _First(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    a: int = Field(1, description="x")
-steps.append(("pydantic, up to its first model", rss()))
 import agent.config
-steps.append(("madoguchi's config models, records, errors", rss()))
+steps.append(("madoguchi's configuration classes and loader, records, errors", rss()))
 import aiomqtt
 steps.append(("aiomqtt, paho-mqtt", rss()))
-import agent.station.station, agent.cli.main
-agent.cli.main.build_parser()
-steps.append(("the rest of madoguchi (supervisor, uplink, outbox, drivers, CLI)", rss()))
+import agent.cli.main, agent.station.app
+agent.cli.main.build_parser("run")
+steps.append(("the rest of what `run` imports (supervisor, uplink, outbox, drivers)", rss()))
 print(json.dumps(steps))
 """
 
