@@ -90,7 +90,7 @@ def measure(
     `brokers` are the broker pids (every cluster node, or mosquitto)."""
     before = sum(cpu_s(p.pid) for p in procs)
     broker_before = sum(cpu_s(pid) for pid in brokers)
-    elapsed, missing = asyncio.run(load(mqtt_port, records, agents, batch))
+    elapsed, missing = load(mqtt_port, records, agents, batch)
     used = sum(cpu_s(p.pid) for p in procs) - before
     broker_used = sum(cpu_s(pid) for pid in brokers) - broker_before
     done = max(records - missing, 1)
