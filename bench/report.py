@@ -201,9 +201,9 @@ def issue18_targets(r: dict[str, Any], perf: Path) -> list[str]:
             and a100
             and r1m
             and r100
-            and f"agent {a1m['median']:.1f} µs against {a100['median']:.1f} ({flat:+.0%}); "
+            and f"agent {a1m['median']:.1f} µs against {a100['median']:.1f} ({flat:+.1%}); "
             f"registry {r1m['median']:.1f} against {r100['median']:.1f} "
-            f"({r1m['median'] / r100['median'] - 1:+.0%})",
+            f"({r1m['median'] / r100['median'] - 1:+.1%})",
             flat is not None and flat <= 0.10,
         )
     )
