@@ -1032,21 +1032,11 @@ class LoggedProcess:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def wait_open(self, device: str | Path, timeout: float = 15.0) -> None:
-        """Until the process holds `device` open (a pty's serial side, say): bytes written
-        before a serial driver opens its port are flushed by pyserial's open(), so a
-        scan typed before then is never read. HarnessError when the time runs out."""
-        target = os.path.realpath(device)
-        fd_dir = Path(f"/proc/{self.pid}/fd")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                for fd in fd_dir.iterdir():
-                    with contextlib.suppress(OSError):
-                        if os.readlink(fd) == target:
-                            return
-            time.sleep(0.02)  # /proc has no event to wait on
-        raise HarnessError(f"{self.what} did not open {device} within {timeout:.0f} s")
+    def wait_connected(self, device: str = "ticket-scanner", timeout: float = 15.0) -> None:
+        """Until this run's log says `device` is connected: its driver's open() has
+        returned. A serial port's input is flushed inside open(), after the port is
+        already held open, so a scan typed before this line may never be read."""
+        self.wait_log(f"{device}: connected", timeout=timeout, this_run=True)
 
     def wait_log(
         self, needle: str, timeout: float = 15.0, count: int = 1, *, this_run: bool = False

@@ -181,6 +181,7 @@ class Station:
         state = self.devices[dev.name]
         backoff = Backoff(first=0.2, cap=5.0)
         repeats = Repeats(log, dev.name)  # once per state change, then a summary
+        first = True
         while not stop.is_set():
             driver = self._driver_factory(dev)
             if self.datasets is not None and isinstance(driver, TrustAnchorTaker):
@@ -188,7 +189,11 @@ class Station:
             try:
                 async with driver:
                     self._set_state(dev.name, "connected", None)
-                    repeats.ok("connected")
+                    if not repeats.ok("connected") and first:
+                        # the technician's (and a test's) sign that reads are taken now:
+                        # a serial port's input is flushed inside its open()
+                        log.info("%s: connected", dev.name)
+                    first = False
                     backoff.reset()
                     self._drivers[dev.name] = driver
                     try:

@@ -164,7 +164,7 @@ async def test_kill9_during_burst_loses_nothing_acknowledged(
     try:
         agent.start()
         agent.wait_log("connected to 127.0.0.1")
-        await asyncio.sleep(0.3)  # the port is opened right after start
+        await asyncio.to_thread(agent.wait_connected)  # its open() flushes input
         for i in range(60):
             text = f"burst-{i:03d}"
             pty_port.scan(text)

@@ -91,7 +91,7 @@ async def test_hostile_payloads_leave_the_agent_acking_and_delivering(
     cfg = write_config(tmp_path, broker.port, scanner=pty_port.link, outbox="resend_after_s = 2")
     with _agent(cfg, tmp_path / "agent.log") as agent:
         await _ready(agent)
-        await asyncio.sleep(0.3)  # the port is opened right after start
+        await asyncio.to_thread(agent.wait_connected)  # its open() flushes input
         await _scan_acked(pty_port, "before-0")
         topics = [
             TOPICS.ack,
@@ -294,7 +294,7 @@ async def test_file_modes_under_umask_022(broker: Broker, pty_port: Pty, tmp_pat
     try:
         await _ready(agent)
         await _ready(agent, "api: serving the kiosk")
-        await asyncio.sleep(0.3)
+        await asyncio.to_thread(agent.wait_connected)  # its open() flushes input
         await _scan_acked(pty_port, "private-0")
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data.iterdir() if p.is_file()}
         assert stat.S_IMODE(data.stat().st_mode) == 0o700
@@ -319,7 +319,7 @@ async def test_sigterm_with_a_frozen_broker_ends_within_5_s(
     with _agent(cfg, tmp_path / "agent.log") as agent:
         await _ready(agent)
         await _ready(agent, "api: serving the kiosk")
-        await asyncio.sleep(0.3)
+        await asyncio.to_thread(agent.wait_connected)  # its open() flushes input
         await _scan_acked(pty_port, "frozen-0")
         os.kill(broker.proc.pid, signal.SIGSTOP)
         try:

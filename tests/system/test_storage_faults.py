@@ -88,7 +88,7 @@ async def test_kill9_loop_rescans_are_not_duplicates_and_nothing_acked_is_lost(
         for cycle in range(10):
             agent.start()
             agent.wait_log("running with 1 device", timeout=15, this_run=True)
-            await asyncio.sleep(0.2)  # the port is opened by the device task
+            agent.wait_connected()  # a serial port flushes its input inside open()
             if interrupted is not None:
                 # the operator heard nothing and scans the same thing again
                 pty_port.scan(interrupted)
@@ -123,7 +123,7 @@ async def test_kill9_loop_rescans_are_not_duplicates_and_nothing_acked_is_lost(
                 interrupted = text
         agent.start()
         agent.wait_log("running with 1 device", timeout=15, this_run=True)
-        await asyncio.sleep(0.2)
+        agent.wait_connected()  # a serial port flushes its input inside open()
         if interrupted is not None:
             pty_port.scan(interrupted)
             assert await pty_port.aread(1, timeout=5) == ACK
@@ -195,7 +195,7 @@ async def test_pages_overwritten_under_a_backlog_readable_delivered_rest_reporte
     try:
         agent.start()
         agent.wait_log("running with 1 device", timeout=15)
-        await asyncio.sleep(0.2)
+        agent.wait_connected()  # a serial port flushes its input inside open()
         # no registry yet: a backlog of unconfirmed scans builds up
         for i in range(500):
             text = f"bk-{i:04d}-" + "p" * 150
@@ -210,7 +210,7 @@ async def test_pages_overwritten_under_a_backlog_readable_delivered_rest_reporte
             damaged = checkpoint_and_damage(db, (0.5, 0.6))
         agent.wait_log("moved aside to", timeout=20)
         agent.wait_log("running with 1 device", timeout=15, this_run=True)
-        await asyncio.sleep(0.2)
+        agent.wait_connected()  # a serial port flushes its input inside open()
         assert damaged
         # the station goes on taking scans in the fresh database
         pty_port.scan("after-damage")
@@ -295,7 +295,7 @@ async def test_damage_found_after_ready_scans_taken_meanwhile_and_salvaged_all_a
     try:
         agent.start()
         agent.wait_log("running with 1 device", timeout=15)
-        await asyncio.sleep(0.2)
+        agent.wait_connected()  # a serial port flushes its input inside open()
         for i in range(400):  # no registry yet: all unconfirmed
             text = f"bk-{i:04d}-" + "q" * 150
             pty_port.scan(text)
@@ -307,7 +307,7 @@ async def test_damage_found_after_ready_scans_taken_meanwhile_and_salvaged_all_a
         async with running_registry(broker.port, tmp_path / "registry.db") as registry:
             agent.start()
             agent.wait_log("running with 1 device", timeout=15, this_run=True)
-            agent.wait_open(pty_port.device)  # a scan typed before the port opens is flushed
+            agent.wait_connected()  # a scan typed before the port opens is flushed
             meanwhile = [f"now-{i}" for i in range(5)]
             for text in meanwhile:  # at once: the check may not have answered yet
                 pty_port.scan(text)
@@ -409,7 +409,7 @@ async def test_disk_full_naks_while_full_stays_up_and_recovers(
     try:
         agent.start()
         agent.wait_log("running with 1 device", timeout=15)
-        await asyncio.sleep(0.2)
+        agent.wait_connected()  # a serial port flushes its input inside open()
         for i in range(20):
             pty_port.scan(f"before-{i}")
             assert await pty_port.aread(1, timeout=5) == ACK
