@@ -192,9 +192,17 @@ class MqttSection(Strict):
         default=8,
         ge=1,
         le=64,
-        description="Records messages published and not yet PUBACKed at once (the window "
-        "that keeps a WAN link busy: one message in flight caps a drain at "
+        description="Records messages published and not yet PUBACKed at once while PUBACKs "
+        "come back within 15 ms (a LAN; one message in flight caps a drain at "
         "batch_max_records / round trip). Order on the wire is seq order whatever the value.",
+    )
+    inflight_messages_max: int = Field(
+        default=32,
+        ge=1,
+        le=64,
+        description="The window grows to this many messages while PUBACKs take 30 ms or "
+        "more (a WAN: more bytes on the link keep it busy; each message held costs up to "
+        "batch_max_bytes of memory). Set it to inflight_messages for a fixed window.",
     )
     backoff_max_s: float = Field(
         default=30.0, gt=0, description="Longest wait between reconnect attempts."
@@ -206,6 +214,14 @@ class MqttSection(Strict):
         description="Largest ack, command or blob request accepted; larger ones are dropped "
         "unread and counted in telemetry (uplink.inbound.oversize).",
     )
+
+    @field_validator("inflight_messages_max")
+    @classmethod
+    def _window_grows(cls, v: int, info: ValidationInfo) -> int:
+        low = info.data.get("inflight_messages")
+        if low is not None and v < low:
+            raise ValueError(f"{v} is less than inflight_messages ({low}): the window never grows")
+        return v
 
     @field_validator("hosts")
     @classmethod

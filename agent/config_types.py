@@ -165,6 +165,7 @@ class MqttSection:
     batch_max_bytes: int = 200000
     publish_timeout_s: float = 10.0
     inflight_messages: int = 8
+    inflight_messages_max: int = 32
     backoff_max_s: float = 30.0
     max_inbound_bytes: int = 1048576
 

@@ -1033,10 +1033,13 @@ class LoggedProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def wait_connected(self, device: str = "ticket-scanner", timeout: float = 15.0) -> None:
-        """Until this run's log says `device` is connected: its driver's open() has
-        returned. A serial port's input is flushed inside open(), after the port is
-        already held open, so a scan typed before this line may never be read."""
-        self.wait_log(f"{device}: connected", timeout=timeout, this_run=True)
+        """Until this run's log says `device` is connected (its driver's open() has
+        returned) as many times as the station loop has started in it (a configuration
+        applied restarts the loop and reopens the port). A serial port's input is flushed
+        inside open(), after the port is already held open: a scan typed before may never
+        be read."""
+        starts = self.text()[self._started_at :].count(" running with ")
+        self.wait_log(f"{device}: connected", timeout=timeout, count=max(1, starts), this_run=True)
 
     def wait_log(
         self, needle: str, timeout: float = 15.0, count: int = 1, *, this_run: bool = False

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import statistics
@@ -207,12 +208,18 @@ async def one_drain(
             agent.stop()
         registry.stop()
         broker.stop()
+    log_text = agent.text() if agent is not None else ""
     return {
         "agent_us_per_record": agent_cpu / (records - first[0]) * 1e6,
         "registry_us_per_record": reg_cpu / records * 1e6,
         "rate_confirmed": records / confirmed_s,
         "rate_stored": records / stored_s,
         "agent_rss_peak_mb": peak_rss,
+        # the largest records window the drain used (uplink.Window logs each change)
+        "window_max": max(
+            [int(x) for x in re.findall(r": (\d+) records message\(s\) in flight", log_text)],
+            default=0,  # 0: it never left inflight_messages
+        ),
     }
 
 

@@ -1,6 +1,6 @@
 """Backlog drain over a WAN round trip: one message in flight against a window (#18, point 5).
 
-    .venv/bin/python bench/bench_wan.py [--records 20000] [--delay-ms 25] [--windows 1,8,16,32]
+    .venv/bin/python bench/bench_wan.py [--records 20000] [--delay-ms 25] [--windows 1,8,16,32,auto]
                                         [--loss 0,1]
 
 A real agent process drains a pre-filled outbox to the reference registry (in this
@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import fill, serial_device  # noqa: E402
 
+from agent.config_types import MqttSection  # noqa: E402
 from agent.testing import (  # noqa: E402
     AgentProcess,
     Broker,
@@ -40,15 +41,24 @@ from agent.testing import (  # noqa: E402
     write_config,
 )
 
+SEED = 7  # the same loss draws for every window
+
+
+def window_lines(window: int | None) -> str:
+    """[mqtt] lines for a fixed window of `window` messages; None: the default (adaptive)."""
+    if window is None:
+        return ""
+    return f"\ninflight_messages = {window}\ninflight_messages_max = {window}"
+
 
 async def one(
-    broker: Broker, work: Path, seed: Path, n: int, delay: float, window: int, loss: float
+    broker: Broker, work: Path, seed: Path, n: int, delay: float, window: int | None, loss: float
 ) -> tuple[float, int]:
-    name = f"wan{window}-loss{round(loss * 10000)}"
+    name = f"wan{window or 'auto'}-loss{round(loss * 10000)}"
     pty = Pty(work / f"tty-{name}")
     times: list[float] = []
     async with (
-        LatencyLink(broker.port, delay, loss=loss, seed=window) as link,
+        LatencyLink(broker.port, delay, loss=loss, seed=SEED) as link,
         running_registry(
             broker.port,
             work / f"registry-{name}.db",
@@ -63,7 +73,7 @@ async def one(
             name=name,
             data_dir=work / name,
             telemetry_interval_s=None,
-            mqtt=f"backoff_max_s = 2\ninflight_messages = {window}",
+            mqtt="backoff_max_s = 2" + window_lines(window),
             outbox="resend_after_s = 600",
         )
         (work / name).mkdir()
@@ -79,18 +89,32 @@ async def one(
         assert len({r["id"] for r in stored}) == len(stored) == n, f"{len(stored)} of {n} stored"
         seqs = [r["seq"] for r in stored]
         assert seqs == sorted(seqs), "records stored out of seq order"
+        if os.environ.get("BENCH_WAN_LOG"):
+            print(agent.text(), file=sys.stderr)
         return (n - 1) / (times[-1] - times[0]), link.lost_segments
+
+
+def label(window: int | None) -> str:
+    if window is not None:
+        return f"fixed window {window}"
+    d = MqttSection()
+    return f"default window ({d.inflight_messages}, up to {d.inflight_messages_max})"
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--delay-ms", type=float, default=25.0)
-    ap.add_argument("--windows", default="1,8,16,32")
+    ap.add_argument(
+        "--windows",
+        default="1,8,16,32,auto",
+        help="fixed windows (inflight_messages = inflight_messages_max = N) and 'auto', the "
+        "default configuration (8, growing to 32 while PUBACKs are slow)",
+    )
     ap.add_argument("--loss", default="0,1", help="segment loss in percent, each a run")
     ap.add_argument("--json", type=Path, default=None, help="write every row here too")
     args = ap.parse_args()
-    windows = [int(w) for w in args.windows.split(",")]
+    windows = [None if w == "auto" else int(w) for w in args.windows.split(",")]
     losses = [float(x) / 100 for x in args.loss.split(",")]
     with tempfile.TemporaryDirectory(prefix="madoguchi-wan-") as tmp:
         work = Path(tmp)
@@ -117,14 +141,14 @@ async def main() -> None:
     for (w, loss), (r, lost) in rates.items():
         base = rates[(windows[0], loss)][0]
         print(
-            f"  loss {100 * loss:g} %, inflight_messages = {w}: {r:,.0f} records/s "
+            f"  loss {100 * loss:g} %, {label(w)}: {r:,.0f} records/s "
             f"({r / base:.1f}x; {lost} segments lost, each held 200 ms + RTT)"
         )
     if args.json is not None:
         rows = [
             {
                 "loss": loss,
-                "inflight_messages": w,
+                "inflight_messages": w or "auto",
                 "records_per_s": r,
                 "segments_lost": lost,
                 "records": args.records,

@@ -133,6 +133,10 @@ def _side(perf: Path) -> dict[str, Any]:
     return out
 
 
+def _window(row: dict[str, Any]) -> int:
+    return int(row["inflight_messages"])
+
+
 def _row(target: str, measured: Any, ok: Any, gap: str = "") -> str:
     """`measured` falsy (a figure the run did not write): said so, not judged."""
     if not measured:
@@ -255,19 +259,19 @@ def issue18_targets(r: dict[str, Any], perf: Path) -> list[str]:
     )
     from agent.config_types import MqttSection
 
-    default_window = MqttSection.__dataclass_fields__["inflight_messages"].default
+    d = MqttSection()
     lossy = [w for w in (wan or []) if w["loss"] > 0]
-    at_default = next((w for w in lossy if w["inflight_messages"] == default_window), None)
+    fixed = sorted((w for w in lossy if w["inflight_messages"] != "auto"), key=_window)
+    at_default = next((w for w in lossy if w["inflight_messages"] == "auto"), None)
     rows.append(
         _row(
             "5. WAN (25 ms each way, 1 % loss) >= 10,000 records/s",
             at_default
-            and f"{at_default['records_per_s']:,.0f} records/s at the default "
-            f"`inflight_messages = {default_window}` ("
-            + ", ".join(
-                f"{w['inflight_messages']}: {w['records_per_s']:,.0f}"
-                for w in sorted(lossy, key=lambda w: w["inflight_messages"])
-            )
+            and f"{at_default['records_per_s']:,.0f} records/s with the default window "
+            f"(`inflight_messages = {d.inflight_messages}`, growing to "
+            f"`inflight_messages_max = {d.inflight_messages_max}` while PUBACKs are slow; "
+            "fixed windows "
+            + ", ".join(f"{w['inflight_messages']}: {w['records_per_s']:,.0f}" for w in fixed)
             + f"; {at_default['records']:,} records, all stored once in seq order)",
             at_default and at_default["records_per_s"] >= 10_000,
         )

@@ -103,6 +103,53 @@ class InFlight:
     records: list[Record]
 
 
+class Window:
+    """How many records messages may await their PUBACK at once. `low` while PUBACKs come
+    back quickly (a LAN: the drain's memory stays small, issue #18 point 2); up to `high`
+    while they take LONG_RTT_S or more (a WAN: bytes queued on the link keep it busy
+    through its round trips and retransmissions, point 5); back to `low` below
+    SHORT_RTT_S. The round trip is smoothed (EWMA) so one quick PUBACK changes nothing."""
+
+    LONG_RTT_S = 0.03
+    SHORT_RTT_S = 0.015
+    _WEIGHT = 0.2
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, max(low, high)
+        self.size = low
+        self.rtt_s: float | None = None
+
+    def observe(self, rtt_s: float) -> None:
+        """One message's publish-to-PUBACK time."""
+        old = rtt_s if self.rtt_s is None else self.rtt_s
+        self._resize(old + self._WEIGHT * (rtt_s - old))
+
+    def observe_waiting(self, elapsed_s: float) -> None:
+        """A PUBACK still outstanding after `elapsed_s`: the round trip is at least that."""
+        self._resize(max(self.rtt_s or 0.0, elapsed_s))
+
+    def _resize(self, rtt_s: float) -> None:
+        self.rtt_s = rtt_s
+        size = self.size
+        if rtt_s >= self.LONG_RTT_S:
+            size = self.high
+        elif rtt_s < self.SHORT_RTT_S:
+            size = self.low
+        if size != self.size:
+            log.info(
+                "uplink: PUBACKs take %.0f ms: %d records message(s) in flight at once",
+                rtt_s * 1000,
+                size,
+            )
+            self.size = size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "window": self.size,
+            "puback_rtt_ms": None if self.rtt_s is None else round(self.rtt_s * 1000, 1),
+        }
+
+
 class _Stop(Exception):
     """Raised inside the connection's task group to end it for shutdown."""
 
@@ -265,6 +312,7 @@ class Uplink:
         self.on_connection: Callable[[bool], None] | None = None  # the station's events
         self.session = 0
         self.published_records = 0
+        self.window = Window(config.mqtt.inflight_messages, config.mqtt.inflight_messages_max)
         self.connect_failures = 0
         self.last_error: str | None = None
         self._wake = asyncio.Event()
@@ -368,6 +416,7 @@ class Uplink:
             "broker_address": None if self.broker is None else self.broker.address,
             "session": self.session,
             "published_records": self.published_records,
+            **self.window.describe(),
             "connect_failures": self.connect_failures,
             "last_error": self.last_error,
             "inbound": self.inbound.describe(),
@@ -532,11 +581,13 @@ class Uplink:
             password=password,
             timeout=m.publish_timeout_s,
             max_queued_outgoing_messages=64,
+            # paho holds back publishes past its own in-flight limit (20 by default)
+            max_inflight_messages=self.window.high + 8,
             socket_options=NO_DELAY,
         )
         # the window of envelopes, the birth, telemetry and blob chunks are all awaited
         # publishes: aiomqtt warns above 10 pending, which a full window reaches
-        client.pending_calls_threshold = m.inflight_messages + 16
+        client.pending_calls_threshold = self.window.high + 16
         return client
 
     async def _connected(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
@@ -631,12 +682,13 @@ class Uplink:
     # -- records out -------------------------------------------------------------------
 
     async def _send(self, client: aiomqtt.Client) -> None:
-        """Publish what the outbox holds, in seq order, with up to `inflight_messages`
+        """Publish what the outbox holds, in seq order, with up to `self.window.size`
         messages awaiting their PUBACK; a message's records are marked sent at its PUBACK.
         Records in flight are not read again (`after_seq`); resends wait for an empty window."""
         m = self.config.mqtt
+        timed = self._publish_timed
         resend_after = self.config.outbox.resend_after_s
-        window: collections.deque[tuple[InFlight, asyncio.Task[None]]] = collections.deque()
+        window: collections.deque[tuple[InFlight, asyncio.Task[float]]] = collections.deque()
         try:
             while True:
                 raise_if_cancelling()
@@ -653,14 +705,13 @@ class Uplink:
                     messages.reverse()
                     while messages:
                         sent, payload = messages.pop()
-                        publish = client.publish(
-                            self.topics.records, payload, qos=1, timeout=m.publish_timeout_s
-                        )
+                        publish = timed(client, payload)
                         del payload
                         # tasks start in creation order: the wire order is seq order
                         window.append((sent, asyncio.create_task(publish, name="publish")))
-                        while len(window) >= m.inflight_messages:
-                            await self._settle(*window.popleft())
+                        while len(window) >= self.window.size:
+                            if not await self._oldest_slow(window[0][1]):
+                                await self._settle(*window.popleft())
                     continue
                 if window:
                     while window:
@@ -679,9 +730,30 @@ class Uplink:
                     task.exception()  # retrieved: the failure that ends it is already raised
                 task.cancel()
 
-    async def _settle(self, sent: InFlight, publish: asyncio.Task[None]) -> None:
+    async def _publish_timed(self, client: aiomqtt.Client, payload: bytes) -> float:
+        """Publish one records message (QoS 1); its publish-to-PUBACK time."""
+        t0 = time.monotonic()
+        await client.publish(
+            self.topics.records, payload, qos=1, timeout=self.config.mqtt.publish_timeout_s
+        )
+        return time.monotonic() - t0
+
+    async def _oldest_slow(self, oldest: asyncio.Task[float]) -> bool:
+        """Wait for the oldest message's PUBACK; True (the window has grown) if it takes
+        LONG_RTT_S and the window can grow: a WAN's first round trip need not be waited
+        out with a LAN's window."""
+        w = self.window
+        if oldest.done() or w.size >= w.high:
+            return False
+        done, _ = await asyncio.wait({oldest}, timeout=w.LONG_RTT_S)
+        if done:
+            return False
+        w.observe_waiting(w.LONG_RTT_S)
+        return True
+
+    async def _settle(self, sent: InFlight, publish: asyncio.Task[float]) -> None:
         """A message's PUBACK (or its failure, which ends the connection): its records are sent."""
-        await publish
+        self.window.observe(await publish)
         await self.outbox.mark_sent(sent.seqs)
         self.published_records += len(sent.seqs)
         if self.blobs is not None:

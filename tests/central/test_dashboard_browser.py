@@ -61,6 +61,7 @@ async def test_station_killed_turns_red_and_comes_back(
             row = page.locator(f'tr[data-station="{KEY}"]')
             await expect(row).to_have_class(re.compile(r"\bonline\b"), timeout=20_000)
             await expect(row.locator("td.state")).to_have_text("オンライン / Online")
+            await asyncio.to_thread(agent.wait_connected)  # the port's open() flushes input
             for i in range(3):
                 pty_port.scan(f"11112241000001234{i}")
                 assert await pty_port.aread(1) == ACK

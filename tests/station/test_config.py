@@ -129,6 +129,28 @@ def test_unknown_driver_and_missing_required(tmp_path: Path) -> None:
     )
 
 
+def test_a_window_that_could_never_grow_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_text(
+        GOOD.replace(
+            "port = 8883\n", "port = 8883\ninflight_messages = 8\ninflight_messages_max = 4\n"
+        )
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == [
+        f"{p}: mqtt.inflight_messages_max: 4 is less than inflight_messages (8): "
+        "the window never grows"
+    ]
+    p.write_text(
+        GOOD.replace(
+            "port = 8883\n", "port = 8883\ninflight_messages = 4\ninflight_messages_max = 4\n"
+        )
+    )
+    m = load_config(p).mqtt
+    assert (m.inflight_messages, m.inflight_messages_max) == (4, 4)  # a fixed window
+
+
 def test_duplicate_device_names_and_syntax_errors(tmp_path: Path) -> None:
     p = tmp_path / "agent.toml"
     p.write_text(GOOD + GOOD[GOOD.index("[[devices]]") :])

@@ -42,6 +42,7 @@ async def test_agent_process_notifies_systemd(
         assert ready[1].startswith("STATUS=outbox 0 unconfirmed (0 unsent)")
         pings = [m for m in await manager.until("WATCHDOG=1") if m == "WATCHDOG=1"]
         assert pings == ["WATCHDOG=1"]
+        await asyncio.to_thread(agent.wait_connected)  # the port's open() flushes input
         pty_port.scan("111122410000012345")
         assert await pty_port.aread(1) == ACK
         (record,) = await registry.wait_for(1)

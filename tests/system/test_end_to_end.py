@@ -177,6 +177,7 @@ async def test_kill9_during_burst_loses_nothing_acknowledged(
         assert len(acked) >= 25
         agent.start()
         agent.wait_log("connected to 127.0.0.1")
+        agent.wait_connected()  # the port's open() flushes input
         for i in range(5):
             pty_port.scan(f"after-{i}")
             if await pty_port.aread(1) == ACK:

@@ -95,6 +95,7 @@ class Setup:
         return [json.loads(body)["data"]["text"] for (body,) in rows]
 
     async def scan_arrives(self, code: str, timeout: float = 20.0) -> None:
+        await asyncio.to_thread(self.agent.wait_connected)  # also after a loop restart
         self.scanner.scan(code)
         assert await self.scanner.aread(1, timeout=timeout) == b"\x06"  # stored
         async with asyncio.timeout(timeout):

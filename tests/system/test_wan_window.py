@@ -6,7 +6,8 @@ is off; loss is LatencyLink's model of what TCP shows of it: a chunk with a lost
 held one retransmission timeout, everything behind it waiting). A backlog drains with
 `inflight_messages = 8`: more than one message's bytes are on the link at once, every
 record reaches the registry exactly once and in seq order (also under 1 % loss), and a
-broker killed mid-window loses nothing.
+broker killed mid-window loses nothing. With the default configuration the window grows
+past 8 on this link (its PUBACKs take 50 ms and more) and stays at 8 on loopback.
 Rates are measured in bench/bench_wan.py, not here.
 """
 
@@ -36,12 +37,15 @@ async def _backlog(cfg: Path) -> None:
             await ob.append(a_read(i))
 
 
-def _config(tmp_path: Path, port: int, pty: Pty) -> Path:
+def _config(tmp_path: Path, port: int, pty: Pty, window: str | None = "8") -> Path:
+    """A fixed window of `window` messages; None: the default (8, growing to 32)."""
+    fixed = "" if window is None else f"\ninflight_messages = {window}"
+    fixed += "" if window is None else f"\ninflight_messages_max = {window}"
     return write_config(
         tmp_path,
         port,
         scanner=pty.link,
-        mqtt=f"backoff_max_s = 0.5\nbatch_max_records = {BATCH}\ninflight_messages = 8",
+        mqtt=f"backoff_max_s = 0.5\nbatch_max_records = {BATCH}{fixed}",
     )
 
 
@@ -86,3 +90,32 @@ async def test_a_broker_killed_mid_window_loses_nothing(
     ids = [r["id"] for r in got]
     assert len(set(ids)) == N  # each record stored once (duplicates were acked, not stored)
     assert sorted(r["seq"] for r in got) == list(range(1, N + 1))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("wan", [True, False], ids=["wan", "loopback"])
+async def test_the_default_window_grows_only_where_pubacks_are_slow(
+    broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path, wan: bool
+) -> None:
+    """The default configuration: 8 messages in flight on loopback (the drain's memory),
+    up to 32 while PUBACKs take 30 ms or more (more than 8 messages' bytes on the link at
+    once); the station reports which in telemetry."""
+    # 100 ms each way: the agent builds a message in a few ms, so more than 8 are on the
+    # link within one delay only on a long one
+    async with LatencyLink(broker.port, 0.1 if wan else 0.0) as link:
+        cfg = _config(tmp_path, link.port if wan else broker.port, pty_port, window=None)
+        await _backlog(cfg)
+        async with running_station(cfg) as run:
+            got = await registry.wait_for(N, timeout=90)
+            uplink = run.station.uplink
+            assert uplink is not None
+            seen = uplink.describe()
+    assert sorted(r["seq"] for r in got) == list(range(1, N + 1))
+    assert seen["puback_rtt_ms"] is not None
+    if wan:
+        assert seen["window"] == 32 and seen["puback_rtt_ms"] >= 30
+        one_message = link.bytes_up / (N / BATCH)
+        assert link.max_in_flight_up > 8 * one_message, (link.max_in_flight_up, one_message)
+    else:
+        assert seen["window"] == 8 and seen["puback_rtt_ms"] < 30
+        assert link.bytes_up == 0  # loopback: the link was not used
