@@ -334,3 +334,47 @@ async def test_the_gap_watcher_and_store_share_the_connection_safely(
     finally:
         await blocker.close()
         await s.close()
+
+
+def test_sqlite_counts_records_per_minute_without_an_index_on_stored_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard's per-minute counts come from record_minutes, one row per station and
+    minute, kept MINUTES_KEPT minutes; a database made with the old index on
+    records(stored_at) is counted into it and the index dropped at open."""
+    import sqlite3
+
+    import agent.central.store_sqlite as mod
+
+    path = tmp_path / "registry.db"
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(mod.time, "time", lambda: now[0])
+    st = RegistryStore(path)
+    st.open()
+    two = record(2)
+    st.store(SITE, AGENT, [record(1), two])
+    st.store(SITE, "station-04", [record(1)])
+    now[0] += 60
+    st.store(SITE, AGENT, [record(3), two])  # sent again: a duplicate, not counted
+    by_agent = {a.agent: a.per_minute for a in st.agents(minutes=5)}
+    assert by_agent == {AGENT: [0, 0, 0, 2, 1], "station-04": [0, 0, 0, 1, 0]}
+    # an old database: the index is back and record_minutes empty
+    st.db.execute("CREATE INDEX records_stored_at ON records(stored_at)")
+    st.db.execute("DELETE FROM record_minutes")
+    st.close()
+    st = RegistryStore(path)
+    st.open()
+    names = {n for (n,) in st.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "records_stored_at" not in names
+    assert {a.agent: a.per_minute for a in st.agents(minutes=5)} == by_agent
+    # pruned: a commit MINUTES_KEPT minutes later removes the rows before then
+    now[0] += 60 * (mod.MINUTES_KEPT + 1)
+    st.store(SITE, AGENT, [record(4)])
+    minutes = st.db.execute("SELECT DISTINCT minute FROM record_minutes").fetchall()
+    assert minutes == [(int(now[0] // 60),)]
+    st.close()
+    with sqlite3.connect(path) as db:  # what a store row costs: the table and two indexes
+        indexes = db.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'records'"
+        ).fetchone()[0]
+    assert indexes == 2  # the primary key's and records_agent_seq
