@@ -25,6 +25,7 @@ from agent.testing import Broker, LatencyLink, Pty, RegistryProbe, running_stati
 
 N = 3000
 BATCH = 100
+LIVE = 20  # scans after the drain on loopback
 
 
 def a_read(i: int) -> Read:
@@ -97,7 +98,8 @@ async def test_a_broker_killed_mid_window_loses_nothing(
 async def test_the_default_window_grows_only_where_pubacks_are_slow(
     broker: Broker, registry: RegistryProbe, pty_port: Pty, tmp_path: Path, wan: bool
 ) -> None:
-    """The default configuration: 8 messages in flight on loopback (the drain's memory),
+    """The default configuration: 8 messages in flight on loopback (the drain's memory;
+    bench_drain_cpu shows it never leaving 8 with the agent in its own process),
     up to 32 while PUBACKs take 30 ms or more (more than 8 messages' bytes on the link at
     once); the station reports which in telemetry."""
     # 100 ms each way: the agent builds a message in a few ms, so more than 8 are on the
@@ -107,6 +109,14 @@ async def test_the_default_window_grows_only_where_pubacks_are_slow(
         await _backlog(cfg)
         async with running_station(cfg) as run:
             got = await registry.wait_for(N, timeout=90)
+            if not wan:
+                # live scans, one PUBACK each: a stall of this loaded machine during the
+                # drain (the registry shares this process) may have grown the window for
+                # a moment; quick PUBACKs bring it back
+                for i in range(LIVE):
+                    pty_port.scan(f"live-{i}")
+                    assert await pty_port.aread(1, timeout=10) == b"\x06"
+                got = (await registry.wait_for(N + LIVE, timeout=30))[:N]
             uplink = run.station.uplink
             assert uplink is not None
             seen = uplink.describe()
@@ -117,5 +127,5 @@ async def test_the_default_window_grows_only_where_pubacks_are_slow(
         one_message = link.bytes_up / (N / BATCH)
         assert link.max_in_flight_up > 8 * one_message, (link.max_in_flight_up, one_message)
     else:
-        assert seen["window"] == 8 and seen["puback_rtt_ms"] < 30
+        assert seen["window"] == 8 and seen["puback_rtt_ms"] < 15
         assert link.bytes_up == 0  # loopback: the link was not used
