@@ -89,8 +89,6 @@ async def one(
         assert len({r["id"] for r in stored}) == len(stored) == n, f"{len(stored)} of {n} stored"
         seqs = [r["seq"] for r in stored]
         assert seqs == sorted(seqs), "records stored out of seq order"
-        if os.environ.get("BENCH_WAN_LOG"):
-            print(agent.text(), file=sys.stderr)
         return (n - 1) / (times[-1] - times[0]), link.lost_segments
 
 

@@ -686,7 +686,6 @@ class Uplink:
         messages awaiting their PUBACK; a message's records are marked sent at its PUBACK.
         Records in flight are not read again (`after_seq`); resends wait for an empty window."""
         m = self.config.mqtt
-        timed = self._publish_timed
         resend_after = self.config.outbox.resend_after_s
         window: collections.deque[tuple[InFlight, asyncio.Task[float]]] = collections.deque()
         try:
@@ -705,7 +704,7 @@ class Uplink:
                     messages.reverse()
                     while messages:
                         sent, payload = messages.pop()
-                        publish = timed(client, payload)
+                        publish = self._publish_timed(client, payload)
                         del payload
                         # tasks start in creation order: the wire order is seq order
                         window.append((sent, asyncio.create_task(publish, name="publish")))
