@@ -61,6 +61,7 @@ from agent.drivers.hid import Backend, HotplugWatch, InputDeviceLike
 from agent.errors import CardError, DeviceUnavailable, HarnessError, PinRefused
 from agent.keymap import KEYS, KeyEvent
 from agent.station.app import StationApp
+from agent.station.trial_clock import Clocks
 from agent.station.uplink import Resolver
 
 if TYPE_CHECKING:
@@ -404,6 +405,38 @@ class FakeWatch:
         pass
 
 
+class FakeClocks:
+    """The clocks of a trial (agent/station/trial_clock.py) that the test moves: `advance`
+    lets time pass on both, `step_wall` is NTP stepping the wall clock alone, `reboot`
+    starts a new boot (CLOCK_BOOTTIME from 0, a new boot id)."""
+
+    def __init__(self, wall: float = 1_000_000.0) -> None:
+        self.now = wall
+        self.since_boot = 100.0
+        self.boot = "boot-1"
+
+    def wall(self) -> float:
+        return self.now
+
+    def boottime(self) -> float:
+        return self.since_boot
+
+    def boot_id(self) -> str | None:
+        return self.boot
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.since_boot += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        self.now += seconds
+
+    def reboot(self, wall_step: float = 0.0) -> None:
+        self.boot = f"boot-{int(self.boot.split('-')[1]) + 1}"
+        self.since_boot = 5.0
+        self.now += wall_step
+
+
 #: each fake against the Protocol of the real implementation: mypy --strict fails on a drift
 _card_reader: type[CardInfoProvider] = FakeCardReader
 _photo_camera: type[PhotoCamera] = FakePhotoCamera
@@ -411,6 +444,7 @@ _frame_source: type[FrameSource] = FakeCamera
 _input_device: type[InputDeviceLike] = FakeInputDevice
 _backend: type[Backend] = FakeBackend
 _watch: type[HotplugWatch] = FakeWatch
+_clocks: type[Clocks] = FakeClocks
 
 #: seam -> (Protocol, fake), for tests/drivers/test_capabilities.py
 FAKES: dict[str, tuple[type[Any], type[Any]]] = {
@@ -420,6 +454,7 @@ FAKES: dict[str, tuple[type[Any], type[Any]]] = {
     "input device": (InputDeviceLike, FakeInputDevice),
     "evdev backend": (Backend, FakeBackend),
     "hotplug watch": (HotplugWatch, FakeWatch),
+    "trial clocks": (Clocks, FakeClocks),
 }
 
 

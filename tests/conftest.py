@@ -112,3 +112,22 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     yield pg
     await context.close()
     assert errors == []  # the page's script never threw
+
+
+#: of each log a failing test leaves in its tmp_path, the end shown in the failure report
+LOG_TAIL_CHARS = 3000
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failure in CI is often all there is of a run: the end of every *.log the test's
+    processes wrote (agent, registry, broker) goes into its report."""
+    outcome = yield
+    report = outcome.get_result()
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.when != "call" or not report.failed or not isinstance(tmp, Path):
+        return
+    for log in sorted(tmp.rglob("*.log"))[:6]:
+        with contextlib.suppress(OSError):
+            text = log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            report.sections.append((f"end of {log.relative_to(tmp)}", text))

@@ -14,13 +14,12 @@ dir: the outbox stays where it is, whichever version runs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from agent.contract.releases import (
     valid_version,
 )
 from agent.errors import ReleaseRefused
+from agent.station.trial_clock import SYSTEM, Clocks, Stamp, left
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,20 @@ def verify(manifest: object, public_key_hex: str) -> ReleaseManifest:
 class Switch:
     previous: str | None
     to: str
-    deadline: float  # wall clock (time.time()): it must survive a restart
+    deadline: float  # wall clock (time.time()) the switch was due by, for people to read
     state: str
     reason: str | None = None
     at: float = 0.0
     #: the devices connected when the switch was made: the new release must bring them back
     devices: tuple[str, ...] = ()
+    #: when the switch was made, with its boot and CLOCK_BOOTTIME: the health check's time
+    #: is counted on those (agent/station/trial_clock.py), never on a stepped wall clock
+    since: Stamp | None = None
+    deadline_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        since = self.since
+        stamp = {} if since is None else {"switched_at": since.wall, **since.as_dict()}
         return {
             "from": self.previous,
             "to": self.to,
@@ -90,10 +96,18 @@ class Switch:
             "reason": self.reason,
             "at": self.at,
             "devices": list(self.devices),
+            "deadline_s": self.deadline_s,
+            **stamp,
         }
 
     def but(self, state: str, reason: str | None, at: float) -> Switch:
-        return Switch(self.previous, self.to, self.deadline, state, reason, at, self.devices)
+        return dataclasses.replace(self, state=state, reason=reason, at=at)
+
+    def left(self, clocks: Clocks = SYSTEM) -> float:
+        """Seconds until the health check is overdue (0: overdue)."""
+        if self.since is None or self.deadline_s is None:  # a switch.json of an older release
+            return max(0.0, self.deadline - clocks.wall())
+        return left(self.since, self.deadline_s, clocks)
 
     @property
     def unconfirmed(self) -> bool:
@@ -117,9 +131,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class Releases:
     """The releases directory of one station."""
 
-    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, clocks: Clocks = SYSTEM) -> None:
         self.root = root
-        self.clock = clock
+        self.clocks = clocks
+        self.clock = clocks.wall
 
     @property
     def current_link(self) -> Path:
@@ -152,6 +167,7 @@ class Releases:
     def switch_state(self) -> Switch | None:
         try:
             d = json.loads((self.root / SWITCH).read_bytes())
+            since = d.get("switched_at")
             return Switch(
                 previous=d["from"],
                 to=d["to"],
@@ -160,6 +176,8 @@ class Releases:
                 reason=d.get("reason"),
                 at=float(d.get("at", 0.0)),
                 devices=tuple(str(x) for x in d.get("devices") or ()),
+                since=None if since is None else Stamp.from_dict(float(since), d),
+                deadline_s=None if d.get("deadline_s") is None else float(d["deadline_s"]),
             )
         except FileNotFoundError:
             return None
@@ -179,9 +197,20 @@ class Releases:
         previous = self.current()
         if previous == version:
             raise ReleaseRefused(version, "already the current release")
-        now = self.clock()
+        since = Stamp.now(self.clocks)
+        now = since.wall
         s = self._record(
-            Switch(previous, version, now + deadline_s, "switched", None, now, tuple(devices or ()))
+            Switch(
+                previous,
+                version,
+                now + deadline_s,
+                "switched",
+                None,
+                now,
+                tuple(devices or ()),
+                since,
+                deadline_s,
+            )
         )
         self.point(version)
         log.warning(
@@ -194,7 +223,7 @@ class Releases:
         s = self.switch_state()
         if s is None or not s.unconfirmed or s.to != version:
             return False
-        if self.clock() > s.deadline:
+        if s.left(self.clocks) <= 0:
             return False  # too late: the rollback wins, whoever does it
         self._record(s.but("healthy", None, self.clock()))
         log.warning("releases: %s healthy; switch confirmed", version)
@@ -213,7 +242,7 @@ class Releases:
 
     def rollback_if_overdue(self) -> Switch | None:
         s = self.switch_state()
-        if s is not None and s.unconfirmed and self.clock() > s.deadline:
+        if s is not None and s.unconfirmed and s.left(self.clocks) <= 0:
             return self.rollback(f"health check did not pass within the deadline on {s.to}")
         return None
 

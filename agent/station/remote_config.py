@@ -18,9 +18,11 @@ revision id and its sha256. The station
    `_registry/+/status`, subscribed while on trial): state `confirmed`. If that does not happen
    within `[agent] config_rollback_after_s` of applying, it restores `.previous`, marks
    the attempt `rolled_back` with the reason, and restarts its loop again with the old
-   file. The deadline is wall-clock from `applied_at` in the state file, so a station
-   that is restarted (or loses power) while a revision is on trial still rolls back in
-   time, and a confirmed or rolled-back revision is never acted on again at a reboot.
+   file. The deadline counts from `applied_at` in the state file, so a station that is
+   restarted (or loses power) while a revision is on trial still rolls back in time, and
+   a confirmed or rolled-back revision is never acted on again at a reboot. Within one
+   boot it is counted on CLOCK_BOOTTIME, which NTP never steps (agent/station/trial_clock.py:
+   a Pi's clock is stepped at boot, and a step back must not postpone the rollback).
 
 Status and telemetry carry `config_revision` (the revision running), `config_state`
 and, after a rollback, `config_rolled_back` {revision, reason, at}.
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import Config
 from agent.errors import RemoteConfigError
 from agent.station.checks import check_config_file
+from agent.station.trial_clock import SYSTEM, Clocks, Stamp, left
 
 if TYPE_CHECKING:
     from agent.station.uplink import Uplink
@@ -146,16 +149,17 @@ def load_or_roll_back(path: Path) -> tuple[Config | None, list[str]]:
 class RemoteConfig:
     """`cmd/config` and the trial of an applied revision (see the module docstring)."""
 
-    def __init__(self, config: Config, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clocks: Clocks = SYSTEM) -> None:
         self.config = config
         self.path = config.source
-        self._now = now
+        self.clocks = clocks
+        self._now = clocks.wall
         self.state = None if self.path is None else read_state(self.path)
         if self.state is not None and self.state.get("state") == "applied" and self.path:
             # an apply interrupted before the rename: the file is still the old one
             with contextlib.suppress(OSError):
                 if sha256_hex(self.path.read_text()) != self.state.get("sha256"):
-                    self.state = roll_back(self.path, "the apply was interrupted", now)
+                    self.state = roll_back(self.path, "the apply was interrupted", self._now)
         self.registry_online = False  # a registry consumer's retained status said online
         self._progress: asyncio.Event | None = None  # the uplink's, once guarding
         self.restart: Callable[[str], None] | None = None  # the app's loop restart
@@ -258,11 +262,13 @@ class RemoteConfig:
         )  # the new file's own
         running = None if self.state is None else self.describe()["config_revision"]
         before = self.state
+        stamp = Stamp.now(self.clocks)
         self.state = {
             "revision": revision,
             "sha256": sha256_hex(text),
             "state": "applied",
-            "applied_at": self._now(),
+            "applied_at": stamp.wall,
+            **stamp.as_dict(),  # the boot and its clock: the trial's time, never stepped
             "deadline_s": deadline,
             "previous_revision": running,
         }
@@ -318,15 +324,17 @@ class RemoteConfig:
         assert self.state is not None
         self._progress = uplink.progress
         deadline = float(self.state["deadline_s"])
-        remaining = float(self.state["applied_at"]) + deadline - self._now()
+        since = Stamp.from_dict(float(self.state["applied_at"]), self.state)
         try:
-            async with asyncio.timeout(max(0.0, remaining)):
+            async with asyncio.timeout(left(since, deadline, self.clocks)):
                 await self._until_confirmed(uplink)
         except TimeoutError:
+            # no error yet: connected (but no registry), or a first attempt still unanswered
+            waiting = "connected, no registry ack" if uplink.connected else "no answer yet"
             reason = (
                 f"no broker and registry within {deadline:.0f} s of applying "
                 f"(broker {self.config.mqtt.host}:{self.config.mqtt.port}: "
-                f"{uplink.last_error or 'connected, no registry ack'})"
+                f"{uplink.last_error or waiting})"
             )
             self.state = await asyncio.to_thread(roll_back, self.path, reason, self._now)
             if self.restart is not None:

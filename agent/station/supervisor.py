@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +87,7 @@ class Supervisor:
         s = self.releases.switch_state()
         left = None
         if s is not None and s.unconfirmed and s.to == version:
-            left = max(0.0, s.deadline - time.time())
+            left = s.left(self.releases.clocks)
         exited = asyncio.create_task(proc.wait(), name="supervisor-child")
         stopping = asyncio.create_task(stop.wait(), name="supervisor-stop")
         done, _ = await asyncio.wait(

@@ -11,21 +11,14 @@ import pytest
 
 from agent.errors import ReleaseRefused
 from agent.station.releases import Releases, verify
+from agent.testing import FakeClocks
 from tests.support import releases
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def rel(tmp_path: Path) -> tuple[Releases, Clock]:
-    clock = Clock()
-    r = Releases(tmp_path / "releases", clock=clock)
+def rel(tmp_path: Path) -> tuple[Releases, FakeClocks]:
+    clock = FakeClocks()
+    r = Releases(tmp_path / "releases", clocks=clock)
     releases.tree(r.root / "1.0", releases.healthy("1.0"))
     r.point("1.0")
     return r, clock
@@ -44,7 +37,7 @@ def test_wrong_key_and_tampering_are_refused(tmp_path: Path) -> None:
         verify({**manifest, "min_config_schema": 0}, pub)
 
 
-def test_install_beside_switch_confirm(rel: tuple[Releases, Clock], tmp_path: Path) -> None:
+def test_install_beside_switch_confirm(rel: tuple[Releases, FakeClocks], tmp_path: Path) -> None:
     r, clock = rel
     key, pub = releases.keypair(tmp_path)
     b = releases.bundle(tmp_path, "1.1", releases.healthy("1.1"))
@@ -57,23 +50,23 @@ def test_install_beside_switch_confirm(rel: tuple[Releases, Clock], tmp_path: Pa
     s = r.switch("1.1", 30)
     assert (s.previous, s.to, s.state) == ("1.0", "1.1", "switched")
     assert r.current() == "1.1"
-    clock.now += 10
+    clock.advance(10)
     assert r.confirm("1.1")
     assert r.rollback_if_overdue() is None
-    clock.now += 100
+    clock.advance(100)
     assert r.rollback_if_overdue() is None  # confirmed: stays
     assert r.current() == "1.1"
 
 
 def test_an_unconfirmed_switch_past_its_deadline_flips_back(
-    rel: tuple[Releases, Clock], tmp_path: Path
+    rel: tuple[Releases, FakeClocks], tmp_path: Path
 ) -> None:
     r, clock = rel
     releases.tree(r.root / "1.1", releases.healthy("1.1"))
     r.switch("1.1", 30)
-    clock.now += 29
+    clock.advance(29)
     assert r.rollback_if_overdue() is None
-    clock.now += 2
+    clock.advance(2)
     assert not r.confirm("1.1")  # too late to confirm
     s = r.rollback_if_overdue()
     assert s is not None and s.state == "rolled_back" and "deadline" in (s.reason or "")
@@ -81,8 +74,30 @@ def test_an_unconfirmed_switch_past_its_deadline_flips_back(
     assert r.rollback_if_overdue() is None  # once: no flapping on every start
 
 
+def test_the_health_check_deadline_is_kept_whatever_ntp_does_and_across_a_reboot(
+    rel: tuple[Releases, FakeClocks],
+) -> None:
+    """Counted on the boot's clock: a wall clock stepped back a day (a Pi without RTC)
+    does not postpone the rollback, one stepped forward does not bring it early; after a
+    reboot the wall clock counts, never for more than the whole deadline."""
+    r, clock = rel
+    releases.tree(r.root / "1.1", releases.healthy("1.1"))
+    r.switch("1.1", 30)
+    clock.step_wall(+3600)
+    assert r.rollback_if_overdue() is None
+    clock.advance(29)
+    clock.step_wall(-86_400 - 3600)
+    assert r.rollback_if_overdue() is None
+    s = r.switch_state()
+    assert s is not None and s.left(clock) == pytest.approx(1)
+    clock.reboot(wall_step=-86_400)  # booted a day in the past: a whole deadline again
+    assert r.switch_state() is not None and r.switch_state().left(clock) == 30  # type: ignore[union-attr]
+    clock.reboot(wall_step=86_400 * 2 + 40)
+    assert r.rollback_if_overdue() is not None and r.current() == "1.0"
+
+
 def test_a_bundle_that_differs_from_its_manifest_is_not_installed(
-    rel: tuple[Releases, Clock], tmp_path: Path
+    rel: tuple[Releases, FakeClocks], tmp_path: Path
 ) -> None:
     r, _ = rel
     key, pub = releases.keypair(tmp_path)
@@ -95,7 +110,7 @@ def test_a_bundle_that_differs_from_its_manifest_is_not_installed(
 
 
 def test_an_irreversible_outbox_schema_is_refused(
-    rel: tuple[Releases, Clock], tmp_path: Path
+    rel: tuple[Releases, FakeClocks], tmp_path: Path
 ) -> None:
     r, _ = rel
     key, pub = releases.keypair(tmp_path)
@@ -134,7 +149,7 @@ def test_a_download_resumes_and_refuses_wrong_chunks(tmp_path: Path) -> None:
 
 
 def test_a_wheelhouse_pip_cannot_install_leaves_no_half_release(
-    rel: tuple[Releases, Clock], tmp_path: Path
+    rel: tuple[Releases, FakeClocks], tmp_path: Path
 ) -> None:
     """A `make bundle`-shaped tarball whose madoguchi wheel is not a wheel: the venv is
     built where it will run (a venv cannot move), pip fails, and what was built is gone;

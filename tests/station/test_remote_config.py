@@ -18,6 +18,7 @@ from agent.station.remote_config import (
     sha256_hex,
     state_path,
 )
+from agent.testing import FakeClocks
 
 
 def agent_toml(tmp: Path, *, name: str = "station-01", port: int = 1883) -> str:
@@ -153,3 +154,41 @@ async def test_a_symlinked_agent_toml_is_written_through_and_checked_where_it_ru
     assert rolled["state"] == "rolled_back"
     assert link.is_symlink() and link.read_text() == original
     assert sorted(p.name for p in etc.iterdir()) == before
+
+
+class NoBroker:
+    """What the trial reads of an uplink that never connects."""
+
+    def __init__(self) -> None:
+        self.progress = asyncio.Event()
+        self.connected = False
+        self.acks_received = 0
+        self.last_error = "[Errno 111] Connection refused"
+
+    def republish_status(self) -> None:
+        raise AssertionError("never confirmed")
+
+
+async def test_the_trial_ends_on_time_whatever_ntp_does_to_the_wall_clock(
+    tmp_path: Path,
+) -> None:
+    """The trial counts on the boot's clock: a wall clock stepped back an hour (a Pi
+    without RTC, NTP after boot) neither postpones the rollback nor, restarted, gives the
+    revision a new trial. Counted on the wall clock it waited an hour more."""
+    path = tmp_path / "agent.toml"
+    path.write_text(original := agent_toml(tmp_path))
+    clocks = FakeClocks()
+    rc = RemoteConfig(load_config(path), clocks=clocks)
+    assert (await rc.command(body(agent_toml(tmp_path, port=1884), "r1")))["applied"]
+    clocks.advance(29.8)  # the process restarted with the new file, 0.2 s of trial left
+    clocks.step_wall(-3600)
+    again = RemoteConfig(load_config(path), clocks=clocks)
+    assert again.on_trial
+    restarts: list[str] = []
+    again.restart = restarts.append
+    async with asyncio.timeout(5):
+        await again.guard(NoBroker())  # type: ignore[arg-type]
+    assert restarts == ["configuration revision r1 rolled back"]
+    assert path.read_text() == original
+    state = json.loads(state_path(path).read_text())
+    assert state["state"] == "rolled_back" and "Connection refused" in state["reason"]
