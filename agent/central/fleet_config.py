@@ -128,12 +128,13 @@ class ConfigPusher:
             return PushOutcome("refused", result, str(result.get("error")))
         if wait_s <= 0:
             return PushOutcome("applied", result)
-        out = PushOutcome("unknown", result, f"neither confirmed nor rolled back in {wait_s} s")
+        heard: tuple[float, dict[str, Any]] | None = None  # the station's last word
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 async for topic, body in messages:
                     if topic not in (st.status, st.telemetry):
                         continue
+                    heard = (loop.time(), body)
                     rolled = body.get("config_rolled_back")
                     if isinstance(rolled, dict) and rolled.get("revision") == revision:
                         return PushOutcome("rolled_back", result, str(rolled.get("reason")))
@@ -142,7 +143,26 @@ class ConfigPusher:
                         and body.get("config_state") == "confirmed"
                     ):
                         return PushOutcome("confirmed", result)
-        return out
+        return PushOutcome(
+            "unknown",
+            result,
+            f"neither confirmed nor rolled back in {wait_s} s; {_last(heard, loop)}",
+        )
+
+
+def _last(heard: tuple[float, dict[str, Any]] | None, loop: asyncio.AbstractEventLoop) -> str:
+    """What the desk needs to judge an unknown outcome: when the station last spoke, and
+    what it said of its configuration (its status or telemetry, never a record)."""
+    if heard is None:
+        return "nothing heard from the station since its result (offline, or on the new broker)"
+    at, body = heard
+    fields = [
+        f"{k} {body.get(k)}"
+        for k in ("state", "config_revision", "config_state")
+        if body.get(k) is not None
+    ]
+    said = ", ".join(fields) or "no configuration fields"
+    return f"last heard {loop.time() - at:.0f} s ago: {said}"
 
 
 async def aiomqtt_messages(client: aiomqtt.Client) -> Any:

@@ -24,7 +24,7 @@ import pytest
 from agent.central.audit import AuditLog
 from agent.central.dashboard import Dashboard
 from agent.cli.main import main as cli
-from agent.testing import AgentProcess, Pty, free_port
+from agent.testing import AgentProcess, LoggedProcess, Pty, free_port
 from tests.support.central import DESK_USER, desk_guard, running_dashboard
 from tests.system.test_broker_acl import Fleet, P
 from tests.system.test_central_tls import (
@@ -50,6 +50,7 @@ class Setup:
     config: Path
     original: str
     fleet_ident: tuple[Path, Path]
+    registry: LoggedProcess
 
     def push_argv(self, new: Path, revision: str, wait: float) -> list[str]:
         cert, key = self.fleet_ident
@@ -136,7 +137,7 @@ async def running(tmp_path: Path) -> AsyncIterator[Setup]:
         await asyncio.to_thread(registry.wait_log, "registry consuming")
         agent.start()
         await asyncio.to_thread(agent.wait_log, "connected to localhost")
-        yield Setup(tmp_path, fleet, scanner, agent, config, text, fleet.role("fleet"))
+        yield Setup(tmp_path, fleet, scanner, agent, config, text, fleet.role("fleet"), registry)
     finally:
         agent.stop()
         registry.stop()
@@ -215,6 +216,29 @@ async def test_a_push_to_a_wrong_broker_is_rolled_back_and_scans_arrive(
         assert status["config_rolled_back"]["revision"] == "lockout-1"
         assert f"localhost:{wrong_port}" in status["config_rolled_back"]["reason"]
         assert [e["outcome"] for e in s.audit()] == ["sent", "rolled_back"]
+        s.agent.check_running()
+
+
+async def test_a_push_not_decided_within_the_wait_says_what_the_station_last_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No registry to confirm the revision, a trial longer than the desk waits: the push
+    ends `unknown`, audited, naming the revision the station says it runs, on trial."""
+    async with running(tmp_path) as s:
+        s.registry.stop()
+        slow = s.original.replace(
+            f"config_rollback_after_s = {ROLLBACK_AFTER_S}", "config_rollback_after_s = 60"
+        )
+        assert slow != s.original
+        rc = await s.push(slow, "slow-1", wait=2.0)
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert (
+            "revision slow-1 unknown: neither confirmed nor rolled back in 2.0 s; last heard" in err
+        )
+        assert "config_revision slow-1, config_state applied" in err
+        unknown = s.audit()[-1]
+        assert unknown["outcome"] == "unknown" and "config_state applied" in unknown["error"]
         s.agent.check_running()
 
 
