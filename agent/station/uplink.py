@@ -485,7 +485,6 @@ class Uplink:
                         self.fault = self._fault_logged = None
                         backoff.reset()
                         repeats.ok("reachable again")
-                        log.info("connected to %s (session %d)", target.describe(), self.session)
                         stopping = False
                         try:
                             await self._connected(client, stop)
@@ -598,6 +597,9 @@ class Uplink:
         for topic_filter, _ in self._subscriptions:
             await client.subscribe(topic_filter, qos=1)
         await self._birth(client)
+        # said once subscribed and born: a command or ack sent from now on is received
+        where = "?" if self.broker is None else self.broker.describe()
+        log.info("connected to %s (session %d)", where, self.session)
         await self.outbox.reset_sent()
         self._wake.set()
         self.progress.set()
