@@ -134,7 +134,6 @@ class Releases:
     def __init__(self, root: Path, clocks: Clocks = SYSTEM) -> None:
         self.root = root
         self.clocks = clocks
-        self.clock = clocks.wall
 
     @property
     def current_link(self) -> Path:
@@ -225,7 +224,7 @@ class Releases:
             return False
         if s.left(self.clocks) <= 0:
             return False  # too late: the rollback wins, whoever does it
-        self._record(s.but("healthy", None, self.clock()))
+        self._record(s.but("healthy", None, self.clocks.wall()))
         log.warning("releases: %s healthy; switch confirmed", version)
         return True
 
@@ -236,7 +235,7 @@ class Releases:
             return None
         if s.previous is not None:
             self.point(s.previous)
-        out = self._record(s.but("rolled_back", reason[:300], self.clock()))
+        out = self._record(s.but("rolled_back", reason[:300], self.clocks.wall()))
         log.error("releases: rolled back %s -> %s: %s", s.to, s.previous, reason)
         return out
 

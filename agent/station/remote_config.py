@@ -153,13 +153,12 @@ class RemoteConfig:
         self.config = config
         self.path = config.source
         self.clocks = clocks
-        self._now = clocks.wall
         self.state = None if self.path is None else read_state(self.path)
         if self.state is not None and self.state.get("state") == "applied" and self.path:
             # an apply interrupted before the rename: the file is still the old one
             with contextlib.suppress(OSError):
                 if sha256_hex(self.path.read_text()) != self.state.get("sha256"):
-                    self.state = roll_back(self.path, "the apply was interrupted", self._now)
+                    self.state = roll_back(self.path, "the apply was interrupted", self.clocks.wall)
         self.registry_online = False  # a registry consumer's retained status said online
         self._progress: asyncio.Event | None = None  # the uplink's, once guarding
         self.restart: Callable[[str], None] | None = None  # the app's loop restart
@@ -336,12 +335,12 @@ class RemoteConfig:
                 f"(broker {self.config.mqtt.host}:{self.config.mqtt.port}: "
                 f"{uplink.last_error or waiting})"
             )
-            self.state = await asyncio.to_thread(roll_back, self.path, reason, self._now)
+            self.state = await asyncio.to_thread(roll_back, self.path, reason, self.clocks.wall)
             if self.restart is not None:
                 self.restart(f"configuration revision {self.state.get('revision')} rolled back")
             return
         self.state["state"] = "confirmed"
-        self.state["confirmed_at"] = self._now()
+        self.state["confirmed_at"] = self.clocks.wall()
         await asyncio.to_thread(save_state, self.path, self.state)
         uplink.republish_status()
         log.info("configuration revision %s confirmed", self.state.get("revision"))
