@@ -14,6 +14,7 @@ trial: what is left is always between 0 and the deadline.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,19 +70,22 @@ class Stamp:
         """`wall` from the record's own field; boot_id / boottime if it has them (a file
         written before they were kept has only the wall clock)."""
         boot_id, boottime = d.get("boot_id"), d.get("boottime")
+        if not (isinstance(boottime, int | float) and math.isfinite(boottime)):
+            boottime = None
         return cls(
             float(wall),
             boot_id if isinstance(boot_id, str) else None,
-            float(boottime) if isinstance(boottime, int | float) else None,
+            None if boottime is None else float(boottime),
         )
 
 
 def elapsed(since: Stamp, clocks: Clocks = SYSTEM) -> float:
     """Seconds since `since`: CLOCK_BOOTTIME within the same boot, else the wall clock."""
     same_boot = since.boot_id is not None and since.boot_id == clocks.boot_id()
-    if same_boot and since.boottime is not None:
-        return max(0.0, clocks.boottime() - since.boottime)
-    return clocks.wall() - since.wall
+    now = clocks.boottime()
+    if same_boot and since.boottime is not None and since.boottime <= now:
+        return now - since.boottime
+    return clocks.wall() - since.wall  # another boot, or a start this boot cannot have had
 
 
 def left(since: Stamp, deadline_s: float, clocks: Clocks = SYSTEM) -> float:

@@ -46,6 +46,15 @@ def test_a_stamp_survives_its_file_and_an_old_file_has_the_wall_clock_only() -> 
     assert left(old, 30, clocks) == 30  # the wall clock, bounded
     junk = Stamp.from_dict(since.wall, {"boot_id": 7, "boottime": "x"})
     assert (junk.boot_id, junk.boottime) == (None, None)
+    assert Stamp.from_dict(since.wall, {"boottime": float("nan")}).boottime is None
+
+
+def test_a_boottime_this_boot_has_not_reached_counts_on_the_wall_clock() -> None:
+    """A state file that says the trial began after now (edited, or torn): not a trial
+    that never ends in this boot; the wall clock decides, bounded as after a reboot."""
+    clocks = FakeClocks()
+    since = Stamp(clocks.wall() - 100, clocks.boot_id(), clocks.boottime() + 1e9)
+    assert elapsed(since, clocks) == 100 and left(since, 30, clocks) == 0
 
 
 def test_the_system_clocks_of_this_machine() -> None:
