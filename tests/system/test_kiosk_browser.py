@@ -309,8 +309,9 @@ async def test_every_device_is_shown_and_each_stays_named_until_it_is_back(
     try:
         async with running_kiosk(cfg) as k:  # no registry: what is stored waits to be sent
             spare.close()  # unplugged before the page loads
-            while k.station.devices["spare"].state == "connected":
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(10):  # a station that never notices fails here, named
+                while k.station.devices["spare"].state == "connected":
+                    await asyncio.sleep(0.05)
             page = await open_kiosk(browser, k)
             dev = page.locator("#devices li")
             await expect(dev).to_have_count(3)
