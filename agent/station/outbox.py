@@ -1,8 +1,10 @@
 """The outbox: the only owner of SQLite and the only truth about delivery.
 
-Every read becomes a row here before the operator hears an ACK. Rows move
+Every read becomes a row here before the operator hears an ACK. Records move
 pending -> sent (the broker's PUBACK) -> confirmed (the registry's ack), and
-are purged `retention_days` after confirmation. WAL with synchronous=FULL: a
+are purged `retention_days` after confirmation. Only "confirmed" is written to the row;
+"sent" is kept in memory (agent/station/sent_ranges.py): it only times resends and is
+discarded at every connect. WAL with synchronous=FULL: a
 commit that returned survives kill -9 and power loss.
 
 All SQLite work runs in one dedicated thread. Concurrent `append()` calls
@@ -28,6 +30,7 @@ import logging
 import os
 import sqlite3
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -43,6 +46,7 @@ from agent.errors import OutboxDiskFull, OutboxError, OutboxFull
 from agent.station import counters
 from agent.station.salvage import COLUMNS, Salvaged, salvage
 from agent.station.sealing import Sealer
+from agent.station.sent_ranges import SentRanges, runs
 
 if TYPE_CHECKING:  # cryptography is loaded only where personal data is stored
     from agent.personal_seal import PersonalSealer
@@ -55,6 +59,8 @@ _TO_REGISTRY = "sealed_to_registry"
 (under the outbox key too); a card's personal part never has that single key."""
 
 PENDING, SENT, CONFIRMED = 0, 1, 2
+"""Row states. SENT (1) was written by earlier releases and is read as pending now: "sent"
+lives in `Outbox._sent` (issue #18)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -75,9 +81,11 @@ CREATE TABLE IF NOT EXISTS records (
     confirmed_at REAL
 );
 CREATE INDEX IF NOT EXISTS records_unconfirmed ON records(seq) WHERE state < 2;
-CREATE INDEX IF NOT EXISTS records_sent ON records(sent_at) WHERE state = 1;
+DROP INDEX IF EXISTS records_sent;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# records_sent (sent_at WHERE state = 1) was the index of the "sent" rows; an older release
+# rolled back to creates it again
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +117,11 @@ class OutboxStats:
 CACHE_KIB = 512
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
     """A record as the uplink sends it: its seq, id and wire JSON (UTF-8), and the whole
-    `Record` only for the kinds that need more than the bytes (see `next_wire_batch`)."""
+    `Record` only for the kinds that need more than the bytes (see `next_wire_batch`).
+    Not frozen: a frozen dataclass costs 1.4 µs more to build, per record drained."""
 
     seq: int
     id: str
@@ -136,6 +145,15 @@ _WIRE_SQL = (
     " WHEN 0 THEN ',\"clock_synced\":false' ELSE '' END"
     " || ',\"data\":' || data || '}' AS BLOB)"
 )
+_OUTGOING_COLUMNS = (
+    "seq, id, sealed IS NOT NULL OR kind IN ("
+    + ",".join("'" + k.replace("'", "''") + "'" for k in sorted(_KINDS_WITH_RECORD))
+    + f"), {_WIRE_SQL}"
+)
+"""`next_wire_batch`'s columns: seq, id, whether the whole `Record` is needed, the wire."""
+
+_RECORD_COLUMNS = "id, seq, captured_at, device, kind, source, data, sealed, operator, clock_synced"
+"""The columns of a `Record`, in `Outbox._record`'s order."""
 
 
 @dataclass(slots=True)
@@ -194,6 +212,8 @@ class Outbox:
         # rows by state, kept as rows change state (rebuilt once per connection): stats()
         # runs on the committing thread and must not count a million rows (issue #18)
         self._n_pending = self._n_sent = self._n_confirmed = 0
+        # seqs taken by the broker and when; `_n_sent` counts the unconfirmed rows inside
+        self._sent = SentRanges()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -379,11 +399,12 @@ class Outbox:
         return db
 
     def _count_states(self, db: sqlite3.Connection) -> None:
-        """The state counters from the rows: once per connection, never per status call."""
+        """The state counters from the rows: once per connection, never per status call.
+        A new connection has nothing sent (a fresh database is all pending)."""
         total = db.execute("SELECT count(*) FROM records").fetchone()[0]
         unconfirmed = db.execute("SELECT count(*) FROM records WHERE state < 2").fetchone()[0]
-        sent = db.execute("SELECT count(*) FROM records WHERE state = 1").fetchone()[0]
-        self._n_pending, self._n_sent = unconfirmed - sent, sent
+        self._sent.clear()
+        self._n_pending, self._n_sent = unconfirmed, 0
         self._n_confirmed = total - unconfirmed
 
     def _move_aside(self, reason: str) -> None:
@@ -723,15 +744,33 @@ class Outbox:
         return await self._run(self._next_batch, max_records, resend_after_s)
 
     def _next_batch(self, max_records: int, resend_after_s: float) -> list[Record]:
-        due = self._clock() - resend_after_s
-        rows = self.db.execute(
-            "SELECT id, seq, captured_at, device, kind, source, data, sealed, operator,"
-            " clock_synced"
-            " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?)"
-            " ORDER BY seq LIMIT ?",
-            (due, max_records),
-        ).fetchall()
+        rows = self._due(_RECORD_COLUMNS, max_records, resend_after_s, 0)
         return [self._record(row) for row in rows]
+
+    def _due(
+        self, columns: str, max_records: int, resend_after_s: float, after_seq: int
+    ) -> list[tuple[Any, ...]]:
+        """The unconfirmed rows above `after_seq` that are not sent, or were sent more than
+        `resend_after_s` ago, in seq order: the gaps between the sent ranges not yet due,
+        each read from the unconfirmed index (while draining, one read above the last)."""
+        due = self._clock() - resend_after_s
+        db, low = self.db, after_seq
+        out: list[tuple[Any, ...]] = []
+        for first, last in self._sent.not_due(after_seq, due):
+            if first > low + 1:
+                out += db.execute(
+                    f"SELECT {columns} FROM records WHERE state < 2 AND seq > ? AND seq < ?"
+                    " ORDER BY seq LIMIT ?",
+                    (low, first, max_records - len(out)),
+                ).fetchall()
+                if len(out) >= max_records:
+                    return out
+            low = max(low, last)
+        out += db.execute(
+            f"SELECT {columns} FROM records WHERE state < 2 AND seq > ? ORDER BY seq LIMIT ?",
+            (low, max_records - len(out)),
+        ).fetchall()
+        return out
 
     async def next_wire_batch(
         self, max_records: int, resend_after_s: float, after_seq: int = 0
@@ -746,27 +785,18 @@ class Outbox:
     def _next_wire_batch(
         self, max_records: int, resend_after_s: float, after_seq: int = 0
     ) -> list[Outgoing]:
-        due = self._clock() - resend_after_s
-        rows = self.db.execute(
-            f"SELECT seq, id, kind, sealed IS NOT NULL, {_WIRE_SQL}"
-            " FROM records WHERE state < 2 AND (state = 0 OR sent_at <= ?) AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (due, after_seq, max_records),
-        ).fetchall()
-        out: list[Outgoing] = []
-        for seq, rid, kind, sealed, wire in rows:
-            if sealed or kind in _KINDS_WITH_RECORD:
+        rows = self._due(_OUTGOING_COLUMNS, max_records, resend_after_s, after_seq)
+        # one comprehension, no branch per row: this runs for every record drained
+        out = [Outgoing(seq, rid, wire) for seq, rid, whole, wire in rows]
+        for i, (seq, _, whole, _) in enumerate(rows):
+            if whole:
                 record = self._record_at(seq)
-                out.append(Outgoing(seq, rid, record.wire_json().encode(), record))
-            else:
-                out.append(Outgoing(seq, rid, wire, None))
+                out[i] = Outgoing(seq, record.id, record.wire_json().encode(), record)
         return out
 
     def _record_at(self, seq: int) -> Record:
         row = self.db.execute(
-            "SELECT id, seq, captured_at, device, kind, source, data, sealed, operator,"
-            " clock_synced FROM records WHERE seq = ?",
-            (seq,),
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq = ?", (seq,)
         ).fetchone()
         return self._record(row)
 
@@ -812,32 +842,31 @@ class Outbox:
         await self._bookkeeping(self._mark_sent, list(seqs))
 
     def _mark_sent(self, seqs: list[int]) -> None:
-        """By seq range when the seqs are one ascending run (a batch as `next_batch` read
-        it), by seq otherwise. Two statements, so the pending -> sent moves are counted."""
-        if not seqs:
+        """In memory (`_sent`), no write: the seqs taken by the broker, one range per run.
+        Only the unconfirmed rows that were not already sent are counted as moving; a seq
+        above the last one stored is ignored (it would count as sent when stored)."""
+        ordered = sorted(set(seqs))
+        del ordered[bisect_right(ordered, self._last_seq) :]
+        if not ordered:
             return
         now = self._clock()
-        db = self.db
-        run = _as_run(seqs)
-        with _transaction(db, durable=False):
-            if run is not None:
-                db.execute(
-                    "UPDATE records SET sent_at = ? WHERE seq BETWEEN ? AND ? AND state = 1",
-                    (now, *run),
-                )
-                moved = db.execute(
-                    "UPDATE records SET state = 1, sent_at = ? WHERE seq BETWEEN ? AND ?"
-                    " AND state = 0",
-                    (now, *run),
-                ).rowcount
-            else:
-                pairs = [(now, s) for s in seqs]
-                db.executemany("UPDATE records SET sent_at = ? WHERE seq = ? AND state = 1", pairs)
-                moved = db.executemany(
-                    "UPDATE records SET state = 1, sent_at = ? WHERE seq = ? AND state = 0", pairs
-                ).rowcount
+        if ordered[-1] - ordered[0] + 1 == len(ordered):
+            parts: Iterable[tuple[int, int]] = [(ordered[0], ordered[-1])]
+        else:
+            parts = runs(ordered)
+        moved = 0
+        for first, last in parts:
+            for a, b in self._sent.set(first, last, now):
+                moved += self._unconfirmed_between(a, b)
         self._n_pending -= moved
         self._n_sent += moved
+
+    def _unconfirmed_between(self, first: int, last: int) -> int:
+        """Unconfirmed rows with seq in `[first, last]`, from the unconfirmed index."""
+        row = self.db.execute(
+            "SELECT count(*) FROM records WHERE state < 2 AND seq BETWEEN ? AND ?", (first, last)
+        ).fetchone()
+        return int(row[0])
 
     async def confirm(self, ids: Iterable[str]) -> int:
         """Mark records confirmed by the registry; drop their personal data now."""
@@ -852,15 +881,28 @@ class Outbox:
             return self._confirm_by_ids(ids)
         now = self._clock()
         db = self.db
+        # how many of the rows confirmed now were sent: all of them when the run is
+        # covered by sent ranges (an ack of a message, the usual case), none when it is
+        # not covered at all, else counted in each covered part before the update
+        parts = self._sent.covering(*run)
+        covered = sum(b - a + 1 for a, b in parts)
+        whole = run[1] - run[0] + 1
+        from_sent = 0
+        if 0 < covered < whole:
+            from_sent = sum(self._unconfirmed_between(a, b) for a, b in parts)
         with _transaction(db, durable=False):
-            sql = (
+            n = db.execute(
                 "UPDATE records SET state = 2, confirmed_at = ?, sealed = NULL"
-                " WHERE seq BETWEEN ? AND ? AND state = ?"
-            )
-            from_sent = db.execute(sql, (now, *run, SENT)).rowcount
-            from_pending = db.execute(sql, (now, *run, PENDING)).rowcount
-        self._confirmed_counts(from_sent, from_pending)
-        return from_sent + from_pending
+                " WHERE seq BETWEEN ? AND ? AND state < 2",
+                (now, *run),
+            ).rowcount
+        if covered == whole:
+            from_sent = n
+        self._n_sent -= from_sent
+        self._n_pending -= n - from_sent
+        self._n_confirmed += n
+        self._sent.cut(*run)
+        return n
 
     def _run_of_ids(self, ids: list[str]) -> tuple[int, int] | None:
         """(first, last) seq if `ids` are the ids of every row from first to last."""
@@ -886,20 +928,24 @@ class Outbox:
     def _confirm_by_ids(self, ids: list[str]) -> int:
         now = self._clock()
         db = self.db
+        sql = (
+            "UPDATE records SET state = 2, confirmed_at = ?, sealed = NULL"
+            " WHERE id = ? AND state < 2 RETURNING seq"
+        )
+        seqs: list[int] = []
         with _transaction(db, durable=False):
-            sql = (
-                "UPDATE records SET state = 2, confirmed_at = ?, sealed = NULL"
-                " WHERE id = ? AND state = ?"
-            )
-            from_sent = db.executemany(sql, [(now, i, SENT) for i in ids]).rowcount
-            from_pending = db.executemany(sql, [(now, i, PENDING) for i in ids]).rowcount
-        self._confirmed_counts(from_sent, from_pending)
-        return from_sent + from_pending
+            for rid in dict.fromkeys(ids):
+                seqs += [r[0] for r in db.execute(sql, (now, rid))]
+        self._confirmed_seqs(seqs)
+        return len(seqs)
 
-    def _confirmed_counts(self, from_sent: int, from_pending: int) -> None:
+    def _confirmed_seqs(self, seqs: list[int]) -> None:
+        """The counters after these rows were confirmed (each was unconfirmed before)."""
+        seqs.sort()
+        from_sent = self._sent.count_in(seqs)
         self._n_sent -= from_sent
-        self._n_pending -= from_pending
-        self._n_confirmed += from_sent + from_pending
+        self._n_pending -= len(seqs) - from_sent
+        self._n_confirmed += len(seqs)
 
     async def unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """(id, data) of the records of `kind` not yet confirmed: e.g. the photos whose
@@ -916,17 +962,13 @@ class Outbox:
         return [(rid, json.loads(data)) for rid, data in rows]
 
     async def reset_sent(self) -> int:
-        """After a reconnect every unconfirmed record is sent again."""
-        try:
-            return await self._run(self._reset_sent)
-        except OutboxDiskFull:  # not needed: sent records are due again after resend_after_s
-            log.warning("outbox %s: reset of sent records skipped: disk full", self.path)
-            return 0
+        """After a reconnect every unconfirmed record is sent again (nothing is written)."""
+        return await self._run(self._reset_sent)
 
     def _reset_sent(self) -> int:
-        with _transaction(self.db, durable=False):
-            n = self.db.execute("UPDATE records SET state = 0 WHERE state = 1").rowcount
-        self._n_sent -= n
+        n = self._n_sent
+        self._sent.clear()
+        self._n_sent = 0
         self._n_pending += n
         return n
 
@@ -935,8 +977,14 @@ class Outbox:
         return await self._run(self._next_resend_at, resend_after_s)
 
     def _next_resend_at(self, resend_after_s: float) -> float | None:
-        row = self.db.execute("SELECT min(sent_at) FROM records WHERE state = 1").fetchone()
-        return None if row[0] is None else float(row[0]) + resend_after_s
+        # a range whose rows were all confirmed (by ids, not by its run) is dropped here:
+        # its time would wake the sender for nothing
+        while (oldest := self._sent.oldest()) is not None:
+            first, last, at = oldest
+            if self._unconfirmed_between(first, last):
+                return at + resend_after_s
+            self._sent.cut(first, last)
+        return None
 
     async def purge(self, retention_days: float) -> int:
         """Delete confirmed records older than the retention, in slices."""
@@ -1104,9 +1152,9 @@ class _transaction:
 
     `durable=False` commits without an fsync (`synchronous=NORMAL`, still atomic and
     consistent): for delivery bookkeeping that a power cut may undo harmlessly, because
-    an undone `sent` or `confirmed` only means the record is sent again and the registry
-    acks it again. The next durable commit (a scan) syncs it along. Without this a live
-    record cost three fsyncs on the Pi's flash (append, sent, confirmed) instead of one.
+    an undone `confirmed` only means the record is sent again and the registry acks it
+    again. The next durable commit (a scan) syncs it along. A live record costs one fsync
+    on the Pi's flash (the append), not two ("sent" is not written at all).
     """
 
     def __init__(self, db: sqlite3.Connection, *, durable: bool = True) -> None:
@@ -1316,7 +1364,7 @@ def _query_stats(db: sqlite3.Connection, now: float) -> dict[str, Any]:
     the table holds up to `retention_days` of confirmed history (docs/PERFORMANCE.md)."""
     total = db.execute("SELECT count(*) FROM records").fetchone()[0]
     unconfirmed = db.execute("SELECT count(*) FROM records WHERE state < 2").fetchone()[0]
-    sent = db.execute("SELECT count(*) FROM records WHERE state = 1").fetchone()[0]
+    sent = 0  # "sent" is the running agent's memory (sent_ranges.py), not in the file
     # the lowest unconfirmed seq is the oldest record (commit order)
     oldest = db.execute(
         "SELECT created_at FROM records WHERE state < 2 ORDER BY seq LIMIT 1"

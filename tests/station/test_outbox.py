@@ -292,8 +292,9 @@ async def test_stats_and_resend_time_never_scan_the_confirmed_history(tmp_path: 
     try:
         for query in (
             "SELECT count(*) FROM records WHERE state < 2",
-            "SELECT count(*) FROM records WHERE state = 1",
-            "SELECT min(sent_at) FROM records WHERE state = 1",
+            "SELECT count(*) FROM records WHERE state < 2 AND seq BETWEEN 3 AND 900",
+            "SELECT seq FROM records WHERE state < 2 AND seq > 3 AND seq < 9 ORDER BY seq LIMIT 5",
+            "SELECT seq FROM records WHERE state < 2 AND seq > 3 ORDER BY seq LIMIT 5",
             "SELECT created_at FROM records WHERE state < 2 ORDER BY seq LIMIT 1",
         ):
             plan = " ".join(str(row[3]) for row in plain.execute(f"EXPLAIN QUERY PLAN {query}"))

@@ -71,11 +71,26 @@ async def _ids(ob: Outbox) -> list[tuple[int, str, int]]:
     )
 
 
-async def _assert_counts(ob: Outbox) -> None:
+async def _assert_counts(ob: Outbox, sent: set[int] | None = None) -> None:
+    """The counters against a count of the rows; `sent`: the seqs the test marked sent
+    (a set kept by the test itself, not the outbox's ranges), the unconfirmed of which
+    must be counted as sent and must not be handed out again before they are due."""
     stats = await ob.stats()
     counted = await ob._run(lambda: _query_stats(ob.db, ob._clock()))
+    rows = await _ids(ob)
+    unconfirmed = [seq for seq, _, state in rows if state < 2]
+    in_flight = {seq for seq in unconfirmed if seq in (sent or set())}
+    counted["sent"] = len(in_flight)
+    counted["pending"] = counted["unconfirmed"] - len(in_flight)
     got = {k: getattr(stats, k) for k in counted}
     assert got == counted
+    not_due = [o.seq for o in await ob.next_wire_batch(1000, 30)]
+    assert not_due == [seq for seq in unconfirmed if seq not in in_flight]
+    all_due = [o.seq for o in await ob.next_wire_batch(1000, 0)]
+    assert all_due == unconfirmed
+    after = unconfirmed[len(unconfirmed) // 2] if unconfirmed else 0
+    above = [o.seq for o in await ob.next_wire_batch(3, 30, after_seq=after)]
+    assert above == [s for s in unconfirmed if s > after and s not in in_flight][:3]
 
 
 def _clock() -> float:
@@ -105,6 +120,7 @@ def test_state_counters_equal_a_count_after_any_sequence(
         await ob.__aenter__()
         try:
             n = 0
+            sent: set[int] = set()  # what the test marked sent since the last reset
             for op, arg in ops:
                 rng = random.Random(arg)
                 rows = await _ids(ob)
@@ -116,9 +132,14 @@ def test_state_counters_equal_a_count_after_any_sequence(
                 elif op == "send":
                     batch = await ob.next_wire_batch(arg, 0)
                     await ob.mark_sent([o.seq for o in batch])
+                    sent |= {o.seq for o in batch}
                 elif op == "send_some":
-                    seqs = [r[0] for r in rows if rng.random() < 0.5] + [10_000]
-                    await ob.mark_sent(sorted(seqs))
+                    seqs = [r[0] for r in rows if rng.random() < 0.5]
+                    # unordered, repeated, and one not stored yet (appended later: pending)
+                    mixed = [*seqs, *seqs[:2], (rows[-1][0] if rows else 0) + 1]
+                    rng.shuffle(mixed)
+                    await ob.mark_sent(mixed)
+                    sent |= set(seqs)
                 elif op == "confirm_run":
                     await ob.confirm([r[1] for r in open_rows[:arg]])
                 elif op == "confirm_some":
@@ -127,13 +148,15 @@ def test_state_counters_equal_a_count_after_any_sequence(
                     await ob.confirm([*ids, str(uuid.uuid4())])
                 elif op == "reset":
                     await ob.reset_sent()
+                    sent.clear()
                 elif op == "purge":
                     await ob.purge(retention_days=0)
                 else:
                     await ob.__aexit__(None, None, None)
                     ob = Outbox(db, clock=_clock)
                     await ob.__aenter__()
-                await _assert_counts(ob)
+                    sent.clear()
+                await _assert_counts(ob, sent)
         finally:
             await ob.__aexit__(None, None, None)
 
