@@ -1136,17 +1136,6 @@ class Outbox:
         )
 
 
-def _as_run(seqs: list[int]) -> tuple[int, int] | None:
-    """(first, last) if `seqs` is first, first + 1, ..., last."""
-    first, last = seqs[0], seqs[-1]
-    if last - first + 1 != len(seqs):
-        return None
-    for want, got in enumerate(seqs, first):
-        if want != got:
-            return None
-    return first, last
-
-
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK and an `OutboxError`.
 
@@ -1154,7 +1143,7 @@ class _transaction:
     consistent): for delivery bookkeeping that a power cut may undo harmlessly, because
     an undone `confirmed` only means the record is sent again and the registry acks it
     again. The next durable commit (a scan) syncs it along. A live record costs one fsync
-    on the Pi's flash (the append), not two ("sent" is not written at all).
+    on the Pi's flash, its append's. `sent` is not written at all (`Outbox._sent`).
     """
 
     def __init__(self, db: sqlite3.Connection, *, durable: bool = True) -> None:

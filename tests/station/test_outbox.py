@@ -331,3 +331,55 @@ async def test_delivery_bookkeeping_leaves_scans_fully_synchronous(tmp_path: Pat
         sync = await ob._run(lambda: ob.db.execute("PRAGMA synchronous").fetchone()[0])
         assert sync == 2  # FULL
         assert (await ob.stats()).confirmed == 1
+
+
+async def test_rows_an_earlier_release_marked_sent_are_pending_and_its_index_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """Releases before 980a678 wrote "sent" into the rows (state 1, sent_at) with an index
+    on them; this one keeps it in memory. Such a file, opened here, has every unconfirmed
+    record due for sending, counted pending, and the index is gone."""
+    db = tmp_path / "o.db"
+    now = [1000.0]
+    async with Outbox(db, clock=lambda: now[0]) as ob:
+        recs = [await ob.append(scan(str(i))) for i in range(5)]
+        await ob.confirm([recs[0].id])
+    plain = sqlite3.connect(db, isolation_level=None)
+    try:
+        plain.execute("CREATE INDEX records_sent ON records(sent_at) WHERE state = 1")
+        plain.execute("UPDATE records SET state = 1, sent_at = 999.0 WHERE seq IN (2, 3)")
+    finally:
+        plain.close()
+    async with Outbox(db, clock=lambda: now[0]) as ob:
+        st = await ob.stats()
+        assert (st.pending, st.sent, st.unconfirmed, st.confirmed) == (4, 0, 4, 1)
+        assert [o.seq for o in await ob.next_wire_batch(10, 30)] == [2, 3, 4, 5]
+        assert await ob.next_resend_at(30) is None
+        await ob.mark_sent([2, 3])
+        st = await ob.stats()
+        assert (st.pending, st.sent) == (2, 2)
+        assert await ob.confirm([recs[1].id, recs[2].id]) == 2
+        st = await ob.stats()
+        assert (st.pending, st.sent, st.confirmed) == (2, 0, 3)
+        indexes = await ob._run(
+            lambda: [
+                r[0] for r in ob.db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+            ]
+        )
+        assert "records_sent" not in indexes and "records_unconfirmed" in indexes
+
+
+async def test_marking_sent_and_the_reset_write_nothing(tmp_path: Path) -> None:
+    """At a PUBACK and at every connect: no transaction, no page written (issue #18)."""
+    db = tmp_path / "o.db"
+    async with Outbox(db) as ob:
+        recs = [await ob.append(scan(str(i))) for i in range(50)]
+        changes = await ob._run(lambda: ob.db.total_changes)
+        wal = (tmp_path / "o.db-wal").stat().st_size
+        await ob.mark_sent(r.seq for r in recs)
+        assert (await ob.stats()).sent == 50
+        assert await ob.reset_sent() == 50
+        assert await ob._run(lambda: ob.db.total_changes) == changes
+        assert (tmp_path / "o.db-wal").stat().st_size == wal
+        st = await ob.stats()
+        assert (st.pending, st.sent) == (50, 0)
