@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.central.store import Stored
+from agent.central.store_sqlite import enable_wal
 from agent.contract.datasets import (
     CHUNK_BYTES,
     DATASETS_SITE,
@@ -356,7 +357,7 @@ class UsedTicketsFeed:
 
     def open(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(db)
         db.executescript(
             "CREATE TABLE IF NOT EXISTS used_tickets (municipality_code TEXT, ticket_number TEXT,"
             " dose TEXT, site TEXT, agent TEXT, at TEXT,"

@@ -145,6 +145,30 @@ def _row(r: dict[str, Any], site: str, agent: str, now: float) -> tuple[Any, ...
     )
 
 
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """`PRAGMA journal_mode=WAL`, waited for like any other lock (up to `timeout_s`).
+
+    Switching a database into WAL takes an exclusive lock, and SQLite answers SQLITE_BUSY
+    at once there, without calling the busy handler: four registry processes opening one
+    new file together lost that race in a third of the tries, and the loser exited
+    "database is locked" (`make bench`, 2026-12-07)."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL").fetchone()
+            return
+        except sqlite3.OperationalError as e:
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            if code not in (_SQLITE_BUSY, _SQLITE_LOCKED) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
 def _drop_stored_at_index(db: sqlite3.Connection) -> None:
     """A database made before record_minutes: count its recent records into it, then drop
     the index on records(stored_at) that counted them (one B-tree insert per record,
@@ -199,7 +223,7 @@ class RegistryStore:
             self._private()
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             # deleted content is overwritten with zeros, not left in free pages: a purged
             # sealed personal part is gone from the file bytes (after a checkpoint, the WAL too)
