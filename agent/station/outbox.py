@@ -850,12 +850,8 @@ class Outbox:
         if not ordered:
             return
         now = self._clock()
-        if ordered[-1] - ordered[0] + 1 == len(ordered):
-            parts: Iterable[tuple[int, int]] = [(ordered[0], ordered[-1])]
-        else:
-            parts = runs(ordered)
         moved = 0
-        for first, last in parts:
+        for first, last in runs(ordered):
             for a, b in self._sent.set(first, last, now):
                 moved += self._unconfirmed_between(a, b)
         self._n_pending -= moved
@@ -896,11 +892,7 @@ class Outbox:
                 " WHERE seq BETWEEN ? AND ? AND state < 2",
                 (now, *run),
             ).rowcount
-        if covered == whole:
-            from_sent = n
-        self._n_sent -= from_sent
-        self._n_pending -= n - from_sent
-        self._n_confirmed += n
+        self._count_confirmed(n, n if covered == whole else from_sent)
         self._sent.cut(*run)
         return n
 
@@ -942,10 +934,13 @@ class Outbox:
     def _confirmed_seqs(self, seqs: list[int]) -> None:
         """The counters after these rows were confirmed (each was unconfirmed before)."""
         seqs.sort()
-        from_sent = self._sent.count_in(seqs)
+        self._count_confirmed(len(seqs), self._sent.count_in(seqs))
+
+    def _count_confirmed(self, n: int, from_sent: int) -> None:
+        """`n` unconfirmed rows were confirmed, `from_sent` of them inside a sent range."""
         self._n_sent -= from_sent
-        self._n_pending -= len(seqs) - from_sent
-        self._n_confirmed += len(seqs)
+        self._n_pending -= n - from_sent
+        self._n_confirmed += n
 
     async def unconfirmed_data(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """(id, data) of the records of `kind` not yet confirmed: e.g. the photos whose
@@ -1353,15 +1348,15 @@ def _query_stats(db: sqlite3.Connection, now: float) -> dict[str, Any]:
     the table holds up to `retention_days` of confirmed history (docs/PERFORMANCE.md)."""
     total = db.execute("SELECT count(*) FROM records").fetchone()[0]
     unconfirmed = db.execute("SELECT count(*) FROM records WHERE state < 2").fetchone()[0]
-    sent = 0  # "sent" is the running agent's memory (sent_ranges.py), not in the file
     # the lowest unconfirmed seq is the oldest record (commit order)
     oldest = db.execute(
         "SELECT created_at FROM records WHERE state < 2 ORDER BY seq LIMIT 1"
     ).fetchone()
     session = db.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
     return {
-        "pending": unconfirmed - sent,
-        "sent": sent,
+        # "sent" is the running agent's memory (sent_ranges.py), not in the file
+        "pending": unconfirmed,
+        "sent": 0,
         "unconfirmed": unconfirmed,
         "confirmed": total - unconfirmed,
         "oldest_unconfirmed_age_s": None if oldest is None else round(now - oldest[0], 3),

@@ -112,6 +112,9 @@ def runs(seqs: Sequence[int]) -> Iterator[tuple[int, int]]:
     """The maximal runs `first, first + 1, ..., last` of ascending, distinct `seqs`."""
     if not seqs:
         return
+    if seqs[-1] - seqs[0] + 1 == len(seqs):  # one run (a message's seqs): no loop
+        yield seqs[0], seqs[-1]
+        return
     first = prev = seqs[0]
     for s in seqs[1:]:
         if s != prev + 1:

@@ -63,6 +63,7 @@ def test_ranges_say_what_a_dict_of_seqs_says(
 def test_runs_cut_at_every_gap() -> None:
     assert list(runs([])) == []
     assert list(runs([4])) == [(4, 4)]
+    assert list(runs([5, 6, 7])) == [(5, 7)]
     assert list(runs([1, 2, 3, 7, 8, 10])) == [(1, 3), (7, 8), (10, 10)]
 
 
