@@ -66,7 +66,7 @@ from agent.central.mqtt_lean import LeanClient, Will
 from agent.central.station_status import StationStatusFeed
 from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
 from agent.central.stores import open_store
-from agent.contract.blobs import missing_request
+from agent.contract.blobs import PHOTO_KIND, missing_request
 from agent.contract.messages import Ack
 from agent.contract.records import iso_ms, utc_now
 from agent.contract.topics import DEFAULT_PREFIX, Topic, Topics, registry_name
@@ -625,7 +625,8 @@ class Registry:
                 self.on_stored(s)
             if self.datasets is not None:
                 self.datasets.note(s)
-            if s.conflict or await self._blob_ready(s):
+            # a photo waits for its blob (`_blob_ready`); no coroutine for every other record
+            if s.conflict or s.record["kind"] != PHOTO_KIND or await self._blob_ready(s):
                 ids.setdefault((s.site, s.agent), []).append(s.record["id"])
         if self.on_acked is not None:  # the lines of what is about to be acked
             self.on_acked()
@@ -671,14 +672,16 @@ class Registry:
             letters.append(
                 self._letter(message, where.site, f"record {bad.index}: {bad.reason}", where.agent)
             )
-        good = []
-        for r in env.records:
-            try:
-                self._check_personal(where.site, where.agent, r)
-                good.append(r)
-            except ValueError as e:  # never log the record: it may hold personal data
-                reason = f"record {r['id']}: {e}"[:300]
-                letters.append(self._letter(message, where.site, reason, where.agent))
+        good = env.records
+        if any("personal" in r["data"] or "personal_sealed" in r["data"] for r in good):
+            good = []
+            for r in env.records:
+                try:
+                    self._check_personal(where.site, where.agent, r)
+                    good.append(r)
+                except ValueError as e:  # never log the record: it may hold personal data
+                    reason = f"record {r['id']}: {e}"[:300]
+                    letters.append(self._letter(message, where.site, reason, where.agent))
         return Batch(env.site, env.agent, good) if good else None
 
     def _check_personal(self, site: str, agent: str, record: dict[str, Any]) -> None:
@@ -757,7 +760,7 @@ class Registry:
     async def _blob_ready(self, stored: Stored) -> bool:
         """A photo record is acked only when its blob is complete, verified and stored."""
         record = stored.record
-        if record.get("kind") != "photo":
+        if record.get("kind") != PHOTO_KIND:
             return True
         rid, sha = record["id"], str(record.get("data", {}).get("sha256"))
         done = await self._in_blob_thread(
