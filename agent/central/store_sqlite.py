@@ -45,6 +45,7 @@ from agent.central.store import (
     split_personal,
     verify_blob,
 )
+from agent.contract.validate import LOST_RANGE
 from agent.errors import BlobMismatch, RegistryStoreError
 
 T = TypeVar("T")
@@ -341,28 +342,38 @@ class RegistryStore:
         """One station's records of the commit: what became of each, and its `agents` row
         (None if nothing was new). `inserted`: the ids already inserted, if known."""
         db = self.db
-        out = []
-        new_seqs = []
-        accounted: list[int] = []  # seqs named by lost_range records
-        clock: int | None = None
         if inserted is None:
             inserted = self._insert_new(site, agent, split, now)
-        for r, sealed in split:
-            new = r["id"] in inserted
-            if new:
-                inserted.discard(r["id"])  # the same id twice in one message: once new
-            conflict = not new and self._conflict(site, agent, r, now)
-            out.append(Stored(site, agent, r, new, conflict))
-            if new and sealed is not None:
-                db.execute(
-                    "INSERT OR IGNORE INTO personal_sealed VALUES (?,?,?,?,?,?,NULL)",
-                    (r["id"], site, agent, r["captured_at"], json.dumps(sealed), now),
-                )
-            if new:
-                new_seqs.append(int(r["seq"]))
-                accounted += accounted_for(r)
-                if isinstance(r.get("clock_synced"), bool):
-                    clock = int(r["clock_synced"])
+        if len(inserted) == len(split):
+            # every record new, each id once (the usual case): nothing to look up per record
+            out = [Stored(site, agent, r, True) for r, _ in split]
+            news = split
+        else:
+            out, news = [], []
+            for r, sealed in split:
+                new = r["id"] in inserted
+                if new:
+                    inserted.discard(r["id"])  # the same id twice in one message: once new
+                    news.append((r, sealed))
+                conflict = not new and self._conflict(site, agent, r, now)
+                out.append(Stored(site, agent, r, new, conflict))
+        new_seqs = [int(r["seq"]) for r, _ in news]
+        sealed_rows = [
+            (r["id"], site, agent, r["captured_at"], json.dumps(sealed), now)
+            for r, sealed in news
+            if sealed is not None
+        ]
+        if sealed_rows:
+            db.executemany(
+                "INSERT OR IGNORE INTO personal_sealed VALUES (?,?,?,?,?,?,NULL)", sealed_rows
+            )
+        # seqs named by lost_range records
+        accounted = [s for r, _ in news if r["kind"] == LOST_RANGE for s in accounted_for(r)]
+        clock: int | None = None  # the last new record's that says
+        for r, _ in reversed(news):
+            if isinstance(c := r.get("clock_synced"), bool):
+                clock = int(c)
+                break
         if not new_seqs:
             return out, None
         # only the gaps these seqs can fall in (gaps are disjoint): two index ranges
