@@ -46,6 +46,7 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.central.registry import tune_gc  # noqa: E402
 from agent.testing import (  # noqa: E402
     AgentProcess,
     Broker,
@@ -456,4 +457,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # the registry hosted here runs as `madoguchi registry` does
     asyncio.run(main())

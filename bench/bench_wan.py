@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import fill, serial_device  # noqa: E402
 
+from agent.central.registry import tune_gc  # noqa: E402
 from agent.config_types import MqttSection  # noqa: E402
 from agent.testing import (  # noqa: E402
     AgentProcess,
@@ -158,4 +159,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # the registry hosted here runs as `madoguchi registry` does
     asyncio.run(main())

@@ -27,7 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from agent.central.registry import Stored
+from agent.central.registry import Stored, tune_gc
 from agent.contract.records import Read, envelope
 from agent.station.outbox import Outbox, read_stats
 from agent.testing import AgentProcess, Broker, Pty, running_registry, serial_scanner, write_config
@@ -376,6 +376,7 @@ if __name__ == "__main__":
     ap.add_argument("--idle-s", type=float, default=10.0)
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
+    tune_gc()  # the registry hosted here runs as `madoguchi registry` does
     result = asyncio.run(main(a))
     print(json.dumps(result, indent=2))
     if a.markdown:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # core_bench, when run as a module
 
 import core_bench as core  # noqa: E402
 
-from agent.central.registry import Stored  # noqa: E402
+from agent.central.registry import Stored, tune_gc  # noqa: E402
 from agent.contract.records import Read  # noqa: E402
 from agent.station.outbox import Outbox, read_stats  # noqa: E402
 from agent.testing import (  # noqa: E402
@@ -649,6 +649,7 @@ if __name__ == "__main__":
             saved["machine"]["disk"] = machine(Path(a.tmp or tempfile.gettempdir()))["disk"]
         report.write(saved, DOCS / "PERFORMANCE.md", PERF)
         raise SystemExit(0)
+    tune_gc()  # the registry hosted here runs as `madoguchi registry` does
     result = asyncio.run(suite(a))
 
     if a.no_write:

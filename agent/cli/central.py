@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         return 1
     reg = config.registry
     setup_logging(args.log_level or reg.log_level)
-    from agent.central.registry import run_registry
+    from agent.central.registry import run_registry, tune_gc
 
     try:
         tls = config.tls_context("registry")
@@ -204,12 +203,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return 1
-    # The youngest generation collected after 100,000 allocations, not 700: a 500-record
-    # message is 2,500 containers that all die at its ack (by reference counting: the
-    # collector only ever finds cycles). At 700 they were scanned three or four times a
-    # message and those still in flight promoted, for the older collections to scan
-    # again with everything alive: a fifth of the registry's CPU per record (issue #18).
-    gc.set_threshold(100_000, 50, 100)
+    tune_gc()
     return run_service(
         lambda stop: run_registry(
             config.broker.host,
