@@ -11,6 +11,10 @@ records. Whatever the bytes, the parsers here raise `RecordError` (a
 `MessageError`, so a `ValueError`) and nothing else: no RecursionError,
 OverflowError or UnicodeError escapes. Reasons are safe to log (they never
 quote the record's contents).
+
+A consumer with a faster JSON passes it as `codec` (`JsonCodec`; `ShapedCodec` to
+check a message's shape in compiled code too): it only shortens the work, the
+verdicts are those of the standard library alone.
 """
 
 from __future__ import annotations
