@@ -73,6 +73,13 @@ _FIELDS = frozenset(
 )
 
 
+#: the smallest message a `ShapedCodec` checks: below about four records (a live scan's
+#: message holds one) its work per message, a second decoding and a search per field,
+#: costs more than the long way record by record (23 against 18 µs for one record, 12
+#: against 13 for five, 9 against 15 per record for 500)
+SHAPED_MIN_BYTES = 1024
+
+
 class RecordError(MessageError):
     """A `records` message or one of its records that the contract refuses; safe to log."""
 
@@ -366,7 +373,11 @@ def parse_records(
     trusted); otherwise the records that passed and, apart, those refused.
     """
     shaped = getattr(codec, "decode_shaped", None)  # a ShapedCodec
-    if shaped is not None and isinstance(payload, bytes | bytearray) and len(payload) <= limit:
+    if (
+        shaped is not None
+        and isinstance(payload, bytes | bytearray)
+        and SHAPED_MIN_BYTES <= len(payload) <= limit
+    ):
         got = shaped(bytes(payload))
         if got is not None:
             env = _shaped(got[0], got[1], site, agent)

@@ -10,7 +10,10 @@ parsed three ways: the standard library alone, msgspec the long way, and msgspec
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,6 +35,13 @@ class LongWay:
         assert CODEC is not None
         self.decode = CODEC.decode
         self.encoded_size = CODEC.encoded_size
+
+
+@contextmanager
+def shaped_at_any_size() -> Iterator[None]:
+    """Small messages take the long way (`SHAPED_MIN_BYTES`): here every one is shaped."""
+    with mock.patch.object(validate, "SHAPED_MIN_BYTES", 0):
+        yield
 
 
 def verdict(payload: bytes, codec: Any) -> tuple[str, Any]:
@@ -201,7 +211,8 @@ def test_a_refused_record_sends_its_message_the_long_way_with_the_reason() -> No
     bad["captured_at"] = "2024-07-01T09:00:00"  # fits the shape; no time zone
     payload = _envelope([_good(1), json.dumps(bad), _good(3)])
     assert CODEC is not None and CODEC.decode_shaped(payload) is not None
-    env = parse_records(payload, SITE, AGENT, codec=CODEC)
+    with shaped_at_any_size():
+        env = parse_records(payload, SITE, AGENT, codec=CODEC)
     assert [r["seq"] for r in env.records] == [1, 3]
     assert [(r.index, r.reason) for r in env.refused] == [
         (1, "record captured_at has no time zone")
@@ -220,6 +231,16 @@ def test_big_data_is_weighed_the_long_way() -> None:
         assert (len(kept), len(why)) == ((0, 1) if refused else (1, 0))
         if refused:
             assert "over the 262144-byte cap" in why[0][1]
+
+
+def test_a_small_message_takes_the_long_way() -> None:
+    """One live scan: the shaped path would cost more than it saves."""
+    payload = _station_message(1)
+    assert len(payload) < validate.SHAPED_MIN_BYTES <= len(_station_message(5))
+    with mock.patch.object(validate, "_shaped", side_effect=AssertionError("shaped")):
+        assert len(parse_records(payload, SITE, AGENT, codec=CODEC).records) == 1
+        with pytest.raises(AssertionError, match="shaped"):
+            parse_records(_station_message(5), SITE, AGENT, codec=CODEC)
 
 
 def test_a_station_record_is_stored_as_the_text_it_was_sent_as() -> None:
