@@ -139,8 +139,9 @@ class ShapedCodec(JsonCodec, Protocol):
         float); `captured_at` a string of 1-40 characters; `device` and `kind` strings
         of 1-`MAX_NAME_CHARS`; `source` absent, null or such a string; `operator` absent,
         null or a string of 1-`MAX_OPERATOR_CHARS`; `clock_synced` absent, null or a
-        boolean; `site` and `agent` absent or strings of 1-`MAX_SITE_CHARS`; `data`
-        present. Of a key given twice, the last counts, in that check as in the value."""
+        boolean; `site` and `agent` absent, null or strings of 1-`MAX_SITE_CHARS`;
+        `data` present. Of a key given twice, the last counts, in that check as in the
+        value."""
         ...
 
 
@@ -460,10 +461,8 @@ def _shaped(body: Any, texts: list[bytes], site: str, agent: str) -> Envelope | 
         # nesting and 64-bit integers (`_sound`), from the text where it can tell: no
         # deeper than the brackets it holds, no integer longer than its longest digit run
         # (brackets and digits inside strings only make it look the long way)
-        suspect = text.count(b"{") + text.count(b"[") > MAX_DEPTH or _LONG_DIGITS in text.translate(
-            _DIGITS_AS_0
-        )
-        if suspect and not _sound(data, 1):
+        deep = text.count(b"{") + text.count(b"[") > MAX_DEPTH
+        if (deep or _LONG_DIGITS in text.translate(_DIGITS_AS_0)) and not _sound(data, 1):
             return None
         if r["kind"] == LOST_RANGE:
             try:
