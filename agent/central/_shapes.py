@@ -39,7 +39,7 @@ class RecordShape(Struct, forbid_unknown_fields=True, gc=False):
     captured_at: When
     device: Name
     kind: Name
-    data: Raw  # looked at in the plain decoding; only its length is taken here
+    data: Raw  # its text goes on to `_shaped`; its values are the plain decoding's
     source: Name | None = None
     operator: Operator | None = None
     clock_synced: bool | None = None

@@ -65,7 +65,15 @@ from agent.central.datasets import UsedTicketsFeed
 from agent.central.fastjson import CODEC
 from agent.central.mqtt_lean import LeanClient, Will
 from agent.central.station_status import StationStatusFeed
-from agent.central.store import Batch, DeadLetter, Gap, PersonalStore, RecordStore, Stored
+from agent.central.store import (
+    Batch,
+    DeadLetter,
+    Gap,
+    PersonalStore,
+    RecordStore,
+    Stored,
+    carries_personal,
+)
 from agent.central.stores import open_store
 from agent.contract.blobs import PHOTO_KIND, missing_request
 from agent.contract.messages import Ack
@@ -626,7 +634,7 @@ class Registry:
                 self.on_stored(s)
             if self.datasets is not None:
                 self.datasets.note(s)
-            # a photo waits for its blob (`_blob_ready`); no coroutine for every other record
+            # a photo waits for its blob; no coroutine for every other record
             if s.conflict or s.record["kind"] != PHOTO_KIND or await self._blob_ready(s):
                 ids.setdefault((s.site, s.agent), []).append(s.record["id"])
         if self.on_acked is not None:  # the lines of what is about to be acked
@@ -674,7 +682,7 @@ class Registry:
                 self._letter(message, where.site, f"record {bad.index}: {bad.reason}", where.agent)
             )
         good = env.records
-        if any("personal" in r["data"] or "personal_sealed" in r["data"] for r in good):
+        if any(carries_personal(r) for r in good):
             good = []
             for r in env.records:
                 try:
@@ -759,10 +767,9 @@ class Registry:
         return await asyncio.get_running_loop().run_in_executor(self._blob_executor, fn, *args)
 
     async def _blob_ready(self, stored: Stored) -> bool:
-        """A photo record is acked only when its blob is complete, verified and stored."""
+        """Whether a photo record may be acked: only once its blob is complete, verified
+        and stored (`_ack` asks only for photos)."""
         record = stored.record
-        if record.get("kind") != PHOTO_KIND:
-            return True
         rid, sha = record["id"], str(record.get("data", {}).get("sha256"))
         done = await self._in_blob_thread(
             self.blobs.is_complete, stored.site, stored.agent, rid, sha

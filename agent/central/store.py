@@ -296,15 +296,21 @@ class PersonalAccess:
     detail: str
 
 
+def carries_personal(record: dict[str, Any]) -> bool:
+    """Whether the record's `data` holds a personal part, sealed or in the clear."""
+    data = record.get("data")
+    return isinstance(data, dict) and ("personal" in data or "personal_sealed" in data)
+
+
 def split_personal(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The record body to store, and its sealed personal part (kept apart, purged later).
 
     A plain `data["personal"]` (a station without `outbox.registry_public_key`) is
     dropped: the registry database never holds personal data in the clear.
     """
-    data = record.get("data")
-    if not isinstance(data, dict) or ("personal" not in data and "personal_sealed" not in data):
+    if not carries_personal(record):
         return record, None
+    data = record["data"]
     envelope = data.get("personal_sealed")
     rest = {k: v for k, v in data.items() if k not in ("personal", "personal_sealed")}
     return {**record, "data": rest}, envelope if isinstance(envelope, dict) else None
