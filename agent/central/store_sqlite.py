@@ -109,9 +109,6 @@ CREATE TABLE IF NOT EXISTS personal_access (
 );
 """
 
-#: bytes per page of a new registry database
-PAGE_SIZE = 16384
-
 #: records stored per station and minute are kept this long (the dashboard shows 30)
 MINUTES_KEPT = 120
 
@@ -230,10 +227,6 @@ class RegistryStore:
             self._private()
             db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
             db.execute("PRAGMA busy_timeout=30000")
-            # a new database only (an existing one keeps its pages): a drain's commits of
-            # thousands of records write and checkpoint a quarter of the pages they do at
-            # 4 KB; the store's thread spent 13.2 µs a record against 16.1 (issue #18)
-            db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             enable_wal(db)
             db.execute("PRAGMA synchronous=FULL")
             # deleted content is overwritten with zeros, not left in free pages: a purged
