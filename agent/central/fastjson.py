@@ -15,6 +15,8 @@ import importlib.util
 import json
 from typing import Any
 
+from agent.contract.validate import DataTexts
+
 __all__ = ["CODEC", "MsgspecCodec", "record_text"]
 
 
@@ -30,15 +32,18 @@ class MsgspecCodec:
         self._encode = msgspec.json.Encoder().encode
         self._shape = msgspec.json.Decoder(EnvelopeShape).decode
 
-    def decode_shaped(self, payload: bytes) -> tuple[Any, list[bytes]] | None:
+    def decode_shaped(self, payload: bytes) -> tuple[Any, DataTexts] | None:
         # two passes over the bytes, cheaper together than the Python checks they spare:
         # the typed one builds no dict (its structs are not even tracked by the garbage
         # collector), the plain one gives the values exactly as `decode`, keys in order
         try:
             shape = self._shape(payload)
-            return self._decode(payload), [bytes(r.data) for r in shape.records]
+            value = self._decode(payload)
         except (ValueError, RecursionError):
             return None  # not of the shape (or not JSON): the long way decides
+        # each `Raw` joined as it is (a buffer): no bytes object per record
+        raws = [r.data for r in shape.records]
+        return value, DataTexts(b"\0".join(raws), len(raws), max(map(len, raws), default=0))
 
     def decode(self, payload: bytes) -> Any:
         # DecodeError and ValidationError (a number out of range) are ValueErrors

@@ -131,8 +131,8 @@ class ShapedCodec(JsonCodec, Protocol):
     per record were most of the registry's CPU). Only a shortcut as well: a message it
     does not vouch for takes the long way, and gets the same verdict there."""
 
-    def decode_shaped(self, payload: bytes) -> tuple[Any, list[bytes]] | None:
-        """(`decode(payload)`, each record's `data` as the text it arrived as),
+    def decode_shaped(self, payload: bytes) -> tuple[Any, DataTexts] | None:
+        """(`decode(payload)`, the text each record's `data` arrived as: `DataTexts`),
         or None unless `payload` is an object whose `records` is a list of at most
         `MAX_RECORDS` objects, each with only the fields of the schema, where `id` is a
         string of 36 characters; `seq` an integer 1..`MAX_SEQ` (not a boolean, not a
@@ -143,6 +143,21 @@ class ShapedCodec(JsonCodec, Protocol):
         `data` present. Of a key given twice, the last counts, in that check as in the
         value."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class DataTexts:
+    """Each record's `data` as the JSON text it arrived as, for the checks `_shaped` makes
+    on the text of a whole message at once (a search over one string instead of one per
+    record: issue #18). JSON text holds no NUL byte, so the texts are joined by one; a
+    `joined` that holds more NULs than `count - 1` is not trusted (the long way decides)."""
+
+    joined: bytes
+    """the texts in record order, each after a NUL but the first"""
+    count: int
+    """how many texts (records)"""
+    longest: int
+    """the longest text's length in bytes"""
 
 
 def _no_constant(name: str) -> Any:
@@ -419,9 +434,16 @@ _UUIDS = re.compile(r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 #: every one of 18 digits does) is found by a plain substring search, not a regex
 _DIGITS_AS_0 = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGITS = b"0" * 19
+#: of the joined texts, only the brackets (each `[` as `{`) and the NULs between texts:
+#: a text with more than MAX_DEPTH brackets is then a run of more than MAX_DEPTH `{`
+_BRACKETS_ONLY = (
+    bytes.maketrans(b"[", b"{"),
+    bytes(c for c in range(256) if c not in b"{[\0"),
+)
+_DEEP = b"{" * (MAX_DEPTH + 1)
 
 
-def _shaped(body: Any, texts: list[bytes], site: str, agent: str) -> Envelope | None:
+def _shaped(body: Any, texts: DataTexts, site: str, agent: str) -> Envelope | None:
     """`parse_records` for a message whose shape a `ShapedCodec` vouched for: what the
     shape does not say, checked a message at a time where it can be. None as soon as
     anything fails: the long way then finds it and says why, record by record."""
@@ -433,37 +455,44 @@ def _shaped(body: Any, texts: list[bytes], site: str, agent: str) -> Envelope | 
     except RecordError:
         return None
     records: list[dict[str, Any]] = body["records"]
-    if len(records) != len(texts):
+    joined = texts.joined
+    if len(records) != texts.count or joined.count(b"\0") != max(0, texts.count - 1):
         return None
     # every id is 36 characters (the shape): one match over them all tells each apart
     if not _UUIDS.fullmatch("".join([r["id"] for r in records])):
         return None
-    for key in ("captured_at", "device", "kind"):
+    when = [r["captured_at"] for r in records]
+    if _CONTROL.search("".join(when)):
+        return None
+    for key in ("device", "kind"):
         if _CONTROL.search("".join([r[key] for r in records])):
             return None
     for key in ("source", "operator"):
         if _CONTROL.search("".join([r.get(key) or "" for r in records])):
             return None
-    iso = datetime.fromisoformat
-    for r, text in zip(records, texts, strict=True):
-        try:
-            if iso(r["captured_at"]).tzinfo is None:
-                return None
-        except ValueError:
+    try:
+        if None in [t.tzinfo for t in map(datetime.fromisoformat, when)]:
             return None
+    except ValueError:
+        return None
+    for r in records:
         if ("site" in r and r["site"] != site) or ("agent" in r and r["agent"] != agent):
             return None
-        data = r["data"]
-        # re-encoding grows a text at most 4.5 times (parse_records): under a fifth of the
-        # cap as it arrived, there is nothing to weigh
-        if type(data) is not dict or len(text) > MAX_DATA_BYTES // 5:
-            return None
-        # nesting and 64-bit integers (`_sound`), from the text where it can tell: no
-        # deeper than the brackets it holds, no integer longer than its longest digit run
-        # (brackets and digits inside strings only make it look the long way)
-        deep = text.count(b"{") + text.count(b"[") > MAX_DEPTH
-        if (deep or _LONG_DIGITS in text.translate(_DIGITS_AS_0)) and not _sound(data, 1):
-            return None
+    datas = [r["data"] for r in records]
+    # re-encoding grows a text at most 4.5 times (parse_records): under a fifth of the cap
+    # as it arrived, there is nothing to weigh
+    if texts.longest > MAX_DATA_BYTES // 5 or set(map(type, datas)) - {dict}:
+        return None
+    # nesting and 64-bit integers (`_sound`), from the text where it can tell: no deeper
+    # than the brackets it holds, no integer longer than its longest digit run (brackets
+    # and digits inside strings only make it look the long way); searched in all the texts
+    # at once, then, if either is found, text by text
+    if _LONG_DIGITS in joined.translate(_DIGITS_AS_0) or _DEEP in joined.translate(*_BRACKETS_ONLY):
+        for data, text in zip(datas, joined.split(b"\0"), strict=True):
+            deep = text.count(b"{") + text.count(b"[") > MAX_DEPTH
+            if (deep or _LONG_DIGITS in text.translate(_DIGITS_AS_0)) and not _sound(data, 1):
+                return None
+    for r in records:
         if r["kind"] == LOST_RANGE:
             try:
                 lost_range(r)

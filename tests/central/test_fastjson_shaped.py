@@ -253,3 +253,50 @@ def test_a_station_record_is_stored_as_the_text_it_was_sent_as() -> None:
     assert [body(r) for r in env.records] == [
         json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in sent
     ]
+
+
+def _with_data(seq: int, data: str) -> str:
+    return _good(seq)[: -len('{"text": "4901234567894"}}')] + data + "}"
+
+
+def _shaped_of(records: list[str]) -> validate.Envelope | None:
+    assert CODEC is not None
+    got = CODEC.decode_shaped(_envelope(records))
+    assert got is not None
+    return validate._shaped(got[0], got[1], SITE, AGENT)
+
+
+def test_brackets_and_digits_are_counted_in_each_records_text_alone() -> None:
+    """The text checks search all of a message's `data` texts at once: two records of 20
+    brackets each are not one of 40, and digits do not run on from one text to the next."""
+    twenty = '{"v":' + _depth(20) + "}"  # 2 * 19 + 1 brackets, 20 deep
+    env = _shaped_of([_with_data(1, twenty), _with_data(2, twenty), _good(3)])
+    assert env is not None and [r["seq"] for r in env.records] == [1, 2, 3]
+    nine = '{"n":123456789}'  # nine digits at a text's end, ten at the next one's start
+    env = _shaped_of([_with_data(1, nine), _with_data(2, '{"n":1234567890}')])
+    assert env is not None and len(env.records) == 2
+
+
+def test_one_deep_record_among_shallow_ones_is_found_and_decided_on_its_value() -> None:
+    deep = '{"v":' + _depth(33) + "}"
+    assert _shaped_of([_good(1), _with_data(2, deep), _good(3)]) is None
+    # 40 brackets inside a string and 19 digits in a string: looked at again, and fine
+    shallow = '{"s":"' + "[" * 40 + '","t":"1111224100000000011"}'
+    env = _shaped_of([_good(1), _with_data(2, shallow), _good(3)])
+    assert env is not None and env.records[1]["data"]["s"] == "[" * 40
+    payload = _envelope([_good(1), _with_data(2, deep), _good(3)])
+    with shaped_at_any_size():
+        assert verdict(payload, CODEC) == verdict(payload, None)
+    assert verdict(payload, None)[1][1] == [(1, "record data nested deeper than 32")]
+
+
+def test_joined_texts_that_do_not_add_up_are_not_trusted() -> None:
+    """A NUL in a text (JSON holds none) or a count that differs: the long way decides."""
+    assert CODEC is not None
+    body, texts = CODEC.decode_shaped(_envelope([_good(1), _good(2)])) or (None, None)
+    assert texts is not None and texts.count == 2 and texts.joined.count(b"\0") == 1
+    assert validate._shaped(body, texts, SITE, AGENT) is not None
+    extra_nul = validate.DataTexts(texts.joined + b"\0", 2, texts.longest)
+    assert validate._shaped(body, extra_nul, SITE, AGENT) is None
+    one_short = validate.DataTexts(texts.joined, 1, texts.longest)
+    assert validate._shaped(body, one_short, SITE, AGENT) is None
