@@ -475,9 +475,6 @@ def _shaped(body: Any, texts: DataTexts, site: str, agent: str) -> Envelope | No
             return None
     except ValueError:
         return None
-    for r in records:
-        if ("site" in r and r["site"] != site) or ("agent" in r and r["agent"] != agent):
-            return None
     datas = [r["data"] for r in records]
     # re-encoding grows a text at most 4.5 times (parse_records): under a fifth of the cap
     # as it arrived, there is nothing to weigh
@@ -493,6 +490,8 @@ def _shaped(body: Any, texts: DataTexts, site: str, agent: str) -> Envelope | No
             if (deep or _LONG_DIGITS in text.translate(_DIGITS_AS_0)) and not _sound(data, 1):
                 return None
     for r in records:
+        if ("site" in r and r["site"] != site) or ("agent" in r and r["agent"] != agent):
+            return None
         if r["kind"] == LOST_RANGE:
             try:
                 lost_range(r)
