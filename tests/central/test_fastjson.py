@@ -12,10 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.central.fastjson import CODEC, MsgspecCodec, record_text
+from agent.central.fastjson import CODEC, record_text
 from agent.contract.validate import (
     MAX_DATA_BYTES,
     MAX_DEPTH,
+    JsonCodec,
     RecordError,
     check_record,
     load_json,
@@ -42,12 +43,22 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def verdict(payload: bytes, codec: MsgspecCodec | None) -> tuple[str, Any]:
+def verdict(payload: bytes, codec: JsonCodec | None) -> tuple[str, Any]:
     try:
         env = parse_records(payload, SITE, AGENT, codec=codec)
     except RecordError as e:
         return ("refused", str(e))
     return ("parsed", (env.records, [(r.index, r.reason) for r in env.refused]))
+
+
+def assert_same_verdict(a: tuple[str, Any], b: tuple[str, Any]) -> None:
+    """Two `verdict`s alike: refused for the same reason, or the same records kept (values
+    and types, `same`) and the same refused."""
+    assert a[0] == b[0]
+    if a[0] == "refused":
+        assert a[1] == b[1]
+    else:
+        assert same(a[1][0], b[1][0]) and a[1][1] == b[1][1]
 
 
 HOSTILE_TEXT = st.sampled_from(
@@ -132,12 +143,7 @@ PAYLOAD = (
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(PAYLOAD)
 def test_every_message_gets_the_same_verdict_and_values_with_msgspec(payload: bytes) -> None:
-    slow, fast = verdict(payload, None), verdict(payload, CODEC)
-    assert slow[0] == fast[0]
-    if slow[0] == "refused":
-        assert slow[1] == fast[1]
-    else:
-        assert same(slow[1][0], fast[1][0]) and slow[1][1] == fast[1][1]
+    assert_same_verdict(verdict(payload, None), verdict(payload, CODEC))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 from unittest import mock
 
 import pytest
@@ -22,8 +21,8 @@ from hypothesis import strategies as st
 from agent.central.fastjson import CODEC
 from agent.contract import validate
 from agent.contract.records import Record, envelope, uuid7
-from agent.contract.validate import RecordError, parse_records
-from tests.central.test_fastjson import AGENT, SITE, same
+from agent.contract.validate import parse_records
+from tests.central.test_fastjson import AGENT, SITE, assert_same_verdict, same, verdict
 
 pytestmark = pytest.mark.skipif(CODEC is None, reason="msgspec is not installed")
 
@@ -42,14 +41,6 @@ def shaped_at_any_size() -> Iterator[None]:
     """Small messages take the long way (`SHAPED_MIN_BYTES`): here every one is shaped."""
     with mock.patch.object(validate, "SHAPED_MIN_BYTES", 0):
         yield
-
-
-def verdict(payload: bytes, codec: Any) -> tuple[str, Any]:
-    try:
-        env = parse_records(payload, SITE, AGENT, codec=codec)
-    except RecordError as e:
-        return ("refused", str(e))
-    return ("parsed", (env.records, [(r.index, r.reason) for r in env.refused]))
 
 
 UUID = "0190c8e4-7d3a-7b61-9c2e-5f0a4b3c2d1e"
@@ -163,17 +154,9 @@ MESSAGE = st.lists(record_text(), max_size=4).map(_envelope) | st.tuples(
 def test_the_shaped_path_gives_every_message_the_verdict_and_values_of_the_long_way(
     payload: bytes,
 ) -> None:
-    stdlib, long_way, shaped = (
-        verdict(payload, None),
-        verdict(payload, LongWay()),
-        verdict(payload, CODEC),
-    )
-    assert stdlib[0] == long_way[0] == shaped[0]
-    if stdlib[0] == "refused":
-        assert stdlib[1] == long_way[1] == shaped[1]
-    else:
-        assert same(stdlib[1][0], shaped[1][0]) and same(long_way[1][0], shaped[1][0])
-        assert stdlib[1][1] == long_way[1][1] == shaped[1][1]
+    shaped = verdict(payload, CODEC)
+    assert_same_verdict(verdict(payload, None), shaped)
+    assert_same_verdict(verdict(payload, LongWay()), shaped)
 
 
 def _station_message(n: int = 3) -> bytes:
@@ -315,12 +298,7 @@ def test_each_edge_among_good_records_gets_the_verdict_of_the_long_way(
     edge = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in fields.items()) + "}"
     payload = _envelope([_good(s) for s in range(2, 10)] + [edge])
     assert len(payload) >= validate.SHAPED_MIN_BYTES
-    stdlib, shaped = verdict(payload, None), verdict(payload, CODEC)
-    assert stdlib[0] == shaped[0]
-    if stdlib[0] == "refused":
-        assert stdlib[1] == shaped[1]
-    else:
-        assert same(stdlib[1][0], shaped[1][0]) and stdlib[1][1] == shaped[1][1]
+    assert_same_verdict(verdict(payload, None), verdict(payload, CODEC))
 
 
 def test_texts_of_fewer_records_than_the_message_holds_are_not_trusted() -> None:
