@@ -221,8 +221,11 @@ class RabbitCluster:
 
         Three fresh nodes booting at once on two busy cores have failed once in a
         full fresh-clone run ("rabbit_is_not_running" for one of them) and never
-        alone; that is RabbitMQ's start-up, not what these tests test. A second
-        failure fails with the node's logs."""
+        alone; that is RabbitMQ's start-up, not what these tests test. The retry gets
+        new ports: another failed on `eaddrinuse` twice, for a port `free_port` had
+        picked from the kernel's ephemeral range, where a connection made meanwhile
+        (one lasting, such as a node's own to epmd) may take it as its local port. A
+        second failure fails with the node's logs."""
         try:
             self._await(node)
             return
@@ -233,6 +236,10 @@ class RabbitCluster:
             os.kill(self.beam_pid(node.index), signal.SIGKILL)
         self._reap(node)
         shutil.rmtree(node.base / "mnesia", ignore_errors=True)
+        # nothing has been told these ports yet: each launch writes them into the node's config
+        node.amqp_port, node.mqtt_port, node.dist_port, node.mqtts_port = (
+            free_port() for _ in range(4)
+        )
         self._launch(node)
         try:
             self._await(node)
