@@ -466,10 +466,35 @@ FAKES: dict[str, tuple[type[Any], type[Any]]] = {
 LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's pick on the loopback)."""
+_PICK = random.SystemRandom()  # not `random`'s global state, which hypothesis seeds
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    """The ports from 10000 to just below the kernel's ephemeral range: a connection's
+    local port is taken from that range, so one made between the pick and the server's
+    bind can hold a port picked there (a RabbitMQ node failed to boot that way)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return 10000, low - 1
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on right now, below the ephemeral range where the
+    kernel has one (else its own pick)."""
+    first, last = _below_ephemeral()
+    for _ in range(200 if last - first >= 1000 else 0):
+        port = _PICK.randint(first, last)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+import agent.testing
 from agent.config import load_config
 from agent.contract.records import uuid7
 from agent.errors import HarnessError
@@ -34,6 +35,25 @@ def test_free_port_can_be_bound_and_nothing_listens_there() -> None:
         pass
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_free_port_is_below_the_ephemeral_range_and_skips_a_held_port() -> None:
+    """A connection takes its local port from the ephemeral range: a port picked there can
+    be taken between the pick and the server's bind, so none is picked there."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(50)}
+    assert all(10000 <= p < low for p in ports)
+    assert len(ports) > 40  # spread over the range, not one port again and again
+
+
+def test_free_port_passes_over_a_port_something_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        taken = held.getsockname()[1]
+        other = free_port()
+        picks = iter([taken, taken, other])
+        monkeypatch.setattr(agent.testing._PICK, "randint", lambda a, b: next(picks))
+        assert free_port() == other
 
 
 @pytest.mark.broker

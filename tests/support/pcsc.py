@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+from agent.testing import free_port
+
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 JPKI_AID = bytes.fromhex("D392F000260100000001")
 SUPPORT_AID = bytes.fromhex("D3921000310001010408")
@@ -76,9 +78,7 @@ def pcscd_binary() -> str:
 def free_port_pair() -> int:
     """A port p such that p and p + 1 are both free (vpcd listens on all interfaces)."""
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            p = int(s.getsockname()[1])
+        p = free_port("0.0.0.0")
         if p >= 65535:
             continue
         try:
