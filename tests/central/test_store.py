@@ -117,6 +117,32 @@ async def test_two_postgres_consumers_racing_on_the_same_records_store_once(
     assert pg_cluster.query(pg_dsn, "SELECT count(*) FROM gaps") == [(0,)]
 
 
+async def test_postgres_records_have_no_seq_index_and_an_old_one_is_kept(
+    pg_dsn: str, pg_cluster: PgCluster
+) -> None:
+    """A new PostgreSQL database indexes records by id and stored_at only (no query reads
+    them by station and seq); one made before with `records_agent_seq` keeps it through
+    every open, and stores as before."""
+    indexes = "SELECT indexname FROM pg_indexes WHERE tablename = 'records' ORDER BY 1"
+    st = PostgresStore(pg_dsn)
+    await st.open()
+    await st.close()
+    assert pg_cluster.query(pg_dsn, indexes) == [("records_pkey",), ("records_stored_at",)]
+    import psycopg
+
+    with psycopg.connect(pg_dsn) as conn:  # as the schema of before made it
+        conn.execute("CREATE INDEX records_agent_seq ON records (site, agent, seq)")
+    st = PostgresStore(pg_dsn)
+    await st.open()
+    try:
+        out = await st.store([Batch(SITE, AGENT, [record(1), record(2)])])
+        assert [s.new for s in out] == [True, True]
+    finally:
+        await st.close()
+    assert ("records_agent_seq",) in pg_cluster.query(pg_dsn, indexes)
+    assert pg_cluster.query(pg_dsn, "SELECT seq FROM records ORDER BY seq") == [(1,), (2,)]
+
+
 def test_open_store_picks_the_backend_by_dsn(tmp_path: Path) -> None:
     assert isinstance(open_store(tmp_path / "r.db"), SqliteStore)
     assert isinstance(open_store(str(tmp_path / "r.db")), SqliteStore)
