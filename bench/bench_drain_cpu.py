@@ -173,6 +173,7 @@ async def one_drain(
         acked = 0
         peak_rss = 0.0
         first: tuple[int, float] | None = None
+        first_at = 0.0
         async with aiomqtt.Client(LOOPBACK, broker.port) as sub:
             await sub.subscribe("madoguchi/v1/bench-site/drain/ack", qos=1)
             reg_cpu0 = cpu_s(registry.proc.pid)  # type: ignore[union-attr]
@@ -186,6 +187,7 @@ async def one_drain(
                     peak_rss = max(peak_rss, rss_mb(pid))
                     if first is None:
                         first = (acked, cpu_s(pid))
+                        first_at = time.perf_counter()
                     if acked >= records:
                         break
             reg_cpu = cpu_s(registry.proc.pid) - reg_cpu0  # type: ignore[union-attr]
@@ -214,6 +216,9 @@ async def one_drain(
         "registry_us_per_record": reg_cpu / records * 1e6,
         "rate_confirmed": records / confirmed_s,
         "rate_stored": records / stored_s,
+        # from the first ack to the last record confirmed, start-up left out: the peer's
+        # backlog rate is taken the same way (first arrival to last, bench_peer.py)
+        "rate_confirmed_connected": (records - first[0]) / (t0 + confirmed_s - first_at),
         "agent_rss_peak_mb": peak_rss,
         # the largest records window the drain used (uplink.Window logs each change)
         "window_max": max(

@@ -183,14 +183,30 @@ def issue18_targets(r: dict[str, Any], perf: Path) -> list[str]:
     )
     tb = next((v for k, v in (peer or {}).items() if k != "madoguchi"), None)
     if tb and tb.get("backlog_rate_per_s"):
-        mine = r["drain"]["confirmed_per_s"]["median"]
+        peer_rate = tb["backlog_rate_per_s"]
+        # like for like: the gateway's rate runs from its first arrival to its last, so
+        # ours runs from the first ack to the last record confirmed, the registry its own
+        # process as deployed (bench_drain_cpu.py); a run written before that figure
+        # existed is judged on the suite's drain, from the agent's start
+        since = drain(100_000, "rate_confirmed_connected")
+        if since:
+            mine = since["median"]
+            start = drain(100_000, "rate_confirmed")
+            how = (
+                f"{mine:,.0f} records/s confirmed, from the first ack to the last record "
+                "confirmed, 100,000 queued, the registry its own process"
+                + (f"; from the agent's start {start['median']:,.0f}/s" if start else "")
+            )
+        else:
+            mine = r["drain"]["confirmed_per_s"]["median"]
+            how = f"{mine:,.0f} records/s confirmed"
         rows.append(
             _row(
                 "1. >= 1.5x the peer's unconfirmed delivery rate",
-                f"{mine / tb['backlog_rate_per_s']:.1f}x ({mine:,.0f} records/s confirmed "
-                f"against the gateway's {tb['backlog_rate_per_s']:,.0f}/s unconfirmed arrival "
-                f"of a {tb['backlog_delivered']:,}-scan backlog)",
-                mine >= 1.5 * tb["backlog_rate_per_s"],
+                f"{mine / peer_rate:.1f}x ({how}; against the gateway's {peer_rate:,.0f}/s "
+                f"unconfirmed arrival, first to last, of a {tb['backlog_delivered']:,}-scan "
+                "backlog)",
+                mine >= 1.5 * peer_rate,
             )
         )
     else:
@@ -434,6 +450,14 @@ def write(r: dict[str, Any], doc: Path, perf: Path) -> None:
         "|---|---|",
         f"| agent: stored by the registry | {_s(d['stored_per_s'])} |",
         f"| agent: acks back, outbox all confirmed | {_s(d['confirmed_per_s'])} |",
+        *(
+            [
+                "| agent: the same, from the first record stored (start-up left out) | "
+                f"{_s(d['connected_confirmed_per_s'])} |"
+            ]
+            if "connected_confirmed_per_s" in d
+            else []
+        ),
         f"| raw paho, one QoS 1 message per record: all PUBACKs | {_s(raw['puback_per_s'])} |",
         f"| raw paho, same records: stored by the registry | {_s(raw['stored_per_s'])} |",
         f"| **ratio agent (confirmed) / raw paho PUBACK** | "

@@ -216,9 +216,12 @@ async def drain(broker: Broker, workdir: Path, backlog: int, seed: Path) -> dict
     db = workdir / name / "outbox.db"
     count = 0
     done = asyncio.Event()
+    first_stored: list[float] = []
 
     def on_stored(s: Stored) -> None:
         nonlocal count
+        if not first_stored:
+            first_stored.append(time.perf_counter())
         count += s.new
         if count >= backlog:
             done.set()
@@ -249,9 +252,13 @@ async def drain(broker: Broker, workdir: Path, backlog: int, seed: Path) -> dict
         finally:
             sampler.cancel()
             agent.stop()
+    # from the first record stored to the last confirmed: the peer's backlog rate is taken
+    # the same way (first arrival to last, bench_peer.py), with no acks at all
+    connected_s = confirmed_s - (first_stored[0] - t0)
     return {
         "stored_per_s": backlog / stored_s,
         "confirmed_per_s": backlog / confirmed_s,
+        "connected_confirmed_per_s": (backlog - 1) / connected_s,
         "timeline": timeline,
     }
 
@@ -551,6 +558,7 @@ async def suite(args: argparse.Namespace) -> dict[str, Any]:
                 "records": sizes["backlog"],
                 "stored_per_s": spread([r["stored_per_s"] for r in res]),
                 "confirmed_per_s": spread([r["confirmed_per_s"] for r in res]),
+                "connected_confirmed_per_s": spread([r["connected_confirmed_per_s"] for r in res]),
                 "timeline": res[len(res) // 2]["timeline"],
             }
             out["raw_paho"] = {
