@@ -810,15 +810,18 @@ def with_brokers(config: Path, brokers: list[str], extra: str = "") -> Path:
 
 
 class RegistryProbe:
-    """The reference registry in this process, with what it stored."""
+    """The reference registry in this process, with what it stored (`keep=False`: nothing
+    kept, `stored` stays empty)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, keep: bool = True) -> None:
         self.registry = registry
         self.stored: list[Stored] = []
         self.changed = asyncio.Event()
+        self.keep = keep
 
     def on_stored(self, s: Stored) -> None:
-        self.stored.append(s)
+        if self.keep:
+            self.stored.append(s)
         self.changed.set()
 
     @property
@@ -960,11 +963,16 @@ async def running_registry(
     host: str = LOOPBACK,
     on_stored: Callable[[Stored], object] | None = None,
     connect_timeout_s: float = 10.0,
+    keep: bool = True,
     **options: Any,
 ) -> AsyncIterator[RegistryProbe]:
     """The reference registry running in this loop, yielded once it is connected;
     `on_stored` is called for each stored record as well as the probe. `options`
-    go to `Registry` as they are (client_id, tls_context, ...)."""
+    go to `Registry` as they are (client_id, tls_context, ...).
+
+    `keep=False` for a benchmark: a probe that keeps every record stored made a hosted
+    registry cost 17.6 µs of this process's CPU per record drained instead of 10.1
+    (memory and garbage collection), and the drain 43,000 records/s instead of 64,000."""
     probe: RegistryProbe
 
     def stored(s: Stored) -> None:
@@ -973,7 +981,7 @@ async def running_registry(
             on_stored(s)
 
     reg = Registry(host, port, db, on_stored=stored, **options)
-    probe = RegistryProbe(reg)
+    probe = RegistryProbe(reg, keep=keep)
     async with reg:
         task = asyncio.create_task(reg.run(), name="harness-registry")
         try:

@@ -191,7 +191,11 @@ async def drain(port: int, workdir: Path, backlog: int) -> dict[str, Any]:
             done.set()
 
     async with running_registry(
-        port, workdir / "reg-drain.db", on_stored=on_stored, client_id="bench-registry-drain"
+        port,
+        workdir / "reg-drain.db",
+        on_stored=on_stored,
+        client_id="bench-registry-drain",
+        keep=False,  # as `madoguchi registry` runs: nothing held per record
     ):
         t0 = time.perf_counter()
         agent = start_agent(cfg, workdir / "drain.log")
@@ -283,6 +287,7 @@ async def raw_paho_through_registry(port: int, workdir: Path, records: list[Any]
         workdir / f"reg-raw-{time.monotonic_ns()}.db",  # a fresh registry every run
         on_stored=on_stored,
         client_id="bench-registry-raw",
+        keep=False,  # the same registry as the drain's
     ):
         t0 = time.perf_counter()
         pub = await asyncio.to_thread(raw_paho_process, port, records, workdir)

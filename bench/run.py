@@ -232,6 +232,7 @@ async def drain(broker: Broker, workdir: Path, backlog: int, seed: Path) -> dict
         workdir / f"{name}-registry.db",
         on_stored=on_stored,
         client_id=f"bench-{name}",
+        keep=False,  # as `madoguchi registry` runs: nothing held per record
     ):
         t0 = time.perf_counter()
         agent = core.start_agent(cfg, workdir / f"{name}.log")

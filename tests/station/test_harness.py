@@ -37,7 +37,7 @@ def test_free_port_can_be_bound_and_nothing_listens_there() -> None:
         s.bind(("127.0.0.1", port))
 
 
-def test_free_port_is_below_the_ephemeral_range_and_skips_a_held_port() -> None:
+def test_free_port_is_below_the_ephemeral_range_and_spread_over_it() -> None:
     """A connection takes its local port from the ephemeral range: a port picked there can
     be taken between the pick and the server's bind, so none is picked there."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -234,6 +234,32 @@ async def test_running_registry_yields_once_connected_and_probes_what_it_stores(
         [stored] = await probe.wait_for(1)
     assert stored["id"] == rec["id"]
     assert seen == [rec["id"]]
+
+
+@pytest.mark.broker
+async def test_running_registry_that_keeps_nothing_still_stores_and_calls_back(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`keep=False` (the benchmarks): every record stored and passed to `on_stored`, none
+    held by the probe."""
+    seen: list[str] = []
+    db = tmp_path / "registry.db"
+    recs = [record(i) for i in range(1, 4)]
+    async with running_registry(
+        broker.port, db, on_stored=lambda s: seen.append(s.record["id"]), keep=False
+    ) as probe:
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            await client.publish(
+                "madoguchi/v1/site-h/agent-h/records", envelope("site-h", "agent-h", recs), qos=1
+            )
+            async with asyncio.timeout(20):
+                while len(seen) < 3:
+                    probe.changed.clear()
+                    await probe.changed.wait()
+        assert probe.stored == []
+    assert seen == [r["id"] for r in recs]
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT count(*) FROM records").fetchone() == (3,)
 
 
 async def test_running_registry_that_cannot_connect_says_so(tmp_path: Path) -> None:
