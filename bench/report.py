@@ -214,6 +214,8 @@ def issue18_targets(r: dict[str, Any], perf: Path) -> list[str]:
     a1m = drain(1_000_000, "agent_us_per_record")
     r1m = drain(1_000_000, "registry_us_per_record")
     flat = a1m and a100 and a1m["median"] / a100["median"] - 1
+    # both processes drain the backlog: the registry's growth is judged as the agent's
+    rflat = r1m and r100 and r1m["median"] / r100["median"] - 1
     rows.append(
         _row(
             "2. CPU per record at 1,000,000 queued within 10 % of 100,000",
@@ -223,8 +225,8 @@ def issue18_targets(r: dict[str, Any], perf: Path) -> list[str]:
             and r100
             and f"agent {a1m['median']:.1f} µs against {a100['median']:.1f} ({flat:+.1%}); "
             f"registry {r1m['median']:.1f} against {r100['median']:.1f} "
-            f"({r1m['median'] / r100['median'] - 1:+.1%})",
-            flat is not None and flat <= 0.10,
+            f"({rflat:+.1%})",
+            flat is not None and rflat is not None and flat <= 0.10 and rflat <= 0.10,
         )
     )
     peak = drain(1_000_000, "agent_rss_peak_mb")
