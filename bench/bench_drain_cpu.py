@@ -350,30 +350,38 @@ async def append_p99(db: Path, mode: str, seconds: float, rate: float = 100.0) -
     return lat[int(len(lat) * 0.99)] * 1e3
 
 
-def backlog(work: Path, size: int, runs: int, p99_seconds: float) -> dict[str, Any]:
-    """One backlog size: `runs` drains of this tree, then append p99 at that size."""
-    seed = work / f"backlog-seed-{size}" / "outbox.db"
-    seed.parent.mkdir()
-    fill_sql(seed, size)
-    rs = []
+def backlogs(work: Path, sizes: list[int], runs: int, p99_seconds: float) -> dict[str, Any]:
+    """Every backlog size, `runs` drains of this tree each, interleaved (10k, 100k, 1M,
+    10k, ...): the machine's load drifts, and target 2 compares the sizes. Then append
+    p99 at each size."""
+    seeds = {}
+    for size in sizes:
+        seeds[size] = work / f"backlog-seed-{size}" / "outbox.db"
+        seeds[size].parent.mkdir()
+        fill_sql(seeds[size], size)
+    rs: dict[int, list[dict[str, float]]] = {size: [] for size in sizes}
     for i in range(runs):
-        r = asyncio.run(one_drain(ROOT, seed, size, work / f"backlog-{size}-{i}"))
-        shutil.rmtree(work / f"backlog-{size}-{i}")  # a 1M outbox is ~0.4 GB
-        print(f"backlog {size}", {k: round(v, 1) for k, v in r.items()}, flush=True)
-        rs.append(r)
-    got: dict[str, Any] = {
-        k: {
-            "median": median([r[k] for r in rs]),
-            "min": min(r[k] for r in rs),
-            "max": max(r[k] for r in rs),
+        for size in sizes:
+            r = asyncio.run(one_drain(ROOT, seeds[size], size, work / f"backlog-{size}-{i}"))
+            shutil.rmtree(work / f"backlog-{size}-{i}")  # a 1M outbox is ~0.4 GB
+            print(f"backlog {size}", {k: round(v, 1) for k, v in r.items()}, flush=True)
+            rs[size].append(r)
+    out: dict[str, Any] = {}
+    for size in sizes:
+        got: dict[str, Any] = {
+            k: {
+                "median": median([r[k] for r in rs[size]]),
+                "min": min(r[k] for r in rs[size]),
+                "max": max(r[k] for r in rs[size]),
+            }
+            for k in rs[size][0]
         }
-        for k in rs[0]
-    }
-    for mode in ("none", "stats"):
-        got[f"append_p99_ms_{mode}"] = asyncio.run(append_p99(seed, mode, p99_seconds))
-    print(f"backlog {size} append p99", got["append_p99_ms_none"], got["append_p99_ms_stats"])
-    shutil.rmtree(seed.parent)
-    return got
+        for mode in ("none", "stats"):
+            got[f"append_p99_ms_{mode}"] = asyncio.run(append_p99(seeds[size], mode, p99_seconds))
+        print(f"backlog {size} append p99", got["append_p99_ms_none"], got["append_p99_ms_stats"])
+        shutil.rmtree(seeds[size].parent)
+        out[f"backlog_{size}"] = got
+    return out
 
 
 def plot(out: dict[str, Any], sizes: list[int], path: Path) -> None:
@@ -482,8 +490,7 @@ def main() -> int:
         if args.backlog:
             out["agent_idle_rss_mb"] = asyncio.run(idle_rss(ROOT, work / "idle"))
             print("agent idle RSS", round(out["agent_idle_rss_mb"], 1), "MB", flush=True)
-            for size in args.backlog:
-                out[f"backlog_{size}"] = backlog(work, size, args.runs, args.p99_seconds)
+            out.update(backlogs(work, args.backlog, args.runs, args.p99_seconds))
             if args.plot is not None:
                 plot(out, args.backlog, args.plot)
         for n in dict.fromkeys((args.records, args.big)):  # once each, if equal
