@@ -830,6 +830,8 @@ class RegistryProbe:
 
     async def wait_for(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:  # noqa: ASYNC109
         """The first n records new to the registry, once it has stored them."""
+        if not self.keep:
+            raise HarnessError("this probe keeps nothing (keep=False): count in on_stored")
 
         async def until() -> None:
             while len(self.new) < n:

@@ -257,6 +257,8 @@ async def test_running_registry_that_keeps_nothing_still_stores_and_calls_back(
                     probe.changed.clear()
                     await probe.changed.wait()
         assert probe.stored == []
+        with pytest.raises(HarnessError, match="keeps nothing"):
+            await probe.wait_for(1)
     assert seen == [r["id"] for r in recs]
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT count(*) FROM records").fetchone() == (3,)
