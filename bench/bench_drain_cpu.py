@@ -368,14 +368,7 @@ def backlogs(work: Path, sizes: list[int], runs: int, p99_seconds: float) -> dic
             rs[size].append(r)
     out: dict[str, Any] = {}
     for size in sizes:
-        got: dict[str, Any] = {
-            k: {
-                "median": median([r[k] for r in rs[size]]),
-                "min": min(r[k] for r in rs[size]),
-                "max": max(r[k] for r in rs[size]),
-            }
-            for k in rs[size][0]
-        }
+        got: dict[str, Any] = spread_by_key(rs[size])
         for mode in ("none", "stats"):
             got[f"append_p99_ms_{mode}"] = asyncio.run(append_p99(seeds[size], mode, p99_seconds))
         print(f"backlog {size} append p99", got["append_p99_ms_none"], got["append_p99_ms_stats"])
@@ -430,6 +423,18 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def spread_by_key(rs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each figure of a run's result over the runs: median, min, max."""
+    return {
+        k: {
+            "median": median([r[k] for r in rs]),
+            "min": min(r[k] for r in rs),
+            "max": max(r[k] for r in rs),
+        }
+        for k in rs[0]
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--records", type=int, default=100_000)
@@ -479,14 +484,7 @@ def main() -> int:
                     print(name, {k: round(v, 1) for k, v in r.items()}, flush=True)
                     runs[name].append(r)
             for name, rs in runs.items():
-                out[name] = {
-                    k: {
-                        "median": median([r[k] for r in rs]),
-                        "min": min(r[k] for r in rs),
-                        "max": max(r[k] for r in rs),
-                    }
-                    for k in rs[0]
-                }
+                out[name] = spread_by_key(rs)
         if args.backlog:
             out["agent_idle_rss_mb"] = asyncio.run(idle_rss(ROOT, work / "idle"))
             print("agent idle RSS", round(out["agent_idle_rss_mb"], 1), "MB", flush=True)
