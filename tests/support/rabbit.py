@@ -224,8 +224,9 @@ class RabbitCluster:
         alone; that is RabbitMQ's start-up, not what these tests test. The retry gets
         new ports: another failed on `eaddrinuse` twice, for a port `free_port` had
         picked from the kernel's ephemeral range, where a connection made meanwhile
-        (one lasting, such as a node's own to epmd) may take it as its local port. A
-        second failure fails with the node's logs."""
+        (one lasting, such as a node's own to epmd) may take it as its local port
+        (`free_port` now picks below that range; new ports still cover one taken some
+        other way). A second failure fails with the node's logs."""
         try:
             self._await(node)
             return
